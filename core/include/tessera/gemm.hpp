@@ -1,0 +1,39 @@
+#pragma once
+// Linear layers: y[M,N] = act(x[M,K] · Wᵀ + b) (+ residual), with W in PyTorch's [N,K] layout.
+// Weights are packed once, at load, into the layout the micro-kernel streams; the forward pass
+// then only reads them. Kernels are chosen at run time from the CPU's features.
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "tessera/tensor.hpp"
+
+namespace tessera {
+
+enum class WeightType { F32, BF16, INT8 };
+enum class Activation { None, Gelu /* exact erf */, Relu };
+
+struct PackedLinear {
+  int64_t out_features = 0;  // N
+  int64_t in_features = 0;   // K
+  WeightType type = WeightType::F32;
+  std::shared_ptr<float[]> bias;     // N floats, or null
+  std::shared_ptr<void> packed;      // kernel-specific layout
+  size_t packed_bytes = 0;
+};
+
+// Packs W [N,K] (row-major) and bias [N] (may be null).
+PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
+                         int64_t in_features, WeightType type = WeightType::F32);
+
+// y[m, n] = act(sum_k x[m, k] W[n, k] + b[n]) + (residual ? residual[m, n] : 0), for m < M.
+// x rows are ldx apart, y and residual rows ldy apart (residual may alias y). Parallel inside.
+void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
+            Activation act = Activation::None, const float* residual = nullptr);
+
+// Which kernel linear() uses for this type on this CPU ("avx512f", "generic", ...).
+std::string linear_kernel_name(WeightType type);
+// Forces the portable kernels (tests use it to check the fallback path), or restores dispatch.
+void force_generic_kernels(bool on);
+
+}  // namespace tessera

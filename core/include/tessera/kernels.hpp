@@ -1,0 +1,47 @@
+#pragma once
+// Element-wise, normalisation, attention and resampling kernels. Each takes raw pointers (or
+// spans), never allocates in its hot loop, and is parallel inside where the work is large.
+#include <cstdint>
+
+namespace tessera {
+
+// y[r, :] = (x[r, :] - mean) / sqrt(var + eps) * gamma + beta for r < rows; y may equal x.
+// Rows are ldx / ldy floats apart.
+void layer_norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* gamma,
+                const float* beta, float eps, float* y, int64_t ldy);
+
+// x = 0.5 x (1 + erf(x / sqrt 2)), in place, n elements.
+void gelu_erf(float* x, int64_t n);
+
+// Each of `rows` rows of `cols` floats (ld apart) becomes softmax(row), in place.
+void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld);
+
+// Multi-head scaled dot-product attention, fused and tiled (flash-attention style, so memory does
+// not grow with Tq*Tk): for batch b, head h, query i:
+//   out[b, i, h*hd:(h+1)*hd] = softmax_j(scale * q[b,i,h] · k[b,j,h]) · v[b,j,h]
+// Head h occupies columns [h*head_dim, (h+1)*head_dim) of every row. Each of q, k, v, out is
+// addressed as ptr + b*batch_stride + t*row_stride.
+struct StridedRows {
+  const float* ptr;
+  int64_t batch_stride;
+  int64_t row_stride;
+};
+void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
+               StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
+               int64_t out_row_stride, float scale);
+
+// PyTorch F.interpolate on a [C, H, W] grid to [C, out_h, out_w]. scale_h/scale_w > 0 mean
+// "scale_factor was given": source coordinates then use 1/scale, as PyTorch does; otherwise
+// in/out sizes. Bicubic uses A = -0.75 with clamped borders.
+void interpolate_bicubic(const float* in, int64_t channels, int64_t in_h, int64_t in_w, float* out,
+                         int64_t out_h, int64_t out_w, bool align_corners, double scale_h = 0,
+                         double scale_w = 0);
+void interpolate_bilinear(const float* in, int64_t channels, int64_t in_h, int64_t in_w,
+                          float* out, int64_t out_h, int64_t out_w, bool align_corners,
+                          double scale_h = 0, double scale_w = 0);
+// F.interpolate(mode='bicubic', antialias=True, align_corners=False) (timm's position-embedding
+// resampling): separable, A = -0.5, support widened by the scale when downsampling.
+void interpolate_bicubic_antialias(const float* in, int64_t channels, int64_t in_h, int64_t in_w,
+                                   float* out, int64_t out_h, int64_t out_w);
+
+}  // namespace tessera

@@ -1,0 +1,50 @@
+#pragma once
+// safetensors I/O. Reading memory-maps the file and validates everything before any tensor is
+// used: header length and JSON, dtypes, shapes against byte ranges, offsets that overlap or run
+// past the data. F32 tensors are used in place; F16/BF16/F64 are converted to F32 once. A sharded
+// checkpoint (model.safetensors.index.json) opens as one. Every error names the file and tensor.
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tessera/tensor.hpp"
+
+namespace tessera {
+
+struct TensorInfo {
+  std::string name;
+  std::string dtype;  // as written: "F32", "F16", "BF16", "F64", "I64", ...
+  Shape shape;
+  std::string file;   // the file that holds it
+};
+
+class SafeTensors {
+ public:
+  // path: a .safetensors file, or a model.safetensors.index.json naming shards.
+  static SafeTensors open(const std::string& path);
+
+  const std::string& path() const;
+  std::vector<std::string> names() const;  // sorted
+  bool contains(const std::string& name) const;
+  const TensorInfo& info(const std::string& name) const;  // Error if missing
+  const std::map<std::string, std::string>& metadata() const;
+
+  // The tensor as float32 (in place when stored as F32, converted otherwise).
+  Tensor get(const std::string& name) const;
+  // Same, checking its shape: "FILE: tensor 'NAME' has shape [..], expected [..]".
+  Tensor get(const std::string& name, const Shape& expected) const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
+
+// Writes F32 tensors (and string metadata) to `path` atomically: a temporary file in the same
+// directory, then rename.
+void save_safetensors(const std::string& path,
+                      const std::vector<std::pair<std::string, Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace tessera

@@ -1,0 +1,69 @@
+#include "tessera/parallel.hpp"
+
+#include <tbb/blocked_range.h>
+#include <tbb/info.h>
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "tessera/error.hpp"
+
+namespace tessera {
+namespace {
+
+std::mutex g_mutex;
+int g_requested = 0;
+std::unique_ptr<tbb::task_arena> g_arena;
+
+int default_threads() {
+  if (const char* env = std::getenv("TESSERA_NUM_THREADS")) {
+    char* end = nullptr;
+    long n = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && n > 0 && n <= 1024) return static_cast<int>(n);
+    fail(std::string("TESSERA_NUM_THREADS='") + env + "' is not a positive thread count");
+  }
+  return tbb::info::default_concurrency();
+}
+
+tbb::task_arena& arena() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_arena) {
+    int n = g_requested > 0 ? g_requested : default_threads();
+    g_arena = std::make_unique<tbb::task_arena>(n);
+  }
+  return *g_arena;
+}
+
+}  // namespace
+
+void set_num_threads(int n) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (n > 1024) fail("--threads " + std::to_string(n) + " is more than 1024");
+  g_requested = n;
+  g_arena.reset();
+}
+
+int num_threads() { return arena().max_concurrency(); }
+
+void parallel_for(int64_t begin, int64_t end, int64_t grain,
+                  const std::function<void(int64_t, int64_t)>& body) {
+  if (end <= begin) return;
+  if (grain < 1) grain = 1;
+  if (end - begin <= grain) {
+    body(begin, end);
+    return;
+  }
+  arena().execute([&] {
+    tbb::parallel_for(tbb::blocked_range<int64_t>(begin, end, grain),
+                      [&](const tbb::blocked_range<int64_t>& r) { body(r.begin(), r.end()); },
+                      tbb::simple_partitioner());
+  });
+}
+
+void run_in_arena(const std::function<void()>& fn) { arena().execute(fn); }
+
+}  // namespace tessera
