@@ -1,6 +1,7 @@
 #include "tessera/parallel.hpp"
 
 #include <tbb/blocked_range.h>
+#include <tbb/global_control.h>
 #include <tbb/info.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
@@ -18,6 +19,8 @@ namespace {
 std::mutex g_mutex;
 int g_requested = 0;
 std::unique_ptr<tbb::task_arena> g_arena;
+// TBB caps workers at the core count unless told otherwise; --threads may ask for more.
+std::unique_ptr<tbb::global_control> g_limit;
 
 int default_threads() {
   if (const char* env = std::getenv("TESSERA_NUM_THREADS")) {
@@ -33,6 +36,8 @@ tbb::task_arena& arena() {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (!g_arena) {
     int n = g_requested > 0 ? g_requested : default_threads();
+    g_limit = std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism,
+                                                    static_cast<size_t>(n));
     g_arena = std::make_unique<tbb::task_arena>(n);
   }
   return *g_arena;

@@ -1,0 +1,3 @@
+#include <cstdio>
+#include "tessera/version.hpp"
+int main() { std::printf("tessera %s\n", tessera::version()); }

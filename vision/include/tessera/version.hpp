@@ -1,0 +1,4 @@
+#pragma once
+namespace tessera {
+const char* version();
+}
