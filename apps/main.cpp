@@ -1,3 +1,41 @@
+// tessera: one binary, one file per subcommand. Errors become one line on stderr and a non-zero
+// exit code: 2 for a wrong command line, 1 for anything else that fails.
 #include <cstdio>
+#include <exception>
+#include <new>
+
+#include "commands.hpp"
+#include "tessera/error.hpp"
 #include "tessera/version.hpp"
-int main() { std::printf("tessera %s\n", tessera::version()); }
+
+int main(int argc, char** argv) {
+  CLI::App app{"Tessera: vision Transformers on the CPU"};
+  app.set_version_flag("--version", std::string("tessera ") + tessera::version());
+  app.require_subcommand(1);
+  tessera::cli::Action action;
+  tessera::cli::add_classify(app, action);
+  tessera::cli::add_infer(app, action);
+  tessera::cli::add_info(app, action);
+  tessera::cli::add_bench(app, action);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "tessera: %s\n", e.what());
+    std::fprintf(stderr, "Run with --help for usage.\n");
+    return 2;
+  }
+  try {
+    return action ? action() : 0;
+  } catch (const tessera::Error& e) {
+    std::fprintf(stderr, "tessera: error: %s\n", e.what());
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "tessera: error: out of memory\n");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tessera: error: %s\n", e.what());
+  }
+  return 1;
+}

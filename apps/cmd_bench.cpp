@@ -1,0 +1,152 @@
+// tessera bench: median time per image, images/s, achieved GFLOP/s, load time and peak RSS of a
+// model (a folder, or random weights of a standard size), or the machine's GEMM rate (--gemm).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "commands.hpp"
+#include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
+#include "tessera/model.hpp"
+#include "tessera/parallel.hpp"
+
+namespace tessera::cli {
+namespace {
+
+double now_ms() {
+  using namespace std::chrono;
+  return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss / 1024.0;  // Linux reports KiB
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+WeightType parse_dtype(const std::string& s) {
+  if (s == "fp32") return WeightType::F32;
+  if (s == "bf16") return WeightType::BF16;
+  if (s == "int8") return WeightType::INT8;
+  fail("--dtype must be fp32, bf16 or int8, got '" + s + "'");
+}
+
+// GEMM rate on the linear-layer shapes of ViT-B/16 at 224 (197 tokens per image).
+int bench_gemm(const std::string& dtype, int64_t batch, int iterations, bool as_json) {
+  const WeightType type = parse_dtype(dtype);
+  struct Shape3 { int64_t M, K, N; const char* what; };
+  const int64_t M = 197 * batch;
+  const Shape3 shapes[] = {{M, 768, 2304, "qkv"}, {M, 768, 768, "attn out"},
+                           {M, 768, 3072, "fc1"}, {M, 3072, 768, "fc2"}};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0, 1);
+  nlohmann::json rows = nlohmann::json::array();
+  double total_flop = 0, total_ms = 0;
+  if (!as_json)
+    std::printf("GEMM %s, %d threads, kernel %s\n%-9s %6s %6s %6s %10s %10s\n", dtype.c_str(),
+                num_threads(), linear_kernel_name(type).c_str(), "layer", "M", "K", "N", "ms", "GFLOP/s");
+  for (const auto& s : shapes) {
+    std::vector<float> w(s.N * s.K), x(s.M * s.K), y(s.M * s.N);
+    for (auto& v : w) v = dist(rng) * 0.02f;
+    for (auto& v : x) v = dist(rng);
+    PackedLinear packed = pack_linear(w.data(), nullptr, s.N, s.K, type);
+    std::vector<double> times;
+    for (int i = 0; i < iterations + 2; ++i) {
+      double t0 = now_ms();
+      linear(x.data(), s.M, s.K, packed, y.data(), s.N);
+      if (i >= 2) times.push_back(now_ms() - t0);
+    }
+    double ms = median(times), flop = 2.0 * s.M * s.K * s.N;
+    total_flop += flop, total_ms += ms;
+    if (as_json)
+      rows.push_back({{"layer", s.what}, {"M", s.M}, {"K", s.K}, {"N", s.N}, {"ms_median", ms},
+                      {"gflops", flop / ms / 1e6}});
+    else
+      std::printf("%-9s %6lld %6lld %6lld %10.3f %10.1f\n", s.what, (long long)s.M, (long long)s.K,
+                  (long long)s.N, ms, flop / ms / 1e6);
+  }
+  const double rate = total_flop / total_ms / 1e6;
+  if (as_json) {
+    nlohmann::json j = {{"gemm", rows}, {"gflops", rate}, {"dtype", dtype}, {"threads", num_threads()},
+                        {"kernel", linear_kernel_name(type)}, {"batch", batch}};
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("all ViT-B layers: %.1f GFLOP/s\n", rate);
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_bench(CLI::App& app, Action& action) {
+  auto* cmd = app.add_subcommand("bench", "Measure speed: a model, or the machine's GEMM rate");
+  static std::string model_dir, arch = "vit-b16", dtype = "fp32";
+  static int64_t batch = 1, image_size = 0;
+  static int threads = 0, iterations = 10;
+  static bool as_json = false, gemm = false;
+  cmd->add_option("--model", model_dir, "Model folder (default: random weights, see --arch)");
+  cmd->add_option("--arch", arch, "Random-weight model: vit-ti16, vit-s16, vit-b16, vit-l16");
+  cmd->add_option("--batch", batch, "Images per forward pass")->check(CLI::Range(1, 4096));
+  cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
+  cmd->add_option("--image-size", image_size, "Square input size (default: the model's)");
+  cmd->add_option("--dtype", dtype, "Weights: fp32, bf16 or int8");
+  cmd->add_option("--iterations", iterations, "Timed runs (median is reported)")->check(CLI::Range(1, 100000));
+  cmd->add_flag("--json", as_json, "Print one JSON object");
+  cmd->add_flag("--gemm", gemm, "Measure the GEMM rate on ViT-B shapes instead of a model");
+  cmd->callback([&action] {
+    action = [] {
+      apply_threads(threads);
+      if (gemm) return bench_gemm(dtype, batch, iterations, as_json);
+      const WeightType type = parse_dtype(dtype);
+      double t0 = now_ms();
+      auto model = model_dir.empty() ? random_model(arch, image_size ? image_size : 224, type)
+                                     : load_model(model_dir, type);
+      const double load_ms = now_ms() - t0;
+      const VitConfig& c = model->encoder.config;
+      const int64_t h = image_size ? image_size : c.image_height;
+      const int64_t w = image_size ? image_size : c.image_width;
+      Tensor x({batch, c.num_channels, h, w});
+      std::mt19937 rng(3);
+      std::normal_distribution<float> dist(0, 1);
+      for (float& v : x.span()) v = dist(rng);
+      ModelWorkspace ws;
+      std::vector<double> times;
+      for (int i = 0; i < iterations + 2; ++i) {  // two warm-up runs size the workspace
+        double s = now_ms();
+        model_forward(*model, x, ws);
+        if (i >= 2) times.push_back((now_ms() - s) / batch);
+      }
+      const double ms = median(times);
+      const double gflops = vit_flops(c, h, w) / ms / 1e6;
+      const std::string name = model_dir.empty() ? arch : model_dir;
+      if (as_json) {
+        nlohmann::json j = {{"model", name}, {"ms_per_image_median", ms}, {"images_per_second", 1000.0 / ms},
+                            {"gflops", gflops}, {"load_ms", load_ms}, {"peak_rss_mb", peak_rss_mb()},
+                            {"batch", batch}, {"threads", num_threads()}, {"dtype", dtype},
+                            {"image_size", {h, w}}, {"iterations", iterations},
+                            {"kernel", linear_kernel_name(type)}};
+        std::printf("%s\n", j.dump(2).c_str());
+      } else {
+        std::printf("%s %s, %lldx%lld, batch %lld, %d threads, kernel %s\n", name.c_str(), dtype.c_str(),
+                    (long long)h, (long long)w, (long long)batch, num_threads(),
+                    linear_kernel_name(type).c_str());
+        std::printf("  %.2f ms/image (median of %d), %.1f images/s, %.1f GFLOP/s\n", ms, iterations,
+                    1000.0 / ms, gflops);
+        std::printf("  load %.1f ms, peak RSS %.1f MB\n", load_ms, peak_rss_mb());
+      }
+      return 0;
+    };
+  });
+}
+
+}  // namespace tessera::cli

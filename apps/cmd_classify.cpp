@@ -1,0 +1,98 @@
+// tessera classify: top-k labels for each image. A bad image is reported and skipped; the others
+// still get their answer, and the exit code says that something failed.
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "tessera/error.hpp"
+#include "tessera/model.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/pipeline.hpp"
+
+namespace tessera::cli {
+
+void add_classify(CLI::App& app, Action& action) {
+  auto* cmd = app.add_subcommand("classify", "Classify images: top-k labels with probabilities");
+  static std::string model_dir;
+  static std::vector<std::string> images;
+  static int64_t k = 5, batch = 1;
+  static int threads = 0;
+  static bool as_json = false;
+  cmd->add_option("--model", model_dir, "Model folder")->required();
+  cmd->add_option("--top-k", k, "How many labels per image")->check(CLI::Range(1, 100000));
+  cmd->add_option("--batch", batch, "Images per forward pass")->check(CLI::Range(1, 4096));
+  cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
+  cmd->add_flag("--json", as_json, "Print JSON instead of text");
+  cmd->add_option("images", images, "Images, folders or @list.txt")->required();
+  cmd->callback([&action] {
+    action = [] {
+      apply_threads(threads);
+      auto model = load_model(model_dir);
+      if (model->classifier.num_labels == 0)
+        fail(model_dir + ": " + model->architecture + " has no classification head (try tessera infer)");
+      Preprocessor pre = model_preprocessor(*model);
+      std::vector<std::string> paths = expand_inputs(images);
+      if (paths.empty()) fail("no images found in the given inputs");
+      nlohmann::json results = nlohmann::json::array();
+      int failed = 0;
+      ModelWorkspace ws;
+      for (size_t start = 0; start < paths.size(); start += batch) {
+        const size_t end = std::min(paths.size(), start + static_cast<size_t>(batch));
+        // Decode and pre-process the batch in parallel; keep each failure with its reason.
+        std::vector<Tensor> pixels(end - start);
+        std::vector<std::string> errors(end - start);
+        parallel_for(0, end - start, 1, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            try {
+              pixels[i] = pre.load(paths[start + i]);
+            } catch (const std::exception& e) {
+              errors[i] = e.what();
+            }
+          }
+        });
+        // Images of one shape run together (a processor without a crop keeps aspect ratios).
+        std::map<Shape, std::vector<size_t>> groups;
+        for (size_t i = 0; i < pixels.size(); ++i)
+          if (errors[i].empty()) groups[pixels[i].shape()].push_back(i);
+        std::vector<std::vector<Prediction>> answers(pixels.size());
+        for (const auto& [shape, members] : groups) {
+          const int64_t n = static_cast<int64_t>(members.size());
+          Tensor x({n, shape[0], shape[1], shape[2]});
+          for (int64_t j = 0; j < n; ++j)
+            std::copy(pixels[members[j]].data(), pixels[members[j]].data() + pixels[members[j]].numel(),
+                      x.data() + j * pixels[members[j]].numel());
+          NamedTensors out = model_forward(*model, x, ws);
+          auto top = top_k(output(out, "logits"), model->labels, k);
+          for (int64_t j = 0; j < n; ++j) answers[members[j]] = top[j];
+        }
+        for (size_t i = 0; i < pixels.size(); ++i) {
+          const std::string& path = paths[start + i];
+          if (!errors[i].empty()) {
+            ++failed;
+            std::fprintf(stderr, "tessera: error: %s\n", errors[i].c_str());
+            if (as_json) results.push_back({{"image", path}, {"error", errors[i]}});
+            continue;
+          }
+          if (as_json) {
+            nlohmann::json preds = nlohmann::json::array();
+            for (const auto& p : answers[i])
+              preds.push_back({{"label", p.name}, {"id", p.label}, {"probability", p.probability}});
+            results.push_back({{"image", path}, {"predictions", preds}});
+          } else {
+            std::printf("%s\n", path.c_str());
+            for (const auto& p : answers[i])
+              std::printf("  %7.4f  %s (%lld)\n", p.probability, p.name.c_str(), (long long)p.label);
+          }
+        }
+        std::fflush(stdout);
+      }
+      if (as_json) std::printf("%s\n", results.dump(2).c_str());
+      if (failed) std::fprintf(stderr, "tessera: %d of %zu images failed\n", failed, paths.size());
+      return failed ? 1 : 0;
+    };
+  });
+}
+
+}  // namespace tessera::cli

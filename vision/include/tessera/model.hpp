@@ -1,0 +1,86 @@
+#pragma once
+// Model folders: config.json (+ model.safetensors or a sharded index, + preprocessor_config.json)
+// → a Model, whose forward gives the upstream outputs under their upstream names.
+//
+// Families: Hugging Face ViT / DeiT / DINOv2 (ViTForImageClassification, ViTModel,
+// DeiTForImageClassification, DeiTForImageClassificationWithTeacher, DeiTModel, Dinov2Model,
+// Dinov2ForImageClassification), timm ViTs as published in Hugging Face `timm/` repos, and
+// torchvision VisionTransformer state dicts.
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tessera/gemm.hpp"
+#include "tessera/tensor.hpp"
+#include "tessera/vit.hpp"
+
+namespace tessera {
+
+enum class ModelFamily { HuggingFace, Timm, Torchvision };
+
+// How the encoder's tokens become outputs.
+enum class HeadKind {
+  None,               // features only (ViTModel, DeiTModel, Dinov2Model)
+  ClassToken,         // classifier(h[:, 0])                      HF ViT/DeiT, torchvision
+  DeitTeacher,        // (cls_classifier(h[:,0]) + distillation_classifier(h[:,1])) / 2
+  Dinov2ClassMean,    // classifier([h[:,0], mean(h[:,1:])])
+  Timm,               // timm forward_head: pool (token/avg), fc_norm, head (+ head_dist)
+};
+
+struct ClassifierWeights {
+  HeadKind kind = HeadKind::None;
+  PackedLinear head;          // [num_labels, D] (or [num_labels, 2D] for Dinov2ClassMean)
+  PackedLinear head_dist;     // DeiT / timm distilled
+  PackedLinear pooler;        // HF ViTModel pooler (dense + tanh) / torchvision pre_logits
+  bool has_pooler = false;
+  std::string timm_pool = "token";  // "token" or "avg"
+  Tensor fc_norm_weight, fc_norm_bias;  // timm fc_norm (empty when absent)
+  int64_t num_labels = 0;
+};
+
+struct Model {
+  std::string dir;
+  std::string architecture;  // e.g. "ViTForImageClassification", "timm:vit_small_patch16_224"
+  std::string model_type;    // "vit", "deit", "dinov2", "timm", "torchvision"
+  ModelFamily family = ModelFamily::HuggingFace;
+  VitWeights encoder;
+  ClassifierWeights classifier;
+  std::vector<std::string> labels;  // id2label, index = class id
+  int64_t parameter_count = 0;
+  std::string weight_dtype;  // as stored in the checkpoint ("F32", "BF16", ...)
+  std::string config_json;   // the folder's config.json text, for pre-processing and info
+};
+
+// Loads a model folder. Every tensor's name, dtype and shape is checked against the config
+// before use; an error names the file, the tensor, what was expected and what was found.
+std::shared_ptr<const Model> load_model(const std::string& dir,
+                                        WeightType weight_type = WeightType::F32);
+
+// Per-caller activation memory: sized at the first call for a (batch, size), reused after.
+struct ModelWorkspace {
+  VitWorkspace vit;
+};
+
+// Named outputs in the order the upstream returns them (e.g. logits, last_hidden_state).
+using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+
+// pixel_values [B, C, H, W] → upstream outputs (fresh tensors, owned by the caller).
+NamedTensors model_forward(const Model& model, const Tensor& pixel_values, ModelWorkspace& ws);
+
+// Looks an output up by name (Error naming what exists if missing).
+const Tensor& output(const NamedTensors& outputs, const std::string& name);
+
+}  // namespace tessera
+
+namespace tessera {
+
+// Random-weight models of standard shapes for benchmarks (not for predictions):
+// "vit-ti16", "vit-s16", "vit-b16", "vit-l16" (ImageNet-1k heads, 224x224 by default).
+std::shared_ptr<const Model> random_model(const std::string& arch, int64_t image_size = 224,
+                                          WeightType weight_type = WeightType::F32,
+                                          uint64_t seed = 1);
+std::vector<std::string> random_model_archs();
+
+}  // namespace tessera

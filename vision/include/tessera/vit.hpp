@@ -1,0 +1,106 @@
+#pragma once
+// The ViT encoder shared by every Tessera model: patch embedding, prefix tokens (class,
+// distillation, registers), detection tokens appended after the patches (YOLOS), position
+// embeddings (interpolated the way each upstream does it), pre-norm blocks with optional layer
+// scale, final norm. Weights are data (VitWeights); vit_forward is a function over them and a
+// workspace that is sized once per (batch, height, width).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tessera/gemm.hpp"
+#include "tessera/tensor.hpp"
+
+namespace tessera {
+
+// How position embeddings follow the input when its patch grid differs from the training grid.
+enum class PosResample {
+  None,            // fixed size only (torchvision): a different size is an error
+  HfScaleBicubic,  // HF ViT/DeiT/DINOv2: bicubic, scale_factor = (grid + 0.1) / sqrt(N), only if
+                   // the grid differs or is not square
+  SizeBicubic,     // YOLOS: bicubic to the new grid size, always
+  TimmAntialias,   // timm resample_abs_pos_embed: bicubic, antialias=True
+  SizeBilinear,    // Segmenter: bilinear to the new grid size
+};
+
+// Gelu / QuickGelu: fc2(act(fc1 x)). SwiGlu (DINOv2 giant): fc1 gives [a, b] of F each,
+// fc2(silu(a) * b), with intermediate_size = F.
+enum class MlpActivation { Gelu, QuickGelu, SwiGlu };
+
+struct VitConfig {
+  int64_t image_height = 224, image_width = 224;  // training size (sets the position grid)
+  int64_t patch_size = 16;
+  int64_t num_channels = 3;
+  int64_t hidden_size = 768;
+  int64_t num_hidden_layers = 12;
+  int64_t num_attention_heads = 12;
+  int64_t intermediate_size = 3072;
+  float layer_norm_eps = 1e-12f;
+  bool qkv_bias = true;
+  // Tokens: [prefix (class, distillation, registers)] [patches] [detection tokens].
+  bool class_token = true;
+  int64_t num_distillation_tokens = 0;  // DeiT: 1
+  int64_t num_register_tokens = 0;      // timm reg tokens (follow class/dist tokens)
+  int64_t num_detection_tokens = 0;     // YOLOS (appended after the patches)
+  // How many of the leading prefix tokens have a position embedding: all of them (HF, torchvision,
+  // timm default) or none (timm no_embed_class). Detection tokens always have one.
+  bool prefix_has_pos_embed = true;
+  bool pre_norm = false;     // CLIP-style norm_pre after the position embedding
+  bool layer_scale = false;  // DINOv2 / timm LayerScale (folded into the projections at load)
+  bool final_norm = true;    // timm with fc_norm has no final norm
+  MlpActivation activation = MlpActivation::Gelu;
+  PosResample pos_resample = PosResample::HfScaleBicubic;
+
+  int64_t grid_height() const { return image_height / patch_size; }
+  int64_t grid_width() const { return image_width / patch_size; }
+  int64_t num_prefix_tokens() const {
+    return (class_token ? 1 : 0) + num_distillation_tokens + num_register_tokens;
+  }
+  int64_t head_dim() const { return hidden_size / num_attention_heads; }
+};
+
+struct VitLayer {
+  Tensor norm1_weight, norm1_bias, norm2_weight, norm2_bias;
+  PackedLinear qkv;        // [3D, D]: query, key, value rows stacked
+  PackedLinear attn_out;   // [D, D], layer scale folded in
+  PackedLinear fc1;        // [F, D] ([2F, D] for SwiGLU)
+  PackedLinear fc2;        // [D, F], layer scale folded in
+};
+
+struct VitWeights {
+  VitConfig config;
+  PackedLinear patch_embed;  // [D, C*p*p], the convolution as one GEMM over patches
+  Tensor prefix_tokens;      // [num_prefix_tokens, D]
+  Tensor detection_tokens;   // [num_detection_tokens, D]
+  Tensor pos_embed;          // [num_positions, D]: (prefix if it has one), grid, detection
+  Tensor pre_norm_weight, pre_norm_bias;
+  std::vector<VitLayer> layers;
+  Tensor final_norm_weight, final_norm_bias;
+};
+
+// Activation buffers for one (batch, height, width): allocated once, reused by every call.
+struct VitWorkspace {
+  int64_t batch = -1, height = -1, width = -1;
+  int64_t tokens = 0;
+  Tensor patches;   // [B*Np, C*p*p]
+  Tensor hidden;    // [B*T, D] the residual stream; after the forward: the last hidden state
+  Tensor normed;    // [B*T, D]
+  Tensor qkv;       // [B*T, 3D]
+  Tensor context;   // [B*T, D]
+  Tensor mlp;       // [B*T, F] ([B*T, 2F] for SwiGLU)
+  Tensor pos;       // [T, D] position embedding for this size
+};
+
+int64_t vit_num_tokens(const VitConfig& config, int64_t height, int64_t width);
+
+// Position embedding [T, D] for an input of height x width, as the upstream computes it.
+Tensor vit_position_embedding(const VitWeights& weights, int64_t height, int64_t width);
+
+// pixel_values [B, C, H, W] → last hidden state [B, T, D] (a view of ws.hidden; valid until
+// the next call with the same workspace). T = prefix + (H/p)(W/p) + detection tokens.
+Tensor vit_forward(const VitWeights& weights, const Tensor& pixel_values, VitWorkspace& ws);
+
+// FLOPs (2 per multiply-add) of one image through the encoder at height x width.
+double vit_flops(const VitConfig& config, int64_t height, int64_t width);
+
+}  // namespace tessera

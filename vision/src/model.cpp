@@ -1,0 +1,703 @@
+#include "tessera/model.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "tessera/error.hpp"
+#include "tessera/kernels.hpp"
+#include "tessera/safetensors.hpp"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace tessera {
+namespace {
+
+std::string read_text(const fs::path& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) fail(path.string() + ": is a directory, expected a file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path.string() + ": cannot open (" + std::strerror(errno) + ")");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+json parse_json(const std::string& text, const std::string& file) {
+  try {
+    return json::parse(text);
+  } catch (const json::parse_error& e) {
+    fail(file + ": invalid JSON (" + std::string(e.what()) + ")");
+  }
+}
+
+// Typed access to config.json fields with errors that name the file and the field.
+struct Config {
+  json j;
+  std::string file;
+
+  bool has(const std::string& key) const { return j.contains(key) && !j[key].is_null(); }
+  int64_t integer(const std::string& key) const {
+    check(has(key), file + ": missing \"" + key + "\"");
+    const json& v = j[key];
+    check(v.is_number_integer() || (v.is_number() && std::floor(v.get<double>()) == v.get<double>()),
+          file + ": \"" + key + "\" must be an integer, got " + v.dump());
+    int64_t x = v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>());
+    return x;
+  }
+  int64_t integer(const std::string& key, int64_t fallback) const {
+    return has(key) ? integer(key) : fallback;
+  }
+  int64_t positive(const std::string& key) const {
+    int64_t x = integer(key);
+    check(x > 0, file + ": \"" + key + "\" must be positive, got " + std::to_string(x));
+    return x;
+  }
+  double number(const std::string& key, double fallback) const {
+    if (!has(key)) return fallback;
+    check(j[key].is_number(), file + ": \"" + key + "\" must be a number, got " + j[key].dump());
+    return j[key].get<double>();
+  }
+  bool boolean(const std::string& key, bool fallback) const {
+    if (!has(key)) return fallback;
+    check(j[key].is_boolean(), file + ": \"" + key + "\" must be true or false, got " + j[key].dump());
+    return j[key].get<bool>();
+  }
+  std::string string(const std::string& key, const std::string& fallback) const {
+    if (!has(key)) return fallback;
+    check(j[key].is_string(), file + ": \"" + key + "\" must be a string, got " + j[key].dump());
+    return j[key].get<std::string>();
+  }
+  // image_size: an int or [h, w].
+  std::pair<int64_t, int64_t> size2(const std::string& key) const {
+    check(has(key), file + ": missing \"" + key + "\"");
+    const json& v = j[key];
+    if (v.is_number_integer()) return {v.get<int64_t>(), v.get<int64_t>()};
+    if (v.is_array() && v.size() == 2 && v[0].is_number_integer() && v[1].is_number_integer())
+      return {v[0].get<int64_t>(), v[1].get<int64_t>()};
+    fail(file + ": \"" + key + "\" must be an integer or [height, width], got " + v.dump());
+  }
+  Config sub(const std::string& key) const {
+    check(has(key) && j[key].is_object(), file + ": \"" + key + "\" must be an object");
+    return {j[key], file + " (" + key + ")"};
+  }
+};
+
+// The checkpoint, with strict typed access: every get names the file, tensor and shapes.
+struct Checkpoint {
+  SafeTensors st;
+  std::string file;
+  std::set<std::string> used;
+  int64_t parameters = 0;
+
+  bool has(const std::string& name) const { return st.contains(name); }
+  Tensor get(const std::string& name, const Shape& shape) {
+    check(st.contains(name), file + ": missing tensor '" + name + "' (expected shape " +
+                                 shape_str(shape) + ")");
+    Tensor t = st.get(name, shape);
+    if (used.insert(name).second) parameters += t.numel();
+    return t;
+  }
+  const Shape& shape(const std::string& name) const {
+    check(st.contains(name), file + ": missing tensor '" + name + "'");
+    return st.info(name).shape;
+  }
+};
+
+Checkpoint open_checkpoint(const fs::path& dir) {
+  fs::path single = dir / "model.safetensors";
+  fs::path index = dir / "model.safetensors.index.json";
+  std::error_code ec;
+  if (fs::exists(single, ec)) return {SafeTensors::open(single.string()), single.string(), {}, 0};
+  if (fs::exists(index, ec)) return {SafeTensors::open(index.string()), index.string(), {}, 0};
+  for (const char* other : {"pytorch_model.bin", "model.pth", "model.pt", "open_clip_pytorch_model.bin"})
+    if (fs::exists(dir / other, ec))
+      fail(dir.string() + ": has " + other + " but no model.safetensors; convert it with "
+           "tools/convert_to_safetensors.py (pickled PyTorch checkpoints are not loaded)");
+  fail(dir.string() + ": no model.safetensors or model.safetensors.index.json");
+}
+
+// y = Wx + b with optional per-output scale folded in (layer scale: γ ⊙ (Wx + b)).
+PackedLinear pack(Checkpoint& ck, const std::string& weight, const std::string& bias, int64_t out,
+                  int64_t in, bool has_bias, WeightType type, const Tensor* gamma = nullptr) {
+  Tensor w = ck.get(weight, {out, in});
+  Tensor b = has_bias ? ck.get(bias, {out}) : Tensor();
+  if (gamma) {
+    Tensor ws = w.clone();
+    Tensor bs = has_bias ? b.clone() : Tensor({out});
+    for (int64_t n = 0; n < out; ++n) {
+      float g = (*gamma)[n];
+      for (int64_t k = 0; k < in; ++k) ws[n * in + k] *= g;
+      bs[n] *= g;
+    }
+    return pack_linear(ws.data(), bs.data(), out, in, type);
+  }
+  return pack_linear(w.data(), has_bias ? b.data() : nullptr, out, in, type);
+}
+
+// Stacks query, key, value [D, D] (and biases) into one [3D, D] projection.
+PackedLinear pack_qkv(Checkpoint& ck, const std::string& q, const std::string& k,
+                      const std::string& v, int64_t d, bool bias, WeightType type) {
+  Tensor w({3 * d, d}), b({3 * d});
+  const std::string* names[3] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i) {
+    Tensor wi = ck.get(*names[i] + ".weight", {d, d});
+    std::memcpy(w.data() + i * d * d, wi.data(), sizeof(float) * d * d);
+    if (bias) {
+      Tensor bi = ck.get(*names[i] + ".bias", {d});
+      std::memcpy(b.data() + i * d, bi.data(), sizeof(float) * d);
+    }
+  }
+  return pack_linear(w.data(), bias ? b.data() : nullptr, 3 * d, d, type);
+}
+
+// Loads [1, n, D] (or [n, D]) token parameters as [n, D].
+Tensor tokens(Checkpoint& ck, const std::string& name, int64_t n, int64_t d) {
+  const Shape& s = ck.shape(name);
+  if (s.size() == 2) return ck.get(name, {n, d});
+  return ck.get(name, {1, n, d}).reshape({n, d});
+}
+
+std::vector<std::string> labels_from(const json& cfg, int64_t n, const std::string& file) {
+  std::vector<std::string> labels(static_cast<size_t>(std::max<int64_t>(n, 0)));
+  for (int64_t i = 0; i < n; ++i) labels[i] = "LABEL_" + std::to_string(i);
+  if (cfg.contains("id2label") && cfg["id2label"].is_object()) {
+    for (auto& [key, value] : cfg["id2label"].items()) {
+      char* end = nullptr;
+      long id = std::strtol(key.c_str(), &end, 10);
+      check(end != key.c_str() && *end == '\0' && id >= 0,
+            file + ": id2label key '" + key + "' is not a class index");
+      if (id < n && value.is_string()) labels[id] = value.get<std::string>();
+    }
+  } else if (cfg.contains("label_names") && cfg["label_names"].is_array()) {
+    for (size_t i = 0; i < cfg["label_names"].size() && static_cast<int64_t>(i) < n; ++i)
+      if (cfg["label_names"][i].is_string()) labels[i] = cfg["label_names"][i].get<std::string>();
+  }
+  return labels;
+}
+
+int64_t count_layers(const Checkpoint& ck, const std::string& prefix, const std::string& suffix) {
+  int64_t n = 0;
+  while (ck.has(prefix + std::to_string(n) + suffix)) ++n;
+  return n;
+}
+
+// ---------------------------------------------------------------- Hugging Face ViT/DeiT/DINOv2
+
+void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
+  const std::string& mt = m.model_type;
+  VitConfig& c = m.encoder.config;
+  auto [ih, iw] = cfg.size2("image_size");
+  c.image_height = ih, c.image_width = iw;
+  c.patch_size = cfg.positive("patch_size");
+  c.num_channels = cfg.integer("num_channels", 3);
+  c.hidden_size = cfg.positive("hidden_size");
+  c.num_hidden_layers = cfg.positive("num_hidden_layers");
+  c.num_attention_heads = cfg.positive("num_attention_heads");
+  check(c.hidden_size % c.num_attention_heads == 0,
+        cfg.file + ": hidden_size " + std::to_string(c.hidden_size) +
+            " is not a multiple of num_attention_heads " + std::to_string(c.num_attention_heads));
+  if (mt == "dinov2") {
+    double ratio = cfg.number("mlp_ratio", 4.0);
+    c.intermediate_size = static_cast<int64_t>(c.hidden_size * ratio);
+    if (cfg.boolean("use_swiglu_ffn", false)) {
+      // transformers' Dinov2SwiGLUFFN: hidden = (int(F * 2 / 3) + 7) // 8 * 8
+      c.activation = MlpActivation::SwiGlu;
+      c.intermediate_size = (c.intermediate_size * 2 / 3 + 7) / 8 * 8;
+    }
+  } else {
+    c.intermediate_size = cfg.positive("intermediate_size");
+  }
+  c.layer_norm_eps = static_cast<float>(cfg.number("layer_norm_eps", 1e-12));
+  c.qkv_bias = cfg.boolean("qkv_bias", true);
+  std::string act = cfg.string("hidden_act", "gelu");
+  check(act == "gelu", cfg.file + ": hidden_act \"" + act + "\" is not supported (only \"gelu\")");
+  c.class_token = true;
+  c.pos_resample = PosResample::HfScaleBicubic;
+  c.layer_scale = (mt == "dinov2");
+
+  const std::string arch = m.architecture;
+  // Weights of the base model sit under "vit." / "deit." / "dinov2." in task models.
+  std::string base = mt + ".";
+  if (!ck.has(base + "embeddings.cls_token")) base = "";
+  const std::string e = base + "embeddings.";
+  const bool teacher = arch == "DeiTForImageClassificationWithTeacher";
+  if (mt == "deit") c.num_distillation_tokens = 1;
+  const int64_t d = c.hidden_size, p = c.patch_size, C = c.num_channels;
+  VitWeights& w = m.encoder;
+
+  // Position embeddings: [1, prefix + grid, D]. HF ViT/DeiT/DINOv2 configs are square.
+  const int64_t grid = c.grid_height() * c.grid_width();
+  w.pos_embed = tokens(ck, e + "position_embeddings", c.num_prefix_tokens() + grid, d);
+  Tensor cls = tokens(ck, e + "cls_token", 1, d);
+  w.prefix_tokens = Tensor({c.num_prefix_tokens(), d});
+  std::memcpy(w.prefix_tokens.data(), cls.data(), sizeof(float) * d);
+  if (c.num_distillation_tokens) {
+    Tensor dist = tokens(ck, e + "distillation_token", 1, d);
+    std::memcpy(w.prefix_tokens.data() + d, dist.data(), sizeof(float) * d);
+  }
+  Tensor pw = ck.get(e + "patch_embeddings.projection.weight", {d, C, p, p});
+  Tensor pb = ck.get(e + "patch_embeddings.projection.bias", {d});
+  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, type);
+  if (mt == "dinov2" && ck.has(e + "mask_token")) ck.get(e + "mask_token", {1, d});
+
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string l = base + "encoder.layer." + std::to_string(i) + ".";
+    VitLayer layer;
+    const std::string att = l + "attention.attention.";
+    layer.qkv = pack_qkv(ck, att + "query", att + "key", att + "value", d, c.qkv_bias, type);
+    if (mt == "dinov2") {
+      Tensor ls1 = ck.get(l + "layer_scale1.lambda1", {d});
+      Tensor ls2 = ck.get(l + "layer_scale2.lambda1", {d});
+      layer.norm1_weight = ck.get(l + "norm1.weight", {d});
+      layer.norm1_bias = ck.get(l + "norm1.bias", {d});
+      layer.norm2_weight = ck.get(l + "norm2.weight", {d});
+      layer.norm2_bias = ck.get(l + "norm2.bias", {d});
+      layer.attn_out = pack(ck, l + "attention.output.dense.weight", l + "attention.output.dense.bias",
+                            d, d, true, type, &ls1);
+      const bool swiglu = c.activation == MlpActivation::SwiGlu;
+      const std::string in = l + (swiglu ? "mlp.weights_in." : "mlp.fc1.");
+      const std::string out = l + (swiglu ? "mlp.weights_out." : "mlp.fc2.");
+      const int64_t f = c.intermediate_size;
+      layer.fc1 = pack(ck, in + "weight", in + "bias", swiglu ? 2 * f : f, d, true, type);
+      layer.fc2 = pack(ck, out + "weight", out + "bias", d, f, true, type, &ls2);
+    } else {
+      layer.norm1_weight = ck.get(l + "layernorm_before.weight", {d});
+      layer.norm1_bias = ck.get(l + "layernorm_before.bias", {d});
+      layer.norm2_weight = ck.get(l + "layernorm_after.weight", {d});
+      layer.norm2_bias = ck.get(l + "layernorm_after.bias", {d});
+      layer.attn_out = pack(ck, l + "attention.output.dense.weight",
+                            l + "attention.output.dense.bias", d, d, true, type);
+      layer.fc1 = pack(ck, l + "intermediate.dense.weight", l + "intermediate.dense.bias",
+                       c.intermediate_size, d, true, type);
+      layer.fc2 = pack(ck, l + "output.dense.weight", l + "output.dense.bias", d,
+                       c.intermediate_size, true, type);
+    }
+    w.layers.push_back(std::move(layer));
+  }
+  check(!ck.has(base + "encoder.layer." + std::to_string(c.num_hidden_layers) + ".norm1.weight") &&
+            !ck.has(base + "encoder.layer." + std::to_string(c.num_hidden_layers) +
+                    ".layernorm_before.weight"),
+        ck.file + ": has more layers than num_hidden_layers = " +
+            std::to_string(c.num_hidden_layers) + " in " + cfg.file);
+  w.final_norm_weight = ck.get(base + "layernorm.weight", {d});
+  w.final_norm_bias = ck.get(base + "layernorm.bias", {d});
+
+  ClassifierWeights& h = m.classifier;
+  auto num_labels_of = [&](const std::string& name) { return ck.shape(name).at(0); };
+  if (arch == "ViTForImageClassification" || arch == "DeiTForImageClassification") {
+    h.kind = HeadKind::ClassToken;
+    h.num_labels = num_labels_of("classifier.weight");
+    h.head = pack(ck, "classifier.weight", "classifier.bias", h.num_labels, d, true, type);
+  } else if (teacher) {
+    h.kind = HeadKind::DeitTeacher;
+    h.num_labels = num_labels_of("cls_classifier.weight");
+    h.head = pack(ck, "cls_classifier.weight", "cls_classifier.bias", h.num_labels, d, true, type);
+    h.head_dist = pack(ck, "distillation_classifier.weight", "distillation_classifier.bias",
+                       h.num_labels, d, true, type);
+  } else if (arch == "Dinov2ForImageClassification") {
+    h.kind = HeadKind::Dinov2ClassMean;
+    h.num_labels = num_labels_of("classifier.weight");
+    h.head = pack(ck, "classifier.weight", "classifier.bias", h.num_labels, 2 * d, true, type);
+  } else if (arch == "ViTModel" || arch == "DeiTModel" || arch == "Dinov2Model") {
+    h.kind = HeadKind::None;
+    if (mt != "dinov2" && ck.has(base + "pooler.dense.weight")) {
+      h.has_pooler = true;
+      h.pooler = pack(ck, base + "pooler.dense.weight", base + "pooler.dense.bias", d, d, true, type);
+    }
+  } else {
+    fail(cfg.file + ": architecture \"" + arch + "\" is not supported for model_type \"" + mt +
+         "\" (supported: ViTForImageClassification, ViTModel, DeiTForImageClassification, "
+         "DeiTForImageClassificationWithTeacher, DeiTModel, Dinov2Model, "
+         "Dinov2ForImageClassification)");
+  }
+  m.labels = labels_from(cfg.j, h.num_labels, cfg.file);
+}
+
+// ---------------------------------------------------------------- timm
+
+// num_heads is not in the weights; timm's architecture names fix it (head_dim 64 otherwise).
+int64_t timm_heads(const std::string& arch, int64_t dim) {
+  static const std::pair<const char*, int64_t> by_size[] = {
+      {"_tiny_", 3}, {"_small_", 6}, {"_little_", 5}, {"_medium_", 8}, {"_mediumd_", 8},
+      {"_betwixt_", 10}, {"_base_", 12}, {"_large_", 16}, {"_so400m_", 16}, {"_so150m_", 16},
+      {"_huge_", 16}, {"_giant_", 16}, {"_gigantic_", 16}, {"_7b_", 32}};
+  for (auto& [key, heads] : by_size)
+    if (arch.find(key) != std::string::npos && dim % heads == 0) return heads;
+  return std::max<int64_t>(1, dim / 64);
+}
+
+void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
+  const std::string arch = cfg.string("architecture", "");
+  check(arch.rfind("vit_", 0) == 0 || arch.rfind("deit_", 0) == 0 || arch.rfind("deit3_", 0) == 0,
+        cfg.file + ": timm architecture \"" + arch + "\" is not supported (timm VisionTransformer: vit_*, deit_*)");
+  m.architecture = "timm:" + arch;
+  Config args{cfg.has("model_args") ? cfg.j["model_args"] : json::object(), cfg.file + " (model_args)"};
+  Config pre{cfg.has("pretrained_cfg") ? cfg.j["pretrained_cfg"] : json::object(),
+             cfg.file + " (pretrained_cfg)"};
+  for (const char* unsupported : {"attn_pool.latent", "blocks.0.attn.q_norm.weight",
+                                  "blocks.0.norm1.weight_unused", "blocks.0.attn.norm.weight"})
+    check(!ck.has(unsupported), ck.file + ": timm feature with '" + unsupported +
+                                    "' is not supported (attention pooling / qk-norm / scale-norm)");
+  const std::string pool = cfg.string("global_pool", args.string("global_pool", "token"));
+  check(pool == "token" || pool == "avg" || pool == "",
+        cfg.file + ": global_pool \"" + pool + "\" is not supported (token, avg)");
+
+  VitConfig& c = m.encoder.config;
+  VitWeights& w = m.encoder;
+  const Shape& pws = ck.shape("patch_embed.proj.weight");
+  check(pws.size() == 4 && pws[2] == pws[3],
+        ck.file + ": patch_embed.proj.weight must be [D, C, p, p], got " + shape_str(pws));
+  const int64_t d = pws[0], C = pws[1], p = pws[2];
+  c.hidden_size = d, c.num_channels = C, c.patch_size = p;
+  if (args.has("patch_size")) check(args.integer("patch_size") == p, cfg.file + ": patch_size disagrees with the weights");
+  if (args.has("embed_dim")) check(args.integer("embed_dim") == d, cfg.file + ": embed_dim disagrees with the weights");
+  int64_t ih = 224, iw = 224;
+  if (args.has("img_size")) {
+    std::tie(ih, iw) = args.size2("img_size");
+  } else if (pre.has("input_size") && pre.j["input_size"].is_array() && pre.j["input_size"].size() == 3) {
+    ih = pre.j["input_size"][1].get<int64_t>(), iw = pre.j["input_size"][2].get<int64_t>();
+  }
+  c.image_height = ih, c.image_width = iw;
+  c.num_hidden_layers = count_layers(ck, "blocks.", ".norm1.weight");
+  check(c.num_hidden_layers > 0, ck.file + ": no transformer blocks (blocks.0.norm1.weight)");
+  if (args.has("depth")) check(args.integer("depth") == c.num_hidden_layers, cfg.file + ": depth disagrees with the weights");
+  c.num_attention_heads = args.has("num_heads") ? args.positive("num_heads") : timm_heads(arch, d);
+  check(d % c.num_attention_heads == 0, cfg.file + ": embed_dim is not a multiple of num_heads");
+  c.intermediate_size = ck.shape("blocks.0.mlp.fc1.weight").at(0);
+  c.qkv_bias = ck.has("blocks.0.attn.qkv.bias");
+  c.class_token = ck.has("cls_token");
+  c.num_distillation_tokens = ck.has("dist_token") ? 1 : 0;
+  c.num_register_tokens = ck.has("reg_token") ? ck.shape("reg_token").at(1) : 0;
+  c.pre_norm = ck.has("norm_pre.weight");
+  c.layer_scale = ck.has("blocks.0.ls1.gamma");
+  c.final_norm = ck.has("norm.weight");
+  // timm's ViTs use LayerNorm(eps=1e-6); its CLIP variants pass nn.LayerNorm (eps=1e-5).
+  c.layer_norm_eps = arch.find("clip") != std::string::npos ? 1e-5f : 1e-6f;
+  std::string act = args.string("act_layer", arch.find("quickgelu") != std::string::npos ? "quick_gelu" : "gelu");
+  check(act == "gelu" || act == "quick_gelu", cfg.file + ": act_layer \"" + act + "\" is not supported");
+  c.activation = act == "quick_gelu" ? MlpActivation::QuickGelu : MlpActivation::Gelu;
+  c.pos_resample = PosResample::TimmAntialias;
+
+  const int64_t grid = c.grid_height() * c.grid_width();
+  const int64_t prefix = c.num_prefix_tokens();
+  const Shape& pos = ck.shape("pos_embed");
+  check(pos.size() == 3 && pos[0] == 1 && pos[2] == d,
+        ck.file + ": pos_embed must be [1, N, " + std::to_string(d) + "], got " + shape_str(pos));
+  if (pos[1] == grid + prefix) {
+    c.prefix_has_pos_embed = true;
+  } else if (pos[1] == grid) {
+    c.prefix_has_pos_embed = false;  // no_embed_class
+  } else {
+    fail(ck.file + ": pos_embed has " + std::to_string(pos[1]) + " positions; a " +
+         std::to_string(c.grid_height()) + "x" + std::to_string(c.grid_width()) +
+         " grid with " + std::to_string(prefix) + " prefix tokens needs " + std::to_string(grid) +
+         " or " + std::to_string(grid + prefix));
+  }
+  w.pos_embed = ck.get("pos_embed", pos).reshape({pos[1], d});
+  w.prefix_tokens = Tensor({prefix, d});
+  int64_t row = 0;
+  auto put = [&](const std::string& name, int64_t n) {
+    Tensor t = tokens(ck, name, n, d);
+    std::memcpy(w.prefix_tokens.data() + row * d, t.data(), sizeof(float) * n * d);
+    row += n;
+  };
+  // timm concatenates [cls, reg] (VisionTransformer) or [cls, dist] (distilled DeiT).
+  if (c.class_token) put("cls_token", 1);
+  if (c.num_distillation_tokens) put("dist_token", 1);
+  if (c.num_register_tokens) put("reg_token", c.num_register_tokens);
+  Tensor pw = ck.get("patch_embed.proj.weight", {d, C, p, p});
+  Tensor pb = ck.get("patch_embed.proj.bias", {d});
+  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, type);
+  if (c.pre_norm) {
+    w.pre_norm_weight = ck.get("norm_pre.weight", {d});
+    w.pre_norm_bias = ck.get("norm_pre.bias", {d});
+  }
+  const int64_t f = c.intermediate_size;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string l = "blocks." + std::to_string(i) + ".";
+    VitLayer layer;
+    layer.norm1_weight = ck.get(l + "norm1.weight", {d});
+    layer.norm1_bias = ck.get(l + "norm1.bias", {d});
+    layer.norm2_weight = ck.get(l + "norm2.weight", {d});
+    layer.norm2_bias = ck.get(l + "norm2.bias", {d});
+    layer.qkv = pack(ck, l + "attn.qkv.weight", l + "attn.qkv.bias", 3 * d, d, c.qkv_bias, type);
+    Tensor ls1, ls2;
+    if (c.layer_scale) {
+      ls1 = ck.get(l + "ls1.gamma", {d});
+      ls2 = ck.get(l + "ls2.gamma", {d});
+    }
+    layer.attn_out = pack(ck, l + "attn.proj.weight", l + "attn.proj.bias", d, d, true, type,
+                          c.layer_scale ? &ls1 : nullptr);
+    layer.fc1 = pack(ck, l + "mlp.fc1.weight", l + "mlp.fc1.bias", f, d, true, type);
+    layer.fc2 = pack(ck, l + "mlp.fc2.weight", l + "mlp.fc2.bias", d, f, true, type,
+                     c.layer_scale ? &ls2 : nullptr);
+    w.layers.push_back(std::move(layer));
+  }
+  if (c.final_norm) {
+    w.final_norm_weight = ck.get("norm.weight", {d});
+    w.final_norm_bias = ck.get("norm.bias", {d});
+  }
+
+  ClassifierWeights& h = m.classifier;
+  h.kind = HeadKind::Timm;
+  h.timm_pool = pool.empty() ? "none" : pool;
+  check(pool != "token" || c.class_token || c.num_distillation_tokens,
+        cfg.file + ": global_pool \"token\" needs a class token");
+  if (ck.has("fc_norm.weight")) {
+    h.fc_norm_weight = ck.get("fc_norm.weight", {d});
+    h.fc_norm_bias = ck.get("fc_norm.bias", {d});
+  }
+  if (ck.has("head.weight")) {
+    h.num_labels = ck.shape("head.weight").at(0);
+    h.head = pack(ck, "head.weight", "head.bias", h.num_labels, d, true, type);
+    if (c.num_distillation_tokens)
+      h.head_dist = pack(ck, "head_dist.weight", "head_dist.bias", h.num_labels, d, true, type);
+  }
+  m.labels = labels_from(cfg.j, h.num_labels, cfg.file);
+}
+
+// ---------------------------------------------------------------- torchvision
+
+void load_torchvision(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
+  VitConfig& c = m.encoder.config;
+  VitWeights& w = m.encoder;
+  m.architecture = "torchvision.VisionTransformer";
+  const int64_t size = cfg.positive("image_size");
+  c.image_height = c.image_width = size;
+  c.patch_size = cfg.positive("patch_size");
+  c.num_hidden_layers = cfg.positive("num_layers");
+  c.num_attention_heads = cfg.positive("num_heads");
+  c.hidden_size = cfg.positive("hidden_dim");
+  c.intermediate_size = cfg.positive("mlp_dim");
+  c.layer_norm_eps = 1e-6f;
+  c.pos_resample = PosResample::None;
+  check(c.hidden_size % c.num_attention_heads == 0, cfg.file + ": hidden_dim is not a multiple of num_heads");
+  const int64_t d = c.hidden_size, p = c.patch_size, f = c.intermediate_size;
+  const int64_t grid = c.grid_height() * c.grid_width();
+  // torchvision state dicts may carry a "module." (DataParallel) prefix.
+  std::string root = ck.has("class_token") ? "" : "module.";
+  w.prefix_tokens = tokens(ck, root + "class_token", 1, d);
+  w.pos_embed = tokens(ck, root + "encoder.pos_embedding", grid + 1, d);
+  Tensor pw = ck.get(root + "conv_proj.weight", {d, 3, p, p});
+  Tensor pb = ck.get(root + "conv_proj.bias", {d});
+  w.patch_embed = pack_linear(pw.data(), pb.data(), d, 3 * p * p, type);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string l = root + "encoder.layers.encoder_layer_" + std::to_string(i) + ".";
+    VitLayer layer;
+    layer.norm1_weight = ck.get(l + "ln_1.weight", {d});
+    layer.norm1_bias = ck.get(l + "ln_1.bias", {d});
+    layer.norm2_weight = ck.get(l + "ln_2.weight", {d});
+    layer.norm2_bias = ck.get(l + "ln_2.bias", {d});
+    layer.qkv = pack(ck, l + "self_attention.in_proj_weight", l + "self_attention.in_proj_bias",
+                     3 * d, d, true, type);
+    layer.attn_out = pack(ck, l + "self_attention.out_proj.weight",
+                          l + "self_attention.out_proj.bias", d, d, true, type);
+    // MLPBlock keys: mlp.0 / mlp.3 (torchvision ≥ 0.13) or the legacy linear_1 / linear_2.
+    const bool legacy = ck.has(l + "mlp.linear_1.weight");
+    const std::string fc1 = l + (legacy ? "mlp.linear_1." : "mlp.0.");
+    const std::string fc2 = l + (legacy ? "mlp.linear_2." : "mlp.3.");
+    layer.fc1 = pack(ck, fc1 + "weight", fc1 + "bias", f, d, true, type);
+    layer.fc2 = pack(ck, fc2 + "weight", fc2 + "bias", d, f, true, type);
+    w.layers.push_back(std::move(layer));
+  }
+  w.final_norm_weight = ck.get(root + "encoder.ln.weight", {d});
+  w.final_norm_bias = ck.get(root + "encoder.ln.bias", {d});
+  ClassifierWeights& h = m.classifier;
+  h.kind = HeadKind::ClassToken;
+  int64_t head_in = d;
+  if (ck.has(root + "heads.pre_logits.weight")) {
+    const int64_t rep = ck.shape(root + "heads.pre_logits.weight").at(0);
+    h.has_pooler = true;
+    h.pooler = pack(ck, root + "heads.pre_logits.weight", root + "heads.pre_logits.bias", rep, d, true, type);
+    head_in = rep;
+  }
+  h.num_labels = cfg.positive("num_classes");
+  h.head = pack(ck, root + "heads.head.weight", root + "heads.head.bias", h.num_labels, head_in, true, type);
+  m.labels = labels_from(cfg.j, h.num_labels, cfg.file);
+}
+
+}  // namespace
+
+std::shared_ptr<const Model> load_model(const std::string& dir_arg, WeightType weight_type) {
+  fs::path dir(dir_arg);
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) fail(dir_arg + ": no such model folder");
+  if (!fs::is_directory(dir, ec)) fail(dir_arg + ": not a folder (a model is a folder with config.json and model.safetensors)");
+  fs::path config_path = dir / "config.json";
+  if (!fs::exists(config_path, ec)) fail(dir_arg + ": no config.json");
+  auto model = std::make_shared<Model>();
+  model->dir = dir_arg;
+  model->config_json = read_text(config_path);
+  Config cfg{parse_json(model->config_json, config_path.string()), config_path.string()};
+  check(cfg.j.is_object(), config_path.string() + ": must be a JSON object");
+
+  std::string arch;
+  if (cfg.has("architectures") && cfg.j["architectures"].is_array() && !cfg.j["architectures"].empty() &&
+      cfg.j["architectures"][0].is_string())
+    arch = cfg.j["architectures"][0].get<std::string>();
+  Checkpoint ck = open_checkpoint(dir);
+  if (cfg.has("architecture") && cfg.has("pretrained_cfg")) {
+    model->family = ModelFamily::Timm;
+    model->model_type = "timm";
+    load_timm(*model, cfg, ck, weight_type);
+  } else if (arch == "torchvision.VisionTransformer") {
+    model->family = ModelFamily::Torchvision;
+    model->model_type = "torchvision";
+    load_torchvision(*model, cfg, ck, weight_type);
+  } else {
+    model->family = ModelFamily::HuggingFace;
+    model->model_type = cfg.string("model_type", "");
+    static const std::set<std::string> hf_types = {"vit", "deit", "dinov2"};
+    if (!hf_types.count(model->model_type))
+      fail(config_path.string() + ": unknown architecture (model_type \"" + model->model_type +
+           "\", architectures [" + arch + "]); supported: Hugging Face vit/deit/dinov2, timm "
+           "VisionTransformer (architecture + pretrained_cfg), torchvision.VisionTransformer");
+    if (arch.empty())  // a bare base-model config
+      arch = model->model_type == "vit" ? "ViTModel" : model->model_type == "deit" ? "DeiTModel" : "Dinov2Model";
+    model->architecture = arch;
+    load_hf(*model, cfg, ck, weight_type);
+  }
+  model->parameter_count = ck.parameters;
+  model->weight_dtype = ck.st.info(*ck.used.begin()).dtype;
+  return model;
+}
+
+const Tensor& output(const NamedTensors& outputs, const std::string& name) {
+  std::string have;
+  for (const auto& [n, t] : outputs) {
+    if (n == name) return t;
+    have += (have.empty() ? "" : ", ") + n;
+  }
+  fail("the model has no output '" + name + "' (it has: " + have + ")");
+}
+
+namespace {
+
+// rows [B, ld] with row b at ptr + b*stride → head(rows) [B, N]
+Tensor apply_linear(const PackedLinear& lin, const float* x, int64_t B, int64_t stride,
+                    Activation act = Activation::None) {
+  Tensor y({B, lin.out_features});
+  linear(x, B, stride, lin, y.data(), lin.out_features, act);
+  return y;
+}
+
+}  // namespace
+
+NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& ws) {
+  const VitConfig& c = m.encoder.config;
+  Tensor hidden = vit_forward(m.encoder, pixel_values, ws.vit);
+  const int64_t B = hidden.dim(0), T = hidden.dim(1), d = hidden.dim(2);
+  const float* h = hidden.data();
+  const ClassifierWeights& head = m.classifier;
+  NamedTensors out;
+  switch (head.kind) {
+    case HeadKind::None: {
+      out.emplace_back("last_hidden_state", hidden.clone());
+      if (m.model_type == "dinov2") {
+        Tensor pooled({B, d});
+        for (int64_t b = 0; b < B; ++b) std::memcpy(pooled.data() + b * d, h + b * T * d, sizeof(float) * d);
+        out.emplace_back("pooler_output", pooled);
+      } else if (head.has_pooler) {
+        Tensor pooled = apply_linear(head.pooler, h, B, T * d);
+        for (float& v : pooled.span()) v = std::tanh(v);
+        out.emplace_back("pooler_output", pooled);
+      }
+      break;
+    }
+    case HeadKind::ClassToken: {
+      Tensor logits;
+      if (head.has_pooler) {  // torchvision representation layer: tanh(pre_logits(x))
+        Tensor pre = apply_linear(head.pooler, h, B, T * d);
+        for (float& v : pre.span()) v = std::tanh(v);
+        logits = apply_linear(head.head, pre.data(), B, pre.dim(1));
+      } else {
+        logits = apply_linear(head.head, h, B, T * d);
+      }
+      out.emplace_back("logits", logits);
+      if (m.family != ModelFamily::Torchvision) out.emplace_back("last_hidden_state", hidden.clone());
+      break;
+    }
+    case HeadKind::DeitTeacher: {
+      Tensor cls = apply_linear(head.head, h, B, T * d);
+      Tensor dist = apply_linear(head.head_dist, h + d, B, T * d);
+      Tensor logits({B, head.num_labels});
+      for (int64_t i = 0; i < logits.numel(); ++i) logits[i] = (cls[i] + dist[i]) / 2;
+      out.emplace_back("logits", logits);
+      out.emplace_back("cls_logits", cls);
+      out.emplace_back("distillation_logits", dist);
+      out.emplace_back("last_hidden_state", hidden.clone());
+      break;
+    }
+    case HeadKind::Dinov2ClassMean: {
+      Tensor pooled({B, 2 * d});
+      for (int64_t b = 0; b < B; ++b) {
+        const float* hb = h + b * T * d;
+        float* pb = pooled.data() + b * 2 * d;
+        std::memcpy(pb, hb, sizeof(float) * d);
+        for (int64_t k = 0; k < d; ++k) {
+          double s = 0;
+          for (int64_t t = 1; t < T; ++t) s += hb[t * d + k];
+          pb[d + k] = static_cast<float>(s / static_cast<double>(T - 1));
+        }
+      }
+      out.emplace_back("logits", apply_linear(head.head, pooled.data(), B, 2 * d));
+      out.emplace_back("last_hidden_state", hidden.clone());
+      break;
+    }
+    case HeadKind::Timm: {
+      // forward_head: pool → fc_norm → (pre_logits) → head; distilled: average of two heads.
+      const int64_t prefix = c.num_prefix_tokens();
+      const bool distilled = c.num_distillation_tokens > 0;
+      Tensor pre({B, d}), pre_dist;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* hb = h + b * T * d;
+        float* pb = pre.data() + b * d;
+        if (head.timm_pool == "avg") {
+          for (int64_t k = 0; k < d; ++k) {
+            double s = 0;
+            for (int64_t t = prefix; t < T; ++t) s += hb[t * d + k];
+            pb[k] = static_cast<float>(s / static_cast<double>(T - prefix));
+          }
+        } else if (head.timm_pool == "token") {
+          std::memcpy(pb, hb, sizeof(float) * d);
+        } else {
+          fail("timm global_pool '' (no pooling) has no pre-logits vector");
+        }
+      }
+      if (!head.fc_norm_weight.empty())
+        layer_norm(pre.data(), B, d, d, head.fc_norm_weight.data(), head.fc_norm_bias.data(),
+                   c.layer_norm_eps, pre.data(), d);
+      Tensor logits;
+      if (distilled) {
+        Tensor dist_tok({B, d});
+        for (int64_t b = 0; b < B; ++b) std::memcpy(dist_tok.data() + b * d, h + b * T * d + d, sizeof(float) * d);
+        Tensor pre_avg({B, d});
+        for (int64_t i = 0; i < B * d; ++i) pre_avg[i] = (pre[i] + dist_tok[i]) / 2;
+        if (head.num_labels) {
+          Tensor a = apply_linear(head.head, pre.data(), B, d);
+          Tensor bdist = apply_linear(head.head_dist, dist_tok.data(), B, d);
+          logits = Tensor({B, head.num_labels});
+          for (int64_t i = 0; i < logits.numel(); ++i) logits[i] = (a[i] + bdist[i]) / 2;
+        }
+        pre = pre_avg;
+      } else if (head.num_labels) {
+        logits = apply_linear(head.head, pre.data(), B, d);
+      }
+      out.emplace_back("logits", head.num_labels ? logits : pre.clone());
+      out.emplace_back("features", hidden.clone());
+      out.emplace_back("pre_logits", pre);
+      break;
+    }
+  }
+  return out;
+}
+
+}  // namespace tessera

@@ -1,0 +1,91 @@
+#include "tessera/pipeline.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <numeric>
+
+#include "tessera/error.hpp"
+#include "tessera/image.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera {
+
+Preprocessor Preprocessor::from_file(const std::string& path) {
+  return {load_preprocess_config(path), path};
+}
+
+Tensor Preprocessor::image(const cv::Mat& rgb) const { return preprocess(rgb, config); }
+
+Tensor Preprocessor::load(const std::string& path) const { return preprocess(load_image_rgb(path), config); }
+
+Tensor Preprocessor::batch(const std::vector<std::string>& paths) const {
+  check(!paths.empty(), "no images given");
+  std::vector<cv::Mat> images;
+  for (const auto& p : paths) images.push_back(load_image_rgb(p));
+  return preprocess_batch(images, config);
+}
+
+Preprocessor model_preprocessor(const Model& model) {
+  const fs::path hf = fs::path(model.dir) / "preprocessor_config.json";
+  std::error_code ec;
+  if (!model.dir.empty() && fs::exists(hf, ec)) return Preprocessor::from_file(hf.string());
+  const VitConfig& c = model.encoder.config;
+  switch (model.family) {
+    case ModelFamily::Timm:
+      return {from_timm_pretrained_cfg(model.config_json, model.dir + "/config.json"),
+              model.dir + "/config.json (pretrained_cfg)"};
+    case ModelFamily::Torchvision: {
+      // torchvision's ImageClassification preset: resize the short side (256 for 224), crop,
+      // ImageNet mean/std. A preprocessor_config.json in the folder overrides it.
+      PreprocessConfig p;
+      p.source = model.dir + " (torchvision ImageNet defaults)";
+      p.processor = "torchvision";
+      p.resize_rule = ResizeRule::shortest_edge;
+      p.shortest_edge = static_cast<int>(std::lround(c.image_height * 256.0 / 224.0));
+      p.resample = Resample::bilinear;
+      p.do_center_crop = true;
+      p.crop_height = static_cast<int>(c.image_height), p.crop_width = static_cast<int>(c.image_width);
+      p.crop_rule = CropRule::round_half;
+      p.rescale_rule = RescaleRule::divide_f32;
+      p.image_mean = {0.485f, 0.456f, 0.406f};
+      p.image_std = {0.229f, 0.224f, 0.225f};
+      return {p, p.source};
+    }
+    case ModelFamily::HuggingFace:
+      break;
+  }
+  fail(model.dir + ": no preprocessor_config.json (Hugging Face model folders carry one; "
+       "pass --processor FILE)");
+}
+
+std::vector<std::vector<Prediction>> top_k(const Tensor& logits, const std::vector<std::string>& labels,
+                                           int64_t k) {
+  check(logits.ndim() == 2, "logits must be [batch, classes], got " + shape_str(logits.shape()));
+  const int64_t B = logits.dim(0), n = logits.dim(1);
+  k = std::min(k, n);
+  std::vector<std::vector<Prediction>> out(B);
+  std::vector<double> prob(n);
+  std::vector<int64_t> order(n);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = logits.data() + b * n;
+    const float mx = *std::max_element(row, row + n);
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += prob[i] = std::exp(static_cast<double>(row[i]) - mx);
+    for (auto& p : prob) p /= sum;
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t c) {
+      return prob[a] != prob[c] ? prob[a] > prob[c] : a < c;
+    });
+    for (int64_t i = 0; i < k; ++i) {
+      int64_t id = order[i];
+      out[b].push_back({id, id < static_cast<int64_t>(labels.size()) ? labels[id] : std::to_string(id),
+                        static_cast<float>(prob[id])});
+    }
+  }
+  return out;
+}
+
+}  // namespace tessera
