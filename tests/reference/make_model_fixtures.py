@@ -817,6 +817,61 @@ def check(conf, tol=1e-5):
     return ok
 
 
+def cross_check_torchvision(tol=1e-5):
+    """A torchvision VisionTransformer is a timm ViT with a class token, 'token' pooling and LayerNorm eps
+    1e-6, and a transformers ViTForImageClassification with layer_norm_eps 1e-6. Renaming its random
+    weights and comparing logits checks the ports' class-token paths against a real upstream at a size
+    the conformance examples do not have."""
+    import torchvision
+    ok = True
+    kw = dict(image_size=24, patch_size=6, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96, num_classes=5)
+    torch.manual_seed(7)
+    tv = torchvision.models.VisionTransformer(**kw).eval()
+    gen = torch.Generator().manual_seed(7)
+    for n, t in tv.state_dict().items():
+        randomize_(n, t, gen)
+    tsd = tv.state_dict()
+    x = random_pixels(77, 2, 24, 24)
+    want = tv(x)
+    D, L = kw["hidden_dim"], kw["num_layers"]
+    # timm names
+    t = {"patch_embed.proj.weight": tsd["conv_proj.weight"], "patch_embed.proj.bias": tsd["conv_proj.bias"],
+         "cls_token": tsd["class_token"], "pos_embed": tsd["encoder.pos_embedding"],
+         "norm.weight": tsd["encoder.ln.weight"], "norm.bias": tsd["encoder.ln.bias"],
+         "head.weight": tsd["heads.head.weight"], "head.bias": tsd["heads.head.bias"]}
+    # transformers names
+    h = {"vit.embeddings.patch_embeddings.projection.weight": tsd["conv_proj.weight"],
+         "vit.embeddings.patch_embeddings.projection.bias": tsd["conv_proj.bias"],
+         "vit.embeddings.cls_token": tsd["class_token"], "vit.embeddings.position_embeddings": tsd["encoder.pos_embedding"],
+         "vit.layernorm.weight": tsd["encoder.ln.weight"], "vit.layernorm.bias": tsd["encoder.ln.bias"],
+         "classifier.weight": tsd["heads.head.weight"], "classifier.bias": tsd["heads.head.bias"]}
+    for i in range(L):
+        s = f"encoder.layers.encoder_layer_{i}."
+        b, v = f"blocks.{i}.", f"vit.encoder.layer.{i}."
+        for w in ("weight", "bias"):
+            t[b + "norm1." + w] = h[v + "layernorm_before." + w] = tsd[s + "ln_1." + w]
+            t[b + "norm2." + w] = h[v + "layernorm_after." + w] = tsd[s + "ln_2." + w]
+            t[b + "attn.qkv." + w] = tsd[s + "self_attention.in_proj_" + w]
+            for j, n in enumerate(("query", "key", "value")):
+                h[v + f"attention.attention.{n}.{w}"] = tsd[s + "self_attention.in_proj_" + w][j * D:(j + 1) * D]
+            t[b + "attn.proj." + w] = h[v + "attention.output.dense." + w] = tsd[s + "self_attention.out_proj." + w]
+            t[b + "mlp.fc1." + w] = h[v + "intermediate.dense." + w] = tsd[s + "mlp.0." + w]
+            t[b + "mlp.fc2." + w] = h[v + "output.dense." + w] = tsd[s + "mlp.3." + w]
+    tcfg = timm_config("vit_base_patch16_224", 5, dict(img_size=24, patch_size=6, embed_dim=D, depth=L, num_heads=3,
+                                                       mlp_ratio=2.0), "x", INCEPTION_MEAN, INCEPTION_STD)
+    diff = (timm_forward(tcfg, t, x)["logits"] - want).abs().max().item()
+    ok &= diff <= tol
+    print(f"  timm port vs torchvision {torchvision.__version__}: logits max abs diff {diff:.2e} "
+          f"{'ok' if diff <= tol else 'FAIL'}")
+    hcfg = hf_config("vit", "ViTForImageClassification", num_labels=5, hidden_size=D, num_attention_heads=3,
+                     num_hidden_layers=L, intermediate_size=96, patch_size=6, image_size=24, layer_norm_eps=1e-6)
+    diff = (hf_forward(hcfg, h, x)["logits"] - want).abs().max().item()
+    ok &= diff <= tol
+    print(f"  transformers ViT port vs torchvision {torchvision.__version__}: logits max abs diff {diff:.2e} "
+          f"{'ok' if diff <= tol else 'FAIL'}")
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="output folder (tests/fixtures/models)")
@@ -828,7 +883,7 @@ def main():
     conf = find_conformance(args.conformance)
     if args.check or args.out:
         if conf:
-            if not check(conf):
+            if not (check(conf) & cross_check_torchvision()):
                 sys.exit("a port disagrees with the upstream-computed conformance outputs")
         elif args.check:
             sys.exit("no conformance folder found")
