@@ -414,8 +414,9 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   if (c.num_distillation_tokens) put("dist_token", 1);
   if (c.num_register_tokens) put("reg_token", c.num_register_tokens);
   Tensor pw = ck.get("patch_embed.proj.weight", {d, C, p, p});
-  Tensor pb = ck.get("patch_embed.proj.bias", {d});
-  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, type);
+  // CLIP-style models have no patch-embedding bias.
+  Tensor pb = ck.has("patch_embed.proj.bias") ? ck.get("patch_embed.proj.bias", {d}) : Tensor();
+  w.patch_embed = pack_linear(pw.data(), pb.empty() ? nullptr : pb.data(), d, C * p * p, type);
   if (c.pre_norm) {
     w.pre_norm_weight = ck.get("norm_pre.weight", {d});
     w.pre_norm_bias = ck.get("norm_pre.bias", {d});
@@ -622,7 +623,7 @@ NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWork
         logits = apply_linear(head.head, h, B, T * d);
       }
       out.emplace_back("logits", logits);
-      if (m.family != ModelFamily::Torchvision) out.emplace_back("last_hidden_state", hidden.clone());
+      out.emplace_back("last_hidden_state", hidden.clone());
       break;
     }
     case HeadKind::DeitTeacher: {
