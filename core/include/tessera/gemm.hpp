@@ -17,7 +17,7 @@ struct PackedLinear {
   int64_t out_features = 0;  // N
   int64_t in_features = 0;   // K
   WeightType type = WeightType::F32;
-  std::shared_ptr<float[]> bias;     // N floats, or null
+  std::shared_ptr<float[]> bias;     // N floats (zero-padded to the panel width), or null
   std::shared_ptr<void> packed;      // kernel-specific layout
   size_t packed_bytes = 0;
 };
@@ -35,5 +35,10 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
 std::string linear_kernel_name(WeightType type);
 // Forces the portable kernels (tests use it to check the fallback path), or restores dispatch.
 void force_generic_kernels(bool on);
+
+// The fused epilogue's exact-erf GELU, 0.5 x (1 + erf(x / sqrt 2)), and its erf, on n floats
+// through the dispatched kernel; exposed so tests can check them against std::erf.
+void linear_gelu(const float* x, float* y, int64_t n);
+void linear_erf(const float* x, float* y, int64_t n);
 
 }  // namespace tessera

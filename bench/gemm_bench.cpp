@@ -1,0 +1,60 @@
+// Small standalone benchmark of tessera::linear on ViT-B shapes against Eigen (single thread).
+// Build: see the commit message / README of the gemm branch; prints median GFLOP/s of `reps` runs.
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "tessera/gemm.hpp"
+#include "tessera/parallel.hpp"
+
+using namespace tessera;
+
+template <class F>
+double median_seconds(F&& f, int reps) {
+  std::vector<double> t;
+  f();  // warm up
+  for (int i = 0; i < reps; ++i) {
+    auto a = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int main(int argc, char** argv) {
+  int reps = argc > 1 ? std::atoi(argv[1]) : 9;
+  bool eigen = argc > 2 ? std::atoi(argv[2]) != 0 : true;
+  Eigen::setNbThreads(1);
+  std::printf("kernel %s\n%5s %5s %5s  %8s %8s %8s\n", linear_kernel_name(WeightType::F32).c_str(),
+              "M", "K", "N", "1thr", "2thr", "eigen1");
+  int shapes[][3] = {{197, 768, 2304}, {197, 768, 768},   {197, 768, 3072}, {197, 3072, 768},
+                     {1576, 768, 2304}, {1576, 768, 3072}, {1576, 3072, 768}};
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> d(-1, 1);
+  for (auto& s : shapes) {
+    int M = s[0], K = s[1], N = s[2];
+    std::vector<float> x(size_t(M) * K), w(size_t(N) * K), b(N), y(size_t(M) * N);
+    for (auto& v : x) v = d(rng);
+    for (auto& v : w) v = d(rng);
+    for (auto& v : b) v = d(rng);
+    PackedLinear pw = pack_linear(w.data(), b.data(), N, K);
+    double flop = 2.0 * M * N * K, g[3] = {0, 0, 0};
+    for (int t = 1; t <= 2; ++t) {
+      set_num_threads(t);
+      g[t - 1] = flop / median_seconds([&] { linear(x.data(), M, K, pw, y.data(), N); }, reps) * 1e-9;
+    }
+    if (eigen) {
+      using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+      Eigen::Map<const RowMat> X(x.data(), M, K), W(w.data(), N, K);
+      Eigen::Map<RowMat> Y(y.data(), M, N);
+      g[2] = flop / median_seconds([&] { Y.noalias() = X * W.transpose(); }, reps) * 1e-9;
+    }
+    std::printf("%5d %5d %5d  %8.1f %8.1f %8.1f\n", M, K, N, g[0], g[1], g[2]);
+  }
+}

@@ -1,0 +1,176 @@
+// AVX-512 fp32 linear: a 14 x 32 register-tiled micro-kernel over K-major weight panels, with
+// the epilogue (bias, activation, residual) fused before the single store of each tile.
+// Every function carries a target attribute, so this file works without -march=native; the
+// dispatcher in gemm.cpp only calls it when the CPU reports avx512f.
+// GCC 12 flags _mm512_undefined_ps inside its own min/max/scalef intrinsics; a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "gemm_internal.hpp"
+
+#define TESSERA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define TESSERA_AVX512_INLINE \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline
+
+namespace tessera::gemm_detail {
+namespace {
+
+// Horner evaluation of c[0] t^(n-1) + ... + c[n-1].
+template <int N>
+TESSERA_AVX512_INLINE __m512 poly(__m512 t, const float (&c)[N]) {
+  __m512 r = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < N; ++i) r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(c[i]));
+  return r;
+}
+
+
+// exp(p) for p in [-30, 0]: 2^n * exp(r), n = round(p / ln2), r = p - n ln2 (two-part ln2).
+TESSERA_AVX512_INLINE __m512 exp_neg(__m512 p) {
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(p, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), p);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187e-6f), r);
+  return _mm512_scalef_ps(poly(r, kExp), n);
+}
+
+// erfc(t) for t >= 0.921875 (0 past 4), and erf(z) for |z| <= 0.921875.
+TESSERA_AVX512_INLINE __m512 erfc_large(__m512 t) {
+  __m512 tc = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(kErfSplit)), _mm512_set1_ps(kErfcZero));
+  __m512 e = exp_neg(poly(tc, kLogErfc));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(kErfcZero), _CMP_LE_OQ), e);
+}
+TESSERA_AVX512_INLINE __m512 erf_small(__m512 z) {
+  __m512 zc = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-kErfSplit)), _mm512_set1_ps(kErfSplit));
+  return _mm512_fmadd_ps(zc, poly(_mm512_mul_ps(zc, zc), kErfSmall), zc);
+}
+
+TESSERA_AVX512_INLINE __m512 erf_v(__m512 z) {
+  __m512 t = _mm512_abs_ps(z);
+  __mmask16 small = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kErfSplit), _CMP_LE_OQ);
+  __m512 large = _mm512_sub_ps(_mm512_set1_ps(1.0f), erfc_large(t));
+  // copysign(large, z)
+  large = _mm512_or_ps(large, _mm512_and_ps(z, _mm512_set1_ps(-0.0f)));
+  return _mm512_mask_blend_ps(small, large, erf_small(z));
+}
+
+// gelu(x) = 0.5 x (1 + erf(x / sqrt 2)); for |z| > 0.92, 1 + erf(z) is 2 - erfc(|z|) or
+// erfc(|z|), which keeps full relative accuracy on the negative tail.
+TESSERA_AVX512_INLINE __m512 gelu_v(__m512 x) {
+  __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  __m512 t = _mm512_abs_ps(z);
+  __mmask16 small = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kErfSplit), _CMP_LE_OQ);
+  __mmask16 positive = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
+  __m512 e = erfc_large(t);
+  __m512 one_plus = _mm512_mask_sub_ps(e, positive, _mm512_set1_ps(2.0f), e);
+  one_plus = _mm512_mask_add_ps(one_plus, small, _mm512_set1_ps(1.0f), erf_small(z));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), one_plus);
+}
+
+TESSERA_AVX512_INLINE __m512 activate(__m512 v, Activation act) {
+  if (act == Activation::Gelu) return gelu_v(v);
+  if (act == Activation::Relu) return _mm512_max_ps(v, _mm512_setzero_ps());
+  return v;
+}
+
+struct Tile {
+  float* y;               // tile's top-left output
+  const float* residual;  // same position in residual, or null
+  int64_t ldy;
+  const float* bias;      // 32 floats (padded), or null
+  __mmask16 mask0, mask1; // valid columns of the two halves
+  Activation act;
+};
+
+// y[r, 0:32] = epilogue(sum_k a[k*kMR + r] * b[k*32 + 0:32]) for r < R: the micro-kernel.
+template <int R>
+TESSERA_AVX512 void micro_kernel(int64_t K, const float* a, const float* b, const Tile& t) {
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 14
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 14
+    for (int r = 0; r < R; ++r) {
+      __m512 av = _mm512_set1_ps(a[r]);
+      c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+    }
+    a += kMR;
+    b += kNR;
+  }
+  __m512 bias0 = t.bias ? _mm512_load_ps(t.bias) : _mm512_setzero_ps();
+  __m512 bias1 = t.bias ? _mm512_load_ps(t.bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 14
+  for (int r = 0; r < R; ++r) {
+    __m512 v0 = activate(_mm512_add_ps(c0[r], bias0), t.act);
+    __m512 v1 = activate(_mm512_add_ps(c1[r], bias1), t.act);
+    float* yr = t.y + r * t.ldy;
+    if (t.residual) {
+      const float* rr = t.residual + r * t.ldy;
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(t.mask0, rr));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(t.mask1, rr + 16));
+    }
+    _mm512_mask_storeu_ps(yr, t.mask0, v0);
+    _mm512_mask_storeu_ps(yr + 16, t.mask1, v1);
+  }
+}
+
+using MicroKernel = void (*)(int64_t, const float*, const float*, const Tile&);
+constexpr MicroKernel kKernels[kMR + 1] = {
+    nullptr,          micro_kernel<1>,  micro_kernel<2>,  micro_kernel<3>,  micro_kernel<4>,
+    micro_kernel<5>,  micro_kernel<6>,  micro_kernel<7>,  micro_kernel<8>,  micro_kernel<9>,
+    micro_kernel<10>, micro_kernel<11>, micro_kernel<12>, micro_kernel<13>, micro_kernel<14>};
+
+// apack[k*kMR + r] = x[r*ldx + k] for r < rows (rows <= kMR): one micro-panel of A.
+TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, float* apack) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t k = 0; k < K; ++k) apack[k * kMR + r] = xr[k];
+  }
+}
+
+}  // namespace
+
+TESSERA_AVX512 void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t p0,
+                                       int64_t p1, int64_t j0, int64_t j1, float* apack) {
+  const int64_t K = a.K;
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
+    pack_rows(a.x + r0 * a.ldx, a.ldx, r1 - r0, K, apack + (p - p0) * K * kMR);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    int64_t cols = a.N - j * kNR < kNR ? a.N - j * kNR : kNR;
+    Tile t;
+    t.ldy = a.ldy;
+    t.bias = a.bias ? a.bias + j * kNR : nullptr;
+    t.mask0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    t.mask1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : 0;
+    t.act = a.act;
+    const float* panel = a.wpack + j * K * kNR;
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
+      t.y = a.y + r0 * a.ldy + j * kNR;
+      t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
+      kKernels[r1 - r0](K, apack + (p - p0) * K * kMR, panel, t);
+    }
+  }
+}
+
+TESSERA_AVX512 void gelu_avx512(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, m, gelu_v(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+TESSERA_AVX512 void erf_avx512(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, m, erf_v(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+}  // namespace tessera::gemm_detail

@@ -1,0 +1,68 @@
+#pragma once
+// Shared between gemm.cpp (packing, dispatch, threading, portable kernel) and gemm_avx512.cpp.
+#include <cstdint>
+
+#include "tessera/gemm.hpp"
+
+namespace tessera::gemm_detail {
+
+// Packed fp32 weights: ceil(N / kNR) column panels; panel j holds W[j*kNR + c, k] at
+// [j][k][c] (K-major, kNR floats per k, zero-padded past N), so the micro-kernel reads one
+// contiguous 128-byte row of the panel per k. Panels start 64-byte aligned.
+constexpr int64_t kNR = 32;
+// Rows per AVX-512 micro-tile: 14 x 32 = 28 zmm accumulators + 2 for the W row + 1 broadcast.
+constexpr int64_t kMR = 14;
+
+// Coefficients fitted with mpmath.chebyfit (near-minimax), shared by the AVX-512 and portable
+// epilogues so both paths compute the same function.
+// erf(z) = z + z P(z^2) for |z| <= 0.921875 (abs error of the fit 1.6e-8 relative).
+inline constexpr float kErfSmall[] = {-6.0040811559210596e-4f, 4.9960201222474733e-3f,
+                               -2.6768756699813974e-2f, 1.1281882319397829e-1f,
+                               -3.7612500896193643e-1f, 1.2837915083041535e-1f};
+// log(erfc(t)) for 0.921875 <= t <= 4 (abs error of the fit 1.3e-8); erfc(t > 4) < 1.6e-8.
+inline constexpr float kLogErfc[] = {-5.2118401230289077e-8f, 2.7693390928981964e-6f,
+                              -5.6694016112174003e-5f, 6.5338191070383903e-4f,
+                              -4.9469219598384478e-3f, 2.6820471093298858e-2f,
+                              -1.1062677159739033e-1f, -6.3136371624523515e-1f,
+                              -1.1304521390424502f,    3.6415000589354947e-4f};
+// exp(r) for |r| <= ln2/2 (relative error of the fit 2e-9).
+inline constexpr float kExp[] = {1.3941108433972675e-3f, 8.3751263981533357e-3f,
+                          4.1666352896775157e-2f, 1.6666415514653275e-1f,
+                          5.0000000471177577e-1f, 1.0000000377162138f,
+                          1.0f};
+inline constexpr float kErfSplit = 0.921875f;
+inline constexpr float kErfcZero = 4.0f;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct LinearArgs {
+  const float* x;
+  int64_t M, ldx, K, N;
+  const float* wpack;  // panels as above
+  const float* bias;   // kNR * panels floats (zero-padded), or null
+  float* y;
+  int64_t ldy;
+  const float* residual;  // rows ldy apart, may alias y, or null
+  Activation act;
+};
+
+// The M rows are cut into P = ceil(M / mr_max) micro-panels of as equal size as possible
+// (14 x 13 rows beat 14 x 14 + 1); micro-panel p covers rows [row_begin(p), row_begin(p+1)).
+struct RowSplit {
+  int64_t panels, base, extra;
+  RowSplit(int64_t M, int64_t mr_max)
+      : panels(ceil_div(M, mr_max)), base(M / panels), extra(M % panels) {}
+  int64_t row_begin(int64_t p) const { return p * base + (p < extra ? p : extra); }
+};
+
+// Computes y for micro-panels [p0, p1) x column panels [j0, j1). apack: scratch of at least
+// (p1 - p0) * K * kMR floats, 64-byte aligned. Every output element gets the same fixed
+// k-order sum whatever the task split, so results do not depend on the thread count.
+void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
+                        int64_t j0, int64_t j1, float* apack);
+
+// y[i] = gelu(x[i]) / erf(x[i]) with the AVX-512 epilogue math (n any).
+void gelu_avx512(const float* x, float* y, int64_t n);
+void erf_avx512(const float* x, float* y, int64_t n);
+
+}  // namespace tessera::gemm_detail

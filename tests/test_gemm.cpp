@@ -1,0 +1,206 @@
+// linear(): every path against a naive double-precision loop. Tolerance, per output element:
+//   |y - ref| <= 1e-6 (sqrt(K) + 2) (1 + S + |residual|),   S = sum_k |x w| + |b|,
+// i.e. ~15x the typical fp32 rounding of a K-term sum (eps sqrt(K) S, eps = 6e-8) and below
+// the smallest single-term mistake (one k dropped costs ~S / K). GELU's erf adds < 4e-7 |y|.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
+#include "tessera/parallel.hpp"
+
+using namespace tessera;
+
+namespace {
+
+std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (auto& f : v) f = dist(rng);
+  return v;
+}
+
+double gelu_ref(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
+
+struct Problem {
+  int64_t M, N, K, ldx, ldy;
+  std::vector<float> x, w, b, r;
+  std::vector<double> dot, mag;  // sum_k x w (+ b), and sum_k |x w| (+ |b|)
+};
+
+Problem make_problem(int64_t M, int64_t N, int64_t K, int64_t ldx, int64_t ldy, uint32_t seed) {
+  Problem p{M, N, K, ldx, ldy, random_floats(M * ldx, seed), random_floats(N * K, seed + 1),
+            random_floats(N, seed + 2), random_floats(M * ldy, seed + 3), {}, {}};
+  p.dot.resize(M * N);
+  p.mag.resize(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0, a = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        double t = double(p.x[m * ldx + k]) * double(p.w[n * K + k]);
+        s += t;
+        a += std::fabs(t);
+      }
+      p.dot[m * N + n] = s;
+      p.mag[m * N + n] = a;
+    }
+  return p;
+}
+
+enum class Case { Plain, BiasGelu, BiasReluResidual, BiasResidualAliasing, GeluResidual };
+
+// Runs one case; returns the worst |err| / tolerance (<= 1 passes) and checks that the padding
+// columns of y (n >= N) are untouched.
+double run_case(const Problem& p, const PackedLinear& pw, Case c, bool* padding_ok) {
+  const float kSentinel = 12345.0f;
+  std::vector<float> y(p.M * p.ldy, kSentinel);
+  Activation act = Activation::None;
+  const float* residual = nullptr;
+  bool bias = c != Case::Plain && c != Case::GeluResidual;
+  if (c == Case::BiasGelu || c == Case::GeluResidual) act = Activation::Gelu;
+  if (c == Case::BiasReluResidual) act = Activation::Relu;
+  if (c == Case::BiasReluResidual || c == Case::GeluResidual) residual = p.r.data();
+  if (c == Case::BiasResidualAliasing) {
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t n = 0; n < p.N; ++n) y[m * p.ldy + n] = p.r[m * p.ldy + n];
+    residual = y.data();
+  }
+  linear(p.x.data(), p.M, p.ldx, pw, y.data(), p.ldy, act, residual);
+  (void)bias;
+  double worst = 0;
+  *padding_ok = true;
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int64_t n = 0; n < p.N; ++n) {
+      double v = p.dot[m * p.N + n], mag = p.mag[m * p.N + n];
+      if (bias) v += p.b[n], mag += std::fabs(p.b[n]);
+      if (act == Activation::Gelu) v = gelu_ref(v);
+      if (act == Activation::Relu) v = std::max(v, 0.0);
+      double res = 0;
+      if (residual) res = p.r[m * p.ldy + n], v += res;
+      double tol = 1e-6 * (std::sqrt(double(p.K)) + 2) * (1 + mag + std::fabs(res));
+      if (act == Activation::Gelu) tol += 4e-7 * std::fabs(v);
+      worst = std::max(worst, std::fabs(y[m * p.ldy + n] - v) / tol);
+    }
+    for (int64_t n = p.N; n < p.ldy; ++n)
+      if (y[m * p.ldy + n] != kSentinel) *padding_ok = false;
+  }
+  return worst;
+}
+
+std::vector<float> run_plain(const Problem& p, const PackedLinear& pw, Activation act) {
+  std::vector<float> y(p.M * p.ldy, 0.0f);
+  linear(p.x.data(), p.M, p.ldx, pw, y.data(), p.ldy, act, p.r.data());
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("linear matches a double-precision reference over awkward sizes, all epilogues") {
+  uint32_t seed = 1;
+  for (int64_t M : {1, 2, 13, 197, 400})
+    for (int64_t N : {1, 10, 31, 32, 33, 100, 768})
+      for (int64_t K : {1, 3, 17, 64, 773}) {
+        // Strided rows (ldx > K, ldy > N) except every third size, which is packed tight.
+        bool tight = (seed % 3) == 0;
+        Problem p = make_problem(M, N, K, tight ? K : K + 3, tight ? N : N + 5, seed++);
+        PackedLinear pw = pack_linear(p.w.data(), p.b.data(), N, K);
+        PackedLinear pw_nobias = pack_linear(p.w.data(), nullptr, N, K);
+        for (bool generic : {false, true}) {
+          force_generic_kernels(generic);
+          for (Case c : {Case::Plain, Case::BiasGelu, Case::BiasReluResidual,
+                         Case::BiasResidualAliasing, Case::GeluResidual}) {
+            bool padding_ok = false;
+            const PackedLinear& w = (c == Case::Plain || c == Case::GeluResidual) ? pw_nobias : pw;
+            double worst = run_case(p, w, c, &padding_ok);
+            INFO("M=" << M << " N=" << N << " K=" << K << " ldx=" << p.ldx << " ldy=" << p.ldy
+                      << " kernel=" << linear_kernel_name(WeightType::F32)
+                      << " case=" << int(c) << " worst err/tol=" << worst);
+            REQUIRE(worst <= 1.0);
+            REQUIRE(padding_ok);
+          }
+        }
+        force_generic_kernels(false);
+      }
+}
+
+TEST_CASE("linear results are bit-identical for 1, 2 and 3 threads") {
+  for (bool generic : {false, true}) {
+    force_generic_kernels(generic);
+    uint32_t seed = 100;
+    for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{197, 768, 773},
+                           {400, 100, 64},
+                           {13, 33, 17},
+                           {1576, 64, 96},
+                           {29, 2304, 40}}) {
+      Problem p = make_problem(M, N, K, K + 1, N + 2, seed++);
+      PackedLinear pw = pack_linear(p.w.data(), p.b.data(), N, K);
+      set_num_threads(1);
+      std::vector<float> one = run_plain(p, pw, Activation::Gelu);
+      for (int threads : {2, 3}) {
+        set_num_threads(threads);
+        std::vector<float> many = run_plain(p, pw, Activation::Gelu);
+        INFO("M=" << M << " N=" << N << " K=" << K << " threads=" << threads
+                  << " kernel=" << linear_kernel_name(WeightType::F32));
+        REQUIRE(std::memcmp(one.data(), many.data(), one.size() * sizeof(float)) == 0);
+      }
+    }
+  }
+  force_generic_kernels(false);
+  set_num_threads(0);
+}
+
+TEST_CASE("the epilogue's erf and GELU match std::erf") {
+  // Dense grid over [-8, 8] plus the branch points. erf: within 3e-7 relative (about 2.5 ulp)
+  // or 1e-30 absolute near 0. GELU: 4e-7 relative, plus 6e-8 absolute for the negative tail
+  // (x < -4 sqrt 2, where |gelu| < 6e-8 and the kernel returns 0).
+  std::vector<float> xs;
+  for (int i = -800000; i <= 800000; ++i) xs.push_back(float(i) * 1e-5f);
+  for (float v : {0.921875f, -0.921875f, 4.0f, -4.0f, 1e-30f, -1e-30f, 0.0f, 30.0f, -30.0f,
+                  1e4f, -1e4f})
+    xs.push_back(v);
+  std::vector<float> out(xs.size());
+  for (bool generic : {false, true}) {
+    force_generic_kernels(generic);
+    INFO("kernel=" << linear_kernel_name(WeightType::F32));
+    linear_erf(xs.data(), out.data(), int64_t(xs.size()));
+    double worst_erf = 0;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      double ref = std::erf(double(xs[i]));
+      worst_erf = std::max(worst_erf, std::fabs(out[i] - ref) / (3e-7 * std::fabs(ref) + 1e-30));
+    }
+    linear_gelu(xs.data(), out.data(), int64_t(xs.size()));
+    double worst_gelu = 0;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      double ref = gelu_ref(double(xs[i]));
+      worst_gelu = std::max(worst_gelu, std::fabs(out[i] - ref) / (4e-7 * std::fabs(ref) + 6e-8));
+    }
+    CHECK(worst_erf <= 1.0);
+    CHECK(worst_gelu <= 1.0);
+  }
+  force_generic_kernels(false);
+}
+
+TEST_CASE("linear reports its kernel and rejects what it cannot do") {
+  force_generic_kernels(true);
+  REQUIRE(linear_kernel_name(WeightType::F32) == "generic");
+  force_generic_kernels(false);
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    REQUIRE(linear_kernel_name(WeightType::F32) == "avx512f");
+  std::vector<float> w(6, 1.0f), x(3, 1.0f), y(2, 0.0f);
+  REQUIRE_THROWS_AS(pack_linear(w.data(), nullptr, 2, 3, WeightType::BF16), Error);
+  REQUIRE_THROWS_AS(pack_linear(w.data(), nullptr, 2, 3, WeightType::INT8), Error);
+  REQUIRE_THROWS_AS(pack_linear(w.data(), nullptr, 0, 3), Error);
+  PackedLinear pw = pack_linear(w.data(), nullptr, 2, 3);
+  REQUIRE_THROWS_AS(linear(x.data(), 1, 2, pw, y.data(), 2), Error);  // ldx < K
+  REQUIRE_THROWS_AS(linear(x.data(), 1, 3, pw, y.data(), 1), Error);  // ldy < N
+  linear(x.data(), 1, 3, pw, y.data(), 2);
+  REQUIRE(y[0] == 3.0f);
+  REQUIRE(y[1] == 3.0f);
+}
