@@ -90,6 +90,16 @@ std::string brief(const json& value) {
   return s;
 }
 
+// "[begin, end]" (built by appending: GCC 12 warns falsely on "[" + std::to_string(...)).
+std::string range_str(uint64_t begin, uint64_t end) {
+  std::string s = "[";
+  s += std::to_string(begin);
+  s += ", ";
+  s += std::to_string(end);
+  s += "]";
+  return s;
+}
+
 std::string one_line(std::string s) {
   for (char& c : s)
     if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
@@ -251,7 +261,7 @@ Shard read_shard(const std::string& path) {
       fail(where + ": data_offsets " + brief(offsets) + " is not [begin, end]");
     uint64_t begin = parse_offset(where, offsets, offsets[0]);
     uint64_t end = parse_offset(where, offsets, offsets[1]);
-    const std::string range = "[" + std::to_string(begin) + ", " + std::to_string(end) + "]";
+    const std::string range = range_str(begin, end);
     if (begin > end) fail(where + ": data_offsets " + range + " has begin > end");
     if (end > data_size)
       fail(where + ": data_offsets " + range + " run past the end of the data (" +
@@ -282,7 +292,7 @@ Shard read_shard(const std::string& path) {
     if (a->bytes + a->nbytes > b->bytes) {
       auto range = [&](const Entry* e) {
         uint64_t off = static_cast<uint64_t>(e->bytes - data);
-        return "[" + std::to_string(off) + ", " + std::to_string(off + e->nbytes) + "]";
+        return range_str(off, off + e->nbytes);
       };
       fail(path + ": tensors '" + a->info.name + "' " + range(a) + " and '" + b->info.name + "' " + range(b) +
            " overlap in the data section");
@@ -596,9 +606,10 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   std::string tmp;
   int fd = -1;
   for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
-    tmp = (dir / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()) + "." +
-                  std::to_string(counter++) + "." + std::to_string(rd())))
-              .string();
+    std::string name = ".";
+    name += target.filename().string();
+    name += ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++) + "." + std::to_string(rd());
+    tmp = (dir / name).string();
     fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd < 0 && errno != EEXIST) break;
   }
