@@ -22,7 +22,10 @@ struct TensorInfo {
 
 class SafeTensors {
  public:
-  // path: a .safetensors file, or a model.safetensors.index.json naming shards.
+  // path: a .safetensors file, or a model.safetensors.index.json naming shards (any path ending
+  // in ".json" is read as an index; shard file names are relative to its directory). For an
+  // index, metadata() is the index's "metadata" (non-strings as JSON text, e.g. total_size)
+  // plus the shards' __metadata__ keys it does not already have.
   static SafeTensors open(const std::string& path);
 
   const std::string& path() const;
@@ -32,6 +35,10 @@ class SafeTensors {
   const std::map<std::string, std::string>& metadata() const;
 
   // The tensor as float32 (in place when stored as F32, converted otherwise).
+  // In place means a view of the read-only mapping (kept alive by the Tensor, also after this
+  // object is gone): clone() before writing into it. F16/BF16/F64, the integer dtypes, BOOL and
+  // the F8 kinds are converted into a fresh Tensor on every call (integers beyond 2^24 round);
+  // C64 throws. The file must not be truncated while mapped (the OS would raise SIGBUS).
   Tensor get(const std::string& name) const;
   // Same, checking its shape: "FILE: tensor 'NAME' has shape [..], expected [..]".
   Tensor get(const std::string& name, const Shape& expected) const;
