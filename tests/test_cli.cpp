@@ -1,0 +1,211 @@
+// The tessera CLI end to end: conformance through `tessera infer`, classify on a batch with a bad
+// image, and one-line errors with the right exit code for every kind of bad input.
+#include <catch2/catch.hpp>
+
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "tessera/safetensors.hpp"
+
+namespace fs = std::filesystem;
+using namespace tessera;
+
+namespace {
+
+struct Run {
+  int code;
+  std::string out, err;
+};
+
+fs::path scratch() {
+  fs::path p = fs::temp_directory_path() / ("tessera_cli_" + std::to_string(::getpid()));
+  fs::create_directories(p);
+  return p;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+Run tessera(const std::string& args) {
+  const char* cli = std::getenv("TESSERA_CLI");
+  REQUIRE(cli != nullptr);
+  fs::path dir = scratch();
+  std::string cmd = std::string(cli) + " " + args + " >" + (dir / "out").string() + " 2>" + (dir / "err").string();
+  int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
+}
+
+std::string fixture(const std::string& rel) { return (fs::path(TESSERA_FIXTURES) / rel).string(); }
+
+int lines(const std::string& s) {
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+// Copies a model folder so a test can break it.
+fs::path copy_model(const std::string& rel, const std::string& name) {
+  fs::path dst = scratch() / name;
+  fs::remove_all(dst);
+  fs::create_directories(dst);
+  for (const char* f : {"config.json", "model.safetensors"}) fs::copy_file(fixture(rel) / fs::path(f), dst / f);
+  return dst;
+}
+
+}  // namespace
+
+TEST_CASE("tessera infer reproduces the conformance outputs (1e-4)") {
+  for (const char* model : {"conformance/vit-tiny-rand", "conformance/deit-tiny-distilled-rand",
+                            "conformance/timm/vit_small_patch16_224-gap-fcnorm"}) {
+    fs::path cases = fs::path(fixture(model)) / "cases";
+    for (const auto& c : fs::directory_iterator(cases)) {
+      INFO(model << " " << c.path().filename());
+      fs::path out = scratch() / "out.safetensors";
+      Run r = tessera("infer --model " + fixture(model) + " --inputs " +
+                      (c.path() / "inputs.safetensors").string() + " --outputs " + out.string());
+      REQUIRE(r.code == 0);
+      SafeTensors got = SafeTensors::open(out.string()), want = SafeTensors::open((c.path() / "expected.safetensors").string());
+      for (const auto& name : want.names()) {
+        Tensor a = got.get(name), b = want.get(name);
+        REQUIRE(a.shape() == b.shape());
+        float m = 0;
+        for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+        CHECK(m <= 1e-4f);
+      }
+    }
+  }
+}
+
+TEST_CASE("tessera infer on photos goes through the folder's processor (e2e cases, 1e-4)") {
+  for (const char* model : {"conformance/vit-tiny-rand", "conformance/deit-tiny-distilled-rand",
+                            "conformance/timm/vit_small_patch16_224-gap-fcnorm"}) {
+    INFO(model);
+    fs::path e2e = fs::path(fixture(model)) / "cases/e2e";
+    std::string images;
+    std::vector<fs::path> files;
+    for (const auto& f : fs::directory_iterator(e2e / "images")) files.push_back(f.path());
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) images += " " + f.string();
+    fs::path out = scratch() / "e2e.safetensors";
+    std::string processor = fs::exists(e2e / "preprocessor_config.json")
+                                ? " --processor " + (e2e / "preprocessor_config.json").string() : "";
+    Run r = tessera("infer --model " + fixture(model) + processor + images + " --outputs " + out.string());
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    SafeTensors got = SafeTensors::open(out.string()), want = SafeTensors::open((e2e / "expected.safetensors").string());
+    for (const auto& name : want.names()) {
+      Tensor a = got.get(name), b = want.get(name);
+      REQUIRE(a.shape() == b.shape());
+      float m = 0;
+      for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+      CHECK(m <= 1e-4f);
+    }
+  }
+}
+
+TEST_CASE("tessera classify answers for good images, reports the bad one, exits 1") {
+  fs::path dir = scratch() / "batch";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::path photos = fs::path(fixture("conformance/vit-tiny-rand/cases/e2e/images"));
+  fs::copy_file(photos / "0_chelsea.png", dir / "a.png");
+  fs::copy_file(photos / "1_coffee.png", dir / "c.png");
+  { std::ofstream(dir / "b.png") << "this is not a PNG"; }
+  Run r = tessera("classify --model " + fixture("conformance/vit-tiny-rand") + " --top-k 3 --batch 2 --json " + dir.string());
+  CHECK(r.code == 1);
+  auto j = nlohmann::json::parse(r.out);
+  REQUIRE(j.size() == 3);
+  CHECK(j[0]["predictions"].size() == 3);
+  CHECK(j[1].contains("error"));
+  CHECK(j[1]["error"].get<std::string>().find("b.png") != std::string::npos);
+  CHECK(j[2]["predictions"].size() == 3);
+  double sum = 0;
+  for (auto& p : j[0]["predictions"]) sum += p["probability"].get<double>();
+  CHECK(sum <= 1.0 + 1e-6);
+  CHECK(r.err.find("b.png") != std::string::npos);
+
+  // The same good image gives the same answer alone as in a batch.
+  Run alone = tessera("classify --model " + fixture("conformance/vit-tiny-rand") + " --top-k 3 --json " + (dir / "c.png").string());
+  REQUIRE(alone.code == 0);
+  CHECK(nlohmann::json::parse(alone.out)[0]["predictions"] == j[2]["predictions"]);
+}
+
+TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
+  const std::string vit = fixture("conformance/vit-tiny-rand");
+
+  SECTION("missing image") {
+    Run r = tessera("classify --model " + vit + " /nonexistent/cat.png");
+    CHECK(r.code == 1);
+    CHECK(r.err.find("/nonexistent/cat.png") != std::string::npos);
+  }
+  SECTION("missing model folder") {
+    Run r = tessera("info /nonexistent/model");
+    CHECK(r.code == 1);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find("/nonexistent/model") != std::string::npos);
+  }
+  SECTION("truncated safetensors") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "truncated");
+    fs::resize_file(m / "model.safetensors", fs::file_size(m / "model.safetensors") / 2);
+    Run r = tessera("info " + m.string());
+    CHECK(r.code == 1);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find("model.safetensors") != std::string::npos);
+  }
+  SECTION("safetensors header that lies") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "lying");
+    std::fstream f(m / "model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    uint64_t n = 1ull << 40;
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f.close();
+    Run r = tessera("info " + m.string());
+    CHECK(r.code == 1);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find("model.safetensors") != std::string::npos);
+  }
+  SECTION("config whose shapes do not match the weights") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "mismatch");
+    auto cfg = nlohmann::json::parse(slurp(m / "config.json"));
+    cfg["intermediate_size"] = 100;
+    std::ofstream(m / "config.json") << cfg.dump();
+    Run r = tessera("info " + m.string());
+    CHECK(r.code == 1);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find("intermediate.dense.weight") != std::string::npos);
+    CHECK(r.err.find("[100, 64]") != std::string::npos);
+  }
+  SECTION("unknown architecture") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "unknown");
+    auto cfg = nlohmann::json::parse(slurp(m / "config.json"));
+    cfg["model_type"] = "swin";
+    cfg["architectures"] = {"SwinForImageClassification"};
+    std::ofstream(m / "config.json") << cfg.dump();
+    Run r = tessera("info " + m.string());
+    CHECK(r.code == 1);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find("swin") != std::string::npos);
+  }
+  SECTION("corrupt config.json") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "badjson");
+    std::ofstream(m / "config.json") << "{\"model_type\": ";
+    Run r = tessera("info " + m.string());
+    CHECK(r.code == 1);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find("config.json") != std::string::npos);
+  }
+  SECTION("wrong command line") {
+    Run r = tessera("classify --top-k 3");
+    CHECK(r.code == 2);
+  }
+}
