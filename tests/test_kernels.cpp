@@ -286,7 +286,16 @@ TEST_CASE("softmax_rows matches a double loop") {
   }
 }
 
+// Restores the default attention path when a test that forces the portable one ends.
+struct PortableAttentionGuard {
+  ~PortableAttentionGuard() { force_portable_attention(false); }
+};
+
 TEST_CASE("attention matches a double loop: self and cross, batch strides, odd head_dim") {
+  PortableAttentionGuard path_guard;
+  const bool portable = GENERATE(false, true);  // the AVX-512 path (where available) and portable C++
+  force_portable_attention(portable);
+  INFO("portable path " << portable);
   struct Shape {
     int64_t batch, heads, q_len, kv_len, hd;
   };
@@ -322,6 +331,8 @@ TEST_CASE("attention matches a double loop: self and cross, batch strides, odd h
 }
 
 TEST_CASE("attention stays exact for large score ranges (online softmax rescaling)") {
+  PortableAttentionGuard path_guard;
+  force_portable_attention(GENERATE(false, true));
   // Scores of order +-100 spread over several key blocks: the running max changes between blocks.
   const int64_t T = 600, hd = 16;
   auto q = random_vector(T * hd, 3, 0.0f, 3.0f), k = random_vector(T * hd, 4, 0.0f, 3.0f);
@@ -375,6 +386,18 @@ TEST_CASE("results do not depend on the thread count") {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
   };
   CHECK(same(one.attn, two.attn));
+  {
+    PortableAttentionGuard path_guard;
+    force_portable_attention(true);
+    set_num_threads(1);
+    std::vector<float> p1(B * T * D), p2(B * T * D);
+    attention(B, H, T, Tk, hd, {q.data(), T * D, D}, {k.data(), Tk * D, D}, {v.data(), Tk * D, D},
+              p1.data(), T * D, D, 0.125f);
+    set_num_threads(2);
+    attention(B, H, T, Tk, hd, {q.data(), T * D, D}, {k.data(), Tk * D, D}, {v.data(), Tk * D, D},
+              p2.data(), T * D, D, 0.125f);
+    CHECK(same(p1, p2));
+  }
   CHECK(same(one.ln, two.ln));
   CHECK(same(one.sm, two.sm));
   CHECK(same(one.gelu, two.gelu));
@@ -389,6 +412,9 @@ TEST_CASE("attention timing", "[.perf]") {
   struct Shape {
     int64_t heads, tokens;
   };
+  PortableAttentionGuard path_guard;
+  const bool portable = GENERATE(false, true);
+  force_portable_attention(portable);
   for (Shape s : {Shape{12, 197}, Shape{3, 4000}}) {
     const int64_t hd = 64, D = s.heads * hd, T = s.tokens;
     auto qkv = random_vector(T * 3 * D, 31);
@@ -405,8 +431,9 @@ TEST_CASE("attention timing", "[.perf]") {
         if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
       }
       std::sort(ms.begin(), ms.end());
-      std::printf("attention B=1 H=%ld T=%ld hd=64 threads=%d: median %.3f ms\n", long(s.heads),
-                  long(T), threads, ms[ms.size() / 2]);
+      std::printf("attention %s B=1 H=%ld T=%ld hd=64 threads=%d: median %.3f ms\n",
+                  portable ? "portable" : "default ", long(s.heads), long(T), threads,
+                  ms[ms.size() / 2]);
     }
   }
 }

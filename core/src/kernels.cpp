@@ -2,11 +2,16 @@
 #include "tessera/kernels.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "tessera/parallel.hpp"
 
@@ -442,6 +447,190 @@ void attention_block_portable(const float* q, int64_t q_rs, const float* k, int6
   }
 }
 
+std::atomic<bool> g_force_portable_attention{false};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TESSERA_HAVE_AVX512_ATTENTION 1
+// GCC 12 warns about the intrinsics' own _mm512_undefined_ps() placeholders; a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define TESSERA_AVX512 __attribute__((target("avx512f")))
+
+// exp(x) for 16 lanes, the same Cephes scheme as exp_approx; 0 below -87.3.
+TESSERA_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 e = _mm512_scalef_ps(p, n);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(under, e, _mm512_setzero_ps());
+}
+
+// s[r, j] = scale * q[r] . kt[:, j] for R query rows and 16*NV keys starting at key column j0.
+template <int R, int NV>
+TESSERA_AVX512 inline void qk_tile(const float* q, int64_t q_rs, const float* kt, int64_t hd,
+                                   float scale, float* s) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    __m512 kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = _mm512_loadu_ps(kt + d * kKeyBlock + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * q_rs + d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(qb, kv[v], acc[r][v]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(s + r * kKeyBlock + 16 * v, _mm512_mul_ps(acc[r][v], sc));
+}
+
+template <int R>
+TESSERA_AVX512 void qk_rows(const float* q, int64_t q_rs, const float* kt, int64_t hd, int64_t nk,
+                            float scale, float* s) {
+  int64_t j = 0;
+  for (; j + 64 <= nk; j += 64) qk_tile<R, 4>(q, q_rs, kt + j, hd, scale, s + j);
+  switch ((nk - j + 15) / 16) {
+    case 3: qk_tile<R, 3>(q, q_rs, kt + j, hd, scale, s + j); break;
+    case 2: qk_tile<R, 2>(q, q_rs, kt + j, hd, scale, s + j); break;
+    case 1: qk_tile<R, 1>(q, q_rs, kt + j, hd, scale, s + j); break;
+    default: break;
+  }
+}
+
+// o[r, d0:d0+16*NV] += sum_j p[r, j] v[j, d0:...] for R rows; `last` masks the final vector.
+template <int R, int NV>
+TESSERA_AVX512 inline void pv_tile(const float* p, const float* v, int64_t v_rs, int64_t nk,
+                                   float* o, int64_t hd, __mmask16 last) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * hd + 16 * c);
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 vv[NV];
+    for (int c = 0; c < NV; ++c)
+      vv[c] = (c == NV - 1) ? _mm512_maskz_loadu_ps(last, v + j * v_rs + 16 * c)
+                            : _mm512_loadu_ps(v + j * v_rs + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * kKeyBlock + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * hd + 16 * c, acc[r][c]);
+}
+
+template <int R>
+TESSERA_AVX512 void pv_rows(const float* p, const float* v, int64_t v_rs, int64_t nk, float* o,
+                            int64_t hd, int64_t hd_padded) {
+  // o rows are hd_padded floats apart (a multiple of 16), so full-width stores stay in the row.
+  const int64_t full = hd / 16, rem = hd % 16;
+  const __mmask16 all = 0xFFFF, tail = static_cast<__mmask16>((1u << rem) - 1);
+  int64_t c = 0;
+  const int64_t vectors = full + (rem ? 1 : 0);
+  for (; c + 4 <= vectors; c += 4)
+    pv_tile<R, 4>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, (c + 4 == vectors && rem) ? tail : all);
+  const __mmask16 m = rem ? tail : all;
+  switch (vectors - c) {
+    case 3: pv_tile<R, 3>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
+    case 2: pv_tile<R, 2>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
+    case 1: pv_tile<R, 1>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
+    default: break;
+  }
+}
+
+// The AVX-512 twin of attention_block_portable (same blocking, same online softmax).
+TESSERA_AVX512 void attention_block_avx512(const float* q, int64_t q_rs, const float* k,
+                                           int64_t k_rs, const float* v, int64_t v_rs, float* out,
+                                           int64_t out_rs, int64_t nq, int64_t kv_len, int64_t hd,
+                                           float scale) {
+  const int64_t hdp = (hd + 15) / 16 * 16;
+  AttentionScratch& w = attention_scratch(hdp);
+  float* kt = w.kt.data();
+  float* s = w.s.data();
+  float* o = w.o.data();
+  std::fill(o, o + nq * hdp, 0.0f);
+  std::fill(w.m.begin(), w.m.begin() + nq, -std::numeric_limits<float>::infinity());
+  std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
+  for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, kv_len - k0);
+    const int64_t nk16 = (nk + 15) / 16 * 16;
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* kr = k + (k0 + j) * k_rs;
+      for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock + j] = kr[d];
+    }
+    for (int64_t j = nk; j < nk16; ++j)
+      for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock + j] = 0.0f;
+    int64_t i = 0;
+    for (; i + 4 <= nq; i += 4) qk_rows<4>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock);
+    switch (nq - i) {
+      case 3: qk_rows<3>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
+      case 2: qk_rows<2>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
+      case 1: qk_rows<1>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
+      default: break;
+    }
+    const __mmask16 key_tail = static_cast<__mmask16>(nk % 16 ? (1u << (nk % 16)) - 1 : 0xFFFF);
+    for (int64_t r = 0; r < nq; ++r) {
+      float* sr = s + r * kKeyBlock;
+      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512 mx = ninf;
+      for (int64_t j = 0; j < nk16; j += 16) {
+        const __mmask16 m = (j + 16 >= nk16) ? key_tail : 0xFFFF;
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, m, sr + j));
+      }
+      const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(mx));
+      const float alpha = exp_approx(w.m[r] - m_new);
+      const __m512 mb = _mm512_set1_ps(m_new);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < nk16; j += 16) {
+        const __mmask16 m = (j + 16 >= nk16) ? key_tail : 0xFFFF;
+        const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb)));
+        _mm512_storeu_ps(sr + j, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      w.m[r] = m_new;
+      w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(sum);
+      if (alpha != 1.0f) {
+        const __m512 ab = _mm512_set1_ps(alpha);
+        float* orow = o + r * hdp;
+        for (int64_t d = 0; d < hdp; d += 16)
+          _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), ab));
+      }
+    }
+    const float* vb = v + k0 * v_rs;
+    i = 0;
+    for (; i + 4 <= nq; i += 4) pv_rows<4>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp);
+    switch (nq - i) {
+      case 3: pv_rows<3>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
+      case 2: pv_rows<2>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
+      case 1: pv_rows<1>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
+      default: break;
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    const float inv = 1.0f / w.l[r];
+    float* dst = out + r * out_rs;
+    const float* orow = o + r * hdp;
+    for (int64_t d = 0; d < hd; ++d) dst[d] = orow[d] * inv;
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#pragma GCC diagnostic pop
+#endif
+
 }  // namespace
 
 void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
@@ -456,6 +645,9 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
         std::fill_n(out + b * out_batch_stride + i * out_row_stride, heads * head_dim, 0.0f);
     return;
   }
+#ifdef TESSERA_HAVE_AVX512_ATTENTION
+  const bool use_avx512 = cpu_has_avx512() && !g_force_portable_attention.load();
+#endif
   parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t qb = t % q_blocks;
@@ -464,7 +656,12 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
       const int64_t i0 = qb * kQueryBlock;
       const int64_t nq = std::min(kQueryBlock, q_len - i0);
       const int64_t col = h * head_dim;
-      attention_block_portable(q.ptr + b * q.batch_stride + i0 * q.row_stride + col, q.row_stride,
+#ifdef TESSERA_HAVE_AVX512_ATTENTION
+      const auto block = use_avx512 ? attention_block_avx512 : attention_block_portable;
+#else
+      const auto block = attention_block_portable;
+#endif
+      block(q.ptr + b * q.batch_stride + i0 * q.row_stride + col, q.row_stride,
                                k.ptr + b * k.batch_stride + col, k.row_stride,
                                v.ptr + b * v.batch_stride + col, v.row_stride,
                                out + b * out_batch_stride + i0 * out_row_stride + col,
@@ -472,5 +669,7 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
     }
   });
 }
+
+void force_portable_attention(bool on) { g_force_portable_attention = on; }
 
 }  // namespace tessera
