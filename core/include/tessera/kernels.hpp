@@ -29,6 +29,9 @@ struct StridedRows {
 void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
                StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
                int64_t out_row_stride, float scale);
+// attention uses AVX-512 where the CPU has it (checked at run time), else portable C++.
+// force_portable_attention(true) selects the portable path everywhere (tests compare the two).
+void force_portable_attention(bool on);
 
 // PyTorch F.interpolate on a [C, H, W] grid to [C, out_h, out_w]. scale_h/scale_w > 0 mean
 // "scale_factor was given": source coordinates then use 1/scale, as PyTorch does; otherwise

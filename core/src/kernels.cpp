@@ -1,0 +1,675 @@
+// Element-wise, normalisation, attention and resampling kernels.
+#include "tessera/kernels.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "tessera/parallel.hpp"
+
+namespace tessera {
+
+// ---------------------------------------------------------------------------------------------
+// Branch-free float exp and erf, written so that loops over them vectorise.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// exp(x) to ~1 ulp (Cephes expf): x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial.
+inline float exp_approx(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.3f ? 0.0f : p * two_n;
+}
+
+// For a = |z| >= 1: erfc(a) = exp(-a^2) R(1/a), R a least-squares fit on [1, 4]. Relative error
+// of R ~5e-7 after float rounding, so erf is within ~1e-7; beyond 4 (where erf rounds to +-1)
+// R is extrapolated, still accurate enough for erfc's tiny values, and exp underflows past ~9.3.
+inline float erfc_tail(float a) {
+  const float u = 1.0f / std::max(a, 1.0f);
+  float r = -0.03335384966166295f;
+  r = r * u + 0.23448679365105404f;
+  r = r * u - 0.7280707317004094f;
+  r = r * u + 1.2931220608670386f;
+  r = r * u - 1.3909518213050813f;
+  r = r * u + 0.8088958730599046f;
+  r = r * u - 0.027526869939863644f;
+  r = r * u - 0.29803097740264806f;
+  r = r * u + 0.005539640262388094f;
+  r = r * u + 0.5634333265057326f;
+  r = r * u + 4.013130260446063e-05f;
+  return exp_approx(-a * a) * r;
+}
+
+// For |z| < 1: erf(z) = z P(z^2), P a degree-6 fit (relative error 1.4e-9 before rounding).
+inline float erf_small(float z) {
+  const float t = z * z;
+  float p = 7.882497194276672e-05f;
+  p = p * t - 0.0008018855018228852f;
+  p = p * t + 0.0051893119454910295f;
+  p = p * t - 0.026854328797436322f;
+  p = p * t + 0.11283597463515913f;
+  p = p * t - 0.3761262690358185f;
+  p = p * t + 1.128379165881502f;
+  return z * p;
+}
+
+inline float erf_approx(float z) {
+  const float a = std::min(std::fabs(z), 10.0f);
+  const float big = std::copysign(1.0f - erfc_tail(a), z);
+  return a < 1.0f ? erf_small(z) : big;
+}
+
+// 1 + erf(z), as erfc(-z) for z <= -1 so that GELU's negative tail keeps its relative accuracy.
+inline float one_plus_erf(float z) {
+  const float a = std::min(std::fabs(z), 10.0f);
+  const float tail = erfc_tail(a);
+  const float big = z < 0 ? tail : 2.0f - tail;
+  return a < 1.0f ? 1.0f + erf_small(z) : big;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Layer norm, GELU, softmax
+// ---------------------------------------------------------------------------------------------
+
+// y[r] = (x[r] - mean) * rsqrt(var + eps) * gamma + beta. Two passes with double sums, so a row
+// with a large mean and a small spread keeps its variance (conformance uses eps down to 1e-12).
+void layer_norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* gamma,
+                const float* beta, float eps, float* y, int64_t ldy) {
+  if (rows <= 0 || dim <= 0) return;
+  const int64_t grain = std::max<int64_t>(1, 16384 / dim);
+  parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * ldx;
+      float* yr = y + r * ldy;
+      double sum = 0;
+      for (int64_t i = 0; i < dim; ++i) sum += xr[i];
+      const double mean = sum / static_cast<double>(dim);
+      double sq = 0;
+      for (int64_t i = 0; i < dim; ++i) {
+        const double d = xr[i] - mean;
+        sq += d * d;
+      }
+      const double var = sq / static_cast<double>(dim);
+      const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
+      // x - mean in double: rounding the mean to float first would cost ~1e-4 when |mean| >> std.
+      for (int64_t i = 0; i < dim; ++i)
+        yr[i] = static_cast<float>((xr[i] - mean) * rstd) * gamma[i] + beta[i];
+    }
+  });
+}
+
+// x = 0.5 x (1 + erf(x / sqrt 2)); 1 + erf is formed without cancellation for negative x.
+void gelu_erf(float* x, int64_t n) {
+  if (n <= 0) return;
+  parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = x[i];
+      x[i] = 0.5f * v * one_plus_erf(v * 0.70710678118654752f);
+    }
+  });
+}
+
+// x[r] = exp(x[r] - max) / sum exp(x[r] - max), in place.
+void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld) {
+  if (rows <= 0 || cols <= 0) return;
+  const int64_t grain = std::max<int64_t>(1, 16384 / cols);
+  parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* xr = x + r * ld;
+      float mx = xr[0];
+      for (int64_t i = 1; i < cols; ++i) mx = std::max(mx, xr[i]);
+      double sum = 0;  // double: thousands of terms summed in float would lose ~1e-5
+      for (int64_t i = 0; i < cols; ++i) {
+        const float e = exp_approx(xr[i] - mx);
+        xr[i] = e;
+        sum += e;
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int64_t i = 0; i < cols; ++i) xr[i] *= inv;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resampling: PyTorch's upsample_bicubic2d / upsample_bilinear2d / _upsample_bicubic2d_aa
+// (CPU, float32). The coordinate arithmetic mirrors ATen's UpSample.h step by step, including
+// which operations happen in float and which in double, so results agree to rounding.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// ATen area_pixel_compute_scale<float>: source step per destination pixel.
+// align_corners with a single output pixel maps it to source 0; otherwise an output of one
+// pixel still uses in/out (it samples the middle), as current ATen does.
+float pixel_scale(int64_t in_size, int64_t out_size, bool align_corners, double scale) {
+  if (align_corners)
+    return out_size > 1 ? static_cast<float>(in_size - 1) / static_cast<float>(out_size - 1) : 0.0f;
+  if (scale > 0) return static_cast<float>(1.0 / scale);
+  return static_cast<float>(in_size) / static_cast<float>(out_size);
+}
+
+// ATen area_pixel_compute_source_index<float>.
+float source_index(float scale, int64_t dst, bool align_corners, bool cubic) {
+  if (align_corners) return scale * static_cast<float>(dst);
+  const float src = static_cast<float>(static_cast<double>(scale) * (static_cast<double>(dst) + 0.5) - 0.5);
+  return (!cubic && src < 0) ? 0.0f : src;
+}
+
+float cubic1(float x, float a) { return ((a + 2) * x - (a + 3)) * x * x + 1; }         // |x| <= 1
+float cubic2(float x, float a) { return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a; }  // 1 < |x| < 2
+
+// Taps of one output coordinate along one axis: `taps` clamped source indices and weights.
+struct Taps {
+  std::vector<int64_t> index;  // [out, taps]
+  std::vector<float> weight;   // [out, taps]
+  int taps = 0;
+};
+
+// ATen guard_index_and_lambda: floor index kept inside the input, fraction in [0, 1].
+void floor_and_fraction(float real, int64_t in_size, int64_t& index, float& frac) {
+  index = std::min(static_cast<int64_t>(std::floor(real)), in_size - 1);
+  frac = std::min(std::max(real - static_cast<float>(index), 0.0f), 1.0f);
+}
+
+Taps cubic_taps(int64_t in_size, int64_t out_size, bool align_corners, double scale_arg) {
+  Taps t;
+  t.taps = 4;
+  t.index.resize(out_size * 4);
+  t.weight.resize(out_size * 4);
+  const float scale = pixel_scale(in_size, out_size, align_corners, scale_arg);
+  const float A = -0.75f;
+  for (int64_t o = 0; o < out_size; ++o) {
+    const float real = source_index(scale, o, align_corners, /*cubic=*/true);
+    int64_t i0;
+    float f;
+    floor_and_fraction(real, in_size, i0, f);
+    const float w[4] = {cubic2(f + 1.0f, A), cubic1(f, A), cubic1(1.0f - f, A),
+                        cubic2((1.0f - f) + 1.0f, A)};
+    for (int j = 0; j < 4; ++j) {
+      t.index[o * 4 + j] = std::clamp<int64_t>(i0 - 1 + j, 0, in_size - 1);
+      t.weight[o * 4 + j] = w[j];
+    }
+  }
+  return t;
+}
+
+Taps linear_taps(int64_t in_size, int64_t out_size, bool align_corners, double scale_arg) {
+  Taps t;
+  t.taps = 2;
+  t.index.resize(out_size * 2);
+  t.weight.resize(out_size * 2);
+  // PyTorch's bilinear kernel maps an axis whose size does not change one to one even when a
+  // scale_factor (say 1.025 on 4 pixels) would say otherwise; bicubic applies the scale.
+  const bool same_size = in_size == out_size;
+  const float scale = same_size ? 1.0f : pixel_scale(in_size, out_size, align_corners, scale_arg);
+  for (int64_t o = 0; o < out_size; ++o) {
+    const float real = source_index(scale, o, align_corners, /*cubic=*/false);
+    int64_t i0;
+    float f;
+    floor_and_fraction(real, in_size, i0, f);
+    t.index[o * 2 + 0] = i0;
+    t.index[o * 2 + 1] = i0 + (i0 < in_size - 1 ? 1 : 0);
+    t.weight[o * 2 + 0] = 1.0f - f;
+    t.weight[o * 2 + 1] = f;
+  }
+  return t;
+}
+
+// out[c, y, x] = sum_i wy[i] * (sum_j wx[j] * in[c, iy[i], ix[j]]), summed in ATen's order.
+void resample_2d(const float* in, int64_t channels, int64_t in_h, int64_t in_w, float* out,
+                 int64_t out_h, int64_t out_w, const Taps& ty, const Taps& tx) {
+  const int64_t plane = out_h * out_w;
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, plane));
+  parallel_for(0, channels, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* src = in + c * in_h * in_w;
+      float* dst = out + c * plane;
+      for (int64_t y = 0; y < out_h; ++y) {
+        const int64_t* iy = &ty.index[y * ty.taps];
+        const float* wy = &ty.weight[y * ty.taps];
+        for (int64_t x = 0; x < out_w; ++x) {
+          const int64_t* ix = &tx.index[x * tx.taps];
+          const float* wx = &tx.weight[x * tx.taps];
+          float acc = 0;
+          for (int i = 0; i < ty.taps; ++i) {
+            const float* row = src + iy[i] * in_w;
+            float t = row[ix[0]] * wx[0];
+            for (int j = 1; j < tx.taps; ++j) t += row[ix[j]] * wx[j];
+            acc = (i == 0) ? t * wy[0] : acc + t * wy[i];
+          }
+          dst[y * out_w + x] = acc;
+        }
+      }
+    }
+  });
+}
+
+// Keys' cubic with a = -0.5, the antialiasing filter of ATen's HelperInterpCubic::aa_filter.
+float aa_cubic_filter(float x) {
+  x = std::fabs(x);
+  if (x < 1.0f) return cubic1(x, -0.5f);
+  if (x < 2.0f) return cubic2(x, -0.5f);
+  return 0.0f;
+}
+
+// ATen _compute_weights_aa: a variable-width window per output pixel, weights normalised.
+struct AaTaps {
+  std::vector<int64_t> start, size;
+  std::vector<float> weight;  // [out, max_taps]
+  int64_t max_taps = 0;
+};
+
+AaTaps aa_taps(int64_t in_size, int64_t out_size) {
+  AaTaps t;
+  const float scale = pixel_scale(in_size, out_size, /*align_corners=*/false, 0.0);
+  const float support = static_cast<float>(scale >= 1.0f ? 2.0 * scale : 2.0);
+  const float invscale = static_cast<float>(scale >= 1.0f ? 1.0 / scale : 1.0);
+  t.max_taps = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
+  t.start.resize(out_size);
+  t.size.resize(out_size);
+  t.weight.assign(out_size * t.max_taps, 0.0f);
+  for (int64_t o = 0; o < out_size; ++o) {
+    const float center = static_cast<float>(scale * (o + 0.5));
+    const int64_t xmin = std::max<int64_t>(static_cast<int64_t>(center - support + 0.5), 0);
+    const int64_t xsize =
+        std::min<int64_t>(static_cast<int64_t>(center + support + 0.5), in_size) - xmin;
+    float* w = &t.weight[o * t.max_taps];
+    float total = 0;
+    for (int64_t j = 0; j < xsize; ++j) {
+      w[j] = aa_cubic_filter(
+          static_cast<float>((static_cast<float>(j + xmin) - center + 0.5) * invscale));
+      total += w[j];
+    }
+    if (total != 0.0f)
+      for (int64_t j = 0; j < xsize; ++j) w[j] /= total;
+    t.start[o] = xmin;
+    t.size[o] = xsize;
+  }
+  return t;
+}
+
+// out[o] = sum_j w[o, j] * in[(start[o] + j) * stride], for `count` interleaved lines.
+inline float aa_dot(const float* src, int64_t stride, const float* w, int64_t n) {
+  float acc = src[0] * w[0];
+  for (int64_t j = 1; j < n; ++j) acc += src[j * stride] * w[j];
+  return acc;
+}
+
+}  // namespace
+
+void interpolate_bicubic(const float* in, int64_t channels, int64_t in_h, int64_t in_w, float* out,
+                         int64_t out_h, int64_t out_w, bool align_corners, double scale_h,
+                         double scale_w) {
+  const Taps ty = cubic_taps(in_h, out_h, align_corners, scale_h);
+  const Taps tx = cubic_taps(in_w, out_w, align_corners, scale_w);
+  resample_2d(in, channels, in_h, in_w, out, out_h, out_w, ty, tx);
+}
+
+void interpolate_bilinear(const float* in, int64_t channels, int64_t in_h, int64_t in_w,
+                          float* out, int64_t out_h, int64_t out_w, bool align_corners,
+                          double scale_h, double scale_w) {
+  const Taps ty = linear_taps(in_h, out_h, align_corners, scale_h);
+  const Taps tx = linear_taps(in_w, out_w, align_corners, scale_w);
+  resample_2d(in, channels, in_h, in_w, out, out_h, out_w, ty, tx);
+}
+
+// Separable like ATen: along W into a [C, in_h, out_w] float buffer, then along H.
+void interpolate_bicubic_antialias(const float* in, int64_t channels, int64_t in_h, int64_t in_w,
+                                   float* out, int64_t out_h, int64_t out_w) {
+  const AaTaps tx = aa_taps(in_w, out_w);
+  const AaTaps ty = aa_taps(in_h, out_h);
+  std::vector<float> mid(static_cast<size_t>(channels * in_h * out_w));
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, in_h * out_w + out_h * out_w));
+  parallel_for(0, channels, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* src = in + c * in_h * in_w;
+      float* m = mid.data() + c * in_h * out_w;
+      for (int64_t y = 0; y < in_h; ++y)
+        for (int64_t x = 0; x < out_w; ++x)
+          m[y * out_w + x] = aa_dot(src + y * in_w + tx.start[x], 1, &tx.weight[x * tx.max_taps],
+                                    tx.size[x]);
+      float* dst = out + c * out_h * out_w;
+      for (int64_t y = 0; y < out_h; ++y)
+        for (int64_t x = 0; x < out_w; ++x)
+          dst[y * out_w + x] = aa_dot(m + ty.start[y] * out_w + x, out_w,
+                                      &ty.weight[y * ty.max_taps], ty.size[y]);
+    }
+  });
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Fused multi-head attention: flash-attention style tiling with an online softmax, so memory per
+// thread is O(block^2 + block * head_dim) whatever the sequence length. Each task is one
+// (batch, head, query block) and is computed the same way whichever thread runs it.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+constexpr int64_t kQueryBlock = 32;  // query rows per task
+constexpr int64_t kKeyBlock = 128;   // keys per online-softmax step
+
+// Per-thread scratch, grown when a larger head_dim first shows up and otherwise reused.
+struct AttentionScratch {
+  std::vector<float> kt;  // [head_dim, kKeyBlock]: the key block transposed
+  std::vector<float> s;   // [kQueryBlock, kKeyBlock]: scores, then probabilities
+  std::vector<float> o;   // [kQueryBlock, head_dim]: unnormalised output rows
+  std::vector<float> m;   // [kQueryBlock]: running max of the scaled scores
+  std::vector<float> l;   // [kQueryBlock]: running sum of exp(score - m)
+  void reserve(int64_t head_dim) {
+    if (static_cast<int64_t>(o.size()) >= kQueryBlock * head_dim) return;
+    kt.resize(head_dim * kKeyBlock);
+    s.resize(kQueryBlock * kKeyBlock);
+    o.resize(kQueryBlock * head_dim);
+    m.resize(kQueryBlock);
+    l.resize(kQueryBlock);
+  }
+};
+
+AttentionScratch& attention_scratch(int64_t head_dim) {
+  thread_local AttentionScratch scratch;
+  scratch.reserve(head_dim);
+  return scratch;
+}
+
+// One (batch, head, query block): out[i] = sum_j softmax_j(scale q_i . k_j) v_j, i in [q0, q1).
+// q, k, v, out point at the head's first column of row 0 of this batch.
+void attention_block_portable(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
+                              const float* v, int64_t v_rs, float* out, int64_t out_rs,
+                              int64_t nq, int64_t kv_len, int64_t hd, float scale) {
+  AttentionScratch& w = attention_scratch(hd);
+  float* kt = w.kt.data();
+  float* s = w.s.data();
+  float* o = w.o.data();
+  std::fill(o, o + nq * hd, 0.0f);
+  std::fill(w.m.begin(), w.m.begin() + nq, -std::numeric_limits<float>::infinity());
+  std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
+  for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, kv_len - k0);
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* kr = k + (k0 + j) * k_rs;
+      for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock + j] = kr[d];
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* qi = q + i * q_rs;
+      float* si = s + i * kKeyBlock;
+      for (int64_t j = 0; j < nk; ++j) si[j] = 0.0f;
+      for (int64_t d = 0; d < hd; ++d) {
+        const float qd = qi[d];
+        const float* ktd = kt + d * kKeyBlock;
+        for (int64_t j = 0; j < nk; ++j) si[j] += qd * ktd[j];
+      }
+      float mx = w.m[i];
+      for (int64_t j = 0; j < nk; ++j) {
+        si[j] *= scale;
+        mx = std::max(mx, si[j]);
+      }
+      const float alpha = exp_approx(w.m[i] - mx);  // 0 on the first block (m = -inf)
+      float sum = 0.0f;
+      for (int64_t j = 0; j < nk; ++j) {
+        si[j] = exp_approx(si[j] - mx);
+        sum += si[j];
+      }
+      w.m[i] = mx;
+      w.l[i] = w.l[i] * alpha + sum;
+      float* oi = o + i * hd;
+      for (int64_t d = 0; d < hd; ++d) oi[d] *= alpha;
+      for (int64_t j = 0; j < nk; ++j) {
+        const float p = si[j];
+        const float* vj = v + (k0 + j) * v_rs;
+        for (int64_t d = 0; d < hd; ++d) oi[d] += p * vj[d];
+      }
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const float inv = 1.0f / w.l[i];
+    float* dst = out + i * out_rs;
+    const float* oi = o + i * hd;
+    for (int64_t d = 0; d < hd; ++d) dst[d] = oi[d] * inv;
+  }
+}
+
+std::atomic<bool> g_force_portable_attention{false};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TESSERA_HAVE_AVX512_ATTENTION 1
+// GCC 12 warns about the intrinsics' own _mm512_undefined_ps() placeholders; a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define TESSERA_AVX512 __attribute__((target("avx512f")))
+
+// exp(x) for 16 lanes, the same Cephes scheme as exp_approx; 0 below -87.3.
+TESSERA_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 e = _mm512_scalef_ps(p, n);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(under, e, _mm512_setzero_ps());
+}
+
+// s[r, j] = scale * q[r] . kt[:, j] for R query rows and 16*NV keys starting at key column j0.
+template <int R, int NV>
+TESSERA_AVX512 inline void qk_tile(const float* q, int64_t q_rs, const float* kt, int64_t hd,
+                                   float scale, float* s) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    __m512 kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = _mm512_loadu_ps(kt + d * kKeyBlock + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * q_rs + d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(qb, kv[v], acc[r][v]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(s + r * kKeyBlock + 16 * v, _mm512_mul_ps(acc[r][v], sc));
+}
+
+template <int R>
+TESSERA_AVX512 void qk_rows(const float* q, int64_t q_rs, const float* kt, int64_t hd, int64_t nk,
+                            float scale, float* s) {
+  int64_t j = 0;
+  for (; j + 64 <= nk; j += 64) qk_tile<R, 4>(q, q_rs, kt + j, hd, scale, s + j);
+  switch ((nk - j + 15) / 16) {
+    case 3: qk_tile<R, 3>(q, q_rs, kt + j, hd, scale, s + j); break;
+    case 2: qk_tile<R, 2>(q, q_rs, kt + j, hd, scale, s + j); break;
+    case 1: qk_tile<R, 1>(q, q_rs, kt + j, hd, scale, s + j); break;
+    default: break;
+  }
+}
+
+// o[r, d0:d0+16*NV] += sum_j p[r, j] v[j, d0:...] for R rows; `last` masks the final vector.
+template <int R, int NV>
+TESSERA_AVX512 inline void pv_tile(const float* p, const float* v, int64_t v_rs, int64_t nk,
+                                   float* o, int64_t hd, __mmask16 last) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * hd + 16 * c);
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 vv[NV];
+    for (int c = 0; c < NV; ++c)
+      vv[c] = (c == NV - 1) ? _mm512_maskz_loadu_ps(last, v + j * v_rs + 16 * c)
+                            : _mm512_loadu_ps(v + j * v_rs + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * kKeyBlock + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * hd + 16 * c, acc[r][c]);
+}
+
+template <int R>
+TESSERA_AVX512 void pv_rows(const float* p, const float* v, int64_t v_rs, int64_t nk, float* o,
+                            int64_t hd, int64_t hd_padded) {
+  // o rows are hd_padded floats apart (a multiple of 16), so full-width stores stay in the row.
+  const int64_t full = hd / 16, rem = hd % 16;
+  const __mmask16 all = 0xFFFF, tail = static_cast<__mmask16>((1u << rem) - 1);
+  int64_t c = 0;
+  const int64_t vectors = full + (rem ? 1 : 0);
+  for (; c + 4 <= vectors; c += 4)
+    pv_tile<R, 4>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, (c + 4 == vectors && rem) ? tail : all);
+  const __mmask16 m = rem ? tail : all;
+  switch (vectors - c) {
+    case 3: pv_tile<R, 3>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
+    case 2: pv_tile<R, 2>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
+    case 1: pv_tile<R, 1>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
+    default: break;
+  }
+}
+
+// The AVX-512 twin of attention_block_portable (same blocking, same online softmax).
+TESSERA_AVX512 void attention_block_avx512(const float* q, int64_t q_rs, const float* k,
+                                           int64_t k_rs, const float* v, int64_t v_rs, float* out,
+                                           int64_t out_rs, int64_t nq, int64_t kv_len, int64_t hd,
+                                           float scale) {
+  const int64_t hdp = (hd + 15) / 16 * 16;
+  AttentionScratch& w = attention_scratch(hdp);
+  float* kt = w.kt.data();
+  float* s = w.s.data();
+  float* o = w.o.data();
+  std::fill(o, o + nq * hdp, 0.0f);
+  std::fill(w.m.begin(), w.m.begin() + nq, -std::numeric_limits<float>::infinity());
+  std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
+  for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, kv_len - k0);
+    const int64_t nk16 = (nk + 15) / 16 * 16;
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* kr = k + (k0 + j) * k_rs;
+      for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock + j] = kr[d];
+    }
+    for (int64_t j = nk; j < nk16; ++j)
+      for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock + j] = 0.0f;
+    int64_t i = 0;
+    for (; i + 4 <= nq; i += 4) qk_rows<4>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock);
+    switch (nq - i) {
+      case 3: qk_rows<3>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
+      case 2: qk_rows<2>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
+      case 1: qk_rows<1>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
+      default: break;
+    }
+    const __mmask16 key_tail = static_cast<__mmask16>(nk % 16 ? (1u << (nk % 16)) - 1 : 0xFFFF);
+    for (int64_t r = 0; r < nq; ++r) {
+      float* sr = s + r * kKeyBlock;
+      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512 mx = ninf;
+      for (int64_t j = 0; j < nk16; j += 16) {
+        const __mmask16 m = (j + 16 >= nk16) ? key_tail : 0xFFFF;
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, m, sr + j));
+      }
+      const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(mx));
+      const float alpha = exp_approx(w.m[r] - m_new);
+      const __m512 mb = _mm512_set1_ps(m_new);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < nk16; j += 16) {
+        const __mmask16 m = (j + 16 >= nk16) ? key_tail : 0xFFFF;
+        const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb)));
+        _mm512_storeu_ps(sr + j, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      w.m[r] = m_new;
+      w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(sum);
+      if (alpha != 1.0f) {
+        const __m512 ab = _mm512_set1_ps(alpha);
+        float* orow = o + r * hdp;
+        for (int64_t d = 0; d < hdp; d += 16)
+          _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), ab));
+      }
+    }
+    const float* vb = v + k0 * v_rs;
+    i = 0;
+    for (; i + 4 <= nq; i += 4) pv_rows<4>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp);
+    switch (nq - i) {
+      case 3: pv_rows<3>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
+      case 2: pv_rows<2>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
+      case 1: pv_rows<1>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
+      default: break;
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    const float inv = 1.0f / w.l[r];
+    float* dst = out + r * out_rs;
+    const float* orow = o + r * hdp;
+    for (int64_t d = 0; d < hd; ++d) dst[d] = orow[d] * inv;
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
+               StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
+               int64_t out_row_stride, float scale) {
+  if (batch <= 0 || heads <= 0 || q_len <= 0 || head_dim <= 0) return;
+  const int64_t q_blocks = (q_len + kQueryBlock - 1) / kQueryBlock;
+  const int64_t tasks = batch * heads * q_blocks;
+  if (kv_len <= 0) {  // softmax over nothing: define the result as zeros rather than NaN
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t i = 0; i < q_len; ++i)
+        std::fill_n(out + b * out_batch_stride + i * out_row_stride, heads * head_dim, 0.0f);
+    return;
+  }
+#ifdef TESSERA_HAVE_AVX512_ATTENTION
+  const bool use_avx512 = cpu_has_avx512() && !g_force_portable_attention.load();
+#endif
+  parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t qb = t % q_blocks;
+      const int64_t h = (t / q_blocks) % heads;
+      const int64_t b = t / (q_blocks * heads);
+      const int64_t i0 = qb * kQueryBlock;
+      const int64_t nq = std::min(kQueryBlock, q_len - i0);
+      const int64_t col = h * head_dim;
+#ifdef TESSERA_HAVE_AVX512_ATTENTION
+      const auto block = use_avx512 ? attention_block_avx512 : attention_block_portable;
+#else
+      const auto block = attention_block_portable;
+#endif
+      block(q.ptr + b * q.batch_stride + i0 * q.row_stride + col, q.row_stride,
+                               k.ptr + b * k.batch_stride + col, k.row_stride,
+                               v.ptr + b * v.batch_stride + col, v.row_stride,
+                               out + b * out_batch_stride + i0 * out_row_stride + col,
+                               out_row_stride, nq, kv_len, head_dim, scale);
+    }
+  });
+}
+
+void force_portable_attention(bool on) { g_force_portable_attention = on; }
+
+}  // namespace tessera
