@@ -212,6 +212,13 @@ def odd_images():
         exif[0x0112] = o
         base.save(os.path.join(d, f"exif{o}.jpg"), quality=95, exif=exif.tobytes())
     base.convert("L").save(os.path.join(d, "gray.jpg"), quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(os.path.join(d, "exif6.png"), exif=exif.tobytes())  # PNG eXIf chunk
+    base.convert("CMYK").save(os.path.join(d, "cmyk.jpg"), quality=95)
+    base.save(os.path.join(d, "rgb.webp"), lossless=True)
+    base.save(os.path.join(d, "rgb.bmp"))
+    base.save(os.path.join(d, "rgb.tiff"))
     # broken files
     png = open(os.path.join(d, "rgb.png"), "rb").read()
     open(os.path.join(d, "truncated.png"), "wb").write(png[: len(png) // 2])
