@@ -81,15 +81,25 @@ std::map<std::string, RawTensor> read_safetensors(const std::string& path) {
 }
 
 // The LCG noise of make_preprocess_fixtures.py: x = x * 6364136223846793005 + 1442695040888963407.
-cv::Mat noise_image(int w, int h, uint64_t seed) {
-  cv::Mat m(h, w, CV_8UC3);
+cv::Mat noise_image(int w, int h, uint64_t seed, int channels = 3) {
+  cv::Mat m(h, w, CV_8UC(channels));
   uint64_t x = seed;
   uint8_t* p = m.ptr<uint8_t>(0);
-  for (size_t i = 0; i < static_cast<size_t>(w) * h * 3; ++i) {
+  for (size_t i = 0; i < static_cast<size_t>(w) * h * channels; ++i) {
     x = x * 6364136223846793005ULL + 1442695040888963407ULL;
     p[i] = static_cast<uint8_t>(x >> 56);
   }
   return m;
+}
+
+// zlib's CRC-32 (reflected, polynomial 0xEDB88320), as Python's zlib.crc32.
+uint32_t crc32(const uint8_t* p, size_t n) {
+  uint32_t c = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; ++i) {
+    c ^= p[i];
+    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+  }
+  return c ^ 0xFFFFFFFFu;
 }
 
 int max_abs_diff_u8(const cv::Mat& a, const cv::Mat& b) {
@@ -229,6 +239,21 @@ TEST_CASE("pil_resize equals Pillow's Image.resize bit for bit, every filter", "
   for (const auto& [r, d] : worst)
     WARN("max abs diff vs Pillow, " << resample_name(static_cast<Resample>(r)) << ": " << d);
   CHECK(worst.size() == 6);
+}
+
+TEST_CASE("pil_resize equals Pillow on 132 more size pairs (CRC-32 of the output)", "[resize]") {
+  const json cases = json::parse(read_text(kPre + "pil_resize/cases.json"));
+  int n = 0;
+  for (const auto& c : cases.at("crc_cases")) {
+    const int sw = c[0], sh = c[1], ch = c[2], dw = c[4], dh = c[5], f = c[6];
+    const uint64_t seed = c[3];
+    INFO(sw << "x" << sh << "x" << ch << " -> " << dw << "x" << dh << " " << resample_name(static_cast<Resample>(f)));
+    const cv::Mat out = pil_resize(noise_image(sw, sh, seed, ch), dw, dh, static_cast<Resample>(f));
+    REQUIRE(out.isContinuous());
+    CHECK(crc32(out.data, out.total() * out.elemSize()) == c[7].get<uint32_t>());  // tolerance: exact
+    ++n;
+  }
+  CHECK(n == 132);
 }
 
 TEST_CASE("pil_resize results do not depend on channel layout", "[resize]") {

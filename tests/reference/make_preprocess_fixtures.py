@@ -65,14 +65,14 @@ def write_safetensors(path, tensors):
 
 
 # ---------------------------------------------------------------- the noise images the C++ test also makes
-def noise_image(w, h, seed):
-    """RGB uint8 noise from a 64-bit LCG (Knuth MMIX constants); byte = top 8 bits. Same in the test."""
+def noise_image(w, h, seed, channels=3):
+    """uint8 noise from a 64-bit LCG (Knuth MMIX constants); byte = top 8 bits. Same in the test."""
     x = seed & 0xFFFFFFFFFFFFFFFF
-    out = bytearray(w * h * 3)
+    out = bytearray(w * h * channels)
     for i in range(len(out)):
         x = (x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
         out[i] = x >> 56
-    return Image.frombytes("RGB", (w, h), bytes(out))
+    return Image.frombytes("RGB" if channels == 3 else "L", (w, h), bytes(out))
 
 
 # ---------------------------------------------------------------- a PNG writer for what Pillow cannot save
@@ -173,8 +173,22 @@ def pil_resize():
             name = f"{src}_{w}x{h}_{fname}.png"
             out.save(os.path.join(d, name), optimize=True)
             cases.append({"source": src, "width": w, "height": h, "resample": f, "file": name})
+    # Many more sizes, checked by the CRC-32 of the output bytes (keeps the fixtures small):
+    # random source/target sizes (up and down, per axis), every filter, RGB and L, and extreme shapes.
+    import random
+    rng = random.Random(1234)
+    crc_cases = []
+    shapes = [(rng.randint(1, 90), rng.randint(1, 90), rng.randint(1, 130), rng.randint(1, 130)) for _ in range(96)]
+    shapes += [(1, 1, 50, 50), (200, 1, 3, 7), (3, 500, 2, 1), (640, 2, 7, 2), (2, 2, 1, 3), (97, 61, 97, 60)]
+    for i, (sw, sh, dw, dh) in enumerate(shapes):
+        for f in FILTERS if i >= 96 else [i % 6]:
+            channels = 1 if i % 4 == 3 else 3
+            out = noise_image(sw, sh, 1000 + i, channels).resize((dw, dh), resample=f)
+            crc_cases.append([sw, sh, channels, 1000 + i, dw, dh, f, zlib.crc32(out.tobytes())])
     with open(os.path.join(d, "cases.json"), "w") as fp:
         json.dump({"pillow": Image.__version__ if hasattr(Image, "__version__") else "", "cases": cases,
+                   "crc_cases_columns": "src_w src_h channels seed dst_w dst_h resample crc32",
+                   "crc_cases": crc_cases,
                    "sources": {"chelsea_crop": [200, 100, 37, 23], "noise37x23": [37, 23, 1],
                                "noise300x200": [300, 200, 2], "noise64x48": [64, 48, 3], "noise5x5": [5, 5, 4]}},
                   fp, indent=1)
