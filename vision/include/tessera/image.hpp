@@ -1,0 +1,31 @@
+#pragma once
+// Image decoding to the RGB picture a Python user of Pillow sees:
+//   ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+// which is what Hugging Face / timm processors receive, plus the EXIF orientation (Pillow and the
+// processors leave it alone; Tessera applies it, as a photo viewer does, so a phone photo is upright).
+//  - grayscale (+alpha) → gray replicated to R, G, B;   RGBA / LA / palette+transparency → alpha dropped,
+//    not composited (Pillow's convert("RGB") does the same);   palette → palette colours;
+//  - 16-bit samples → 8-bit by their high byte (v >> 8). Pillow does exactly this for 16-bit RGB/RGBA
+//    PNGs; for 16-bit grayscale it opens mode "I" and convert("RGB") clips at 255 (almost all white),
+//    which Tessera deliberately does not copy;
+//  - float images (EXR/HDR/float TIFF) are refused.
+// Errors are tessera::Error with one line naming the file: missing, directory, unreadable, empty,
+// corrupt / truncated / unsupported, too large.
+#include <opencv2/core.hpp>
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+namespace tessera {
+
+// Largest image accepted: 2^28 pixels (16384 x 16384). Checked from the PNG / JPEG header before
+// decoding; for other formats after decoding (OpenCV refuses above 2^30 pixels on its own).
+inline constexpr int64_t kMaxImagePixels = int64_t(1) << 28;
+
+// CV_8UC3, RGB order, continuous.
+cv::Mat load_image_rgb(const std::string& path);
+// The same from encoded bytes; `name` is used in error messages.
+cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name);
+
+}  // namespace tessera

@@ -1,0 +1,138 @@
+// Decoding with OpenCV, normalised to what Pillow's convert("RGB") gives (see image.hpp).
+#include "tessera/image.hpp"
+
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <vector>
+
+#include "tessera/error.hpp"
+
+namespace tessera {
+namespace {
+
+struct HeaderSize {
+  int64_t width, height;
+};
+
+uint32_t be32(const uint8_t* p) { return (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | p[3]; }
+uint32_t be16(const uint8_t* p) { return (uint32_t(p[0]) << 8) | p[1]; }
+
+bool is_png(std::span<const uint8_t> b) {
+  static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  return b.size() >= 8 && std::memcmp(b.data(), sig, 8) == 0;
+}
+bool is_jpeg(std::span<const uint8_t> b) { return b.size() >= 3 && b[0] == 0xFF && b[1] == 0xD8 && b[2] == 0xFF; }
+
+// Width and height from a PNG IHDR or a JPEG SOF segment, without decoding anything.
+std::optional<HeaderSize> header_size(std::span<const uint8_t> b) {
+  if (is_png(b)) {
+    if (b.size() < 24 || std::memcmp(b.data() + 12, "IHDR", 4) != 0) return std::nullopt;
+    return HeaderSize{be32(b.data() + 16), be32(b.data() + 20)};
+  }
+  if (is_jpeg(b)) {
+    size_t pos = 2;
+    while (pos + 9 < b.size()) {
+      if (b[pos] != 0xFF) return std::nullopt;
+      const uint8_t marker = b[pos + 1];
+      if (marker == 0xFF) { ++pos; continue; }
+      if ((marker >= 0xD0 && marker <= 0xD9) || marker == 0x01) { pos += 2; continue; }
+      const bool sof = marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
+      if (sof) return HeaderSize{be16(b.data() + pos + 7), be16(b.data() + pos + 5)};
+      if (marker == 0xDA) return std::nullopt;  // scan data before any frame header: malformed
+      pos += 2 + be16(b.data() + pos + 2);
+    }
+  }
+  return std::nullopt;
+}
+
+// libjpeg decodes a truncated file "successfully" (grey rest, a warning on stderr); Pillow refuses
+// it ("image file is truncated"). A complete JPEG has an end-of-image marker after its last scan.
+bool jpeg_is_truncated(std::span<const uint8_t> b) {
+  std::ptrdiff_t last_sos = -1, last_eoi = -1;
+  for (size_t i = 0; i + 1 < b.size(); ++i) {
+    if (b[i] != 0xFF) continue;
+    if (b[i + 1] == 0xDA) last_sos = static_cast<std::ptrdiff_t>(i);
+    else if (b[i + 1] == 0xD9) last_eoi = static_cast<std::ptrdiff_t>(i);
+  }
+  return last_eoi < last_sos || last_eoi < 0;
+}
+
+std::string pixels_str(int64_t w, int64_t h) {
+  return std::to_string(w) + "x" + std::to_string(h) + " (" + std::to_string(w * h / 1000000) + " Mpixel)";
+}
+
+void check_size(int64_t w, int64_t h, const std::string& name) {
+  if (w * h > kMaxImagePixels)
+    fail(name + ": image is " + pixels_str(w, h) + ", more than the limit of " +
+         std::to_string(kMaxImagePixels) + " pixels");
+}
+
+}  // namespace
+
+cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name) {
+  if (bytes.empty()) fail(name + ": empty file, not an image");
+  if (auto hs = header_size(bytes)) {
+    if (hs->width == 0 || hs->height == 0) fail(name + ": cannot decode image (zero width or height in the header)");
+    check_size(hs->width, hs->height, name);
+  }
+  const cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8U, const_cast<uint8_t*>(bytes.data()));
+  cv::Mat m;
+  try {
+    // ANYDEPTH keeps 16-bit samples (converted below the way Pillow does); ANYCOLOR keeps gray as
+    // gray; neither is IMREAD_UNCHANGED, so OpenCV applies the EXIF orientation.
+    m = cv::imdecode(buf, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);
+  } catch (const cv::Exception& e) {
+    fail(name + ": cannot decode image (OpenCV: " + std::string(e.err.empty() ? e.what() : e.err) + ")");
+  }
+  if (m.empty()) fail(name + ": cannot decode image (corrupt or unsupported format)");
+  if (is_jpeg(bytes) && jpeg_is_truncated(bytes)) fail(name + ": cannot decode image (truncated JPEG)");
+  check_size(m.cols, m.rows, name);
+
+  if (m.depth() == CV_16U) {
+    // The high byte, v >> 8, as Pillow unpacks 16-bit PNG samples (convertTo would round v / 256).
+    cv::Mat high(m.rows, m.cols, CV_MAKETYPE(CV_8U, m.channels()));
+    for (int y = 0; y < m.rows; ++y) {
+      const uint16_t* s = m.ptr<uint16_t>(y);
+      uint8_t* d = high.ptr<uint8_t>(y);
+      for (int i = 0; i < m.cols * m.channels(); ++i) d[i] = static_cast<uint8_t>(s[i] >> 8);
+    }
+    m = high;
+  } else if (m.depth() != CV_8U) {
+    fail(name + ": cannot decode image (unsupported sample type " + cv::typeToString(m.type()) +
+         "; only 8- and 16-bit images are accepted)");
+  }
+  cv::Mat rgb;
+  switch (m.channels()) {
+    case 1: cv::cvtColor(m, rgb, cv::COLOR_GRAY2RGB); break;
+    case 3: cv::cvtColor(m, rgb, cv::COLOR_BGR2RGB); break;
+    case 4: cv::cvtColor(m, rgb, cv::COLOR_BGRA2RGB); break;  // alpha dropped, not composited
+    default: fail(name + ": cannot decode image (" + std::to_string(m.channels()) + " channels)");
+  }
+  return rgb;
+}
+
+cv::Mat load_image_rgb(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const auto st = fs::status(path, ec);
+  if (!fs::exists(st)) fail(path + ": no such file");
+  if (fs::is_directory(st)) fail(path + ": is a directory, not an image file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path + ": cannot open for reading (" + std::strerror(errno) + ")");
+  in.seekg(0, std::ios::end);
+  const std::streamoff size = in.tellg();
+  in.seekg(0, std::ios::beg);
+  if (size < 0) fail(path + ": cannot read (not a regular file?)");
+  std::vector<uint8_t> bytes(static_cast<size_t>(size));
+  if (size > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), size))
+    fail(path + ": read error (" + std::strerror(errno) + ")");
+  return decode_image_rgb(bytes, path);
+}
+
+}  // namespace tessera
