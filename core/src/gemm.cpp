@@ -155,29 +155,30 @@ struct TileBf16 {
 
 // ---- threading --------------------------------------------------------------------------------
 
-// A task is a block of `rp` micro-panels x `pg` column panels. Chooses the split that minimises
-// the estimated time on `threads` threads: waves of equal tasks, each costing its tiles plus
-// re-packing its rows of x (about half a panel's work). A blocks are capped at ~384 KiB so they
-// stay in L2 while the task walks its panels.
+// A task is a block of consecutive micro-panels x a group of consecutive column panels; blocks
+// and groups are split as evenly as possible. Picks the split with the least estimated time on
+// `threads` threads: ceil(tasks / threads) waves of the largest task, which costs one unit per
+// micro-tile, plus re-packing its x rows (~0.5 tile per micro-panel) and streaming each W panel
+// from L3 once (~0.3 tile). Row blocks are capped at ~384 KiB of packed x so they stay in L2
+// while the task walks its panels.
 struct Split {
-  int64_t rp, pg, row_blocks, col_blocks;
+  int64_t row_blocks, col_blocks;
 };
 
 Split choose_split(int64_t P, int64_t NP, int64_t mr, int64_t K, int threads) {
-  int64_t rp_cap = std::clamp<int64_t>((384 * 1024) / (mr * K * 4), 1, P);
-  Split best{1, 1, P, NP};
+  const int64_t rp_cap = std::clamp<int64_t>((384 * 1024) / (mr * K * 4), 1, P);
+  const int64_t rb_min = ceil_div(P, rp_cap), rb_max = std::min(P, rb_min + 2 * threads + 8);
+  Split best{rb_min, 1};
   double best_cost = 1e300;
-  for (int64_t rp = rp_cap; rp >= 1; --rp) {
-    int64_t row_blocks = ceil_div(P, rp);
-    for (int64_t col_blocks = 1; col_blocks <= NP; ++col_blocks) {
-      int64_t pg = ceil_div(NP, col_blocks);
-      if (ceil_div(NP, pg) != col_blocks) continue;  // same split as a smaller count
-      int64_t tasks = row_blocks * col_blocks;
-      double waves = static_cast<double>(ceil_div(tasks, threads));
-      double cost = waves * (static_cast<double>(rp) * (static_cast<double>(pg) + 0.5) + 0.1);
+  for (int64_t rb = rb_min; rb <= rb_max; ++rb) {
+    const double rp = static_cast<double>(ceil_div(P, rb));
+    for (int64_t cb = 1; cb <= NP; ++cb) {
+      const double pg = static_cast<double>(ceil_div(NP, cb));
+      const double waves = static_cast<double>(ceil_div(rb * cb, threads));
+      const double cost = waves * (rp * (pg + 0.5) + 0.3 * pg + 0.1);
       if (cost < best_cost * (1 - 1e-9)) {
         best_cost = cost;
-        best = {rp, pg, row_blocks, col_blocks};
+        best = {rb, cb};
       }
     }
   }
@@ -265,8 +266,8 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
   parallel_for(0, s.row_blocks * s.col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       int64_t rb = t / s.col_blocks, cb = t % s.col_blocks;
-      int64_t p0 = rb * s.rp, p1 = std::min(rows.panels, p0 + s.rp);
-      int64_t j0 = cb * s.pg, j1 = std::min(NP, j0 + s.pg);
+      int64_t p0 = rb * rows.panels / s.row_blocks, p1 = (rb + 1) * rows.panels / s.row_blocks;
+      int64_t j0 = cb * NP / s.col_blocks, j1 = (cb + 1) * NP / s.col_blocks;
       if (avx512 && bf16)
         linear_task_avx512_bf16(a, rows, p0, p1, j0, j1,
                                 reinterpret_cast<uint32_t*>(thread_scratch(
