@@ -10,6 +10,7 @@
 
 #include <functional>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -522,4 +523,22 @@ TEST_CASE("every conformance processor case, all photos (needs ../shared/conform
     WARN(c.dir << " (" << images.size() << " photos): max abs diff " << worst);
     CHECK(worst == 0.0f);  // tolerance: exact
   }
+}
+
+TEST_CASE("pil_resize and preprocess timings on a 12 Mpixel photo", "[.perf]") {
+  // Hidden (run with "[.perf]"): prints how long a phone-sized photo takes to preprocess.
+  const cv::Mat big = noise_image(4032, 3024, 5);
+  for (Resample r : {Resample::bilinear, Resample::bicubic, Resample::lanczos}) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const cv::Mat out = pil_resize(big, 224, 224, r);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    WARN("4032x3024 -> 224x224 " << resample_name(r) << ": " << ms << " ms");
+    CHECK(out.cols == 224);
+  }
+  const auto cfg = parse_preprocess_config(R"({"image_processor_type":"BitImageProcessor","size":{"shortest_edge":256}})", "dinov2");
+  const auto t0 = std::chrono::steady_clock::now();
+  const Tensor t = preprocess(big, cfg);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  WARN("DINOv2 processor on 4032x3024: " << ms << " ms");
+  CHECK(t.dim(1) == 224);
 }
