@@ -542,3 +542,20 @@ TEST_CASE("pil_resize and preprocess timings on a 12 Mpixel photo", "[.perf]") {
   WARN("DINOv2 processor on 4032x3024: " << ms << " ms");
   CHECK(t.dim(1) == 224);
 }
+
+TEST_CASE("timm crop modes: non-square center, squash, border (torchvision-built reference)", "[processor]") {
+  const json configs = json::parse(read_text(kPre + "timm-modes/configs.json"));
+  const auto expected = read_safetensors(kPre + "timm-modes/expected.safetensors");
+  for (const auto& [cname, cfg_json] : configs.items()) {
+    const auto cfg = from_timm_pretrained_cfg(cfg_json.dump(), "timm-modes/" + cname);
+    for (const char* image : {"chelsea.png", "coffee_portrait.png"}) {
+      INFO(cname << " / " << image << " — " << cfg.describe());
+      const auto& e = expected.at(cname + "/" + image);
+      const Tensor t = preprocess(load_image_rgb(kPre + "photos/" + image), cfg);
+      REQUIRE(t.shape() == Shape(e.shape.begin(), e.shape.end()));
+      float worst = 0;
+      for (int64_t i = 0; i < t.numel(); ++i) worst = std::max(worst, std::fabs(t[i] - e.f32[i]));
+      CHECK(worst == 0.0f);  // tolerance: exact
+    }
+  }
+}
