@@ -212,6 +212,13 @@ TEST_CASE("images above the pixel limit are refused from the header", "[image][e
   const std::string msg = error_of([&] { decode_image_rgb(png, "big.png"); });
   CHECK(msg.rfind("big.png: image is 20000x20000", 0) == 0);
   CHECK(msg.find("limit") != std::string::npos);
+  // 2^32-1 on each side: no overflow in the check
+  for (int i = 16; i < 24; ++i) png[i] = 0xFF;
+  CHECK(error_of([&] { decode_image_rgb(png, "huge.png"); }).rfind("huge.png: image is 4294967295x4294967295", 0) == 0);
+  // A baseline JPEG frame header (SOF0) of 65535 x 65535, after an APP0 segment.
+  const std::vector<uint8_t> jpg = {0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 0, 0, 0xFF, 0xC0, 0, 17, 8, 0xFF, 0xFF, 0xFF, 0xFF, 3,
+                                    1, 0x11, 0, 2, 0x11, 0, 3, 0x11, 0};
+  CHECK(error_of([&] { decode_image_rgb(jpg, "big.jpg"); }).rfind("big.jpg: image is 65535x65535", 0) == 0);
 }
 
 // ------------------------------------------------------------------------------------- Pillow resize
