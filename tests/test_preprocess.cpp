@@ -195,6 +195,7 @@ TEST_CASE("decoding errors are one line naming the file", "[image][errors]") {
       {kImages + "truncated.png", "cannot decode image"},
       {kImages + "truncated.jpg", "truncated JPEG"},
       {kImages + "text.jpg", "cannot decode image (corrupt or unsupported format)"},
+      {kImages + "unsupported.gif", "GIF is not supported"},
   };
   for (const auto& c : cases) {
     const std::string msg = error_of([&] { load_image_rgb(c.path); });

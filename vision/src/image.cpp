@@ -94,7 +94,11 @@ cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name
   } catch (const cv::Exception& e) {
     fail(name + ": cannot decode image (OpenCV: " + std::string(e.err.empty() ? e.what() : e.err) + ")");
   }
-  if (m.empty()) fail(name + ": cannot decode image (corrupt or unsupported format)");
+  if (m.empty()) {
+    if (bytes.size() >= 6 && (std::memcmp(bytes.data(), "GIF87a", 6) == 0 || std::memcmp(bytes.data(), "GIF89a", 6) == 0))
+      fail(name + ": cannot decode image (GIF is not supported by this OpenCV build; convert it to PNG)");
+    fail(name + ": cannot decode image (corrupt or unsupported format)");
+  }
   if (is_jpeg(bytes) && jpeg_is_truncated(bytes)) fail(name + ": cannot decode image (truncated JPEG)");
   check_size(m.cols, m.rows, name);
 
