@@ -55,6 +55,8 @@ Preprocessor model_preprocessor(const Model& model) {
       return {p, p.source};
     }
     case ModelFamily::HuggingFace:
+    case ModelFamily::Detector:
+    case ModelFamily::Segmenter:
       break;
   }
   // A Hugging Face folder without preprocessor_config.json: the processor class's defaults at the
