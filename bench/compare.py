@@ -8,7 +8,15 @@ The model is a torchvision VisionTransformer with random weights (seeded), writt
 Tessera model folder (config.json + model.safetensors with torchvision's key names) under
 --cache; Tessera loads that folder, PyTorch runs the same module. Each measurement is a fresh
 process: `tessera bench --model DIR --json` for Tessera, this script's --torch-worker mode for
-PyTorch (OPENBLAS_NUM_THREADS=T OMP_WAIT_POLICY=PASSIVE, so its thread pools do not fight).
+PyTorch (OPENBLAS_NUM_THREADS=T OMP_WAIT_POLICY=PASSIVE, so its thread pools do not fight), and
+bench/ort_worker.js for ONNX Runtime: the same module exported once with torch.onnx.export (opset 14)
+to DIR/model.onnx, run by the native libonnxruntime bundled in the npm package onnxruntime-node
+(CPU provider, sequential execution, intraOpNumThreads=T). Install it outside the repository, or
+in the git-ignored bench/node_modules:
+
+    cd bench && npm install --ignore-scripts onnxruntime-node      # or: --onnxruntime-node DIR
+
+--ignore-scripts skips the package's post-install step, which only fetches the CUDA provider.
 """
 import argparse, json, os, statistics, struct, subprocess, sys, time
 
@@ -65,6 +73,32 @@ def ensure_model(cache, arch, image_size):
     return d
 
 
+def ensure_onnx(model_dir, arch, image_size):
+    path = os.path.join(model_dir, "model.onnx")
+    if os.path.exists(path):
+        return path
+    import torch
+    m = build_torch_model(arch, image_size)
+    tmp = path + ".tmp"
+    # With autograd on, nn.MultiheadAttention skips its fused fast path (aten::_native_multi_head_attention),
+    # which torch.onnx cannot export; the exported graph is the same math as plain ops.
+    with torch.enable_grad():
+        torch.onnx.export(m, torch.zeros(1, 3, image_size, image_size), tmp, opset_version=14,
+                          input_names=["pixel_values"], output_names=["logits"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    os.replace(tmp, path)
+    return path
+
+
+def find_onnxruntime_node(arg):
+    """The folder that holds node_modules/onnxruntime-node (with its native library), or None."""
+    for base in ([arg] if arg else []) + [os.path.join(ROOT, "bench"), os.getcwd()]:
+        pkg = os.path.join(base, "node_modules", "onnxruntime-node")
+        if os.path.exists(os.path.join(pkg, "bin", "napi-v6", "linux", "x64", "libonnxruntime.so.1")):
+            return os.path.join(base, "node_modules")
+    return None
+
+
 def torch_worker(args):
     import torch
     torch.set_num_threads(args.threads)
@@ -97,6 +131,14 @@ def run_torch(arch, image_size, batch, threads, iterations):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_ort(node_modules, onnx_path, image_size, batch, threads, iterations):
+    env = dict(os.environ, NODE_PATH=node_modules, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run(["node", os.path.join(ROOT, "bench", "ort_worker.js"), onnx_path, str(batch),
+                          str(threads), str(iterations), str(image_size)],
+                         check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="vit-b16", choices=sorted(ARCHS))
@@ -107,6 +149,9 @@ def main():
     ap.add_argument("--iterations", type=int, default=5, help="timed forward passes per process")
     ap.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "tessera-bench"))
     ap.add_argument("--tessera", default=os.path.join(ROOT, "build", "apps", "tessera"))
+    ap.add_argument("--onnxruntime-node", default=os.environ.get("ONNXRUNTIME_NODE"),
+                    help="folder holding node_modules/onnxruntime-node (default: bench/, then .)")
+    ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -120,28 +165,49 @@ def main():
         sys.exit(f"PyTorch would use the reference BLAS ({blas}), which is ~15x slower than OpenBLAS and "
                  "makes the comparison meaningless: apt-get install libopenblas0-pthread")
     model_dir = ensure_model(args.cache, args.arch, args.image_size)
+    node_modules = None if args.no_ort else find_onnxruntime_node(args.onnxruntime_node)
+    if not args.no_ort and node_modules is None:
+        sys.exit("onnxruntime-node not found: cd bench && npm install --ignore-scripts onnxruntime-node "
+                 "(or pass --onnxruntime-node DIR, or --no-ort)")
+    onnx_path = ensure_onnx(model_dir, args.arch, args.image_size) if node_modules else None
     rows = []
+    ort_version = None
     for threads in args.threads:
         for batch in args.batches:
-            t_ms, p_ms = [], []
+            t_ms, p_ms, o_ms = [], [], []
             gflop = None
-            for _ in range(args.rounds):
+            for _ in range(args.rounds):  # one of each per round, so drifting load hits all alike
                 t = run_tessera(args.tessera, model_dir, batch, threads, args.iterations)
                 t_ms.append(t["ms_per_image_median"])
                 gflop = t["gflops"] * t["ms_per_image_median"] / 1000
                 p_ms.append(run_torch(args.arch, args.image_size, batch, threads, args.iterations)["ms_per_image_median"])
+                if node_modules:
+                    o = run_ort(node_modules, onnx_path, args.image_size, batch, threads, args.iterations)
+                    o_ms.append(o["ms_per_image_median"])
+                    ort_version = o["onnxruntime"]
             tm, pm = statistics.median(t_ms), statistics.median(p_ms)
+            om = statistics.median(o_ms) if o_ms else None
             rows.append({"threads": threads, "batch": batch, "tessera_ms": tm, "pytorch_ms": pm,
-                         "speedup_vs_pytorch": pm / tm, "tessera_gflops": gflop / tm * 1000})
+                         "onnxruntime_ms": om, "speedup_vs_pytorch": pm / tm,
+                         "speedup_vs_onnxruntime": om / tm if om else None,
+                         "tessera_gflops": gflop / tm * 1000,
+                         "tessera_runs": t_ms, "pytorch_runs": p_ms, "onnxruntime_runs": o_ms})
+    load = os.getloadavg()[0]
     if args.json:
-        print(json.dumps({"arch": args.arch, "image_size": args.image_size, "rows": rows}, indent=1))
+        print(json.dumps({"arch": args.arch, "image_size": args.image_size, "onnxruntime": ort_version,
+                          "load_average_1min_at_end": load, "rows": rows}, indent=1))
         return
+    import torch
     print(f"{args.arch} at {args.image_size}x{args.image_size}, fp32, ms per image (median of {args.rounds} "
-          f"alternating rounds x {args.iterations} runs)")
-    print(f"{'threads':>7} {'batch':>5} {'Tessera':>9} {'PyTorch':>9} {'PyTorch/Tessera':>16} {'Tessera GFLOP/s':>16}")
+          f"alternating rounds x median of {args.iterations} runs); PyTorch {torch.__version__} eager, "
+          f"ONNX Runtime {ort_version or '-'}; load average {load:.2f} at the end")
+    print(f"{'threads':>7} {'batch':>5} {'Tessera':>9} {'PyTorch':>9} {'ONNX RT':>9} {'PyTorch/Tessera':>16} "
+          f"{'ORT/Tessera':>12} {'Tessera GFLOP/s':>16}")
     for r in rows:
-        print(f"{r['threads']:>7} {r['batch']:>5} {r['tessera_ms']:>9.1f} {r['pytorch_ms']:>9.1f} "
-              f"{r['speedup_vs_pytorch']:>15.2f}x {r['tessera_gflops']:>16.1f}")
+        om = f"{r['onnxruntime_ms']:>9.1f}" if r["onnxruntime_ms"] else f"{'-':>9}"
+        orat = f"{r['speedup_vs_onnxruntime']:>11.2f}x" if r["speedup_vs_onnxruntime"] else f"{'-':>12}"
+        print(f"{r['threads']:>7} {r['batch']:>5} {r['tessera_ms']:>9.1f} {r['pytorch_ms']:>9.1f} {om} "
+              f"{r['speedup_vs_pytorch']:>15.2f}x {orat} {r['tessera_gflops']:>16.1f}")
 
 
 if __name__ == "__main__":
