@@ -55,7 +55,7 @@ void set_num_threads(int n) {
 int num_threads() { return arena().max_concurrency(); }
 
 void parallel_for(int64_t begin, int64_t end, int64_t grain,
-                  const std::function<void(int64_t, int64_t)>& body) {
+                  RangeBody body) {
   if (end <= begin) return;
   if (grain < 1) grain = 1;
   if (end - begin <= grain) {

@@ -3,17 +3,35 @@
 // from set_num_threads (the CLI's --threads), else TESSERA_NUM_THREADS, else every core.
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <type_traits>
 
 namespace tessera {
 
 void set_num_threads(int n);  // n <= 0: back to the default
 int num_threads();
 
+// A non-owning reference to a callable body(begin, end): unlike std::function it never
+// allocates, so a forward pass made of parallel_for calls stays allocation-free. The callable
+// must outlive the call (a lambda passed directly does).
+class RangeBody {
+ public:
+  template <class F, class = std::enable_if_t<!std::is_same_v<std::decay_t<F>, RangeBody>>>
+  RangeBody(F&& f)  // NOLINT: implicit, so lambdas pass straight through
+      : object_(const_cast<void*>(static_cast<const void*>(std::addressof(f)))),
+        call_([](void* o, int64_t b, int64_t e) { (*static_cast<std::remove_reference_t<F>*>(o))(b, e); }) {}
+  void operator()(int64_t begin, int64_t end) const { call_(object_, begin, end); }
+
+ private:
+  void* object_;
+  void (*call_)(void*, int64_t, int64_t);
+};
+
 // Calls body(begin, end) on disjoint chunks covering [begin, end), each at least `grain` long
 // (except the last), in parallel inside the arena. Every index belongs to exactly one chunk, so
 // results never depend on the thread count as long as body writes only its own indices.
 void parallel_for(int64_t begin, int64_t end, int64_t grain,
-                  const std::function<void(int64_t, int64_t)>& body);
+                  RangeBody body);
 
 // Runs fn inside the arena (so nested TBB algorithms use its threads).
 void run_in_arena(const std::function<void()>& fn);
