@@ -195,8 +195,12 @@ TEST_CASE("linear reports its kernel and rejects what it cannot do") {
     REQUIRE(linear_kernel_name(WeightType::F32) == "avx512f");
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"))
     REQUIRE(linear_kernel_name(WeightType::BF16) == "avx512bf16");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni"))
+    REQUIRE(linear_kernel_name(WeightType::INT8) == "avx512vnni");
+  force_generic_kernels(true);
+  REQUIRE(linear_kernel_name(WeightType::INT8) == "generic");  // int8 has a portable path too
+  force_generic_kernels(false);
   std::vector<float> w(6, 1.0f), x(3, 1.0f), y(2, 0.0f);
-  REQUIRE_THROWS_AS(pack_linear(w.data(), nullptr, 2, 3, WeightType::INT8), Error);
   REQUIRE_THROWS_AS(pack_linear(w.data(), nullptr, 0, 3), Error);
   PackedLinear pw = pack_linear(w.data(), nullptr, 2, 3);
   REQUIRE_THROWS_AS(linear(x.data(), 1, 2, pw, y.data(), 2), Error);  // ldx < K

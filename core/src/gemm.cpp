@@ -29,6 +29,11 @@ bool use_avx512_bf16() {
   return has && use_avx512();
 }
 
+bool use_avx512_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512vnni");
+  return has && use_avx512();
+}
+
 float bf16_float(uint32_t bits16) {
   uint32_t u = bits16 << 16;
   float f;
@@ -71,6 +76,27 @@ float gelu_generic(float x) {
   float t = std::fabs(z);
   float one_plus = t <= kErfSplit ? 1.0f + erf_small(z) : z > 0 ? 2.0f - erfc_large(t) : erfc_large(t);
   return 0.5f * x * one_plus;
+}
+
+// Per-thread scratch for packed rows of x, grown (rarely) and reused; a task never waits, so a
+// thread never uses it for two tasks at once.
+float* thread_scratch(size_t floats) {
+  struct Buffer {
+    float* p = nullptr;
+    size_t cap = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (buf.cap < floats) {
+    std::free(buf.p);
+    buf.p = nullptr;
+    buf.cap = 0;
+    size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
+    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!buf.p) throw std::bad_alloc();
+    buf.cap = floats;
+  }
+  return buf.p;
 }
 
 // ---- portable kernel --------------------------------------------------------------------------
@@ -130,6 +156,47 @@ void generic_tile_bf16(const LinearArgs& a, int64_t r0, int64_t j) {
   store_generic<R>(acc, a, r0, j);
 }
 
+// Quantizes x rows [r0, r0 + R) as gemm_internal.hpp describes: u[r][k] (K padded to 4n with
+// zeros) and each row's scale and zero point.
+template <int R>
+void quantize_rows_generic(const LinearArgs& a, int64_t r0, uint8_t* u, RowQuant (&q)[R]) {
+  const int64_t K4 = int8_quads(a.K) * 4;
+  for (int r = 0; r < R; ++r) {
+    const float* xr = a.x + (r0 + r) * a.ldx;
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t k = 0; k < a.K; ++k) lo = std::min(lo, xr[k]), hi = std::max(hi, xr[k]);
+    q[r] = row_quant(lo, hi);
+    for (int64_t k = 0; k < K4; ++k) u[r * K4 + k] = k < a.K ? static_cast<uint8_t>(quantize_u8(xr[k], q[r])) : 0;
+  }
+}
+
+// As generic_tile with u8 x and s8 W: exact int32 dot products, then one rescale per output.
+template <int R>
+void generic_tile_int8(const LinearArgs& a, int64_t r0, int64_t j) {
+  const int64_t K4 = int8_quads(a.K);
+  uint8_t* u = reinterpret_cast<uint8_t*>(thread_scratch(static_cast<size_t>(R * K4)));
+  RowQuant q[R];
+  quantize_rows_generic<R>(a, r0, u, q);
+  int32_t acc[R][kNR] = {};
+  const uint32_t* panel = a.wpack_i8 + j * K4 * kNR;
+  for (int64_t i = 0; i < K4; ++i) {
+    const uint32_t* b = panel + i * kNR;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* ur = u + r * K4 * 4 + i * 4;
+      for (int c = 0; c < kNR; ++c)
+        for (int t = 0; t < 4; ++t)
+          acc[r][c] += static_cast<int32_t>(ur[t]) * static_cast<int8_t>((b[c] >> (8 * t)) & 0xffu);
+    }
+  }
+  float out[R][kNR];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kNR; ++c) {
+      const int64_t n = j * kNR + c;
+      out[r][c] = static_cast<float>(acc[r][c] - q[r].zero * a.wsum[n]) * q[r].scale * a.wscale[n];
+    }
+  store_generic<R>(out, a, r0, j);
+}
+
 template <template <int> class Tile>
 void linear_task_generic(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
                          int64_t j0, int64_t j1) {
@@ -151,6 +218,10 @@ struct TileF32 {
 template <int R>
 struct TileBf16 {
   static void run(const LinearArgs& a, int64_t r0, int64_t j) { generic_tile_bf16<R>(a, r0, j); }
+};
+template <int R>
+struct TileInt8 {
+  static void run(const LinearArgs& a, int64_t r0, int64_t j) { generic_tile_int8<R>(a, r0, j); }
 };
 
 // ---- threading --------------------------------------------------------------------------------
@@ -185,32 +256,44 @@ Split choose_split(int64_t P, int64_t NP, int64_t mr, int64_t K, int threads) {
   return best;
 }
 
-// Per-thread scratch for packed rows of x, grown (rarely) and reused; a task never waits, so a
-// thread never uses it for two tasks at once.
-float* thread_scratch(size_t floats) {
-  struct Buffer {
-    float* p = nullptr;
-    size_t cap = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer buf;
-  if (buf.cap < floats) {
-    std::free(buf.p);
-    buf.p = nullptr;
-    buf.cap = 0;
-    size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
-    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (!buf.p) throw std::bad_alloc();
-    buf.cap = floats;
-  }
-  return buf.p;
+}  // namespace
+
+namespace {
+
+// The int8 layout of gemm_internal.hpp: quad panels, then per-column scales and column sums.
+void pack_int8(const float* weight, int64_t N, int64_t K, PackedLinear& p) {
+  const int64_t panels = ceil_div(N, kNR), K4 = int8_quads(K), cols = panels * kNR;
+  const size_t words = static_cast<size_t>(panels * K4 * kNR + 2 * cols);
+  auto packed = aligned_floats(words);
+  std::memset(packed.get(), 0, words * sizeof(float));
+  uint32_t* quads = reinterpret_cast<uint32_t*>(packed.get());
+  float* scale = packed.get() + panels * K4 * kNR;
+  int32_t* sum = reinterpret_cast<int32_t*>(scale + cols);
+  parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* row = weight + n * K;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      scale[n] = amax / 127.0f;
+      uint32_t* col = quads + (n / kNR) * K4 * kNR + (n % kNR);
+      int32_t total = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inv)), -127, 127);
+        total += v;
+        col[(k / 4) * kNR] |= (static_cast<uint32_t>(v) & 0xffu) << (8 * (k % 4));
+      }
+      sum[n] = total;
+    }
+  });
+  p.packed = std::shared_ptr<void>(packed, packed.get());
+  p.packed_bytes = words * sizeof(float);
 }
 
 }  // namespace
 
 PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
                          int64_t in_features, WeightType type) {
-  if (type == WeightType::INT8) fail("pack_linear: int8 weights are not supported yet");
   check(out_features >= 1 && in_features >= 1,
         "pack_linear: weight shape [" + std::to_string(out_features) + ", " +
             std::to_string(in_features) + "] must have both dimensions >= 1");
@@ -220,22 +303,29 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
   p.out_features = N;
   p.in_features = K;
   p.type = type;
-  // K rows of 32 floats per panel, or ceil(K/2) rows of 32 bf16 pairs; zero-filled padding.
-  const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
-  auto packed = aligned_floats(static_cast<size_t>(panels * rows * kNR));
-  for (int64_t n = 0; n < N; ++n) {
-    const float* row = weight + n * K;
-    const int64_t at = (n / kNR) * rows * kNR + (n % kNR);
-    if (type == WeightType::BF16) {
-      uint32_t* col = reinterpret_cast<uint32_t*>(packed.get()) + at;
-      for (int64_t i = 0; i < rows; ++i) col[i * kNR] = bf16_pair(row, 2 * i, K);
-    } else {
-      float* col = packed.get() + at;
-      for (int64_t k = 0; k < K; ++k) col[k * kNR] = row[k];
-    }
+  if (type == WeightType::INT8) {
+    pack_int8(weight, N, K, p);
+  } else {
+    // K rows of 32 floats per panel, or ceil(K/2) rows of 32 bf16 pairs; zero-filled padding.
+    const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
+    auto packed = aligned_floats(static_cast<size_t>(panels * rows * kNR));
+    // Panels are disjoint, so they are filled in parallel (load time is mostly this copy).
+    parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t n = j0 * kNR; n < std::min(N, j1 * kNR); ++n) {
+        const float* row = weight + n * K;
+        const int64_t at = (n / kNR) * rows * kNR + (n % kNR);
+        if (type == WeightType::BF16) {
+          uint32_t* col = reinterpret_cast<uint32_t*>(packed.get()) + at;
+          for (int64_t i = 0; i < rows; ++i) col[i * kNR] = bf16_pair(row, 2 * i, K);
+        } else {
+          float* col = packed.get() + at;
+          for (int64_t k = 0; k < K; ++k) col[k * kNR] = row[k];
+        }
+      }
+    });
+    p.packed = std::shared_ptr<void>(packed, packed.get());
+    p.packed_bytes = static_cast<size_t>(panels * rows * kNR) * sizeof(float);
   }
-  p.packed = std::shared_ptr<void>(packed, packed.get());
-  p.packed_bytes = static_cast<size_t>(panels * rows * kNR) * sizeof(float);
   if (bias) {
     p.bias = aligned_floats(static_cast<size_t>(panels * kNR));
     std::memcpy(p.bias.get(), bias, static_cast<size_t>(N) * sizeof(float));
@@ -246,35 +336,50 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
 void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
             Activation act, const float* residual) {
   const int64_t K = w.in_features, N = w.out_features;
-  check(w.packed != nullptr, "linear: weights are not packed");
-  check(w.type == WeightType::F32 || w.type == WeightType::BF16, "linear: unsupported weight type");
-  check(M >= 0, "linear: negative row count " + std::to_string(M));
-  check(ldx >= K, "linear: ldx " + std::to_string(ldx) + " < in_features " + std::to_string(K));
-  check(ldy >= N, "linear: ldy " + std::to_string(ldy) + " < out_features " + std::to_string(N));
+  // if/fail rather than check(): the messages are built only when they are needed, so a
+  // forward pass does not allocate strings.
+  if (w.packed == nullptr) fail("linear: weights are not packed");
+  if (M < 0) fail("linear: negative row count " + std::to_string(M));
+  if (ldx < K) fail("linear: ldx " + std::to_string(ldx) + " < in_features " + std::to_string(K));
+  if (ldy < N) fail("linear: ldy " + std::to_string(ldy) + " < out_features " + std::to_string(N));
   if (M == 0) return;
-  check(x != nullptr && y != nullptr, "linear: null input or output");
+  if (x == nullptr || y == nullptr) fail("linear: null input or output");
 
-  const bool bf16 = w.type == WeightType::BF16;
-  LinearArgs a{x, M, ldx, K, N, bf16 ? nullptr : static_cast<const float*>(w.packed.get()),
-               bf16 ? static_cast<const uint32_t*>(w.packed.get()) : nullptr, w.bias.get(), y, ldy,
+  const bool bf16 = w.type == WeightType::BF16, int8 = w.type == WeightType::INT8;
+  const int64_t NP = ceil_div(N, kNR);
+  LinearArgs a{x, M, ldx, K, N, nullptr, nullptr, nullptr, nullptr, nullptr, w.bias.get(), y, ldy,
                residual, act};
-  const bool avx512 = bf16 ? use_avx512_bf16() : use_avx512();
+  if (int8) {
+    a.wpack_i8 = static_cast<const uint32_t*>(w.packed.get());
+    a.wscale = reinterpret_cast<const float*>(a.wpack_i8 + NP * int8_quads(K) * kNR);
+    a.wsum = reinterpret_cast<const int32_t*>(a.wscale + NP * kNR);
+  } else if (bf16) {
+    a.wpack_bf16 = static_cast<const uint32_t*>(w.packed.get());
+  } else {
+    a.wpack = static_cast<const float*>(w.packed.get());
+  }
+  const bool avx512 = int8 ? use_avx512_vnni() : bf16 ? use_avx512_bf16() : use_avx512();
   const int64_t mr = avx512 ? kMR : kGenericMR;
   const RowSplit rows(M, mr);
-  const int64_t NP = ceil_div(N, kNR);
   const Split s = choose_split(rows.panels, NP, mr, K, num_threads());
   parallel_for(0, s.row_blocks * s.col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       int64_t rb = t / s.col_blocks, cb = t % s.col_blocks;
       int64_t p0 = rb * rows.panels / s.row_blocks, p1 = (rb + 1) * rows.panels / s.row_blocks;
       int64_t j0 = cb * NP / s.col_blocks, j1 = (cb + 1) * NP / s.col_blocks;
-      if (avx512 && bf16)
+      if (avx512 && int8)
+        linear_task_avx512_int8(a, rows, p0, p1, j0, j1,
+                                reinterpret_cast<uint32_t*>(thread_scratch(
+                                    static_cast<size_t>((p1 - p0) * int8_apack_words(K, kMR)))));
+      else if (avx512 && bf16)
         linear_task_avx512_bf16(a, rows, p0, p1, j0, j1,
                                 reinterpret_cast<uint32_t*>(thread_scratch(
                                     static_cast<size_t>((p1 - p0) * ceil_div(K, 2) * kMR))));
       else if (avx512)
         linear_task_avx512(a, rows, p0, p1, j0, j1,
                            thread_scratch(static_cast<size_t>((p1 - p0) * K * kMR)));
+      else if (int8)
+        linear_task_generic<TileInt8>(a, rows, p0, p1, j0, j1);
       else if (bf16)
         linear_task_generic<TileBf16>(a, rows, p0, p1, j0, j1);
       else
@@ -285,11 +390,12 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
 
 std::string linear_kernel_name(WeightType type) {
   if (type == WeightType::BF16) return use_avx512_bf16() ? "avx512bf16" : "generic";
-  if (type != WeightType::F32) return "unsupported";
+  if (type == WeightType::INT8) return use_avx512_vnni() ? "avx512vnni" : "generic";
   return use_avx512() ? "avx512f" : "generic";
 }
 
 void force_generic_kernels(bool on) { g_force_generic.store(on); }
+bool generic_kernels_forced() { return g_force_generic.load(std::memory_order_relaxed); }
 
 void linear_gelu(const float* x, float* y, int64_t n) {
   if (use_avx512()) return gelu_avx512(x, y, n);

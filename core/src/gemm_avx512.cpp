@@ -4,6 +4,7 @@
 // dispatcher in gemm.cpp only calls it when the CPU reports avx512f.
 // GCC 12 flags _mm512_undefined_ps inside its own min/max/scalef intrinsics; a false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <cstring>
@@ -13,6 +14,8 @@
 #define TESSERA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define TESSERA_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define TESSERA_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define TESSERA_AVX512_INLINE \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline
 
@@ -161,6 +164,108 @@ constexpr MicroKernelBf16 kKernelsBf16[kMR + 1] = {
     micro_kernel_bf16<8>,  micro_kernel_bf16<9>,  micro_kernel_bf16<10>, micro_kernel_bf16<11>,
     micro_kernel_bf16<12>, micro_kernel_bf16<13>, micro_kernel_bf16<14>};
 
+// y[r, 0:32] = epilogue(s[r] scale_w (sum_i a[i*kMR + r] . b[i*32 + 0:32] - zp[r] colsum)) over
+// u8 x s8 quads i < K4, for r < R (int32 accumulation; see gemm_internal.hpp for the math).
+// rq: the micro-panel's kMR row scales (float bits) then kMR zero points; ws/wsum: the panel's
+// 32 column scales and column sums.
+template <int R>
+TESSERA_AVX512_VNNI void micro_kernel_int8(int64_t K4, const uint32_t* a, const uint32_t* b,
+                                           const uint32_t* rq, const float* ws, const int32_t* wsum,
+                                           const Tile& t) {
+  __m512i c0[R], c1[R];
+#pragma GCC unroll 14
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < K4; ++i) {
+    __m512i b0 = _mm512_load_si512(b), b1 = _mm512_load_si512(b + 16);
+#pragma GCC unroll 14
+    for (int r = 0; r < R; ++r) {
+      __m512i av = _mm512_set1_epi32(static_cast<int>(a[r]));
+      c0[r] = _mm512_dpbusd_epi32(c0[r], av, b0);
+      c1[r] = _mm512_dpbusd_epi32(c1[r], av, b1);
+    }
+    a += kMR;
+    b += kNR;
+  }
+  const __m512 ws0 = _mm512_load_ps(ws), ws1 = _mm512_load_ps(ws + 16);
+  const __m512i sum0 = _mm512_load_si512(wsum), sum1 = _mm512_load_si512(wsum + 16);
+  __m512 f0[R], f1[R];
+#pragma GCC unroll 14
+  for (int r = 0; r < R; ++r) {
+    float scale;
+    std::memcpy(&scale, rq + r, 4);
+    const __m512 sr = _mm512_set1_ps(scale);
+    const __m512i zp = _mm512_set1_epi32(static_cast<int>(rq[kMR + r]));
+    __m512i d0 = _mm512_sub_epi32(c0[r], _mm512_mullo_epi32(zp, sum0));
+    __m512i d1 = _mm512_sub_epi32(c1[r], _mm512_mullo_epi32(zp, sum1));
+    f0[r] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0), sr), ws0);
+    f1[r] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d1), sr), ws1);
+  }
+  store_tile<R>(f0, f1, t);
+}
+
+using MicroKernelInt8 = void (*)(int64_t, const uint32_t*, const uint32_t*, const uint32_t*,
+                                 const float*, const int32_t*, const Tile&);
+constexpr MicroKernelInt8 kKernelsInt8[kMR + 1] = {
+    nullptr,               micro_kernel_int8<1>,  micro_kernel_int8<2>,  micro_kernel_int8<3>,
+    micro_kernel_int8<4>,  micro_kernel_int8<5>,  micro_kernel_int8<6>,  micro_kernel_int8<7>,
+    micro_kernel_int8<8>,  micro_kernel_int8<9>,  micro_kernel_int8<10>, micro_kernel_int8<11>,
+    micro_kernel_int8<12>, micro_kernel_int8<13>, micro_kernel_int8<14>};
+
+// Quantizes x rows (rows <= kMR) to u8 quads: dst[i*kMR + r] = u[r, 4i..4i+3], then kMR row
+// scales and kMR zero points (gemm_internal.hpp's math, vectorised; cvtps rounds to nearest
+// even like std::nearbyint).
+TESSERA_AVX512 void pack_rows_int8(const float* x, int64_t ldx, int64_t rows, int64_t K,
+                                   uint32_t* dst) {
+  const int64_t K4 = int8_quads(K);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
+      lo = _mm512_min_ps(lo, v);
+      hi = _mm512_max_ps(hi, v);
+    }
+    const RowQuant q = row_quant(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+    const __m512 inv = _mm512_set1_ps(q.inv);
+    const __m512i zp = _mm512_set1_epi32(q.zero);
+    const __m512i top = _mm512_set1_epi32(255);
+    for (int64_t k = 0; k < 4 * K4; k += 16) {
+      const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : K > k ? __mmask16((1u << (K - k)) - 1) : 0;
+      const __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
+      __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zp);
+      u = _mm512_min_epi32(_mm512_max_epi32(u, _mm512_setzero_si512()), top);
+      u = _mm512_maskz_mov_epi32(m, u);  // padding past K: 0 (the weights are 0 there too)
+      alignas(16) uint32_t quads[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(quads), _mm512_cvtepi32_epi8(u));
+      const int64_t i0 = k / 4;
+      for (int64_t i = 0; i < 4 && i0 + i < K4; ++i) dst[(i0 + i) * kMR + r] = quads[i];
+    }
+    std::memcpy(dst + K4 * kMR + r, &q.scale, 4);
+    dst[K4 * kMR + kMR + r] = static_cast<uint32_t>(q.zero);
+  }
+}
+
+// dst[i*kMR + r] = bf16 pair (x[r, 2i], x[r, 2i+1]) for r < rows: vcvtne2ps2bf16 on 32 floats
+// at a time (round to nearest even like bf16_bits; it also flushes float denormals to zero).
+TESSERA_AVX512_BF16 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K,
+                                        uint32_t* dst) {
+  const int64_t K2 = ceil_div(K, 2);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t n0 = K - k >= 16 ? 16 : K - k, n1 = K - k >= 32 ? 16 : K - k > 16 ? K - k - 16 : 0;
+      const __m512 lo = _mm512_maskz_loadu_ps(__mmask16((1u << n0) - 1), xr + k);
+      const __m512 hi = _mm512_maskz_loadu_ps(__mmask16((1u << n1) - 1), xr + k + 16);
+      alignas(64) uint32_t pairs[16];
+      _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      const int64_t i0 = k / 2;
+      for (int64_t i = 0; i < 16 && i0 + i < K2; ++i) dst[(i0 + i) * kMR + r] = pairs[i];
+    }
+  }
+}
+
 // The epilogue parameters of column panel j (its bias, and masks for N not a multiple of 32).
 Tile panel_tile(const LinearArgs& a, int64_t j) {
   int64_t cols = a.N - j * kNR < kNR ? a.N - j * kNR : kNR;
@@ -210,9 +315,7 @@ TESSERA_AVX512_BF16 void linear_task_avx512_bf16(const LinearArgs& a, const RowS
   const int64_t K = a.K, K2 = ceil_div(K, 2);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-    uint32_t* dst = apack + (p - p0) * K2 * kMR;
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < K2; ++i) dst[i * kMR + (r - r0)] = bf16_pair(a.x + r * a.ldx, 2 * i, K);
+    pack_rows_bf16(a.x + r0 * a.ldx, a.ldx, r1 - r0, K, apack + (p - p0) * K2 * kMR);
   }
   for (int64_t j = j0; j < j1; ++j) {
     Tile t = panel_tile(a, j);
@@ -222,6 +325,27 @@ TESSERA_AVX512_BF16 void linear_task_avx512_bf16(const LinearArgs& a, const RowS
       t.y = a.y + r0 * a.ldy + j * kNR;
       t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
       kKernelsBf16[r1 - r0](K2, apack + (p - p0) * K2 * kMR, panel, t);
+    }
+  }
+}
+
+TESSERA_AVX512_VNNI void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows,
+                                                 int64_t p0, int64_t p1, int64_t j0, int64_t j1,
+                                                 uint32_t* apack) {
+  const int64_t K4 = int8_quads(a.K), words = int8_apack_words(a.K, kMR);
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
+    pack_rows_int8(a.x + r0 * a.ldx, a.ldx, r1 - r0, a.K, apack + (p - p0) * words);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    Tile t = panel_tile(a, j);
+    const uint32_t* panel = a.wpack_i8 + j * K4 * kNR;
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
+      t.y = a.y + r0 * a.ldy + j * kNR;
+      t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
+      const uint32_t* ap = apack + (p - p0) * words;
+      kKernelsInt8[r1 - r0](K4, ap, panel, ap + K4 * kMR, a.wscale + j * kNR, a.wsum + j * kNR, t);
     }
   }
 }

@@ -1,6 +1,7 @@
 #pragma once
 // Shared between gemm.cpp (packing, dispatch, threading, portable kernel) and gemm_avx512.cpp.
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #include "tessera/gemm.hpp"
@@ -49,11 +50,49 @@ inline uint32_t bf16_pair(const float* x, int64_t k, int64_t K) {  // x[k], x[k+
   return bf16_bits(x[k]) | (k + 1 < K ? bf16_bits(x[k + 1]) << 16 : 0u);
 }
 
+// int8 weights: per output channel n, scale_w[n] = max_k |W[n,k]| / 127 and
+// Wq[n,k] = round(W[n,k] * 127 / max_k |W[n,k]|) in [-127, 127]. Same panels with k taken in
+// fours: per quad i a row of 32 uint32, word c = Wq[c,4i] | Wq[c,4i+1] << 8 | ... (bytes, K
+// padded to a multiple of 4 with zeros): the signed operand of vpdpbusd. After the panels:
+// scale_w (kNR * panels floats) and the column sums sum_k Wq[n,k] (kNR * panels int32).
+//
+// x is quantized per row when its rows are packed (dynamic, asymmetric, unsigned):
+//   lo = min(0, min_k x), hi = max(0, max_k x), s = (hi - lo) / 255, zp = round(-lo / s),
+//   u[k] = clamp(round(x[k] / s) + zp, 0, 255)      (x / s as x * (255 / (hi - lo)))
+// so y[m,n] = s[m] * scale_w[n] * (sum_k u[m,k] Wq[n,k] - zp[m] * colsum[n]) + b[n]: integer
+// dot products, one float rescale per output.
+struct RowQuant {
+  float scale;   // s (0 for an all-zero row)
+  float inv;     // 1 / s (0 for an all-zero row)
+  int32_t zero;  // zp
+};
+inline RowQuant row_quant(float lo, float hi) {  // lo <= 0 <= hi
+  RowQuant q{0.0f, 0.0f, 0};
+  const float range = hi - lo;
+  if (!(range > 0.0f)) return q;
+  q.scale = range / 255.0f;
+  q.inv = 255.0f / range;
+  q.zero = static_cast<int32_t>(std::nearbyint(-lo * q.inv));
+  q.zero = q.zero < 0 ? 0 : q.zero > 255 ? 255 : q.zero;
+  return q;
+}
+inline uint32_t quantize_u8(float x, const RowQuant& q) {
+  int32_t u = static_cast<int32_t>(std::nearbyint(x * q.inv)) + q.zero;
+  return static_cast<uint32_t>(u < 0 ? 0 : u > 255 ? 255 : u);
+}
+inline int64_t int8_quads(int64_t K) { return ceil_div(K, 4); }
+// uint32 words of packed x per micro-panel: the quads, then kMR row scales (float bits) and
+// kMR zero points.
+inline int64_t int8_apack_words(int64_t K, int64_t mr) { return int8_quads(K) * mr + 2 * mr; }
+
 struct LinearArgs {
   const float* x;
   int64_t M, ldx, K, N;
   const float* wpack;  // panels as above (fp32), or
-  const uint32_t* wpack_bf16;  // bf16 pair panels (then wpack is null)
+  const uint32_t* wpack_bf16;  // bf16 pair panels (then wpack is null), or
+  const uint32_t* wpack_i8;    // int8 quad panels, followed by
+  const float* wscale;         //   their per-column scales and
+  const int32_t* wsum;         //   column sums
   const float* bias;   // kNR * panels floats (zero-padded), or null
   float* y;
   int64_t ldy;
@@ -78,6 +117,11 @@ void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t p0, i
 
 // The same with bf16 weights and x (fp32 accumulation); apack: (p1 - p0) * ceil(K/2) * kMR.
 void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
+                             int64_t j0, int64_t j1, uint32_t* apack);
+
+// The same with int8 weights and dynamically quantized u8 x (vpdpbusd, int32 accumulation);
+// apack: (p1 - p0) * int8_apack_words(K, kMR) words.
+void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
                              int64_t j0, int64_t j1, uint32_t* apack);
 
 // y[i] = gelu(x[i]) / erf(x[i]) with the AVX-512 epilogue math (n any).

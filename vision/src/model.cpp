@@ -167,6 +167,7 @@ VitConfig hf_vit_config(const Config& cfg, const std::string& mt) {
 
 void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base, const std::string& mt,
                      WeightType type) {
+  const WeightType edge = edge_layer_type(type);  // patch embedding, pooler, heads
   const VitConfig& c = w.config;
   const std::string e = base + "embeddings.";
   const int64_t d = c.hidden_size, p = c.patch_size, C = c.num_channels;
@@ -186,7 +187,7 @@ void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base, con
     w.detection_tokens = tokens(ck, e + "detection_tokens", c.num_detection_tokens, d);
   Tensor pw = ck.get(e + "patch_embeddings.projection.weight", {d, C, p, p});
   Tensor pb = ck.get(e + "patch_embeddings.projection.bias", {d});
-  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, type);
+  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, edge);
   if (mt == "dinov2" && ck.has(e + "mask_token")) ck.get(e + "mask_token", {1, d});
 
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
@@ -235,6 +236,7 @@ void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base, con
 namespace {
 
 void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
+  const WeightType edge = edge_layer_type(type);  // patch embedding, pooler, heads
   const std::string& mt = m.model_type;
   m.encoder.config = hf_vit_config(cfg, mt);
   const std::string arch = m.architecture;
@@ -250,22 +252,22 @@ void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   if (arch == "ViTForImageClassification" || arch == "DeiTForImageClassification") {
     h.kind = HeadKind::ClassToken;
     h.num_labels = num_labels_of("classifier.weight");
-    h.head = pack(ck, "classifier.weight", "classifier.bias", h.num_labels, d, true, type);
+    h.head = pack(ck, "classifier.weight", "classifier.bias", h.num_labels, d, true, edge);
   } else if (teacher) {
     h.kind = HeadKind::DeitTeacher;
     h.num_labels = num_labels_of("cls_classifier.weight");
-    h.head = pack(ck, "cls_classifier.weight", "cls_classifier.bias", h.num_labels, d, true, type);
+    h.head = pack(ck, "cls_classifier.weight", "cls_classifier.bias", h.num_labels, d, true, edge);
     h.head_dist = pack(ck, "distillation_classifier.weight", "distillation_classifier.bias",
                        h.num_labels, d, true, type);
   } else if (arch == "Dinov2ForImageClassification") {
     h.kind = HeadKind::Dinov2ClassMean;
     h.num_labels = num_labels_of("classifier.weight");
-    h.head = pack(ck, "classifier.weight", "classifier.bias", h.num_labels, 2 * d, true, type);
+    h.head = pack(ck, "classifier.weight", "classifier.bias", h.num_labels, 2 * d, true, edge);
   } else if (arch == "ViTModel" || arch == "DeiTModel" || arch == "Dinov2Model") {
     h.kind = HeadKind::None;
     if (mt != "dinov2" && ck.has(base + "pooler.dense.weight")) {
       h.has_pooler = true;
-      h.pooler = pack(ck, base + "pooler.dense.weight", base + "pooler.dense.bias", d, d, true, type);
+      h.pooler = pack(ck, base + "pooler.dense.weight", base + "pooler.dense.bias", d, d, true, edge);
     }
   } else {
     fail(cfg.file + ": architecture \"" + arch + "\" is not supported for model_type \"" + mt +
@@ -290,6 +292,7 @@ int64_t timm_heads(const std::string& arch, int64_t dim) {
 }
 
 void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
+  const WeightType edge = edge_layer_type(type);  // patch embedding, pooler, heads
   const std::string arch = cfg.string("architecture", "");
   check(arch.rfind("vit_", 0) == 0 || arch.rfind("deit_", 0) == 0 || arch.rfind("deit3_", 0) == 0,
         cfg.file + ": timm architecture \"" + arch + "\" is not supported (timm VisionTransformer: vit_*, deit_*)");
@@ -371,7 +374,7 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   Tensor pw = ck.get("patch_embed.proj.weight", {d, C, p, p});
   // CLIP-style models have no patch-embedding bias.
   Tensor pb = ck.has("patch_embed.proj.bias") ? ck.get("patch_embed.proj.bias", {d}) : Tensor();
-  w.patch_embed = pack_linear(pw.data(), pb.empty() ? nullptr : pb.data(), d, C * p * p, type);
+  w.patch_embed = pack_linear(pw.data(), pb.empty() ? nullptr : pb.data(), d, C * p * p, edge);
   if (c.pre_norm) {
     w.pre_norm_weight = ck.get("norm_pre.weight", {d});
     w.pre_norm_bias = ck.get("norm_pre.bias", {d});
@@ -413,9 +416,9 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   }
   if (ck.has("head.weight")) {
     h.num_labels = ck.shape("head.weight").at(0);
-    h.head = pack(ck, "head.weight", "head.bias", h.num_labels, d, true, type);
+    h.head = pack(ck, "head.weight", "head.bias", h.num_labels, d, true, edge);
     if (c.num_distillation_tokens)
-      h.head_dist = pack(ck, "head_dist.weight", "head_dist.bias", h.num_labels, d, true, type);
+      h.head_dist = pack(ck, "head_dist.weight", "head_dist.bias", h.num_labels, d, true, edge);
   }
   m.labels = labels_from(cfg.j, h.num_labels, cfg.file);
 }
@@ -423,6 +426,7 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
 // ---------------------------------------------------------------- torchvision
 
 void load_torchvision(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
+  const WeightType edge = edge_layer_type(type);  // patch embedding, pooler, heads
   VitConfig& c = m.encoder.config;
   VitWeights& w = m.encoder;
   m.architecture = "torchvision.VisionTransformer";
@@ -444,7 +448,7 @@ void load_torchvision(Model& m, const Config& cfg, Checkpoint& ck, WeightType ty
   w.pos_embed = tokens(ck, root + "encoder.pos_embedding", grid + 1, d);
   Tensor pw = ck.get(root + "conv_proj.weight", {d, 3, p, p});
   Tensor pb = ck.get(root + "conv_proj.bias", {d});
-  w.patch_embed = pack_linear(pw.data(), pb.data(), d, 3 * p * p, type);
+  w.patch_embed = pack_linear(pw.data(), pb.data(), d, 3 * p * p, edge);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string l = root + "encoder.layers.encoder_layer_" + std::to_string(i) + ".";
     VitLayer layer;
@@ -472,11 +476,11 @@ void load_torchvision(Model& m, const Config& cfg, Checkpoint& ck, WeightType ty
   if (ck.has(root + "heads.pre_logits.weight")) {
     const int64_t rep = ck.shape(root + "heads.pre_logits.weight").at(0);
     h.has_pooler = true;
-    h.pooler = pack(ck, root + "heads.pre_logits.weight", root + "heads.pre_logits.bias", rep, d, true, type);
+    h.pooler = pack(ck, root + "heads.pre_logits.weight", root + "heads.pre_logits.bias", rep, d, true, edge);
     head_in = rep;
   }
   h.num_labels = cfg.positive("num_classes");
-  h.head = pack(ck, root + "heads.head.weight", root + "heads.head.bias", h.num_labels, head_in, true, type);
+  h.head = pack(ck, root + "heads.head.weight", root + "heads.head.bias", h.num_labels, head_in, true, edge);
   m.labels = labels_from(cfg.j, h.num_labels, cfg.file);
 }
 

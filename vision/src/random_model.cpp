@@ -67,7 +67,7 @@ std::shared_ptr<const Model> random_model(const std::string& arch, int64_t image
   c.layer_norm_eps = 1e-12f;
   const int64_t d = s.hidden, grid = (image_size / s.patch) * (image_size / s.patch);
   VitWeights& w = m->encoder;
-  w.patch_embed = random_linear(d, 3 * s.patch * s.patch, rng, type);
+  w.patch_embed = random_linear(d, 3 * s.patch * s.patch, rng, edge_layer_type(type));
   w.prefix_tokens = random_tensor({1, d}, rng, 0.02f);
   w.pos_embed = random_tensor({grid + 1, d}, rng, 0.02f);
   for (int64_t i = 0; i < s.layers; ++i) {
@@ -86,7 +86,7 @@ std::shared_ptr<const Model> random_model(const std::string& arch, int64_t image
   w.final_norm_bias = random_tensor({d}, rng, 0.02f);
   m->classifier.kind = HeadKind::ClassToken;
   m->classifier.num_labels = 1000;
-  m->classifier.head = random_linear(1000, d, rng, type);
+  m->classifier.head = random_linear(1000, d, rng, edge_layer_type(type));
   for (int i = 0; i < 1000; ++i) m->labels.push_back("class_" + std::to_string(i));
   m->parameter_count = d * (3 * s.patch * s.patch + 1) + (grid + 2) * d +
                        s.layers * (4 * d + 4 * d * d + 4 * d + 2 * d * s.mlp + s.mlp + d) + 2 * d +

@@ -11,9 +11,18 @@
 namespace tessera {
 
 // F32: exact fp32 products. BF16: W and x rounded to bfloat16 (nearest even), products summed in
-// fp32 (vdpbf16ps where the CPU has it). INT8: not supported yet (pack_linear throws).
+// fp32 (vdpbf16ps where the CPU has it). INT8: W quantized per output channel (symmetric, s8),
+// x per row at run time (asymmetric, u8), exact int32 dot products (vpdpbusd where the CPU has
+// AVX512-VNNI), one fp32 rescale per output; the math is in core/src/gemm_internal.hpp.
 enum class WeightType { F32, BF16, INT8 };
 enum class Activation { None, Gelu /* exact erf */, Relu };
+
+// The type for a model's edge layers (patch embedding, pooler, classifier heads) when the
+// encoder blocks use `blocks`: int8 there cost the conformance models up to 0.0016 of logits
+// cosine similarity and flipped a top-1 for ~1% of the FLOPs, so they stay fp32; bf16 is kept.
+inline WeightType edge_layer_type(WeightType blocks) {
+  return blocks == WeightType::INT8 ? WeightType::F32 : blocks;
+}
 
 struct PackedLinear {
   int64_t out_features = 0;  // N
@@ -36,7 +45,9 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
 // Which kernel linear() uses for this type on this CPU ("avx512f", "generic", ...).
 std::string linear_kernel_name(WeightType type);
 // Forces the portable kernels (tests use it to check the fallback path), or restores dispatch.
+// It covers every dispatched kernel (layer norm and attention in kernels.hpp too).
 void force_generic_kernels(bool on);
+bool generic_kernels_forced();
 
 // The fused epilogue's exact-erf GELU, 0.5 x (1 + erf(x / sqrt 2)), and its erf, on n floats
 // through the dispatched kernel; exposed so tests can check them against std::erf.
