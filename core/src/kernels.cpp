@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #endif
 
+#include "tessera/gemm.hpp"
 #include "tessera/parallel.hpp"
 
 namespace tessera {
@@ -90,31 +91,90 @@ inline float one_plus_erf(float z) {
 // ---------------------------------------------------------------------------------------------
 // Layer norm, GELU, softmax
 // ---------------------------------------------------------------------------------------------
+namespace {
 
-// y[r] = (x[r] - mean) * rsqrt(var + eps) * gamma + beta. Two passes with double sums, so a row
-// with a large mean and a small spread keeps its variance (conformance uses eps down to 1e-12).
+
+// y = (x - mean) * rsqrt(var + eps) * gamma + beta for one row. Two passes with double sums, so
+// a row with a large mean and a small spread keeps its variance (conformance uses eps down to
+// 1e-12).
+void layer_norm_row_portable(const float* xr, int64_t dim, const float* gamma, const float* beta,
+                             float eps, float* yr) {
+  double sum = 0;
+  for (int64_t i = 0; i < dim; ++i) sum += xr[i];
+  const double mean = sum / static_cast<double>(dim);
+  double sq = 0;
+  for (int64_t i = 0; i < dim; ++i) {
+    const double d = xr[i] - mean;
+    sq += d * d;
+  }
+  const double var = sq / static_cast<double>(dim);
+  const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
+  // x - mean in double: rounding the mean to float first would cost ~1e-4 when |mean| >> std.
+  for (int64_t i = 0; i < dim; ++i)
+    yr[i] = static_cast<float>((xr[i] - mean) * rstd) * gamma[i] + beta[i];
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TESSERA_HAVE_AVX512_LAYER_NORM 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The same row, 16 floats at a time, sums in 8-lane doubles (only the summation order differs).
+__attribute__((target("avx512f,avx512dq"))) void layer_norm_row_avx512(
+    const float* xr, int64_t dim, const float* gamma, const float* beta, float eps, float* yr) {
+  const int64_t full = dim / 16 * 16;
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m512 v = _mm512_loadu_ps(xr + i);
+    s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
+  }
+  double sum = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  for (int64_t i = full; i < dim; ++i) sum += xr[i];
+  const double mean = sum / static_cast<double>(dim);
+  const __m512d mv = _mm512_set1_pd(mean);
+  s0 = s1 = _mm512_setzero_pd();
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m512 v = _mm512_loadu_ps(xr + i);
+    const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), mv);
+    const __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)), mv);
+    s0 = _mm512_fmadd_pd(d0, d0, s0);
+    s1 = _mm512_fmadd_pd(d1, d1, s1);
+  }
+  double sq = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  for (int64_t i = full; i < dim; ++i) {
+    const double d = xr[i] - mean;
+    sq += d * d;
+  }
+  const double var = sq / static_cast<double>(dim);
+  const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
+  const __m512d rv = _mm512_set1_pd(rstd);
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m512 v = _mm512_loadu_ps(xr + i);
+    const __m256 n0 = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), mv), rv));
+    const __m256 n1 = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)), mv), rv));
+    const __m512 n = _mm512_insertf32x8(_mm512_castps256_ps512(n0), n1, 1);
+    _mm512_storeu_ps(yr + i, _mm512_add_ps(_mm512_mul_ps(n, _mm512_loadu_ps(gamma + i)), _mm512_loadu_ps(beta + i)));
+  }
+  for (int64_t i = full; i < dim; ++i)
+    yr[i] = static_cast<float>((xr[i] - mean) * rstd) * gamma[i] + beta[i];
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+// y[r] = layer norm of x[r], row by row (see layer_norm_row_portable for the precision choices).
 void layer_norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* gamma,
                 const float* beta, float eps, float* y, int64_t ldy) {
   if (rows <= 0 || dim <= 0) return;
+  auto row = layer_norm_row_portable;
+#ifdef TESSERA_HAVE_AVX512_LAYER_NORM
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  if (has_avx512 && !generic_kernels_forced()) row = layer_norm_row_avx512;
+#endif
   const int64_t grain = std::max<int64_t>(1, 16384 / dim);
   parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * ldx;
-      float* yr = y + r * ldy;
-      double sum = 0;
-      for (int64_t i = 0; i < dim; ++i) sum += xr[i];
-      const double mean = sum / static_cast<double>(dim);
-      double sq = 0;
-      for (int64_t i = 0; i < dim; ++i) {
-        const double d = xr[i] - mean;
-        sq += d * d;
-      }
-      const double var = sq / static_cast<double>(dim);
-      const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
-      // x - mean in double: rounding the mean to float first would cost ~1e-4 when |mean| >> std.
-      for (int64_t i = 0; i < dim; ++i)
-        yr[i] = static_cast<float>((xr[i] - mean) * rstd) * gamma[i] + beta[i];
-    }
+    for (int64_t r = r0; r < r1; ++r) row(x + r * ldx, dim, gamma, beta, eps, y + r * ldy);
   });
 }
 
@@ -646,7 +706,8 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
     return;
   }
 #ifdef TESSERA_HAVE_AVX512_ATTENTION
-  const bool use_avx512 = cpu_has_avx512() && !g_force_portable_attention.load();
+  const bool use_avx512 =
+      cpu_has_avx512() && !g_force_portable_attention.load() && !generic_kernels_forced();
 #endif
   parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

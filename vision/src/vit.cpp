@@ -159,14 +159,15 @@ Tensor vit_position_embedding(const VitWeights& w, int64_t height, int64_t width
 
 Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace& ws) {
   const VitConfig& c = w.config;
-  check(pixel_values.ndim() == 4 && pixel_values.dim(1) == c.num_channels,
-        "pixel_values must be [batch, " + std::to_string(c.num_channels) +
-            ", height, width], got " + shape_str(pixel_values.shape()));
+  if (pixel_values.ndim() != 4 || pixel_values.dim(1) != c.num_channels)  // no message unless failing
+    fail("pixel_values must be [batch, " + std::to_string(c.num_channels) +
+         ", height, width], got " + shape_str(pixel_values.shape()));
   const int64_t B = pixel_values.dim(0), H = pixel_values.dim(2), W = pixel_values.dim(3);
   const int64_t p = c.patch_size, C = c.num_channels, d = c.hidden_size;
   const int64_t f = c.intermediate_size, heads = c.num_attention_heads, hd = c.head_dim();
-  check(H >= p && W >= p, "input " + std::to_string(H) + "x" + std::to_string(W) +
-                              " is smaller than one " + std::to_string(p) + "-pixel patch");
+  if (H < p || W < p)
+    fail("input " + std::to_string(H) + "x" + std::to_string(W) + " is smaller than one " +
+         std::to_string(p) + "-pixel patch");
   const int64_t nh = H / p, nw = W / p, np = nh * nw;
   const int64_t prefix = c.num_prefix_tokens();
   const int64_t T = vit_num_tokens(c, H, W);
@@ -185,7 +186,7 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
   }
 
   // Patch embedding: im2col (rows = patches in raster order, columns = c, ky, kx as in the
-  // convolution weight), then one GEMM per image straight into the token rows.
+  // convolution weight), then one GEMM.
   const float* px = pixel_values.data();
   float* patches = ws.patches.data();
   const int64_t kdim = C * p * p;
@@ -202,10 +203,14 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
     }
   });
   float* x = ws.hidden.data();
+  // One GEMM over all B*Np patches (into `normed`, unused until the first block: one big GEMM
+  // splits across threads better than B small ones), then each image's rows go in place.
+  float* embedded = ws.normed.data();
+  linear(patches, B * np, kdim, w.patch_embed, embedded, d);
   for (int64_t b = 0; b < B; ++b) {
     float* xb = x + b * T * d;
     copy_rows(w.prefix_tokens, 0, prefix, d, xb);
-    linear(patches + b * np * kdim, np, kdim, w.patch_embed, xb + prefix * d, d);
+    std::memcpy(xb + prefix * d, embedded + b * np * d, sizeof(float) * np * d);
     copy_rows(w.detection_tokens, 0, c.num_detection_tokens, d, xb + (prefix + np) * d);
     const float* pos = ws.pos.data();
     for (int64_t i = 0; i < T * d; ++i) xb[i] += pos[i];
