@@ -260,17 +260,27 @@ Split choose_split(int64_t P, int64_t NP, int64_t mr, int64_t K, int threads) {
 
 namespace {
 
+// 64-byte aligned, uninitialised: the packers write (or zero) every word themselves, in
+// parallel, so the pages are first touched by the threads that fill them.
+std::shared_ptr<float[]> uninitialised_floats(size_t n) {
+  const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return std::shared_ptr<float[]>(static_cast<float*>(p), [](float* q) { std::free(q); });
+}
+
 // The int8 layout of gemm_internal.hpp: quad panels, then per-column scales and column sums.
 void pack_int8(const float* weight, int64_t N, int64_t K, PackedLinear& p) {
   const int64_t panels = ceil_div(N, kNR), K4 = int8_quads(K), cols = panels * kNR;
   const size_t words = static_cast<size_t>(panels * K4 * kNR + 2 * cols);
-  auto packed = aligned_floats(words);
-  std::memset(packed.get(), 0, words * sizeof(float));
+  auto packed = uninitialised_floats(words);
   uint32_t* quads = reinterpret_cast<uint32_t*>(packed.get());
   float* scale = packed.get() + panels * K4 * kNR;
   int32_t* sum = reinterpret_cast<int32_t*>(scale + cols);
-  parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+  std::memset(scale, 0, 2 * static_cast<size_t>(cols) * sizeof(float));  // padding columns: 0
+  parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+    std::memset(quads + j0 * K4 * kNR, 0, static_cast<size_t>((j1 - j0) * K4 * kNR) * 4);
+    for (int64_t n = j0 * kNR; n < std::min(N, j1 * kNR); ++n) {
       const float* row = weight + n * K;
       float amax = 0.0f;
       for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
@@ -308,9 +318,11 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
   } else {
     // K rows of 32 floats per panel, or ceil(K/2) rows of 32 bf16 pairs; zero-filled padding.
     const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
-    auto packed = aligned_floats(static_cast<size_t>(panels * rows * kNR));
-    // Panels are disjoint, so they are filled in parallel (load time is mostly this copy).
+    auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR));
+    // Panels are disjoint, so they are filled in parallel (load time is mostly this copy);
+    // each is zeroed first for the padding columns of the last one.
     parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+      std::memset(packed.get() + j0 * rows * kNR, 0, static_cast<size_t>((j1 - j0) * rows * kNR) * 4);
       for (int64_t n = j0 * kNR; n < std::min(N, j1 * kNR); ++n) {
         const float* row = weight + n * K;
         const int64_t at = (n / kNR) * rows * kNR + (n % kNR);
