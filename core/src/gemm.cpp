@@ -1,5 +1,7 @@
 // fp32 linear layers: weight packing, run-time kernel dispatch, the task split over threads, and
 // the portable kernel (plain C++ the compiler vectorises), which is also the fallback.
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -261,11 +263,16 @@ Split choose_split(int64_t P, int64_t NP, int64_t mr, int64_t K, int threads) {
 namespace {
 
 // 64-byte aligned, uninitialised: the packers write (or zero) every word themselves, in
-// parallel, so the pages are first touched by the threads that fill them.
+// parallel, so the pages are first touched by the threads that fill them. Buffers of 2 MiB or
+// more are 2 MiB aligned and ask for transparent huge pages on their whole 2 MiB chunks: a
+// ViT-B's 330 MB of packed weights then takes ~170 page faults instead of ~85000 (most of the
+// load time), and the GEMM streams them with fewer TLB misses.
 std::shared_ptr<float[]> uninitialised_floats(size_t n) {
+  constexpr size_t kHuge = size_t{2} << 20;
   const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
-  void* p = std::aligned_alloc(64, bytes);
+  void* p = std::aligned_alloc(bytes >= kHuge ? kHuge : 64, bytes);
   if (!p) throw std::bad_alloc();
+  if (bytes >= kHuge) ::madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);  // a hint; may fail
   return std::shared_ptr<float[]>(static_cast<float*>(p), [](float* q) { std::free(q); });
 }
 
