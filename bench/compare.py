@@ -191,7 +191,8 @@ def main():
                          "onnxruntime_ms": om, "speedup_vs_pytorch": pm / tm,
                          "speedup_vs_onnxruntime": om / tm if om else None,
                          "tessera_gflops": gflop / tm * 1000,
-                         "tessera_runs": t_ms, "pytorch_runs": p_ms, "onnxruntime_runs": o_ms})
+                         "tessera_runs": t_ms, "pytorch_runs": p_ms, "onnxruntime_runs": o_ms,
+                         "load_average_1min": os.getloadavg()[0]})
     load = os.getloadavg()[0]
     if args.json:
         print(json.dumps({"arch": args.arch, "image_size": args.image_size, "onnxruntime": ort_version,
@@ -202,12 +203,12 @@ def main():
           f"alternating rounds x median of {args.iterations} runs); PyTorch {torch.__version__} eager, "
           f"ONNX Runtime {ort_version or '-'}; load average {load:.2f} at the end")
     print(f"{'threads':>7} {'batch':>5} {'Tessera':>9} {'PyTorch':>9} {'ONNX RT':>9} {'PyTorch/Tessera':>16} "
-          f"{'ORT/Tessera':>12} {'Tessera GFLOP/s':>16}")
+          f"{'ORT/Tessera':>12} {'Tessera GFLOP/s':>16} {'load avg':>9}")
     for r in rows:
         om = f"{r['onnxruntime_ms']:>9.1f}" if r["onnxruntime_ms"] else f"{'-':>9}"
         orat = f"{r['speedup_vs_onnxruntime']:>11.2f}x" if r["speedup_vs_onnxruntime"] else f"{'-':>12}"
         print(f"{r['threads']:>7} {r['batch']:>5} {r['tessera_ms']:>9.1f} {r['pytorch_ms']:>9.1f} {om} "
-              f"{r['speedup_vs_pytorch']:>15.2f}x {orat} {r['tessera_gflops']:>16.1f}")
+              f"{r['speedup_vs_pytorch']:>15.2f}x {orat} {r['tessera_gflops']:>16.1f} {r['load_average_1min']:>9.2f}")
 
 
 if __name__ == "__main__":
