@@ -173,7 +173,9 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
   const int64_t M = B * T;
 
   if (ws.batch != B || ws.height != H || ws.width != W) {
+    const bool record_attention = ws.record_attention;  // a setting, not a size: keep it
     ws = VitWorkspace{};
+    ws.record_attention = record_attention;
     ws.batch = B, ws.height = H, ws.width = W, ws.tokens = T;
     ws.patches = Tensor({B * np, C * p * p});
     ws.hidden = Tensor({M, d});
