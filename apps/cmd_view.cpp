@@ -292,40 +292,49 @@ struct Viewer {
   }
 
   void render() {
-    overlay = frame.bgr.clone();
-    if (show_attention && !frame.attention.empty())
-      overlay = render_attention(frame.bgr, frame.attention, pre.config, model->encoder.config.patch_size, 0.5f);
+    const cv::Mat base = show_attention && !frame.attention.empty()
+                             ? render_attention(frame.bgr, frame.attention, pre.config,
+                                                model->encoder.config.patch_size, 0.5f)
+                             : frame.bgr;
     const std::vector<Detection> dets = current_detections();
+    overlay = base.clone();  // full resolution: what 's' saves
     draw_detections(overlay, dets, draw);
 
-    // The display copy: fitted to the screen (small images enlarged by whole factors, so
-    // pixels stay crisp), with the readouts drawn at screen resolution.
-    const int w = overlay.cols, h = overlay.rows;
+    // The window: the picture fitted to the screen (small ones enlarged), with the boxes drawn
+    // again at screen resolution so lines and tags are crisp at any zoom; readouts in a header
+    // and footer strip, off the picture.
+    const int w = frame.bgr.cols, h = frame.bgr.rows;
     double scale = 1;
-    if (w < 640 && h < 480) scale = std::max(1, std::min(640 / w, 480 / h));
+    if (w < 640 && h < 480) scale = std::min(640.0 / w, 480.0 / h);
     else scale = std::min({1.0, 1280.0 / w, 800.0 / h});
     cv::Mat shown;
-    if (scale == 1) shown = overlay.clone();
-    else cv::resize(overlay, shown, cv::Size(), scale, scale, scale > 1 ? cv::INTER_NEAREST : cv::INTER_AREA);
-
-    char line[512];
-    std::vector<std::string> lines;
-    std::vector<cv::Scalar> swatches;
-    const cv::Scalar none(0, 0, 0, -1);
-    std::snprintf(line, sizeof(line), "%zu/%zu  %s  %dx%d", index + 1, sources.size(), frame.name.c_str(), w, h);
-    lines.push_back(line), swatches.push_back(none);
-    std::snprintf(line, sizeof(line), "threshold %.2f   %zu box%s%s%s", post.threshold, dets.size(),
-                  dets.size() == 1 ? "" : "es", draw.labels ? "" : "   labels off",
-                  show_attention ? "   attention rollout" : "");
-    lines.push_back(line), swatches.push_back(none);
-    if (live) {
+    if (scale == 1) shown = base.clone();
+    else cv::resize(base, shown, cv::Size(), scale, scale, scale > 1 ? cv::INTER_LINEAR : cv::INTER_AREA);
+    std::vector<Detection> scaled = dets;
+    for (Detection& d : scaled) d.x0 *= scale, d.y0 *= scale, d.x1 *= scale, d.y1 *= scale;
+    draw_detections(shown, scaled, draw);
+    if (live) {  // the frame-rate readout, on the frame
+      char fps_line[128];
       if (source_fps > 0)
-        std::snprintf(line, sizeof(line), "%.1f fps (video %.1f)   frame %lld%s", fps, source_fps,
-                      (long long)frame_number, ended ? "   end" : "");
+        std::snprintf(fps_line, sizeof(fps_line), "%.1f fps  (video %.1f fps)  frame %lld%s", fps, source_fps,
+                      (long long)frame_number, ended ? "  (end)" : "");
       else
-        std::snprintf(line, sizeof(line), "%.1f fps   frame %lld", fps, (long long)frame_number);
-      lines.push_back(line), swatches.push_back(none);
+        std::snprintf(fps_line, sizeof(fps_line), "%.1f fps  frame %lld", fps, (long long)frame_number);
+      draw_text_panel(shown, {fps_line}, true, {}, 0.5);
     }
+
+    const double fs = 0.5;
+    const int font = cv::FONT_HERSHEY_SIMPLEX, tt = 1, line_h = 22, pad = 8;
+    const cv::Scalar bg(38, 34, 32), fg(240, 240, 240), dim(170, 170, 170);
+    const int header_h = 2 * line_h + pad, footer_h = line_h + pad / 2;
+    cv::Mat canvas(header_h + shown.rows + footer_h, std::max(shown.cols, 560), CV_8UC3, bg);
+    shown.copyTo(canvas(cv::Rect(0, header_h, shown.cols, shown.rows)));
+    char line[512];
+    std::snprintf(line, sizeof(line), "%zu/%zu  %s  %dx%d     threshold %.2f     %zu box%s%s%s", index + 1,
+                  sources.size(), frame.name.c_str(), w, h, post.threshold, dets.size(),
+                  dets.size() == 1 ? "" : "es", draw.labels ? "" : "     labels off",
+                  show_attention ? "     attention rollout" : "");
+    cv::putText(canvas, line, {pad, pad + 14}, font, fs, fg, tt, cv::LINE_AA);
     // Legend: each class present, in its colour, with its count.
     std::map<int64_t, std::pair<std::string, int>> classes;
     for (const auto& d : dets) {
@@ -333,18 +342,22 @@ struct Viewer {
       c.first = d.name.empty() ? std::to_string(d.label) : d.name;
       ++c.second;
     }
-    int listed = 0;
+    int x = pad;
+    const int y = pad + line_h + 14;
+    if (classes.empty()) cv::putText(canvas, "no boxes above the threshold", {x, y}, font, fs, dim, tt, cv::LINE_AA);
     for (const auto& [label, c] : classes) {
-      if (++listed > 8) {
-        lines.push_back("+" + std::to_string(classes.size() - 8) + " more classes"), swatches.push_back(none);
+      const std::string text = c.first + " " + std::to_string(c.second);
+      const int tw = cv::getTextSize(text, font, fs, tt, nullptr).width;
+      if (x + 16 + tw > canvas.cols - pad) {
+        cv::putText(canvas, "...", {x, y}, font, fs, dim, tt, cv::LINE_AA);
         break;
       }
-      lines.push_back(c.first + " x" + std::to_string(c.second)), swatches.push_back(class_colour(label));
+      cv::rectangle(canvas, cv::Rect(x, y - 11, 12, 12), class_colour(label), cv::FILLED);
+      cv::putText(canvas, text, {x + 16, y}, font, fs, fg, tt, cv::LINE_AA);
+      x += 16 + tw + 18;
     }
-    const double fs = std::clamp(shown.cols / 1400.0, 0.4, 0.6);
-    draw_text_panel(shown, lines, false, swatches, fs);
-    draw_text_panel(shown, {kKeysHelp}, true, {}, fs);
-    cv::imshow(kWindow, shown);
+    cv::putText(canvas, kKeysHelp, {pad, header_h + shown.rows + 16}, font, 0.45, dim, tt, cv::LINE_AA);
+    cv::imshow(kWindow, canvas);
     dirty = false;
   }
 
