@@ -104,8 +104,11 @@ TEST_CASE("tessera infer on photos goes through the folder's processor (e2e case
     std::sort(files.begin(), files.end());
     for (const auto& f : files) images += " " + f.string();
     fs::path out = scratch() / "e2e.safetensors";
-    std::string processor = fs::exists(e2e / "preprocessor_config.json")
-                                ? " --processor " + (e2e / "preprocessor_config.json").string() : "";
+    std::string processor;
+    if (fs::exists(e2e / "preprocessor_config.json")) {
+      processor = " --processor ";
+      processor += (e2e / "preprocessor_config.json").string();
+    }
     Run r = run_cli("infer --model " + fixture(model) + processor + images + " --outputs " + out.string());
     INFO(r.err);
     REQUIRE(r.code == 0);
