@@ -454,8 +454,9 @@ bool wait_for(const fs::path& file, const std::string& text, int seconds) {
 
 TEST_CASE("the viewer under Xvfb: opens, draws, reacts to keys, saves overlays, skips a bad image") {
   Xvfb x;
-  if (x.pid < 0) {
-    WARN("Xvfb is not installed: the viewer window test is skipped (scripts/install-deps.sh installs xvfb)");
+  if (x.pid < 0 || std::system("command -v import >/dev/null 2>&1") != 0) {
+    WARN("Xvfb or ImageMagick's import is not installed: the viewer window test is skipped "
+         "(scripts/install-deps.sh installs xvfb and imagemagick)");
     return;
   }
   fs::path dir = scratch("viewer");
@@ -585,4 +586,63 @@ TEST_CASE("the viewer plays a video with an fps readout, and reports an unreadab
   CHECK(cam.code == 1);
   CHECK(cam.err.find("camera 7: cannot open the camera") != std::string::npos);
   CHECK(cam.err.find("none of the inputs could be shown") != std::string::npos);
+}
+
+TEST_CASE("the viewer under Xvfb takes real key presses (xdotool): save, next image, quit") {
+  Xvfb x;
+  if (x.pid < 0 || std::system("command -v xdotool >/dev/null 2>&1") != 0) {
+    WARN("Xvfb or xdotool is not installed: the real-key viewer test is skipped "
+         "(scripts/install-deps.sh installs xvfb and xdotool)");
+    return;
+  }
+  fs::path dir = scratch("keys");
+  cv::imwrite((dir / "one.png").string(), test_picture(400, 300, 0));
+  cv::imwrite((dir / "two.png").string(), test_picture(400, 300, 2));
+  nlohmann::json dets = nlohmann::json::array();
+  dets.push_back({{"image", "one.png"},
+                  {"detections", {{{"label", 7}, {"name", "truck"}, {"score", 0.9}, {"box", {50, 50, 350, 250}}}}}});
+  dets.push_back({{"image", "two.png"},
+                  {"detections", {{{"label", 9}, {"name", "boat"}, {"score", 0.9}, {"box", {10, 120, 390, 290}}}}}});
+  { std::ofstream(dir / "dets.json") << dets.dump(); }
+  const fs::path out = dir / "out", err = dir / "err", saves = dir / "saved";
+  const char* cli = std::getenv("TESSERA_CLI");
+  REQUIRE(cli != nullptr);
+  int status = -1;
+  std::thread viewer([&] {
+    status = std::system((x.env() + " timeout 120 " + cli + " view --detections " + (dir / "dets.json").string() +
+                          " --save-dir " + saves.string() + " " + (dir / "one.png").string() + " " +
+                          (dir / "two.png").string() + " >" + out.string() + " 2>" + err.string())
+                             .c_str());
+  });
+  const std::string xdo = x.env() + " xdotool ";
+  // Keys go to the window that has the focus: find it, focus it, then type.
+  auto key = [&](const std::string& k) {
+    std::system((xdo + "search --name 'tessera view' windowfocus --sync key " + k + " >/dev/null 2>&1").c_str());
+  };
+  bool ok = wait_for(out, "showing 1/2", 60);
+  if (ok) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    key("s");
+    ok = wait_for(out, "saved", 20);
+  }
+  if (ok) {
+    key("Right");
+    ok = wait_for(out, "showing 2/2", 20);
+  }
+  if (ok) {
+    key("s");
+    ok = wait_for(out, "two_view.png", 20);
+  }
+  key("q");
+  viewer.join();
+  INFO("stdout: " << slurp(out) << "\nstderr: " << slurp(err));
+  REQUIRE(ok);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  const cv::Mat one = cv::imread((saves / "one_view.png").string());
+  const cv::Mat two = cv::imread((saves / "two_view.png").string());
+  REQUIRE(!one.empty());
+  REQUIRE(!two.empty());
+  CHECK(one.at<cv::Vec3b>(150, 50) == bgr_of(class_colour(7)));
+  CHECK(two.at<cv::Vec3b>(200, 390) == bgr_of(class_colour(9)));
 }

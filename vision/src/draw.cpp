@@ -105,7 +105,7 @@ TagLayout layout_tag(cv::Size image, const Detection& d, const DrawOptions& opti
   }
   const int tag_w = std::min(W, ts.width + 2 * pad), tag_h = std::min(H, ts.height + baseline + pad);
   // Above the box, flush with the outer edge of its line; inside the box at the top edge.
-  int tx = x0 - t / 2, ty = y0 - t / 2 - tag_h + t;
+  int tx = x0 - t / 2, ty = y0 + (t + 1) / 2 - tag_h;  // its bottom covers the line
   if (ty < 0) ty = std::max(0, y0 - t / 2);
   tx = std::clamp(tx, 0, W - tag_w);
   ty = std::clamp(ty, 0, H - tag_h);
@@ -227,7 +227,10 @@ void write_image_atomic(const std::string& path, const cv::Mat& bgr) {
   }
   if (!ok) fail(path + ": cannot encode the image as " + ext);
   const fs::path target(path);
-  const fs::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()));
+  std::string tmp_name = ".";  // built in steps: GCC 12 warns falsely (-Wrestrict) on "." + string
+  tmp_name += target.filename().string();
+  tmp_name += ".tmp-" + std::to_string(::getpid());
+  const fs::path tmp = target.parent_path() / tmp_name;
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) fail(path + ": cannot write (cannot create " + tmp.string() + ")");
