@@ -155,7 +155,8 @@ struct Viewer {
   cv::VideoCapture capture;
   bool live = false, ended = false;
   int64_t frame_number = 0;
-  double source_fps = 0, fps = 0;
+  double source_fps = 0, fps = 0;  // the file's rate; frames shown per second (smoothed)
+  double work_ms = 0;               // decode + detector (+ attention) per frame (smoothed)
   std::chrono::steady_clock::time_point last_frame_time;
   int failures = 0;
   // Test script (hidden --script)
@@ -239,7 +240,7 @@ struct Viewer {
                                          : s.path + ": cannot open the camera (no such device, or it is busy)");
       source_fps = s.kind == SourceKind::Video ? capture.get(cv::CAP_PROP_FPS) : 0;
       frame_number = 0;
-      fps = 0;
+      fps = 0, work_ms = 0;
       live = true;
       frame.name = s.kind == SourceKind::Video ? fs::path(s.path).stem().string()
                                                : "camera" + std::to_string(s.camera);
@@ -258,6 +259,7 @@ struct Viewer {
 
   // Reads, detects and times the next frame of a video or camera; false at the end.
   bool next_video_frame() {
+    const auto start = std::chrono::steady_clock::now();
     cv::Mat bgr;
     if (!capture.read(bgr) || bgr.empty()) return false;
     if (bgr.channels() == 1) cv::cvtColor(bgr, bgr, cv::COLOR_GRAY2BGR);
@@ -266,6 +268,8 @@ struct Viewer {
     detect(sources[index].path);
     compute_attention();
     const auto now = std::chrono::steady_clock::now();
+    const double ms = std::chrono::duration<double, std::milli>(now - start).count();
+    work_ms = work_ms > 0 ? 0.8 * work_ms + 0.2 * ms : ms;
     if (frame_number > 1) {
       const double dt = std::chrono::duration<double>(now - last_frame_time).count();
       const double instant = dt > 0 ? 1.0 / dt : 0;
@@ -316,10 +320,11 @@ struct Viewer {
     if (live) {  // the frame-rate readout, on the frame
       char fps_line[128];
       if (source_fps > 0)
-        std::snprintf(fps_line, sizeof(fps_line), "%.1f fps  (video %.1f fps)  frame %lld%s", fps, source_fps,
-                      (long long)frame_number, ended ? "  (end)" : "");
+        std::snprintf(fps_line, sizeof(fps_line), "%.1f fps (video %.1f)   decode+model %.1f ms   frame %lld%s", fps,
+                      source_fps, work_ms, (long long)frame_number, ended ? "  (end)" : "");
       else
-        std::snprintf(fps_line, sizeof(fps_line), "%.1f fps  frame %lld", fps, (long long)frame_number);
+        std::snprintf(fps_line, sizeof(fps_line), "%.1f fps   decode+model %.1f ms   frame %lld", fps, work_ms,
+                      (long long)frame_number);
       draw_text_panel(shown, {fps_line}, true, {}, 0.5);
     }
 
@@ -457,7 +462,17 @@ struct Viewer {
           announced = true;
         }
       }
-      const int key = next_key(live && !ended ? 1 : 30);
+      // A video file plays at its own rate (if the model keeps up); a camera as fast as it comes.
+      int delay = 30;
+      if (live && !ended) {
+        delay = 1;
+        if (source_fps > 0) {
+          const auto due = last_frame_time + std::chrono::duration<double>(1.0 / source_fps);
+          const double left = std::chrono::duration<double, std::milli>(due - std::chrono::steady_clock::now()).count();
+          delay = std::max(1, static_cast<int>(left));
+        }
+      }
+      const int key = next_key(delay);
       const Command cmd = command_for_key(key);
       if (cmd == Command::Quit) break;
       if (cmd == Command::None && key < 0 && cv::getWindowProperty(kWindow, cv::WND_PROP_VISIBLE) < 1) break;
