@@ -2,6 +2,11 @@
 // files and camera indices; a score-threshold trackbar that re-filters the kept raw outputs (the
 // model runs once per image); keys for next/previous, save, labels, attention map, quit.
 // A bad input is reported and skipped; the rest goes on. Without a display it says so.
+#include <netdb.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
 #include <opencv2/core/utils/logger.hpp>
 #include <opencv2/highgui.hpp>
 #include <opencv2/imgproc.hpp>
@@ -120,6 +125,37 @@ std::map<std::string, std::vector<Detection>> read_detections_json(const std::st
   } catch (const nlohmann::json::exception& e) {
     fail(path + ": not a detections list (" + e.what() + ")");
   }
+}
+
+// Whether the X server named by DISPLAY accepts connections. GUI toolkits abort the process when
+// it does not (Qt: "could not connect to display"), so the viewer asks first and says so itself.
+bool x_display_reachable(const std::string& display) {
+  const size_t colon = display.rfind(':');
+  if (colon == std::string::npos) return false;
+  const std::string host = display.substr(0, colon);
+  const int number = std::atoi(display.c_str() + colon + 1);
+  if (host.empty() || host == "unix") {
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0) return false;
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof(addr.sun_path), "/tmp/.X11-unix/X%d", number);
+    const bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+    ::close(fd);
+    return ok;
+  }
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_socktype = SOCK_STREAM;
+  if (::getaddrinfo(host.c_str(), std::to_string(6000 + number).c_str(), &hints, &res) != 0) return false;
+  bool ok = false;
+  for (addrinfo* a = res; a && !ok; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+    if (fd < 0) continue;
+    ok = ::connect(fd, a->ai_addr, a->ai_addrlen) == 0;
+    ::close(fd);
+  }
+  ::freeaddrinfo(res);
+  return ok;
 }
 
 struct Frame {
@@ -443,6 +479,10 @@ struct Viewer {
     // The first source that opens.
     index = sources.size() - 1;
     if (!move(+1)) fail("none of the inputs could be shown");
+    const char* display = std::getenv("DISPLAY");
+    if (display && *display && !x_display_reachable(display))
+      fail(std::string("cannot connect to the display ") + display + " (no X server there?): tessera view needs a "
+           "window; to write annotated images instead, use tessera detect --model DIR --out DIR INPUT...");
     try {
       cv::namedWindow(kWindow, cv::WINDOW_AUTOSIZE | cv::WINDOW_GUI_NORMAL);  // no Qt toolbar
     } catch (const cv::Exception& e) {

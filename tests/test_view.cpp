@@ -386,6 +386,18 @@ TEST_CASE("tessera view without a display says so and points to tessera detect -
   CHECK(r.err.find("--out") != std::string::npos);
 }
 
+TEST_CASE("tessera view with a display that does not answer says so (instead of the toolkit aborting)") {
+  fs::path dir = scratch("nodisplay");
+  cv::imwrite((dir / "a.png").string(), cv::Mat(40, 40, CV_8UC3, cv::Scalar(1, 2, 3)));
+  { std::ofstream(dir / "dets.json") << "[]"; }
+  Run r = run_cli("view --detections " + (dir / "dets.json").string() + " " + (dir / "a.png").string(),
+                  "env DISPLAY=:12345");
+  CHECK(r.code == 1);
+  CHECK(lines(r.err) == 1);
+  CHECK(r.err.find("cannot connect to the display :12345") != std::string::npos);
+  CHECK(r.err.find("tessera detect") != std::string::npos);
+}
+
 TEST_CASE("tessera view with a model that is not a detector says so") {
   Run r = run_cli("view --model " + fixture("conformance/vit-tiny-rand") + " x.png", "env DISPLAY=:12345");
   CHECK(r.code == 1);
