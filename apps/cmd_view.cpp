@@ -367,15 +367,16 @@ struct Viewer {
     const double fs = 0.5;
     const int font = cv::FONT_HERSHEY_SIMPLEX, tt = 1, line_h = 22, pad = 8;
     const cv::Scalar bg(38, 34, 32), fg(240, 240, 240), dim(170, 170, 170);
-    const int header_h = 2 * line_h + pad, footer_h = line_h + pad / 2;
+    const int header_h = 3 * line_h + pad, footer_h = line_h + pad / 2;
     cv::Mat canvas(header_h + shown.rows + footer_h, std::max(shown.cols, 560), CV_8UC3, bg);
     shown.copyTo(canvas(cv::Rect(0, header_h, shown.cols, shown.rows)));
     char line[512];
-    std::snprintf(line, sizeof(line), "%zu/%zu  %s  %dx%d     threshold %.2f     %zu box%s%s%s", index + 1,
-                  sources.size(), frame.name.c_str(), w, h, post.threshold, dets.size(),
-                  dets.size() == 1 ? "" : "es", draw.labels ? "" : "     labels off",
-                  show_attention ? "     attention rollout" : "");
+    std::snprintf(line, sizeof(line), "%zu/%zu   %s   %dx%d", index + 1, sources.size(), frame.name.c_str(), w, h);
     cv::putText(canvas, line, {pad, pad + 14}, font, fs, fg, tt, cv::LINE_AA);
+    std::snprintf(line, sizeof(line), "threshold %.2f   %zu box%s%s%s", post.threshold, dets.size(),
+                  dets.size() == 1 ? "" : "es", draw.labels ? "" : "   labels off",
+                  show_attention ? "   attention rollout" : "");
+    cv::putText(canvas, line, {pad, pad + line_h + 14}, font, fs, fg, tt, cv::LINE_AA);
     // Legend: each class present, in its colour, with its count.
     std::map<int64_t, std::pair<std::string, int>> classes;
     for (const auto& d : dets) {
@@ -384,7 +385,7 @@ struct Viewer {
       ++c.second;
     }
     int x = pad;
-    const int y = pad + line_h + 14;
+    const int y = pad + 2 * line_h + 14;
     if (classes.empty()) cv::putText(canvas, "no boxes above the threshold", {x, y}, font, fs, dim, tt, cv::LINE_AA);
     for (const auto& [label, c] : classes) {
       const std::string text = c.first + " " + std::to_string(c.second);

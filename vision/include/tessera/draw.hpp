@@ -60,8 +60,9 @@ cv::Mat heatmap_overlay(const cv::Mat& bgr, const Tensor& grid_map, float alpha)
 cv::Mat heatmap_overlay(const cv::Mat& bgr, const Tensor& grid_map, float alpha, const cv::Rect2d& region);
 
 // A panel of text lines on a translucent dark background at the top-left (or bottom-left)
-// corner, for captions and the viewer's readouts. `swatches[i]`, if not empty, is drawn as a
-// small colour square before line i (a legend). Font scale: `font_scale`, 0 = from the image.
+// corner, for captions and readouts. `swatches[i]` (BGR) is drawn as a small colour square
+// before line i (a legend); lines past the end of `swatches`, or whose swatch has a negative 4th
+// value, get none. Font scale: `font_scale`, 0 = from the image.
 void draw_text_panel(cv::Mat& bgr, const std::vector<std::string>& lines, bool bottom = false,
                      const std::vector<cv::Scalar>& swatches = {}, double font_scale = 0);
 
