@@ -97,15 +97,43 @@ void init_params(const TrainVitConfig& c, R* buffer, uint64_t seed) {
     const int64_t n = shape_numel(t.shape);
     const bool is_norm_weight = t.name.ends_with("norm1.weight") || t.name.ends_with("norm2.weight") ||
                                 t.name == "norm.weight";
-    const bool random = t.decay || t.name == "cls_token" || t.name == "position_embeddings";
+    // The original (JAX) ViT's scheme, which suits a narrow model far better than BERT's N(0, 0.02²)
+    // (at width 64 that leaves GELU almost linear and training sits on a plateau for epochs):
+    // linear weights Xavier-uniform, the patch projection LeCun-normal, class token and classifier
+    // zero, biases zero, norms one. The position embedding starts as MAE's fixed 2-D sin-cos table
+    // (then learned): at N(0, 0.02²) it is invisible next to unit-scale patch tokens, and a small
+    // model spends epochs as a bag of patches before it learns where anything is.
+    double uniform_limit = 0, normal_std = 0;
+    if (t.name == "patch_embed.weight") {
+      normal_std = 1.0 / std::sqrt(static_cast<double>(t.shape[1]));
+    } else if (t.name == "position_embeddings" && c.hidden_size % 4 == 0) {
+      // [sin(y ω_i), cos(y ω_i), sin(x ω_i), cos(x ω_i)], ω_i = 10000^(−i / (D/4)); class token 0.
+      const int64_t D = c.hidden_size, q = D / 4, G = c.grid();
+      std::fill(p, p + n, R(0));
+      for (int64_t gy = 0; gy < G; ++gy)
+        for (int64_t gx = 0; gx < G; ++gx)
+          for (int64_t i = 0; i < q; ++i) {
+            const double w = std::pow(10000.0, -static_cast<double>(i) / static_cast<double>(q));
+            R* row = p + (1 + gy * G + gx) * D;
+            row[i] = static_cast<R>(std::sin(gy * w)), row[q + i] = static_cast<R>(std::cos(gy * w));
+            row[2 * q + i] = static_cast<R>(std::sin(gx * w)), row[3 * q + i] = static_cast<R>(std::cos(gx * w));
+          }
+      continue;
+    } else if (t.name == "position_embeddings") {
+      normal_std = 0.02;
+    } else if (t.decay && t.name != "classifier.weight") {
+      uniform_limit = std::sqrt(6.0 / static_cast<double>(t.shape[0] + t.shape[1]));
+    }
     for (int64_t i = 0; i < n; ++i) {
       if (is_norm_weight) {
         p[i] = R(1);
-      } else if (random) {
+      } else if (normal_std > 0) {
         double z;
         do z = rng.normal();
-        while (std::abs(z) > 2.0);  // trunc_normal_(std=0.02), cut at ±2σ
-        p[i] = static_cast<R>(0.02 * z);
+        while (std::abs(z) > 2.0);  // truncated at ±2σ
+        p[i] = static_cast<R>(normal_std * z);
+      } else if (uniform_limit > 0) {
+        p[i] = static_cast<R>(rng.uniform(-uniform_limit, uniform_limit));
       } else {
         p[i] = R(0);
       }

@@ -90,8 +90,10 @@ struct VitParams {
 template <typename R>
 VitParams<R> bind_params(const TrainVitConfig& config, R* buffer);
 
-// Hugging Face's initialisation: weights ~ N(0, 0.02²) (truncated at ±2σ), biases 0, norms 1/0,
-// class token and position embedding ~ N(0, 0.02²). Deterministic for a seed.
+// The original (JAX) ViT's initialisation: linear weights Xavier-uniform, patch projection
+// LeCun-normal, position embedding MAE's 2-D sin-cos table, class token and classifier 0, biases
+// 0, norms 1.
+// Deterministic for a seed.
 template <typename R>
 void init_params(const TrainVitConfig& config, R* buffer, uint64_t seed);
 
