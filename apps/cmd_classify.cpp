@@ -15,7 +15,7 @@ namespace tessera::cli {
 
 void add_classify(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("classify", "Classify images: top-k labels with probabilities");
-  static std::string model_dir;
+  static std::string model_dir, processor;
   static std::vector<std::string> images;
   static int64_t k = 5, batch = 1;
   static int threads = 0;
@@ -25,6 +25,7 @@ void add_classify(CLI::App& app, Action& action) {
   cmd->add_option("--batch", batch, "Images per forward pass")->check(CLI::Range(1, 4096));
   cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
   cmd->add_flag("--json", as_json, "Print JSON instead of text");
+  cmd->add_option("--processor", processor, "preprocessor_config.json to use instead of the folder's");
   cmd->add_option("images", images, "Images, folders or @list.txt")->required();
   cmd->callback([&action] {
     action = [] {
@@ -32,7 +33,7 @@ void add_classify(CLI::App& app, Action& action) {
       auto model = load_model(model_dir);
       if (model->classifier.num_labels == 0)
         fail(model_dir + ": " + model->architecture + " has no classification head (try tessera infer)");
-      Preprocessor pre = model_preprocessor(*model);
+      Preprocessor pre = processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(processor);
       std::vector<std::string> paths = expand_inputs(images);
       if (paths.empty()) fail("no images found in the given inputs");
       nlohmann::json results = nlohmann::json::array();

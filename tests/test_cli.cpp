@@ -37,7 +37,7 @@ std::string slurp(const fs::path& p) {
   return ss.str();
 }
 
-Run tessera(const std::string& args) {
+Run run_cli(const std::string& args) {
   const char* cli = std::getenv("TESSERA_CLI");
   REQUIRE(cli != nullptr);
   fs::path dir = scratch();
@@ -63,6 +63,19 @@ fs::path copy_model(const std::string& rel, const std::string& name) {
   return dst;
 }
 
+// Every tensor of `expected` is in `got` with the same shape, within 1e-4 absolute.
+void check_outputs(const fs::path& got_path, const fs::path& expected_path) {
+  SafeTensors got = SafeTensors::open(got_path.string()), want = SafeTensors::open(expected_path.string());
+  for (const auto& name : want.names()) {
+    INFO("output " << name);
+    Tensor a = got.get(name), b = want.get(name);
+    REQUIRE(a.shape() == b.shape());
+    float m = 0;
+    for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+    CHECK(m <= 1e-4f);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("tessera infer reproduces the conformance outputs (1e-4)") {
@@ -72,17 +85,10 @@ TEST_CASE("tessera infer reproduces the conformance outputs (1e-4)") {
     for (const auto& c : fs::directory_iterator(cases)) {
       INFO(model << " " << c.path().filename());
       fs::path out = scratch() / "out.safetensors";
-      Run r = tessera("infer --model " + fixture(model) + " --inputs " +
+      Run r = run_cli("infer --model " + fixture(model) + " --inputs " +
                       (c.path() / "inputs.safetensors").string() + " --outputs " + out.string());
       REQUIRE(r.code == 0);
-      SafeTensors got = SafeTensors::open(out.string()), want = SafeTensors::open((c.path() / "expected.safetensors").string());
-      for (const auto& name : want.names()) {
-        Tensor a = got.get(name), b = want.get(name);
-        REQUIRE(a.shape() == b.shape());
-        float m = 0;
-        for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
-        CHECK(m <= 1e-4f);
-      }
+      check_outputs(out, c.path() / "expected.safetensors");
     }
   }
 }
@@ -100,17 +106,10 @@ TEST_CASE("tessera infer on photos goes through the folder's processor (e2e case
     fs::path out = scratch() / "e2e.safetensors";
     std::string processor = fs::exists(e2e / "preprocessor_config.json")
                                 ? " --processor " + (e2e / "preprocessor_config.json").string() : "";
-    Run r = tessera("infer --model " + fixture(model) + processor + images + " --outputs " + out.string());
+    Run r = run_cli("infer --model " + fixture(model) + processor + images + " --outputs " + out.string());
     INFO(r.err);
     REQUIRE(r.code == 0);
-    SafeTensors got = SafeTensors::open(out.string()), want = SafeTensors::open((e2e / "expected.safetensors").string());
-    for (const auto& name : want.names()) {
-      Tensor a = got.get(name), b = want.get(name);
-      REQUIRE(a.shape() == b.shape());
-      float m = 0;
-      for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
-      CHECK(m <= 1e-4f);
-    }
+    check_outputs(out, e2e / "expected.safetensors");
   }
 }
 
@@ -122,7 +121,7 @@ TEST_CASE("tessera classify answers for good images, reports the bad one, exits 
   fs::copy_file(photos / "0_chelsea.png", dir / "a.png");
   fs::copy_file(photos / "1_coffee.png", dir / "c.png");
   { std::ofstream(dir / "b.png") << "this is not a PNG"; }
-  Run r = tessera("classify --model " + fixture("conformance/vit-tiny-rand") + " --top-k 3 --batch 2 --json " + dir.string());
+  Run r = run_cli("classify --model " + fixture("conformance/vit-tiny-rand") + " --top-k 3 --batch 2 --json " + dir.string());
   CHECK(r.code == 1);
   auto j = nlohmann::json::parse(r.out);
   REQUIRE(j.size() == 3);
@@ -136,7 +135,7 @@ TEST_CASE("tessera classify answers for good images, reports the bad one, exits 
   CHECK(r.err.find("b.png") != std::string::npos);
 
   // The same good image gives the same answer alone as in a batch.
-  Run alone = tessera("classify --model " + fixture("conformance/vit-tiny-rand") + " --top-k 3 --json " + (dir / "c.png").string());
+  Run alone = run_cli("classify --model " + fixture("conformance/vit-tiny-rand") + " --top-k 3 --json " + (dir / "c.png").string());
   REQUIRE(alone.code == 0);
   CHECK(nlohmann::json::parse(alone.out)[0]["predictions"] == j[2]["predictions"]);
 }
@@ -145,12 +144,12 @@ TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
   const std::string vit = fixture("conformance/vit-tiny-rand");
 
   SECTION("missing image") {
-    Run r = tessera("classify --model " + vit + " /nonexistent/cat.png");
+    Run r = run_cli("classify --model " + vit + " /nonexistent/cat.png");
     CHECK(r.code == 1);
     CHECK(r.err.find("/nonexistent/cat.png") != std::string::npos);
   }
   SECTION("missing model folder") {
-    Run r = tessera("info /nonexistent/model");
+    Run r = run_cli("info /nonexistent/model");
     CHECK(r.code == 1);
     CHECK(lines(r.err) == 1);
     CHECK(r.err.find("/nonexistent/model") != std::string::npos);
@@ -158,7 +157,7 @@ TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
   SECTION("truncated safetensors") {
     fs::path m = copy_model("conformance/vit-tiny-rand", "truncated");
     fs::resize_file(m / "model.safetensors", fs::file_size(m / "model.safetensors") / 2);
-    Run r = tessera("info " + m.string());
+    Run r = run_cli("info " + m.string());
     CHECK(r.code == 1);
     CHECK(lines(r.err) == 1);
     CHECK(r.err.find("model.safetensors") != std::string::npos);
@@ -169,7 +168,7 @@ TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
     uint64_t n = 1ull << 40;
     f.write(reinterpret_cast<const char*>(&n), 8);
     f.close();
-    Run r = tessera("info " + m.string());
+    Run r = run_cli("info " + m.string());
     CHECK(r.code == 1);
     CHECK(lines(r.err) == 1);
     CHECK(r.err.find("model.safetensors") != std::string::npos);
@@ -179,7 +178,7 @@ TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
     auto cfg = nlohmann::json::parse(slurp(m / "config.json"));
     cfg["intermediate_size"] = 100;
     std::ofstream(m / "config.json") << cfg.dump();
-    Run r = tessera("info " + m.string());
+    Run r = run_cli("info " + m.string());
     CHECK(r.code == 1);
     CHECK(lines(r.err) == 1);
     CHECK(r.err.find("intermediate.dense.weight") != std::string::npos);
@@ -191,7 +190,7 @@ TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
     cfg["model_type"] = "swin";
     cfg["architectures"] = {"SwinForImageClassification"};
     std::ofstream(m / "config.json") << cfg.dump();
-    Run r = tessera("info " + m.string());
+    Run r = run_cli("info " + m.string());
     CHECK(r.code == 1);
     CHECK(lines(r.err) == 1);
     CHECK(r.err.find("swin") != std::string::npos);
@@ -199,13 +198,13 @@ TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
   SECTION("corrupt config.json") {
     fs::path m = copy_model("conformance/vit-tiny-rand", "badjson");
     std::ofstream(m / "config.json") << "{\"model_type\": ";
-    Run r = tessera("info " + m.string());
+    Run r = run_cli("info " + m.string());
     CHECK(r.code == 1);
     CHECK(lines(r.err) == 1);
     CHECK(r.err.find("config.json") != std::string::npos);
   }
   SECTION("wrong command line") {
-    Run r = tessera("classify --top-k 3");
+    Run r = run_cli("classify --top-k 3");
     CHECK(r.code == 2);
   }
 }

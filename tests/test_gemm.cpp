@@ -193,8 +193,9 @@ TEST_CASE("linear reports its kernel and rejects what it cannot do") {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     REQUIRE(linear_kernel_name(WeightType::F32) == "avx512f");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"))
+    REQUIRE(linear_kernel_name(WeightType::BF16) == "avx512bf16");
   std::vector<float> w(6, 1.0f), x(3, 1.0f), y(2, 0.0f);
-  REQUIRE_THROWS_AS(pack_linear(w.data(), nullptr, 2, 3, WeightType::BF16), Error);
   REQUIRE_THROWS_AS(pack_linear(w.data(), nullptr, 2, 3, WeightType::INT8), Error);
   REQUIRE_THROWS_AS(pack_linear(w.data(), nullptr, 0, 3), Error);
   PackedLinear pw = pack_linear(w.data(), nullptr, 2, 3);
@@ -203,4 +204,61 @@ TEST_CASE("linear reports its kernel and rejects what it cannot do") {
   linear(x.data(), 1, 3, pw, y.data(), 2);
   REQUIRE(y[0] == 3.0f);
   REQUIRE(y[1] == 3.0f);
+}
+
+namespace {
+// bf16 rounding computed independently of the kernels: keep 8 significant bits, ties to even
+// (nearbyint in the default rounding mode).
+float round_bf16(float f) {
+  int e = 0;
+  double m = std::frexp(double(f), &e);  // f = m 2^e, 0.5 <= |m| < 1
+  return float(std::ldexp(std::nearbyint(std::ldexp(m, 8)), e - 8));
+}
+}  // namespace
+
+TEST_CASE("bf16 linear matches a double reference on bf16-rounded x and W, any thread count") {
+  // Same tolerance as fp32: rounding x and W is part of the definition, the sum is fp32.
+  uint32_t seed = 500;
+  for (int64_t M : {1, 13, 197})
+    for (int64_t N : {10, 33, 768})
+      for (int64_t K : {1, 3, 64, 773}) {
+        Problem p = make_problem(M, N, K, K + 2, N + 1, seed++);
+        PackedLinear pw = pack_linear(p.w.data(), p.b.data(), N, K, WeightType::BF16);
+        REQUIRE(pw.type == WeightType::BF16);
+        std::vector<float> y_dispatched;
+        for (bool generic : {false, true}) {
+          force_generic_kernels(generic);
+          INFO("M=" << M << " N=" << N << " K=" << K
+                    << " kernel=" << linear_kernel_name(WeightType::BF16));
+          std::vector<float> y = run_plain(p, pw, Activation::Gelu);
+          double worst = 0;
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) {
+              double v = p.b[n], mag = std::fabs(p.b[n]);
+              for (int64_t k = 0; k < K; ++k) {
+                double t = double(round_bf16(p.x[m * p.ldx + k])) * double(round_bf16(p.w[n * K + k]));
+                v += t;
+                mag += std::fabs(t);
+              }
+              v = gelu_ref(v) + p.r[m * p.ldy + n];
+              double tol = 1e-6 * (std::sqrt(double(K)) + 2) * (1 + mag + std::fabs(p.r[m * p.ldy + n])) +
+                           4e-7 * std::fabs(v);
+              worst = std::max(worst, std::fabs(y[m * p.ldy + n] - v) / tol);
+            }
+          REQUIRE(worst <= 1.0);
+          set_num_threads(2);
+          std::vector<float> y2 = run_plain(p, pw, Activation::Gelu);
+          set_num_threads(1);
+          std::vector<float> y1 = run_plain(p, pw, Activation::Gelu);
+          set_num_threads(0);
+          REQUIRE(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)) == 0);
+          REQUIRE(std::memcmp(y.data(), y2.data(), y1.size() * sizeof(float)) == 0);
+          // The portable path sums in vdpbf16ps's order with its roundings: same bits before
+          // the activation (whose polynomials may or may not be contracted to FMAs).
+          std::vector<float> y_none = run_plain(p, pw, Activation::None);
+          if (!generic) y_dispatched = y_none;
+          else REQUIRE(std::memcmp(y_none.data(), y_dispatched.data(), y.size() * sizeof(float)) == 0);
+        }
+        force_generic_kernels(false);
+      }
 }

@@ -10,6 +10,7 @@
 
 #include <functional>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -194,6 +195,7 @@ TEST_CASE("decoding errors are one line naming the file", "[image][errors]") {
       {kImages + "truncated.png", "cannot decode image"},
       {kImages + "truncated.jpg", "truncated JPEG"},
       {kImages + "text.jpg", "cannot decode image (corrupt or unsupported format)"},
+      {kImages + "unsupported.gif", "GIF is not supported"},
   };
   for (const auto& c : cases) {
     const std::string msg = error_of([&] { load_image_rgb(c.path); });
@@ -211,6 +213,13 @@ TEST_CASE("images above the pixel limit are refused from the header", "[image][e
   const std::string msg = error_of([&] { decode_image_rgb(png, "big.png"); });
   CHECK(msg.rfind("big.png: image is 20000x20000", 0) == 0);
   CHECK(msg.find("limit") != std::string::npos);
+  // 2^32-1 on each side: no overflow in the check
+  for (int i = 16; i < 24; ++i) png[i] = 0xFF;
+  CHECK(error_of([&] { decode_image_rgb(png, "huge.png"); }).rfind("huge.png: image is 4294967295x4294967295", 0) == 0);
+  // A baseline JPEG frame header (SOF0) of 65535 x 65535, after an APP0 segment.
+  const std::vector<uint8_t> jpg = {0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 0, 0, 0xFF, 0xC0, 0, 17, 8, 0xFF, 0xFF, 0xFF, 0xFF, 3,
+                                    1, 0x11, 0, 2, 0x11, 0, 3, 0x11, 0};
+  CHECK(error_of([&] { decode_image_rgb(jpg, "big.jpg"); }).rfind("big.jpg: image is 65535x65535", 0) == 0);
 }
 
 // ------------------------------------------------------------------------------------- Pillow resize
@@ -521,5 +530,40 @@ TEST_CASE("every conformance processor case, all photos (needs ../shared/conform
     for (int64_t i = 0; i < got.numel(); ++i) worst = std::max(worst, std::fabs(got[i] - pv.f32[i]));
     WARN(c.dir << " (" << images.size() << " photos): max abs diff " << worst);
     CHECK(worst == 0.0f);  // tolerance: exact
+  }
+}
+
+TEST_CASE("pil_resize and preprocess timings on a 12 Mpixel photo", "[.perf]") {
+  // Hidden (run with "[.perf]"): prints how long a phone-sized photo takes to preprocess.
+  const cv::Mat big = noise_image(4032, 3024, 5);
+  for (Resample r : {Resample::bilinear, Resample::bicubic, Resample::lanczos}) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const cv::Mat out = pil_resize(big, 224, 224, r);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    WARN("4032x3024 -> 224x224 " << resample_name(r) << ": " << ms << " ms");
+    CHECK(out.cols == 224);
+  }
+  const auto cfg = parse_preprocess_config(R"({"image_processor_type":"BitImageProcessor","size":{"shortest_edge":256}})", "dinov2");
+  const auto t0 = std::chrono::steady_clock::now();
+  const Tensor t = preprocess(big, cfg);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  WARN("DINOv2 processor on 4032x3024: " << ms << " ms");
+  CHECK(t.dim(1) == 224);
+}
+
+TEST_CASE("timm crop modes: non-square center, squash, border (torchvision-built reference)", "[processor]") {
+  const json configs = json::parse(read_text(kPre + "timm-modes/configs.json"));
+  const auto expected = read_safetensors(kPre + "timm-modes/expected.safetensors");
+  for (const auto& [cname, cfg_json] : configs.items()) {
+    const auto cfg = from_timm_pretrained_cfg(cfg_json.dump(), "timm-modes/" + cname);
+    for (const char* image : {"chelsea.png", "coffee_portrait.png"}) {
+      INFO(cname << " / " << image << " — " << cfg.describe());
+      const auto& e = expected.at(cname + "/" + image);
+      const Tensor t = preprocess(load_image_rgb(kPre + "photos/" + image), cfg);
+      REQUIRE(t.shape() == Shape(e.shape.begin(), e.shape.end()));
+      float worst = 0;
+      for (int64_t i = 0; i < t.numel(); ++i) worst = std::max(worst, std::fabs(t[i] - e.f32[i]));
+      CHECK(worst == 0.0f);  // tolerance: exact
+    }
   }
 }

@@ -11,6 +11,8 @@
 #include "gemm_internal.hpp"
 
 #define TESSERA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define TESSERA_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define TESSERA_AVX512_INLINE \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline
 
@@ -83,6 +85,26 @@ struct Tile {
   Activation act;
 };
 
+// y[r, :] = act(c[r] + bias) (+ residual[r, :]) for r < R, masked to the tile's columns.
+template <int R>
+TESSERA_AVX512_INLINE void store_tile(const __m512 (&c0)[R], const __m512 (&c1)[R], const Tile& t) {
+  __m512 bias0 = t.bias ? _mm512_load_ps(t.bias) : _mm512_setzero_ps();
+  __m512 bias1 = t.bias ? _mm512_load_ps(t.bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 14
+  for (int r = 0; r < R; ++r) {
+    __m512 v0 = activate(_mm512_add_ps(c0[r], bias0), t.act);
+    __m512 v1 = activate(_mm512_add_ps(c1[r], bias1), t.act);
+    float* yr = t.y + r * t.ldy;
+    if (t.residual) {
+      const float* rr = t.residual + r * t.ldy;
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(t.mask0, rr));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(t.mask1, rr + 16));
+    }
+    _mm512_mask_storeu_ps(yr, t.mask0, v0);
+    _mm512_mask_storeu_ps(yr + 16, t.mask1, v1);
+  }
+}
+
 // y[r, 0:32] = epilogue(sum_k a[k*kMR + r] * b[k*32 + 0:32]) for r < R: the micro-kernel.
 template <int R>
 TESSERA_AVX512 void micro_kernel(int64_t K, const float* a, const float* b, const Tile& t) {
@@ -101,21 +123,7 @@ TESSERA_AVX512 void micro_kernel(int64_t K, const float* a, const float* b, cons
     a += kMR;
     b += kNR;
   }
-  __m512 bias0 = t.bias ? _mm512_load_ps(t.bias) : _mm512_setzero_ps();
-  __m512 bias1 = t.bias ? _mm512_load_ps(t.bias + 16) : _mm512_setzero_ps();
-#pragma GCC unroll 14
-  for (int r = 0; r < R; ++r) {
-    __m512 v0 = activate(_mm512_add_ps(c0[r], bias0), t.act);
-    __m512 v1 = activate(_mm512_add_ps(c1[r], bias1), t.act);
-    float* yr = t.y + r * t.ldy;
-    if (t.residual) {
-      const float* rr = t.residual + r * t.ldy;
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(t.mask0, rr));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(t.mask1, rr + 16));
-    }
-    _mm512_mask_storeu_ps(yr, t.mask0, v0);
-    _mm512_mask_storeu_ps(yr + 16, t.mask1, v1);
-  }
+  store_tile<R>(c0, c1, t);
 }
 
 using MicroKernel = void (*)(int64_t, const float*, const float*, const Tile&);
@@ -123,6 +131,49 @@ constexpr MicroKernel kKernels[kMR + 1] = {
     nullptr,          micro_kernel<1>,  micro_kernel<2>,  micro_kernel<3>,  micro_kernel<4>,
     micro_kernel<5>,  micro_kernel<6>,  micro_kernel<7>,  micro_kernel<8>,  micro_kernel<9>,
     micro_kernel<10>, micro_kernel<11>, micro_kernel<12>, micro_kernel<13>, micro_kernel<14>};
+
+// y[r, 0:32] = epilogue(sum_i a[i*kMR + r] . b[i*32 + 0:32]) over bf16 pairs i < K2, for r < R.
+template <int R>
+TESSERA_AVX512_BF16 void micro_kernel_bf16(int64_t K2, const uint32_t* a, const uint32_t* b,
+                                           const Tile& t) {
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 14
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < K2; ++i) {
+    __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 16);
+#pragma GCC unroll 14
+    for (int r = 0; r < R; ++r) {
+      __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r]));
+      c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+      c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+    }
+    a += kMR;
+    b += kNR;
+  }
+  store_tile<R>(c0, c1, t);
+}
+
+using MicroKernelBf16 = void (*)(int64_t, const uint32_t*, const uint32_t*, const Tile&);
+constexpr MicroKernelBf16 kKernelsBf16[kMR + 1] = {
+    nullptr,               micro_kernel_bf16<1>,  micro_kernel_bf16<2>,  micro_kernel_bf16<3>,
+    micro_kernel_bf16<4>,  micro_kernel_bf16<5>,  micro_kernel_bf16<6>,  micro_kernel_bf16<7>,
+    micro_kernel_bf16<8>,  micro_kernel_bf16<9>,  micro_kernel_bf16<10>, micro_kernel_bf16<11>,
+    micro_kernel_bf16<12>, micro_kernel_bf16<13>, micro_kernel_bf16<14>};
+
+// The epilogue parameters of column panel j (its bias, and masks for N not a multiple of 32).
+Tile panel_tile(const LinearArgs& a, int64_t j) {
+  int64_t cols = a.N - j * kNR < kNR ? a.N - j * kNR : kNR;
+  Tile t;
+  t.y = nullptr;
+  t.residual = nullptr;
+  t.ldy = a.ldy;
+  t.bias = a.bias ? a.bias + j * kNR : nullptr;
+  t.mask0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  t.mask1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : 0;
+  t.act = a.act;
+  return t;
+}
 
 // apack[k*kMR + r] = x[r*ldx + k] for r < rows (rows <= kMR): one micro-panel of A.
 TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, float* apack) {
@@ -142,19 +193,35 @@ TESSERA_AVX512 void linear_task_avx512(const LinearArgs& a, const RowSplit& rows
     pack_rows(a.x + r0 * a.ldx, a.ldx, r1 - r0, K, apack + (p - p0) * K * kMR);
   }
   for (int64_t j = j0; j < j1; ++j) {
-    int64_t cols = a.N - j * kNR < kNR ? a.N - j * kNR : kNR;
-    Tile t;
-    t.ldy = a.ldy;
-    t.bias = a.bias ? a.bias + j * kNR : nullptr;
-    t.mask0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-    t.mask1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : 0;
-    t.act = a.act;
+    Tile t = panel_tile(a, j);
     const float* panel = a.wpack + j * K * kNR;
     for (int64_t p = p0; p < p1; ++p) {
       int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
       t.y = a.y + r0 * a.ldy + j * kNR;
       t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
       kKernels[r1 - r0](K, apack + (p - p0) * K * kMR, panel, t);
+    }
+  }
+}
+
+TESSERA_AVX512_BF16 void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows,
+                                                 int64_t p0, int64_t p1, int64_t j0, int64_t j1,
+                                                 uint32_t* apack) {
+  const int64_t K = a.K, K2 = ceil_div(K, 2);
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
+    uint32_t* dst = apack + (p - p0) * K2 * kMR;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < K2; ++i) dst[i * kMR + (r - r0)] = bf16_pair(a.x + r * a.ldx, 2 * i, K);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    Tile t = panel_tile(a, j);
+    const uint32_t* panel = a.wpack_bf16 + j * K2 * kNR;
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
+      t.y = a.y + r0 * a.ldy + j * kNR;
+      t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
+      kKernelsBf16[r1 - r0](K2, apack + (p - p0) * K2 * kMR, panel, t);
     }
   }
 }

@@ -1,6 +1,7 @@
 #pragma once
 // Shared between gemm.cpp (packing, dispatch, threading, portable kernel) and gemm_avx512.cpp.
 #include <cstdint>
+#include <cstring>
 
 #include "tessera/gemm.hpp"
 
@@ -35,10 +36,24 @@ inline constexpr float kErfcZero = 4.0f;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// bf16 weights use the same panels with k taken in pairs: per pair i a row of 32 uint32, word
+// c = bf16(W[c, 2i]) | bf16(W[c, 2i+1]) << 16 (K padded to even with zeros), the operand
+// layout of vdpbf16ps. x is rounded to bf16 the same way when its rows are packed.
+inline uint32_t bf16_bits(float f) {  // round to nearest even; NaN stays (quiet) NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+inline uint32_t bf16_pair(const float* x, int64_t k, int64_t K) {  // x[k], x[k+1] (0 past K)
+  return bf16_bits(x[k]) | (k + 1 < K ? bf16_bits(x[k + 1]) << 16 : 0u);
+}
+
 struct LinearArgs {
   const float* x;
   int64_t M, ldx, K, N;
-  const float* wpack;  // panels as above
+  const float* wpack;  // panels as above (fp32), or
+  const uint32_t* wpack_bf16;  // bf16 pair panels (then wpack is null)
   const float* bias;   // kNR * panels floats (zero-padded), or null
   float* y;
   int64_t ldy;
@@ -60,6 +75,10 @@ struct RowSplit {
 // k-order sum whatever the task split, so results do not depend on the thread count.
 void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
                         int64_t j0, int64_t j1, float* apack);
+
+// The same with bf16 weights and x (fp32 accumulation); apack: (p1 - p0) * ceil(K/2) * kMR.
+void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
+                             int64_t j0, int64_t j1, uint32_t* apack);
 
 // y[i] = gelu(x[i]) / erf(x[i]) with the AVX-512 epilogue math (n any).
 void gelu_avx512(const float* x, float* y, int64_t n);

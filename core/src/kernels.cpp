@@ -364,7 +364,7 @@ void interpolate_bicubic_antialias(const float* in, int64_t channels, int64_t in
 // ---------------------------------------------------------------------------------------------
 namespace {
 
-constexpr int64_t kQueryBlock = 32;  // query rows per task
+constexpr int64_t kQueryBlock = 64;  // query rows per task
 constexpr int64_t kKeyBlock = 128;   // keys per online-softmax step
 
 // Per-thread scratch, grown when a larger head_dim first shows up and otherwise reused.

@@ -140,6 +140,79 @@ def conformance():
          ["chelsea.png"], {"upstream": "timm 1.0.28 eval transform (resolve_data_config + create_transform)"})
 
 
+# ---------------------------------------------------------------- 1b. timm eval transforms (no timm here)
+def timm_eval_reference(img, cfg):
+    """timm 1.0 transforms_imagenet_eval for crop_mode center / squash / border, built from torchvision
+    0.14's own transforms; ResizeKeepRatio and center_crop_or_pad are transcribed from timm
+    (timm/data/transforms.py) because timm is not installed here."""
+    import math
+    import torch
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as F
+    interp = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+    img_size = tuple(cfg["input_size"][1:])
+    crop_pct, mode, mean, std = cfg["crop_pct"], cfg.get("crop_mode", "center"), cfg["mean"], cfg["std"]
+    scale_size = tuple(math.floor(x / crop_pct) for x in img_size)
+
+    def resize_keep_ratio(im, target, longest, interpolation):
+        h, w = im.size[1], im.size[0]
+        ratio_h, ratio_w = h / target[0], w / target[1]
+        ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+        return F.resize(im, [round(x / ratio) for x in (h, w)], interpolation)
+
+    def center_crop_or_pad(im, size, fill):
+        ch, cw = size
+        ih, iw = im.size[1], im.size[0]
+        if cw > iw or ch > ih:
+            pad = [(cw - iw) // 2 if cw > iw else 0, (ch - ih) // 2 if ch > ih else 0,
+                   (cw - iw + 1) // 2 if cw > iw else 0, (ch - ih + 1) // 2 if ch > ih else 0]
+            im = F.pad(im, pad, fill=fill)
+            ih, iw = im.size[1], im.size[0]
+            if cw == iw and ch == ih:
+                return im
+        return F.crop(im, int(round((ih - ch) / 2.0)), int(round((iw - cw) / 2.0)), ch, cw)
+
+    if mode == "squash":
+        im = T.CenterCrop(img_size)(T.Resize(scale_size, interpolation=interp[cfg["interpolation"]])(img))
+    elif mode == "border":
+        fill = tuple(round(255 * v) for v in mean)
+        im = resize_keep_ratio(img, scale_size, 1.0, interp[cfg["interpolation"]])
+        im = center_crop_or_pad(im, img_size, fill)
+    else:
+        if scale_size[0] == scale_size[1]:
+            im = T.Resize(scale_size[0], interpolation=interp[cfg["interpolation"]])(img)
+        else:
+            im = resize_keep_ratio(img, scale_size, 0.0, T.InterpolationMode.BILINEAR)
+        im = T.CenterCrop(img_size)(im)
+    t = T.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))(T.ToTensor()(im))
+    return t.numpy()
+
+
+def timm_modes():
+    d = os.path.join(FIX, "preprocess", "timm-modes")
+    os.makedirs(d, exist_ok=True)
+    imgs = {n: Image.open(os.path.join(FIX, "preprocess", "photos", n)).convert("RGB")
+            for n in ("chelsea.png", "coffee_portrait.png")}
+    im_mean, im_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    configs = {
+        "center_nonsquare": {"input_size": [3, 24, 32], "interpolation": "bicubic", "crop_pct": 0.95,
+                             "crop_mode": "center", "mean": im_mean, "std": im_std},
+        "squash": {"input_size": [3, 28, 28], "interpolation": "bilinear", "crop_pct": 0.9,
+                   "crop_mode": "squash", "mean": [0.5] * 3, "std": [0.5] * 3},
+        "border": {"input_size": [3, 28, 28], "interpolation": "bicubic", "crop_pct": 1.0,
+                   "crop_mode": "border", "mean": im_mean, "std": im_std},
+        "border_crop": {"input_size": [3, 28, 28], "interpolation": "bicubic", "crop_pct": 0.9,
+                        "crop_mode": "border", "mean": im_mean, "std": im_std},
+    }
+    tensors = {}
+    for cname, cfg in configs.items():
+        for iname, img in imgs.items():
+            tensors[f"{cname}/{iname}"] = timm_eval_reference(img, cfg).astype(np.float32)
+    write_safetensors(os.path.join(d, "expected.safetensors"), tensors)
+    with open(os.path.join(d, "configs.json"), "w") as f:
+        json.dump(configs, f, indent=1)
+
+
 # ---------------------------------------------------------------- 2. Pillow resize outputs
 FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -240,12 +313,13 @@ def odd_images():
     # cut inside the entropy-coded scan: libjpeg decodes it with a grey rest; Pillow refuses it
     open(os.path.join(d, "truncated.jpg"), "wb").write(jpg[: len(jpg) - 40])
     open(os.path.join(d, "text.jpg"), "w").write("this is not an image\n")
+    base.save(os.path.join(d, "unsupported.gif"))  # OpenCV 4.6 has no GIF decoder
     open(os.path.join(d, "empty.png"), "wb").close()
 
     # What Pillow gives (the reference for the decoder). For EXIF: exif_transpose, then convert("RGB").
     expected = {}
     for name in sorted(os.listdir(d)):
-        if name in ("expected.safetensors", "README.md") or name.startswith(("truncated", "text", "empty")):
+        if name in ("expected.safetensors", "README.md") or name.startswith(("truncated", "text", "empty", "unsupported")):
             continue
         im = Image.open(os.path.join(d, name))
         im.load()
@@ -269,5 +343,6 @@ def odd_images():
 
 if __name__ == "__main__":
     conformance()
+    timm_modes()
     pil_resize()
     odd_images()

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -64,11 +65,12 @@ bool jpeg_is_truncated(std::span<const uint8_t> b) {
 }
 
 std::string pixels_str(int64_t w, int64_t h) {
-  return std::to_string(w) + "x" + std::to_string(h) + " (" + std::to_string(w * h / 1000000) + " Mpixel)";
+  return std::to_string(w) + "x" + std::to_string(h) + " (" +
+         std::to_string(static_cast<int64_t>(static_cast<double>(w) * static_cast<double>(h) / 1e6)) + " Mpixel)";
 }
 
 void check_size(int64_t w, int64_t h, const std::string& name) {
-  if (w * h > kMaxImagePixels)
+  if (static_cast<double>(w) * static_cast<double>(h) > static_cast<double>(kMaxImagePixels))
     fail(name + ": image is " + pixels_str(w, h) + ", more than the limit of " +
          std::to_string(kMaxImagePixels) + " pixels");
 }
@@ -77,6 +79,8 @@ void check_size(int64_t w, int64_t h, const std::string& name) {
 
 cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name) {
   if (bytes.empty()) fail(name + ": empty file, not an image");
+  if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
+    fail(name + ": file of " + std::to_string(bytes.size() >> 20) + " MiB is too large to be decoded (limit 2 GiB)");
   if (auto hs = header_size(bytes)) {
     if (hs->width == 0 || hs->height == 0) fail(name + ": cannot decode image (zero width or height in the header)");
     check_size(hs->width, hs->height, name);
@@ -90,7 +94,11 @@ cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name
   } catch (const cv::Exception& e) {
     fail(name + ": cannot decode image (OpenCV: " + std::string(e.err.empty() ? e.what() : e.err) + ")");
   }
-  if (m.empty()) fail(name + ": cannot decode image (corrupt or unsupported format)");
+  if (m.empty()) {
+    if (bytes.size() >= 6 && (std::memcmp(bytes.data(), "GIF87a", 6) == 0 || std::memcmp(bytes.data(), "GIF89a", 6) == 0))
+      fail(name + ": cannot decode image (GIF is not supported by this OpenCV build; convert it to PNG)");
+    fail(name + ": cannot decode image (corrupt or unsupported format)");
+  }
   if (is_jpeg(bytes) && jpeg_is_truncated(bytes)) fail(name + ": cannot decode image (truncated JPEG)");
   check_size(m.cols, m.rows, name);
 
@@ -121,6 +129,7 @@ cv::Mat load_image_rgb(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;
   const auto st = fs::status(path, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory) fail(path + ": cannot access (" + ec.message() + ")");
   if (!fs::exists(st)) fail(path + ": no such file");
   if (fs::is_directory(st)) fail(path + ": is a directory, not an image file");
   std::ifstream in(path, std::ios::binary);

@@ -1,5 +1,7 @@
 #include "tessera/model.hpp"
 
+#include "model_internal.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -16,9 +18,10 @@
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
+using namespace tessera::detail;
 
 namespace tessera {
-namespace {
+namespace detail {
 
 std::string read_text(const fs::path& path) {
   std::error_code ec;
@@ -39,78 +42,6 @@ json parse_json(const std::string& text, const std::string& file) {
 }
 
 // Typed access to config.json fields with errors that name the file and the field.
-struct Config {
-  json j;
-  std::string file;
-
-  bool has(const std::string& key) const { return j.contains(key) && !j[key].is_null(); }
-  int64_t integer(const std::string& key) const {
-    check(has(key), file + ": missing \"" + key + "\"");
-    const json& v = j[key];
-    check(v.is_number_integer() || (v.is_number() && std::floor(v.get<double>()) == v.get<double>()),
-          file + ": \"" + key + "\" must be an integer, got " + v.dump());
-    int64_t x = v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>());
-    return x;
-  }
-  int64_t integer(const std::string& key, int64_t fallback) const {
-    return has(key) ? integer(key) : fallback;
-  }
-  int64_t positive(const std::string& key) const {
-    int64_t x = integer(key);
-    check(x > 0, file + ": \"" + key + "\" must be positive, got " + std::to_string(x));
-    return x;
-  }
-  double number(const std::string& key, double fallback) const {
-    if (!has(key)) return fallback;
-    check(j[key].is_number(), file + ": \"" + key + "\" must be a number, got " + j[key].dump());
-    return j[key].get<double>();
-  }
-  bool boolean(const std::string& key, bool fallback) const {
-    if (!has(key)) return fallback;
-    check(j[key].is_boolean(), file + ": \"" + key + "\" must be true or false, got " + j[key].dump());
-    return j[key].get<bool>();
-  }
-  std::string string(const std::string& key, const std::string& fallback) const {
-    if (!has(key)) return fallback;
-    check(j[key].is_string(), file + ": \"" + key + "\" must be a string, got " + j[key].dump());
-    return j[key].get<std::string>();
-  }
-  // image_size: an int or [h, w].
-  std::pair<int64_t, int64_t> size2(const std::string& key) const {
-    check(has(key), file + ": missing \"" + key + "\"");
-    const json& v = j[key];
-    if (v.is_number_integer()) return {v.get<int64_t>(), v.get<int64_t>()};
-    if (v.is_array() && v.size() == 2 && v[0].is_number_integer() && v[1].is_number_integer())
-      return {v[0].get<int64_t>(), v[1].get<int64_t>()};
-    fail(file + ": \"" + key + "\" must be an integer or [height, width], got " + v.dump());
-  }
-  Config sub(const std::string& key) const {
-    check(has(key) && j[key].is_object(), file + ": \"" + key + "\" must be an object");
-    return {j[key], file + " (" + key + ")"};
-  }
-};
-
-// The checkpoint, with strict typed access: every get names the file, tensor and shapes.
-struct Checkpoint {
-  SafeTensors st;
-  std::string file;
-  std::set<std::string> used;
-  int64_t parameters = 0;
-
-  bool has(const std::string& name) const { return st.contains(name); }
-  Tensor get(const std::string& name, const Shape& shape) {
-    check(st.contains(name), file + ": missing tensor '" + name + "' (expected shape " +
-                                 shape_str(shape) + ")");
-    Tensor t = st.get(name, shape);
-    if (used.insert(name).second) parameters += t.numel();
-    return t;
-  }
-  const Shape& shape(const std::string& name) const {
-    check(st.contains(name), file + ": missing tensor '" + name + "'");
-    return st.info(name).shape;
-  }
-};
-
 Checkpoint open_checkpoint(const fs::path& dir) {
   fs::path single = dir / "model.safetensors";
   fs::path index = dir / "model.safetensors.index.json";
@@ -126,7 +57,7 @@ Checkpoint open_checkpoint(const fs::path& dir) {
 
 // y = Wx + b with optional per-output scale folded in (layer scale: γ ⊙ (Wx + b)).
 PackedLinear pack(Checkpoint& ck, const std::string& weight, const std::string& bias, int64_t out,
-                  int64_t in, bool has_bias, WeightType type, const Tensor* gamma = nullptr) {
+                  int64_t in, bool has_bias, WeightType type, const Tensor* gamma) {
   Tensor w = ck.get(weight, {out, in});
   Tensor b = has_bias ? ck.get(bias, {out}) : Tensor();
   if (gamma) {
@@ -189,11 +120,19 @@ int64_t count_layers(const Checkpoint& ck, const std::string& prefix, const std:
   return n;
 }
 
+}  // namespace detail
+
+namespace {
+using namespace detail;
+
 // ---------------------------------------------------------------- Hugging Face ViT/DeiT/DINOv2
 
-void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
-  const std::string& mt = m.model_type;
-  VitConfig& c = m.encoder.config;
+}  // namespace
+
+namespace detail {
+
+VitConfig hf_vit_config(const Config& cfg, const std::string& mt) {
+  VitConfig c;
   auto [ih, iw] = cfg.size2("image_size");
   c.image_height = ih, c.image_width = iw;
   c.patch_size = cfg.positive("patch_size");
@@ -222,20 +161,20 @@ void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   c.class_token = true;
   c.pos_resample = PosResample::HfScaleBicubic;
   c.layer_scale = (mt == "dinov2");
-
-  const std::string arch = m.architecture;
-  // Weights of the base model sit under "vit." / "deit." / "dinov2." in task models.
-  std::string base = mt + ".";
-  if (!ck.has(base + "embeddings.cls_token")) base = "";
-  const std::string e = base + "embeddings.";
-  const bool teacher = arch == "DeiTForImageClassificationWithTeacher";
   if (mt == "deit") c.num_distillation_tokens = 1;
-  const int64_t d = c.hidden_size, p = c.patch_size, C = c.num_channels;
-  VitWeights& w = m.encoder;
+  return c;
+}
 
-  // Position embeddings: [1, prefix + grid, D]. HF ViT/DeiT/DINOv2 configs are square.
+void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base, const std::string& mt,
+                     WeightType type) {
+  const VitConfig& c = w.config;
+  const std::string e = base + "embeddings.";
+  const int64_t d = c.hidden_size, p = c.patch_size, C = c.num_channels;
+
+  // Position embeddings: [1, prefix + grid + detection, D].
   const int64_t grid = c.grid_height() * c.grid_width();
-  w.pos_embed = tokens(ck, e + "position_embeddings", c.num_prefix_tokens() + grid, d);
+  w.pos_embed = tokens(ck, e + "position_embeddings",
+                       c.num_prefix_tokens() + grid + c.num_detection_tokens, d);
   Tensor cls = tokens(ck, e + "cls_token", 1, d);
   w.prefix_tokens = Tensor({c.num_prefix_tokens(), d});
   std::memcpy(w.prefix_tokens.data(), cls.data(), sizeof(float) * d);
@@ -243,6 +182,8 @@ void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
     Tensor dist = tokens(ck, e + "distillation_token", 1, d);
     std::memcpy(w.prefix_tokens.data() + d, dist.data(), sizeof(float) * d);
   }
+  if (c.num_detection_tokens)
+    w.detection_tokens = tokens(ck, e + "detection_tokens", c.num_detection_tokens, d);
   Tensor pw = ck.get(e + "patch_embeddings.projection.weight", {d, C, p, p});
   Tensor pb = ck.get(e + "patch_embeddings.projection.bias", {d});
   w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, type);
@@ -282,13 +223,27 @@ void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
     }
     w.layers.push_back(std::move(layer));
   }
-  check(!ck.has(base + "encoder.layer." + std::to_string(c.num_hidden_layers) + ".norm1.weight") &&
-            !ck.has(base + "encoder.layer." + std::to_string(c.num_hidden_layers) +
-                    ".layernorm_before.weight"),
-        ck.file + ": has more layers than num_hidden_layers = " +
-            std::to_string(c.num_hidden_layers) + " in " + cfg.file);
+  const std::string next = base + "encoder.layer." + std::to_string(c.num_hidden_layers) + ".";
+  check(!ck.has(next + "norm1.weight") && !ck.has(next + "layernorm_before.weight"),
+        ck.file + ": has more layers than num_hidden_layers = " + std::to_string(c.num_hidden_layers));
   w.final_norm_weight = ck.get(base + "layernorm.weight", {d});
   w.final_norm_bias = ck.get(base + "layernorm.bias", {d});
+}
+
+}  // namespace detail
+
+namespace {
+
+void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
+  const std::string& mt = m.model_type;
+  m.encoder.config = hf_vit_config(cfg, mt);
+  const std::string arch = m.architecture;
+  // Weights of the base model sit under "vit." / "deit." / "dinov2." in task models.
+  std::string base = mt + ".";
+  if (!ck.has(base + "embeddings.cls_token")) base = "";
+  const bool teacher = arch == "DeiTForImageClassificationWithTeacher";
+  load_hf_encoder(m.encoder, ck, base, mt, type);
+  const int64_t d = m.encoder.config.hidden_size;
 
   ClassifierWeights& h = m.classifier;
   auto num_labels_of = [&](const std::string& name) { return ck.shape(name).at(0); };

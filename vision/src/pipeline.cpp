@@ -55,10 +55,27 @@ Preprocessor model_preprocessor(const Model& model) {
       return {p, p.source};
     }
     case ModelFamily::HuggingFace:
+    case ModelFamily::Detector:
+    case ModelFamily::Segmenter:
       break;
   }
-  fail(model.dir + ": no preprocessor_config.json (Hugging Face model folders carry one; "
-       "pass --processor FILE)");
+  // A Hugging Face folder without preprocessor_config.json: the processor class's defaults at the
+  // model's own image size (transformers would refuse; say what is assumed).
+  PreprocessConfig p;
+  p.processor = "defaults";
+  p.height = static_cast<int>(c.image_height), p.width = static_cast<int>(c.image_width);
+  if (model.model_type == "dinov2") {  // BitImageProcessor as published with DINOv2
+    p.resize_rule = ResizeRule::shortest_edge;
+    p.shortest_edge = static_cast<int>(std::lround(c.image_height * 256.0 / 224.0));
+    p.resample = Resample::bicubic;
+    p.do_center_crop = true;
+    p.crop_height = p.height, p.crop_width = p.width;
+    p.image_mean = {0.485f, 0.456f, 0.406f};
+    p.image_std = {0.229f, 0.224f, 0.225f};
+  }
+  p.source = model.dir + " (no preprocessor_config.json: assumed " + p.describe() + ")";
+  std::fprintf(stderr, "tessera: note: %s\n", p.source.c_str());
+  return {p, p.source};
 }
 
 std::vector<std::vector<Prediction>> top_k(const Tensor& logits, const std::vector<std::string>& labels,

@@ -134,7 +134,9 @@ std::string PreprocessConfig::describe() const {
       case ResizeRule::detr: s << "shortest_edge=" << shortest_edge << " longest_edge=" << longest_edge << " (DETR)"; break;
       case ResizeRule::yolos: s << "shortest_edge=" << shortest_edge << " longest_edge=" << longest_edge << " (YOLOS, multiple of 16)"; break;
       case ResizeRule::longest_edge: s << "longest_edge=" << longest_edge; break;
-      case ResizeRule::keep_ratio: s << "keep ratio to cover " << height << "x" << width << " (HxW)"; break;
+      case ResizeRule::keep_ratio:
+        s << "keep ratio to " << (keep_ratio_longest ? "fit in " : "cover ") << height << "x" << width << " (HxW)";
+        break;
     }
     s << " " << resample_name(resample) << ", ";
   }
@@ -343,6 +345,8 @@ PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std:
   c.image_std = r.triple("std", kImagenetDefaultStd);
   for (int i = 0; i < 3; ++i)
     if (!(c.image_std[i] != 0.0f)) r.bad("std", "has a zero (division by zero)");
+  if (r.has("crop_border_pixels") && !(j.at("crop_border_pixels").is_number() && j.at("crop_border_pixels").get<double>() == 0))
+    r.bad("crop_border_pixels", "is not supported");
 
   // math.floor(img_size / crop_pct)
   const int scale_h = static_cast<int>(std::floor(h / crop_pct));
@@ -367,8 +371,20 @@ PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std:
     c.resize_rule = ResizeRule::exact;            // transforms.Resize((h, w))
     c.height = scale_h;
     c.width = scale_w;
+  } else if (crop_mode == "border") {
+    // ResizeKeepRatio(scale_size, interpolation, longest=1.0), CenterCropOrPad(img_size, fill=[round(255 * v) for v in mean])
+    c.resize_rule = ResizeRule::keep_ratio;
+    c.keep_ratio_longest = true;
+    c.height = scale_h;
+    c.width = scale_w;
+    std::array<double, 3> mean{0.485, 0.456, 0.406};
+    if (r.has("mean")) {
+      const json& m = j.at("mean");
+      for (int i = 0; i < 3; ++i) mean[i] = m.is_array() ? m[i].get<double>() : m.get<double>();
+    }
+    for (int i = 0; i < 3; ++i) c.crop_fill[i] = static_cast<uint8_t>(std::clamp(py_round(255 * mean[i]), 0, 255));
   } else {
-    r.bad("crop_mode", "= \"" + crop_mode + "\" is not supported (supported: center, squash)");
+    r.bad("crop_mode", "= \"" + crop_mode + "\" is not supported (supported: center, squash, border)");
   }
   c.do_rescale = true;
   c.rescale_factor = 1.0 / 255.0;
@@ -434,7 +450,8 @@ cv::Size resize_output_size(cv::Size input, const PreprocessConfig& cfg) {
       check_positive(cfg.height, "size.height");
       check_positive(cfg.width, "size.width");
       const double ratio_h = static_cast<double>(h) / cfg.height, ratio_w = static_cast<double>(w) / cfg.width;
-      const double ratio = std::max(ratio_h, ratio_w) * 0.0 + std::min(ratio_h, ratio_w) * (1.0 - 0.0);
+      const double longest = cfg.keep_ratio_longest ? 1.0 : 0.0;
+      const double ratio = std::max(ratio_h, ratio_w) * longest + std::min(ratio_h, ratio_w) * (1.0 - longest);
       return {std::max(1, py_round(w / ratio)), std::max(1, py_round(h / ratio))};
     }
   }
@@ -466,7 +483,7 @@ cv::Mat resize_and_crop(const cv::Mat& rgb, const PreprocessConfig& cfg) {
   check(cfg.crop_height > 0 && cfg.crop_width > 0, cfg.source + ": crop_size must be positive");
   const int top = crop_offset(img.rows, cfg.crop_height, cfg.crop_rule);
   const int left = crop_offset(img.cols, cfg.crop_width, cfg.crop_rule);
-  cv::Mat out = cv::Mat::zeros(cfg.crop_height, cfg.crop_width, CV_8UC3);
+  cv::Mat out(cfg.crop_height, cfg.crop_width, CV_8UC3, cv::Scalar(cfg.crop_fill[0], cfg.crop_fill[1], cfg.crop_fill[2]));
   // The part of the crop window that lies inside the image; the rest stays zero (padding).
   const cv::Rect window(left, top, cfg.crop_width, cfg.crop_height);
   const cv::Rect inside = window & cv::Rect(0, 0, img.cols, img.rows);

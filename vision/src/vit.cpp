@@ -1,7 +1,9 @@
 #include "tessera/vit.hpp"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "tessera/error.hpp"
 #include "tessera/kernels.hpp"
@@ -110,6 +112,34 @@ void swiglu_rows(float* x, int64_t rows, int64_t f) {
   });
 }
 
+// probs[b, i, j] = mean over heads of softmax_j(scale · q[b,i,h] · k[b,j,h]), from the fused qkv rows.
+void attention_probabilities(const float* qkv, int64_t B, int64_t T, int64_t heads, int64_t hd,
+                             float scale, float* probs) {
+  const int64_t d = heads * hd;
+  parallel_for(0, B * T, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(T);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T;
+      const float* q = qkv + r * 3 * d;
+      float* out = probs + r * T;
+      std::fill(out, out + T, 0.0f);
+      for (int64_t h = 0; h < heads; ++h) {
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < T; ++j) {
+          const float* k = qkv + (b * T + j) * 3 * d + d + h * hd;
+          float s = 0;
+          for (int64_t e = 0; e < hd; ++e) s += q[h * hd + e] * k[e];
+          row[j] = s * scale;
+          mx = std::max(mx, row[j]);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < T; ++j) sum += row[j] = std::exp(row[j] - mx);
+        for (int64_t j = 0; j < T; ++j) out[j] += static_cast<float>(row[j] / sum / heads);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 Tensor vit_position_embedding(const VitWeights& w, int64_t height, int64_t width) {
@@ -185,6 +215,7 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
                d);
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  ws.attention.clear();
   float* normed = ws.normed.data();
   float* qkv = ws.qkv.data();
   float* context = ws.context.data();
@@ -193,6 +224,10 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
     layer_norm(x, M, d, d, layer.norm1_weight.data(), layer.norm1_bias.data(), c.layer_norm_eps,
                normed, d);
     linear(normed, M, d, layer.qkv, qkv, 3 * d);
+    if (ws.record_attention) {
+      ws.attention.emplace_back(Shape{B, T, T});
+      attention_probabilities(qkv, B, T, heads, hd, scale, ws.attention.back().data());
+    }
     attention(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
               {qkv + 2 * d, T * 3 * d, 3 * d}, context, T * d, d, scale);
     linear(context, M, d, layer.attn_out, x, d, Activation::None, x);

@@ -10,6 +10,8 @@
 
 namespace tessera {
 
+// F32: exact fp32 products. BF16: W and x rounded to bfloat16 (nearest even), products summed in
+// fp32 (vdpbf16ps where the CPU has it). INT8: not supported yet (pack_linear throws).
 enum class WeightType { F32, BF16, INT8 };
 enum class Activation { None, Gelu /* exact erf */, Relu };
 

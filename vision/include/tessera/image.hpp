@@ -8,7 +8,9 @@
 //  - 16-bit samples → 8-bit by their high byte (v >> 8). Pillow does exactly this for 16-bit RGB/RGBA
 //    PNGs; for 16-bit grayscale it opens mode "I" and convert("RGB") clips at 255 (almost all white),
 //    which Tessera deliberately does not copy;
-//  - float images (EXR/HDR/float TIFF) are refused.
+//  - float images (EXR/HDR/float TIFF) are refused, and so is GIF (OpenCV 4.6 has no GIF decoder);
+//  - CMYK JPEGs go through OpenCV's CMYK->RGB, which can differ from Pillow's by one level.
+// Formats: whatever this OpenCV decodes (JPEG, PNG, WebP, BMP, TIFF, PNM, ...).
 // Errors are tessera::Error with one line naming the file: missing, directory, unreadable, empty,
 // corrupt / truncated / unsupported, too large.
 #include <opencv2/core.hpp>

@@ -18,7 +18,10 @@
 
 namespace tessera {
 
-enum class ModelFamily { HuggingFace, Timm, Torchvision };
+enum class ModelFamily { HuggingFace, Timm, Torchvision, Detector, Segmenter };
+
+struct DetectionHead;     // tessera/detection.hpp: YOLOS, DETR decoder on a ViT
+struct SegmentationHead;  // tessera/segmentation.hpp: Segmenter linear / mask transformer
 
 // How the encoder's tokens become outputs.
 enum class HeadKind {
@@ -51,6 +54,8 @@ struct Model {
   int64_t parameter_count = 0;
   std::string weight_dtype;  // as stored in the checkpoint ("F32", "BF16", ...)
   std::string config_json;   // the folder's config.json text, for pre-processing and info
+  std::shared_ptr<const DetectionHead> detection;       // set for detectors
+  std::shared_ptr<const SegmentationHead> segmentation; // set for segmenters
 };
 
 // Loads a model folder. Every tensor's name, dtype and shape is checked against the config

@@ -28,7 +28,8 @@ enum class ResizeRule {
   detr,           // DETR: short side = shortest_edge unless the long side would pass longest_edge
   yolos,          // YOLOS: DETR's rule, then both sides rounded down to multiples of 16
   longest_edge,   // long side = longest_edge, short = int(short * longest_edge / long + 0.5)
-  keep_ratio,     // timm ResizeKeepRatio: each side round(side / min(h / H, w / W)), Python rounding
+  keep_ratio,     // timm ResizeKeepRatio to (height, width): each side round(side / r), Python rounding, with
+                  // r = min(h / height, w / width) (cover), or the max with keep_ratio_longest (fit inside)
 };
 
 enum class CropRule {
@@ -48,12 +49,14 @@ struct PreprocessConfig {
   bool do_resize = true;
   ResizeRule resize_rule = ResizeRule::exact;
   int height = 224, width = 224;        // ResizeRule::exact, keep_ratio
+  bool keep_ratio_longest = false;      // ResizeRule::keep_ratio: fit the longest side (timm crop_mode "border")
   int shortest_edge = 0, longest_edge = 0;  // the aspect-keeping rules (0 = not set)
   Resample resample = Resample::bilinear;
 
   bool do_center_crop = false;
   int crop_height = 0, crop_width = 0;
   CropRule crop_rule = CropRule::floor_half;
+  std::array<uint8_t, 3> crop_fill{0, 0, 0};  // RGB of the padding when the crop is larger (timm "border")
 
   bool do_rescale = true;
   double rescale_factor = 1.0 / 255.0;
@@ -78,6 +81,8 @@ PreprocessConfig parse_preprocess_config(std::string_view json_text, const std::
 
 // timm's eval transform (resolve_data_config + transforms_imagenet_eval): Resize(floor(img_size /
 // crop_pct)) of the short side with `interpolation`, CenterCrop(img_size), ToTensor, Normalize.
+// crop_mode "center" (default; a non-square size uses ResizeKeepRatio, bilinear as in timm), "squash"
+// (both sides to floor(size / crop_pct)) and "border" (fit inside, pad with round(255 * mean)).
 // `json_text` is a timm config.json (with "pretrained_cfg") or the pretrained_cfg object itself.
 // img_height/img_width = 0: pretrained_cfg's input_size.
 PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std::string& source,

@@ -89,6 +89,10 @@ struct VitWorkspace {
   Tensor context;   // [B*T, D]
   Tensor mlp;       // [B*T, F] ([B*T, 2F] for SwiGLU)
   Tensor pos;       // [T, D] position embedding for this size
+  // Set record_attention to also get each layer's attention probabilities, averaged over heads,
+  // in attention[layer] as [B, T, T] (computed explicitly, for attention maps; slower).
+  bool record_attention = false;
+  std::vector<Tensor> attention;
 };
 
 int64_t vit_num_tokens(const VitConfig& config, int64_t height, int64_t width);

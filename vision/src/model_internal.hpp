@@ -1,0 +1,116 @@
+#pragma once
+// Shared by the model-folder loaders (model.cpp, and the detection and segmentation heads):
+// typed config.json access and strict checkpoint access, each error naming file and field/tensor.
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
+#include "tessera/model.hpp"
+#include "tessera/safetensors.hpp"
+
+namespace tessera::detail {
+
+using json = nlohmann::json;
+
+std::string read_text(const std::filesystem::path& path);
+json parse_json(const std::string& text, const std::string& file);
+
+struct Config {
+  json j;
+  std::string file;
+
+  bool has(const std::string& key) const { return j.contains(key) && !j[key].is_null(); }
+  int64_t integer(const std::string& key) const {
+    check(has(key), file + ": missing \"" + key + "\"");
+    const json& v = j[key];
+    check(v.is_number_integer() || (v.is_number() && std::floor(v.get<double>()) == v.get<double>()),
+          file + ": \"" + key + "\" must be an integer, got " + v.dump());
+    int64_t x = v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>());
+    return x;
+  }
+  int64_t integer(const std::string& key, int64_t fallback) const {
+    return has(key) ? integer(key) : fallback;
+  }
+  int64_t positive(const std::string& key) const {
+    int64_t x = integer(key);
+    check(x > 0, file + ": \"" + key + "\" must be positive, got " + std::to_string(x));
+    return x;
+  }
+  double number(const std::string& key, double fallback) const {
+    if (!has(key)) return fallback;
+    check(j[key].is_number(), file + ": \"" + key + "\" must be a number, got " + j[key].dump());
+    return j[key].get<double>();
+  }
+  bool boolean(const std::string& key, bool fallback) const {
+    if (!has(key)) return fallback;
+    check(j[key].is_boolean(), file + ": \"" + key + "\" must be true or false, got " + j[key].dump());
+    return j[key].get<bool>();
+  }
+  std::string string(const std::string& key, const std::string& fallback) const {
+    if (!has(key)) return fallback;
+    check(j[key].is_string(), file + ": \"" + key + "\" must be a string, got " + j[key].dump());
+    return j[key].get<std::string>();
+  }
+  // image_size: an int or [h, w].
+  std::pair<int64_t, int64_t> size2(const std::string& key) const {
+    check(has(key), file + ": missing \"" + key + "\"");
+    const json& v = j[key];
+    if (v.is_number_integer()) return {v.get<int64_t>(), v.get<int64_t>()};
+    if (v.is_array() && v.size() == 2 && v[0].is_number_integer() && v[1].is_number_integer())
+      return {v[0].get<int64_t>(), v[1].get<int64_t>()};
+    fail(file + ": \"" + key + "\" must be an integer or [height, width], got " + v.dump());
+  }
+  Config sub(const std::string& key) const {
+    check(has(key) && j[key].is_object(), file + ": \"" + key + "\" must be an object");
+    return {j[key], file + " (" + key + ")"};
+  }
+};
+
+// The checkpoint, with strict typed access: every get names the file, tensor and shapes.
+struct Checkpoint {
+  SafeTensors st;
+  std::string file;
+  std::set<std::string> used;
+  int64_t parameters = 0;
+
+  bool has(const std::string& name) const { return st.contains(name); }
+  Tensor get(const std::string& name, const Shape& shape) {
+    check(st.contains(name), file + ": missing tensor '" + name + "' (expected shape " +
+                                 shape_str(shape) + ")");
+    Tensor t = st.get(name, shape);
+    if (used.insert(name).second) parameters += t.numel();
+    return t;
+  }
+  const Shape& shape(const std::string& name) const {
+    check(st.contains(name), file + ": missing tensor '" + name + "'");
+    return st.info(name).shape;
+  }
+};
+
+Checkpoint open_checkpoint(const std::filesystem::path& dir);
+
+// y = Wx + b with optional per-output scale folded in (layer scale: γ ⊙ (Wx + b)).
+PackedLinear pack(Checkpoint& ck, const std::string& weight, const std::string& bias, int64_t out,
+                  int64_t in, bool has_bias, WeightType type, const Tensor* gamma = nullptr);
+// Stacks query, key, value [D, D] (+ biases) named NAME.weight / NAME.bias into one [3D, D].
+PackedLinear pack_qkv(Checkpoint& ck, const std::string& q, const std::string& k,
+                      const std::string& v, int64_t d, bool bias, WeightType type);
+// Loads [1, n, D] (or [n, D]) token parameters as [n, D].
+Tensor tokens(Checkpoint& ck, const std::string& name, int64_t n, int64_t d);
+// id2label (or timm's label_names) as a list of n names; LABEL_i where missing.
+std::vector<std::string> labels_from(const json& cfg, int64_t n, const std::string& file);
+// How many PREFIX<i>SUFFIX tensors exist for i = 0, 1, ...
+int64_t count_layers(const Checkpoint& ck, const std::string& prefix, const std::string& suffix);
+
+// Hugging Face ViT-style encoder (ViT, DeiT, DINOv2, YOLOS backbones): the VitConfig fields from a
+// config.json of model_type vit/deit/dinov2/yolos, and the weights under BASE ("vit.", "" ...).
+VitConfig hf_vit_config(const Config& cfg, const std::string& model_type);
+void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base,
+                     const std::string& model_type, WeightType type);
+
+}  // namespace tessera::detail
