@@ -206,9 +206,9 @@ void add_train(CLI::App& app, Action& action) {
              << "## Limits\n\n"
              << "- It knows ten classes, the digits 0–9, and nothing else: every image gets one of them. It does "
                 "not know ImageNet classes, letters, or \"no digit\".\n"
-             << "- It was trained on one data set: 20x20 handwritten digits, centred, white on black, from a few "
-                "hundred writers' style. Dark digits on a light background (ink on paper) must be inverted first; "
-                "photos need the digit cropped, roughly centred and filling most of the frame.\n"
+             << "- It was trained on one data set: 20x20 handwritten digits, centred, white on black. Dark "
+                "digits on a light background (ink on paper) must be inverted first; photos need the digit\n"
+                "  cropped, roughly centred and filling most of the frame.\n"
              << "- The hold-out cells come from the same sheet as the training cells, so the accuracy above is "
                 "an in-distribution number; expect less on other people's handwriting.\n";
         {

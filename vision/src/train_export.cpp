@@ -1,6 +1,8 @@
 // Export of the trained ViT as a standard Hugging Face ViTForImageClassification folder: the
 // weights under transformers' names and shapes, config.json, and the ViTImageProcessor that the
 // training images went through.
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -15,6 +17,20 @@
 namespace fs = std::filesystem;
 
 namespace tessera {
+
+namespace {
+
+// The double that prints as the float's shortest form (1e-06, not 9.999999974752427e-07).
+double shortest(float x) {
+  char buf[32];
+  for (int digits = 1; digits <= 9; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
+    if (std::strtof(buf, nullptr) == x) break;
+  }
+  return std::strtod(buf, nullptr);
+}
+
+}  // namespace
 
 std::string hf_vit_config_json(const TrainVitConfig& c, const std::vector<std::string>& labels) {
   c.validate();
@@ -39,7 +55,7 @@ std::string hf_vit_config_json(const TrainVitConfig& c, const std::vector<std::s
       {"hidden_dropout_prob", 0.0},
       {"attention_probs_dropout_prob", 0.0},
       {"initializer_range", 0.02},
-      {"layer_norm_eps", static_cast<double>(c.layer_norm_eps)},
+      {"layer_norm_eps", shortest(c.layer_norm_eps)},
       {"qkv_bias", true},
       {"encoder_stride", c.patch_size},
       {"id2label", id2label},
