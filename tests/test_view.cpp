@@ -658,3 +658,87 @@ TEST_CASE("the viewer under Xvfb takes real key presses (xdotool): save, next im
   CHECK(one.at<cv::Vec3b>(150, 50) == bgr_of(class_colour(7)));
   CHECK(two.at<cv::Vec3b>(200, 390) == bgr_of(class_colour(9)));
 }
+
+// ---------------------------------------------------------------------------------------------
+// With a real detector (yolos-tiny-rand: random weights, so its boxes mean nothing; a low
+// threshold gives some).
+
+TEST_CASE("rollout from the detection tokens of a YOLOS model matches the full product (yolos-tiny-rand)") {
+  auto model = load_model(fixture("conformance/yolos-tiny-rand"));
+  const VitConfig& c = model->encoder.config;
+  Preprocessor pre = model_preprocessor(*model);
+  const cv::Mat rgb = load_image_rgb(fixture("conformance/vit-tiny-rand/cases/e2e/images/0_chelsea.png"));
+  const Tensor chw = pre.image(rgb);
+  const Tensor x = chw.reshape({1, chw.dim(0), chw.dim(1), chw.dim(2)});
+  ModelWorkspace ws;
+  ws.vit.record_attention = true;
+  vit_forward(model->encoder, x, ws.vit);
+  const int64_t H = x.dim(2), W = x.dim(3), T = vit_num_tokens(c, H, W);
+  const int64_t gh = H / c.patch_size, gw = W / c.patch_size, prefix = c.num_prefix_tokens();
+  REQUIRE(c.num_detection_tokens == 10);
+  // Independent: full products in double, then the mean of the detection tokens' rows.
+  std::vector<double> R(T * T, 0.0), Ahat(T * T), next(T * T);
+  for (int64_t i = 0; i < T; ++i) R[i * T + i] = 1;
+  for (const Tensor& A : ws.vit.attention) {
+    for (int64_t i = 0; i < T; ++i) {
+      double sum = 0;
+      for (int64_t j = 0; j < T; ++j) sum += Ahat[i * T + j] = 0.5 * A[i * T + j] + (i == j ? 0.5 : 0.0);
+      for (int64_t j = 0; j < T; ++j) Ahat[i * T + j] /= sum;
+    }
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = 0; j < T; ++j) {
+        double s = 0;
+        for (int64_t k = 0; k < T; ++k) s += Ahat[i * T + k] * R[k * T + j];
+        next[i * T + j] = s;
+      }
+    R.swap(next);
+  }
+  const Tensor map = attention_rollout(ws.vit.attention, 0, c, H, W);
+  REQUIRE(map.shape() == Shape{gh, gw});
+  const int64_t first_det = prefix + gh * gw;
+  for (int64_t p = 0; p < gh * gw; ++p) {
+    double mean = 0;
+    for (int64_t t = first_det; t < T; ++t) mean += R[t * T + prefix + p] / c.num_detection_tokens;
+    CHECK(map[p] == Approx(mean).margin(1e-6));
+  }
+}
+
+TEST_CASE("tessera detect --attention writes the detection-token rollout over the image") {
+  fs::path dir = scratch("detect_attention");
+  const std::string img = fixture("conformance/vit-tiny-rand/cases/e2e/images/0_chelsea.png");
+  Run r = run_cli("detect --model " + fixture("conformance/yolos-tiny-rand") + " --threshold 0.2 --attention " +
+                  (dir / "att.png").string() + " " + img);
+  REQUIRE(r.code == 0);
+  CHECK(r.out.find("attention map: " + (dir / "att.png").string()) != std::string::npos);
+  cv::Mat heat = cv::imread((dir / "att.png").string());
+  REQUIRE(!heat.empty());
+  CHECK(heat.size() == cv::imread(img).size());
+}
+
+TEST_CASE("the viewer's saved overlay is exactly tessera detect --out's picture; the trackbar re-filters") {
+  Xvfb x;
+  if (x.pid < 0) {
+    WARN("Xvfb is not installed: the viewer/detect comparison is skipped (scripts/install-deps.sh installs xvfb)");
+    return;
+  }
+  fs::path dir = scratch("view_vs_detect");
+  const std::string img = fixture("conformance/vit-tiny-rand/cases/e2e/images/0_chelsea.png");
+  const std::string model = fixture("conformance/yolos-tiny-rand");
+  Run det = run_cli("detect --model " + model + " --threshold 0.2 --out " + (dir / "detect").string() + " " + img);
+  REQUIRE(det.code == 0);
+  REQUIRE(det.out.find("0 detections") == std::string::npos);  // random weights, but some boxes at 0.2
+  Run view = run_cli("view --model " + model + " --threshold 0.2 --save-dir " + (dir / "view").string() +
+                         " --script s,t=0.95,s,q " + img,
+                     x.env());
+  INFO(view.out << view.err);
+  REQUIRE(view.code == 0);
+  const cv::Mat from_detect = cv::imread((dir / "detect" / "0_chelsea.png").string());
+  const cv::Mat from_view = cv::imread((dir / "view" / "0_chelsea_view.png").string());
+  const cv::Mat refiltered = cv::imread((dir / "view" / "0_chelsea_view_2.png").string());
+  REQUIRE(!from_detect.empty());
+  REQUIRE(!from_view.empty());
+  REQUIRE(!refiltered.empty());
+  CHECK(cv::norm(from_view, from_detect, cv::NORM_INF) == 0);
+  // At 0.95 no random-weight box is left: the picture itself.
+  CHECK(cv::norm(refiltered, cv::imread(img), cv::NORM_INF) == 0);
+}
