@@ -591,6 +591,7 @@ void add_view(CLI::App& app, Action& action) {
   cmd->add_option("--detections", detections_json)->group("");
   cmd->add_option("inputs", inputs, "Images, folders, @list.txt, video files, or a camera index (0, 1, ...)")
       ->required();
+  cmd->footer(std::string("Keys: ") + kKeysHelp + " (Esc quits too; arrows move)");
   cmd->callback([&action] {
     action = [] {
       if (!have_display())
