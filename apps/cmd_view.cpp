@@ -235,11 +235,18 @@ struct Viewer {
     frame.has_raw = true;
   }
 
+  // The rollout map of the current frame, if it is shown. A failure turns the map off (said once)
+  // but never costs the frame its boxes.
   void compute_attention() {
     if (!show_attention || !model || !frame.attention.empty()) return;
-    cv::Mat rgb;
-    cv::cvtColor(frame.bgr, rgb, cv::COLOR_BGR2RGB);
-    frame.attention = attention_map(*model, pre, rgb, ws);
+    try {
+      cv::Mat rgb;
+      cv::cvtColor(frame.bgr, rgb, cv::COLOR_BGR2RGB);
+      frame.attention = attention_map(*model, pre, rgb, ws);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "tessera: error: attention map: %s (turned off)\n", e.what());
+      show_attention = false;
+    }
   }
 
   // Opens sources[index]; false (reported) if it cannot be shown.
@@ -537,12 +544,7 @@ struct Viewer {
             break;
           }
           show_attention = !show_attention;
-          try {
-            compute_attention();
-          } catch (const Error& e) {
-            std::fprintf(stderr, "tessera: error: %s\n", e.what());
-            show_attention = false;
-          }
+          compute_attention();
           dirty = true;
           break;
         case Command::ThresholdUp: set_threshold(post.threshold + 0.05); break;
@@ -551,7 +553,13 @@ struct Viewer {
         case Command::None: break;
       }
       if (live && !ended && cmd != Command::Next && cmd != Command::Previous) {
-        if (!next_video_frame()) {
+        bool more = false;
+        try {
+          more = next_video_frame();
+        } catch (const Error& e) {  // a frame the model cannot take: report it, stop this input
+          report(sources[index].path + ": frame " + std::to_string(frame_number) + ": " + e.what());
+        }
+        if (!more) {
           ended = true;  // hold the last frame until the next key
           dirty = true;
         }
