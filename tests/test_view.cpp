@@ -501,9 +501,13 @@ TEST_CASE("the viewer under Xvfb: opens, draws, reacts to keys, saves overlays, 
     status = std::system((x.env() + " timeout 120 " + cli + " " + args + " >" + out.string() + " 2>" + err.string()).c_str());
   });
   const bool shown = wait_for(out, "showing 1/3", 60);
-  if (shown) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));  // let the window manager-less X draw
+  // The window paints asynchronously: on a busy machine, try the screenshot again a few times.
+  for (int attempt = 0; shown && attempt < 20; ++attempt) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
     std::system(("import -display :" + std::to_string(x.display) + " -window root " + shot.string()).c_str());
+    const cv::Mat s = cv::imread(shot.string());
+    if (!s.empty() && count_colour(s, bgr_of(class_colour(0))) > 400 && count_colour(s, bgr_of(class_colour(3))) > 400)
+      break;
   }
   { std::ofstream(go.string()) << "go"; }
   viewer.join();
