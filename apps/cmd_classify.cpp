@@ -15,7 +15,7 @@ namespace tessera::cli {
 
 void add_classify(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("classify", "Classify images: top-k labels with probabilities");
-  static std::string model_dir, processor;
+  static std::string model_dir, processor, attention_out;
   static std::vector<std::string> images;
   static int64_t k = 5, batch = 1;
   static int threads = 0;
@@ -26,6 +26,9 @@ void add_classify(CLI::App& app, Action& action) {
   cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
   cmd->add_flag("--json", as_json, "Print JSON instead of text");
   cmd->add_option("--processor", processor, "preprocessor_config.json to use instead of the folder's");
+  cmd->add_option("--attention", attention_out,
+                  "Also write the attention rollout from the class token over each image to OUT.png "
+                  "(several images: OUT_<index>_<stem>.png)");
   cmd->add_option("images", images, "Images, folders or @list.txt")->required();
   cmd->callback([&action] {
     action = [] {
@@ -39,6 +42,7 @@ void add_classify(CLI::App& app, Action& action) {
       nlohmann::json results = nlohmann::json::array();
       int failed = 0;
       ModelWorkspace ws;
+      ws.vit.record_attention = !attention_out.empty();
       for (size_t start = 0; start < paths.size(); start += batch) {
         const size_t end = std::min(paths.size(), start + static_cast<size_t>(batch));
         // Decode and pre-process the batch in parallel; keep each failure with its reason.
@@ -58,6 +62,7 @@ void add_classify(CLI::App& app, Action& action) {
         for (size_t i = 0; i < pixels.size(); ++i)
           if (errors[i].empty()) groups[pixels[i].shape()].push_back(i);
         std::vector<std::vector<Prediction>> answers(pixels.size());
+        std::vector<std::string> attention_paths(pixels.size());
         for (const auto& [shape, members] : groups) {
           const int64_t n = static_cast<int64_t>(members.size());
           Tensor x({n, shape[0], shape[1], shape[2]});
@@ -67,6 +72,17 @@ void add_classify(CLI::App& app, Action& action) {
           NamedTensors out = model_forward(*model, x, ws);
           auto top = top_k(output(out, "logits"), model->labels, k);
           for (int64_t j = 0; j < n; ++j) answers[members[j]] = top[j];
+          for (int64_t j = 0; j < n && !attention_out.empty(); ++j) {
+            const size_t i = start + members[j];
+            const std::string att = attention_output_path(attention_out, i, paths[i], paths.size());
+            try {
+              write_attention_map(*model, pre.config, ws.vit.attention, j, shape[1], shape[2], paths[i], att);
+              attention_paths[members[j]] = att;
+            } catch (const Error& e) {
+              ++failed;
+              std::fprintf(stderr, "tessera: error: %s\n", e.what());
+            }
+          }
         }
         for (size_t i = 0; i < pixels.size(); ++i) {
           const std::string& path = paths[start + i];
@@ -81,10 +97,12 @@ void add_classify(CLI::App& app, Action& action) {
             for (const auto& p : answers[i])
               preds.push_back({{"label", p.name}, {"id", p.label}, {"probability", p.probability}});
             results.push_back({{"image", path}, {"predictions", preds}});
+            if (!attention_paths[i].empty()) results.back()["attention"] = attention_paths[i];
           } else {
             std::printf("%s\n", path.c_str());
             for (const auto& p : answers[i])
               std::printf("  %7.4f  %s (%lld)\n", p.probability, p.name.c_str(), (long long)p.label);
+            if (!attention_paths[i].empty()) std::printf("  attention map: %s\n", attention_paths[i].c_str());
           }
         }
         std::fflush(stdout);

@@ -3,7 +3,12 @@
 #include <fstream>
 #include <set>
 
+#include <opencv2/imgproc.hpp>
+
 #include "commands.hpp"
+#include "tessera/attention_map.hpp"
+#include "tessera/draw.hpp"
+#include "tessera/image.hpp"
 #include "tessera/error.hpp"
 #include "tessera/parallel.hpp"
 
@@ -52,6 +57,24 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& args) {
     }
   }
   return out;
+}
+
+std::string attention_output_path(const std::string& out, size_t index, const std::string& image_path,
+                                  size_t total) {
+  if (total == 1) return out;
+  const fs::path o(out);
+  const std::string name = o.stem().string() + "_" + std::to_string(index) + "_" +
+                           fs::path(image_path).stem().string() + o.extension().string();
+  return (o.parent_path() / name).string();
+}
+
+void write_attention_map(const Model& model, const PreprocessConfig& config, const std::vector<Tensor>& attention,
+                         int64_t image, int64_t height, int64_t width, const std::string& image_path,
+                         const std::string& out_path) {
+  const Tensor map = attention_rollout(attention, image, model.encoder.config, height, width);
+  cv::Mat bgr;
+  cv::cvtColor(load_image_rgb(image_path), bgr, cv::COLOR_RGB2BGR);
+  write_image_atomic(out_path, render_attention(bgr, map, config, model.encoder.config.patch_size));
 }
 
 void apply_threads(int threads) {

@@ -4,7 +4,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config ccache
   libopencv-dev libeigen3-dev libtbb-dev libstb-dev catch2 nlohmann-json3-dev libcli11-dev
-  xvfb xauth
+  xvfb xauth imagemagick xdotool
 )
 missing=()
 for p in "${packages[@]}"; do

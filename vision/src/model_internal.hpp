@@ -113,4 +113,8 @@ VitConfig hf_vit_config(const Config& cfg, const std::string& model_type);
 void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base,
                      const std::string& model_type, WeightType type);
 
+// Detectors (yolos.cpp, detr.cpp): set m.encoder, m.detection and m.labels.
+void load_yolos(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
+void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
+
 }  // namespace tessera::detail

@@ -473,6 +473,12 @@ int crop_offset(int size, int crop, CropRule rule) {
 }
 }  // namespace
 
+cv::Rect crop_window(cv::Size resized, const PreprocessConfig& cfg) {
+  if (!cfg.do_center_crop) return {0, 0, resized.width, resized.height};
+  return {crop_offset(resized.width, cfg.crop_width, cfg.crop_rule),
+          crop_offset(resized.height, cfg.crop_height, cfg.crop_rule), cfg.crop_width, cfg.crop_height};
+}
+
 cv::Mat resize_and_crop(const cv::Mat& rgb, const PreprocessConfig& cfg) {
   check(!rgb.empty(), cfg.source + ": preprocess: empty image");
   check(rgb.type() == CV_8UC3, cfg.source + ": preprocess: expected an 8-bit RGB image (CV_8UC3), got " +
@@ -481,11 +487,10 @@ cv::Mat resize_and_crop(const cv::Mat& rgb, const PreprocessConfig& cfg) {
   cv::Mat img = cfg.do_resize ? pil_resize(rgb, size.width, size.height, cfg.resample) : rgb;
   if (!cfg.do_center_crop) return img;
   check(cfg.crop_height > 0 && cfg.crop_width > 0, cfg.source + ": crop_size must be positive");
-  const int top = crop_offset(img.rows, cfg.crop_height, cfg.crop_rule);
-  const int left = crop_offset(img.cols, cfg.crop_width, cfg.crop_rule);
+  const cv::Rect window = crop_window(img.size(), cfg);
+  const int top = window.y, left = window.x;
   cv::Mat out(cfg.crop_height, cfg.crop_width, CV_8UC3, cv::Scalar(cfg.crop_fill[0], cfg.crop_fill[1], cfg.crop_fill[2]));
   // The part of the crop window that lies inside the image; the rest stays zero (padding).
-  const cv::Rect window(left, top, cfg.crop_width, cfg.crop_height);
   const cv::Rect inside = window & cv::Rect(0, 0, img.cols, img.rows);
   if (inside.area() > 0) img(inside).copyTo(out(cv::Rect(inside.x - left, inside.y - top, inside.width, inside.height)));
   return out;

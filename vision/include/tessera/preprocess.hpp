@@ -92,6 +92,10 @@ PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std:
 cv::Size resize_output_size(cv::Size input, const PreprocessConfig& cfg);
 cv::Size preprocess_output_size(cv::Size input, const PreprocessConfig& cfg);
 
+// The center-crop window in the resized image's coordinates (it reaches outside when the crop pads);
+// the whole resized image when there is no crop. Maps model pixels back onto the original picture.
+cv::Rect crop_window(cv::Size resized, const PreprocessConfig& cfg);
+
 // Resize + center crop on the 8-bit RGB image (CV_8UC3), as the processor does it.
 cv::Mat resize_and_crop(const cv::Mat& rgb, const PreprocessConfig& cfg);
 
