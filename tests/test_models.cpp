@@ -17,9 +17,8 @@ namespace {
 
 constexpr float kTolerance = 1e-4f;  // float32 port vs float32 upstream (see conformance README)
 
-// Model kinds that belong to the detection and segmentation heads (issues 3 and 4).
-const std::set<std::string> kNotClassifiers = {"yolos-tiny-rand", "detr-vit-rand",
-                                                "segmenter-linear-rand", "segmenter-mask-rand"};
+// Model kinds that belong to the detection head (issue 3).
+const std::set<std::string> kNotClassifiers = {"yolos-tiny-rand", "detr-vit-rand"};
 
 std::vector<fs::path> model_dirs() {
   std::vector<fs::path> dirs;

@@ -508,6 +508,10 @@ std::shared_ptr<const Model> load_model(const std::string& dir_arg, WeightType w
     model->family = ModelFamily::Torchvision;
     model->model_type = "torchvision";
     load_torchvision(*model, cfg, ck, weight_type);
+  } else if (cfg.string("model_type", "") == "segmenter") {
+    model->family = ModelFamily::Segmenter;
+    model->model_type = "segmenter";
+    load_segmenter(*model, cfg, ck, weight_type);
   } else {
     model->family = ModelFamily::HuggingFace;
     model->model_type = cfg.string("model_type", "");
@@ -548,6 +552,7 @@ Tensor apply_linear(const PackedLinear& lin, const float* x, int64_t B, int64_t 
 }  // namespace
 
 NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& ws) {
+  if (m.segmentation) return segmentation_forward(m, pixel_values, ws);
   const VitConfig& c = m.encoder.config;
   Tensor hidden = vit_forward(m.encoder, pixel_values, ws.vit);
   const int64_t B = hidden.dim(0), T = hidden.dim(1), d = hidden.dim(2);
