@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   tessera::cli::add_infer(app, action);
   tessera::cli::add_info(app, action);
   tessera::cli::add_bench(app, action);
+  tessera::cli::add_segment(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
