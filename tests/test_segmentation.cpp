@@ -287,9 +287,9 @@ TEST_CASE("a killed export, restarted with --resume, completes without redoing f
   const fs::path model = make_model_folder(t.path / "model");
   const fs::path in = t.path / "in";
   fs::create_directories(in);
-  const int n = 48;
+  const int n = 40;
   for (int i = 0; i < n; ++i)
-    cv::imwrite((in / ("img" + std::to_string(100 + i) + ".png")).string(), noise(256, 256, CV_8UC3, 100 + i));
+    cv::imwrite((in / ("img" + std::to_string(100 + i) + ".png")).string(), noise(128, 128, CV_8UC3, 100 + i));
   const fs::path out = t.path / "out";
   const std::string exe = cli();
   pid_t pid = fork();
@@ -325,7 +325,7 @@ TEST_CASE("a killed export, restarted with --resume, completes without redoing f
   CHECK(after.size() == static_cast<size_t>(n));
   for (const std::string& rel : after) {
     cv::Mat l = cv::imread((out / rel).string(), cv::IMREAD_UNCHANGED);
-    CHECK(l.size() == cv::Size(256, 256));
+    CHECK(l.size() == cv::Size(128, 128));
     const std::string stem = rel.substr(0, rel.size() - 4);
     CHECK(!cv::imread((out / (stem + "_color.png")).string()).empty());
   }
