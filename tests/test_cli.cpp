@@ -63,6 +63,19 @@ fs::path copy_model(const std::string& rel, const std::string& name) {
   return dst;
 }
 
+// Every tensor of `expected` is in `got` with the same shape, within 1e-4 absolute.
+void check_outputs(const fs::path& got_path, const fs::path& expected_path) {
+  SafeTensors got = SafeTensors::open(got_path.string()), want = SafeTensors::open(expected_path.string());
+  for (const auto& name : want.names()) {
+    INFO("output " << name);
+    Tensor a = got.get(name), b = want.get(name);
+    REQUIRE(a.shape() == b.shape());
+    float m = 0;
+    for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+    CHECK(m <= 1e-4f);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("tessera infer reproduces the conformance outputs (1e-4)") {
@@ -75,14 +88,7 @@ TEST_CASE("tessera infer reproduces the conformance outputs (1e-4)") {
       Run r = run_cli("infer --model " + fixture(model) + " --inputs " +
                       (c.path() / "inputs.safetensors").string() + " --outputs " + out.string());
       REQUIRE(r.code == 0);
-      SafeTensors got = SafeTensors::open(out.string()), want = SafeTensors::open((c.path() / "expected.safetensors").string());
-      for (const auto& name : want.names()) {
-        Tensor a = got.get(name), b = want.get(name);
-        REQUIRE(a.shape() == b.shape());
-        float m = 0;
-        for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
-        CHECK(m <= 1e-4f);
-      }
+      check_outputs(out, c.path() / "expected.safetensors");
     }
   }
 }
@@ -98,19 +104,15 @@ TEST_CASE("tessera infer on photos goes through the folder's processor (e2e case
     std::sort(files.begin(), files.end());
     for (const auto& f : files) images += " " + f.string();
     fs::path out = scratch() / "e2e.safetensors";
-    std::string processor = fs::exists(e2e / "preprocessor_config.json")
-                                ? " --processor " + (e2e / "preprocessor_config.json").string() : "";
+    std::string processor;
+    if (fs::exists(e2e / "preprocessor_config.json")) {
+      processor = " --processor ";
+      processor += (e2e / "preprocessor_config.json").string();
+    }
     Run r = run_cli("infer --model " + fixture(model) + processor + images + " --outputs " + out.string());
     INFO(r.err);
     REQUIRE(r.code == 0);
-    SafeTensors got = SafeTensors::open(out.string()), want = SafeTensors::open((e2e / "expected.safetensors").string());
-    for (const auto& name : want.names()) {
-      Tensor a = got.get(name), b = want.get(name);
-      REQUIRE(a.shape() == b.shape());
-      float m = 0;
-      for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
-      CHECK(m <= 1e-4f);
-    }
+    check_outputs(out, e2e / "expected.safetensors");
   }
 }
 

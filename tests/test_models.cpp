@@ -3,7 +3,10 @@
 // validated against it) and must reproduce every expected output to 1e-4 absolute.
 #include <catch2/catch.hpp>
 
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "tessera/model.hpp"
@@ -84,4 +87,83 @@ TEST_CASE("results do not depend on the thread count or the batch composition") 
   set_num_threads(0);
   REQUIRE(max_abs_diff(one, two) == 0.0f);
   for (int64_t k = 0; k < single.numel(); ++k) CHECK(single[k] == two[single.numel() + k]);
+}
+
+namespace {
+
+// Writes `tensors` as a safetensors file, BF16 (values must already be bf16-exact) or F32.
+void write_raw(const fs::path& path, const std::vector<std::pair<std::string, Tensor>>& tensors, bool bf16) {
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  for (const auto& [name, t] : tensors) {
+    size_t begin = data.size();
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, t.data() + i, 4);
+      if (bf16) {
+        uint16_t hi = static_cast<uint16_t>(bits >> 16);
+        data.append(reinterpret_cast<const char*>(&hi), 2);
+      } else {
+        data.append(reinterpret_cast<const char*>(&bits), 4);
+      }
+    }
+    header[name] = {{"dtype", bf16 ? "BF16" : "F32"}, {"shape", t.shape()}, {"data_offsets", {begin, data.size()}}};
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');
+  uint64_t n = h.size();
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out << h << data;
+}
+
+}  // namespace
+
+TEST_CASE("BF16 and sharded checkpoints load as the same model") {
+  fs::path src = fs::path(TESSERA_FIXTURES) / "conformance/vit-tiny-rand";
+  fs::path tmp = fs::temp_directory_path() / ("tessera_models_" + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  SafeTensors st = SafeTensors::open((src / "model.safetensors").string());
+  // Round every weight to bf16 (truncating the low 16 bits: exactly representable in BF16).
+  std::vector<std::pair<std::string, Tensor>> rounded;
+  for (const auto& name : st.names()) {
+    Tensor t = st.get(name).clone();
+    for (float& v : t.span()) {
+      uint32_t bits;
+      std::memcpy(&bits, &v, 4);
+      bits &= 0xFFFF0000u;
+      std::memcpy(&v, &bits, 4);
+    }
+    rounded.emplace_back(name, t);
+  }
+  auto make = [&](const std::string& name) {
+    fs::path d = tmp / name;
+    fs::create_directories(d);
+    fs::copy_file(src / "config.json", d / "config.json");
+    return d;
+  };
+  fs::path f32 = make("f32"), bf16 = make("bf16"), sharded = make("sharded");
+  write_raw(f32 / "model.safetensors", rounded, false);
+  write_raw(bf16 / "model.safetensors", rounded, true);
+  // Two shards with an index, as transformers writes large checkpoints.
+  std::vector<std::pair<std::string, Tensor>> first(rounded.begin(), rounded.begin() + rounded.size() / 2);
+  std::vector<std::pair<std::string, Tensor>> second(rounded.begin() + rounded.size() / 2, rounded.end());
+  write_raw(sharded / "model-00001-of-00002.safetensors", first, true);
+  write_raw(sharded / "model-00002-of-00002.safetensors", second, false);
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
+  for (const auto& [n, t] : first) index["weight_map"][n] = "model-00001-of-00002.safetensors";
+  for (const auto& [n, t] : second) index["weight_map"][n] = "model-00002-of-00002.safetensors";
+  std::ofstream(sharded / "model.safetensors.index.json") << index.dump();
+
+  Tensor x = SafeTensors::open((src / "cases/native/inputs.safetensors").string()).get("pixel_values");
+  auto run = [&](const fs::path& d) {
+    ModelWorkspace ws;
+    return output(model_forward(*load_model(d.string()), x, ws), "logits").clone();
+  };
+  Tensor a = run(f32), b = run(bf16), c = run(sharded);
+  CHECK(load_model(bf16.string())->weight_dtype == "BF16");
+  REQUIRE(a.shape() == b.shape());
+  CHECK(max_abs_diff(a, b) == 0.0f);
+  CHECK(max_abs_diff(a, c) == 0.0f);
+  fs::remove_all(tmp);
 }
