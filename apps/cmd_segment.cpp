@@ -68,13 +68,13 @@ std::vector<Input> collect_inputs(const std::vector<std::string>& args) {
   for (const std::string& arg : args) {
     std::error_code ec;
     fs::path root;
-    if (arg.size() > 1 && arg[0] == '@') root = fs::path(arg.substr(1)).parent_path();
-    else if (fs::is_directory(arg, ec)) root = fs::path(arg);
+    if (arg.size() > 1 && arg[0] == '@') root = fs::absolute(fs::path(arg.substr(1))).parent_path();
+    else if (fs::is_directory(arg, ec)) root = fs::absolute(fs::path(arg));
     for (const std::string& p : expand_inputs({arg})) {
       fs::path rel;
       if (!root.empty()) {
-        rel = fs::path(p).lexically_normal().lexically_relative(fs::path(root).lexically_normal());
-        if (rel.empty() || *rel.begin() == "..") rel = fs::path(p).filename();
+        rel = fs::absolute(p).lexically_normal().lexically_relative(root.lexically_normal());
+        if (rel.empty() || *rel.begin() == ".." || rel.filename().empty()) rel = fs::path(p).filename();
       } else {
         rel = fs::path(p).filename();
       }

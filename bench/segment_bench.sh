@@ -50,7 +50,7 @@ for i in range(n_small):
 PY
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-for t in 1 2; do
+for t in ${THREADS-1 2}; do
   rates=()
   for r in $(seq "$RUNS"); do
     rm -rf "$WORK/out512"
@@ -66,8 +66,8 @@ small_model="$WORK/tiny-mask"
 mkdir -p "$small_model"
 cp "$conf/config.json" "$conf/model.safetensors" "$small_model/"
 echo '{"image_processor_type": "ViTImageProcessor", "do_resize": false, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}' > "$small_model/preprocessor_config.json"
-find "$WORK/small" -name '*.png' | sort | head -1000 > "$WORK/list1000.txt"
 find "$WORK/small" -name '*.png' | sort > "$WORK/listall.txt"
+sed -n 1,1000p "$WORK/listall.txt" > "$WORK/list1000.txt"
 for list in list1000 listall; do
   rm -rf "$WORK/outsmall"
   n=$(wc -l < "$WORK/$list.txt")

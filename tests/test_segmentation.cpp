@@ -255,6 +255,13 @@ TEST_CASE("tessera segment exports label maps for a folder, reports bad images a
     CHECK(run("segment " + common + " --out " + out2.string() + " --batch 1 --threads 1") == 1);
     for (const std::string& rel : label_files(out)) CHECK(slurp(out / rel) == slurp(out2 / rel));
   }
+  SECTION("an @list mirrors the paths it lists, relative to the list's folder") {
+    std::ofstream(t.path / "list.txt") << "in/a/b/photo.jpg\n" << (in / "gray.png").string() << "\n";
+    const fs::path out3 = t.path / "out3";
+    CHECK(run("segment --model " + model.string() + " --out " + out3.string() + " @" + (t.path / "list.txt").string()) == 0);
+    CHECK(label_files(out3) == std::set<std::string>{"in/a/b/photo.png", "in/gray.png"});
+    CHECK(slurp(out3 / "in/a/b/photo.png") == slurp(out / "a/b/photo.png"));
+  }
   SECTION("--resume skips complete inputs and leaves them alone") {
     const auto before = fs::last_write_time(out / "a/rgb.png");
     fs::remove(out / "gray.png");
