@@ -398,3 +398,39 @@ TEST_CASE("more than 255 classes give 16-bit label PNGs") {
   CHECK(hi < 300);
   CHECK(hi > 255);  // random logits over 300 classes: some label beyond 8 bits shows up
 }
+
+TEST_CASE("tessera infer writes Segmenter's per-pixel logits (1e-4), at the training size and others") {
+  TempDir t;
+  for (const char* c : {"conformance/segmenter-linear-rand/cases/native", "conformance/segmenter-mask-rand/cases/native",
+                        "models/segmenter-linear-sizes-rand/cases/72x56", "models/segmenter-mask-sizes-rand/cases/61x77"}) {
+    INFO(c);
+    const fs::path cs = fs::path(TESSERA_FIXTURES) / c;
+    const fs::path out = t.path / "out.safetensors";
+    CHECK(run("infer --model " + cs.parent_path().parent_path().string() + " --inputs " +
+              (cs / "inputs.safetensors").string() + " --outputs " + out.string() + " > /dev/null") == 0);
+    Tensor got = SafeTensors::open(out.string()).get("logits");
+    Tensor want = SafeTensors::open((cs / "expected.safetensors").string()).get("logits");
+    REQUIRE(got.shape() == want.shape());
+    CHECK(max_abs_diff(got, want) <= kTolerance);
+  }
+}
+
+TEST_CASE("tessera segment --sliding-window gives the library's sliding-window label map") {
+  TempDir t;
+  const fs::path model = make_model_folder(t.path / "model");
+  cv::imwrite((t.path / "wide.png").string(), noise(50, 130, CV_8UC3, 21));
+  std::string err;
+  CHECK(run("segment --model " + model.string() + " --out " + (t.path / "out").string() +
+            " --sliding-window --window 64 --stride 40 " + (t.path / "wide.png").string(), &err) == 0);
+  INFO(err);
+  auto m = load_model(model.string());
+  cv::Mat rgb = load_image_rgb((t.path / "wide.png").string());
+  Tensor px = model_preprocessor(*m).image(rgb);
+  ModelWorkspace ws;
+  Tensor logits = segmentation_sliding_window(*m, px.reshape({1, 3, 50, 130}), 64, 40, ws);
+  CHECK(logits.shape() == Shape{1, 5, 64, 166});  // short side enlarged to the window
+  cv::Mat want = segmentation_labels(logits, 0, 50, 130);
+  cv::Mat got = cv::imread((t.path / "out/wide.png").string(), cv::IMREAD_UNCHANGED);
+  REQUIRE(got.size() == want.size());
+  CHECK(cv::countNonZero(want != got) == 0);
+}
