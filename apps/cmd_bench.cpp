@@ -99,6 +99,9 @@ void add_bench(CLI::App& app, Action& action) {
   cmd->add_option("--batch", batch, "Images per forward pass")->check(CLI::Range(1, 4096));
   cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
   cmd->add_option("--image-size", image_size, "Square input size (default: the model's)");
+  static int64_t height = 0, width = 0;  // a non-square input (detectors keep the aspect ratio)
+  cmd->add_option("--height", height, "Input height (overrides --image-size)")->check(CLI::Range(1, 100000));
+  cmd->add_option("--width", width, "Input width (overrides --image-size)")->check(CLI::Range(1, 100000));
   cmd->add_option("--dtype", dtype, "Weights: fp32, bf16 or int8");
   cmd->add_option("--iterations", iterations, "Timed runs (median is reported)")->check(CLI::Range(1, 100000));
   cmd->add_flag("--json", as_json, "Print one JSON object");
@@ -113,8 +116,8 @@ void add_bench(CLI::App& app, Action& action) {
                                      : load_model(model_dir, type);
       const double load_ms = now_ms() - t0;
       const VitConfig& c = model->encoder.config;
-      const int64_t h = image_size ? image_size : c.image_height;
-      const int64_t w = image_size ? image_size : c.image_width;
+      const int64_t h = height ? height : image_size ? image_size : c.image_height;
+      const int64_t w = width ? width : image_size ? image_size : c.image_width;
       Tensor x({batch, c.num_channels, h, w});
       std::mt19937 rng(3);
       std::normal_distribution<float> dist(0, 1);

@@ -12,6 +12,7 @@
 #include <set>
 #include <sstream>
 
+#include "tessera/detection.hpp"
 #include "tessera/error.hpp"
 #include "tessera/kernels.hpp"
 #include "tessera/safetensors.hpp"
@@ -512,6 +513,13 @@ std::shared_ptr<const Model> load_model(const std::string& dir_arg, WeightType w
     model->family = ModelFamily::Segmenter;
     model->model_type = "segmenter";
     load_segmenter(*model, cfg, ck, weight_type);
+  } else if (cfg.string("model_type", "") == "yolos" || cfg.string("model_type", "") == "vit-detr") {
+    model->family = ModelFamily::Detector;
+    model->model_type = cfg.string("model_type", "");
+    const bool yolos = model->model_type == "yolos";
+    model->architecture = !arch.empty() ? arch : yolos ? "YolosForObjectDetection" : "VitDetrForObjectDetection";
+    if (yolos) load_yolos(*model, cfg, ck, weight_type);
+    else load_vit_detr(*model, cfg, ck, weight_type);
   } else {
     model->family = ModelFamily::HuggingFace;
     model->model_type = cfg.string("model_type", "");
@@ -553,6 +561,7 @@ Tensor apply_linear(const PackedLinear& lin, const float* x, int64_t B, int64_t 
 
 NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& ws) {
   if (m.segmentation) return segmentation_forward(m, pixel_values, ws);
+  if (m.detection) return detection_forward(m, pixel_values, ws);
   const VitConfig& c = m.encoder.config;
   Tensor hidden = vit_forward(m.encoder, pixel_values, ws.vit);
   const int64_t B = hidden.dim(0), T = hidden.dim(1), d = hidden.dim(2);

@@ -143,6 +143,11 @@ void attention_probabilities(const float* qkv, int64_t B, int64_t T, int64_t hea
 }  // namespace
 
 Tensor vit_position_embedding(const VitWeights& w, int64_t height, int64_t width) {
+  return vit_position_embedding(w, w.pos_embed, height, width);
+}
+
+Tensor vit_position_embedding(const VitWeights& w, const Tensor& table, int64_t height,
+                              int64_t width) {
   const VitConfig& c = w.config;
   const int64_t d = c.hidden_size, p = c.patch_size;
   const int64_t nh = height / p, nw = width / p;
@@ -150,10 +155,9 @@ Tensor vit_position_embedding(const VitWeights& w, int64_t height, int64_t width
   const int64_t prefix_pos = c.prefix_has_pos_embed ? prefix : 0;
   const int64_t grid = c.grid_height() * c.grid_width();
   Tensor pos({vit_num_tokens(c, height, width), d});  // zero rows where a token has none
-  copy_rows(w.pos_embed, 0, prefix_pos, d, pos.data());
-  resample_grid(c, w.pos_embed.data() + prefix_pos * d, height, width, nh, nw,
-                pos.data() + prefix * d);
-  copy_rows(w.pos_embed, prefix_pos + grid, det, d, pos.data() + (prefix + nh * nw) * d);
+  copy_rows(table, 0, prefix_pos, d, pos.data());
+  resample_grid(c, table.data() + prefix_pos * d, height, width, nh, nw, pos.data() + prefix * d);
+  copy_rows(table, prefix_pos + grid, det, d, pos.data() + (prefix + nh * nw) * d);
   return pos;
 }
 
@@ -182,6 +186,8 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
     ws.context = Tensor({M, d});
     ws.mlp = Tensor({M, c.activation == MlpActivation::SwiGlu ? 2 * f : f});
     ws.pos = vit_position_embedding(w, H, W);
+    for (const Tensor& table : w.mid_pos_embed)
+      ws.mid_pos.push_back(vit_position_embedding(w, table, H, W));
   }
 
   // Patch embedding: im2col (rows = patches in raster order, columns = c, ky, kx as in the
@@ -220,7 +226,13 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
   float* qkv = ws.qkv.data();
   float* context = ws.context.data();
   float* mlp = ws.mlp.data();
-  for (const VitLayer& layer : w.layers) {
+  for (size_t li = 0; li < w.layers.size(); ++li) {
+    const VitLayer& layer = w.layers[li];
+    if (li > 0 && !ws.mid_pos.empty()) {  // YOLOS: hidden += mid_pos[li - 1] after each layer but the last
+      const float* mid = ws.mid_pos[li - 1].data();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < T * d; ++i) x[b * T * d + i] += mid[i];
+    }
     layer_norm(x, M, d, d, layer.norm1_weight.data(), layer.norm1_bias.data(), c.layer_norm_eps,
                normed, d);
     linear(normed, M, d, layer.qkv, qkv, 3 * d);

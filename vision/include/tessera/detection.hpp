@@ -14,6 +14,60 @@
 
 namespace tessera {
 
+// ------------------------------------------------------------------------------ the heads
+
+// DETR / YOLOS MLPPredictionHead: Linear layers with ReLU between them (none after the last).
+struct MlpHead {
+  std::vector<PackedLinear> layers;
+};
+
+// One DETR decoder layer (transformers DetrDecoderLayer), post-norm:
+//   h = LN(h + out(attn(q(h + qpos), k(h + qpos), v(h))))                self-attention
+//   h = LN(h + out(attn(q(h + qpos), k(mem + pos), v(mem))))             cross-attention
+//   h = LN(h + fc2(relu(fc1(h))))
+struct DetrDecoderLayer {
+  PackedLinear self_qk;   // [2D, D]: q_proj, k_proj stacked (both read h + qpos)
+  PackedLinear self_v, self_out;
+  Tensor self_norm_weight, self_norm_bias;
+  PackedLinear cross_q, cross_k, cross_v, cross_out;
+  Tensor cross_norm_weight, cross_norm_bias;
+  PackedLinear fc1, fc2;
+  Tensor final_norm_weight, final_norm_bias;
+};
+
+enum class DetectionKind {
+  Yolos,  // detection tokens of the encoder → class MLP (3 layers) and box MLP (3 layers)
+  Detr,   // encoder patch tokens → input projection → DETR decoder → class linear, box MLP
+};
+
+// Everything after the encoder: weights are data, detection_forward is the function.
+struct DetectionHead {
+  DetectionKind kind = DetectionKind::Yolos;
+  int64_t num_labels = 0;  // real classes; the logits have num_labels + 1 ("no object" last)
+  int64_t num_slots = 0;   // detection tokens / object queries
+  MlpHead class_head;      // → num_labels + 1
+  MlpHead box_head;        // → 4, then sigmoid
+  // DETR decoder
+  int64_t d_model = 0, decoder_heads = 0, decoder_ffn = 0;
+  float decoder_eps = 1e-5f;
+  float sine_temperature = 10000.0f;
+  PackedLinear input_projection;  // [d_model, encoder hidden]
+  Tensor query_pos;               // [num_slots, d_model] learned query position embeddings
+  std::vector<DetrDecoderLayer> layers;
+  Tensor decoder_norm_weight, decoder_norm_bias;
+};
+
+// DETR's DetrSinePositionEmbedding(d_model / 2, normalize=True, scale 2π) of an all-ones mask
+// over a grid_h x grid_w feature map: [grid_h * grid_w, d_model] in raster order, y half first.
+Tensor detr_sine_position_embedding(int64_t grid_h, int64_t grid_w, int64_t d_model,
+                                    float temperature = 10000.0f);
+
+// pixel_values [B, C, H, W] → logits [B, slots, num_labels + 1], pred_boxes [B, slots, 4],
+// last_hidden_state (YOLOS: the encoder's [B, T, D]; DETR: the decoder's [B, slots, d_model]).
+NamedTensors detection_forward(const Model& model, const Tensor& pixel_values, ModelWorkspace& ws);
+
+// ------------------------------------------------------------------------------ detections
+
 struct Detection {
   int64_t label = 0;        // class id (index into Model::labels)
   std::string name;         // its label
@@ -50,5 +104,12 @@ struct RawDetections {
 // changes an image's result); images that come out the same size share a forward pass.
 std::vector<RawDetections> run_detector(const Model& model, const Preprocessor& pre,
                                         const std::vector<cv::Mat>& rgb_images, ModelWorkspace& ws);
+
+// post_process_detections over one RawDetections.
+std::vector<Detection> post_process(const RawDetections& raw, const std::vector<std::string>& labels,
+                                    const PostProcessOptions& options);
+
+// An Error naming the folder unless the model is a detector (YOLOS, DETR head).
+void require_detector(const Model& model);
 
 }  // namespace tessera

@@ -64,8 +64,10 @@ std::shared_ptr<const Model> load_model(const std::string& dir,
                                         WeightType weight_type = WeightType::F32);
 
 // Per-caller activation memory: sized at the first call for a (batch, size), reused after.
+struct DetectionWorkspace;  // tessera/detection.hpp's buffers (DETR decoder)
 struct ModelWorkspace {
   VitWorkspace vit;
+  std::shared_ptr<DetectionWorkspace> detection;
 };
 
 // Named outputs in the order the upstream returns them (e.g. logits, last_hidden_state).

@@ -73,6 +73,9 @@ struct VitWeights {
   Tensor prefix_tokens;      // [num_prefix_tokens, D]
   Tensor detection_tokens;   // [num_detection_tokens, D]
   Tensor pos_embed;          // [num_positions, D]: (prefix if it has one), grid, detection
+  // YOLOS use_mid_position_embeddings: one more table per layer but the first, laid out and
+  // resampled like pos_embed, added to the residual stream before layers 1 .. L-1.
+  std::vector<Tensor> mid_pos_embed;  // L-1 of [num_positions, D], or empty
   Tensor pre_norm_weight, pre_norm_bias;
   std::vector<VitLayer> layers;
   Tensor final_norm_weight, final_norm_bias;
@@ -89,6 +92,7 @@ struct VitWorkspace {
   Tensor context;   // [B*T, D]
   Tensor mlp;       // [B*T, F] ([B*T, 2F] for SwiGLU)
   Tensor pos;       // [T, D] position embedding for this size
+  std::vector<Tensor> mid_pos;  // [T, D] each: the mid position embeddings for this size
   // Set record_attention to also get each layer's attention probabilities, averaged over heads,
   // in attention[layer] as [B, T, T] (computed explicitly, for attention maps; slower).
   bool record_attention = false;
@@ -97,8 +101,11 @@ struct VitWorkspace {
 
 int64_t vit_num_tokens(const VitConfig& config, int64_t height, int64_t width);
 
-// Position embedding [T, D] for an input of height x width, as the upstream computes it.
+// Position embedding [T, D] for an input of height x width, as the upstream computes it, from
+// pos_embed or from another table of the same layout (a mid position embedding).
 Tensor vit_position_embedding(const VitWeights& weights, int64_t height, int64_t width);
+Tensor vit_position_embedding(const VitWeights& weights, const Tensor& table, int64_t height,
+                              int64_t width);
 
 // pixel_values [B, C, H, W] → last hidden state [B, T, D] (a view of ws.hidden; valid until
 // the next call with the same workspace). T = prefix + (H/p)(W/p) + detection tokens.
