@@ -285,6 +285,11 @@ int run_segment(const Options& o) {
   if (!o.fractions.empty()) {
     fractions_path = o.fractions;
     if (fractions_path.is_relative()) fractions_path = out_dir / fractions_path;
+    if (shard_n > 1) {  // shards share --out: each writes its own fractions file
+      const std::string ext = fractions_path.extension().string();
+      fractions_path.replace_filename(fractions_path.stem().string() + ".shard-" + std::to_string(shard_i) +
+                                      "-of-" + std::to_string(shard_n) + ext);
+    }
     fractions_tmp = fractions_path;
     fractions_tmp += ".partial";
     fractions.open(fractions_tmp, std::ios::trunc);
@@ -484,7 +489,8 @@ void add_segment(CLI::App& app, Action& action) {
   cmd->add_flag("--color", o.color, "Also write <stem>_color.png (a colour per class)");
   cmd->add_flag("--overlay", o.overlay, "Also write <stem>_overlay.jpg (blended, with a legend)");
   cmd->add_option("--fractions", o.fractions,
-                  "Per-class pixel fractions for the run: FILE.csv or FILE.jsonl (relative to --out)");
+                  "Per-class pixel fractions for the run: FILE.csv or FILE.jsonl (relative to --out; "
+                  "with --shard I/N: FILE.shard-I-of-N.csv)");
   cmd->add_flag("--resume", o.resume, "Skip inputs whose requested outputs all exist");
   cmd->add_option("--shard", o.shard, "I/N: this worker's share (0 <= I < N), by a hash of the output path");
   cmd->add_flag("--sliding-window", o.sliding, "Segmenter's sliding-window inference (large images)");

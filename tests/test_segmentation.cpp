@@ -277,7 +277,8 @@ TEST_CASE("tessera segment exports label maps for a folder, reports bad images a
     size_t total = 0;
     for (int i = 0; i < 3; ++i) {
       const fs::path o = t.path / ("shard" + std::to_string(i));
-      run("segment " + common + " --out " + o.string() + " --shard " + std::to_string(i) + "/3");
+      run("segment " + common + " --out " + o.string() + " --fractions f.csv --shard " + std::to_string(i) + "/3");
+      CHECK(fs::exists(o / ("f.shard-" + std::to_string(i) + "-of-3.csv")));
       auto files = label_files(o);
       total += files.size();
       all.insert(files.begin(), files.end());
