@@ -230,6 +230,31 @@ TEST_CASE("run_detector: an image's result does not depend on the other images i
   CHECK(max_abs_diff(alone1[0].logits, padded.get("logits").slice0(1, 2).reshape({10, 6})) > 1e-3f);
 }
 
+TEST_CASE("run_detector with the DETR head: same-size images share a pass, results unchanged") {
+  auto model = load_model(fixture(kDetectors[1]).string());
+  Preprocessor pre;  // keep the aspect ratio, so the two photos come out 64x96 and 85x64
+  pre.config.resize_rule = ResizeRule::shortest_edge;
+  pre.config.shortest_edge = 64;
+  pre.config.image_mean = {0.485f, 0.456f, 0.406f};
+  pre.config.image_std = {0.229f, 0.224f, 0.225f};
+  std::vector<cv::Mat> photos;
+  for (const char* name : {"0_chelsea.png", "1_coffee_portrait.png"})
+    photos.push_back(load_image_rgb(
+        fixture(std::string(kDetectors[0]) + "/cases/e2e/images/" + name).string()));
+  ModelWorkspace ws;
+  auto alone0 = run_detector(*model, pre, {photos[0]}, ws);
+  auto alone1 = run_detector(*model, pre, {photos[1]}, ws);
+  auto mixed = run_detector(*model, pre, {photos[0], photos[1], photos[0]}, ws);
+  REQUIRE(mixed.size() == 3);
+  REQUIRE(mixed[0].logits.shape() == Shape({10, 8}));
+  for (int i : {0, 2}) {
+    CHECK(max_abs_diff(mixed[i].logits, alone0[0].logits) == 0.0f);
+    CHECK(max_abs_diff(mixed[i].boxes, alone0[0].boxes) == 0.0f);
+  }
+  CHECK(max_abs_diff(mixed[1].logits, alone1[0].logits) == 0.0f);
+  CHECK(max_abs_diff(mixed[1].boxes, alone1[0].boxes) == 0.0f);
+}
+
 TEST_CASE("a model that is not a detector is refused with a clear message") {
   auto vit = load_model(fixture("conformance/vit-tiny-rand").string());
   REQUIRE_THROWS_WITH(require_detector(*vit), Catch::Contains("is not a detector"));
