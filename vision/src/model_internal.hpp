@@ -117,6 +117,7 @@ void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base,
 // its forward gives "logits" [B, n_cls, H, W].
 void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
 NamedTensors segmentation_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& ws);
+
 // Detectors (yolos.cpp, detr.cpp): set m.encoder, m.detection and m.labels.
 void load_yolos(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
 void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
