@@ -18,6 +18,7 @@ void add_infer(CLI::App& app, Action& action);
 void add_info(CLI::App& app, Action& action);
 void add_bench(CLI::App& app, Action& action);
 void add_view(CLI::App& app, Action& action);
+void add_segment(CLI::App& app, Action& action);
 void add_detect(CLI::App& app, Action& action);
 void add_train(CLI::App& app, Action& action);
 

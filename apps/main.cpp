@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   tessera::cli::add_info(app, action);
   tessera::cli::add_bench(app, action);
   tessera::cli::add_view(app, action);
+  tessera::cli::add_segment(app, action);
   tessera::cli::add_detect(app, action);
   tessera::cli::add_train(app, action);
   try {

@@ -513,6 +513,10 @@ std::shared_ptr<const Model> load_model(const std::string& dir_arg, WeightType w
     model->family = ModelFamily::Torchvision;
     model->model_type = "torchvision";
     load_torchvision(*model, cfg, ck, weight_type);
+  } else if (cfg.string("model_type", "") == "segmenter") {
+    model->family = ModelFamily::Segmenter;
+    model->model_type = "segmenter";
+    load_segmenter(*model, cfg, ck, weight_type);
   } else if (cfg.string("model_type", "") == "yolos" || cfg.string("model_type", "") == "vit-detr") {
     model->family = ModelFamily::Detector;
     model->model_type = cfg.string("model_type", "");
@@ -560,6 +564,7 @@ Tensor apply_linear(const PackedLinear& lin, const float* x, int64_t B, int64_t 
 }  // namespace
 
 NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& ws) {
+  if (m.segmentation) return segmentation_forward(m, pixel_values, ws);
   if (m.detection) return detection_forward(m, pixel_values, ws);
   const VitConfig& c = m.encoder.config;
   Tensor hidden = vit_forward(m.encoder, pixel_values, ws.vit);

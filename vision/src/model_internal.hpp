@@ -113,6 +113,11 @@ VitConfig hf_vit_config(const Config& cfg, const std::string& model_type);
 void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base,
                      const std::string& model_type, WeightType type);
 
+// Segmenter (segmenter.cpp): config.json with model_type "segmenter" → m.encoder + m.segmentation;
+// its forward gives "logits" [B, n_cls, H, W].
+void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
+NamedTensors segmentation_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& ws);
+
 // Detectors (yolos.cpp, detr.cpp): set m.encoder, m.detection and m.labels.
 void load_yolos(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
 void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);

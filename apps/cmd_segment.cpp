@@ -1,0 +1,502 @@
+// tessera segment: label maps for a folder of any size, in one tbb::parallel_pipeline that overlaps
+// decoding, batched inference and encoding, with a bounded number of batches in flight.
+//
+// Guarantees: outputs mirror the input tree under --out and each is written atomically (a
+// ".partial" file renamed into place), so an existing output is a complete one; --resume skips
+// inputs whose requested outputs all exist; a label map depends only on its image (images of the
+// same pre-processed size are batched together, never padded across images, and every kernel is
+// deterministic whatever the thread count); --shard I/N keeps the inputs whose output path hashes
+// (FNV-1a 64) to I modulo N, so N workers cover every input exactly once whatever order they list
+// the folder in. A failing image is reported with its reason and the run goes on; exit code 1 if
+// any failed.
+#include <tbb/parallel_pipeline.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <set>
+#include <sstream>
+
+#include "commands.hpp"
+#include "tessera/error.hpp"
+#include "tessera/image.hpp"
+#include "tessera/model.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/pipeline.hpp"
+#include "tessera/segmentation.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera::cli {
+namespace {
+
+struct Options {
+  std::string model_dir, out_dir, processor, shard = "0/1", fractions;
+  std::vector<std::string> inputs;
+  int64_t batch = 4;
+  int threads = 0;
+  bool color = false, overlay = false, resume = false, sliding = false;
+  int64_t window = 0, stride = 0;
+};
+
+// One input: where it comes from and the relative output stem (mirrors the input tree).
+struct Input {
+  std::string path;
+  fs::path rel;  // e.g. "a/b/photo" (no extension)
+};
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+// Relative output stem of each image: below a folder argument, relative to the folder; from an
+// @list, relative to the list's folder (absolute or outside: the file name); a file: its name.
+std::vector<Input> collect_inputs(const std::vector<std::string>& args) {
+  std::vector<Input> out;
+  for (const std::string& arg : args) {
+    std::error_code ec;
+    fs::path root;
+    if (arg.size() > 1 && arg[0] == '@') root = fs::absolute(fs::path(arg.substr(1))).parent_path();
+    else if (fs::is_directory(arg, ec)) root = fs::absolute(fs::path(arg));
+    for (const std::string& p : expand_inputs({arg})) {
+      fs::path rel;
+      if (!root.empty()) {
+        rel = fs::absolute(p).lexically_normal().lexically_relative(root.lexically_normal());
+        if (rel.empty() || *rel.begin() == ".." || rel.filename().empty()) rel = fs::path(p).filename();
+      } else {
+        rel = fs::path(p).filename();
+      }
+      rel.replace_extension();
+      out.push_back({p, rel});
+    }
+  }
+  return out;
+}
+
+// Writes bytes to dest atomically: DEST.partial, then rename.
+void write_atomic(const fs::path& dest, const std::vector<uchar>& bytes) {
+  fs::create_directories(dest.parent_path());
+  fs::path tmp = dest;
+  tmp += ".partial";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) fail(tmp.string() + ": cannot write (" + std::strerror(errno) + ")");
+    f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    f.flush();
+    if (!f) fail(tmp.string() + ": write failed (disk full?)");
+  }
+  std::error_code ec;
+  fs::rename(tmp, dest, ec);
+  if (ec) fail(dest.string() + ": cannot rename into place (" + ec.message() + ")");
+}
+
+void write_image(const fs::path& dest, const cv::Mat& m, const std::vector<int>& params = {}) {
+  std::vector<uchar> bytes;
+  if (!cv::imencode(dest.extension().string(), m, bytes, params)) fail(dest.string() + ": cannot encode");
+  write_atomic(dest, bytes);
+}
+
+// A fixed colour per class: the PASCAL VOC bit-interleaved palette (distinct for the first 256),
+// hashed beyond that. RGB.
+cv::Vec3b class_color(int c) {
+  if (c < 256) {
+    int r = 0, g = 0, b = 0, id = c;
+    for (int i = 0; i < 8; ++i, id >>= 3) {
+      r |= ((id >> 0) & 1) << (7 - i);
+      g |= ((id >> 1) & 1) << (7 - i);
+      b |= ((id >> 2) & 1) << (7 - i);
+    }
+    return {static_cast<uchar>(r), static_cast<uchar>(g), static_cast<uchar>(b)};
+  }
+  uint64_t h = fnv1a(std::to_string(c));
+  return {static_cast<uchar>(h), static_cast<uchar>(h >> 8), static_cast<uchar>(h >> 16)};
+}
+
+cv::Mat colorize(const cv::Mat& labels) {  // → BGR for imencode
+  cv::Mat out(labels.size(), CV_8UC3);
+  for (int y = 0; y < labels.rows; ++y)
+    for (int x = 0; x < labels.cols; ++x) {
+      int c = labels.depth() == CV_8U ? labels.at<uint8_t>(y, x) : labels.at<uint16_t>(y, x);
+      cv::Vec3b rgb = class_color(c);
+      out.at<cv::Vec3b>(y, x) = {rgb[2], rgb[1], rgb[0]};
+    }
+  return out;
+}
+
+std::vector<int64_t> histogram(const cv::Mat& labels, int64_t n_cls) {
+  std::vector<int64_t> h(n_cls + 1, 0);  // last bin: values beyond n_cls (a foreign label PNG)
+  for (int y = 0; y < labels.rows; ++y)
+    for (int x = 0; x < labels.cols; ++x) {
+      int c = labels.depth() == CV_8U ? labels.at<uint8_t>(y, x) : labels.at<uint16_t>(y, x);
+      ++h[std::min<int64_t>(c, n_cls)];
+    }
+  return h;
+}
+
+// Original (RGB) blended half and half with the colour map, with a legend of the classes present
+// (largest first, at most 12).
+cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vector<int64_t>& hist,
+                      const std::vector<std::string>& names) {
+  cv::Mat bgr, out;
+  cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+  cv::addWeighted(bgr, 0.5, colorize(labels), 0.5, 0.0, out);
+  std::vector<int> present;
+  for (size_t c = 0; c + 1 < hist.size(); ++c)
+    if (hist[c] > 0) present.push_back(static_cast<int>(c));
+  std::stable_sort(present.begin(), present.end(), [&](int a, int b) { return hist[a] > hist[b]; });
+  if (present.size() > 12) present.resize(12);
+  const double scale = std::clamp(out.cols / 900.0, 0.35, 1.0);
+  const int line = static_cast<int>(22 * scale) + 4;
+  const double total = static_cast<double>(labels.total());
+  for (size_t i = 0; i < present.size(); ++i) {
+    const int c = present[i], y = 4 + static_cast<int>(i) * line;
+    cv::Vec3b rgbc = class_color(c);
+    cv::rectangle(out, cv::Rect(4, y, line - 4, line - 4), cv::Scalar(rgbc[2], rgbc[1], rgbc[0]), cv::FILLED);
+    char text[256];
+    std::snprintf(text, sizeof text, "%s %.1f%%", c < static_cast<int>(names.size()) ? names[c].c_str() : "?",
+                  100.0 * hist[c] / total);
+    cv::Point at(line + 4, y + line - 8);
+    cv::putText(out, text, at, cv::FONT_HERSHEY_SIMPLEX, 0.5 * scale, cv::Scalar(0, 0, 0), 3, cv::LINE_AA);
+    cv::putText(out, text, at, cv::FONT_HERSHEY_SIMPLEX, 0.5 * scale, cv::Scalar(255, 255, 255), 1, cv::LINE_AA);
+  }
+  return out;
+}
+
+struct Item {
+  size_t index = 0;
+  bool skipped = false;  // complete from an earlier run (--resume)
+  std::string error;
+  cv::Mat rgb;           // kept only for the overlay
+  cv::Size original;
+  Tensor pixels;         // [3, h, w]
+  SegmentationMasks masks;  // batch of one
+  Tensor logits;            // sliding window: [1, n_cls, H', W']
+  std::vector<int64_t> hist;
+};
+using Batch = std::vector<Item>;
+
+class Progress {
+ public:
+  Progress(size_t total) : total_(total), tty_(isatty(2)), start_(clock::now()), last_(start_) {}
+  void update(size_t done, bool final = false) {
+    const auto now = clock::now();
+    const double since = std::chrono::duration<double>(now - last_).count();
+    if (!final && since < (tty_ ? 0.2 : 10.0)) return;
+    last_ = now;
+    const double t = std::chrono::duration<double>(now - start_).count();
+    const double rate = t > 0 ? done / t : 0;
+    const double eta = rate > 0 ? (total_ - done) / rate : 0;
+    char eta_s[32];
+    std::snprintf(eta_s, sizeof eta_s, "%d:%02d:%02d", static_cast<int>(eta) / 3600,
+                  static_cast<int>(eta) / 60 % 60, static_cast<int>(eta) % 60);
+    if (tty_) {
+      const int width = 30, fill = total_ ? static_cast<int>(width * done / total_) : width;
+      std::fprintf(stderr, "\r[%s%s] %zu/%zu  %.1f images/s  ETA %s ", std::string(fill, '#').c_str(),
+                   std::string(width - fill, ' ').c_str(), done, total_, rate, eta_s);
+      if (final) std::fprintf(stderr, "\n");
+    } else if (!final) {
+      std::fprintf(stderr, "tessera segment: %zu/%zu, %.1f images/s, ETA %s\n", done, total_, rate, eta_s);
+    }
+    std::fflush(stderr);
+  }
+  double seconds() const { return std::chrono::duration<double>(clock::now() - start_).count(); }
+
+ private:
+  using clock = std::chrono::steady_clock;
+  size_t total_;
+  bool tty_;
+  clock::time_point start_, last_;
+};
+
+int run_segment(const Options& o) {
+  apply_threads(o.threads);
+  int shard_i = 0, shard_n = 1;
+  {
+    char slash = 0;
+    std::istringstream in(o.shard);
+    if (!(in >> shard_i >> slash >> shard_n) || slash != '/' || shard_n < 1 || shard_i < 0 ||
+        shard_i >= shard_n || !in.eof())
+      fail("--shard must be I/N with 0 <= I < N, got \"" + o.shard + "\"");
+  }
+  auto model = load_model(o.model_dir);
+  if (!model->segmentation) fail(o.model_dir + ": " + model->architecture + " is not a segmentation model");
+  const int64_t n_cls = model->segmentation->num_classes;
+  Preprocessor pre = o.processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(o.processor);
+  if (pre.config.do_center_crop)
+    fail(pre.source + ": a center crop cannot be mapped back to the whole image; segmentation needs a "
+         "processor that only resizes (or keeps the size)");
+  int64_t window = o.window, stride = o.stride;
+  if (o.sliding) {
+    if (window == 0) {
+      auto cfg = nlohmann::json::parse(model->config_json);
+      window = cfg.contains("inference") ? cfg["inference"].value("window_size", int64_t(0)) : 0;
+      if (stride == 0 && cfg.contains("inference")) stride = cfg["inference"].value("window_stride", int64_t(0));
+      if (window == 0) window = model->encoder.config.image_height;
+    }
+    if (stride == 0) stride = std::max<int64_t>(1, window * 2 / 3);
+  }
+
+  // Inputs of this shard, in the order given; output collisions are failures, not overwrites.
+  std::vector<Input> all = collect_inputs(o.inputs);
+  if (all.empty()) fail("no images found in the given inputs");
+  std::vector<Input> inputs;
+  for (auto& in : all)
+    if (fnv1a(in.rel.generic_string()) % static_cast<uint64_t>(shard_n) == static_cast<uint64_t>(shard_i))
+      inputs.push_back(std::move(in));
+  std::map<std::string, size_t> first_owner;
+  std::vector<std::string> collision(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    auto [it, fresh] = first_owner.emplace(inputs[i].rel.generic_string(), i);
+    if (!fresh) collision[i] = inputs[i].path + ": its output " + inputs[i].rel.generic_string() +
+                               ".png is already taken by " + inputs[it->second].path;
+  }
+  const fs::path out_dir(o.out_dir);
+  fs::create_directories(out_dir);
+  auto output = [&](size_t i, const std::string& suffix) {
+    fs::path p = out_dir / inputs[i].rel;
+    p += suffix;
+    return p;
+  };
+  auto complete = [&](size_t i) {
+    std::error_code ec;
+    if (!fs::exists(output(i, ".png"), ec)) return false;
+    if (o.color && !fs::exists(output(i, "_color.png"), ec)) return false;
+    if (o.overlay && !fs::exists(output(i, "_overlay.jpg"), ec)) return false;
+    return true;
+  };
+
+  // Per-class fractions for every input of this run (done and skipped), rewritten whole and renamed
+  // at the end; a skipped image's come from its label PNG.
+  std::ofstream fractions;
+  fs::path fractions_path, fractions_tmp;
+  const bool jsonl = !o.fractions.empty() && fs::path(o.fractions).extension() == ".jsonl";
+  if (!o.fractions.empty()) {
+    fractions_path = o.fractions;
+    if (fractions_path.is_relative()) fractions_path = out_dir / fractions_path;
+    if (shard_n > 1) {  // shards share --out: each writes its own fractions file
+      const std::string ext = fractions_path.extension().string();
+      fractions_path.replace_filename(fractions_path.stem().string() + ".shard-" + std::to_string(shard_i) +
+                                      "-of-" + std::to_string(shard_n) + ext);
+    }
+    fractions_tmp = fractions_path;
+    fractions_tmp += ".partial";
+    fractions.open(fractions_tmp, std::ios::trunc);
+    if (!fractions) fail(fractions_tmp.string() + ": cannot write");
+    if (!jsonl) {
+      fractions << "image";
+      for (const auto& name : model->labels) {
+        std::string q = name;
+        for (size_t p = 0; (p = q.find('"', p)) != std::string::npos; p += 2) q.insert(p, "\"");
+        fractions << ",\"" << q << "\"";
+      }
+      fractions << "\n";
+    }
+  }
+
+  size_t next = 0, done = 0, skipped = 0, failed = 0;
+  Progress progress(inputs.size());
+  const int threads = num_threads();
+  const size_t live = static_cast<size_t>(std::clamp(threads + 1, 2, 8));
+  ModelWorkspace ws;
+  std::vector<int> png_params{cv::IMWRITE_PNG_COMPRESSION, 1};
+
+  run_in_arena([&] {
+    tbb::parallel_pipeline(
+        live,
+        // 1. next batch of inputs (serial, in order); --resume marks the complete ones
+        tbb::make_filter<void, std::shared_ptr<Batch>>(
+            tbb::filter_mode::serial_in_order,
+            [&](tbb::flow_control& fc) -> std::shared_ptr<Batch> {
+              if (next >= inputs.size()) {
+                fc.stop();
+                return nullptr;
+              }
+              auto b = std::make_shared<Batch>();
+              for (; next < inputs.size() && static_cast<int64_t>(b->size()) < o.batch; ++next) {
+                Item it;
+                it.index = next;
+                it.error = collision[next];
+                it.skipped = it.error.empty() && o.resume && complete(next);
+                b->push_back(std::move(it));
+              }
+              return b;
+            }) &
+            // 2. decode + pre-process (parallel across batches)
+            tbb::make_filter<std::shared_ptr<Batch>, std::shared_ptr<Batch>>(
+                tbb::filter_mode::parallel,
+                [&](std::shared_ptr<Batch> b) {
+                  for (Item& it : *b) {
+                    if (!it.error.empty()) continue;
+                    try {
+                      if (it.skipped) {
+                        if (fractions.is_open()) {
+                          cv::Mat l = cv::imread(output(it.index, ".png").string(), cv::IMREAD_UNCHANGED);
+                          if (l.empty()) fail(output(it.index, ".png").string() + ": unreadable label map");
+                          it.hist = histogram(l, n_cls);
+                        }
+                        continue;
+                      }
+                      cv::Mat rgb = load_image_rgb(inputs[it.index].path);
+                      it.original = rgb.size();
+                      it.pixels = pre.image(rgb);
+                      if (o.overlay) it.rgb = rgb;
+                    } catch (const std::exception& e) {
+                      it.error = e.what();
+                    }
+                  }
+                  return b;
+                }) &
+            // 3. inference (serial; parallel inside): same-size images together, never padded
+            tbb::make_filter<std::shared_ptr<Batch>, std::shared_ptr<Batch>>(
+                tbb::filter_mode::serial_in_order,
+                [&](std::shared_ptr<Batch> b) {
+                  std::map<Shape, std::vector<size_t>> groups;
+                  for (size_t i = 0; i < b->size(); ++i)
+                    if ((*b)[i].error.empty() && !(*b)[i].skipped) groups[(*b)[i].pixels.shape()].push_back(i);
+                  for (const auto& [shape, members] : groups) {
+                    try {
+                      if (o.sliding) {
+                        for (size_t i : members) {
+                          Item& it = (*b)[i];
+                          it.logits = segmentation_sliding_window(
+                              *model, it.pixels.reshape({1, shape[0], shape[1], shape[2]}), window, stride, ws);
+                        }
+                        continue;
+                      }
+                      const int64_t n = static_cast<int64_t>(members.size()), per = shape_numel(shape);
+                      Tensor x({n, shape[0], shape[1], shape[2]});
+                      for (int64_t j = 0; j < n; ++j)
+                        std::copy_n((*b)[members[j]].pixels.data(), per, x.data() + j * per);
+                      SegmentationMasks m = segmentation_masks(*model, x, ws);
+                      const int64_t one = m.masks.numel() / n;
+                      for (int64_t j = 0; j < n; ++j) {
+                        Item& it = (*b)[members[j]];
+                        it.masks = m;
+                        Shape s = m.masks.shape();
+                        s[0] = 1;
+                        it.masks.masks = Tensor(s);
+                        std::copy_n(m.masks.data() + j * one, one, it.masks.masks.data());
+                        it.pixels = Tensor();
+                      }
+                    } catch (const std::exception& e) {
+                      for (size_t i : members) (*b)[i].error = inputs[(*b)[i].index].path + ": " + e.what();
+                    }
+                  }
+                  return b;
+                }) &
+            // 4. label maps at the original size, encode, write atomically (parallel)
+            tbb::make_filter<std::shared_ptr<Batch>, std::shared_ptr<Batch>>(
+                tbb::filter_mode::parallel,
+                [&](std::shared_ptr<Batch> b) {
+                  for (Item& it : *b) {
+                    if (!it.error.empty() || it.skipped) continue;
+                    try {
+                      const int oh = it.original.height, ow = it.original.width;
+                      cv::Mat labels = o.sliding ? segmentation_labels(it.logits, 0, oh, ow)
+                                                 : segmentation_labels(it.masks, 0, oh, ow);
+                      it.masks = {};
+                      it.logits = Tensor();
+                      it.hist = histogram(labels, n_cls);
+                      // Extras first, the label PNG last: the label map's presence means "done".
+                      if (o.color) write_image(output(it.index, "_color.png"), colorize(labels), png_params);
+                      if (o.overlay)
+                        write_image(output(it.index, "_overlay.jpg"),
+                                    overlay_image(it.rgb, labels, it.hist, model->labels),
+                                    {cv::IMWRITE_JPEG_QUALITY, 90});
+                      it.rgb.release();
+                      write_image(output(it.index, ".png"), labels, png_params);
+                    } catch (const std::exception& e) {
+                      it.error = inputs[it.index].path + ": " + e.what();
+                    }
+                  }
+                  return b;
+                }) &
+            // 5. report, fractions, progress (serial, in order)
+            tbb::make_filter<std::shared_ptr<Batch>, void>(
+                tbb::filter_mode::serial_in_order, [&](std::shared_ptr<Batch> b) {
+                  for (Item& it : *b) {
+                    if (!it.error.empty()) {
+                      ++failed;
+                      std::fprintf(stderr, "%stessera: error: %s\n", isatty(2) ? "\r" : "", it.error.c_str());
+                      continue;
+                    }
+                    it.skipped ? ++skipped : ++done;
+                    if (fractions.is_open() && !it.hist.empty()) {
+                      int64_t total = 0;
+                      for (int64_t c = 0; c < n_cls; ++c) total += it.hist[c];
+                      total += it.hist[n_cls];
+                      const std::string rel = inputs[it.index].rel.generic_string() + ".png";
+                      char num[32];
+                      if (jsonl) {
+                        nlohmann::json f = nlohmann::json::object();
+                        for (int64_t c = 0; c < n_cls; ++c)
+                          if (it.hist[c]) f[model->labels[c]] = static_cast<double>(it.hist[c]) / total;
+                        fractions << nlohmann::json{{"image", inputs[it.index].path}, {"labels", rel},
+                                                    {"fractions", f}}.dump() << "\n";
+                      } else {
+                        std::string q = inputs[it.index].path;
+                        for (size_t p = 0; (p = q.find('"', p)) != std::string::npos; p += 2) q.insert(p, "\"");
+                        fractions << '"' << q << '"';
+                        for (int64_t c = 0; c < n_cls; ++c) {
+                          std::snprintf(num, sizeof num, ",%.6g", static_cast<double>(it.hist[c]) / total);
+                          fractions << num;
+                        }
+                        fractions << "\n";
+                      }
+                    }
+                  }
+                  progress.update(done + skipped + failed);
+                }));
+  });
+  progress.update(done + skipped + failed, true);
+  if (fractions.is_open()) {
+    fractions.close();
+    if (!fractions) fail(fractions_tmp.string() + ": write failed");
+    fs::rename(fractions_tmp, fractions_path);
+  }
+  const double secs = progress.seconds();
+  std::fprintf(stderr,
+               "tessera segment: %zu done, %zu skipped, %zu failed (%zu of %zu inputs in shard %d/%d) in "
+               "%.1f s, %.2f images/s\n",
+               done, skipped, failed, inputs.size(), all.size(), shard_i, shard_n, secs,
+               secs > 0 ? done / secs : 0.0);
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+
+void add_segment(CLI::App& app, Action& action) {
+  auto* cmd = app.add_subcommand("segment", "Per-pixel label maps for images and folders (batch export)");
+  static Options o;
+  cmd->add_option("--model", o.model_dir, "Segmentation model folder")->required();
+  cmd->add_option("--out", o.out_dir, "Output folder (mirrors the input tree)")->required();
+  cmd->add_option("inputs", o.inputs, "Images, folders (recursive) or @list.txt")->required();
+  cmd->add_option("--batch", o.batch, "Images per forward pass (same-size images only)")->check(CLI::Range(1, 1024));
+  cmd->add_option("--threads", o.threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
+  cmd->add_option("--processor", o.processor, "preprocessor_config.json to use instead of the folder's");
+  cmd->add_flag("--color", o.color, "Also write <stem>_color.png (a colour per class)");
+  cmd->add_flag("--overlay", o.overlay, "Also write <stem>_overlay.jpg (blended, with a legend)");
+  cmd->add_option("--fractions", o.fractions,
+                  "Per-class pixel fractions for the run: FILE.csv or FILE.jsonl (relative to --out; "
+                  "with --shard I/N: FILE.shard-I-of-N.csv)");
+  cmd->add_flag("--resume", o.resume, "Skip inputs whose requested outputs all exist");
+  cmd->add_option("--shard", o.shard, "I/N: this worker's share (0 <= I < N), by a hash of the output path");
+  cmd->add_flag("--sliding-window", o.sliding, "Segmenter's sliding-window inference (large images)");
+  cmd->add_option("--window", o.window, "Window size (default: config inference.window_size, else training size)");
+  cmd->add_option("--stride", o.stride, "Window stride (default: config inference.window_stride, else 2/3 window)");
+  cmd->callback([&action] { action = [] { return run_segment(o); }; });
+}
+
+}  // namespace tessera::cli
