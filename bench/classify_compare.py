@@ -69,7 +69,7 @@ def main():
                 env.pop("OPENBLAS_CORETYPE", None)
                 env.pop("OPENBLAS_L2_SIZE", None)
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-worker", "--arch", args.arch,
-                                      "--batch", str(batch), "--threads", str(threads), *paths],
+                                      "--batch", str(batch), "--threads", str(threads), "--", *paths],
                                      check=True, capture_output=True, text=True, env=env)
                 p_ms.append(float(out.stdout.strip().splitlines()[-1]))
             tm, pm = statistics.median(t_ms), statistics.median(p_ms)
