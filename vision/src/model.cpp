@@ -561,6 +561,36 @@ Tensor apply_linear(const PackedLinear& lin, const float* x, int64_t B, int64_t 
   return y;
 }
 
+// Token t of every image: [B, T, D] rows → [B, D].
+Tensor token_rows(const float* h, int64_t B, int64_t T, int64_t d, int64_t t) {
+  Tensor out({B, d});
+  for (int64_t b = 0; b < B; ++b) std::memcpy(out.data() + b * d, h + (b * T + t) * d, sizeof(float) * d);
+  return out;
+}
+
+// out[b * ld + k] = mean over tokens [first, T) of h[b, t, k] (summed in double).
+void mean_tokens(const float* h, int64_t B, int64_t T, int64_t d, int64_t first, float* out, int64_t ld) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* hb = h + b * T * d;
+    for (int64_t k = 0; k < d; ++k) {
+      double s = 0;
+      for (int64_t t = first; t < T; ++t) s += hb[t * d + k];
+      out[b * ld + k] = static_cast<float>(s / static_cast<double>(T - first));
+    }
+  }
+}
+
+// (a + b) / 2, element-wise: the averaged heads of distilled models.
+Tensor average(const Tensor& a, const Tensor& b) {
+  Tensor out(a.shape());
+  for (int64_t i = 0; i < out.numel(); ++i) out[i] = (a[i] + b[i]) / 2;
+  return out;
+}
+
+void tanh_in_place(Tensor& t) {
+  for (float& v : t.span()) v = std::tanh(v);
+}
+
 }  // namespace
 
 NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& ws) {
@@ -576,12 +606,10 @@ NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWork
     case HeadKind::None: {
       out.emplace_back("last_hidden_state", hidden.clone());
       if (m.model_type == "dinov2") {
-        Tensor pooled({B, d});
-        for (int64_t b = 0; b < B; ++b) std::memcpy(pooled.data() + b * d, h + b * T * d, sizeof(float) * d);
-        out.emplace_back("pooler_output", pooled);
+        out.emplace_back("pooler_output", token_rows(h, B, T, d, 0));
       } else if (head.has_pooler) {
         Tensor pooled = apply_linear(head.pooler, h, B, T * d);
-        for (float& v : pooled.span()) v = std::tanh(v);
+        tanh_in_place(pooled);
         out.emplace_back("pooler_output", pooled);
       }
       break;
@@ -590,7 +618,7 @@ NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWork
       Tensor logits;
       if (head.has_pooler) {  // torchvision representation layer: tanh(pre_logits(x))
         Tensor pre = apply_linear(head.pooler, h, B, T * d);
-        for (float& v : pre.span()) v = std::tanh(v);
+        tanh_in_place(pre);
         logits = apply_linear(head.head, pre.data(), B, pre.dim(1));
       } else {
         logits = apply_linear(head.head, h, B, T * d);
@@ -602,66 +630,41 @@ NamedTensors model_forward(const Model& m, const Tensor& pixel_values, ModelWork
     case HeadKind::DeitTeacher: {
       Tensor cls = apply_linear(head.head, h, B, T * d);
       Tensor dist = apply_linear(head.head_dist, h + d, B, T * d);
-      Tensor logits({B, head.num_labels});
-      for (int64_t i = 0; i < logits.numel(); ++i) logits[i] = (cls[i] + dist[i]) / 2;
-      out.emplace_back("logits", logits);
+      out.emplace_back("logits", average(cls, dist));
       out.emplace_back("cls_logits", cls);
       out.emplace_back("distillation_logits", dist);
       out.emplace_back("last_hidden_state", hidden.clone());
       break;
     }
     case HeadKind::Dinov2ClassMean: {
-      Tensor pooled({B, 2 * d});
-      for (int64_t b = 0; b < B; ++b) {
-        const float* hb = h + b * T * d;
-        float* pb = pooled.data() + b * 2 * d;
-        std::memcpy(pb, hb, sizeof(float) * d);
-        for (int64_t k = 0; k < d; ++k) {
-          double s = 0;
-          for (int64_t t = 1; t < T; ++t) s += hb[t * d + k];
-          pb[d + k] = static_cast<float>(s / static_cast<double>(T - 1));
-        }
-      }
+      Tensor pooled({B, 2 * d});  // [class token, mean of the patch tokens]
+      for (int64_t b = 0; b < B; ++b) std::memcpy(pooled.data() + b * 2 * d, h + b * T * d, sizeof(float) * d);
+      mean_tokens(h, B, T, d, 1, pooled.data() + d, 2 * d);
       out.emplace_back("logits", apply_linear(head.head, pooled.data(), B, 2 * d));
       out.emplace_back("last_hidden_state", hidden.clone());
       break;
     }
     case HeadKind::Timm: {
       // forward_head: pool → fc_norm → (pre_logits) → head; distilled: average of two heads.
-      const int64_t prefix = c.num_prefix_tokens();
-      const bool distilled = c.num_distillation_tokens > 0;
-      Tensor pre({B, d}), pre_dist;
-      for (int64_t b = 0; b < B; ++b) {
-        const float* hb = h + b * T * d;
-        float* pb = pre.data() + b * d;
-        if (head.timm_pool == "avg") {
-          for (int64_t k = 0; k < d; ++k) {
-            double s = 0;
-            for (int64_t t = prefix; t < T; ++t) s += hb[t * d + k];
-            pb[k] = static_cast<float>(s / static_cast<double>(T - prefix));
-          }
-        } else if (head.timm_pool == "token") {
-          std::memcpy(pb, hb, sizeof(float) * d);
-        } else {
-          fail("timm global_pool '' (no pooling) has no pre-logits vector");
-        }
+      Tensor pre;
+      if (head.timm_pool == "avg") {
+        pre = Tensor({B, d});
+        mean_tokens(h, B, T, d, c.num_prefix_tokens(), pre.data(), d);
+      } else if (head.timm_pool == "token") {
+        pre = token_rows(h, B, T, d, 0);
+      } else {
+        fail("timm global_pool '' (no pooling) has no pre-logits vector");
       }
       if (!head.fc_norm_weight.empty())
         layer_norm(pre.data(), B, d, d, head.fc_norm_weight.data(), head.fc_norm_bias.data(),
                    c.layer_norm_eps, pre.data(), d);
       Tensor logits;
-      if (distilled) {
-        Tensor dist_tok({B, d});
-        for (int64_t b = 0; b < B; ++b) std::memcpy(dist_tok.data() + b * d, h + b * T * d + d, sizeof(float) * d);
-        Tensor pre_avg({B, d});
-        for (int64_t i = 0; i < B * d; ++i) pre_avg[i] = (pre[i] + dist_tok[i]) / 2;
-        if (head.num_labels) {
-          Tensor a = apply_linear(head.head, pre.data(), B, d);
-          Tensor bdist = apply_linear(head.head_dist, dist_tok.data(), B, d);
-          logits = Tensor({B, head.num_labels});
-          for (int64_t i = 0; i < logits.numel(); ++i) logits[i] = (a[i] + bdist[i]) / 2;
-        }
-        pre = pre_avg;
+      if (c.num_distillation_tokens > 0) {
+        Tensor dist_tok = token_rows(h, B, T, d, 1);
+        if (head.num_labels)
+          logits = average(apply_linear(head.head, pre.data(), B, d),
+                           apply_linear(head.head_dist, dist_tok.data(), B, d));
+        pre = average(pre, dist_tok);
       } else if (head.num_labels) {
         logits = apply_linear(head.head, pre.data(), B, d);
       }
