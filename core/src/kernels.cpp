@@ -419,91 +419,135 @@ void interpolate_bicubic_antialias(const float* in, int64_t channels, int64_t in
 
 // ---------------------------------------------------------------------------------------------
 // Fused multi-head attention: flash-attention style tiling with an online softmax, so memory per
-// thread is O(block^2 + block * head_dim) whatever the sequence length. Each task is one
-// (batch, head, query block) and is computed the same way whichever thread runs it.
+// thread is O(block^2 + head_dim * kv_len) whatever the sequence length. A task is one (batch,
+// head) and a chunk of its queries; it transposes the head's keys once, then walks the chunk in
+// blocks of at most kQueryBlock rows and the keys in fixed blocks of kKeyBlock. Every query row
+// is computed the same way whatever the chunking, so results do not depend on the thread count.
 // ---------------------------------------------------------------------------------------------
 namespace {
 
-constexpr int64_t kQueryBlock = 64;  // query rows per task
-constexpr int64_t kKeyBlock = 128;   // keys per online-softmax step
+constexpr int64_t kQueryBlock = 64;  // query rows per online-softmax pass
+constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step (a ViT's 197 take one)
 
-// Per-thread scratch, grown when a larger head_dim first shows up and otherwise reused.
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Per-thread scratch, grown when a larger head or sequence first shows up and otherwise reused.
+// Tasks never wait, so a thread never uses it for two tasks at once.
 struct AttentionScratch {
-  std::vector<float> kt;  // [head_dim, kKeyBlock]: the key block transposed
+  std::vector<float> kt;  // [head_dim, ld]: the head's keys transposed, zero past kv_len
   std::vector<float> s;   // [kQueryBlock, kKeyBlock]: scores, then probabilities
-  std::vector<float> o;   // [kQueryBlock, head_dim]: unnormalised output rows
+  std::vector<float> o;   // [kQueryBlock, head_dim rounded to 16]: unnormalised output rows
   std::vector<float> m;   // [kQueryBlock]: running max of the scaled scores
   std::vector<float> l;   // [kQueryBlock]: running sum of exp(score - m)
-  void reserve(int64_t head_dim) {
-    if (static_cast<int64_t>(o.size()) >= kQueryBlock * head_dim) return;
-    kt.resize(head_dim * kKeyBlock);
+  void reserve(int64_t hd_padded, int64_t ld) {
+    if (static_cast<int64_t>(kt.size()) < hd_padded * ld) kt.resize(hd_padded * ld);
+    if (static_cast<int64_t>(o.size()) < kQueryBlock * hd_padded) o.resize(kQueryBlock * hd_padded);
     s.resize(kQueryBlock * kKeyBlock);
-    o.resize(kQueryBlock * head_dim);
     m.resize(kQueryBlock);
     l.resize(kQueryBlock);
   }
 };
 
-AttentionScratch& attention_scratch(int64_t head_dim) {
+AttentionScratch& attention_scratch(int64_t hd_padded, int64_t ld) {
   thread_local AttentionScratch scratch;
-  scratch.reserve(head_dim);
+  scratch.reserve(hd_padded, ld);
   return scratch;
 }
 
-// One (batch, head, query block): out[i] = sum_j softmax_j(scale q_i . k_j) v_j, i in [q0, q1).
-// q, k, v, out point at the head's first column of row 0 of this batch.
-void attention_block_portable(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
-                              const float* v, int64_t v_rs, float* out, int64_t out_rs,
-                              int64_t nq, int64_t kv_len, int64_t hd, float scale) {
-  AttentionScratch& w = attention_scratch(hd);
-  float* kt = w.kt.data();
-  float* s = w.s.data();
-  float* o = w.o.data();
-  std::fill(o, o + nq * hd, 0.0f);
-  std::fill(w.m.begin(), w.m.begin() + nq, -std::numeric_limits<float>::infinity());
-  std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
-  for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, kv_len - k0);
-    for (int64_t j = 0; j < nk; ++j) {
-      const float* kr = k + (k0 + j) * k_rs;
-      for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock + j] = kr[d];
+// kt[d * ld + j] = k[j * k_rs + d] for j < kv_len, 0 for kv_len <= j < ld; 16 x 16 tiles keep
+// both sides' cache lines in use.
+void transpose_keys(const float* k, int64_t k_rs, int64_t kv_len, int64_t hd, float* kt,
+                    int64_t ld) {
+  for (int64_t j0 = 0; j0 < kv_len; j0 += 16) {
+    const int64_t j1 = std::min(j0 + 16, kv_len);
+    for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+      const int64_t d1 = std::min(d0 + 16, hd);
+      for (int64_t d = d0; d < d1; ++d)
+        for (int64_t j = j0; j < j1; ++j) kt[d * ld + j] = k[j * k_rs + d];
     }
+  }
+  for (int64_t d = 0; d < hd; ++d) std::fill(kt + d * ld + kv_len, kt + (d + 1) * ld, 0.0f);
+}
+
+// The portable block operations; attention_chunk drives them (and their AVX-512 twins below).
+struct PortableOps {
+  // s[r * kKeyBlock + j] = scale * q[r] . kt[:, j] for r < nq, j < nk.
+  static void scores(const float* q, int64_t q_rs, int64_t nq, const float* kt, int64_t ld,
+                     int64_t hd, int64_t nk, float scale, float* s) {
     for (int64_t i = 0; i < nq; ++i) {
       const float* qi = q + i * q_rs;
       float* si = s + i * kKeyBlock;
       for (int64_t j = 0; j < nk; ++j) si[j] = 0.0f;
       for (int64_t d = 0; d < hd; ++d) {
         const float qd = qi[d];
-        const float* ktd = kt + d * kKeyBlock;
+        const float* ktd = kt + d * ld;
         for (int64_t j = 0; j < nk; ++j) si[j] += qd * ktd[j];
       }
-      float mx = w.m[i];
-      for (int64_t j = 0; j < nk; ++j) {
-        si[j] *= scale;
-        mx = std::max(mx, si[j]);
-      }
-      const float alpha = exp_approx(w.m[i] - mx);  // 0 on the first block (m = -inf)
+      for (int64_t j = 0; j < nk; ++j) si[j] *= scale;
+    }
+  }
+  // Online softmax step: s rows become exp(s - m_new); l and the o rows are rescaled.
+  static void softmax_step(float* s, int64_t nq, int64_t nk, float* m, float* l, float* o,
+                           int64_t hdp) {
+    for (int64_t i = 0; i < nq; ++i) {
+      float* si = s + i * kKeyBlock;
+      float mx = m[i];
+      for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, si[j]);
+      const float alpha = exp_approx(m[i] - mx);  // 0 on the first block (m = -inf)
       float sum = 0.0f;
       for (int64_t j = 0; j < nk; ++j) {
         si[j] = exp_approx(si[j] - mx);
         sum += si[j];
       }
-      w.m[i] = mx;
-      w.l[i] = w.l[i] * alpha + sum;
-      float* oi = o + i * hd;
-      for (int64_t d = 0; d < hd; ++d) oi[d] *= alpha;
+      m[i] = mx;
+      l[i] = l[i] * alpha + sum;
+      float* oi = o + i * hdp;
+      for (int64_t d = 0; d < hdp; ++d) oi[d] *= alpha;
+    }
+  }
+  // o[r] += sum_j p[r, j] v[j] for r < nq, j < nk.
+  static void accumulate(const float* p, int64_t nq, const float* v, int64_t v_rs, int64_t nk,
+                         float* o, int64_t hd, int64_t hdp) {
+    for (int64_t i = 0; i < nq; ++i) {
+      float* oi = o + i * hdp;
       for (int64_t j = 0; j < nk; ++j) {
-        const float p = si[j];
-        const float* vj = v + (k0 + j) * v_rs;
-        for (int64_t d = 0; d < hd; ++d) oi[d] += p * vj[d];
+        const float pj = p[i * kKeyBlock + j];
+        const float* vj = v + j * v_rs;
+        for (int64_t d = 0; d < hd; ++d) oi[d] += pj * vj[d];
       }
     }
   }
-  for (int64_t i = 0; i < nq; ++i) {
-    const float inv = 1.0f / w.l[i];
-    float* dst = out + i * out_rs;
-    const float* oi = o + i * hd;
-    for (int64_t d = 0; d < hd; ++d) dst[d] = oi[d] * inv;
+};
+
+// One (batch, head) and query rows [0, nq): out[i] = sum_j softmax_j(scale q_i . k_j) v_j.
+// q, k, v, out point at the head's first column of the chunk's (q, out) or the batch's (k, v)
+// first row.
+template <class Ops>
+void attention_chunk(const float* q, int64_t q_rs, const float* k, int64_t k_rs, const float* v,
+                     int64_t v_rs, float* out, int64_t out_rs, int64_t nq, int64_t kv_len,
+                     int64_t hd, float scale) {
+  const int64_t hdp = round16(hd), ld = round16(kv_len);
+  AttentionScratch& w = attention_scratch(hdp, ld);
+  float* kt = w.kt.data();
+  transpose_keys(k, k_rs, kv_len, hd, kt, ld);
+  const int64_t blocks = (nq + kQueryBlock - 1) / kQueryBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i0 = b * nq / blocks, rows = (b + 1) * nq / blocks - i0;
+    float* o = w.o.data();
+    std::fill(o, o + rows * hdp, 0.0f);
+    std::fill(w.m.begin(), w.m.begin() + rows, -std::numeric_limits<float>::infinity());
+    std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
+    for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
+      const int64_t nk = std::min(kKeyBlock, kv_len - k0);
+      Ops::scores(q + i0 * q_rs, q_rs, rows, kt + k0, ld, hd, nk, scale, w.s.data());
+      Ops::softmax_step(w.s.data(), rows, nk, w.m.data(), w.l.data(), o, hdp);
+      Ops::accumulate(w.s.data(), rows, v + k0 * v_rs, v_rs, nk, o, hd, hdp);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = 1.0f / w.l[r];
+      float* dst = out + (i0 + r) * out_rs;
+      for (int64_t d = 0; d < hd; ++d) dst[d] = o[r * hdp + d] * inv;
+    }
   }
 }
 
@@ -514,6 +558,7 @@ std::atomic<bool> g_force_portable_attention{false};
 // GCC 12 warns about the intrinsics' own _mm512_undefined_ps() placeholders; a false positive.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #define TESSERA_AVX512 __attribute__((target("avx512f")))
 
 // exp(x) for 16 lanes, the same Cephes scheme as exp_approx; 0 below -87.3.
@@ -535,130 +580,154 @@ TESSERA_AVX512 inline __m512 exp512(__m512 x) {
   return _mm512_mask_blend_ps(under, e, _mm512_setzero_ps());
 }
 
-// s[r, j] = scale * q[r] . kt[:, j] for R query rows and 16*NV keys starting at key column j0.
+// s[r, j] = scale * q[r] . kt[:, j] for R query rows and 16*NV keys (kt rows ld apart).
 template <int R, int NV>
-TESSERA_AVX512 inline void qk_tile(const float* q, int64_t q_rs, const float* kt, int64_t hd,
-                                   float scale, float* s) {
+TESSERA_AVX512 inline void qk_tile(const float* q, int64_t q_rs, const float* kt, int64_t ld,
+                                   int64_t hd, float scale, float* s) {
   __m512 acc[R][NV];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t d = 0; d < hd; ++d) {
     __m512 kv[NV];
-    for (int v = 0; v < NV; ++v) kv[v] = _mm512_loadu_ps(kt + d * kKeyBlock + 16 * v);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) kv[v] = _mm512_loadu_ps(kt + d * ld + 16 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 qb = _mm512_set1_ps(q[r * q_rs + d]);
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(qb, kv[v], acc[r][v]);
     }
   }
   const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(s + r * kKeyBlock + 16 * v, _mm512_mul_ps(acc[r][v], sc));
 }
 
 template <int R>
-TESSERA_AVX512 void qk_rows(const float* q, int64_t q_rs, const float* kt, int64_t hd, int64_t nk,
-                            float scale, float* s) {
+TESSERA_AVX512 void qk_rows(const float* q, int64_t q_rs, const float* kt, int64_t ld, int64_t hd,
+                            int64_t nk16, float scale, float* s) {
   int64_t j = 0;
-  for (; j + 64 <= nk; j += 64) qk_tile<R, 4>(q, q_rs, kt + j, hd, scale, s + j);
-  switch ((nk - j + 15) / 16) {
-    case 3: qk_tile<R, 3>(q, q_rs, kt + j, hd, scale, s + j); break;
-    case 2: qk_tile<R, 2>(q, q_rs, kt + j, hd, scale, s + j); break;
-    case 1: qk_tile<R, 1>(q, q_rs, kt + j, hd, scale, s + j); break;
+  for (; j + 64 <= nk16; j += 64) qk_tile<R, 4>(q, q_rs, kt + j, ld, hd, scale, s + j);
+  switch ((nk16 - j) / 16) {
+    case 3: qk_tile<R, 3>(q, q_rs, kt + j, ld, hd, scale, s + j); break;
+    case 2: qk_tile<R, 2>(q, q_rs, kt + j, ld, hd, scale, s + j); break;
+    case 1: qk_tile<R, 1>(q, q_rs, kt + j, ld, hd, scale, s + j); break;
     default: break;
   }
 }
 
-// o[r, d0:d0+16*NV] += sum_j p[r, j] v[j, d0:...] for R rows; `last` masks the final vector.
+// o[r, 16c : 16c + 16*NV] += sum_j p[r, j] v[j, ...] for R rows; `last` masks the final vector.
 template <int R, int NV>
 TESSERA_AVX512 inline void pv_tile(const float* p, const float* v, int64_t v_rs, int64_t nk,
-                                   float* o, int64_t hd, __mmask16 last) {
+                                   float* o, int64_t hdp, __mmask16 last) {
   __m512 acc[R][NV];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * hd + 16 * c);
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * hdp + 16 * c);
   for (int64_t j = 0; j < nk; ++j) {
     __m512 vv[NV];
+#pragma GCC unroll 8
     for (int c = 0; c < NV; ++c)
       vv[c] = (c == NV - 1) ? _mm512_maskz_loadu_ps(last, v + j * v_rs + 16 * c)
                             : _mm512_loadu_ps(v + j * v_rs + 16 * c);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 pb = _mm512_set1_ps(p[r * kKeyBlock + j]);
+#pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * hd + 16 * c, acc[r][c]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * hdp + 16 * c, acc[r][c]);
 }
 
 template <int R>
 TESSERA_AVX512 void pv_rows(const float* p, const float* v, int64_t v_rs, int64_t nk, float* o,
-                            int64_t hd, int64_t hd_padded) {
-  // o rows are hd_padded floats apart (a multiple of 16), so full-width stores stay in the row.
-  const int64_t full = hd / 16, rem = hd % 16;
+                            int64_t hd, int64_t hdp) {
+  // o rows are hdp floats apart (a multiple of 16), so full-width stores stay in the row.
+  const int64_t vectors = hdp / 16, rem = hd % 16;
   const __mmask16 all = 0xFFFF, tail = static_cast<__mmask16>((1u << rem) - 1);
   int64_t c = 0;
-  const int64_t vectors = full + (rem ? 1 : 0);
   for (; c + 4 <= vectors; c += 4)
-    pv_tile<R, 4>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, (c + 4 == vectors && rem) ? tail : all);
+    pv_tile<R, 4>(p, v + 16 * c, v_rs, nk, o + 16 * c, hdp, (c + 4 == vectors && rem) ? tail : all);
   const __mmask16 m = rem ? tail : all;
   switch (vectors - c) {
-    case 3: pv_tile<R, 3>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
-    case 2: pv_tile<R, 2>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
-    case 1: pv_tile<R, 1>(p, v + 16 * c, v_rs, nk, o + 16 * c, hd_padded, m); break;
+    case 3: pv_tile<R, 3>(p, v + 16 * c, v_rs, nk, o + 16 * c, hdp, m); break;
+    case 2: pv_tile<R, 2>(p, v + 16 * c, v_rs, nk, o + 16 * c, hdp, m); break;
+    case 1: pv_tile<R, 1>(p, v + 16 * c, v_rs, nk, o + 16 * c, hdp, m); break;
     default: break;
   }
 }
 
-// The AVX-512 twin of attention_block_portable (same blocking, same online softmax).
-TESSERA_AVX512 void attention_block_avx512(const float* q, int64_t q_rs, const float* k,
-                                           int64_t k_rs, const float* v, int64_t v_rs, float* out,
-                                           int64_t out_rs, int64_t nq, int64_t kv_len, int64_t hd,
-                                           float scale) {
-  const int64_t hdp = (hd + 15) / 16 * 16;
-  AttentionScratch& w = attention_scratch(hdp);
-  float* kt = w.kt.data();
-  float* s = w.s.data();
-  float* o = w.o.data();
-  std::fill(o, o + nq * hdp, 0.0f);
-  std::fill(w.m.begin(), w.m.begin() + nq, -std::numeric_limits<float>::infinity());
-  std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
-  for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, kv_len - k0);
-    const int64_t nk16 = (nk + 15) / 16 * 16;
-    for (int64_t j = 0; j < nk; ++j) {
-      const float* kr = k + (k0 + j) * k_rs;
-      for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock + j] = kr[d];
+// Runs Fn<R>::run(row, ...) over rows [0, n) in tiles of 6 (24 accumulators) and one tail tile.
+template <template <int> class Fn, class... Args>
+TESSERA_AVX512 inline void by_row_tiles(int64_t n, Args... args) {
+  int64_t i = 0;
+  for (; i + 6 <= n; i += 6) Fn<6>::run(i, args...);
+  switch (n - i) {
+    case 5: Fn<5>::run(i, args...); break;
+    case 4: Fn<4>::run(i, args...); break;
+    case 3: Fn<3>::run(i, args...); break;
+    case 2: Fn<2>::run(i, args...); break;
+    case 1: Fn<1>::run(i, args...); break;
+    default: break;
+  }
+}
+
+struct Avx512Ops {
+  template <int R>
+  struct Scores {
+    TESSERA_AVX512 static void run(int64_t i, const float* q, int64_t q_rs, const float* kt,
+                                   int64_t ld, int64_t hd, int64_t nk16, float scale, float* s) {
+      qk_rows<R>(q + i * q_rs, q_rs, kt, ld, hd, nk16, scale, s + i * kKeyBlock);
     }
-    for (int64_t j = nk; j < nk16; ++j)
-      for (int64_t d = 0; d < hd; ++d) kt[d * kKeyBlock + j] = 0.0f;
-    int64_t i = 0;
-    for (; i + 4 <= nq; i += 4) qk_rows<4>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock);
-    switch (nq - i) {
-      case 3: qk_rows<3>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
-      case 2: qk_rows<2>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
-      case 1: qk_rows<1>(q + i * q_rs, q_rs, kt, hd, nk16, scale, s + i * kKeyBlock); break;
-      default: break;
+  };
+  template <int R>
+  struct Accumulate {
+    TESSERA_AVX512 static void run(int64_t i, const float* p, const float* v, int64_t v_rs,
+                                   int64_t nk, float* o, int64_t hd, int64_t hdp) {
+      pv_rows<R>(p + i * kKeyBlock, v, v_rs, nk, o + i * hdp, hd, hdp);
     }
+  };
+
+  // Scores for keys past nk (up to the next 16) come from kt's zero padding; softmax_step masks
+  // them out and accumulate never reads them.
+  TESSERA_AVX512 static void scores(const float* q, int64_t q_rs, int64_t nq, const float* kt,
+                                    int64_t ld, int64_t hd, int64_t nk, float scale, float* s) {
+    by_row_tiles<Scores>(nq, q, q_rs, kt, ld, hd, round16(nk), scale, s);
+  }
+
+  TESSERA_AVX512 static void softmax_step(float* s, int64_t nq, int64_t nk, float* m, float* l,
+                                          float* o, int64_t hdp) {
+    const int64_t nk16 = round16(nk);
     const __mmask16 key_tail = static_cast<__mmask16>(nk % 16 ? (1u << (nk % 16)) - 1 : 0xFFFF);
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t r = 0; r < nq; ++r) {
       float* sr = s + r * kKeyBlock;
-      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       __m512 mx = ninf;
       for (int64_t j = 0; j < nk16; j += 16) {
-        const __mmask16 m = (j + 16 >= nk16) ? key_tail : 0xFFFF;
-        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, m, sr + j));
+        const __mmask16 mk = (j + 16 >= nk16) ? key_tail : 0xFFFF;
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, mk, sr + j));
       }
-      const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(mx));
-      const float alpha = exp_approx(w.m[r] - m_new);
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+      const float alpha = exp_approx(m[r] - m_new);
       const __m512 mb = _mm512_set1_ps(m_new);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < nk16; j += 16) {
-        const __mmask16 m = (j + 16 >= nk16) ? key_tail : 0xFFFF;
-        const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb)));
+        const __mmask16 mk = (j + 16 >= nk16) ? key_tail : 0xFFFF;
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb)));
         _mm512_storeu_ps(sr + j, e);
         sum = _mm512_add_ps(sum, e);
       }
-      w.m[r] = m_new;
-      w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(sum);
+      m[r] = m_new;
+      l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
       if (alpha != 1.0f) {
         const __m512 ab = _mm512_set1_ps(alpha);
         float* orow = o + r * hdp;
@@ -666,23 +735,13 @@ TESSERA_AVX512 void attention_block_avx512(const float* q, int64_t q_rs, const f
           _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), ab));
       }
     }
-    const float* vb = v + k0 * v_rs;
-    i = 0;
-    for (; i + 4 <= nq; i += 4) pv_rows<4>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp);
-    switch (nq - i) {
-      case 3: pv_rows<3>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
-      case 2: pv_rows<2>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
-      case 1: pv_rows<1>(s + i * kKeyBlock, vb, v_rs, nk, o + i * hdp, hd, hdp); break;
-      default: break;
-    }
   }
-  for (int64_t r = 0; r < nq; ++r) {
-    const float inv = 1.0f / w.l[r];
-    float* dst = out + r * out_rs;
-    const float* orow = o + r * hdp;
-    for (int64_t d = 0; d < hd; ++d) dst[d] = orow[d] * inv;
+
+  TESSERA_AVX512 static void accumulate(const float* p, int64_t nq, const float* v, int64_t v_rs,
+                                        int64_t nk, float* o, int64_t hd, int64_t hdp) {
+    by_row_tiles<Accumulate>(nq, p, v, v_rs, nk, o, hd, hdp);
   }
-}
+};
 
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
@@ -697,36 +756,34 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
                StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
                int64_t out_row_stride, float scale) {
   if (batch <= 0 || heads <= 0 || q_len <= 0 || head_dim <= 0) return;
-  const int64_t q_blocks = (q_len + kQueryBlock - 1) / kQueryBlock;
-  const int64_t tasks = batch * heads * q_blocks;
   if (kv_len <= 0) {  // softmax over nothing: define the result as zeros rather than NaN
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t i = 0; i < q_len; ++i)
         std::fill_n(out + b * out_batch_stride + i * out_row_stride, heads * head_dim, 0.0f);
     return;
   }
+  // Chunks per head: enough tasks to keep every thread busy (~8 waves), never under
+  // kQueryBlock rows, so the one key transpose per task stays a small share of its work.
+  const int64_t max_chunks = (q_len + kQueryBlock - 1) / kQueryBlock;
+  const int64_t want = (8 * num_threads() + batch * heads - 1) / (batch * heads);
+  const int64_t chunks = std::clamp<int64_t>(want, 1, max_chunks);
+  const int64_t tasks = batch * heads * chunks;
+  auto block = attention_chunk<PortableOps>;
 #ifdef TESSERA_HAVE_AVX512_ATTENTION
-  const bool use_avx512 =
-      cpu_has_avx512() && !g_force_portable_attention.load() && !generic_kernels_forced();
+  if (cpu_has_avx512() && !g_force_portable_attention.load() && !generic_kernels_forced())
+    block = attention_chunk<Avx512Ops>;
 #endif
   parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t qb = t % q_blocks;
-      const int64_t h = (t / q_blocks) % heads;
-      const int64_t b = t / (q_blocks * heads);
-      const int64_t i0 = qb * kQueryBlock;
-      const int64_t nq = std::min(kQueryBlock, q_len - i0);
+      const int64_t c = t % chunks;
+      const int64_t h = (t / chunks) % heads;
+      const int64_t b = t / (chunks * heads);
+      const int64_t i0 = c * q_len / chunks, i1 = (c + 1) * q_len / chunks;
       const int64_t col = h * head_dim;
-#ifdef TESSERA_HAVE_AVX512_ATTENTION
-      const auto block = use_avx512 ? attention_block_avx512 : attention_block_portable;
-#else
-      const auto block = attention_block_portable;
-#endif
       block(q.ptr + b * q.batch_stride + i0 * q.row_stride + col, q.row_stride,
-                               k.ptr + b * k.batch_stride + col, k.row_stride,
-                               v.ptr + b * v.batch_stride + col, v.row_stride,
-                               out + b * out_batch_stride + i0 * out_row_stride + col,
-                               out_row_stride, nq, kv_len, head_dim, scale);
+            k.ptr + b * k.batch_stride + col, k.row_stride, v.ptr + b * v.batch_stride + col,
+            v.row_stride, out + b * out_batch_stride + i0 * out_row_stride + col, out_row_stride,
+            i1 - i0, kv_len, head_dim, scale);
     }
   });
 }
