@@ -235,38 +235,94 @@ constexpr MicroKernelInt8 kKernelsInt8[kMR + 1] = {
     micro_kernel_int8<8>,  micro_kernel_int8<9>,  micro_kernel_int8<10>, micro_kernel_int8<11>,
     micro_kernel_int8<12>, micro_kernel_int8<13>, micro_kernel_int8<14>};
 
+// In-register 16 x 16 transpose of 32-bit words: afterwards v[i] lane r = old v[r] lane i.
+TESSERA_AVX512_INLINE void transpose16(__m512 (&v)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    const int lo = (i / 4) * 8 + i % 4;
+    t[lo] = _mm512_shuffle_f32x4(v[lo], v[lo + 4], 0x88);
+    t[lo + 4] = _mm512_shuffle_f32x4(v[lo], v[lo + 4], 0xdd);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    v[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    v[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// v[r] holds 16 consecutive words of micro-panel row r (r < 16; rows past the panel are
+// ignored): dst[i * kMR + r] = v[r][i] for i < count, r < kMR. The micro-panel layout is the
+// transpose of the rows, so one 16 x 16 register transpose replaces 14 x 16 scalar stores.
+TESSERA_AVX512_INLINE void store_columns(__m512 (&v)[16], int64_t count, uint32_t* dst) {
+  transpose16(v);
+  constexpr __mmask16 kPanelRows = (1u << kMR) - 1;
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i)
+    if (i < count) _mm512_mask_storeu_ps(dst + i * kMR, kPanelRows, v[i]);
+}
+
+__mmask16 first_lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
 // Quantizes x rows (rows <= kMR) to u8 quads: dst[i*kMR + r] = u[r, 4i..4i+3], then kMR row
 // scales and kMR zero points (gemm_internal.hpp's math, vectorised; cvtps rounds to nearest
 // even like std::nearbyint).
 TESSERA_AVX512 void pack_rows_int8(const float* x, int64_t ldx, int64_t rows, int64_t K,
                                    uint32_t* dst) {
   const int64_t K4 = int8_quads(K);
+  RowQuant q[kMR];
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * ldx;
     __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
+      const __m512 v = _mm512_maskz_loadu_ps(first_lanes(K - k), xr + k);
       lo = _mm512_min_ps(lo, v);
       hi = _mm512_max_ps(hi, v);
     }
-    const RowQuant q = row_quant(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
-    const __m512 inv = _mm512_set1_ps(q.inv);
-    const __m512i zp = _mm512_set1_epi32(q.zero);
-    const __m512i top = _mm512_set1_epi32(255);
-    for (int64_t k = 0; k < 4 * K4; k += 16) {
-      const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : K > k ? __mmask16((1u << (K - k)) - 1) : 0;
-      const __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
-      __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zp);
-      u = _mm512_min_epi32(_mm512_max_epi32(u, _mm512_setzero_si512()), top);
-      u = _mm512_maskz_mov_epi32(m, u);  // padding past K: 0 (the weights are 0 there too)
-      alignas(16) uint32_t quads[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(quads), _mm512_cvtepi32_epi8(u));
-      const int64_t i0 = k / 4;
-      for (int64_t i = 0; i < 4 && i0 + i < K4; ++i) dst[(i0 + i) * kMR + r] = quads[i];
+    q[r] = row_quant(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+    std::memcpy(dst + K4 * kMR + r, &q[r].scale, 4);
+    dst[K4 * kMR + kMR + r] = static_cast<uint32_t>(q[r].zero);
+  }
+  const __m512i top = _mm512_set1_epi32(255);
+  for (int64_t k = 0; k < 4 * K4; k += 64) {  // 16 quads of every row at a time
+    __m512 v[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      v[r] = _mm512_setzero_ps();
+      if (r >= rows) continue;
+      const float* xr = x + r * ldx + k;
+      const __m512 inv = _mm512_set1_ps(q[r].inv);
+      const __m512i zp = _mm512_set1_epi32(q[r].zero);
+      __m128i bytes[4];
+      for (int g = 0; g < 4; ++g) {
+        const __mmask16 m = first_lanes(K - k - 16 * g);
+        __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + 16 * g), inv)), zp);
+        u = _mm512_min_epi32(_mm512_max_epi32(u, _mm512_setzero_si512()), top);
+        bytes[g] = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(m, u));  // past K: 0, as W
+      }
+      __m512i w = _mm512_castsi128_si512(bytes[0]);
+      w = _mm512_inserti32x4(w, bytes[1], 1);
+      w = _mm512_inserti32x4(w, bytes[2], 2);
+      w = _mm512_inserti32x4(w, bytes[3], 3);
+      v[r] = _mm512_castsi512_ps(w);
     }
-    std::memcpy(dst + K4 * kMR + r, &q.scale, 4);
-    dst[K4 * kMR + kMR + r] = static_cast<uint32_t>(q.zero);
+    store_columns(v, K4 - k / 4, dst + (k / 4) * kMR);
   }
 }
 
@@ -275,17 +331,18 @@ TESSERA_AVX512 void pack_rows_int8(const float* x, int64_t ldx, int64_t rows, in
 TESSERA_AVX512_BF16 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K,
                                         uint32_t* dst) {
   const int64_t K2 = ceil_div(K, 2);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * ldx;
-    for (int64_t k = 0; k < K; k += 32) {
-      const int64_t n0 = K - k >= 16 ? 16 : K - k, n1 = K - k >= 32 ? 16 : K - k > 16 ? K - k - 16 : 0;
-      const __m512 lo = _mm512_maskz_loadu_ps(__mmask16((1u << n0) - 1), xr + k);
-      const __m512 hi = _mm512_maskz_loadu_ps(__mmask16((1u << n1) - 1), xr + k + 16);
-      alignas(64) uint32_t pairs[16];
-      _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      const int64_t i0 = k / 2;
-      for (int64_t i = 0; i < 16 && i0 + i < K2; ++i) dst[(i0 + i) * kMR + r] = pairs[i];
+  for (int64_t k = 0; k < K; k += 32) {  // 16 pairs of every row at a time
+    __m512 v[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      v[r] = _mm512_setzero_ps();
+      if (r >= rows) continue;
+      const float* xr = x + r * ldx + k;
+      const __m512 lo = _mm512_maskz_loadu_ps(first_lanes(K - k), xr);
+      const __m512 hi = _mm512_maskz_loadu_ps(first_lanes(K - k - 16), xr + 16);
+      v[r] = _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
+    store_columns(v, K2 - k / 2, dst + (k / 2) * kMR);
   }
 }
 
@@ -305,9 +362,12 @@ Tile panel_tile(const LinearArgs& a, int64_t j) {
 
 // apack[k*kMR + r] = x[r*ldx + k] for r < rows (rows <= kMR): one micro-panel of A.
 TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, float* apack) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * ldx;
-    for (int64_t k = 0; k < K; ++k) apack[k * kMR + r] = xr[k];
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 v[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r)
+      v[r] = r < rows ? _mm512_maskz_loadu_ps(first_lanes(K - k), x + r * ldx + k) : _mm512_setzero_ps();
+    store_columns(v, K - k, reinterpret_cast<uint32_t*>(apack + k * kMR));
   }
 }
 
