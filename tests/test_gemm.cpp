@@ -8,10 +8,12 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "tessera/error.hpp"
 #include "tessera/gemm.hpp"
+#include "tessera/kernels.hpp"
 #include "tessera/parallel.hpp"
 
 using namespace tessera;
@@ -265,4 +267,43 @@ TEST_CASE("bf16 linear matches a double reference on bf16-rounded x and W, any t
         }
         force_generic_kernels(false);
       }
+}
+
+TEST_CASE("a layer norm fused into linear gives the bits of layer_norm then linear") {
+  // The fused path normalises each task's rows with layer_norm_row into scratch and packs from
+  // there, so it must agree exactly with the two-step path, on every kernel and thread count.
+  uint32_t seed = 900;
+  for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 33, 17},
+                         {13, 64, 64},
+                         {197, 100, 773},
+                         {400, 768, 96}}) {
+    const int64_t ldx = K + 3;
+    auto x = random_floats(M * ldx, seed++, -2.0f, 3.0f), w = random_floats(N * K, seed++);
+    auto b = random_floats(N, seed++), gamma = random_floats(K, seed++, 0.5f, 1.5f),
+         beta = random_floats(K, seed++);
+    const RowNorm norm{gamma.data(), beta.data(), 1e-6f};
+    for (WeightType type : {WeightType::F32, WeightType::BF16, WeightType::INT8}) {
+      PackedLinear pw = pack_linear(w.data(), b.data(), N, K, type);
+      for (bool generic : {false, true}) {
+        force_generic_kernels(generic);
+        INFO("M=" << M << " N=" << N << " K=" << K << " kernel=" << linear_kernel_name(type));
+        std::vector<float> normed(M * K), expected(M * N);
+        layer_norm(x.data(), M, K, ldx, gamma.data(), beta.data(), 1e-6f, normed.data(), K);
+        linear(normed.data(), M, K, pw, expected.data(), N, Activation::Gelu);
+        for (int threads : {1, 2}) {
+          set_num_threads(threads);
+          std::vector<float> fused(M * N);
+          linear(x.data(), M, ldx, pw, fused.data(), N, Activation::Gelu, nullptr, &norm);
+          CHECK(std::memcmp(fused.data(), expected.data(), fused.size() * sizeof(float)) == 0);
+        }
+        set_num_threads(0);
+      }
+      force_generic_kernels(false);
+    }
+  }
+  std::vector<float> w(6, 1.0f), x(3, 1.0f), y(2, 0.0f);
+  PackedLinear pw = pack_linear(w.data(), nullptr, 2, 3);
+  const RowNorm missing{nullptr, nullptr, 1e-5f};
+  REQUIRE_THROWS_AS(linear(x.data(), 1, 3, pw, y.data(), 2, Activation::None, nullptr, &missing),
+                    Error);
 }

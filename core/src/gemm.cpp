@@ -11,6 +11,7 @@
 
 #include "gemm_internal.hpp"
 #include "tessera/error.hpp"
+#include "tessera/kernels.hpp"
 #include "tessera/parallel.hpp"
 
 namespace tessera {
@@ -80,15 +81,17 @@ float gelu_generic(float x) {
   return 0.5f * x * one_plus;
 }
 
-// Per-thread scratch for packed rows of x, grown (rarely) and reused; a task never waits, so a
-// thread never uses it for two tasks at once.
-float* thread_scratch(size_t floats) {
+// Per-thread scratch, grown (rarely) and reused; a task never waits, so a thread never uses a
+// slot for two tasks at once. Slots: packed rows of x, and rows of x after a fused layer norm.
+enum Scratch { kPackedRows, kNormedRows };
+float* thread_scratch(size_t floats, Scratch slot = kPackedRows) {
   struct Buffer {
     float* p = nullptr;
     size_t cap = 0;
     ~Buffer() { std::free(p); }
   };
-  thread_local Buffer buf;
+  thread_local Buffer bufs[2];
+  Buffer& buf = bufs[slot];
   if (buf.cap < floats) {
     std::free(buf.p);
     buf.p = nullptr;
@@ -130,7 +133,7 @@ void generic_tile(const LinearArgs& a, int64_t r0, int64_t j) {
   for (int64_t k = 0; k < a.K; ++k) {
     const float* b = panel + k * kNR;
     for (int r = 0; r < R; ++r) {
-      float xv = a.x[(r0 + r) * a.ldx + k];
+      float xv = a.row(r0 + r)[k];
       for (int c = 0; c < kNR; ++c) acc[r][c] += xv * b[c];
     }
   }
@@ -147,7 +150,7 @@ void generic_tile_bf16(const LinearArgs& a, int64_t r0, int64_t j) {
   for (int64_t i = 0; i < K2; ++i) {
     const uint32_t* b = panel + i * kNR;
     for (int r = 0; r < R; ++r) {
-      uint32_t xv = bf16_pair(a.x + (r0 + r) * a.ldx, 2 * i, a.K);
+      uint32_t xv = bf16_pair(a.row(r0 + r), 2 * i, a.K);
       float x0 = bf16_float(xv & 0xffffu), x1 = bf16_float(xv >> 16);
       for (int c = 0; c < kNR; ++c) {
         acc[r][c] += x1 * bf16_float(b[c] >> 16);
@@ -164,7 +167,7 @@ template <int R>
 void quantize_rows_generic(const LinearArgs& a, int64_t r0, uint8_t* u, RowQuant (&q)[R]) {
   const int64_t K4 = int8_quads(a.K) * 4;
   for (int r = 0; r < R; ++r) {
-    const float* xr = a.x + (r0 + r) * a.ldx;
+    const float* xr = a.row(r0 + r);
     float lo = 0.0f, hi = 0.0f;
     for (int64_t k = 0; k < a.K; ++k) lo = std::min(lo, xr[k]), hi = std::max(hi, xr[k]);
     q[r] = row_quant(lo, hi);
@@ -353,7 +356,7 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
 }
 
 void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
-            Activation act, const float* residual) {
+            Activation act, const float* residual, const RowNorm* norm) {
   const int64_t K = w.in_features, N = w.out_features;
   // if/fail rather than check(): the messages are built only when they are needed, so a
   // forward pass does not allocate strings.
@@ -363,6 +366,8 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
   if (ldy < N) fail("linear: ldy " + std::to_string(ldy) + " < out_features " + std::to_string(N));
   if (M == 0) return;
   if (x == nullptr || y == nullptr) fail("linear: null input or output");
+  if (norm && (norm->gamma == nullptr || norm->beta == nullptr))
+    fail("linear: layer norm without weights");
 
   const bool bf16 = w.type == WeightType::BF16, int8 = w.type == WeightType::INT8;
   const int64_t NP = ceil_div(N, kNR);
@@ -386,23 +391,33 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
       int64_t rb = t / s.col_blocks, cb = t % s.col_blocks;
       int64_t p0 = rb * rows.panels / s.row_blocks, p1 = (rb + 1) * rows.panels / s.row_blocks;
       int64_t j0 = cb * NP / s.col_blocks, j1 = (cb + 1) * NP / s.col_blocks;
+      LinearArgs ta = a;
+      if (norm) {  // this task's rows, normalised into per-thread scratch (cache-resident)
+        const int64_t first = rows.row_begin(p0), count = rows.row_begin(p1) - first;
+        float* xn = thread_scratch(static_cast<size_t>(count * K), kNormedRows);
+        for (int64_t r = 0; r < count; ++r)
+          layer_norm_row(x + (first + r) * ldx, K, norm->gamma, norm->beta, norm->eps, xn + r * K);
+        ta.x = xn;
+        ta.ldx = K;
+        ta.x_first = first;
+      }
       if (avx512 && int8)
-        linear_task_avx512_int8(a, rows, p0, p1, j0, j1,
+        linear_task_avx512_int8(ta, rows, p0, p1, j0, j1,
                                 reinterpret_cast<uint32_t*>(thread_scratch(
                                     static_cast<size_t>((p1 - p0) * int8_apack_words(K, kMR)))));
       else if (avx512 && bf16)
-        linear_task_avx512_bf16(a, rows, p0, p1, j0, j1,
+        linear_task_avx512_bf16(ta, rows, p0, p1, j0, j1,
                                 reinterpret_cast<uint32_t*>(thread_scratch(
                                     static_cast<size_t>((p1 - p0) * ceil_div(K, 2) * kMR))));
       else if (avx512)
-        linear_task_avx512(a, rows, p0, p1, j0, j1,
+        linear_task_avx512(ta, rows, p0, p1, j0, j1,
                            thread_scratch(static_cast<size_t>((p1 - p0) * K * kMR)));
       else if (int8)
-        linear_task_generic<TileInt8>(a, rows, p0, p1, j0, j1);
+        linear_task_generic<TileInt8>(ta, rows, p0, p1, j0, j1);
       else if (bf16)
-        linear_task_generic<TileBf16>(a, rows, p0, p1, j0, j1);
+        linear_task_generic<TileBf16>(ta, rows, p0, p1, j0, j1);
       else
-        linear_task_generic<TileF32>(a, rows, p0, p1, j0, j1);
+        linear_task_generic<TileF32>(ta, rows, p0, p1, j0, j1);
     }
   });
 }

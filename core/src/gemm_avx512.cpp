@@ -378,7 +378,7 @@ TESSERA_AVX512 void linear_task_avx512(const LinearArgs& a, const RowSplit& rows
   const int64_t K = a.K;
   for (int64_t p = p0; p < p1; ++p) {
     int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-    pack_rows(a.x + r0 * a.ldx, a.ldx, r1 - r0, K, apack + (p - p0) * K * kMR);
+    pack_rows(a.row(r0), a.ldx, r1 - r0, K, apack + (p - p0) * K * kMR);
   }
   for (int64_t j = j0; j < j1; ++j) {
     Tile t = panel_tile(a, j);
@@ -398,7 +398,7 @@ TESSERA_AVX512_BF16 void linear_task_avx512_bf16(const LinearArgs& a, const RowS
   const int64_t K = a.K, K2 = ceil_div(K, 2);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-    pack_rows_bf16(a.x + r0 * a.ldx, a.ldx, r1 - r0, K, apack + (p - p0) * K2 * kMR);
+    pack_rows_bf16(a.row(r0), a.ldx, r1 - r0, K, apack + (p - p0) * K2 * kMR);
   }
   for (int64_t j = j0; j < j1; ++j) {
     Tile t = panel_tile(a, j);
@@ -418,7 +418,7 @@ TESSERA_AVX512_VNNI void linear_task_avx512_int8(const LinearArgs& a, const RowS
   const int64_t K4 = int8_quads(a.K), words = int8_apack_words(a.K, kMR);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-    pack_rows_int8(a.x + r0 * a.ldx, a.ldx, r1 - r0, a.K, apack + (p - p0) * words);
+    pack_rows_int8(a.row(r0), a.ldx, r1 - r0, a.K, apack + (p - p0) * words);
   }
   for (int64_t j = j0; j < j1; ++j) {
     Tile t = panel_tile(a, j);

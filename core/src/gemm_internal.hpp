@@ -86,7 +86,7 @@ inline int64_t int8_quads(int64_t K) { return ceil_div(K, 4); }
 inline int64_t int8_apack_words(int64_t K, int64_t mr) { return int8_quads(K) * mr + 2 * mr; }
 
 struct LinearArgs {
-  const float* x;
+  const float* x;  // row x_first of x (0, or a task's first row when its rows were normalised)
   int64_t M, ldx, K, N;
   const float* wpack;  // panels as above (fp32), or
   const uint32_t* wpack_bf16;  // bf16 pair panels (then wpack is null), or
@@ -98,6 +98,8 @@ struct LinearArgs {
   int64_t ldy;
   const float* residual;  // rows ldy apart, may alias y, or null
   Activation act;
+  int64_t x_first = 0;
+  const float* row(int64_t r) const { return x + (r - x_first) * ldx; }  // x row r
 };
 
 // The M rows are cut into P = ceil(M / mr_max) micro-panels of as equal size as possible

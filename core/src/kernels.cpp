@@ -163,15 +163,27 @@ __attribute__((target("avx512f,avx512dq"))) void layer_norm_row_avx512(
 
 }  // namespace
 
+namespace {
+using LayerNormRow = void (*)(const float*, int64_t, const float*, const float*, float, float*);
+LayerNormRow layer_norm_row_kernel() {
+#ifdef TESSERA_HAVE_AVX512_LAYER_NORM
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  if (has_avx512 && !generic_kernels_forced()) return layer_norm_row_avx512;
+#endif
+  return layer_norm_row_portable;
+}
+}  // namespace
+
+void layer_norm_row(const float* x, int64_t dim, const float* gamma, const float* beta, float eps,
+                    float* y) {
+  if (dim > 0) layer_norm_row_kernel()(x, dim, gamma, beta, eps, y);
+}
+
 // y[r] = layer norm of x[r], row by row (see layer_norm_row_portable for the precision choices).
 void layer_norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* gamma,
                 const float* beta, float eps, float* y, int64_t ldy) {
   if (rows <= 0 || dim <= 0) return;
-  auto row = layer_norm_row_portable;
-#ifdef TESSERA_HAVE_AVX512_LAYER_NORM
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  if (has_avx512 && !generic_kernels_forced()) row = layer_norm_row_avx512;
-#endif
+  const LayerNormRow row = layer_norm_row_kernel();
   const int64_t grain = std::max<int64_t>(1, 16384 / dim);
   parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) row(x + r * ldx, dim, gamma, beta, eps, y + r * ldy);

@@ -184,7 +184,7 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
     ws.batch = B, ws.height = H, ws.width = W, ws.tokens = T;
     ws.patches = Tensor({B * np, C * p * p});
     ws.hidden = Tensor({M, d});
-    ws.normed = Tensor({M, d});
+    ws.embedded = Tensor({B * np, d});
     ws.qkv = Tensor({M, 3 * d});
     ws.context = Tensor({M, d});
     ws.mlp = Tensor({M, c.activation == MlpActivation::SwiGlu ? 2 * f : f});
@@ -211,9 +211,9 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
     }
   });
   float* x = ws.hidden.data();
-  // One GEMM over all B*Np patches (into `normed`, unused until the first block: one big GEMM
-  // splits across threads better than B small ones), then each image's rows go in place.
-  float* embedded = ws.normed.data();
+  // One GEMM over all B*Np patches (one big GEMM splits across threads better than B small
+  // ones), then each image's rows go in place.
+  float* embedded = ws.embedded.data();
   linear(patches, B * np, kdim, w.patch_embed, embedded, d);
   for (int64_t b = 0; b < B; ++b) {
     float* xb = x + b * T * d;
@@ -229,7 +229,6 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   ws.attention.clear();
-  float* normed = ws.normed.data();
   float* qkv = ws.qkv.data();
   float* context = ws.context.data();
   float* mlp = ws.mlp.data();
@@ -240,9 +239,10 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < T * d; ++i) x[b * T * d + i] += mid[i];
     }
-    layer_norm(x, M, d, d, layer.norm1_weight.data(), layer.norm1_bias.data(), c.layer_norm_eps,
-               normed, d);
-    linear(normed, M, d, layer.qkv, qkv, 3 * d);
+    // Both layer norms are fused into the next linear's packing of x.
+    const RowNorm norm1{layer.norm1_weight.data(), layer.norm1_bias.data(), c.layer_norm_eps};
+    const RowNorm norm2{layer.norm2_weight.data(), layer.norm2_bias.data(), c.layer_norm_eps};
+    linear(x, M, d, layer.qkv, qkv, 3 * d, Activation::None, nullptr, &norm1);
     if (ws.record_attention) {
       ws.attention.emplace_back(Shape{B, T, T});
       attention_probabilities(qkv, B, T, heads, hd, scale, ws.attention.back().data());
@@ -250,20 +250,18 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
     attention(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
               {qkv + 2 * d, T * 3 * d, 3 * d}, context, T * d, d, scale);
     linear(context, M, d, layer.attn_out, x, d, Activation::None, x);
-    layer_norm(x, M, d, d, layer.norm2_weight.data(), layer.norm2_bias.data(), c.layer_norm_eps,
-               normed, d);
     int64_t ld_mlp = f;
     switch (c.activation) {
       case MlpActivation::Gelu:
-        linear(normed, M, d, layer.fc1, mlp, f, Activation::Gelu);
+        linear(x, M, d, layer.fc1, mlp, f, Activation::Gelu, nullptr, &norm2);
         break;
       case MlpActivation::QuickGelu:
-        linear(normed, M, d, layer.fc1, mlp, f);
+        linear(x, M, d, layer.fc1, mlp, f, Activation::None, nullptr, &norm2);
         quick_gelu(mlp, M * f);
         break;
       case MlpActivation::SwiGlu:
         ld_mlp = 2 * f;
-        linear(normed, M, d, layer.fc1, mlp, 2 * f);
+        linear(x, M, d, layer.fc1, mlp, 2 * f, Activation::None, nullptr, &norm2);
         swiglu_rows(mlp, M, f);
         break;
     }

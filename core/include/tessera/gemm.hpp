@@ -37,10 +37,20 @@ struct PackedLinear {
 PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
                          int64_t in_features, WeightType type = WeightType::F32);
 
-// y[m, n] = act(sum_k x[m, k] W[n, k] + b[n]) + (residual ? residual[m, n] : 0), for m < M.
+// A layer norm over each x row's K features (kernels.hpp's layer_norm_row), applied by linear()
+// to the rows as it packs them: the normalised rows never make a round trip through memory.
+struct RowNorm {
+  const float* gamma;  // K floats
+  const float* beta;   // K floats
+  float eps;
+};
+
+// y[m, n] = act(sum_k x'[m, k] W[n, k] + b[n]) + (residual ? residual[m, n] : 0), for m < M,
+// where x' = x, or layer_norm(x) row by row when `norm` is given (then y must not alias x).
 // x rows are ldx apart, y and residual rows ldy apart (residual may alias y). Parallel inside.
 void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
-            Activation act = Activation::None, const float* residual = nullptr);
+            Activation act = Activation::None, const float* residual = nullptr,
+            const RowNorm* norm = nullptr);
 
 // Which kernel linear() uses for this type on this CPU ("avx512f", "generic", ...).
 std::string linear_kernel_name(WeightType type);

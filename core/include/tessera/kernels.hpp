@@ -10,6 +10,10 @@ namespace tessera {
 void layer_norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* gamma,
                 const float* beta, float eps, float* y, int64_t ldy);
 
+// One row of layer_norm: the same arithmetic, on the calling thread (y may equal x).
+void layer_norm_row(const float* x, int64_t dim, const float* gamma, const float* beta, float eps,
+                    float* y);
+
 // x = 0.5 x (1 + erf(x / sqrt 2)), in place, n elements.
 void gelu_erf(float* x, int64_t n);
 

@@ -87,7 +87,7 @@ struct VitWorkspace {
   int64_t tokens = 0;
   Tensor patches;   // [B*Np, C*p*p]
   Tensor hidden;    // [B*T, D] the residual stream; after the forward: the last hidden state
-  Tensor normed;    // [B*T, D]
+  Tensor embedded;  // [B*Np, D] the patch embeddings, before the tokens are assembled
   Tensor qkv;       // [B*T, 3D]
   Tensor context;   // [B*T, D]
   Tensor mlp;       // [B*T, F] ([B*T, 2F] for SwiGLU)
