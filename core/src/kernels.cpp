@@ -118,6 +118,7 @@ void layer_norm_row_portable(const float* xr, int64_t dim, const float* gamma, c
 #define TESSERA_HAVE_AVX512_LAYER_NORM 1
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12, inside _mm512_reduce_add_pd
 // The same row, 16 floats at a time, sums in 8-lane doubles (only the summation order differs).
 __attribute__((target("avx512f,avx512dq"))) void layer_norm_row_avx512(
     const float* xr, int64_t dim, const float* gamma, const float* beta, float eps, float* yr) {
