@@ -65,7 +65,7 @@ void load_segmenter_vit(VitWeights& w, const Config& enc, Checkpoint& ck, Weight
   }
   Tensor pw = ck.get("encoder.patch_embed.proj.weight", {d, C, p, p});
   Tensor pb = ck.get("encoder.patch_embed.proj.bias", {d});
-  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, type);
+  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, edge_layer_type(type));
   for (int64_t i = 0; i < c.num_hidden_layers; ++i)
     w.layers.push_back(load_block(ck, "encoder.blocks." + std::to_string(i) + ".", d,
                                   c.intermediate_size, type));
@@ -106,12 +106,15 @@ void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type
   h.encoder_dim = c.hidden_size;
   h.num_extra_tokens = c.num_prefix_tokens();
   const int64_t n = h.num_classes, de = h.encoder_dim;
+  // The decoder's transformer blocks take the dtype; its projections and the linear head are
+  // edge layers (fp32 under int8), as the patch embedding and classifier heads everywhere.
+  const WeightType edge = edge_layer_type(type);
 
   const Config dec = cfg.sub("decoder");
   const std::string name = dec.string("name", "");
   if (name == "linear") {
     h.decoder = SegmenterDecoder::Linear;
-    h.head = pack(ck, "decoder.head.weight", "decoder.head.bias", n, de, true, type);
+    h.head = pack(ck, "decoder.head.weight", "decoder.head.bias", n, de, true, edge);
   } else if (name == "mask_transformer") {
     h.decoder = SegmenterDecoder::MaskTransformer;
     h.d_model = dec.positive("d_model");
@@ -120,7 +123,7 @@ void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type
     h.layer_norm_eps = static_cast<float>(dec.number("layer_norm_eps", 1e-5));
     check(h.d_model % h.n_heads == 0, dec.file + ": d_model is not a multiple of n_heads");
     const int64_t layers = dec.positive("n_layers"), dm = h.d_model;
-    h.proj_dec = pack(ck, "decoder.proj_dec.weight", "decoder.proj_dec.bias", dm, de, true, type);
+    h.proj_dec = pack(ck, "decoder.proj_dec.weight", "decoder.proj_dec.bias", dm, de, true, edge);
     h.cls_emb = tokens(ck, "decoder.cls_emb", n, dm);
     for (int64_t i = 0; i < layers; ++i)
       h.blocks.push_back(load_block(ck, "decoder.blocks." + std::to_string(i) + ".", dm, h.d_ff, type));
@@ -135,7 +138,7 @@ void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type
       Tensor t({dm, dm});
       for (int64_t i = 0; i < dm; ++i)
         for (int64_t j = 0; j < dm; ++j) t[j * dm + i] = p[i * dm + j];
-      *dst = pack_linear(t.data(), nullptr, dm, dm, type);
+      *dst = pack_linear(t.data(), nullptr, dm, dm, edge);
     }
     h.mask_norm_weight = ck.get("decoder.mask_norm.weight", {n});
     h.mask_norm_bias = ck.get("decoder.mask_norm.bias", {n});
