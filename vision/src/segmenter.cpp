@@ -329,6 +329,26 @@ SegmentationMasks segmentation_masks(const Model& m, const Tensor& pixel_values,
   return out;
 }
 
+double segmentation_head_flops(const SegmentationHead& h, const VitConfig& encoder, int64_t height,
+                               int64_t width) {
+  auto linear_flops = [](const PackedLinear& l, double rows) {
+    return 2.0 * rows * static_cast<double>(l.in_features) * static_cast<double>(l.out_features);
+  };
+  const int64_t p = encoder.patch_size;
+  const double N = static_cast<double>(((height + p - 1) / p) * ((width + p - 1) / p));  // padded grid
+  const double n = static_cast<double>(h.num_classes);
+  if (h.decoder == SegmenterDecoder::Linear) return linear_flops(h.head, N);
+  // MaskTransformer: proj_dec on the patches; blocks over patches + class embeddings; the two
+  // projections; masks = patches · classesᵀ.
+  const double T = N + n, dm = static_cast<double>(h.d_model);
+  double flops = linear_flops(h.proj_dec, N);
+  for (const VitLayer& l : h.blocks)
+    flops += linear_flops(l.qkv, T) + 4 * T * T * dm + linear_flops(l.attn_out, T) +
+             linear_flops(l.fc1, T) + linear_flops(l.fc2, T);
+  flops += linear_flops(h.proj_patch, N) + linear_flops(h.proj_classes, n);
+  return flops + 2 * N * n * dm;
+}
+
 Tensor segmentation_logits(const SegmentationMasks& s) {
   const int64_t B = s.masks.dim(0), n = s.masks.dim(1), gh = s.masks.dim(2), gw = s.masks.dim(3);
   const int64_t H = s.height, W = s.width, Hp = s.padded_height, Wp = s.padded_width;

@@ -83,6 +83,11 @@ const Tensor& output(const NamedTensors& outputs, const std::string& name);
 
 namespace tessera {
 
+// FLOPs (2 per multiply-add) of one image of height x width through the model's matrix products:
+// the encoder (vit_flops), then the classifier / pooler linears, detection_head_flops, or
+// segmentation_head_flops (to the patch-level masks: the upsampling is not counted).
+double model_flops(const Model& model, int64_t height, int64_t width);
+
 // Random-weight models of standard shapes for benchmarks (not for predictions):
 // "vit-ti16", "vit-s16", "vit-b16", "vit-l16" (ImageNet-1k heads, 224x224 by default).
 std::shared_ptr<const Model> random_model(const std::string& arch, int64_t image_size = 224,
