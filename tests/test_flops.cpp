@@ -1,5 +1,7 @@
 // FLOP counts (model_flops, detection_head_flops, segmentation_head_flops) against counts written
-// out by hand here, matrix product by matrix product, from each model's config.
+// out by hand here, matrix product by matrix product, from each model's config; and the random-weight
+// benchmark models (yolos-ti, segmenter-s): their upstream shapes, parameter counts, per-layer dtypes
+// and a forward pass at a small size.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -91,4 +93,70 @@ TEST_CASE("segmentation_head_flops: linear and mask-transformer decoders, by han
     check_equal(segmentation_head_flops(*m->segmentation, m->encoder.config, 60, 70), decoder);
     check_equal(model_flops(*m, 60, 70), enc + decoder);
   }
+}
+
+TEST_CASE("random yolos-ti is hustvl/yolos-tiny's shape; its FLOPs by hand; it runs in every dtype") {
+  auto m = random_model("yolos-ti", 0, WeightType::INT8);
+  // Sum of the numels of YolosForObjectDetection's state dict for yolos-tiny's config (91 labels),
+  // as tests/reference/make_detection_fixtures.py's yolos_shapes lists it.
+  CHECK(m->parameter_count == 6488736);
+  const VitConfig& c = m->encoder.config;
+  CHECK(c.image_height == 800);
+  CHECK(c.image_width == 1333);
+  CHECK(c.num_detection_tokens == 100);
+  CHECK(m->encoder.pos_embed.dim(0) == 1 + 50 * 83 + 100);
+  REQUIRE(m->detection);
+  CHECK(m->detection->num_labels == 91);
+  CHECK(m->labels.size() == 91);
+  // The blocks take the dtype; the patch embedding and the heads are edge layers (fp32 under int8).
+  CHECK(m->encoder.layers[0].qkv.type == WeightType::INT8);
+  CHECK(m->encoder.patch_embed.type == WeightType::F32);
+  CHECK(m->detection->class_head.layers[0].type == WeightType::F32);
+  // 512x688 (the bench default): 32x43 = 1376 patches, 1477 tokens.
+  const double heads = 4 * mm(100, 192, 192) + mm(100, 192, 92) + mm(100, 192, 4);
+  check_equal(model_flops(*m, 512, 688), encoder(1376, 1477, 3, 16, 192, 768, 12) + heads);
+
+  for (WeightType type : {WeightType::F32, WeightType::BF16, WeightType::INT8}) {
+    auto model = type == WeightType::INT8 ? m : random_model("yolos-ti", 0, type);
+    Tensor x({2, 3, 64, 96});
+    for (int64_t i = 0; i < x.numel(); ++i) x[i] = std::sin(0.01f * static_cast<float>(i));
+    ModelWorkspace ws;
+    NamedTensors out = model_forward(*model, x, ws);
+    const Tensor& logits = output(out, "logits");
+    const Tensor& boxes = output(out, "pred_boxes");
+    CHECK(logits.shape() == Shape{2, 100, 92});
+    CHECK(boxes.shape() == Shape{2, 100, 4});
+    bool finite = true;
+    for (int64_t i = 0; i < logits.numel(); ++i) finite &= std::isfinite(logits[i]);
+    for (int64_t i = 0; i < boxes.numel(); ++i) finite &= boxes[i] >= 0 && boxes[i] <= 1;
+    CHECK(finite);
+  }
+}
+
+TEST_CASE("random segmenter-s is Segmenter ViT-S/16 mask; its FLOPs by hand; it runs") {
+  auto m = random_model("segmenter-s", 0, WeightType::BF16);
+  // Sum of the numels of seg_small_mask's state dict (tests/reference/make_segmenter_fixtures.py's
+  // random_sd for that config) less the pre-trained ViT's unused ImageNet head (385,000).
+  CHECK(m->parameter_count == 26033964);
+  REQUIRE(m->segmentation);
+  const SegmentationHead& h = *m->segmentation;
+  CHECK(h.decoder == SegmenterDecoder::MaskTransformer);
+  CHECK(h.num_classes == 150);
+  CHECK(h.blocks.size() == 2);
+  CHECK(m->encoder.config.hidden_size == 384);
+  CHECK(m->encoder.config.num_attention_heads == 6);
+  CHECK(h.blocks[0].qkv.type == WeightType::BF16);
+  // 512x512: 1024 patches; the decoder runs over 1024 + 150 tokens.
+  const double decoder = mm(1024, 384, 384) + 2 * block(1174, 384, 1536) + mm(1024, 384, 384) +
+                         mm(150, 384, 384) + mm(1024, 384, 150);
+  check_equal(model_flops(*m, 512, 512), encoder(1024, 1025, 3, 16, 384, 1536, 12) + decoder);
+
+  Tensor x({1, 3, 40, 64});  // padded to 48x64: a 3x4 grid
+  for (int64_t i = 0; i < x.numel(); ++i) x[i] = std::cos(0.01f * static_cast<float>(i));
+  ModelWorkspace ws;
+  SegmentationMasks s = segmentation_masks(*m, x, ws);
+  CHECK(s.masks.shape() == Shape{1, 150, 3, 4});
+  bool finite = true;
+  for (int64_t i = 0; i < s.masks.numel(); ++i) finite &= std::isfinite(s.masks[i]);
+  CHECK(finite);
 }
