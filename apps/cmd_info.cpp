@@ -30,7 +30,7 @@ void add_info(CLI::App& app, Action& action) {
                   (long long)c.num_distillation_tokens, (long long)c.num_register_tokens,
                   (long long)c.num_detection_tokens);
       std::printf("GFLOPs/image: %.2f at %lldx%lld\n",
-                  vit_flops(c, c.image_height, c.image_width) / 1e9, (long long)c.image_height,
+                  model_flops(*m, c.image_height, c.image_width) / 1e9, (long long)c.image_height,
                   (long long)c.image_width);
       std::printf("labels:       %zu", m->labels.size());
       size_t shown = all_labels ? m->labels.size() : std::min<size_t>(m->labels.size(), 5);

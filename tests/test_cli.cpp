@@ -143,6 +143,49 @@ TEST_CASE("tessera classify answers for good images, reports the bad one, exits 
   CHECK(nlohmann::json::parse(alone.out)[0]["predictions"] == j[2]["predictions"]);
 }
 
+TEST_CASE("tessera bench --arch yolos-ti / segmenter-s: one JSON object with the issue's keys") {
+  // Small inputs keep this quick; timing is not checked here (that is what bench is for).
+  struct Case {
+    std::string arch, args, dtype;
+    int64_t batch, threads, height, width;
+    std::string timed;  // what the timed run goes through
+  };
+  const Case cases[] = {
+      {"yolos-ti", "--height 64 --width 96 --batch 2 --threads 1", "int8", 2, 1, 64, 96, "pred_boxes"},
+      {"segmenter-s", "--image-size 48 --threads 2", "bf16", 1, 2, 48, 48, "class masks 150x3x3"},
+      {"segmenter-s", "--height 40 --width 56 --threads 1", "fp32", 1, 1, 40, 56, "class masks 150x3x4"},
+  };
+  for (const Case& c : cases) {
+    INFO(c.arch << " " << c.args << " --dtype " << c.dtype);
+    Run r = run_cli("bench --arch " + c.arch + " " + c.args + " --dtype " + c.dtype + " --iterations 1 --json");
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    auto j = nlohmann::json::parse(r.out);
+    REQUIRE(j.is_object());
+    for (const char* key : {"ms_per_image_median", "images_per_second", "gflops", "load_ms", "peak_rss_mb",
+                            "batch", "threads", "dtype"})
+      CHECK(j.contains(key));
+    CHECK(j["model"] == c.arch);
+    CHECK(j["batch"] == c.batch);
+    CHECK(j["threads"] == c.threads);
+    CHECK(j["dtype"] == c.dtype);
+    CHECK(j["image_size"] == nlohmann::json::array({c.height, c.width}));
+    const double ms = j["ms_per_image_median"], gflops = j["gflops"], per_image = j["gflop_per_image"];
+    CHECK(ms > 0);
+    CHECK(gflops > 0);
+    CHECK(double(j["images_per_second"]) == Approx(1000.0 / ms));
+    CHECK(gflops == Approx(per_image * 1000.0 / ms));  // the rate comes from the model's FLOP count
+    CHECK(double(j["load_ms"]) > 0);
+    CHECK(double(j["peak_rss_mb"]) > 10);  // the weights alone are tens of MB
+    CHECK(std::string(j["timed"]).find(c.timed) != std::string::npos);
+  }
+  // The help says which input each random arch gets by default and what is timed.
+  Run help = run_cli("bench --help");
+  CHECK(help.code == 0);
+  for (const char* s : {"yolos-ti", "512x688", "segmenter-s", "upsampling"})
+    CHECK(help.out.find(s) != std::string::npos);
+}
+
 TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
   const std::string vit = fixture("conformance/vit-tiny-rand");
 
@@ -205,6 +248,13 @@ TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
     CHECK(r.code == 1);
     CHECK(lines(r.err) == 1);
     CHECK(r.err.find("config.json") != std::string::npos);
+  }
+  SECTION("unknown random-weight arch") {
+    Run r = run_cli("bench --arch yolos-xl");
+    CHECK(r.code == 1);
+    CHECK(lines(r.err) == 1);
+    CHECK(r.err.find("yolos-xl") != std::string::npos);
+    CHECK(r.err.find("segmenter-s") != std::string::npos);  // the known ones are listed
   }
   SECTION("wrong command line") {
     Run r = run_cli("classify --top-k 3");

@@ -84,6 +84,33 @@ NamedTensors detection_forward(const Model& m, const Tensor& pixel_values, Model
   return out;
 }
 
+double detection_head_flops(const DetectionHead& head, const VitConfig& encoder, int64_t height,
+                            int64_t width) {
+  auto linear_flops = [](const PackedLinear& l, double rows) {
+    return 2.0 * rows * static_cast<double>(l.in_features) * static_cast<double>(l.out_features);
+  };
+  const double S = static_cast<double>(head.num_slots);
+  double flops = 0;
+  for (const MlpHead* mlp : {&head.class_head, &head.box_head})
+    for (const PackedLinear& l : mlp->layers) flops += linear_flops(l, S);
+  if (head.kind == DetectionKind::Detr) {
+    // detr_decode: memory = input_projection(patch tokens); per layer, self-attention over the
+    // Q queries, cross-attention from the queries to the np memory rows, and the FFN.
+    const double np = static_cast<double>((height / encoder.patch_size) * (width / encoder.patch_size));
+    const double Q = S, D = static_cast<double>(head.d_model);
+    flops += linear_flops(head.input_projection, np);
+    for (const DetrDecoderLayer& l : head.layers) {
+      flops += linear_flops(l.self_qk, Q) + linear_flops(l.self_v, Q) + linear_flops(l.self_out, Q);
+      flops += 4 * Q * Q * D;  // q·kᵀ and attention·v
+      flops += linear_flops(l.cross_q, Q) + linear_flops(l.cross_k, np) + linear_flops(l.cross_v, np) +
+               linear_flops(l.cross_out, Q);
+      flops += 4 * Q * np * D;
+      flops += linear_flops(l.fc1, Q) + linear_flops(l.fc2, Q);
+    }
+  }
+  return flops;
+}
+
 namespace {
 
 float iou(const Detection& a, const Detection& b) {

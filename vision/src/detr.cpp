@@ -65,6 +65,8 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
   m.encoder.config = hf_vit_config(bb, bmt);
   load_hf_encoder(m.encoder, ck, bmt + ".", bmt, type);
   const int64_t denc = m.encoder.config.hidden_size;
+  // The decoder layers take the dtype; the input projection and the heads are edge layers.
+  const WeightType edge = edge_layer_type(type);
 
   auto head = std::make_shared<DetectionHead>();
   DetectionHead& h = *head;
@@ -88,7 +90,7 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
   Tensor pw = ps.size() == 4 ? ck.get("input_projection.weight", {D, denc, 1, 1}).reshape({D, denc})
                              : ck.get("input_projection.weight", {D, denc});
   Tensor pb = ck.get("input_projection.bias", {D});
-  h.input_projection = pack_linear(pw.data(), pb.data(), D, denc, type);
+  h.input_projection = pack_linear(pw.data(), pb.data(), D, denc, edge);
   h.query_pos = ck.get("model.query_position_embeddings.weight", {h.num_slots, D});
 
   for (int64_t i = 0; i < L; ++i) {
@@ -127,7 +129,7 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
           cfg.file + ": num_labels " + std::to_string(cfg.integer("num_labels")) +
               " but class_labels_classifier.weight has " + std::to_string(cs[0]) + " rows (num_labels + 1)");
   h.class_head.layers.push_back(
-      pack(ck, "class_labels_classifier.weight", "class_labels_classifier.bias", h.num_labels + 1, D, true, type));
+      pack(ck, "class_labels_classifier.weight", "class_labels_classifier.bias", h.num_labels + 1, D, true, edge));
   h.box_head = load_mlp_head(ck, "bbox_predictor.", 3, D, D, 4, type);
   m.labels = labels_from(cfg.j, h.num_labels, cfg.file);
   m.detection = std::move(head);

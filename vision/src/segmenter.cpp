@@ -65,7 +65,7 @@ void load_segmenter_vit(VitWeights& w, const Config& enc, Checkpoint& ck, Weight
   }
   Tensor pw = ck.get("encoder.patch_embed.proj.weight", {d, C, p, p});
   Tensor pb = ck.get("encoder.patch_embed.proj.bias", {d});
-  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, type);
+  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, edge_layer_type(type));
   for (int64_t i = 0; i < c.num_hidden_layers; ++i)
     w.layers.push_back(load_block(ck, "encoder.blocks." + std::to_string(i) + ".", d,
                                   c.intermediate_size, type));
@@ -106,12 +106,15 @@ void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type
   h.encoder_dim = c.hidden_size;
   h.num_extra_tokens = c.num_prefix_tokens();
   const int64_t n = h.num_classes, de = h.encoder_dim;
+  // The decoder's transformer blocks take the dtype; its projections and the linear head are
+  // edge layers (fp32 under int8), as the patch embedding and classifier heads everywhere.
+  const WeightType edge = edge_layer_type(type);
 
   const Config dec = cfg.sub("decoder");
   const std::string name = dec.string("name", "");
   if (name == "linear") {
     h.decoder = SegmenterDecoder::Linear;
-    h.head = pack(ck, "decoder.head.weight", "decoder.head.bias", n, de, true, type);
+    h.head = pack(ck, "decoder.head.weight", "decoder.head.bias", n, de, true, edge);
   } else if (name == "mask_transformer") {
     h.decoder = SegmenterDecoder::MaskTransformer;
     h.d_model = dec.positive("d_model");
@@ -120,7 +123,7 @@ void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type
     h.layer_norm_eps = static_cast<float>(dec.number("layer_norm_eps", 1e-5));
     check(h.d_model % h.n_heads == 0, dec.file + ": d_model is not a multiple of n_heads");
     const int64_t layers = dec.positive("n_layers"), dm = h.d_model;
-    h.proj_dec = pack(ck, "decoder.proj_dec.weight", "decoder.proj_dec.bias", dm, de, true, type);
+    h.proj_dec = pack(ck, "decoder.proj_dec.weight", "decoder.proj_dec.bias", dm, de, true, edge);
     h.cls_emb = tokens(ck, "decoder.cls_emb", n, dm);
     for (int64_t i = 0; i < layers; ++i)
       h.blocks.push_back(load_block(ck, "decoder.blocks." + std::to_string(i) + ".", dm, h.d_ff, type));
@@ -135,7 +138,7 @@ void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type
       Tensor t({dm, dm});
       for (int64_t i = 0; i < dm; ++i)
         for (int64_t j = 0; j < dm; ++j) t[j * dm + i] = p[i * dm + j];
-      *dst = pack_linear(t.data(), nullptr, dm, dm, type);
+      *dst = pack_linear(t.data(), nullptr, dm, dm, edge);
     }
     h.mask_norm_weight = ck.get("decoder.mask_norm.weight", {n});
     h.mask_norm_bias = ck.get("decoder.mask_norm.bias", {n});
@@ -324,6 +327,26 @@ SegmentationMasks segmentation_masks(const Model& m, const Tensor& pixel_values,
       for (int64_t k = 0; k < n; ++k) out.masks[(b * n + k) * N + i] = scores[(b * N + i) * n + k];
   out.height = H, out.width = W, out.padded_height = Hp, out.padded_width = Wp;
   return out;
+}
+
+double segmentation_head_flops(const SegmentationHead& h, const VitConfig& encoder, int64_t height,
+                               int64_t width) {
+  auto linear_flops = [](const PackedLinear& l, double rows) {
+    return 2.0 * rows * static_cast<double>(l.in_features) * static_cast<double>(l.out_features);
+  };
+  const int64_t p = encoder.patch_size;
+  const double N = static_cast<double>(((height + p - 1) / p) * ((width + p - 1) / p));  // padded grid
+  const double n = static_cast<double>(h.num_classes);
+  if (h.decoder == SegmenterDecoder::Linear) return linear_flops(h.head, N);
+  // MaskTransformer: proj_dec on the patches; blocks over patches + class embeddings; the two
+  // projections; masks = patches · classesᵀ.
+  const double T = N + n, dm = static_cast<double>(h.d_model);
+  double flops = linear_flops(h.proj_dec, N);
+  for (const VitLayer& l : h.blocks)
+    flops += linear_flops(l.qkv, T) + 4 * T * T * dm + linear_flops(l.attn_out, T) +
+             linear_flops(l.fc1, T) + linear_flops(l.fc2, T);
+  flops += linear_flops(h.proj_patch, N) + linear_flops(h.proj_classes, n);
+  return flops + 2 * N * n * dm;
 }
 
 Tensor segmentation_logits(const SegmentationMasks& s) {

@@ -8,11 +8,12 @@ namespace tessera::detail {
 
 MlpHead load_mlp_head(Checkpoint& ck, const std::string& base, int64_t num_layers, int64_t in,
                       int64_t hidden, int64_t out, WeightType type) {
+  const WeightType edge = edge_layer_type(type);  // a head: fp32 under int8, as classifier heads
   MlpHead head;
   for (int64_t i = 0; i < num_layers; ++i) {
     const std::string l = base + "layers." + std::to_string(i) + ".";
     const int64_t fan_in = i == 0 ? in : hidden, fan_out = i + 1 == num_layers ? out : hidden;
-    head.layers.push_back(pack(ck, l + "weight", l + "bias", fan_out, fan_in, true, type));
+    head.layers.push_back(pack(ck, l + "weight", l + "bias", fan_out, fan_in, true, edge));
   }
   check(!ck.has(base + "layers." + std::to_string(num_layers) + ".weight"),
         ck.file + ": " + base + " has more than " + std::to_string(num_layers) + " layers");

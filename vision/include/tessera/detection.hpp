@@ -66,6 +66,13 @@ Tensor detr_sine_position_embedding(int64_t grid_h, int64_t grid_w, int64_t d_mo
 // last_hidden_state (YOLOS: the encoder's [B, T, D]; DETR: the decoder's [B, slots, d_model]).
 NamedTensors detection_forward(const Model& model, const Tensor& pixel_values, ModelWorkspace& ws);
 
+// FLOPs (2 per multiply-add, as vit_flops) of one image through the head, after the encoder, at an
+// input of height x width: the class and box MLPs on every slot; for DETR also the input projection
+// and the decoder layers (projections, attention products, FFN). Layer norms, softmax and the
+// sigmoid are not matrix products and are not counted (nor are they in vit_flops).
+double detection_head_flops(const DetectionHead& head, const VitConfig& encoder, int64_t height,
+                            int64_t width);
+
 // ------------------------------------------------------------------------------ detections
 
 struct Detection {

@@ -83,8 +83,19 @@ const Tensor& output(const NamedTensors& outputs, const std::string& name);
 
 namespace tessera {
 
-// Random-weight models of standard shapes for benchmarks (not for predictions):
-// "vit-ti16", "vit-s16", "vit-b16", "vit-l16" (ImageNet-1k heads, 224x224 by default).
+// FLOPs (2 per multiply-add) of one image of height x width through the model's matrix products:
+// the encoder (vit_flops), then the classifier / pooler linears, detection_head_flops, or
+// segmentation_head_flops (to the patch-level masks: the upsampling is not counted).
+double model_flops(const Model& model, int64_t height, int64_t width);
+
+// Random-weight models of standard shapes for benchmarks (not for predictions), built as their
+// loaders build them (same layers, same dtype per layer):
+//   "vit-ti16", "vit-s16", "vit-b16", "vit-l16": ImageNet-1k classifiers trained (position grid)
+//       at image_size x image_size;
+//   "yolos-ti": hustvl/yolos-tiny (800x1333 position grid, 100 detection tokens, 91 labels);
+//   "segmenter-s": Segmenter ViT-S/16 + mask transformer, ADE20K's 150 classes, 512x512 grid.
+// The detector and the segmenter keep their upstream grids, resampled to any input as upstream
+// does, so image_size does not apply to them.
 std::shared_ptr<const Model> random_model(const std::string& arch, int64_t image_size = 224,
                                           WeightType weight_type = WeightType::F32,
                                           uint64_t seed = 1);

@@ -58,6 +58,16 @@ struct SegmentationMasks {
 SegmentationMasks segmentation_masks(const Model& model, const Tensor& pixel_values,
                                      ModelWorkspace& ws);
 
+// FLOPs (2 per multiply-add, as vit_flops) of one image of height x width through the decoder, to
+// the patch-level masks segmentation_masks returns (the grid of the input padded up to the patch
+// size): the linear head, or the mask transformer's proj_dec, blocks (projections and attention
+// products), proj_patch, proj_classes and the patches · classesᵀ product. Not counted: layer norms,
+// the L2 normalisation, and the bilinear upsampling to the input size (segmentation_logits,
+// segmentation_labels), which is interpolation rather than a matrix product and depends on the
+// output size asked for.
+double segmentation_head_flops(const SegmentationHead& head, const VitConfig& encoder,
+                               int64_t height, int64_t width);
+
 // Segmenter's logits [B, n_cls, H, W]: masks bilinearly upsampled to (Hp, Wp), cropped to (H, W).
 Tensor segmentation_logits(const SegmentationMasks& masks);
 
