@@ -44,8 +44,10 @@ WeightType parse_dtype(const std::string& s) {
   fail("--dtype must be fp32, bf16 or int8, got '" + s + "'");
 }
 
-// GEMM rate on the linear-layer shapes of ViT-B/16 at 224 (197 tokens per image).
-int bench_gemm(const std::string& dtype, int64_t batch, int iterations, bool as_json) {
+// GEMM rate on the linear-layer shapes of ViT-B/16 at 224 (197 tokens per image); returns the
+// rate and prints the table (as_json: fills `out` instead).
+double bench_gemm(const std::string& dtype, int64_t batch, int iterations, bool as_json,
+                  nlohmann::json& out) {
   const WeightType type = parse_dtype(dtype);
   struct Shape3 { int64_t M, K, N; const char* what; };
   const int64_t M = 197 * batch;
@@ -79,13 +81,37 @@ int bench_gemm(const std::string& dtype, int64_t batch, int iterations, bool as_
                   (long long)s.N, ms, flop / ms / 1e6);
   }
   const double rate = total_flop / total_ms / 1e6;
-  if (as_json) {
-    nlohmann::json j = {{"gemm", rows}, {"gflops", rate}, {"dtype", dtype}, {"threads", num_threads()},
-                        {"kernel", linear_kernel_name(type)}, {"batch", batch}};
-    std::printf("%s\n", j.dump(2).c_str());
-  } else {
+  if (as_json)
+    out = {{"gemm", rows}, {"gflops", rate}, {"dtype", dtype}, {"threads", num_threads()},
+           {"kernel", linear_kernel_name(type)}, {"batch", batch}};
+  else
     std::printf("all ViT-B layers: %.1f GFLOP/s\n", rate);
+  return rate;
+}
+
+// --gemm: the one --dtype asked for, or all three and their ratios to fp32 (JSON: "dtypes").
+int bench_gemm_command(const std::string& dtype, bool dtype_given, int64_t batch, int iterations,
+                       bool as_json) {
+  if (dtype_given) {
+    nlohmann::json j;
+    bench_gemm(dtype, batch, iterations, as_json, j);
+    if (as_json) std::printf("%s\n", j.dump(2).c_str());
+    return 0;
   }
+  nlohmann::json all = nlohmann::json::array();
+  double rates[3];
+  const char* names[3] = {"fp32", "bf16", "int8"};
+  for (int i = 0; i < 3; ++i) {
+    nlohmann::json j;
+    rates[i] = bench_gemm(names[i], batch, iterations, as_json, j);
+    all.push_back(j);
+    if (!as_json && i < 2) std::printf("\n");
+  }
+  if (as_json)
+    std::printf("%s\n", nlohmann::json{{"dtypes", all}}.dump(2).c_str());
+  else
+    std::printf("\nGEMM rate: fp32 %.1f, bf16 %.1f (%.2fx), int8 %.1f (%.2fx) GFLOP/s\n", rates[0],
+                rates[1], rates[1] / rates[0], rates[2], rates[2] / rates[0]);
   return 0;
 }
 
@@ -160,15 +186,18 @@ void add_bench(CLI::App& app, Action& action) {
   static int64_t height = 0, width = 0;  // a non-square input (detectors keep the aspect ratio)
   cmd->add_option("--height", height, "Input height (overrides --image-size)")->check(CLI::Range(1, 100000));
   cmd->add_option("--width", width, "Input width (overrides --image-size)")->check(CLI::Range(1, 100000));
-  cmd->add_option("--dtype", dtype, "Weights: fp32, bf16 or int8");
+  static CLI::Option* dtype_option = nullptr;
+  dtype_option = cmd->add_option("--dtype", dtype, "Weights: fp32, bf16 or int8");
   cmd->add_option("--iterations", iterations, "Timed runs (median is reported)")->check(CLI::Range(1, 100000));
   cmd->add_flag("--json", as_json, "Print one JSON object");
-  cmd->add_flag("--gemm", gemm, "Measure the GEMM rate on ViT-B shapes instead of a model");
+  cmd->add_flag("--gemm", gemm,
+                "Measure the GEMM rate on ViT-B shapes instead of a model (fp32, bf16 and int8 "
+                "unless --dtype picks one)");
   cmd->footer(kFooter);
   cmd->callback([&action] {
     action = [] {
       apply_threads(threads);
-      if (gemm) return bench_gemm(dtype, batch, iterations, as_json);
+      if (gemm) return bench_gemm_command(dtype, dtype_option->count() > 0, batch, iterations, as_json);
       const WeightType type = parse_dtype(dtype);
       double t0 = now_ms();
       auto model = model_dir.empty() ? random_model(arch, image_size ? image_size : 224, type)

@@ -186,6 +186,31 @@ TEST_CASE("tessera bench --arch yolos-ti / segmenter-s: one JSON object with the
     CHECK(help.out.find(s) != std::string::npos);
 }
 
+TEST_CASE("tessera bench --gemm: every dtype's rate on the ViT-B shapes, or the one asked for") {
+  Run all = run_cli("bench --gemm --threads 1 --iterations 1 --json");
+  INFO(all.err);
+  REQUIRE(all.code == 0);
+  auto j = nlohmann::json::parse(all.out);
+  REQUIRE(j["dtypes"].size() == 3);
+  const char* names[] = {"fp32", "bf16", "int8"};
+  for (int i = 0; i < 3; ++i) {
+    const auto& d = j["dtypes"][i];
+    CHECK(d["dtype"] == names[i]);
+    CHECK(d["threads"] == 1);
+    CHECK(double(d["gflops"]) > 0);
+    REQUIRE(d["gemm"].size() == 4);  // qkv, attn out, fc1, fc2
+    CHECK(d["gemm"][3]["K"] == 3072);
+  }
+  Run one = run_cli("bench --gemm --dtype bf16 --threads 1 --iterations 1 --json");
+  REQUIRE(one.code == 0);
+  auto b = nlohmann::json::parse(one.out);
+  CHECK(b["dtype"] == "bf16");
+  CHECK(!b.contains("dtypes"));
+  Run text = run_cli("bench --gemm --threads 1 --iterations 1");
+  REQUIRE(text.code == 0);
+  CHECK(text.out.find("GEMM rate: fp32") != std::string::npos);
+}
+
 TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
   const std::string vit = fixture("conformance/vit-tiny-rand");
 
