@@ -262,12 +262,13 @@ Split choose_split(int64_t P, int64_t NP, int64_t mr, int64_t K, int threads) {
 
 namespace {
 
-// 64-byte aligned, uninitialised: the packers write (or zero) every word themselves, in
-// parallel, so the pages are first touched by the threads that fill them. Buffers of 2 MiB or
-// more are 2 MiB aligned and ask for transparent huge pages on their whole 2 MiB chunks: a
-// ViT-B's 330 MB of packed weights then takes ~170 page faults instead of ~85000 (most of the
-// load time), and the GEMM streams them with fewer TLB misses.
-std::shared_ptr<float[]> uninitialised_floats(size_t n) {
+// 64-byte aligned, uninitialised: the packers write every word themselves, in parallel, so the
+// pages are first touched by the threads that fill them. From the arena when there is one (a
+// model load: see WeightArena). Otherwise buffers of 2 MiB or more are 2 MiB aligned and ask for
+// transparent huge pages on their whole 2 MiB chunks: a ViT-B's 330 MB of packed weights then
+// takes ~170 page faults instead of ~85000, and the GEMM streams them with fewer TLB misses.
+std::shared_ptr<float[]> uninitialised_floats(size_t n, WeightArena* arena) {
+  if (arena) return arena->floats(n);
   constexpr size_t kHuge = size_t{2} << 20;
   const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
   void* p = std::aligned_alloc(bytes >= kHuge ? kHuge : 64, bytes);
@@ -276,70 +277,98 @@ std::shared_ptr<float[]> uninitialised_floats(size_t n) {
   return std::shared_ptr<float[]>(static_cast<float*>(p), [](float* q) { std::free(q); });
 }
 
+// W's rows for pack_linear: already in memory, or produced a panel at a time.
+struct WeightSource {
+  const float* weight;      // [N, K] row-major, or null
+  const WeightRows* rows;   // used when weight is null
+  int64_t N, K;
+
+  // The rows of panel j (j*32 up to N), row-major; valid until this thread's next call.
+  const float* panel(int64_t j) const {
+    const int64_t n0 = j * kNR;
+    if (weight) return weight + n0 * K;
+    float* buffer = thread_scratch(static_cast<size_t>(kNR * K));
+    (*rows)(n0, std::min(N, n0 + kNR), buffer);
+    return buffer;
+  }
+};
+
 // The int8 layout of gemm_internal.hpp: quad panels, then per-column scales and column sums.
-void pack_int8(const float* weight, int64_t N, int64_t K, PackedLinear& p) {
+void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, WeightArena* arena) {
   const int64_t panels = ceil_div(N, kNR), K4 = int8_quads(K), cols = panels * kNR;
   const size_t words = static_cast<size_t>(panels * K4 * kNR + 2 * cols);
-  auto packed = uninitialised_floats(words);
+  auto packed = uninitialised_floats(words, arena);
   uint32_t* quads = reinterpret_cast<uint32_t*>(packed.get());
   float* scale = packed.get() + panels * K4 * kNR;
   int32_t* sum = reinterpret_cast<int32_t*>(scale + cols);
   std::memset(scale, 0, 2 * static_cast<size_t>(cols) * sizeof(float));  // padding columns: 0
   parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
-    std::memset(quads + j0 * K4 * kNR, 0, static_cast<size_t>((j1 - j0) * K4 * kNR) * 4);
-    for (int64_t n = j0 * kNR; n < std::min(N, j1 * kNR); ++n) {
-      const float* row = weight + n * K;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      scale[n] = amax / 127.0f;
-      uint32_t* col = quads + (n / kNR) * K4 * kNR + (n % kNR);
-      int32_t total = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inv)), -127, 127);
-        total += v;
-        col[(k / 4) * kNR] |= (static_cast<uint32_t>(v) & 0xffu) << (8 * (k % 4));
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* rows = w.panel(j);
+      const int64_t valid = std::min(kNR, N - j * kNR);
+      uint32_t* panel = quads + j * K4 * kNR;
+      for (int64_t c = 0; c < valid; ++c) {
+        const int64_t n = j * kNR + c;
+        const float* row = rows + c * K;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        scale[n] = amax / 127.0f;
+        int32_t total = 0;
+        for (int64_t i = 0; i < K4; ++i) {  // each word written once: 4 k's, zero past K
+          uint32_t word = 0;
+          for (int64_t k = 4 * i; k < std::min(K, 4 * i + 4); ++k) {
+            const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inv)), -127, 127);
+            total += v;
+            word |= (static_cast<uint32_t>(v) & 0xffu) << (8 * (k % 4));
+          }
+          panel[i * kNR + c] = word;
+        }
+        sum[n] = total;
       }
-      sum[n] = total;
+      for (int64_t i = 0; i < K4 && valid < kNR; ++i)  // the last panel's padding columns
+        std::memset(panel + i * kNR + valid, 0, static_cast<size_t>(kNR - valid) * 4);
     }
   });
   p.packed = std::shared_ptr<void>(packed, packed.get());
   p.packed_bytes = words * sizeof(float);
 }
 
-}  // namespace
-
-PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
-                         int64_t in_features, WeightType type) {
+PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_features,
+                          int64_t in_features, WeightType type, WeightArena* arena) {
   check(out_features >= 1 && in_features >= 1,
         "pack_linear: weight shape [" + std::to_string(out_features) + ", " +
             std::to_string(in_features) + "] must have both dimensions >= 1");
-  check(weight != nullptr, "pack_linear: weight pointer is null");
   const int64_t N = out_features, K = in_features, panels = ceil_div(N, kNR);
   PackedLinear p;
   p.out_features = N;
   p.in_features = K;
   p.type = type;
   if (type == WeightType::INT8) {
-    pack_int8(weight, N, K, p);
+    pack_int8(w, N, K, p, arena);
   } else {
     // K rows of 32 floats per panel, or ceil(K/2) rows of 32 bf16 pairs; zero-filled padding.
     const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
-    auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR));
-    // Panels are disjoint, so they are filled in parallel (load time is mostly this copy);
-    // each is zeroed first for the padding columns of the last one.
+    auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR), arena);
+    // Panels are disjoint, so they are filled in parallel; every word is written once (the
+    // last panel's padding columns with zeros), as this pass is most of a model's load time.
     parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
-      std::memset(packed.get() + j0 * rows * kNR, 0, static_cast<size_t>((j1 - j0) * rows * kNR) * 4);
-      for (int64_t n = j0 * kNR; n < std::min(N, j1 * kNR); ++n) {
-        const float* row = weight + n * K;
-        const int64_t at = (n / kNR) * rows * kNR + (n % kNR);
-        if (type == WeightType::BF16) {
-          uint32_t* col = reinterpret_cast<uint32_t*>(packed.get()) + at;
-          for (int64_t i = 0; i < rows; ++i) col[i * kNR] = bf16_pair(row, 2 * i, K);
-        } else {
-          float* col = packed.get() + at;
-          for (int64_t k = 0; k < K; ++k) col[k * kNR] = row[k];
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* src = w.panel(j);
+        const int64_t valid = std::min(kNR, N - j * kNR);
+        float* panel = packed.get() + j * rows * kNR;
+        for (int64_t c = 0; c < valid; ++c) {
+          const float* row = src + c * K;
+          if (type == WeightType::BF16) {
+            uint32_t* col = reinterpret_cast<uint32_t*>(panel) + c;
+            for (int64_t i = 0; i < rows; ++i) col[i * kNR] = bf16_pair(row, 2 * i, K);
+          } else {
+            float* col = panel + c;
+            for (int64_t k = 0; k < K; ++k) col[k * kNR] = row[k];
+          }
         }
+        for (int64_t i = 0; i < rows && valid < kNR; ++i)
+          std::memset(panel + i * kNR + valid, 0, static_cast<size_t>(kNR - valid) * 4);
       }
     });
     p.packed = std::shared_ptr<void>(packed, packed.get());
@@ -350,6 +379,22 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
     std::memcpy(p.bias.get(), bias, static_cast<size_t>(N) * sizeof(float));
   }
   return p;
+}
+
+}  // namespace
+
+PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
+                         int64_t in_features, WeightType type) {
+  check(weight != nullptr, "pack_linear: weight pointer is null");
+  return pack_weights({weight, nullptr, out_features, in_features}, bias, out_features, in_features,
+                      type, nullptr);
+}
+
+PackedLinear pack_linear(const WeightRows& rows, const float* bias, int64_t out_features,
+                         int64_t in_features, WeightType type, WeightArena* arena) {
+  check(static_cast<bool>(rows), "pack_linear: no weight rows");
+  return pack_weights({nullptr, &rows, out_features, in_features}, bias, out_features, in_features,
+                      type, arena);
 }
 
 void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
