@@ -8,6 +8,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "gemm_internal.hpp"
 #include "tessera/error.hpp"
@@ -293,6 +297,51 @@ struct WeightSource {
   }
 };
 
+// dst[0, n) = src[0, n) for n a multiple of 4 words and dst 16-byte aligned, with non-temporal
+// stores where the CPU has them. Packed weights are written once and read much later, so
+// streaming them past the caches saves reading each destination line in first (a third of a
+// load's memory traffic) and leaves the caches to the rows being packed.
+void stream_out(uint32_t* dst, const uint32_t* src, int64_t n) {
+#if defined(__SSE__)
+  for (int64_t i = 0; i < n; i += 4)
+    _mm_stream_ps(reinterpret_cast<float*>(dst + i), _mm_load_ps(reinterpret_cast<const float*>(src + i)));
+#else
+  std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+#endif
+}
+
+// Orders the streamed stores before whatever this thread does next (TBB's completion signal).
+void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
+// panel[i * 32 + c] = word i of row c (rows `stride` bytes apart, from `rows`) for c < valid and
+// i < width, 0 for the padding columns c >= valid. Transposed 16 panel rows (2 KiB) at a time
+// in an L1 block, then streamed out, so every packed word is written once.
+void transpose_to_panel(const void* rows, int64_t stride, int64_t width, int64_t valid, uint32_t* panel) {
+  constexpr int64_t kBlockRows = 16;
+  alignas(64) uint32_t block[kBlockRows * kNR];
+  const auto* bytes = static_cast<const unsigned char*>(rows);
+  for (int64_t i0 = 0; i0 < width; i0 += kBlockRows) {
+    const int64_t n = std::min(kBlockRows, width - i0);
+    for (int64_t c = 0; c < valid; ++c)
+      for (int64_t i = 0; i < n; ++i) std::memcpy(&block[i * kNR + c], bytes + c * stride + (i0 + i) * 4, 4);
+    for (int64_t i = 0; i < n && valid < kNR; ++i)
+      std::memset(&block[i * kNR + valid], 0, static_cast<size_t>(kNR - valid) * 4);
+    stream_out(panel + i0 * kNR, block, n * kNR);
+  }
+}
+
+// A per-thread buffer for a panel's rows converted to bf16 pairs or int8 quads.
+template <typename T>
+T* thread_buffer(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // The int8 layout of gemm_internal.hpp: quad panels, then per-column scales and column sums.
 void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, WeightArena* arena) {
   const int64_t panels = ceil_div(N, kNR), K4 = int8_quads(K), cols = panels * kNR;
@@ -303,32 +352,30 @@ void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, Wei
   int32_t* sum = reinterpret_cast<int32_t*>(scale + cols);
   std::memset(scale, 0, 2 * static_cast<size_t>(cols) * sizeof(float));  // padding columns: 0
   parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+    int8_t* q = thread_buffer<int8_t>(static_cast<size_t>(kNR * K4 * 4));
     for (int64_t j = j0; j < j1; ++j) {
       const float* rows = w.panel(j);
       const int64_t valid = std::min(kNR, N - j * kNR);
-      uint32_t* panel = quads + j * K4 * kNR;
-      for (int64_t c = 0; c < valid; ++c) {
-        const int64_t n = j * kNR + c;
+      for (int64_t c = 0; c < valid; ++c) {  // row c quantized to K bytes (+ zeros to 4 K4)
         const float* row = rows + c * K;
+        int8_t* qc = q + c * K4 * 4;
         float amax = 0.0f;
         for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        scale[n] = amax / 127.0f;
         int32_t total = 0;
-        for (int64_t i = 0; i < K4; ++i) {  // each word written once: 4 k's, zero past K
-          uint32_t word = 0;
-          for (int64_t k = 4 * i; k < std::min(K, 4 * i + 4); ++k) {
-            const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inv)), -127, 127);
-            total += v;
-            word |= (static_cast<uint32_t>(v) & 0xffu) << (8 * (k % 4));
-          }
-          panel[i * kNR + c] = word;
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inv)), -127, 127);
+          total += v;
+          qc[k] = static_cast<int8_t>(v);
         }
-        sum[n] = total;
+        for (int64_t k = K; k < K4 * 4; ++k) qc[k] = 0;
+        scale[j * kNR + c] = amax / 127.0f;
+        sum[j * kNR + c] = total;
       }
-      for (int64_t i = 0; i < K4 && valid < kNR; ++i)  // the last panel's padding columns
-        std::memset(panel + i * kNR + valid, 0, static_cast<size_t>(kNR - valid) * 4);
+      // Word i of row c is bytes 4i .. 4i+3 of its quantized row (little-endian, as vpdpbusd reads).
+      transpose_to_panel(q, K4 * 4, K4, valid, quads + j * K4 * kNR);
     }
+    stream_fence();
   });
   p.packed = std::shared_ptr<void>(packed, packed.get());
   p.packed_bytes = words * sizeof(float);
@@ -350,26 +397,22 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
     // K rows of 32 floats per panel, or ceil(K/2) rows of 32 bf16 pairs; zero-filled padding.
     const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
     auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR), arena);
-    // Panels are disjoint, so they are filled in parallel; every word is written once (the
-    // last panel's padding columns with zeros), as this pass is most of a model's load time.
+    // Panels are disjoint, so they are filled in parallel.
     parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const float* src = w.panel(j);
         const int64_t valid = std::min(kNR, N - j * kNR);
-        float* panel = packed.get() + j * rows * kNR;
-        for (int64_t c = 0; c < valid; ++c) {
-          const float* row = src + c * K;
-          if (type == WeightType::BF16) {
-            uint32_t* col = reinterpret_cast<uint32_t*>(panel) + c;
-            for (int64_t i = 0; i < rows; ++i) col[i * kNR] = bf16_pair(row, 2 * i, K);
-          } else {
-            float* col = panel + c;
-            for (int64_t k = 0; k < K; ++k) col[k * kNR] = row[k];
-          }
+        uint32_t* panel = reinterpret_cast<uint32_t*>(packed.get()) + j * rows * kNR;
+        if (type == WeightType::BF16) {
+          uint32_t* pairs = thread_buffer<uint32_t>(static_cast<size_t>(kNR * rows));
+          for (int64_t c = 0; c < valid; ++c)
+            for (int64_t i = 0; i < rows; ++i) pairs[c * rows + i] = bf16_pair(src + c * K, 2 * i, K);
+          transpose_to_panel(pairs, rows * 4, rows, valid, panel);
+        } else {
+          transpose_to_panel(src, K * 4, K, valid, panel);
         }
-        for (int64_t i = 0; i < rows && valid < kNR; ++i)
-          std::memset(panel + i * kNR + valid, 0, static_cast<size_t>(kNR - valid) * 4);
       }
+      stream_fence();
     });
     p.packed = std::shared_ptr<void>(packed, packed.get());
     p.packed_bytes = static_cast<size_t>(panels * rows * kNR) * sizeof(float);
