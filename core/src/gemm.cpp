@@ -281,18 +281,24 @@ std::shared_ptr<float[]> uninitialised_floats(size_t n, WeightArena* arena) {
   return std::shared_ptr<float[]>(static_cast<float*>(p), [](float* q) { std::free(q); });
 }
 
-// W's rows for pack_linear: already in memory, or produced a panel at a time.
+// W's rows for pack_linear: already in memory, or produced a few panels at a time.
 struct WeightSource {
   const float* weight;      // [N, K] row-major, or null
   const WeightRows* rows;   // used when weight is null
   int64_t N, K;
 
-  // The rows of panel j (j*32 up to N), row-major; valid until this thread's next call.
-  const float* panel(int64_t j) const {
-    const int64_t n0 = j * kNR;
+  // Panels per task: ~256 KiB of rows, so each read of the file is big enough that the system
+  // call costs little next to the copy (96 KiB reads took ~15% longer for a ViT-B), and the
+  // rows stay in L2 while they are packed.
+  int64_t grain() const { return std::max<int64_t>(1, (256 * 1024) / (kNR * K * 4)); }
+
+  // The rows of panels [j0, j1) (rows j0*32 up to min(N, j1*32)), row-major; valid until this
+  // thread's next call.
+  const float* panels(int64_t j0, int64_t j1) const {
+    const int64_t n0 = j0 * kNR;
     if (weight) return weight + n0 * K;
-    float* buffer = thread_scratch(static_cast<size_t>(kNR * K));
-    (*rows)(n0, std::min(N, n0 + kNR), buffer);
+    float* buffer = thread_scratch(static_cast<size_t>((j1 - j0) * kNR * K));
+    (*rows)(n0, std::min(N, j1 * kNR), buffer);
     return buffer;
   }
 };
@@ -351,10 +357,11 @@ void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, Wei
   float* scale = packed.get() + panels * K4 * kNR;
   int32_t* sum = reinterpret_cast<int32_t*>(scale + cols);
   std::memset(scale, 0, 2 * static_cast<size_t>(cols) * sizeof(float));  // padding columns: 0
-  parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+  parallel_for(0, panels, w.grain(), [&](int64_t j0, int64_t j1) {
     int8_t* q = thread_buffer<int8_t>(static_cast<size_t>(kNR * K4 * 4));
+    const float* all_rows = w.panels(j0, j1);
     for (int64_t j = j0; j < j1; ++j) {
-      const float* rows = w.panel(j);
+      const float* rows = all_rows + (j - j0) * kNR * K;
       const int64_t valid = std::min(kNR, N - j * kNR);
       for (int64_t c = 0; c < valid; ++c) {  // row c quantized to K bytes (+ zeros to 4 K4)
         const float* row = rows + c * K;
@@ -398,9 +405,10 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
     const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
     auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR), arena);
     // Panels are disjoint, so they are filled in parallel.
-    parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+    parallel_for(0, panels, w.grain(), [&](int64_t j0, int64_t j1) {
+      const float* rows_read = w.panels(j0, j1);
       for (int64_t j = j0; j < j1; ++j) {
-        const float* src = w.panel(j);
+        const float* src = rows_read + (j - j0) * kNR * K;
         const int64_t valid = std::min(kNR, N - j * kNR);
         uint32_t* panel = reinterpret_cast<uint32_t*>(packed.get()) + j * rows * kNR;
         if (type == WeightType::BF16) {
@@ -418,8 +426,9 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
     p.packed_bytes = static_cast<size_t>(panels * rows * kNR) * sizeof(float);
   }
   if (bias) {
-    p.bias = aligned_floats(static_cast<size_t>(panels * kNR));
+    p.bias = uninitialised_floats(static_cast<size_t>(panels * kNR), arena);
     std::memcpy(p.bias.get(), bias, static_cast<size_t>(N) * sizeof(float));
+    std::memset(p.bias.get() + N, 0, static_cast<size_t>(panels * kNR - N) * sizeof(float));
   }
   return p;
 }

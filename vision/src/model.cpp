@@ -60,7 +60,12 @@ PackedLinear pack_weight(Checkpoint& ck, const std::string& weight, const Shape&
                          const std::string& bias, WeightType type, const Tensor* gamma) {
   ck.expect(weight, shape);
   const int64_t out = shape.at(0), in = out > 0 ? shape_numel(shape) / out : 0;
-  Tensor b = !bias.empty() ? ck.get(bias, {out}) : gamma ? Tensor({out}) : Tensor();
+  // The bias goes into the packed layer: read it into a scratch vector, not the arena.
+  std::vector<float> b(!bias.empty() || gamma ? static_cast<size_t>(out) : 0, 0.0f);
+  if (!bias.empty()) {
+    ck.expect(bias, {out});
+    ck.st.read(bias, 0, out, b.data());
+  }
   if (gamma)
     for (int64_t n = 0; n < out; ++n) b[n] *= (*gamma)[n];
   const WeightRows rows = [&](int64_t n0, int64_t n1, float* dst) {
@@ -83,13 +88,13 @@ PackedLinear pack_stacked(Checkpoint& ck, const std::vector<std::string>& parts,
                           WeightType type) {
   const int64_t n_parts = static_cast<int64_t>(parts.size());
   std::vector<std::string> weights;
-  Tensor b = bias ? Tensor({n_parts * d}) : Tensor();
+  std::vector<float> b(bias ? static_cast<size_t>(n_parts * d) : 0);
   for (int64_t i = 0; i < n_parts; ++i) {
     weights.push_back(parts[i] + ".weight");
     ck.expect(weights.back(), {d, d});
     if (bias) {
-      Tensor bi = ck.get(parts[i] + ".bias", {d});
-      std::memcpy(b.data() + i * d, bi.data(), sizeof(float) * d);
+      ck.expect(parts[i] + ".bias", {d});
+      ck.st.read(parts[i] + ".bias", 0, d, b.data() + i * d);
     }
   }
   // Output row n is row n mod d of part n / d; a panel may straddle two parts.

@@ -93,9 +93,14 @@ struct Checkpoint {
            shape_str(shape));
     if (used.insert(name).second) parameters += shape_numel(shape);
   }
+  // NAME, checked to have SHAPE, read into memory the model owns (cut from the arena, so the
+  // small tensors share its huge pages too).
   Tensor get(const std::string& name, const Shape& shape) {
     expect(name, shape);
-    return st.read(name);
+    const int64_t n = shape_numel(shape);
+    std::shared_ptr<float[]> storage = arena.floats(static_cast<size_t>(n));
+    if (n > 0) st.read(name, 0, n, storage.get());
+    return Tensor::view(storage.get(), shape, storage);
   }
   const Shape& shape(const std::string& name) const {
     check(st.contains(name), file + ": missing tensor '" + name + "'");

@@ -66,9 +66,10 @@ class WeightArena {
 // W's rows [n0, n1), in_features floats each, written row-major to dst.
 using WeightRows = std::function<void(int64_t n0, int64_t n1, float* dst)>;
 
-// As above, with W produced a panel (32 rows) at a time by `rows`, called from several threads
-// at once: a loader reads each panel's rows from the checkpoint into a per-thread buffer, so W
-// never exists whole in memory. The packed weights come from `arena` when one is given.
+// As above, with W produced a few panels (32 rows each, ~256 KiB in all) at a time by `rows`,
+// called from several threads at once: a loader reads the rows from the checkpoint into a
+// per-thread buffer, so W never exists whole in memory. The packed weights come from `arena`
+// when one is given.
 PackedLinear pack_linear(const WeightRows& rows, const float* bias, int64_t out_features,
                          int64_t in_features, WeightType type, WeightArena* arena = nullptr);
 
