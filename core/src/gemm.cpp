@@ -358,24 +358,32 @@ void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, Wei
   int32_t* sum = reinterpret_cast<int32_t*>(scale + cols);
   std::memset(scale, 0, 2 * static_cast<size_t>(cols) * sizeof(float));  // padding columns: 0
   parallel_for(0, panels, w.grain(), [&](int64_t j0, int64_t j1) {
-    int8_t* q = thread_buffer<int8_t>(static_cast<size_t>(kNR * K4 * 4));
+    // Local copies: the int8 stores below may alias anything, so the compiler would otherwise
+    // reload the captured sizes after each one and not vectorise the loops.
+    const int64_t n_rows = N, k_len = K, k_padded = K4 * 4;
+    int8_t* q = thread_buffer<int8_t>(static_cast<size_t>(kNR * k_padded));
     const float* all_rows = w.panels(j0, j1);
     for (int64_t j = j0; j < j1; ++j) {
-      const float* rows = all_rows + (j - j0) * kNR * K;
-      const int64_t valid = std::min(kNR, N - j * kNR);
+      const float* rows = all_rows + (j - j0) * kNR * k_len;
+      const int64_t valid = std::min(kNR, n_rows - j * kNR);
       for (int64_t c = 0; c < valid; ++c) {  // row c quantized to K bytes (+ zeros to 4 K4)
-        const float* row = rows + c * K;
-        int8_t* qc = q + c * K4 * 4;
+        const float* row = rows + c * k_len;
+        int8_t* qc = q + c * k_padded;
+        float part[16] = {};  // max |w| in 16 lanes (max does not depend on the order)
+        int64_t k = 0;
+        for (; k + 16 <= k_len; k += 16)
+          for (int l = 0; l < 16; ++l) part[l] = std::max(part[l], std::fabs(row[k + l]));
         float amax = 0.0f;
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+        for (; k < k_len; ++k) amax = std::max(amax, std::fabs(row[k]));
+        for (float m : part) amax = std::max(amax, m);
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int32_t total = 0;
-        for (int64_t k = 0; k < K; ++k) {
+        for (k = 0; k < k_len; ++k) {
           const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inv)), -127, 127);
           total += v;
           qc[k] = static_cast<int8_t>(v);
         }
-        for (int64_t k = K; k < K4 * 4; ++k) qc[k] = 0;
+        for (k = k_len; k < k_padded; ++k) qc[k] = 0;
         scale[j * kNR + c] = amax / 127.0f;
         sum[j * kNR + c] = total;
       }
@@ -413,8 +421,12 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
         uint32_t* panel = reinterpret_cast<uint32_t*>(packed.get()) + j * rows * kNR;
         if (type == WeightType::BF16) {
           uint32_t* pairs = thread_buffer<uint32_t>(static_cast<size_t>(kNR * rows));
-          for (int64_t c = 0; c < valid; ++c)
-            for (int64_t i = 0; i < rows; ++i) pairs[c * rows + i] = bf16_pair(src + c * K, 2 * i, K);
+          for (int64_t c = 0; c < valid; ++c) {  // row c as bf16 pairs (the last one padded)
+            const float* row = src + c * K;
+            uint32_t* out = pairs + c * rows;
+            for (int64_t i = 0; i < K / 2; ++i) out[i] = bf16_bits(row[2 * i]) | bf16_bits(row[2 * i + 1]) << 16;
+            if (K % 2) out[K / 2] = bf16_bits(row[K - 1]);
+          }
           transpose_to_panel(pairs, rows * 4, rows, valid, panel);
         } else {
           transpose_to_panel(src, K * 4, K, valid, panel);
