@@ -323,19 +323,54 @@ void stream_fence() {
 #endif
 }
 
+// out[i][c] = in[c][i] for a 16 x 16 block of words: four rounds, each swapping one bit of the
+// row index with the same bit of the column index (two-input shuffles: vpermt2d with AVX-512).
+using Words16 = uint32_t __attribute__((vector_size(64)));
+
+template <int B>
+void swap_index_bit(Words16 (&v)[16]) {
+  // Rows r and r + B (bit B of r clear): lo takes its odd B-blocks from r + B, hi its even ones
+  // from r; indices 16..31 name the second operand.
+#define TESSERA_LO(e) (((e) & B) ? 16 + ((e) ^ B) : (e))
+#define TESSERA_HI(e) (((e) & B) ? 16 + (e) : ((e) ^ B))
+#define TESSERA_MASK(M) M(0), M(1), M(2), M(3), M(4), M(5), M(6), M(7), M(8), M(9), M(10), M(11), M(12), M(13), M(14), M(15)
+  for (int r = 0; r < 16; ++r) {
+    if (r & B) continue;
+    const Words16 a = v[r], b = v[r + B];
+    v[r] = __builtin_shufflevector(a, b, TESSERA_MASK(TESSERA_LO));
+    v[r + B] = __builtin_shufflevector(a, b, TESSERA_MASK(TESSERA_HI));
+  }
+#undef TESSERA_LO
+#undef TESSERA_HI
+#undef TESSERA_MASK
+}
+
 // panel[i * 32 + c] = word i of row c (rows `stride` bytes apart, from `rows`) for c < valid and
 // i < width, 0 for the padding columns c >= valid. Transposed 16 panel rows (2 KiB) at a time
-// in an L1 block, then streamed out, so every packed word is written once.
+// in an L1 block, in 16 x 16 register blocks where the panel is full, then streamed out, so
+// every packed word is written once.
 void transpose_to_panel(const void* rows, int64_t stride, int64_t width, int64_t valid, uint32_t* panel) {
   constexpr int64_t kBlockRows = 16;
   alignas(64) uint32_t block[kBlockRows * kNR];
   const auto* bytes = static_cast<const unsigned char*>(rows);
   for (int64_t i0 = 0; i0 < width; i0 += kBlockRows) {
     const int64_t n = std::min(kBlockRows, width - i0);
-    for (int64_t c = 0; c < valid; ++c)
-      for (int64_t i = 0; i < n; ++i) std::memcpy(&block[i * kNR + c], bytes + c * stride + (i0 + i) * 4, 4);
-    for (int64_t i = 0; i < n && valid < kNR; ++i)
-      std::memset(&block[i * kNR + valid], 0, static_cast<size_t>(kNR - valid) * 4);
+    if (n == kBlockRows && valid == kNR) {
+      for (int64_t c0 = 0; c0 < kNR; c0 += 16) {
+        Words16 v[16];
+        for (int r = 0; r < 16; ++r) std::memcpy(&v[r], bytes + (c0 + r) * stride + i0 * 4, 64);
+        swap_index_bit<1>(v);
+        swap_index_bit<2>(v);
+        swap_index_bit<4>(v);
+        swap_index_bit<8>(v);
+        for (int i = 0; i < 16; ++i) std::memcpy(&block[i * kNR + c0], &v[i], 64);
+      }
+    } else {
+      for (int64_t c = 0; c < valid; ++c)
+        for (int64_t i = 0; i < n; ++i) std::memcpy(&block[i * kNR + c], bytes + c * stride + (i0 + i) * 4, 4);
+      for (int64_t i = 0; i < n && valid < kNR; ++i)
+        std::memset(&block[i * kNR + valid], 0, static_cast<size_t>(kNR - valid) * 4);
+    }
     stream_out(panel + i0 * kNR, block, n * kNR);
   }
 }
