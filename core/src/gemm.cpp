@@ -275,7 +275,9 @@ std::shared_ptr<float[]> uninitialised_floats(size_t n, WeightArena* arena) {
   if (arena) return arena->floats(n);
   constexpr size_t kHuge = size_t{2} << 20;
   const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
-  void* p = std::aligned_alloc(bytes >= kHuge ? kHuge : 64, bytes);
+  const size_t alignment = bytes >= kHuge ? kHuge : 64;
+  // aligned_alloc wants a multiple of the alignment; the rounded-up tail is never touched.
+  void* p = std::aligned_alloc(alignment, (bytes + alignment - 1) / alignment * alignment);
   if (!p) throw std::bad_alloc();
   if (bytes >= kHuge) ::madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);  // a hint; may fail
   return std::shared_ptr<float[]>(static_cast<float*>(p), [](float* q) { std::free(q); });
