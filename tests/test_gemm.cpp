@@ -4,7 +4,9 @@
 // the smallest single-term mistake (one k dropped costs ~S / K). GELU's erf adds < 4e-7 |y|.
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <random>
 #include <string>
@@ -306,4 +308,62 @@ TEST_CASE("a layer norm fused into linear gives the bits of layer_norm then line
   const RowNorm missing{nullptr, nullptr, 1e-5f};
   REQUIRE_THROWS_AS(linear(x.data(), 1, 3, pw, y.data(), 2, Activation::None, nullptr, &missing),
                     Error);
+}
+
+TEST_CASE("pack_linear from a row source, with or without an arena, packs the same bytes as from memory") {
+  // Awkward shapes: N not a multiple of the 32-wide panel, K odd (bf16 pairs and int8 quads pad).
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{70, 37}, {32, 8}, {5, 1}}) {
+    for (WeightType type : {WeightType::F32, WeightType::BF16, WeightType::INT8}) {
+      INFO("N " << N << " K " << K << " type " << static_cast<int>(type));
+      const std::vector<float> w = random_floats(N * K, 11), b = random_floats(N, 12);
+      // Freed, dirty memory of the packed size first: the packer must write every word itself,
+      // the padding's zeros included, whatever memory it gets.
+      {
+        std::vector<float> dirty(static_cast<size_t>((N + 31) / 32 * 32 * (K + 3) + 64),
+                                 std::numeric_limits<float>::quiet_NaN());
+      }
+      PackedLinear from_memory = pack_linear(w.data(), b.data(), N, K, type);
+      std::vector<std::atomic<int>> asked(N);
+      std::atomic<int> bad_ranges{0};  // counted, not CHECKed: the callback runs on pool threads
+      WeightRows rows = [&](int64_t n0, int64_t n1, float* dst) {
+        if (n0 < 0 || n1 <= n0 || n1 > N || n0 % 32 != 0) {  // whole panels from the start
+          ++bad_ranges;
+          return;
+        }
+        for (int64_t n = n0; n < n1; ++n) ++asked[n];
+        std::memcpy(dst, w.data() + n0 * K, sizeof(float) * (n1 - n0) * K);
+      };
+      PackedLinear streamed = pack_linear(rows, b.data(), N, K, type);
+      CHECK(bad_ranges == 0);
+      for (int64_t n = 0; n < N; ++n) CHECK(asked[n] == 1);  // each row asked for exactly once
+      PackedLinear in_arena;
+      {
+        WeightArena arena;
+        in_arena = pack_linear(rows, b.data(), N, K, type, &arena);
+        PackedLinear other = pack_linear(rows, nullptr, N, K, type, &arena);  // a second piece
+        CHECK(reinterpret_cast<uintptr_t>(in_arena.packed.get()) % 64 == 0);
+        CHECK(reinterpret_cast<uintptr_t>(other.packed.get()) % 64 == 0);
+        CHECK(other.packed.get() != in_arena.packed.get());
+      }  // the arena goes; its pieces stay valid
+      for (const PackedLinear* p : {&streamed, &in_arena}) {
+        REQUIRE(p->packed_bytes == from_memory.packed_bytes);
+        CHECK(std::memcmp(p->packed.get(), from_memory.packed.get(), p->packed_bytes) == 0);
+        CHECK(std::memcmp(p->bias.get(), from_memory.bias.get(), sizeof(float) * N) == 0);
+      }
+      // The padding columns of the last panel are zeros (the kernels read them).
+      if (type == WeightType::F32 && N % 32) {
+        const float* last = static_cast<const float*>(from_memory.packed.get()) + (N / 32) * K * 32;
+        int nonzero = 0;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = N % 32; c < 32; ++c) nonzero += last[k * 32 + c] != 0.0f;
+        CHECK(nonzero == 0);
+      }
+      // And the arena's copy computes what the reference does.
+      const std::vector<float> x = random_floats(3 * K, 13);
+      std::vector<float> y1(3 * N), y2(3 * N);
+      linear(x.data(), 3, K, from_memory, y1.data(), N);
+      linear(x.data(), 3, K, in_arena, y2.data(), N);
+      CHECK(y1 == y2);
+    }
+  }
 }

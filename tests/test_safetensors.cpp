@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <vector>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -312,6 +313,13 @@ TEST_CASE("F16 converts exactly: known values and all 65536 bit patterns against
     mismatches += !ok;
   }
   CHECK(mismatches == 0);  // exact: every half is representable in float32
+
+  // read() converts the same way, also in ranges that straddle its 32 KiB read slices.
+  SafeTensors st = SafeTensors::open(path);
+  CHECK(std::memcmp(st.read("all").data(), t.data(), 65536 * sizeof(float)) == 0);
+  std::vector<float> part(40000);
+  st.read("all", 1000, 40000, part.data());
+  CHECK(std::memcmp(part.data(), t.data() + 1000, part.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("BF16, F64, integer and bool tensors convert to float32; C64 is refused by name") {
@@ -356,11 +364,57 @@ TEST_CASE("BF16, F64, integer and bool tensors convert to float32; C64 is refuse
     Tensor t = st.get(c.name);
     REQUIRE(t.numel() == static_cast<int64_t>(c.expected.size()));
     for (size_t i = 0; i < c.expected.size(); ++i) CHECK(same_bits(t[i], c.expected[i]));
+    Tensor r = st.read(c.name);  // the pread path converts the same way
+    REQUIRE(r.numel() == t.numel());
+    for (size_t i = 0; i < c.expected.size(); ++i) CHECK(same_bits(r[i], c.expected[i]));
   }
   CHECK(std::isnan(st.get("nan8")[0]));
   CHECK(st.info("c64").dtype == "C64");
   std::string message = error_of([&] { st.get("c64"); });
   CHECK(message == path + ": tensor 'c64' has dtype C64, which cannot be read as float32");
+  CHECK(error_of([&] { st.read("c64"); }) == message);
+}
+
+TEST_CASE("read copies through pread: get's values, in owned memory, any range; a file cut short after open is an Error") {
+  const std::string fixture = std::string(TESSERA_FIXTURES) + "/conformance/vit-tiny-rand/model.safetensors";
+  SafeTensors st = SafeTensors::open(fixture);
+  for (const std::string& name : st.names()) {
+    INFO(name);
+    Tensor view = st.get(name), copy = st.read(name);
+    REQUIRE(copy.shape() == view.shape());
+    CHECK(copy.data() != view.data());
+    CHECK(std::memcmp(copy.data(), view.data(), sizeof(float) * view.numel()) == 0);
+    if (view.numel() >= 3) {  // a range in the middle
+      std::vector<float> mid(view.numel() - 2);
+      st.read(name, 1, view.numel() - 2, mid.data());
+      CHECK(std::memcmp(mid.data(), view.data() + 1, sizeof(float) * mid.size()) == 0);
+    }
+  }
+  const std::string name = "vit.embeddings.cls_token";  // 64 elements
+  float x = 0;
+  st.read(name, 64, 0, &x);  // an empty range at the end is fine
+  CHECK(error_of([&] { st.read(name, 60, 5, &x); }) ==
+        fixture + ": tensor '" + name + "': elements [60, 65) asked for, but it has 64");
+  CHECK(error_of([&] { st.read(name, -1, 1, &x); }).find("elements [-1, 0)") != std::string::npos);
+  CHECK(error_of([&] { st.read("embeddings.cls_token"); }).find("did you mean 'vit.embeddings.cls_token'") != std::string::npos);
+
+  TempDir dir;
+  std::string header = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"F32","shape":[3],"data_offsets":[1,13]}})";
+  while ((8 + header.size()) % 4 != 0) header += ' ';  // "w" sits at an unaligned offset
+  const std::string path = write_file(dir.file("u.safetensors"),
+                                      st_bytes(header, raw<uint8_t>({7}) + raw<float>({1.5f, -2.f, 1e30f})));
+  SafeTensors u = SafeTensors::open(path);
+  Tensor w = u.read("w");
+  CHECK(w[0] == 1.5f);
+  CHECK(w[1] == -2.f);
+  CHECK(w[2] == 1e30f);
+  // The file shrinks after open: read() says so (through the mapping, get() would crash on SIGBUS).
+  fs::resize_file(path, 8 + header.size() + 5);
+  std::string message = error_of([&] { u.read("w"); });
+  INFO(message);
+  CHECK(message.find('\n') == std::string::npos);
+  CHECK(message.find(path + ": tensor 'w': the file ends at byte") == 0);
+  CHECK(message.find("truncated after it was opened") != std::string::npos);
 }
 
 TEST_CASE("get checks names and shapes with messages that name file, tensor, found and expected") {

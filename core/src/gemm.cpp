@@ -8,6 +8,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "gemm_internal.hpp"
 #include "tessera/error.hpp"
@@ -265,94 +269,236 @@ Split choose_split(int64_t P, int64_t NP, int64_t mr, int64_t K, int threads) {
 
 namespace {
 
-// 64-byte aligned, uninitialised: the packers write (or zero) every word themselves, in
-// parallel, so the pages are first touched by the threads that fill them. Buffers of 2 MiB or
-// more are 2 MiB aligned and ask for transparent huge pages on their whole 2 MiB chunks: a
-// ViT-B's 330 MB of packed weights then takes ~170 page faults instead of ~85000 (most of the
-// load time), and the GEMM streams them with fewer TLB misses.
-std::shared_ptr<float[]> uninitialised_floats(size_t n) {
+// 64-byte aligned, uninitialised: the packers write every word themselves, in parallel, so the
+// pages are first touched by the threads that fill them. From the arena when there is one (a
+// model load: see WeightArena). Otherwise buffers of 2 MiB or more are 2 MiB aligned and ask for
+// transparent huge pages on their whole 2 MiB chunks: a ViT-B's 330 MB of packed weights then
+// takes ~170 page faults instead of ~85000, and the GEMM streams them with fewer TLB misses.
+std::shared_ptr<float[]> uninitialised_floats(size_t n, WeightArena* arena) {
+  if (arena) return arena->floats(n);
   constexpr size_t kHuge = size_t{2} << 20;
   const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
-  void* p = std::aligned_alloc(bytes >= kHuge ? kHuge : 64, bytes);
+  const size_t alignment = bytes >= kHuge ? kHuge : 64;
+  // aligned_alloc wants a multiple of the alignment; the rounded-up tail is never touched.
+  void* p = std::aligned_alloc(alignment, (bytes + alignment - 1) / alignment * alignment);
   if (!p) throw std::bad_alloc();
   if (bytes >= kHuge) ::madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);  // a hint; may fail
   return std::shared_ptr<float[]>(static_cast<float*>(p), [](float* q) { std::free(q); });
 }
 
+// W's rows for pack_linear: already in memory, or produced a few panels at a time.
+struct WeightSource {
+  const float* weight;      // [N, K] row-major, or null
+  const WeightRows* rows;   // used when weight is null
+  int64_t N, K;
+
+  // Panels per task: ~256 KiB of rows, so each read of the file is big enough that the system
+  // call costs little next to the copy (96 KiB reads took ~15% longer for a ViT-B), and the
+  // rows stay in L2 while they are packed.
+  int64_t grain() const { return std::max<int64_t>(1, (256 * 1024) / (kNR * K * 4)); }
+
+  // The rows of panels [j0, j1) (rows j0*32 up to min(N, j1*32)), row-major; valid until this
+  // thread's next call.
+  const float* panels(int64_t j0, int64_t j1) const {
+    const int64_t n0 = j0 * kNR;
+    if (weight) return weight + n0 * K;
+    float* buffer = thread_scratch(static_cast<size_t>((j1 - j0) * kNR * K));
+    (*rows)(n0, std::min(N, j1 * kNR), buffer);
+    return buffer;
+  }
+};
+
+// dst[0, n) = src[0, n) for n a multiple of 4 words and dst 16-byte aligned, with non-temporal
+// stores where the CPU has them. Packed weights are written once and read much later, so
+// streaming them past the caches saves reading each destination line in first (a third of a
+// load's memory traffic) and leaves the caches to the rows being packed.
+void stream_out(uint32_t* dst, const uint32_t* src, int64_t n) {
+#if defined(__SSE__)
+  for (int64_t i = 0; i < n; i += 4)
+    _mm_stream_ps(reinterpret_cast<float*>(dst + i), _mm_load_ps(reinterpret_cast<const float*>(src + i)));
+#else
+  std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+#endif
+}
+
+// Orders the streamed stores before whatever this thread does next (TBB's completion signal).
+void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
+// out[i][c] = in[c][i] for a 16 x 16 block of words: four rounds, each swapping one bit of the
+// row index with the same bit of the column index (two-input shuffles: vpermt2d with AVX-512).
+using Words16 = uint32_t __attribute__((vector_size(64)));
+
+template <int B>
+void swap_index_bit(Words16 (&v)[16]) {
+  // Rows r and r + B (bit B of r clear): lo takes its odd B-blocks from r + B, hi its even ones
+  // from r; indices 16..31 name the second operand.
+#define TESSERA_LO(e) (((e) & B) ? 16 + ((e) ^ B) : (e))
+#define TESSERA_HI(e) (((e) & B) ? 16 + (e) : ((e) ^ B))
+#define TESSERA_MASK(M) M(0), M(1), M(2), M(3), M(4), M(5), M(6), M(7), M(8), M(9), M(10), M(11), M(12), M(13), M(14), M(15)
+  for (int r = 0; r < 16; ++r) {
+    if (r & B) continue;
+    const Words16 a = v[r], b = v[r + B];
+    v[r] = __builtin_shufflevector(a, b, TESSERA_MASK(TESSERA_LO));
+    v[r + B] = __builtin_shufflevector(a, b, TESSERA_MASK(TESSERA_HI));
+  }
+#undef TESSERA_LO
+#undef TESSERA_HI
+#undef TESSERA_MASK
+}
+
+// panel[i * 32 + c] = word i of row c (rows `stride` bytes apart, from `rows`) for c < valid and
+// i < width, 0 for the padding columns c >= valid. Transposed 16 panel rows (2 KiB) at a time
+// in an L1 block, in 16 x 16 register blocks where the panel is full, then streamed out, so
+// every packed word is written once.
+void transpose_to_panel(const void* rows, int64_t stride, int64_t width, int64_t valid, uint32_t* panel) {
+  constexpr int64_t kBlockRows = 16;
+  alignas(64) uint32_t block[kBlockRows * kNR];
+  const auto* bytes = static_cast<const unsigned char*>(rows);
+  for (int64_t i0 = 0; i0 < width; i0 += kBlockRows) {
+    const int64_t n = std::min(kBlockRows, width - i0);
+    if (n == kBlockRows && valid == kNR) {
+      for (int64_t c0 = 0; c0 < kNR; c0 += 16) {
+        Words16 v[16];
+        for (int r = 0; r < 16; ++r) std::memcpy(&v[r], bytes + (c0 + r) * stride + i0 * 4, 64);
+        swap_index_bit<1>(v);
+        swap_index_bit<2>(v);
+        swap_index_bit<4>(v);
+        swap_index_bit<8>(v);
+        for (int i = 0; i < 16; ++i) std::memcpy(&block[i * kNR + c0], &v[i], 64);
+      }
+    } else {
+      for (int64_t c = 0; c < valid; ++c)
+        for (int64_t i = 0; i < n; ++i) std::memcpy(&block[i * kNR + c], bytes + c * stride + (i0 + i) * 4, 4);
+      for (int64_t i = 0; i < n && valid < kNR; ++i)
+        std::memset(&block[i * kNR + valid], 0, static_cast<size_t>(kNR - valid) * 4);
+    }
+    stream_out(panel + i0 * kNR, block, n * kNR);
+  }
+}
+
+// A per-thread buffer for a panel's rows converted to bf16 pairs or int8 quads.
+template <typename T>
+T* thread_buffer(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // The int8 layout of gemm_internal.hpp: quad panels, then per-column scales and column sums.
-void pack_int8(const float* weight, int64_t N, int64_t K, PackedLinear& p) {
+void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, WeightArena* arena) {
   const int64_t panels = ceil_div(N, kNR), K4 = int8_quads(K), cols = panels * kNR;
   const size_t words = static_cast<size_t>(panels * K4 * kNR + 2 * cols);
-  auto packed = uninitialised_floats(words);
+  auto packed = uninitialised_floats(words, arena);
   uint32_t* quads = reinterpret_cast<uint32_t*>(packed.get());
   float* scale = packed.get() + panels * K4 * kNR;
   int32_t* sum = reinterpret_cast<int32_t*>(scale + cols);
   std::memset(scale, 0, 2 * static_cast<size_t>(cols) * sizeof(float));  // padding columns: 0
-  parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
-    std::memset(quads + j0 * K4 * kNR, 0, static_cast<size_t>((j1 - j0) * K4 * kNR) * 4);
-    for (int64_t n = j0 * kNR; n < std::min(N, j1 * kNR); ++n) {
-      const float* row = weight + n * K;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      scale[n] = amax / 127.0f;
-      uint32_t* col = quads + (n / kNR) * K4 * kNR + (n % kNR);
-      int32_t total = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inv)), -127, 127);
-        total += v;
-        col[(k / 4) * kNR] |= (static_cast<uint32_t>(v) & 0xffu) << (8 * (k % 4));
+  parallel_for(0, panels, w.grain(), [&](int64_t j0, int64_t j1) {
+    // Local copies: the int8 stores below may alias anything, so the compiler would otherwise
+    // reload the captured sizes after each one and not vectorise the loops.
+    const int64_t n_rows = N, k_len = K, k_padded = K4 * 4;
+    int8_t* q = thread_buffer<int8_t>(static_cast<size_t>(kNR * k_padded));
+    const float* all_rows = w.panels(j0, j1);
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* rows = all_rows + (j - j0) * kNR * k_len;
+      const int64_t valid = std::min(kNR, n_rows - j * kNR);
+      for (int64_t c = 0; c < valid; ++c) {  // row c quantized to K bytes (+ zeros to 4 K4)
+        const float* row = rows + c * k_len;
+        int8_t* qc = q + c * k_padded;
+        float part[16] = {};  // max |w| in 16 lanes (max does not depend on the order)
+        int64_t k = 0;
+        for (; k + 16 <= k_len; k += 16)
+          for (int l = 0; l < 16; ++l) part[l] = std::max(part[l], std::fabs(row[k + l]));
+        float amax = 0.0f;
+        for (; k < k_len; ++k) amax = std::max(amax, std::fabs(row[k]));
+        for (float m : part) amax = std::max(amax, m);
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t total = 0;
+        for (k = 0; k < k_len; ++k) {
+          const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inv)), -127, 127);
+          total += v;
+          qc[k] = static_cast<int8_t>(v);
+        }
+        for (k = k_len; k < k_padded; ++k) qc[k] = 0;
+        scale[j * kNR + c] = amax / 127.0f;
+        sum[j * kNR + c] = total;
       }
-      sum[n] = total;
+      // Word i of row c is bytes 4i .. 4i+3 of its quantized row (little-endian, as vpdpbusd reads).
+      transpose_to_panel(q, K4 * 4, K4, valid, quads + j * K4 * kNR);
     }
+    stream_fence();
   });
   p.packed = std::shared_ptr<void>(packed, packed.get());
   p.packed_bytes = words * sizeof(float);
 }
 
-}  // namespace
-
-PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
-                         int64_t in_features, WeightType type) {
+PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_features,
+                          int64_t in_features, WeightType type, WeightArena* arena) {
   check(out_features >= 1 && in_features >= 1,
         "pack_linear: weight shape [" + std::to_string(out_features) + ", " +
             std::to_string(in_features) + "] must have both dimensions >= 1");
-  check(weight != nullptr, "pack_linear: weight pointer is null");
   const int64_t N = out_features, K = in_features, panels = ceil_div(N, kNR);
   PackedLinear p;
   p.out_features = N;
   p.in_features = K;
   p.type = type;
   if (type == WeightType::INT8) {
-    pack_int8(weight, N, K, p);
+    pack_int8(w, N, K, p, arena);
   } else {
     // K rows of 32 floats per panel, or ceil(K/2) rows of 32 bf16 pairs; zero-filled padding.
     const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
-    auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR));
-    // Panels are disjoint, so they are filled in parallel (load time is mostly this copy);
-    // each is zeroed first for the padding columns of the last one.
-    parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
-      std::memset(packed.get() + j0 * rows * kNR, 0, static_cast<size_t>((j1 - j0) * rows * kNR) * 4);
-      for (int64_t n = j0 * kNR; n < std::min(N, j1 * kNR); ++n) {
-        const float* row = weight + n * K;
-        const int64_t at = (n / kNR) * rows * kNR + (n % kNR);
+    auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR), arena);
+    // Panels are disjoint, so they are filled in parallel.
+    parallel_for(0, panels, w.grain(), [&](int64_t j0, int64_t j1) {
+      const float* rows_read = w.panels(j0, j1);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* src = rows_read + (j - j0) * kNR * K;
+        const int64_t valid = std::min(kNR, N - j * kNR);
+        uint32_t* panel = reinterpret_cast<uint32_t*>(packed.get()) + j * rows * kNR;
         if (type == WeightType::BF16) {
-          uint32_t* col = reinterpret_cast<uint32_t*>(packed.get()) + at;
-          for (int64_t i = 0; i < rows; ++i) col[i * kNR] = bf16_pair(row, 2 * i, K);
+          uint32_t* pairs = thread_buffer<uint32_t>(static_cast<size_t>(kNR * rows));
+          for (int64_t c = 0; c < valid; ++c) {  // row c as bf16 pairs (the last one padded)
+            const float* row = src + c * K;
+            uint32_t* out = pairs + c * rows;
+            for (int64_t i = 0; i < K / 2; ++i) out[i] = bf16_bits(row[2 * i]) | bf16_bits(row[2 * i + 1]) << 16;
+            if (K % 2) out[K / 2] = bf16_bits(row[K - 1]);
+          }
+          transpose_to_panel(pairs, rows * 4, rows, valid, panel);
         } else {
-          float* col = packed.get() + at;
-          for (int64_t k = 0; k < K; ++k) col[k * kNR] = row[k];
+          transpose_to_panel(src, K * 4, K, valid, panel);
         }
       }
+      stream_fence();
     });
     p.packed = std::shared_ptr<void>(packed, packed.get());
     p.packed_bytes = static_cast<size_t>(panels * rows * kNR) * sizeof(float);
   }
   if (bias) {
-    p.bias = aligned_floats(static_cast<size_t>(panels * kNR));
+    p.bias = uninitialised_floats(static_cast<size_t>(panels * kNR), arena);
     std::memcpy(p.bias.get(), bias, static_cast<size_t>(N) * sizeof(float));
+    std::memset(p.bias.get() + N, 0, static_cast<size_t>(panels * kNR - N) * sizeof(float));
   }
   return p;
+}
+
+}  // namespace
+
+PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
+                         int64_t in_features, WeightType type) {
+  check(weight != nullptr, "pack_linear: weight pointer is null");
+  return pack_weights({weight, nullptr, out_features, in_features}, bias, out_features, in_features,
+                      type, nullptr);
+}
+
+PackedLinear pack_linear(const WeightRows& rows, const float* bias, int64_t out_features,
+                         int64_t in_features, WeightType type, WeightArena* arena) {
+  check(static_cast<bool>(rows), "pack_linear: no weight rows");
+  return pack_weights({nullptr, &rows, out_features, in_features}, bias, out_features, in_features,
+                      type, arena);
 }
 
 void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,

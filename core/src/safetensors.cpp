@@ -69,12 +69,26 @@ struct Mapping {
   }
 };
 
+// The file's descriptor, kept open for read() while the SafeTensors object lives (views of the
+// mapping do not need it).
+struct OpenFile {
+  int fd = -1;
+  OpenFile() = default;
+  OpenFile(const OpenFile&) = delete;
+  OpenFile& operator=(const OpenFile&) = delete;
+  ~OpenFile() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
 struct Entry {
   TensorInfo info;
   const DType* dtype = nullptr;
   std::shared_ptr<const Mapping> mapping;
+  std::shared_ptr<const OpenFile> file;
   const uint8_t* bytes = nullptr;  // start of the tensor's data inside the mapping
   uint64_t nbytes = 0;
+  uint64_t offset = 0;  // the same, as an offset into the file
 };
 
 struct Shard {
@@ -133,22 +147,22 @@ int open_readable(const std::string& path) {
   return fd;
 }
 
-std::shared_ptr<const Mapping> map_file(const std::string& path) {
-  int fd = open_readable(path);
+// Maps the file and keeps its descriptor open in `file`.
+std::shared_ptr<const Mapping> map_file(const std::string& path, std::shared_ptr<const OpenFile>& file) {
+  auto open_file = std::make_shared<OpenFile>();
+  open_file->fd = open_readable(path);
+  const int fd = open_file->fd;
   struct stat st {};
   ::fstat(fd, &st);
   auto mapping = std::make_shared<Mapping>();
   mapping->size = static_cast<size_t>(st.st_size);
-  if (mapping->size < 8) {
-    ::close(fd);
+  if (mapping->size < 8)
     fail(path + ": file is " + std::to_string(mapping->size) +
          " bytes, too short for a safetensors file (the header length alone takes 8)");
-  }
   void* p = ::mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, fd, 0);
-  int err = errno;
-  ::close(fd);  // the mapping stays valid without the descriptor
-  if (p == MAP_FAILED) fail(path + ": cannot memory-map it (" + errno_text(err) + ")");
+  if (p == MAP_FAILED) fail(path + ": cannot memory-map it (" + errno_text(errno) + ")");
   mapping->data = static_cast<const uint8_t*>(p);
+  file = std::move(open_file);
   return mapping;
 }
 
@@ -194,7 +208,8 @@ uint64_t parse_offset(const std::string& where, const json& offsets, const json&
 Shard read_shard(const std::string& path) {
   Shard shard;
   shard.path = path;
-  std::shared_ptr<const Mapping> mapping = map_file(path);
+  std::shared_ptr<const OpenFile> file;
+  std::shared_ptr<const Mapping> mapping = map_file(path, file);
   const uint8_t* base = mapping->data;
   const uint64_t file_size = mapping->size;
 
@@ -276,8 +291,10 @@ Shard read_shard(const std::string& path) {
     entry.info = TensorInfo{name, dtype_name, std::move(shape), path};
     entry.dtype = dtype;
     entry.mapping = mapping;
+    entry.file = file;
     entry.bytes = data + begin;
     entry.nbytes = end - begin;
+    entry.offset = 8 + header_len + begin;
     shard.entries.emplace(name, std::move(entry));
   }
 
@@ -349,12 +366,10 @@ void convert(const uint8_t* src, float* dst, int64_t n, F f) {
   }
 }
 
-void to_float32(const Entry& e, float* dst) {
-  const int64_t n = shape_numel(e.info.shape);
-  const std::string& d = e.info.dtype;
-  const uint8_t* s = e.bytes;
+// n elements of dtype d at s, as float32 into dst; false for a dtype that has no float value.
+bool to_float32(const std::string& d, const uint8_t* s, int64_t n, float* dst) {
   auto cast = [](auto v) { return static_cast<float>(v); };
-  if (d == "F32") std::memcpy(dst, s, e.nbytes);
+  if (d == "F32") std::memcpy(dst, s, static_cast<size_t>(n) * sizeof(float));
   else if (d == "F16") convert<uint16_t>(s, dst, n, f16_to_float);
   else if (d == "BF16") convert<uint16_t>(s, dst, n, bf16_to_float);
   else if (d == "F64") convert<double>(s, dst, n, cast);
@@ -370,7 +385,27 @@ void to_float32(const Entry& e, float* dst) {
   else if (d == "F8_E4M3") convert<uint8_t>(s, dst, n, f8e4m3_to_float);
   else if (d == "F8_E5M2") convert<uint8_t>(s, dst, n, f8e5m2_to_float);
   else if (d == "F8_E8M0") convert<uint8_t>(s, dst, n, f8e8m0_to_float);
-  else fail(e.info.file + ": tensor '" + e.info.name + "' has dtype " + d + ", which cannot be read as float32");
+  else return false;
+  return true;
+}
+
+[[noreturn]] void fail_not_float(const Entry& e) {
+  fail(e.info.file + ": tensor '" + e.info.name + "' has dtype " + e.info.dtype + ", which cannot be read as float32");
+}
+
+// Reads n bytes at `offset` of the entry's file into dst; a short read (the file shrank after it
+// was opened) or an I/O error is an Error naming the file and tensor.
+void pread_all(const Entry& e, uint64_t offset, size_t n, void* dst) {
+  auto* out = static_cast<uint8_t*>(dst);
+  while (n > 0) {
+    ssize_t got = ::pread(e.file->fd, out, n, static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) fail(e.info.file + ": tensor '" + e.info.name + "': cannot read it (" + errno_text(errno) + ")");
+    if (got == 0)
+      fail(e.info.file + ": tensor '" + e.info.name + "': the file ends at byte " + std::to_string(offset) +
+           ", inside the tensor; was it truncated after it was opened?");
+    out += got, offset += static_cast<uint64_t>(got), n -= static_cast<size_t>(got);
+  }
 }
 
 size_t edit_distance(const std::string& a, const std::string& b) {
@@ -539,10 +574,36 @@ Tensor SafeTensors::get(const std::string& name) const {
   const bool aligned = reinterpret_cast<uintptr_t>(e.bytes) % alignof(float) == 0;
   if (e.info.dtype == "F32" && aligned && e.nbytes > 0)
     return Tensor::view(reinterpret_cast<const float*>(e.bytes), e.info.shape, e.mapping);
-  if (!e.dtype->as_float)
-    fail(e.info.file + ": tensor '" + name + "' has dtype " + e.info.dtype + ", which cannot be read as float32");
+  if (!e.dtype->as_float) fail_not_float(e);
   Tensor t(e.info.shape);
-  if (t.numel() > 0) to_float32(e, t.data());
+  if (t.numel() > 0 && !to_float32(e.info.dtype, e.bytes, t.numel(), t.data())) fail_not_float(e);
+  return t;
+}
+
+void SafeTensors::read(const std::string& name, int64_t begin, int64_t count, float* dst) const {
+  info(name);  // throws the helpful message when missing
+  const Entry& e = impl_->entries.at(name);
+  const int64_t numel = shape_numel(e.info.shape);
+  if (begin < 0 || count < 0 || begin > numel || count > numel - begin)
+    fail(e.info.file + ": tensor '" + name + "': elements [" + std::to_string(begin) + ", " +
+         std::to_string(begin + count) + ") asked for, but it has " + std::to_string(numel));
+  if (!e.dtype->as_float) fail_not_float(e);
+  const uint64_t item = static_cast<uint64_t>(e.dtype->bytes);
+  const uint64_t offset = e.offset + static_cast<uint64_t>(begin) * item;
+  if (e.info.dtype == "F32") return pread_all(e, offset, static_cast<size_t>(count) * sizeof(float), dst);
+  // Other dtypes: read a slice at a time into a small buffer and convert it.
+  alignas(64) uint8_t buffer[32 * 1024];
+  const int64_t per_slice = static_cast<int64_t>(sizeof(buffer) / item);
+  for (int64_t i = 0; i < count; i += per_slice) {
+    const int64_t n = std::min(per_slice, count - i);
+    pread_all(e, offset + static_cast<uint64_t>(i) * item, static_cast<size_t>(n) * item, buffer);
+    if (!to_float32(e.info.dtype, buffer, n, dst + i)) fail_not_float(e);
+  }
+}
+
+Tensor SafeTensors::read(const std::string& name) const {
+  Tensor t(info(name).shape);
+  if (t.numel() > 0) read(name, 0, t.numel(), t.data());
   return t;
 }
 

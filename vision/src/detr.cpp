@@ -40,23 +40,6 @@ Tensor detr_sine_position_embedding(int64_t gh, int64_t gw, int64_t d_model, flo
 
 namespace detail {
 
-namespace {
-
-PackedLinear stack2(Checkpoint& ck, const std::string& a, const std::string& b, int64_t d,
-                    WeightType type) {
-  Tensor w({2 * d, d}), bias({2 * d});
-  const std::string* names[2] = {&a, &b};
-  for (int i = 0; i < 2; ++i) {
-    Tensor wi = ck.get(*names[i] + ".weight", {d, d});
-    Tensor bi = ck.get(*names[i] + ".bias", {d});
-    std::memcpy(w.data() + i * d * d, wi.data(), sizeof(float) * d * d);
-    std::memcpy(bias.data() + i * d, bi.data(), sizeof(float) * d);
-  }
-  return pack_linear(w.data(), bias.data(), 2 * d, d, type);
-}
-
-}  // namespace
-
 void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   Config bb = cfg.sub("backbone_config");
   const std::string bmt = bb.string("model_type", "vit");
@@ -87,16 +70,15 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
 
   // input_projection: a Linear [D, denc] or HF DETR's 1x1 convolution [D, denc, 1, 1].
   const Shape& ps = ck.shape("input_projection.weight");
-  Tensor pw = ps.size() == 4 ? ck.get("input_projection.weight", {D, denc, 1, 1}).reshape({D, denc})
-                             : ck.get("input_projection.weight", {D, denc});
-  Tensor pb = ck.get("input_projection.bias", {D});
-  h.input_projection = pack_linear(pw.data(), pb.data(), D, denc, edge);
+  h.input_projection = pack_weight(ck, "input_projection.weight",
+                                   ps.size() == 4 ? Shape{D, denc, 1, 1} : Shape{D, denc},
+                                   "input_projection.bias", edge);
   h.query_pos = ck.get("model.query_position_embeddings.weight", {h.num_slots, D});
 
   for (int64_t i = 0; i < L; ++i) {
     const std::string l = "model.decoder.layers." + std::to_string(i) + ".";
     DetrDecoderLayer layer;
-    layer.self_qk = stack2(ck, l + "self_attn.q_proj", l + "self_attn.k_proj", D, type);
+    layer.self_qk = pack_stacked(ck, {l + "self_attn.q_proj", l + "self_attn.k_proj"}, D, true, type);
     layer.self_v = pack(ck, l + "self_attn.v_proj.weight", l + "self_attn.v_proj.bias", D, D, true, type);
     layer.self_out = pack(ck, l + "self_attn.out_proj.weight", l + "self_attn.out_proj.bias", D, D, true, type);
     layer.self_norm_weight = ck.get(l + "self_attn_layer_norm.weight", {D});

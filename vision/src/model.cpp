@@ -47,8 +47,8 @@ Checkpoint open_checkpoint(const fs::path& dir) {
   fs::path single = dir / "model.safetensors";
   fs::path index = dir / "model.safetensors.index.json";
   std::error_code ec;
-  if (fs::exists(single, ec)) return {SafeTensors::open(single.string()), single.string(), {}, 0};
-  if (fs::exists(index, ec)) return {SafeTensors::open(index.string()), index.string(), {}, 0};
+  if (fs::exists(single, ec)) return {SafeTensors::open(single.string()), single.string(), {}, 0, {}};
+  if (fs::exists(index, ec)) return {SafeTensors::open(index.string()), index.string(), {}, 0, {}};
   for (const char* other : {"pytorch_model.bin", "model.pth", "model.pt", "open_clip_pytorch_model.bin"})
     if (fs::exists(dir / other, ec))
       fail(dir.string() + ": has " + other + " but no model.safetensors; convert it with "
@@ -56,38 +56,61 @@ Checkpoint open_checkpoint(const fs::path& dir) {
   fail(dir.string() + ": no model.safetensors or model.safetensors.index.json");
 }
 
-// y = Wx + b with optional per-output scale folded in (layer scale: γ ⊙ (Wx + b)).
-PackedLinear pack(Checkpoint& ck, const std::string& weight, const std::string& bias, int64_t out,
-                  int64_t in, bool has_bias, WeightType type, const Tensor* gamma) {
-  Tensor w = ck.get(weight, {out, in});
-  Tensor b = has_bias ? ck.get(bias, {out}) : Tensor();
-  if (gamma) {
-    Tensor ws = w.clone();
-    Tensor bs = has_bias ? b.clone() : Tensor({out});
-    for (int64_t n = 0; n < out; ++n) {
-      float g = (*gamma)[n];
-      for (int64_t k = 0; k < in; ++k) ws[n * in + k] *= g;
-      bs[n] *= g;
-    }
-    return pack_linear(ws.data(), bs.data(), out, in, type);
+PackedLinear pack_weight(Checkpoint& ck, const std::string& weight, const Shape& shape,
+                         const std::string& bias, WeightType type, const Tensor* gamma) {
+  ck.expect(weight, shape);
+  const int64_t out = shape.at(0), in = out > 0 ? shape_numel(shape) / out : 0;
+  // The bias goes into the packed layer: read it into a scratch vector, not the arena.
+  std::vector<float> b(!bias.empty() || gamma ? static_cast<size_t>(out) : 0, 0.0f);
+  if (!bias.empty()) {
+    ck.expect(bias, {out});
+    ck.st.read(bias, 0, out, b.data());
   }
-  return pack_linear(w.data(), has_bias ? b.data() : nullptr, out, in, type);
+  if (gamma)
+    for (int64_t n = 0; n < out; ++n) b[n] *= (*gamma)[n];
+  const WeightRows rows = [&](int64_t n0, int64_t n1, float* dst) {
+    ck.st.read(weight, n0 * in, (n1 - n0) * in, dst);
+    if (gamma)
+      for (int64_t n = n0; n < n1; ++n) {
+        const float g = (*gamma)[n];
+        for (int64_t k = 0; k < in; ++k) dst[(n - n0) * in + k] *= g;
+      }
+  };
+  return pack_linear(rows, b.empty() ? nullptr : b.data(), out, in, type, &ck.arena);
 }
 
-// Stacks query, key, value [D, D] (and biases) into one [3D, D] projection.
-PackedLinear pack_qkv(Checkpoint& ck, const std::string& q, const std::string& k,
-                      const std::string& v, int64_t d, bool bias, WeightType type) {
-  Tensor w({3 * d, d}), b({3 * d});
-  const std::string* names[3] = {&q, &k, &v};
-  for (int i = 0; i < 3; ++i) {
-    Tensor wi = ck.get(*names[i] + ".weight", {d, d});
-    std::memcpy(w.data() + i * d * d, wi.data(), sizeof(float) * d * d);
+PackedLinear pack(Checkpoint& ck, const std::string& weight, const std::string& bias, int64_t out,
+                  int64_t in, bool has_bias, WeightType type, const Tensor* gamma) {
+  return pack_weight(ck, weight, {out, in}, has_bias ? bias : "", type, gamma);
+}
+
+PackedLinear pack_stacked(Checkpoint& ck, const std::vector<std::string>& parts, int64_t d, bool bias,
+                          WeightType type) {
+  const int64_t n_parts = static_cast<int64_t>(parts.size());
+  std::vector<std::string> weights;
+  std::vector<float> b(bias ? static_cast<size_t>(n_parts * d) : 0);
+  for (int64_t i = 0; i < n_parts; ++i) {
+    weights.push_back(parts[i] + ".weight");
+    ck.expect(weights.back(), {d, d});
     if (bias) {
-      Tensor bi = ck.get(*names[i] + ".bias", {d});
-      std::memcpy(b.data() + i * d, bi.data(), sizeof(float) * d);
+      ck.expect(parts[i] + ".bias", {d});
+      ck.st.read(parts[i] + ".bias", 0, d, b.data() + i * d);
     }
   }
-  return pack_linear(w.data(), bias ? b.data() : nullptr, 3 * d, d, type);
+  // Output row n is row n mod d of part n / d; a panel may straddle two parts.
+  const WeightRows rows = [&](int64_t n0, int64_t n1, float* dst) {
+    for (int64_t n = n0; n < n1;) {
+      const int64_t i = n / d, end = std::min(n1, (i + 1) * d);
+      ck.st.read(weights[i], (n - i * d) * d, (end - n) * d, dst + (n - n0) * d);
+      n = end;
+    }
+  };
+  return pack_linear(rows, bias ? b.data() : nullptr, n_parts * d, d, type, &ck.arena);
+}
+
+PackedLinear pack_qkv(Checkpoint& ck, const std::string& q, const std::string& k,
+                      const std::string& v, int64_t d, bool bias, WeightType type) {
+  return pack_stacked(ck, {q, k, v}, d, bias, type);
 }
 
 // Loads [1, n, D] (or [n, D]) token parameters as [n, D].
@@ -186,10 +209,9 @@ void load_hf_encoder(VitWeights& w, Checkpoint& ck, const std::string& base, con
   }
   if (c.num_detection_tokens)
     w.detection_tokens = tokens(ck, e + "detection_tokens", c.num_detection_tokens, d);
-  Tensor pw = ck.get(e + "patch_embeddings.projection.weight", {d, C, p, p});
-  Tensor pb = ck.get(e + "patch_embeddings.projection.bias", {d});
-  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, edge);
-  if (mt == "dinov2" && ck.has(e + "mask_token")) ck.get(e + "mask_token", {1, d});
+  w.patch_embed = pack_weight(ck, e + "patch_embeddings.projection.weight", {d, C, p, p},
+                              e + "patch_embeddings.projection.bias", edge);
+  if (mt == "dinov2" && ck.has(e + "mask_token")) ck.expect(e + "mask_token", {1, d});
 
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string l = base + "encoder.layer." + std::to_string(i) + ".";
@@ -372,10 +394,9 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   if (c.class_token) put("cls_token", 1);
   if (c.num_distillation_tokens) put("dist_token", 1);
   if (c.num_register_tokens) put("reg_token", c.num_register_tokens);
-  Tensor pw = ck.get("patch_embed.proj.weight", {d, C, p, p});
   // CLIP-style models have no patch-embedding bias.
-  Tensor pb = ck.has("patch_embed.proj.bias") ? ck.get("patch_embed.proj.bias", {d}) : Tensor();
-  w.patch_embed = pack_linear(pw.data(), pb.empty() ? nullptr : pb.data(), d, C * p * p, edge);
+  w.patch_embed = pack_weight(ck, "patch_embed.proj.weight", {d, C, p, p},
+                              ck.has("patch_embed.proj.bias") ? "patch_embed.proj.bias" : "", edge);
   if (c.pre_norm) {
     w.pre_norm_weight = ck.get("norm_pre.weight", {d});
     w.pre_norm_bias = ck.get("norm_pre.bias", {d});
@@ -447,9 +468,7 @@ void load_torchvision(Model& m, const Config& cfg, Checkpoint& ck, WeightType ty
   std::string root = ck.has("class_token") ? "" : "module.";
   w.prefix_tokens = tokens(ck, root + "class_token", 1, d);
   w.pos_embed = tokens(ck, root + "encoder.pos_embedding", grid + 1, d);
-  Tensor pw = ck.get(root + "conv_proj.weight", {d, 3, p, p});
-  Tensor pb = ck.get(root + "conv_proj.bias", {d});
-  w.patch_embed = pack_linear(pw.data(), pb.data(), d, 3 * p * p, edge);
+  w.patch_embed = pack_weight(ck, root + "conv_proj.weight", {d, 3, p, p}, root + "conv_proj.bias", edge);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string l = root + "encoder.layers.encoder_layer_" + std::to_string(i) + ".";
     VitLayer layer;

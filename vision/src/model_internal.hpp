@@ -72,19 +72,35 @@ struct Config {
 };
 
 // The checkpoint, with strict typed access: every get names the file, tensor and shapes.
+// Tensors are copied (pread) into memory the model owns, and GEMM weights are packed from the
+// file a panel at a time into `arena` (pack_weight): a loaded model keeps nothing of the file, so
+// no page of its mapping counts in the process's memory, and the mapping goes with the load.
 struct Checkpoint {
   SafeTensors st;
   std::string file;
   std::set<std::string> used;
   int64_t parameters = 0;
+  WeightArena arena;  // this load's packed weights
 
   bool has(const std::string& name) const { return st.contains(name); }
-  Tensor get(const std::string& name, const Shape& shape) {
+  // Checks that NAME exists with SHAPE, and counts it as used.
+  void expect(const std::string& name, const Shape& shape) {
     check(st.contains(name), file + ": missing tensor '" + name + "' (expected shape " +
                                  shape_str(shape) + ")");
-    Tensor t = st.get(name, shape);
-    if (used.insert(name).second) parameters += t.numel();
-    return t;
+    const TensorInfo& info = st.info(name);
+    if (info.shape != shape)
+      fail(info.file + ": tensor '" + name + "' has shape " + shape_str(info.shape) + ", expected " +
+           shape_str(shape));
+    if (used.insert(name).second) parameters += shape_numel(shape);
+  }
+  // NAME, checked to have SHAPE, read into memory the model owns (cut from the arena, so the
+  // small tensors share its huge pages too).
+  Tensor get(const std::string& name, const Shape& shape) {
+    expect(name, shape);
+    const int64_t n = shape_numel(shape);
+    std::shared_ptr<float[]> storage = arena.floats(static_cast<size_t>(n));
+    if (n > 0) st.read(name, 0, n, storage.get());
+    return Tensor::view(storage.get(), shape, storage);
   }
   const Shape& shape(const std::string& name) const {
     check(st.contains(name), file + ": missing tensor '" + name + "'");
@@ -94,9 +110,18 @@ struct Checkpoint {
 
 Checkpoint open_checkpoint(const std::filesystem::path& dir);
 
-// y = Wx + b with optional per-output scale folded in (layer scale: γ ⊙ (Wx + b)).
+// WEIGHT, checked to have SHAPE (shape[0] outputs, each the product of the rest wide, as a conv
+// weight [D, C, p, p] is), and BIAS ("" for none) as one linear layer, packed into ck.arena with
+// W read from the file a panel at a time. GAMMA, if given, is a per-output scale folded in
+// (layer scale: γ ⊙ (Wx + b)).
+PackedLinear pack_weight(Checkpoint& ck, const std::string& weight, const Shape& shape,
+                         const std::string& bias, WeightType type, const Tensor* gamma = nullptr);
+// y = Wx + b with W [out, in], optionally scaled per output (see pack_weight).
 PackedLinear pack(Checkpoint& ck, const std::string& weight, const std::string& bias, int64_t out,
                   int64_t in, bool has_bias, WeightType type, const Tensor* gamma = nullptr);
+// Stacks PARTS[i].weight [d, d] (+ PARTS[i].bias [d]) into one [n d, d] layer, in that order.
+PackedLinear pack_stacked(Checkpoint& ck, const std::vector<std::string>& parts, int64_t d, bool bias,
+                          WeightType type);
 // Stacks query, key, value [D, D] (+ biases) named NAME.weight / NAME.bias into one [3D, D].
 PackedLinear pack_qkv(Checkpoint& ck, const std::string& q, const std::string& k,
                       const std::string& v, int64_t d, bool bias, WeightType type);

@@ -63,9 +63,8 @@ void load_segmenter_vit(VitWeights& w, const Config& enc, Checkpoint& ck, Weight
     Tensor dist = tokens(ck, "encoder.dist_token", 1, d);
     std::memcpy(w.prefix_tokens.data() + d, dist.data(), sizeof(float) * d);
   }
-  Tensor pw = ck.get("encoder.patch_embed.proj.weight", {d, C, p, p});
-  Tensor pb = ck.get("encoder.patch_embed.proj.bias", {d});
-  w.patch_embed = pack_linear(pw.data(), pb.data(), d, C * p * p, edge_layer_type(type));
+  w.patch_embed = pack_weight(ck, "encoder.patch_embed.proj.weight", {d, C, p, p},
+                              "encoder.patch_embed.proj.bias", edge_layer_type(type));
   for (int64_t i = 0; i < c.num_hidden_layers; ++i)
     w.layers.push_back(load_block(ck, "encoder.blocks." + std::to_string(i) + ".", d,
                                   c.intermediate_size, type));

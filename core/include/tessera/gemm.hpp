@@ -3,7 +3,9 @@
 // Weights are packed once, at load, into the layout the micro-kernel streams; the forward pass
 // then only reads them. Kernels are chosen at run time from the CPU's features.
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "tessera/tensor.hpp"
@@ -36,6 +38,40 @@ struct PackedLinear {
 // Packs W [N,K] (row-major) and bias [N] (may be null).
 PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
                          int64_t in_features, WeightType type = WeightType::F32);
+
+// Memory for the packed weights of one model load. Pieces are cut one after another from
+// 2 MiB-aligned slabs that ask for transparent huge pages, so a model's weights fill whole huge
+// pages instead of each tensor ending in 4 KiB ones: a ViT-B's tails are ~9,000 small page
+// faults, and on a VM each costs ~30 us, most of a load. A slab is reserved address space, not
+// memory: only the pages its pieces touch count. Each piece keeps its slab alive; drop the arena
+// when the load is done, which gives back the part of the last slab nothing reached.
+class WeightArena {
+ public:
+  WeightArena() = default;
+  ~WeightArena();
+  WeightArena(const WeightArena&) = delete;
+  WeightArena& operator=(const WeightArena&) = delete;
+  // n floats, 64-byte aligned, uninitialised. Thread-safe.
+  std::shared_ptr<float[]> floats(size_t n);
+
+ private:
+  struct Slab;
+  static std::shared_ptr<Slab> new_slab(size_t at_least);
+  void retire();  // stops cutting from the current slab and trims its unreached tail
+  std::mutex mutex_;
+  std::shared_ptr<Slab> slab_;
+  size_t used_ = 0;
+};
+
+// W's rows [n0, n1), in_features floats each, written row-major to dst.
+using WeightRows = std::function<void(int64_t n0, int64_t n1, float* dst)>;
+
+// As above, with W produced a few panels (32 rows each, ~256 KiB in all) at a time by `rows`,
+// called from several threads at once: a loader reads the rows from the checkpoint into a
+// per-thread buffer, so W never exists whole in memory. The packed weights come from `arena`
+// when one is given.
+PackedLinear pack_linear(const WeightRows& rows, const float* bias, int64_t out_features,
+                         int64_t in_features, WeightType type, WeightArena* arena = nullptr);
 
 // A layer norm over each x row's K features (kernels.hpp's layer_norm_row), applied by linear()
 // to the rows as it packs them: the normalised rows never make a round trip through memory.

@@ -1,7 +1,8 @@
 #pragma once
 // safetensors I/O. Reading memory-maps the file and validates everything before any tensor is
 // used: header length and JSON, dtypes, shapes against byte ranges, offsets that overlap or run
-// past the data. F32 tensors are used in place; F16/BF16/F64 are converted to F32 once. A sharded
+// past the data. get() uses F32 tensors in place; F16/BF16/F64 are converted to F32 once; read()
+// copies through pread instead, for weights that must not keep the mapping resident. A sharded
 // checkpoint (model.safetensors.index.json) opens as one. Every error names the file and tensor.
 #include <map>
 #include <memory>
@@ -42,6 +43,15 @@ class SafeTensors {
   Tensor get(const std::string& name) const;
   // Same, checking its shape: "FILE: tensor 'NAME' has shape [..], expected [..]".
   Tensor get(const std::string& name, const Shape& expected) const;
+
+  // Copies instead of views: elements [begin, begin + count) of the tensor (flattened), as
+  // float32 (converted as get() does) into dst, read from the file with pread rather than through
+  // the mapping. The mapping's pages then never count in this process's memory, and nothing
+  // keeps them alive: this is how a model loader reads weights it re-packs, or keeps. Safe to call
+  // from several threads at once. A file that shrank after open() is an Error, not a SIGBUS.
+  void read(const std::string& name, int64_t begin, int64_t count, float* dst) const;
+  // The whole tensor, read that way into a fresh Tensor.
+  Tensor read(const std::string& name) const;
 
  private:
   struct Impl;
