@@ -281,7 +281,7 @@ void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
     h.num_labels = num_labels_of("cls_classifier.weight");
     h.head = pack(ck, "cls_classifier.weight", "cls_classifier.bias", h.num_labels, d, true, edge);
     h.head_dist = pack(ck, "distillation_classifier.weight", "distillation_classifier.bias",
-                       h.num_labels, d, true, type);
+                       h.num_labels, d, true, edge);
   } else if (arch == "Dinov2ForImageClassification") {
     h.kind = HeadKind::Dinov2ClassMean;
     h.num_labels = num_labels_of("classifier.weight");
