@@ -101,10 +101,24 @@ void layer_norm_ref(const float* x, int64_t rows, int64_t dim, int64_t ldx, cons
 double gelu_ref(double x) { return 0.5 * x * std::erfc(-x / std::sqrt(2.0)); }
 
 // out[b, i, h*hd + d] for row layout [batch, q_len, heads*hd], computed in double.
+// x rounded to the nearest bf16 (ties to even), as a float.
+float round_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// With bf16_inputs, q, k and v are rounded to bf16 first; `weighted_abs`, if given, receives
+// sum_j p_j |v_j| per output (the scale of the error that rounding the weights p_j can cause).
 std::vector<double> attention_ref(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                                   int64_t hd, StridedRows q, StridedRows k, StridedRows v,
-                                  double scale) {
+                                  double scale, bool bf16_inputs = false,
+                                  std::vector<double>* weighted_abs = nullptr) {
+  auto in = [&](float x) { return double(bf16_inputs ? round_bf16(x) : x); };
   std::vector<double> out(batch * q_len * heads * hd, 0.0), s(kv_len);
+  if (weighted_abs) weighted_abs->assign(out.size(), 0.0);
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < q_len; ++i) {
@@ -113,16 +127,19 @@ std::vector<double> attention_ref(int64_t batch, int64_t heads, int64_t q_len, i
         for (int64_t j = 0; j < kv_len; ++j) {
           const float* kj = k.ptr + b * k.batch_stride + j * k.row_stride + h * hd;
           double dot = 0;
-          for (int64_t d = 0; d < hd; ++d) dot += double(qi[d]) * kj[d];
+          for (int64_t d = 0; d < hd; ++d) dot += in(qi[d]) * in(kj[d]);
           s[j] = dot * scale;
           mx = std::max(mx, s[j]);
         }
         double sum = 0;
         for (int64_t j = 0; j < kv_len; ++j) sum += (s[j] = std::exp(s[j] - mx));
-        double* o = &out[((b * q_len + i) * heads + h) * hd];
+        const int64_t at = ((b * q_len + i) * heads + h) * hd;
         for (int64_t j = 0; j < kv_len; ++j) {
           const float* vj = v.ptr + b * v.batch_stride + j * v.row_stride + h * hd;
-          for (int64_t d = 0; d < hd; ++d) o[d] += s[j] / sum * vj[d];
+          for (int64_t d = 0; d < hd; ++d) {
+            out[at + d] += s[j] / sum * in(vj[d]);
+            if (weighted_abs) (*weighted_abs)[at + d] += s[j] / sum * std::fabs(in(vj[d]));
+          }
         }
       }
   return out;
@@ -330,6 +347,57 @@ TEST_CASE("attention matches a double loop: self and cross, batch strides, odd h
   }
 }
 
+TEST_CASE("bf16 attention: bf16-rounded q, k, v and weights, fp32 sums") {
+  PortableAttentionGuard path_guard;
+  const bool portable = GENERATE(false, true);  // vdpbf16ps (where available) and portable C++
+  force_portable_attention(portable);
+  INFO("portable path " << portable);
+  struct Shape {
+    int64_t batch, heads, q_len, kv_len, hd;
+  };
+  for (Shape s : {Shape{1, 1, 1, 1, 16}, Shape{2, 3, 5, 5, 16}, Shape{1, 2, 197, 197, 64},
+                  Shape{2, 2, 300, 77, 80}, Shape{1, 2, 70, 45, 13}, Shape{1, 1, 40, 1201, 64},
+                  Shape{1, 3, 129, 257, 48}, Shape{1, 2, 64, 1, 32}}) {
+    INFO("b " << s.batch << " h " << s.heads << " q " << s.q_len << " kv " << s.kv_len
+              << " hd " << s.hd);
+    const int64_t D = s.heads * s.hd;
+    const int64_t q_rs = 3 * D, q_bs = s.q_len * q_rs + 13;
+    const int64_t kv_rs = 2 * D, kv_bs = s.kv_len * kv_rs + 7;
+    const int64_t o_rs = D + 8, o_bs = s.q_len * o_rs + 5;
+    auto qbuf = random_vector(s.batch * q_bs, 41, 0.0f, 2.0f);
+    auto kvbuf = random_vector(s.batch * kv_bs, 42);
+    const StridedRows q{qbuf.data(), q_bs, q_rs}, k{kvbuf.data(), kv_bs, kv_rs},
+        v{kvbuf.data() + D, kv_bs, kv_rs};
+    const float scale = 1.0f / std::sqrt(float(s.hd));
+    std::vector<float> out(s.batch * o_bs, -7.0f);
+    attention(s.batch, s.heads, s.q_len, s.kv_len, s.hd, q, k, v, out.data(), o_bs, o_rs, scale,
+              AttentionPrecision::BF16);
+    std::vector<double> bound;
+    const auto ref = attention_ref(s.batch, s.heads, s.q_len, s.kv_len, s.hd, q, k, v, scale,
+                                   true, &bound);
+    const auto exact = attention_ref(s.batch, s.heads, s.q_len, s.kv_len, s.hd, q, k, v, scale);
+    double worst_ratio = 0, worst_exact = 0;
+    for (int64_t b = 0; b < s.batch; ++b)
+      for (int64_t i = 0; i < s.q_len; ++i) {
+        for (int64_t c = 0; c < D; ++c) {
+          const int64_t at = (b * s.q_len + i) * D + c;
+          const double y = out[b * o_bs + i * o_rs + c];
+          // Each weight is rounded to bf16 (8 significant bits: relative error <= 2^-8), so
+          // |error| <= 2^-8 sum_j p_j |v_j|, plus fp32 rounding of scores and sums (1e-5).
+          const double err = std::fabs(y - ref[at]);
+          REQUIRE(err <= 0x1p-8 * bound[at] + 1e-5);
+          worst_ratio = std::max(worst_ratio, err / (0x1p-8 * bound[at] + 1e-5));
+          worst_exact = std::max(worst_exact, std::fabs(y - exact[at]));
+        }
+        for (int64_t c = D; c < o_rs; ++c) REQUIRE(out[b * o_bs + i * o_rs + c] == -7.0f);
+      }
+    // Against unrounded inputs: bf16 keeps ~3 significant digits of O(1) outputs.
+    CHECK(worst_exact <= 0.05);
+    CHECK(worst_exact > 0);  // it really is computed at lower precision
+    UNSCOPED_INFO("worst error / bound " << worst_ratio << ", vs fp32 inputs " << worst_exact);
+  }
+}
+
 TEST_CASE("attention stays exact for large score ranges (online softmax rescaling)") {
   PortableAttentionGuard path_guard;
   force_portable_attention(GENERATE(false, true));
@@ -386,6 +454,17 @@ TEST_CASE("results do not depend on the thread count") {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
   };
   CHECK(same(one.attn, two.attn));
+  for (bool portable : {false, true}) {  // bf16 attention, both paths
+    PortableAttentionGuard path_guard;
+    force_portable_attention(portable);
+    std::vector<float> b1(B * T * D), b2(B * T * D);
+    for (auto [threads, dst] : {std::pair{1, &b1}, std::pair{2, &b2}}) {
+      set_num_threads(threads);
+      attention(B, H, T, Tk, hd, {q.data(), T * D, D}, {k.data(), Tk * D, D},
+                {v.data(), Tk * D, D}, dst->data(), T * D, D, 0.125f, AttentionPrecision::BF16);
+    }
+    CHECK(same(b1, b2));
+  }
   {
     PortableAttentionGuard path_guard;
     force_portable_attention(true);
@@ -414,6 +493,7 @@ TEST_CASE("attention timing", "[.perf]") {
   };
   PortableAttentionGuard path_guard;
   const bool portable = GENERATE(false, true);
+  const bool bf16 = GENERATE(false, true);
   force_portable_attention(portable);
   for (Shape s : {Shape{12, 197}, Shape{3, 4000}}) {
     const int64_t hd = 64, D = s.heads * hd, T = s.tokens;
@@ -426,13 +506,15 @@ TEST_CASE("attention timing", "[.perf]") {
       for (int r = 0; r < reps + 1; ++r) {
         const auto t0 = std::chrono::steady_clock::now();
         attention(1, s.heads, T, T, hd, {qkv.data(), 0, 3 * D}, {qkv.data() + D, 0, 3 * D},
-                  {qkv.data() + 2 * D, 0, 3 * D}, out.data(), 0, D, 0.125f);
+                  {qkv.data() + 2 * D, 0, 3 * D}, out.data(), 0, D, 0.125f,
+                  bf16 ? AttentionPrecision::BF16 : AttentionPrecision::F32);
         const auto t1 = std::chrono::steady_clock::now();
         if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
       }
       std::sort(ms.begin(), ms.end());
-      std::printf("attention %s B=1 H=%ld T=%ld hd=64 threads=%d: median %.3f ms\n",
-                  portable ? "portable" : "default ", long(s.heads), long(T), threads,
+      std::printf("attention %s %s B=1 H=%ld T=%ld hd=64 threads=%d: median %.3f ms\n",
+                  portable ? "portable" : "default ", bf16 ? "bf16" : "fp32", long(s.heads),
+                  long(T), threads,
                   ms[ms.size() / 2]);
     }
   }

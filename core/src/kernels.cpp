@@ -15,6 +15,7 @@
 
 #include "tessera/gemm.hpp"
 #include "tessera/parallel.hpp"
+#include "gemm_internal.hpp"
 
 namespace tessera {
 
@@ -444,27 +445,56 @@ constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step (a ViT's 19
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
+constexpr int64_t kPairBlock = kKeyBlock / 2;  // bf16 pairs of weights per row of p
+
 // Per-thread scratch, grown when a larger head or sequence first shows up and otherwise reused.
 // Tasks never wait, so a thread never uses it for two tasks at once.
 struct AttentionScratch {
   std::vector<float> kt;  // [head_dim, ld]: the head's keys transposed, zero past kv_len
-  std::vector<float> s;   // [kQueryBlock, kKeyBlock]: scores, then probabilities
+  std::vector<float> s;   // [kQueryBlock, kKeyBlock]: scores, then (fp32) probabilities
   std::vector<float> o;   // [kQueryBlock, head_dim rounded to 16]: unnormalised output rows
   std::vector<float> m;   // [kQueryBlock]: running max of the scaled scores
   std::vector<float> l;   // [kQueryBlock]: running sum of exp(score - m)
-  void reserve(int64_t hd_padded, int64_t ld) {
-    if (static_cast<int64_t>(kt.size()) < hd_padded * ld) kt.resize(hd_padded * ld);
+  // BF16 precision: words of two bf16 (the low half first), the operand layout of vdpbf16ps.
+  std::vector<uint32_t> kt2;  // [ceil(hd/2), ld]: (k[j, 2e], k[j, 2e+1]) at [e, j]; 0 past kv_len
+  std::vector<uint32_t> v2;   // [ceil(kv_len/2), hdp]: (v[2i, d], v[2i+1, d]) at [i, d]; 0 padded
+  std::vector<uint32_t> qb;   // [kQueryBlock, ceil(hd/2)]: the block's queries in pairs
+  std::vector<uint32_t> p;    // [kQueryBlock, kPairBlock]: the softmax weights in pairs
+  void reserve(int64_t hd_padded, int64_t ld, bool bf16) {
+    const int64_t hd2 = hd_padded / 2;
+    if (!bf16 && static_cast<int64_t>(kt.size()) < hd_padded * ld) kt.resize(hd_padded * ld);
+    if (bf16 && static_cast<int64_t>(kt2.size()) < hd2 * ld) kt2.resize(hd2 * ld);
+    if (bf16 && static_cast<int64_t>(v2.size()) < ld / 2 * hd_padded) v2.resize(ld / 2 * hd_padded);
+    if (bf16 && static_cast<int64_t>(qb.size()) < kQueryBlock * hd2) qb.resize(kQueryBlock * hd2);
     if (static_cast<int64_t>(o.size()) < kQueryBlock * hd_padded) o.resize(kQueryBlock * hd_padded);
     s.resize(kQueryBlock * kKeyBlock);
+    if (bf16) p.resize(kQueryBlock * kPairBlock);
     m.resize(kQueryBlock);
     l.resize(kQueryBlock);
   }
 };
 
-AttentionScratch& attention_scratch(int64_t hd_padded, int64_t ld) {
+AttentionScratch& attention_scratch(int64_t hd_padded, int64_t ld, bool bf16) {
   thread_local AttentionScratch scratch;
-  scratch.reserve(hd_padded, ld);
+  scratch.reserve(hd_padded, ld, bf16);
   return scratch;
+}
+
+// Starts a query block: zero output rows, running max -inf, running sum 0.
+void start_block(AttentionScratch& w, int64_t rows, int64_t hdp) {
+  std::fill(w.o.begin(), w.o.begin() + rows * hdp, 0.0f);
+  std::fill(w.m.begin(), w.m.begin() + rows, -std::numeric_limits<float>::infinity());
+  std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
+}
+
+// out row r = o row r / l[r].
+void finish_block(const AttentionScratch& w, int64_t rows, int64_t hd, int64_t hdp, float* out,
+                  int64_t out_rs) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.0f / w.l[r];
+    float* dst = out + r * out_rs;
+    for (int64_t d = 0; d < hd; ++d) dst[d] = w.o[r * hdp + d] * inv;
+  }
 }
 
 // kt[d * ld + j] = k[j * k_rs + d] for j < kv_len, 0 for kv_len <= j < ld; 16 x 16 tiles keep
@@ -540,29 +570,111 @@ void attention_chunk(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
                      int64_t v_rs, float* out, int64_t out_rs, int64_t nq, int64_t kv_len,
                      int64_t hd, float scale) {
   const int64_t hdp = round16(hd), ld = round16(kv_len);
-  AttentionScratch& w = attention_scratch(hdp, ld);
+  AttentionScratch& w = attention_scratch(hdp, ld, false);
   float* kt = w.kt.data();
   transpose_keys(k, k_rs, kv_len, hd, kt, ld);
   const int64_t blocks = (nq + kQueryBlock - 1) / kQueryBlock;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t i0 = b * nq / blocks, rows = (b + 1) * nq / blocks - i0;
-    float* o = w.o.data();
-    std::fill(o, o + rows * hdp, 0.0f);
-    std::fill(w.m.begin(), w.m.begin() + rows, -std::numeric_limits<float>::infinity());
-    std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
+    start_block(w, rows, hdp);
     for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
       const int64_t nk = std::min(kKeyBlock, kv_len - k0);
       Ops::scores(q + i0 * q_rs, q_rs, rows, kt + k0, ld, hd, nk, scale, w.s.data());
-      Ops::softmax_step(w.s.data(), rows, nk, w.m.data(), w.l.data(), o, hdp);
-      Ops::accumulate(w.s.data(), rows, v + k0 * v_rs, v_rs, nk, o, hd, hdp);
+      Ops::softmax_step(w.s.data(), rows, nk, w.m.data(), w.l.data(), w.o.data(), hdp);
+      Ops::accumulate(w.s.data(), rows, v + k0 * v_rs, v_rs, nk, w.o.data(), hd, hdp);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float inv = 1.0f / w.l[r];
-      float* dst = out + (i0 + r) * out_rs;
-      for (int64_t d = 0; d < hd; ++d) dst[d] = o[r * hdp + d] * inv;
-    }
+    finish_block(w, rows, hd, hdp, out + i0 * out_rs, out_rs);
   }
 }
+
+// The same walk at BF16 precision: keys and values are rounded into pairs once per task, each
+// query block once, and the softmax weights once per key block.
+template <class Ops>
+void attention_chunk_bf16(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
+                          const float* v, int64_t v_rs, float* out, int64_t out_rs, int64_t nq,
+                          int64_t kv_len, int64_t hd, float scale) {
+  const int64_t hdp = round16(hd), hd2 = (hd + 1) / 2, ld = round16(kv_len);
+  AttentionScratch& w = attention_scratch(hdp, ld, true);
+  Ops::pack_keys(k, k_rs, kv_len, hd, w.kt2.data(), ld);
+  Ops::pack_values(v, v_rs, kv_len, hd, w.v2.data(), hdp);
+  const int64_t blocks = (nq + kQueryBlock - 1) / kQueryBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i0 = b * nq / blocks, rows = (b + 1) * nq / blocks - i0;
+    Ops::pack_queries(q + i0 * q_rs, q_rs, rows, hd, w.qb.data());
+    start_block(w, rows, hdp);
+    for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
+      const int64_t nk = std::min(kKeyBlock, kv_len - k0);
+      Ops::scores(w.qb.data(), hd2, rows, w.kt2.data() + k0, ld, nk, scale, w.s.data());
+      Ops::softmax_step(w.s.data(), rows, nk, w.m.data(), w.l.data(), w.o.data(), hdp,
+                        w.p.data());
+      Ops::accumulate(w.p.data(), rows, w.v2.data() + k0 / 2 * hdp, hdp, nk, w.o.data());
+    }
+    finish_block(w, rows, hd, hdp, out + i0 * out_rs, out_rs);
+  }
+}
+
+// Portable C++ with the rounding of the AVX-512 BF16 path (sums in a different order).
+struct PortableBf16Ops {
+  static uint32_t word(float lo, float hi) {
+    return gemm_detail::bf16_bits(lo) | gemm_detail::bf16_bits(hi) << 16;
+  }
+  static float low(uint32_t w) { return std::bit_cast<float>(w << 16); }
+  static float high(uint32_t w) { return std::bit_cast<float>(w & 0xffff0000u); }
+  static void pack_keys(const float* k, int64_t k_rs, int64_t kv_len, int64_t hd, uint32_t* kt2,
+                        int64_t ld) {
+    for (int64_t e = 0; e < (hd + 1) / 2; ++e)
+      for (int64_t j = 0; j < ld; ++j)
+        kt2[e * ld + j] = j < kv_len ? gemm_detail::bf16_pair(k + j * k_rs, 2 * e, hd) : 0u;
+  }
+  static void pack_values(const float* v, int64_t v_rs, int64_t kv_len, int64_t hd, uint32_t* v2,
+                          int64_t hdp) {
+    for (int64_t i = 0; i < (kv_len + 1) / 2; ++i)
+      for (int64_t d = 0; d < hdp; ++d) {
+        const bool second = 2 * i + 1 < kv_len;
+        v2[i * hdp + d] = d < hd ? word(v[2 * i * v_rs + d], second ? v[(2 * i + 1) * v_rs + d] : 0.0f)
+                                 : 0u;
+      }
+  }
+  static void pack_queries(const float* q, int64_t q_rs, int64_t nq, int64_t hd, uint32_t* qb) {
+    const int64_t hd2 = (hd + 1) / 2;
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t e = 0; e < hd2; ++e) qb[i * hd2 + e] = gemm_detail::bf16_pair(q + i * q_rs, 2 * e, hd);
+  }
+  static void scores(const uint32_t* qb, int64_t hd2, int64_t nq, const uint32_t* kt2, int64_t ld,
+                     int64_t nk, float scale, float* s) {
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t j = 0; j < nk; ++j) {
+        float acc = 0.0f;
+        for (int64_t e = 0; e < hd2; ++e) {
+          const uint32_t a = qb[i * hd2 + e], b = kt2[e * ld + j];
+          acc += high(a) * high(b);
+          acc += low(a) * low(b);
+        }
+        s[i * kKeyBlock + j] = acc * scale;
+      }
+  }
+  static void softmax_step(float* s, int64_t nq, int64_t nk, float* m, float* l, float* o,
+                           int64_t hdp, uint32_t* p) {
+    PortableOps::softmax_step(s, nq, nk, m, l, o, hdp);
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t j = 0; j < (nk + 1) / 2; ++j) {
+        const float* si = s + i * kKeyBlock;
+        p[i * kPairBlock + j] = word(si[2 * j], 2 * j + 1 < nk ? si[2 * j + 1] : 0.0f);
+      }
+  }
+  static void accumulate(const uint32_t* p, int64_t nq, const uint32_t* v2, int64_t hdp,
+                         int64_t nk, float* o) {
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t j = 0; j < (nk + 1) / 2; ++j) {
+        const uint32_t a = p[i * kPairBlock + j];
+        for (int64_t d = 0; d < hdp; ++d) {
+          const uint32_t b = v2[j * hdp + d];
+          o[i * hdp + d] += high(a) * high(b);
+          o[i * hdp + d] += low(a) * low(b);
+        }
+      }
+  }
+};
 
 std::atomic<bool> g_force_portable_attention{false};
 
@@ -756,6 +868,212 @@ struct Avx512Ops {
   }
 };
 
+#define TESSERA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
+
+TESSERA_AVX512_BF16 inline __mmask16 lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// 16 words of bf16 pairs from 32 floats x[0, n) (0 past n): (x[0], x[1]), (x[2], x[3]), ...
+TESSERA_AVX512_BF16 inline __m512i pairs32(const float* x, int64_t n) {
+  const __m512 lo = _mm512_maskz_loadu_ps(lanes(n), x);
+  const __m512 hi = _mm512_maskz_loadu_ps(lanes(n - 16), x + 16);
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// s[r, j] = scale * qb[r] . kt2[:, j] over hd2 pairs, for R query rows and 16*NV keys.
+template <int R, int NV>
+TESSERA_AVX512_BF16 inline void qk_tile_bf16(const uint32_t* qb, int64_t hd2, const uint32_t* kt2,
+                                             int64_t ld, float scale, float* s) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < hd2; ++e) {
+    __m512bh kv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) kv[v] = (__m512bh)_mm512_loadu_si512(kt2 + e * ld + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[r * hd2 + e]));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], qv, kv[v]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      _mm512_storeu_ps(s + r * kKeyBlock + 16 * v, _mm512_mul_ps(acc[r][v], sc));
+}
+
+// o[r, 16c : 16c + 16*NV] += sum over pairs i < n2 of p[r, i] . v2[i, ...], for R rows.
+template <int R, int NV>
+TESSERA_AVX512_BF16 inline void pv_tile_bf16(const uint32_t* p, const uint32_t* v2, int64_t hdp,
+                                             int64_t n2, float* o) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * hdp + 16 * c);
+  for (int64_t i = 0; i < n2; ++i) {
+    __m512bh vv[NV];
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(v2 + i * hdp + 16 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(static_cast<int>(p[r * kPairBlock + i]));
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pv, vv[c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * hdp + 16 * c, acc[r][c]);
+}
+
+template <int R>
+TESSERA_AVX512_BF16 void qk_rows_bf16(const uint32_t* qb, int64_t hd2, const uint32_t* kt2,
+                                      int64_t ld, int64_t nk16, float scale, float* s) {
+  int64_t j = 0;
+  for (; j + 64 <= nk16; j += 64) qk_tile_bf16<R, 4>(qb, hd2, kt2 + j, ld, scale, s + j);
+  switch ((nk16 - j) / 16) {
+    case 3: qk_tile_bf16<R, 3>(qb, hd2, kt2 + j, ld, scale, s + j); break;
+    case 2: qk_tile_bf16<R, 2>(qb, hd2, kt2 + j, ld, scale, s + j); break;
+    case 1: qk_tile_bf16<R, 1>(qb, hd2, kt2 + j, ld, scale, s + j); break;
+    default: break;
+  }
+}
+
+template <int R>
+TESSERA_AVX512_BF16 void pv_rows_bf16(const uint32_t* p, const uint32_t* v2, int64_t hdp,
+                                      int64_t n2, float* o) {
+  int64_t c = 0;
+  for (; c + 64 <= hdp; c += 64) pv_tile_bf16<R, 4>(p, v2 + c, hdp, n2, o + c);
+  switch ((hdp - c) / 16) {
+    case 3: pv_tile_bf16<R, 3>(p, v2 + c, hdp, n2, o + c); break;
+    case 2: pv_tile_bf16<R, 2>(p, v2 + c, hdp, n2, o + c); break;
+    case 1: pv_tile_bf16<R, 1>(p, v2 + c, hdp, n2, o + c); break;
+    default: break;
+  }
+}
+
+struct Avx512Bf16Ops {
+  TESSERA_AVX512_BF16 static void pack_keys(const float* k, int64_t k_rs, int64_t kv_len,
+                                            int64_t hd, uint32_t* kt2, int64_t ld) {
+    const int64_t hd2 = (hd + 1) / 2;
+    alignas(64) uint32_t words[16];
+    for (int64_t j = 0; j < kv_len; ++j)
+      for (int64_t d = 0; d < hd; d += 32) {
+        _mm512_store_si512(words, pairs32(k + j * k_rs + d, hd - d));
+        for (int64_t e = 0; e < std::min<int64_t>(16, hd2 - d / 2); ++e)
+          kt2[(d / 2 + e) * ld + j] = words[e];
+      }
+    for (int64_t e = 0; e < hd2; ++e) std::fill(kt2 + e * ld + kv_len, kt2 + (e + 1) * ld, 0u);
+  }
+
+  TESSERA_AVX512_BF16 static void pack_values(const float* v, int64_t v_rs, int64_t kv_len,
+                                              int64_t hd, uint32_t* v2, int64_t hdp) {
+    // [x0..x15 | y0..y15] as 16-bit lanes → x0 y0 x1 y1 ... x15 y15.
+    alignas(64) static constexpr uint16_t kInterleave[32] = {
+        0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i idx = _mm512_load_si512(kInterleave);
+    for (int64_t i = 0; i < (kv_len + 1) / 2; ++i) {
+      const float* x = v + 2 * i * v_rs;
+      const bool second = 2 * i + 1 < kv_len;
+      for (int64_t d = 0; d < hdp; d += 16) {
+        const __mmask16 m = lanes(hd - d);
+        const __m512 a = _mm512_maskz_loadu_ps(m, x + d);
+        const __m512 b = second ? _mm512_maskz_loadu_ps(m, x + v_rs + d) : _mm512_setzero_ps();
+        const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+        _mm512_storeu_si512(v2 + i * hdp + d, _mm512_permutexvar_epi16(idx, ab));
+      }
+    }
+  }
+
+  TESSERA_AVX512_BF16 static void pack_queries(const float* q, int64_t q_rs, int64_t nq,
+                                               int64_t hd, uint32_t* qb) {
+    const int64_t hd2 = (hd + 1) / 2;
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t d = 0; d < hd; d += 32)
+        _mm512_mask_storeu_epi32(qb + i * hd2 + d / 2, lanes(hd2 - d / 2),
+                                 pairs32(q + i * q_rs + d, hd - d));
+  }
+
+  template <int R>
+  struct Scores {
+    TESSERA_AVX512_BF16 static void run(int64_t i, const uint32_t* qb, int64_t hd2,
+                                        const uint32_t* kt2, int64_t ld, int64_t nk16,
+                                        float scale, float* s) {
+      qk_rows_bf16<R>(qb + i * hd2, hd2, kt2, ld, nk16, scale, s + i * kKeyBlock);
+    }
+  };
+  template <int R>
+  struct Accumulate {
+    TESSERA_AVX512_BF16 static void run(int64_t i, const uint32_t* p, const uint32_t* v2,
+                                        int64_t hdp, int64_t n2, float* o) {
+      pv_rows_bf16<R>(p + i * kPairBlock, v2, hdp, n2, o + i * hdp);
+    }
+  };
+
+  // Scores for keys past nk (up to the next 16) come from kt2's zero padding; softmax_step
+  // gives them weight 0.
+  TESSERA_AVX512_BF16 static void scores(const uint32_t* qb, int64_t hd2, int64_t nq,
+                                         const uint32_t* kt2, int64_t ld, int64_t nk, float scale,
+                                         float* s) {
+    by_row_tiles<Scores>(nq, qb, hd2, kt2, ld, round16(nk), scale, s);
+  }
+
+  // As Avx512Ops::softmax_step, but the weights go to p as bf16 pairs (the sums use them
+  // unrounded).
+  TESSERA_AVX512_BF16 static void softmax_step(float* s, int64_t nq, int64_t nk, float* m,
+                                               float* l, float* o, int64_t hdp, uint32_t* p) {
+    const int64_t nk16 = round16(nk);
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t r = 0; r < nq; ++r) {
+      const float* sr = s + r * kKeyBlock;
+      __m512 mx = ninf;
+      for (int64_t j = 0; j < nk16; j += 16)
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, lanes(nk - j), sr + j));
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+      const float alpha = exp_approx(m[r] - m_new);
+      const __m512 mb = _mm512_set1_ps(m_new);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < nk16; j += 32) {
+        const __m512 e0 = _mm512_maskz_mov_ps(lanes(nk - j),
+                                              exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb)));
+        const __m512 e1 = _mm512_maskz_mov_ps(
+            lanes(nk - j - 16), exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j + 16), mb)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+        _mm512_storeu_si512(p + r * kPairBlock + j / 2, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      }
+      m[r] = m_new;
+      l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+      if (alpha != 1.0f) {
+        const __m512 ab = _mm512_set1_ps(alpha);
+        float* orow = o + r * hdp;
+        for (int64_t d = 0; d < hdp; d += 16)
+          _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), ab));
+      }
+    }
+  }
+
+  TESSERA_AVX512_BF16 static void accumulate(const uint32_t* p, int64_t nq, const uint32_t* v2,
+                                             int64_t hdp, int64_t nk, float* o) {
+    by_row_tiles<Accumulate>(nq, p, v2, hdp, (nk + 1) / 2, o);
+  }
+};
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
@@ -767,7 +1085,7 @@ bool cpu_has_avx512() {
 
 void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
                StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
-               int64_t out_row_stride, float scale) {
+               int64_t out_row_stride, float scale, AttentionPrecision precision) {
   if (batch <= 0 || heads <= 0 || q_len <= 0 || head_dim <= 0) return;
   if (kv_len <= 0) {  // softmax over nothing: define the result as zeros rather than NaN
     for (int64_t b = 0; b < batch; ++b)
@@ -775,16 +1093,21 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
         std::fill_n(out + b * out_batch_stride + i * out_row_stride, heads * head_dim, 0.0f);
     return;
   }
-  // Chunks per head: enough tasks to keep every thread busy (~8 waves), never under
-  // kQueryBlock rows, so the one key transpose per task stays a small share of its work.
+  // Chunks per head: one when there are at least 4 (batch, head) tasks per thread (splitting a
+  // head repeats its key and value packing); otherwise enough to keep every thread busy (~8
+  // waves), never under kQueryBlock rows, so the packing stays a small share of a task's work.
   const int64_t max_chunks = (q_len + kQueryBlock - 1) / kQueryBlock;
-  const int64_t want = (8 * num_threads() + batch * heads - 1) / (batch * heads);
+  const int64_t want = batch * heads >= 4 * num_threads()
+                           ? 1
+                           : (8 * num_threads() + batch * heads - 1) / (batch * heads);
   const int64_t chunks = std::clamp<int64_t>(want, 1, max_chunks);
   const int64_t tasks = batch * heads * chunks;
-  auto block = attention_chunk<PortableOps>;
+  const bool bf16 = precision == AttentionPrecision::BF16;
+  auto block = bf16 ? attention_chunk_bf16<PortableBf16Ops> : attention_chunk<PortableOps>;
 #ifdef TESSERA_HAVE_AVX512_ATTENTION
-  if (cpu_has_avx512() && !g_force_portable_attention.load() && !generic_kernels_forced())
-    block = attention_chunk<Avx512Ops>;
+  const bool portable = g_force_portable_attention.load() || generic_kernels_forced();
+  if (!bf16 && cpu_has_avx512() && !portable) block = attention_chunk<Avx512Ops>;
+  if (bf16 && cpu_has_avx512_bf16() && !portable) block = attention_chunk_bf16<Avx512Bf16Ops>;
 #endif
   parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

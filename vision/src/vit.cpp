@@ -248,7 +248,9 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
       attention_probabilities(qkv, B, T, heads, hd, scale, ws.attention.back().data());
     }
     attention(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
-              {qkv + 2 * d, T * 3 * d, 3 * d}, context, T * d, d, scale);
+              {qkv + 2 * d, T * 3 * d, 3 * d}, context, T * d, d, scale,
+              layer.qkv.type == WeightType::BF16 ? AttentionPrecision::BF16
+                                                 : AttentionPrecision::F32);
     linear(context, M, d, layer.attn_out, x, d, Activation::None, x);
     int64_t ld_mlp = f;
     switch (c.activation) {

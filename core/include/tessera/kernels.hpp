@@ -30,9 +30,15 @@ struct StridedRows {
   int64_t batch_stride;
   int64_t row_stride;
 };
+// F32: every product and sum in fp32. BF16 (for bf16 models): q, k, v and the softmax weights
+// are rounded to bf16 (nearest even) and their products summed in fp32, with vdpbf16ps where the
+// CPU has AVX512-BF16 (else portable C++ with the same rounding); the running max, the softmax
+// sums and the output stay fp32.
+enum class AttentionPrecision { F32, BF16 };
 void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
                StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
-               int64_t out_row_stride, float scale);
+               int64_t out_row_stride, float scale,
+               AttentionPrecision precision = AttentionPrecision::F32);
 // attention uses AVX-512 where the CPU has it (checked at run time), else portable C++.
 // force_portable_attention(true) selects the portable path everywhere (tests compare the two).
 void force_portable_attention(bool on);
