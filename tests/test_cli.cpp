@@ -186,6 +186,31 @@ TEST_CASE("tessera bench --arch yolos-ti / segmenter-s: one JSON object with the
     CHECK(help.out.find(s) != std::string::npos);
 }
 
+TEST_CASE("tessera bench --model: load time with the packed-weight cache written, then used") {
+  const fs::path cache = scratch() / "weights-cache";
+  ::setenv("TESSERA_CACHE_DIR", cache.string().c_str(), 1);
+  ::setenv("TESSERA_CACHE_MIN_MB", "0", 1);
+  const std::string args = "bench --model " + fixture("conformance/vit-tiny-rand") + " --iterations 1 --json";
+  Run first = run_cli(args), second = run_cli(args);
+  ::setenv("TESSERA_CACHE_DIR", "off", 1);
+  ::unsetenv("TESSERA_CACHE_MIN_MB");
+  Run off = run_cli(args);
+  for (const Run* r : {&first, &second, &off}) {
+    INFO(r->err);
+    REQUIRE(r->code == 0);
+  }
+  auto a = nlohmann::json::parse(first.out), b = nlohmann::json::parse(second.out),
+       c = nlohmann::json::parse(off.out);
+  CHECK(a["weights_cache"] == "written");
+  CHECK(b["weights_cache"] == "hit");
+  CHECK(c["weights_cache"] == "off");
+  for (const auto* j : {&a, &b, &c}) {
+    CHECK(double((*j)["load_ms"]) > 0);
+    CHECK(double((*j)["first_forward_ms"]) > 0);
+  }
+  fs::remove_all(cache);
+}
+
 TEST_CASE("tessera bench --gemm: every dtype's rate on the ViT-B shapes, or the one asked for") {
   Run all = run_cli("bench --gemm --threads 1 --iterations 1 --json");
   INFO(all.err);

@@ -394,6 +394,9 @@ void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, Wei
   const int64_t panels = ceil_div(N, kNR), K4 = int8_quads(K), cols = panels * kNR;
   const size_t words = static_cast<size_t>(panels * K4 * kNR + 2 * cols);
   auto packed = uninitialised_floats(words, arena);
+  p.packed = std::shared_ptr<void>(packed, packed.get());
+  p.packed_bytes = words * sizeof(float);
+  if (arena && arena->replaying()) return;  // packed by an earlier load: see WeightArena::replay
   uint32_t* quads = reinterpret_cast<uint32_t*>(packed.get());
   float* scale = packed.get() + panels * K4 * kNR;
   int32_t* sum = reinterpret_cast<int32_t*>(scale + cols);
@@ -433,8 +436,6 @@ void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, Wei
     }
     stream_fence();
   });
-  p.packed = std::shared_ptr<void>(packed, packed.get());
-  p.packed_bytes = words * sizeof(float);
 }
 
 PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_features,
@@ -453,8 +454,10 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
     // K rows of 32 floats per panel, or ceil(K/2) rows of 32 bf16 pairs; zero-filled padding.
     const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
     auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR), arena);
-    // Panels are disjoint, so they are filled in parallel.
-    parallel_for(0, panels, w.grain(), [&](int64_t j0, int64_t j1) {
+    p.packed = std::shared_ptr<void>(packed, packed.get());
+    p.packed_bytes = static_cast<size_t>(panels * rows * kNR) * sizeof(float);
+    // Panels are disjoint, so they are filled in parallel (unless an earlier load's are mapped).
+    if (!(arena && arena->replaying())) parallel_for(0, panels, w.grain(), [&](int64_t j0, int64_t j1) {
       const float* rows_read = w.panels(j0, j1);
       for (int64_t j = j0; j < j1; ++j) {
         const float* src = rows_read + (j - j0) * kNR * K;
@@ -475,11 +478,10 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
       }
       stream_fence();
     });
-    p.packed = std::shared_ptr<void>(packed, packed.get());
-    p.packed_bytes = static_cast<size_t>(panels * rows * kNR) * sizeof(float);
   }
   if (bias) {
     p.bias = uninitialised_floats(static_cast<size_t>(panels * kNR), arena);
+    if (arena && arena->replaying()) return p;
     std::memcpy(p.bias.get(), bias, static_cast<size_t>(N) * sizeof(float));
     std::memset(p.bias.get() + N, 0, static_cast<size_t>(panels * kNR - N) * sizeof(float));
   }

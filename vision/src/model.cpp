@@ -5,8 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
@@ -506,6 +511,87 @@ void load_torchvision(Model& m, const Config& cfg, Checkpoint& ck, WeightType ty
 
 }  // namespace
 
+namespace {
+
+// Models with less checkpoint data than this (TESSERA_CACHE_MIN_MB, default 32) pack in a few
+// ms and are not cached.
+uintmax_t cache_min_bytes() {
+  const char* env = std::getenv("TESSERA_CACHE_MIN_MB");
+  char* end = nullptr;
+  const double mb = env && *env ? std::strtod(env, &end) : 32.0;
+  return static_cast<uintmax_t>(std::max(0.0, end && *end ? 32.0 : mb) * 1024 * 1024);
+}
+
+const char* type_name(WeightType t) {
+  return t == WeightType::BF16 ? "bf16" : t == WeightType::INT8 ? "int8" : "fp32";
+}
+
+// TESSERA_CACHE_DIR ("off", "0" or "" turn the cache off), else $XDG_CACHE_HOME/tessera, else
+// $HOME/.cache/tessera; empty when off.
+fs::path packed_cache_dir() {
+  if (const char* env = std::getenv("TESSERA_CACHE_DIR")) {
+    const std::string v = env;
+    if (v.empty() || v == "off" || v == "0") return {};
+    return v;
+  }
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return fs::path(xdg) / "tessera";
+  if (const char* home = std::getenv("HOME"); home && *home) return fs::path(home) / ".cache" / "tessera";
+  return {};
+}
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+struct CachePlan {
+  fs::path file;    // empty: no cache for this load
+  std::string key;  // what the packed weights are made from
+  std::string status = "off";
+};
+
+// The cache file for (folder, weight type) and the key that must match: the layout version,
+// the weight type and every .json and .safetensors file of the folder (name, size, mtime).
+CachePlan plan_cache(const fs::path& dir, WeightType type) {
+  CachePlan plan;
+  const fs::path cache_dir = packed_cache_dir();
+  if (cache_dir.empty()) return plan;
+  std::error_code ec;
+  const fs::path real = fs::canonical(dir, ec);
+  if (ec) return plan;
+  std::vector<std::string> files;
+  uintmax_t weight_bytes = 0;
+  for (const auto& e : fs::directory_iterator(real, ec)) {
+    const std::string ext = e.path().extension().string();
+    if ((ext != ".json" && ext != ".safetensors") || !e.is_regular_file(ec)) continue;
+    struct stat st {};
+    if (::stat(e.path().c_str(), &st) != 0) return plan;
+    if (ext == ".safetensors") weight_bytes += static_cast<uintmax_t>(st.st_size);
+    files.push_back(e.path().filename().string() + " " + std::to_string(st.st_size) + " " +
+                    std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec));
+  }
+  if (weight_bytes < cache_min_bytes()) {
+    plan.status = "small";
+    return plan;
+  }
+  std::sort(files.begin(), files.end());
+  plan.key = "tessera packed weights, layout " + std::to_string(kPackedLayoutVersion) + ", " +
+             type_name(type) + ", " + real.string();
+  for (const std::string& f : files) plan.key += "\n" + f;
+  char name[64];
+  std::snprintf(name, sizeof name, "%016llx-%s.tpack",
+                static_cast<unsigned long long>(fnv1a(real.string())), type_name(type));
+  plan.file = cache_dir / name;
+  return plan;
+}
+
+// One load: from the cache file when try_cache and it is there, else packing (and saving).
+std::shared_ptr<const Model> load_model_once(const fs::path& dir, WeightType weight_type,
+                                             const CachePlan& plan, bool try_cache);
+
+}  // namespace
+
 std::shared_ptr<const Model> load_model(const std::string& dir_arg, WeightType weight_type) {
   fs::path dir(dir_arg);
   std::error_code ec;
@@ -513,6 +599,21 @@ std::shared_ptr<const Model> load_model(const std::string& dir_arg, WeightType w
   if (!fs::is_directory(dir, ec)) fail(dir_arg + ": not a folder (a model is a folder with config.json and model.safetensors)");
   fs::path config_path = dir / "config.json";
   if (!fs::exists(config_path, ec)) fail(dir_arg + ": no config.json");
+  CachePlan plan = plan_cache(dir, weight_type);
+  if (plan.file.empty()) return load_model_once(dir, weight_type, plan, false);
+  try {
+    return load_model_once(dir, weight_type, plan, true);
+  } catch (const WeightArena::CacheMismatch&) {  // made by another build of the loaders: redo it
+    return load_model_once(dir, weight_type, plan, false);
+  }
+}
+
+namespace {
+
+std::shared_ptr<const Model> load_model_once(const fs::path& dir, WeightType weight_type,
+                                             const CachePlan& plan, bool try_cache) {
+  const std::string dir_arg = dir.string();
+  const fs::path config_path = dir / "config.json";
   auto model = std::make_shared<Model>();
   model->dir = dir_arg;
   model->config_json = read_text(config_path);
@@ -524,6 +625,13 @@ std::shared_ptr<const Model> load_model(const std::string& dir_arg, WeightType w
       cfg.j["architectures"][0].is_string())
     arch = cfg.j["architectures"][0].get<std::string>();
   Checkpoint ck = open_checkpoint(dir);
+  bool replayed = false;
+  if (try_cache) {
+    try {
+      replayed = ck.arena.replay(plan.file.string(), plan.key);
+    } catch (const Error&) {  // a damaged cache file: pack, and write it again
+    }
+  }
   if (cfg.has("architecture") && cfg.has("pretrained_cfg")) {
     model->family = ModelFamily::Timm;
     model->model_type = "timm";
@@ -558,8 +666,30 @@ std::shared_ptr<const Model> load_model(const std::string& dir_arg, WeightType w
   }
   model->parameter_count = ck.parameters;
   model->weight_dtype = ck.st.info(*ck.used.begin()).dtype;
+  model->weights_cache = plan.status;
+  if (replayed) {
+    ck.arena.finish_replay();
+    model->weights_cache = "hit";
+    model->weights_cache_file = plan.file.string();
+  } else if (!plan.file.empty()) {
+    try {
+      std::error_code mk;
+      fs::create_directories(plan.file.parent_path(), mk);
+      ck.arena.save(plan.file.string(), plan.key);
+      model->weights_cache = "written";
+      model->weights_cache_file = plan.file.string();
+    } catch (const Error& e) {
+      model->weights_cache = std::string("not written: ") + e.what();
+      static std::once_flag warned;
+      std::call_once(warned, [&] {
+        std::fprintf(stderr, "tessera: warning: %s (set TESSERA_CACHE_DIR=off to stop trying)\n", e.what());
+      });
+    }
+  }
   return model;
 }
+
+}  // namespace
 
 const Tensor& output(const NamedTensors& outputs, const std::string& name) {
   std::string have;

@@ -7,7 +7,10 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "tessera/error.hpp"
 #include "tessera/tensor.hpp"
 
 namespace tessera {
@@ -51,17 +54,45 @@ class WeightArena {
   ~WeightArena();
   WeightArena(const WeightArena&) = delete;
   WeightArena& operator=(const WeightArena&) = delete;
-  // n floats, 64-byte aligned, uninitialised. Thread-safe.
+  // n floats, 64-byte aligned, uninitialised (when replaying: the cached contents). Thread-safe.
   std::shared_ptr<float[]> floats(size_t n);
+
+  // The packed-weight cache. A load records the size of every piece it cuts; save() writes
+  // the pieces, in order, to one file, with `key` (what the pieces were made from). replay()
+  // maps such a file instead: the same load then gets its pieces from the mapping (private,
+  // copy-on-write: the file is never written through it) and skips packing the ones the file
+  // holds (replaying() is true), so a load costs reading the checkpoint's header and its small
+  // tensors. A load that asks for other sizes, or fewer pieces, throws CacheMismatch.
+  //
+  // replay: false (and nothing changes) when `path` does not exist, is not a cache file, or was
+  // made for another key or layout version; Error when it claims to be one but is damaged.
+  bool replay(const std::string& path, const std::string& key);
+  bool replaying() const { return static_cast<bool>(mapping_); }
+  void finish_replay() const;  // CacheMismatch unless the load used every cached piece
+  // Writes the pieces cut so far to `path` atomically (a temporary file, then a rename); Error
+  // with the reason when it cannot. Not while replaying.
+  void save(const std::string& path, const std::string& key) const;
+  struct CacheMismatch : Error {
+    using Error::Error;
+  };
 
  private:
   struct Slab;
+  struct Mapping;
   static std::shared_ptr<Slab> new_slab(size_t at_least);
   void retire();  // stops cutting from the current slab and trims its unreached tail
   std::mutex mutex_;
   std::shared_ptr<Slab> slab_;
   size_t used_ = 0;
+  std::vector<std::pair<const void*, size_t>> pieces_;  // every piece cut, in order (for save)
+  std::shared_ptr<Mapping> mapping_;  // when replaying
+  std::vector<uint64_t> sizes_;       // the cached pieces' sizes
+  size_t next_ = 0, offset_ = 0;      // the next cached piece and its offset in the mapping
 };
+
+// Bump when any packed layout (or what a loader puts in its arena) changes: caches made by
+// another version are then ignored and rewritten.
+inline constexpr int kPackedLayoutVersion = 1;
 
 // W's rows [n0, n1), in_features floats each, written row-major to dst.
 using WeightRows = std::function<void(int64_t n0, int64_t n1, float* dst)>;

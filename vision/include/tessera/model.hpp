@@ -54,12 +54,26 @@ struct Model {
   int64_t parameter_count = 0;
   std::string weight_dtype;  // as stored in the checkpoint ("F32", "BF16", ...)
   std::string config_json;   // the folder's config.json text, for pre-processing and info
+  // The packed-weight cache (see load_model): "hit" (weights mapped from `weights_cache_file`),
+  // "written" (packed, then saved there), "off", "small" (not worth caching), or
+  // "not written: <reason>".
+  std::string weights_cache = "off";
+  std::string weights_cache_file;
   std::shared_ptr<const DetectionHead> detection;       // set for detectors
   std::shared_ptr<const SegmentationHead> segmentation; // set for segmenters
 };
 
 // Loads a model folder. Every tensor's name, dtype and shape is checked against the config
 // before use; an error names the file, the tensor, what was expected and what was found.
+//
+// Packed-weight cache: packing a checkpoint's weights for the kernels costs more than reading
+// it, so a load of a model with 32 MB or more of checkpoint (TESSERA_CACHE_MIN_MB) saves its
+// packed weights to $TESSERA_CACHE_DIR (default $XDG_CACHE_HOME/tessera, else
+// ~/.cache/tessera; "off" turns the cache off), one file per model folder and weight type. A later load of the same folder,
+// with the same files (path, size, modification time) and weight type, maps that file instead
+// of packing: the checkpoint's header and small tensors are still read and checked, the large
+// weights are not. A stale or damaged cache file is ignored and rewritten; a cache that cannot
+// be written costs nothing but a warning on stderr (once per process).
 std::shared_ptr<const Model> load_model(const std::string& dir,
                                         WeightType weight_type = WeightType::F32);
 
