@@ -32,6 +32,8 @@ void add_info(CLI::App& app, Action& action) {
       std::printf("GFLOPs/image: %.2f at %lldx%lld\n",
                   model_flops(*m, c.image_height, c.image_width) / 1e9, (long long)c.image_height,
                   (long long)c.image_width);
+      std::printf("fp32 weights: packed-weight cache %s%s%s\n", m->weights_cache.c_str(),
+                  m->weights_cache_file.empty() ? "" : ", ", m->weights_cache_file.c_str());
       std::printf("labels:       %zu", m->labels.size());
       size_t shown = all_labels ? m->labels.size() : std::min<size_t>(m->labels.size(), 5);
       for (size_t i = 0; i < shown; ++i) std::printf("%s %zu=%s", i ? "," : ":", i, m->labels[i].c_str());

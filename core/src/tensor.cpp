@@ -1,3 +1,5 @@
+#include <sys/mman.h>
+
 #include "tessera/tensor.hpp"
 
 #include <cstdlib>
@@ -23,8 +25,15 @@ int64_t shape_numel(const Shape& shape) {
 std::shared_ptr<float[]> aligned_floats(size_t n) {
   size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
   if (bytes == 0) bytes = 64;
-  void* p = std::aligned_alloc(64, bytes);
+  // Tensors of 2 MiB or more (activations at batch 8, qkv, images) ask for transparent huge
+  // pages: kernels walk their rows thousands of floats apart (attention reads a head's 64 columns
+  // of every qkv row), and on 4 KiB pages each row is a TLB miss.
+  constexpr size_t kHuge = size_t{2} << 20;
+  const bool huge = bytes >= kHuge;
+  void* p = huge ? std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge)
+                 : std::aligned_alloc(64, bytes);
   if (!p) throw std::bad_alloc();
+  if (huge) ::madvise(p, (bytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);  // a hint; may fail
   std::memset(p, 0, bytes);
   return std::shared_ptr<float[]>(static_cast<float*>(p), [](float* q) { std::free(q); });
 }
