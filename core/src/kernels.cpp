@@ -1141,4 +1141,12 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
 
 void force_portable_attention(bool on) { g_force_portable_attention = on; }
 
+bool native_bf16_attention() {
+#ifdef TESSERA_HAVE_AVX512_ATTENTION
+  return cpu_has_avx512_bf16() && !g_force_portable_attention.load() && !generic_kernels_forced();
+#else
+  return false;
+#endif
+}
+
 }  // namespace tessera

@@ -228,6 +228,12 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
                d);
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  // Reduced-precision models (bf16, int8) take bf16 attention where the CPU runs it natively;
+  // elsewhere fp32 attention is both faster and more accurate than emulating bf16.
+  const WeightType block_type = w.layers.empty() ? WeightType::F32 : w.layers[0].qkv.type;
+  const AttentionPrecision attention_precision =
+      block_type != WeightType::F32 && native_bf16_attention() ? AttentionPrecision::BF16
+                                                               : AttentionPrecision::F32;
   ws.attention.clear();
   float* qkv = ws.qkv.data();
   float* context = ws.context.data();
@@ -248,9 +254,7 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
       attention_probabilities(qkv, B, T, heads, hd, scale, ws.attention.back().data());
     }
     attention(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
-              {qkv + 2 * d, T * 3 * d, 3 * d}, context, T * d, d, scale,
-              layer.qkv.type == WeightType::BF16 ? AttentionPrecision::BF16
-                                                 : AttentionPrecision::F32);
+              {qkv + 2 * d, T * 3 * d, 3 * d}, context, T * d, d, scale, attention_precision);
     linear(context, M, d, layer.attn_out, x, d, Activation::None, x);
     int64_t ld_mlp = f;
     switch (c.activation) {

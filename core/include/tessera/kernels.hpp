@@ -39,6 +39,9 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
                StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
                int64_t out_row_stride, float scale,
                AttentionPrecision precision = AttentionPrecision::F32);
+// True where BF16 attention runs on vdpbf16ps (the CPU has AVX512-BF16 and neither the portable
+// nor the generic kernels are forced); elsewhere it runs in portable C++, slower than F32.
+bool native_bf16_attention();
 // attention uses AVX-512 where the CPU has it (checked at run time), else portable C++.
 // force_portable_attention(true) selects the portable path everywhere (tests compare the two).
 void force_portable_attention(bool on);
