@@ -308,40 +308,63 @@ struct PortableAttentionGuard {
   ~PortableAttentionGuard() { force_portable_attention(false); }
 };
 
+// One attention problem laid out as the model lays it out: queries from a fused QKV buffer
+// [B, T, 3D] with padding between batches; keys and values from a separate cross-attention
+// memory [B, Tk, 2D]; output rows padded to D + 8 (pre-filled with -7, which must stay).
+struct AttentionCase {
+  int64_t batch, heads, q_len, kv_len, hd;
+  int64_t D = heads * hd;
+  int64_t q_rs = 3 * D, q_bs = q_len * q_rs + 13;
+  int64_t kv_rs = 2 * D, kv_bs = kv_len * kv_rs + 7;
+  int64_t o_rs = D + 8, o_bs = q_len * o_rs + 5;
+  std::vector<float> qbuf, kvbuf, out;
+  StridedRows q{}, k{}, v{};
+  float scale = 1.0f / std::sqrt(float(hd));
+  AttentionCase(int64_t b, int64_t h, int64_t tq, int64_t tk, int64_t d, uint32_t seed, float q_std)
+      : batch(b), heads(h), q_len(tq), kv_len(tk), hd(d) {
+    qbuf = random_vector(batch * q_bs, seed, 0.0f, q_std);
+    kvbuf = random_vector(batch * kv_bs, seed + 1);
+    out.assign(batch * o_bs, -7.0f);
+    q = {qbuf.data(), q_bs, q_rs};
+    k = {kvbuf.data(), kv_bs, kv_rs};
+    v = {kvbuf.data() + D, kv_bs, kv_rs};
+  }
+  void run(AttentionPrecision precision) {
+    attention(batch, heads, q_len, kv_len, hd, q, k, v, out.data(), o_bs, o_rs, scale, precision);
+  }
+  std::vector<double> reference(bool bf16_inputs = false, std::vector<double>* weighted_abs = nullptr) const {
+    return attention_ref(batch, heads, q_len, kv_len, hd, q, k, v, scale, bf16_inputs, weighted_abs);
+  }
+  // Calls check(output, index into the reference) for every output, and requires the padding.
+  template <class Check>
+  void each_output(const Check& check) const {
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t i = 0; i < q_len; ++i) {
+        for (int64_t c = 0; c < D; ++c) check(double(out[b * o_bs + i * o_rs + c]), (b * q_len + i) * D + c);
+        for (int64_t c = D; c < o_rs; ++c) REQUIRE(out[b * o_bs + i * o_rs + c] == -7.0f);
+      }
+  }
+};
+
+struct Shape {
+  int64_t batch, heads, q_len, kv_len, hd;
+};
+
 TEST_CASE("attention matches a double loop: self and cross, batch strides, odd head_dim") {
   PortableAttentionGuard path_guard;
   const bool portable = GENERATE(false, true);  // the AVX-512 path (where available) and portable C++
   force_portable_attention(portable);
   INFO("portable path " << portable);
-  struct Shape {
-    int64_t batch, heads, q_len, kv_len, hd;
-  };
   for (Shape s : {Shape{1, 1, 1, 1, 16}, Shape{2, 3, 5, 5, 16}, Shape{1, 2, 197, 197, 64},
                   Shape{2, 2, 300, 77, 80}, Shape{2, 1, 33, 300, 12}, Shape{1, 3, 129, 257, 48},
                   Shape{1, 2, 64, 1, 32}}) {
     INFO("b " << s.batch << " h " << s.heads << " q " << s.q_len << " kv " << s.kv_len
               << " hd " << s.hd);
-    const int64_t D = s.heads * s.hd;
-    // Queries from a fused QKV buffer [B, T, 3D] with padding between batches; keys and values
-    // from a separate cross-attention memory [B, Tk, 2D]; output rows padded to D + 8.
-    const int64_t q_rs = 3 * D, q_bs = s.q_len * q_rs + 13;
-    const int64_t kv_rs = 2 * D, kv_bs = s.kv_len * kv_rs + 7;
-    const int64_t o_rs = D + 8, o_bs = s.q_len * o_rs + 5;
-    auto qbuf = random_vector(s.batch * q_bs, 1);
-    auto kvbuf = random_vector(s.batch * kv_bs, 2);
-    const StridedRows q{qbuf.data(), q_bs, q_rs}, k{kvbuf.data(), kv_bs, kv_rs},
-        v{kvbuf.data() + D, kv_bs, kv_rs};
-    const float scale = 1.0f / std::sqrt(float(s.hd));
-    std::vector<float> out(s.batch * o_bs, -7.0f);
-    attention(s.batch, s.heads, s.q_len, s.kv_len, s.hd, q, k, v, out.data(), o_bs, o_rs, scale);
-    const auto ref = attention_ref(s.batch, s.heads, s.q_len, s.kv_len, s.hd, q, k, v, scale);
+    AttentionCase c(s.batch, s.heads, s.q_len, s.kv_len, s.hd, 1, 1.0f);
+    c.run(AttentionPrecision::F32);
+    const auto ref = c.reference();
     double worst = 0;
-    for (int64_t b = 0; b < s.batch; ++b)
-      for (int64_t i = 0; i < s.q_len; ++i) {
-        for (int64_t c = 0; c < D; ++c)
-          worst = std::max(worst, std::fabs(out[b * o_bs + i * o_rs + c] - ref[(b * s.q_len + i) * D + c]));
-        for (int64_t c = D; c < o_rs; ++c) REQUIRE(out[b * o_bs + i * o_rs + c] == -7.0f);
-      }
+    c.each_output([&](double y, int64_t at) { worst = std::max(worst, std::fabs(y - ref[at])); });
     // N(0,1) inputs, scale 1/sqrt(hd): O(1) outputs; float accumulation over <= 300 keys.
     CHECK(worst <= 1e-5);
   }
@@ -352,46 +375,26 @@ TEST_CASE("bf16 attention: bf16-rounded q, k, v and weights, fp32 sums") {
   const bool portable = GENERATE(false, true);  // vdpbf16ps (where available) and portable C++
   force_portable_attention(portable);
   INFO("portable path " << portable);
-  struct Shape {
-    int64_t batch, heads, q_len, kv_len, hd;
-  };
   for (Shape s : {Shape{1, 1, 1, 1, 16}, Shape{2, 3, 5, 5, 16}, Shape{1, 2, 197, 197, 64},
                   Shape{2, 2, 300, 77, 80}, Shape{1, 2, 70, 45, 13}, Shape{1, 1, 40, 1201, 64},
                   Shape{1, 3, 129, 257, 48}, Shape{1, 2, 64, 1, 32}}) {
     INFO("b " << s.batch << " h " << s.heads << " q " << s.q_len << " kv " << s.kv_len
               << " hd " << s.hd);
-    const int64_t D = s.heads * s.hd;
-    const int64_t q_rs = 3 * D, q_bs = s.q_len * q_rs + 13;
-    const int64_t kv_rs = 2 * D, kv_bs = s.kv_len * kv_rs + 7;
-    const int64_t o_rs = D + 8, o_bs = s.q_len * o_rs + 5;
-    auto qbuf = random_vector(s.batch * q_bs, 41, 0.0f, 2.0f);
-    auto kvbuf = random_vector(s.batch * kv_bs, 42);
-    const StridedRows q{qbuf.data(), q_bs, q_rs}, k{kvbuf.data(), kv_bs, kv_rs},
-        v{kvbuf.data() + D, kv_bs, kv_rs};
-    const float scale = 1.0f / std::sqrt(float(s.hd));
-    std::vector<float> out(s.batch * o_bs, -7.0f);
-    attention(s.batch, s.heads, s.q_len, s.kv_len, s.hd, q, k, v, out.data(), o_bs, o_rs, scale,
-              AttentionPrecision::BF16);
+    AttentionCase c(s.batch, s.heads, s.q_len, s.kv_len, s.hd, 41, 2.0f);
+    c.run(AttentionPrecision::BF16);
     std::vector<double> bound;
-    const auto ref = attention_ref(s.batch, s.heads, s.q_len, s.kv_len, s.hd, q, k, v, scale,
-                                   true, &bound);
-    const auto exact = attention_ref(s.batch, s.heads, s.q_len, s.kv_len, s.hd, q, k, v, scale);
+    const auto ref = c.reference(true, &bound);
+    const auto exact = c.reference();
     double worst_ratio = 0, worst_exact = 0;
-    for (int64_t b = 0; b < s.batch; ++b)
-      for (int64_t i = 0; i < s.q_len; ++i) {
-        for (int64_t c = 0; c < D; ++c) {
-          const int64_t at = (b * s.q_len + i) * D + c;
-          const double y = out[b * o_bs + i * o_rs + c];
-          // Each weight is rounded to bf16 (8 significant bits: relative error <= 2^-8) after
-          // an exp good to 1e-5, so |error| <= (2^-8 + 1e-5) sum_j p_j |v_j|, plus fp32
-          // rounding of scores and sums (1e-5).
-          const double err = std::fabs(y - ref[at]), allowed = (0x1p-8 + 1e-5) * bound[at] + 1e-5;
-          REQUIRE(err <= allowed);
-          worst_ratio = std::max(worst_ratio, err / allowed);
-          worst_exact = std::max(worst_exact, std::fabs(y - exact[at]));
-        }
-        for (int64_t c = D; c < o_rs; ++c) REQUIRE(out[b * o_bs + i * o_rs + c] == -7.0f);
-      }
+    c.each_output([&](double y, int64_t at) {
+      // Each weight is rounded to bf16 (8 significant bits: relative error <= 2^-8) after an
+      // exp good to 1e-5, so |error| <= (2^-8 + 1e-5) sum_j p_j |v_j|, plus fp32 rounding of
+      // scores and sums (1e-5).
+      const double err = std::fabs(y - ref[at]), allowed = (0x1p-8 + 1e-5) * bound[at] + 1e-5;
+      REQUIRE(err <= allowed);
+      worst_ratio = std::max(worst_ratio, err / allowed);
+      worst_exact = std::max(worst_exact, std::fabs(y - exact[at]));
+    });
     // Against unrounded inputs: bf16 keeps ~3 significant digits of O(1) outputs.
     CHECK(worst_exact <= 0.05);
     CHECK(worst_exact > 0);  // it really is computed at lower precision

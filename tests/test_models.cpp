@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "fixture_dirs.hpp"
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
 #include "tessera/safetensors.hpp"
@@ -22,22 +23,6 @@ namespace {
 
 constexpr float kTolerance = 1e-4f;  // float32 port vs float32 upstream (see conformance README)
 
-// Every fixture model (classifiers, detectors, segmenters) has its outputs compared here.
-const std::set<std::string> kNotClassifiers = {};
-
-std::vector<fs::path> model_dirs() {
-  std::vector<fs::path> dirs;
-  for (const char* root : {"conformance", "models", "models/timm", "conformance/timm"}) {
-    fs::path r = fs::path(TESSERA_FIXTURES) / root;
-    if (!fs::exists(r)) continue;
-    for (const auto& e : fs::directory_iterator(r))
-      if (fs::exists(e.path() / "config.json") && !kNotClassifiers.count(e.path().filename().string()))
-        dirs.push_back(e.path());
-  }
-  std::sort(dirs.begin(), dirs.end());
-  return dirs;
-}
-
 float max_abs_diff(const Tensor& a, const Tensor& b) {
   float m = 0;
   for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
@@ -47,7 +32,7 @@ float max_abs_diff(const Tensor& a, const Tensor& b) {
 }  // namespace
 
 TEST_CASE("every fixture model reproduces its upstream outputs to 1e-4") {
-  auto dirs = model_dirs();
+  auto dirs = fixture_model_dirs();
   REQUIRE(dirs.size() >= 15);  // the copied conformance set plus the generated variants
   int cases = 0;
   for (const fs::path& dir : dirs) {
@@ -113,7 +98,7 @@ TEST_CASE("a loaded model keeps nothing of its checkpoint: no mapping, no descri
   // still viewed its mapping (and cutting it short would crash one with SIGBUS).
   const fs::path tmp = fs::temp_directory_path() / ("tessera_release_" + std::to_string(::getpid()));
   int checked = 0;
-  for (const fs::path& dir : model_dirs()) {
+  for (const fs::path& dir : fixture_model_dirs()) {
     for (WeightType type : {WeightType::F32, WeightType::BF16, WeightType::INT8}) {
       INFO("model " << dir.string() << ", weight type " << static_cast<int>(type));
       const fs::path copy = tmp / dir.filename();

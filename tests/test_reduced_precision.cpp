@@ -15,6 +15,7 @@
 #include <set>
 #include <vector>
 
+#include "fixture_dirs.hpp"
 #include "tessera/gemm.hpp"
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
@@ -163,18 +164,8 @@ TEST_CASE("int8 linear matches a naive reference of the same quantization math")
 namespace {
 
 std::vector<fs::path> classifier_dirs() {
-  const std::set<std::string> not_classifiers = {"yolos-tiny-rand", "detr-vit-rand",
-                                                 "segmenter-linear-rand", "segmenter-mask-rand"};
-  std::vector<fs::path> dirs;
-  for (const char* root : {"conformance", "models", "models/timm", "conformance/timm"}) {
-    fs::path r = fs::path(TESSERA_FIXTURES) / root;
-    if (!fs::exists(r)) continue;
-    for (const auto& e : fs::directory_iterator(r))
-      if (fs::exists(e.path() / "config.json") && !not_classifiers.count(e.path().filename().string()))
-        dirs.push_back(e.path());
-  }
-  std::sort(dirs.begin(), dirs.end());
-  return dirs;
+  return fixture_model_dirs(
+      {"yolos-tiny-rand", "detr-vit-rand", "segmenter-linear-rand", "segmenter-mask-rand"});
 }
 
 // The classifier's logits, or (feature models) its first output.

@@ -13,6 +13,7 @@
 #include <optional>
 #include <set>
 
+#include "fixture_dirs.hpp"
 #include "tessera/gemm.hpp"
 #include "tessera/model.hpp"
 #include "tessera/safetensors.hpp"
@@ -21,18 +22,6 @@ namespace fs = std::filesystem;
 using namespace tessera;
 
 namespace {
-
-std::vector<fs::path> model_dirs() {
-  std::vector<fs::path> dirs;
-  for (const char* root : {"conformance", "models", "models/timm", "conformance/timm"}) {
-    fs::path r = fs::path(TESSERA_FIXTURES) / root;
-    if (!fs::exists(r)) continue;
-    for (const auto& e : fs::directory_iterator(r))
-      if (fs::exists(e.path() / "config.json")) dirs.push_back(e.path());
-  }
-  std::sort(dirs.begin(), dirs.end());
-  return dirs;
-}
 
 Tensor first_input(const fs::path& dir) {
   fs::path inputs;
@@ -163,7 +152,7 @@ TEST_CASE("a model loaded from the packed-weight cache gives the same outputs as
   env.set("TESSERA_CACHE_DIR", (tmp.path / "cache").string());
   env.set("TESSERA_CACHE_MIN_MB", "0");
   int checked = 0;
-  for (const fs::path& dir : model_dirs()) {
+  for (const fs::path& dir : fixture_model_dirs()) {
     const Tensor x = first_input(dir);
     for (WeightType type : {WeightType::F32, WeightType::BF16, WeightType::INT8}) {
       INFO("model " << dir.string() << ", " << name(type));
