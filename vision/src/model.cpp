@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <dlfcn.h>
 #include <sys/stat.h>
 
 #include <cstdio>
@@ -513,6 +514,8 @@ void load_torchvision(Model& m, const Config& cfg, Checkpoint& ck, WeightType ty
 
 namespace {
 
+void plan_cache_anchor() {}  // an address in this library, for build_identity
+
 // Models with less checkpoint data than this (TESSERA_CACHE_MIN_MB, default 32) pack in a few
 // ms and are not cached.
 uintmax_t cache_min_bytes() {
@@ -545,6 +548,23 @@ uint64_t fnv1a(const std::string& s) {
   return h;
 }
 
+// The file this code was loaded from (the tessera library, or the program it is linked into):
+// path, size and modification time. A cache is only used by the build that wrote it, since a
+// loader that changed what it puts in a piece without changing the piece's size would
+// otherwise read a stale one.
+std::string build_identity() {
+  std::string path;
+  Dl_info info{};
+  if (::dladdr(reinterpret_cast<void*>(&plan_cache_anchor), &info) && info.dli_fname && *info.dli_fname)
+    path = info.dli_fname;
+  std::error_code ec;
+  const fs::path real = fs::canonical(path.empty() ? fs::path("/proc/self/exe") : fs::path(path), ec);
+  struct stat st {};
+  if (ec || ::stat(real.c_str(), &st) != 0) return "unknown build";
+  return real.string() + " " + std::to_string(st.st_size) + " " + std::to_string(st.st_mtim.tv_sec) +
+         "." + std::to_string(st.st_mtim.tv_nsec);
+}
+
 struct CachePlan {
   fs::path file;    // empty: no cache for this load
   std::string key;  // what the packed weights are made from
@@ -552,7 +572,8 @@ struct CachePlan {
 };
 
 // The cache file for (folder, weight type) and the key that must match: the layout version,
-// the weight type and every .json and .safetensors file of the folder (name, size, mtime).
+// this build, the weight type and every .json and .safetensors file of the folder (name, size,
+// mtime).
 CachePlan plan_cache(const fs::path& dir, WeightType type) {
   CachePlan plan;
   const fs::path cache_dir = packed_cache_dir();
@@ -576,8 +597,9 @@ CachePlan plan_cache(const fs::path& dir, WeightType type) {
     return plan;
   }
   std::sort(files.begin(), files.end());
-  plan.key = "tessera packed weights, layout " + std::to_string(kPackedLayoutVersion) + ", " +
-             type_name(type) + ", " + real.string();
+  static const std::string build = build_identity();
+  plan.key = "tessera packed weights, layout " + std::to_string(kPackedLayoutVersion) + ", built by " +
+             build + ", " + type_name(type) + ", " + real.string();
   for (const std::string& f : files) plan.key += "\n" + f;
   char name[64];
   std::snprintf(name, sizeof name, "%016llx-%s.tpack",

@@ -69,11 +69,12 @@ struct Model {
 // Packed-weight cache: packing a checkpoint's weights for the kernels costs more than reading
 // it, so a load of a model with 32 MB or more of checkpoint (TESSERA_CACHE_MIN_MB) saves its
 // packed weights to $TESSERA_CACHE_DIR (default $XDG_CACHE_HOME/tessera, else
-// ~/.cache/tessera; "off" turns the cache off), one file per model folder and weight type. A later load of the same folder,
-// with the same files (path, size, modification time) and weight type, maps that file instead
-// of packing: the checkpoint's header and small tensors are still read and checked, the large
-// weights are not. A stale or damaged cache file is ignored and rewritten; a cache that cannot
-// be written costs nothing but a warning on stderr (once per process).
+// ~/.cache/tessera; "off" turns the cache off), one file per model folder and weight type. A
+// later load of the same folder, with the same files (path, size, modification time) and
+// weight type, by the same build of Tessera, maps that file instead of packing: the
+// checkpoint's header and small tensors are still read and checked, the large weights are not.
+// A stale or damaged cache file is ignored and rewritten; a cache that cannot be written costs
+// nothing but a warning on stderr (once per process).
 std::shared_ptr<const Model> load_model(const std::string& dir,
                                         WeightType weight_type = WeightType::F32);
 
