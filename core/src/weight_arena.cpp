@@ -99,6 +99,7 @@ bool WeightArena::replay(const std::string& path, const std::string& key) {
   ::close(fd);  // the mapping keeps the file's contents; no descriptor stays open
   if (p == MAP_FAILED) return false;
   map->base = static_cast<uint8_t*>(p);
+  ::madvise(p, map->size, MADV_HUGEPAGE);   // pages read in from now on come as 2 MiB folios
   ::madvise(p, map->size, MADV_WILLNEED);  // start reading it in if it is not in the page cache
   const uint8_t* b = map->base;
   auto u64 = [&](size_t at) {
@@ -154,8 +155,28 @@ void WeightArena::save(const std::string& path, const std::string& key) const {
   put(24 + key.size(), pieces_.size());
   for (size_t i = 0; i < pieces_.size(); ++i) put(32 + key.size() + 8 * i, pieces_[i].second);
   header.resize(round_up(header.size(), kDataAlign), 0);
-  bool ok = write_all(fd, header.data(), header.size());
-  for (size_t i = 0; ok && i < pieces_.size(); ++i) ok = write_all(fd, pieces_[i].first, pieces_[i].second);
+  // Written in whole 2 MiB blocks at 2 MiB offsets, so the page cache keeps the file in 2 MiB
+  // folios, which a replay's mapping then gets as huge pages (with the pieces' own sizes, most
+  // writes straddle block boundaries and leave small folios: ~30% of a ViT-B's).
+  std::vector<uint8_t> block;
+  block.reserve(kHugePage);
+  bool ok = true;
+  auto append = [&](const void* data, size_t n) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    while (ok && n > 0) {
+      const size_t take = std::min(n, kHugePage - block.size());
+      block.insert(block.end(), p, p + take);
+      p += take;
+      n -= take;
+      if (block.size() == kHugePage) {
+        ok = write_all(fd, block.data(), block.size());
+        block.clear();
+      }
+    }
+  };
+  append(header.data(), header.size());
+  for (const auto& [data, bytes] : pieces_) append(data, bytes);
+  if (ok && !block.empty()) ok = write_all(fd, block.data(), block.size());
   const std::string why = ok ? "" : errno_text();
   if (::close(fd) != 0 && ok) ok = false;
   if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
