@@ -2,14 +2,14 @@
 
 #include "model_internal.hpp"
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <dlfcn.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
