@@ -371,66 +371,57 @@ TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t
   }
 }
 
+// The walk every task makes, whatever the weight type: pack the task's micro-panels of x
+// (pack(x, ldx, rows, K, dst), `words` words each), then for each column panel j run every
+// micro-panel's tile (tile(rows, micro-panel words, j, Tile)). It only moves pointers and calls
+// the kernels through their tables, so it needs no CPU target of its own.
+template <class Word, class Pack, class RunTile>
+void task_walk(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1, int64_t j0,
+               int64_t j1, Word* apack, int64_t words, Pack pack, RunTile tile) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
+    pack(a.row(r0), a.ldx, r1 - r0, a.K, apack + (p - p0) * words);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    Tile t = panel_tile(a, j);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
+      t.y = a.y + r0 * a.ldy + j * kNR;
+      t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
+      tile(r1 - r0, apack + (p - p0) * words, j, t);
+    }
+  }
+}
+
 }  // namespace
 
-TESSERA_AVX512 void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t p0,
-                                       int64_t p1, int64_t j0, int64_t j1, float* apack) {
+void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
+                        int64_t j0, int64_t j1, float* apack) {
   const int64_t K = a.K;
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-    pack_rows(a.row(r0), a.ldx, r1 - r0, K, apack + (p - p0) * K * kMR);
-  }
-  for (int64_t j = j0; j < j1; ++j) {
-    Tile t = panel_tile(a, j);
-    const float* panel = a.wpack + j * K * kNR;
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-      t.y = a.y + r0 * a.ldy + j * kNR;
-      t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
-      kKernels[r1 - r0](K, apack + (p - p0) * K * kMR, panel, t);
-    }
-  }
+  task_walk(a, rows, p0, p1, j0, j1, apack, K * kMR, pack_rows,
+            [&](int64_t n, const float* ap, int64_t j, const Tile& t) {
+              kKernels[n](K, ap, a.wpack + j * K * kNR, t);
+            });
 }
 
-TESSERA_AVX512_BF16 void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows,
-                                                 int64_t p0, int64_t p1, int64_t j0, int64_t j1,
-                                                 uint32_t* apack) {
-  const int64_t K = a.K, K2 = ceil_div(K, 2);
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-    pack_rows_bf16(a.row(r0), a.ldx, r1 - r0, K, apack + (p - p0) * K2 * kMR);
-  }
-  for (int64_t j = j0; j < j1; ++j) {
-    Tile t = panel_tile(a, j);
-    const uint32_t* panel = a.wpack_bf16 + j * K2 * kNR;
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-      t.y = a.y + r0 * a.ldy + j * kNR;
-      t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
-      kKernelsBf16[r1 - r0](K2, apack + (p - p0) * K2 * kMR, panel, t);
-    }
-  }
+void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
+                             int64_t j0, int64_t j1, uint32_t* apack) {
+  const int64_t K2 = ceil_div(a.K, 2);
+  task_walk(a, rows, p0, p1, j0, j1, apack, K2 * kMR, pack_rows_bf16,
+            [&](int64_t n, const uint32_t* ap, int64_t j, const Tile& t) {
+              kKernelsBf16[n](K2, ap, a.wpack_bf16 + j * K2 * kNR, t);
+            });
 }
 
-TESSERA_AVX512_VNNI void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows,
-                                                 int64_t p0, int64_t p1, int64_t j0, int64_t j1,
-                                                 uint32_t* apack) {
-  const int64_t K4 = int8_quads(a.K), words = int8_apack_words(a.K, kMR);
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-    pack_rows_int8(a.row(r0), a.ldx, r1 - r0, a.K, apack + (p - p0) * words);
-  }
-  for (int64_t j = j0; j < j1; ++j) {
-    Tile t = panel_tile(a, j);
-    const uint32_t* panel = a.wpack_i8 + j * K4 * kNR;
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-      t.y = a.y + r0 * a.ldy + j * kNR;
-      t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
-      const uint32_t* ap = apack + (p - p0) * words;
-      kKernelsInt8[r1 - r0](K4, ap, panel, ap + K4 * kMR, a.wscale + j * kNR, a.wsum + j * kNR, t);
-    }
-  }
+void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
+                             int64_t j0, int64_t j1, uint32_t* apack) {
+  const int64_t K4 = int8_quads(a.K);
+  task_walk(a, rows, p0, p1, j0, j1, apack, int8_apack_words(a.K, kMR), pack_rows_int8,
+            [&](int64_t n, const uint32_t* ap, int64_t j, const Tile& t) {
+              // ap: the quads, then the micro-panel's row scales and zero points
+              kKernelsInt8[n](K4, ap, a.wpack_i8 + j * K4 * kNR, ap + K4 * kMR, a.wscale + j * kNR,
+                              a.wsum + j * kNR, t);
+            });
 }
 
 TESSERA_AVX512 void gelu_avx512(const float* x, float* y, int64_t n) {
