@@ -1,11 +1,13 @@
 // The packed-weight cache (load_model, WeightArena::replay/save): a load from the cache gives a
-// model with the very same outputs as packing, for every fixture model and weight type; a stale,
+// model with the very same outputs as packing, for every fixture model and weight type, without
+// copying a page of the mapping (which would split its huge pages); a stale,
 // damaged, foreign or mismatched cache file is ignored and rewritten; an unwritable cache costs
 // nothing but its status.
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -76,6 +78,27 @@ fs::path copy_model(const fs::path& dir, const fs::path& to) {
   return to;
 }
 
+// kB of the mappings of `file` in this process that were written and so copied on write
+// (smaps' "Anonymous"; "Private_Dirty" also counts file pages not yet written back); -1 when
+// the file is not mapped.
+long copied_kb(const std::string& file) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool in_file = false, found = false;
+  long kb = 0;
+  while (std::getline(smaps, line)) {
+    const bool header = !line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
+                        line.find('-') != std::string::npos && line.find(':') > line.find(' ');
+    if (header) {
+      in_file = line.size() >= file.size() && line.compare(line.size() - file.size(), file.size(), file) == 0;
+      found = found || in_file;
+    } else if (in_file && line.rfind("Anonymous:", 0) == 0) {
+      kb += std::stol(line.substr(10));
+    }
+  }
+  return found ? kb : -1;
+}
+
 const char* name(WeightType t) {
   return t == WeightType::BF16 ? "bf16" : t == WeightType::INT8 ? "int8" : "fp32";
 }
@@ -102,13 +125,39 @@ TEST_CASE("WeightArena replays the pieces it saved, and only for the same key an
     auto a = arena.floats(first.size()), b = arena.floats(second.size());
     CHECK(std::memcmp(a.get(), first.data(), first.size() * 4) == 0);
     CHECK(std::memcmp(b.get(), second.data(), second.size() * 4) == 0);
+    CHECK(copied_kb(file) == 0);
     a[0] = 42.0f;  // pieces stay writable (copy-on-write) ...
+    CHECK(copied_kb(file) > 0);
     CHECK_NOTHROW(arena.finish_replay());
   }
   {  // ... and the file did not change
     WeightArena arena;
     REQUIRE(arena.replay(file, "key one"));
     CHECK(arena.floats(first.size())[0] == 0.0f);
+  }
+  {  // a piece its caller fills: its own memory, not the mapping's; the cached copy is skipped
+    WeightArena arena;
+    REQUIRE(arena.replay(file, "key one"));
+    auto a = arena.writable_floats(first.size());
+    std::fill(a.get(), a.get() + first.size(), 7.0f);
+    auto b = arena.floats(second.size());  // still the second cached piece
+    CHECK(std::memcmp(b.get(), second.data(), second.size() * 4) == 0);
+    CHECK(reinterpret_cast<const char*>(b.get()) - reinterpret_cast<const char*>(a.get()) !=
+          static_cast<std::ptrdiff_t>(first.size() * 4));
+    CHECK(copied_kb(file) == 0);
+    CHECK_NOTHROW(arena.finish_replay());
+    CHECK_THROWS_AS(arena.writable_floats(1), WeightArena::CacheMismatch);  // one too many
+  }
+  {  // not replaying, writable pieces are saved like the others
+    WeightArena arena;
+    auto a = arena.writable_floats(first.size()), b = arena.floats(second.size());
+    std::memcpy(a.get(), first.data(), first.size() * 4);
+    std::memcpy(b.get(), second.data(), second.size() * 4);
+    arena.save(file + ".2", "key one");
+    WeightArena again;
+    REQUIRE(again.replay(file + ".2", "key one"));
+    CHECK(std::memcmp(again.floats(first.size()).get(), first.data(), first.size() * 4) == 0);
+    CHECK(std::memcmp(again.floats(second.size()).get(), second.data(), second.size() * 4) == 0);
   }
   {  // another key: not used
     WeightArena arena;
@@ -163,6 +212,9 @@ TEST_CASE("a model loaded from the packed-weight cache gives the same outputs as
       CHECK(cached->weights_cache == "hit");
       CHECK(cached->weights_cache_file == packed->weights_cache_file);
       require_same_outputs(*packed, *cached, x);
+      // Nothing was written through the mapping (the small tensors have memory of their own),
+      // so none of its pages was copied and its 2 MiB pages stay whole.
+      CHECK(copied_kb(cached->weights_cache_file) == 0);
       ++checked;
     }
   }

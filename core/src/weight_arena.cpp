@@ -200,7 +200,11 @@ void WeightArena::retire() {
 
 WeightArena::~WeightArena() { retire(); }
 
-std::shared_ptr<float[]> WeightArena::floats(size_t n) {
+std::shared_ptr<float[]> WeightArena::floats(size_t n) { return cut(n, false); }
+
+std::shared_ptr<float[]> WeightArena::writable_floats(size_t n) { return cut(n, true); }
+
+std::shared_ptr<float[]> WeightArena::cut(size_t n, bool writable) {
   const size_t bytes = round_up(std::max<size_t>(n * sizeof(float), 64), 64);
   std::lock_guard<std::mutex> lock(mutex_);
   if (mapping_) {
@@ -210,7 +214,7 @@ std::shared_ptr<float[]> WeightArena::floats(size_t n) {
     auto* p = reinterpret_cast<float*>(mapping_->base + offset_);
     offset_ += bytes;
     ++next_;
-    return std::shared_ptr<float[]>(mapping_, p);
+    if (!writable) return std::shared_ptr<float[]>(mapping_, p);
   }
   if (!slab_ || slab_->size - used_ < bytes) {
     retire();
@@ -218,7 +222,7 @@ std::shared_ptr<float[]> WeightArena::floats(size_t n) {
   }
   auto* p = reinterpret_cast<float*>(slab_->base + used_);
   used_ += bytes;
-  pieces_.emplace_back(p, bytes);
+  if (!mapping_) pieces_.emplace_back(p, bytes);  // what save() writes
   return std::shared_ptr<float[]>(slab_, p);  // shares the slab's ownership, points at the piece
 }
 

@@ -98,7 +98,7 @@ struct Checkpoint {
   Tensor get(const std::string& name, const Shape& shape) {
     expect(name, shape);
     const int64_t n = shape_numel(shape);
-    std::shared_ptr<float[]> storage = arena.floats(static_cast<size_t>(n));
+    std::shared_ptr<float[]> storage = arena.writable_floats(static_cast<size_t>(n));
     if (n > 0) st.read(name, 0, n, storage.get());
     return Tensor::view(storage.get(), shape, storage);
   }
