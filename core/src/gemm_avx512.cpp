@@ -414,9 +414,9 @@ TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t
 //
 // Each panel is used by all the task's micro-panels in turn, so only the first pass reads it
 // from memory, at one 128-byte row per ~14 cycles: faster than one core's share of the memory
-// bandwidth, and the hardware prefetcher stops at every 4 KiB page. So the passes over panel j
-// share out panel j+1's cache lines, one every few iterations, and the next panel is in cache
-// when its turn comes. ViT-B, 2 threads, batch 1, alternating runs: fp32 117 -> 111 ms, bf16
+// bandwidth, and the hardware prefetcher did not hide it (the linears were 3-12% slower with
+// cold weights than in a warm loop). So the passes over panel j share out panel j+1's cache
+// lines, one every few iterations, and the next panel is in cache when its turn comes. ViT-B, 2 threads, batch 1, alternating runs: fp32 117 -> 111 ms, bf16
 // 66 -> 62 ms per image (batch 8 unchanged). A task of one micro-panel asks for nothing: there
 // the weights are all there is to stream.
 //
