@@ -271,36 +271,6 @@ constexpr MicroKernelInt8 kKernelsInt8[kMR + 1] = {
     micro_kernel_int8<8>,  micro_kernel_int8<9>,  micro_kernel_int8<10>, micro_kernel_int8<11>,
     micro_kernel_int8<12>, micro_kernel_int8<13>, micro_kernel_int8<14>};
 
-// In-register 16 x 16 transpose of 32-bit words: afterwards v[i] lane r = old v[r] lane i.
-TESSERA_AVX512_INLINE void transpose16(__m512 (&v)[16]) {
-  __m512 t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-    v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    const int lo = (i / 4) * 8 + i % 4;
-    t[lo] = _mm512_shuffle_f32x4(v[lo], v[lo + 4], 0x88);
-    t[lo + 4] = _mm512_shuffle_f32x4(v[lo], v[lo + 4], 0xdd);
-  }
-#pragma GCC unroll 8
-  for (int j = 0; j < 8; ++j) {
-    v[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-    v[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
-  }
-}
-
 // v[r] holds 16 consecutive words of micro-panel row r (r < 16; rows past the panel are
 // ignored): dst[i * kMR + r] = v[r][i] for i < count, r < kMR. The micro-panel layout is the
 // transpose of the rows, so one 16 x 16 register transpose replaces 14 x 16 scalar stores.

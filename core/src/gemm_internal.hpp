@@ -6,6 +6,10 @@
 
 #include "tessera/gemm.hpp"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace tessera::gemm_detail {
 
 // Packed fp32 weights: ceil(N / kNR) column panels; panel j holds W[j*kNR + c, k] at
@@ -129,5 +133,38 @@ void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t 
 // y[i] = gelu(x[i]) / erf(x[i]) with the AVX-512 epilogue math (n any).
 void gelu_avx512(const float* x, float* y, int64_t n);
 void erf_avx512(const float* x, float* y, int64_t n);
+
+#if defined(__x86_64__)
+// In-register 16 x 16 transpose of 32-bit words: afterwards v[i] lane r = old v[r] lane i.
+// AVX-512F only, so the kernels of every AVX-512 target (GEMM packing, attention) can inline it.
+__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512 (&v)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    const int lo = (i / 4) * 8 + i % 4;
+    t[lo] = _mm512_shuffle_f32x4(v[lo], v[lo + 4], 0x88);
+    t[lo + 4] = _mm512_shuffle_f32x4(v[lo], v[lo + 4], 0xdd);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    v[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    v[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+#endif
 
 }  // namespace tessera::gemm_detail

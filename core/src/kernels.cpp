@@ -976,18 +976,25 @@ TESSERA_AVX512_BF16 void pv_rows_bf16(const uint32_t* p, const uint32_t* v2, int
 }
 
 struct Avx512Bf16Ops {
+  // kt2[e * ld + j] = pair e of key j, 0 for kv_len <= j < ld (ld = kv_len rounded up to 16):
+  // 16 keys x 32 dims at a time, rounded into 16 x 16 words and transposed in registers, so each
+  // row of kt2 gets whole 64-byte stores.
   TESSERA_AVX512_BF16 static void pack_keys(const float* k, int64_t k_rs, int64_t kv_len,
                                             int64_t hd, uint32_t* kt2, int64_t ld) {
     const int64_t hd2 = (hd + 1) / 2;
-    alignas(64) uint32_t words[16];
-    for (int64_t j = 0; j < kv_len; ++j) {
+    for (int64_t j0 = 0; j0 < kv_len; j0 += 16) {
+      const int64_t keys = std::min<int64_t>(16, kv_len - j0);
       for (int64_t d = 0; d < hd; d += 32) {
-        _mm512_store_si512(words, pairs32(k + j * k_rs + d, hd - d));
+        __m512 v[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r)
+          v[r] = r < keys ? _mm512_castsi512_ps(pairs32(k + (j0 + r) * k_rs + d, hd - d))
+                          : _mm512_setzero_ps();
+        gemm_detail::transpose16(v);  // v[e] lane r: pair d/2 + e of key j0 + r
         for (int64_t e = 0; e < std::min<int64_t>(16, hd2 - d / 2); ++e)
-          kt2[(d / 2 + e) * ld + j] = words[e];
+          _mm512_storeu_ps(reinterpret_cast<float*>(kt2 + (d / 2 + e) * ld + j0), v[e]);
       }
     }
-    for (int64_t e = 0; e < hd2; ++e) std::fill(kt2 + e * ld + kv_len, kt2 + (e + 1) * ld, 0u);
   }
 
   TESSERA_AVX512_BF16 static void pack_values(const float* v, int64_t v_rs, int64_t kv_len,
