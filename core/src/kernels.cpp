@@ -514,6 +514,10 @@ void transpose_keys(const float* k, int64_t k_rs, int64_t kv_len, int64_t hd, fl
 
 // The portable block operations; attention_chunk drives them (and their AVX-512 twins below).
 struct PortableOps {
+  static void keys(const float* k, int64_t k_rs, int64_t kv_len, int64_t hd, float* kt,
+                   int64_t ld) {
+    transpose_keys(k, k_rs, kv_len, hd, kt, ld);
+  }
   // s[r * kKeyBlock + j] = scale * q[r] . kt[:, j] for r < nq, j < nk.
   static void scores(const float* q, int64_t q_rs, int64_t nq, const float* kt, int64_t ld,
                      int64_t hd, int64_t nk, float scale, float* s) {
@@ -572,7 +576,7 @@ void attention_chunk(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
   const int64_t hdp = round16(hd), ld = round16(kv_len);
   AttentionScratch& w = attention_scratch(hdp, ld, false);
   float* kt = w.kt.data();
-  transpose_keys(k, k_rs, kv_len, hd, kt, ld);
+  Ops::keys(k, k_rs, kv_len, hd, kt, ld);
   const int64_t blocks = (nq + kQueryBlock - 1) / kQueryBlock;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t i0 = b * nq / blocks, rows = (b + 1) * nq / blocks - i0;
@@ -807,6 +811,25 @@ TESSERA_AVX512 inline void by_row_tiles(int64_t n, Args... args) {
 }
 
 struct Avx512Ops {
+  // transpose_keys (ld = kv_len rounded up to 16) in 16 x 16 register blocks: whole 64-byte
+  // rows of kt, and the last block's zero keys fill the padding.
+  TESSERA_AVX512 static void keys(const float* k, int64_t k_rs, int64_t kv_len, int64_t hd,
+                                  float* kt, int64_t ld) {
+    for (int64_t j0 = 0; j0 < kv_len; j0 += 16) {
+      const int64_t keys = std::min<int64_t>(16, kv_len - j0);
+      for (int64_t d = 0; d < hd; d += 16) {
+        const __mmask16 dims = hd - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (hd - d)) - 1);
+        __m512 v[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r)
+          v[r] = r < keys ? _mm512_maskz_loadu_ps(dims, k + (j0 + r) * k_rs + d) : _mm512_setzero_ps();
+        gemm_detail::transpose16(v);  // v[e] lane r: dim d + e of key j0 + r
+        for (int64_t e = 0; e < std::min<int64_t>(16, hd - d); ++e)
+          _mm512_storeu_ps(kt + (d + e) * ld + j0, v[e]);
+      }
+    }
+  }
+
   template <int R>
   struct Scores {
     TESSERA_AVX512 static void run(int64_t i, const float* q, int64_t q_rs, const float* kt,
