@@ -690,6 +690,11 @@ std::atomic<bool> g_force_portable_attention{false};
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #define TESSERA_AVX512 __attribute__((target("avx512f")))
 
+// lanes [0, n) of 16, n clamped to [0, 16] (plain mask arithmetic: every target inlines it).
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
 // exp(x) for 16 lanes, the same Cephes scheme as exp_approx; 0 below -87.3.
 TESSERA_AVX512 inline __m512 exp512(__m512 x) {
   const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
@@ -818,7 +823,7 @@ struct Avx512Ops {
     for (int64_t j0 = 0; j0 < kv_len; j0 += 16) {
       const int64_t keys = std::min<int64_t>(16, kv_len - j0);
       for (int64_t d = 0; d < hd; d += 16) {
-        const __mmask16 dims = hd - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (hd - d)) - 1);
+        const __mmask16 dims = lanes(hd - d);
         __m512 v[16];
 #pragma GCC unroll 16
         for (int r = 0; r < 16; ++r)
@@ -893,9 +898,6 @@ struct Avx512Ops {
 
 #define TESSERA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
 
-TESSERA_AVX512_BF16 inline __mmask16 lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
 
 // 16 words of bf16 pairs from 32 floats x[0, n) (0 past n): (x[0], x[1]), (x[2], x[3]), ...
 TESSERA_AVX512_BF16 inline __m512i pairs32(const float* x, int64_t n) {
