@@ -106,13 +106,14 @@ struct LinearArgs {
   const float* row(int64_t r) const { return x + (r - x_first) * ldx; }  // x row r
 };
 
-// The M rows are cut into P = ceil(M / mr_max) micro-panels of as equal size as possible
-// (14 x 13 rows beat 14 x 14 + 1); micro-panel p covers rows [row_begin(p), row_begin(p+1)).
+// M rows (from row first_row on: a task's row block) are cut into P = ceil(M / mr_max)
+// micro-panels of as equal size as possible (14 x 13 rows beat 14 x 14 + 1); micro-panel p covers
+// rows [row_begin(p), row_begin(p+1)).
 struct RowSplit {
-  int64_t panels, base, extra;
-  RowSplit(int64_t M, int64_t mr_max)
-      : panels(ceil_div(M, mr_max)), base(M / panels), extra(M % panels) {}
-  int64_t row_begin(int64_t p) const { return p * base + (p < extra ? p : extra); }
+  int64_t panels, base, extra, first;
+  RowSplit(int64_t M, int64_t mr_max, int64_t first_row = 0)
+      : panels(ceil_div(M, mr_max)), base(M / panels), extra(M % panels), first(first_row) {}
+  int64_t row_begin(int64_t p) const { return first + p * base + (p < extra ? p : extra); }
 };
 
 // Computes y for micro-panels [p0, p1) x column panels [j0, j1). apack: scratch of at least
