@@ -207,10 +207,9 @@ void generic_tile_int8(const LinearArgs& a, int64_t r0, int64_t j) {
 }
 
 template <template <int> class Tile>
-void linear_task_generic(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
-                         int64_t j0, int64_t j1) {
+void linear_task_generic(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; ++j)
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t p = 0; p < rows.panels; ++p) {
       int64_t r0 = rows.row_begin(p), n = rows.row_begin(p + 1) - r0;
       switch (n) {
         case 1: Tile<1>::run(a, r0, j); break;
@@ -245,12 +244,15 @@ struct TileInt8 {
 // ~0.1 per W panel it streams.
 //
 // A row block holds at most 8 micro-panels and ~768 KiB of packed x (bytes_per_row per row),
-// so the walk over W keeps it in the 1 MiB L2. Measured on ViT-B's four linears (12 layers with
-// distinct weights, 2 threads, paired in-process runs against the split this replaced, which cut
-// at micro-panel boundaries and charged 0.5 per packed micro-panel and 0.3 per W panel):
+// so the walk over W keeps it in the 1 MiB L2. Measured against the split this replaced (blocks
+// cut at micro-panel boundaries, 0.5 per packed micro-panel, 0.3 per W panel), 2 threads,
+// alternating processes of the two builds:
 // - batch 1: blocks of 98-99 rows, one per thread, instead of every thread taking all 197 rows
-//   and half the columns: bf16 -3.5 to -4%, int8 -7%, fp32 -2%;
-// - batch 8: neutral (blocks of ~98 rows; uncapped blocks of 197 rows were 3-5% slower).
+//   and half the columns. ViT-B's linears and attention (12 layers, distinct weights): bf16
+//   -4.6%, int8 -8.3%, fp32 -1.9%; the whole model (tessera bench): bf16 -2.3%, fp32 -2.0%;
+//   ViT-Ti -15%, ViT-S and Segmenter-S -5%, YOLOS-Ti -1%.
+// - batch 8: -2 to 0% (blocks of ~98 rows). Without the 8-micro-panel cap, blocks of 197 rows
+//   were 3-13% slower than the old split.
 struct Split {
   int64_t row_blocks, col_blocks;
 };
@@ -551,35 +553,33 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
       const int64_t rb = t / s.col_blocks, cb = t % s.col_blocks;
       const int64_t m0 = rb * M / s.row_blocks, m1 = (rb + 1) * M / s.row_blocks;
       const RowSplit rows(m1 - m0, mr, m0);
-      const int64_t p0 = 0, p1 = rows.panels;
-      int64_t j0 = cb * NP / s.col_blocks, j1 = (cb + 1) * NP / s.col_blocks;
+      const int64_t j0 = cb * NP / s.col_blocks, j1 = (cb + 1) * NP / s.col_blocks;
       LinearArgs ta = a;
       if (norm) {  // this task's rows, normalised into per-thread scratch (cache-resident)
-        const int64_t first = rows.row_begin(p0), count = rows.row_begin(p1) - first;
-        float* xn = thread_scratch(static_cast<size_t>(count * K), kNormedRows);
-        for (int64_t r = 0; r < count; ++r)
-          layer_norm_row(x + (first + r) * ldx, K, norm->gamma, norm->beta, norm->eps, xn + r * K);
+        float* xn = thread_scratch(static_cast<size_t>((m1 - m0) * K), kNormedRows);
+        for (int64_t r = m0; r < m1; ++r)
+          layer_norm_row(x + r * ldx, K, norm->gamma, norm->beta, norm->eps, xn + (r - m0) * K);
         ta.x = xn;
         ta.ldx = K;
-        ta.x_first = first;
+        ta.x_first = m0;
       }
       if (avx512 && int8)
-        linear_task_avx512_int8(ta, rows, p0, p1, j0, j1,
+        linear_task_avx512_int8(ta, rows, j0, j1,
                                 reinterpret_cast<uint32_t*>(thread_scratch(
-                                    static_cast<size_t>((p1 - p0) * int8_apack_words(K, kMR)))));
+                                    static_cast<size_t>(rows.panels * int8_apack_words(K, kMR)))));
       else if (avx512 && bf16)
-        linear_task_avx512_bf16(ta, rows, p0, p1, j0, j1,
+        linear_task_avx512_bf16(ta, rows, j0, j1,
                                 reinterpret_cast<uint32_t*>(thread_scratch(
-                                    static_cast<size_t>((p1 - p0) * ceil_div(K, 2) * kMR))));
+                                    static_cast<size_t>(rows.panels * ceil_div(K, 2) * kMR))));
       else if (avx512)
-        linear_task_avx512(ta, rows, p0, p1, j0, j1,
-                           thread_scratch(static_cast<size_t>((p1 - p0) * K * kMR)));
+        linear_task_avx512(ta, rows, j0, j1,
+                           thread_scratch(static_cast<size_t>(rows.panels * K * kMR)));
       else if (int8)
-        linear_task_generic<TileInt8>(ta, rows, p0, p1, j0, j1);
+        linear_task_generic<TileInt8>(ta, rows, j0, j1);
       else if (bf16)
-        linear_task_generic<TileBf16>(ta, rows, p0, p1, j0, j1);
+        linear_task_generic<TileBf16>(ta, rows, j0, j1);
       else
-        linear_task_generic<TileF32>(ta, rows, p0, p1, j0, j1);
+        linear_task_generic<TileF32>(ta, rows, j0, j1);
     }
   });
 }

@@ -393,58 +393,57 @@ TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t
 // The walk only moves pointers and calls the kernels through their tables, so it needs no CPU
 // target of its own.
 template <class Word, class Pack, class RunTile>
-void task_walk(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1, int64_t j0,
-               int64_t j1, Word* apack, int64_t words, const void* panels, int64_t steps,
-               Pack pack, RunTile tile) {
-  for (int64_t p = p0; p < p1; ++p) {
+void task_walk(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1, Word* apack,
+               int64_t words, const void* panels, int64_t steps, Pack pack, RunTile tile) {
+  for (int64_t p = 0; p < rows.panels; ++p) {
     const int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
-    pack(a.row(r0), a.ldx, r1 - r0, a.K, apack + (p - p0) * words);
+    pack(a.row(r0), a.ldx, r1 - r0, a.K, apack + p * words);
   }
-  const int64_t passes = p1 - p0, lines = 2 * steps;  // 64-byte lines per panel
+  const int64_t passes = rows.panels, lines = 2 * steps;  // 64-byte lines per panel
   const int64_t share = ceil_div(lines, passes);      // lines per pass
   for (int64_t j = j0; j < j1; ++j) {
     Tile t = panel_tile(a, j);
     const char* next = static_cast<const char*>(panels) + (j + 1) * steps * 128;
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t p = 0; p < rows.panels; ++p) {
       const int64_t r0 = rows.row_begin(p), r1 = rows.row_begin(p + 1);
       t.y = a.y + r0 * a.ldy + j * kNR;
       t.residual = a.residual ? a.residual + r0 * a.ldy + j * kNR : nullptr;
       Prefetch pf;
       if (j + 1 < j1 && passes > 1) {
-        const int64_t first = (p - p0) * share;
+        const int64_t first = p * share;
         pf.next = next + first * 64;
         pf.count = std::clamp<int64_t>(lines - first, 0, share);
         pf.step = steps / share;  // >= 1: share <= steps when there are 2 or more passes
       }
-      tile(r1 - r0, apack + (p - p0) * words, j, t, pf);
+      tile(r1 - r0, apack + p * words, j, t, pf);
     }
   }
 }
 
 }  // namespace
 
-void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
-                        int64_t j0, int64_t j1, float* apack) {
+void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                        float* apack) {
   const int64_t K = a.K;
-  task_walk(a, rows, p0, p1, j0, j1, apack, K * kMR, a.wpack, K, pack_rows,
+  task_walk(a, rows, j0, j1, apack, K * kMR, a.wpack, K, pack_rows,
             [&](int64_t n, const float* ap, int64_t j, const Tile& t, const Prefetch& pf) {
               kKernels[n](K, ap, a.wpack + j * K * kNR, t, pf);
             });
 }
 
-void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
-                             int64_t j0, int64_t j1, uint32_t* apack) {
+void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                             uint32_t* apack) {
   const int64_t K2 = ceil_div(a.K, 2);
-  task_walk(a, rows, p0, p1, j0, j1, apack, K2 * kMR, a.wpack_bf16, K2, pack_rows_bf16,
+  task_walk(a, rows, j0, j1, apack, K2 * kMR, a.wpack_bf16, K2, pack_rows_bf16,
             [&](int64_t n, const uint32_t* ap, int64_t j, const Tile& t, const Prefetch& pf) {
               kKernelsBf16[n](K2, ap, a.wpack_bf16 + j * K2 * kNR, t, pf);
             });
 }
 
-void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
-                             int64_t j0, int64_t j1, uint32_t* apack) {
+void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                             uint32_t* apack) {
   const int64_t K4 = int8_quads(a.K);
-  task_walk(a, rows, p0, p1, j0, j1, apack, int8_apack_words(a.K, kMR), a.wpack_i8, K4,
+  task_walk(a, rows, j0, j1, apack, int8_apack_words(a.K, kMR), a.wpack_i8, K4,
             pack_rows_int8,
             [&](int64_t n, const uint32_t* ap, int64_t j, const Tile& t, const Prefetch& pf) {
               // ap: the quads, then the micro-panel's row scales and zero points

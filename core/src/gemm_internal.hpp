@@ -116,20 +116,21 @@ struct RowSplit {
   int64_t row_begin(int64_t p) const { return first + p * base + (p < extra ? p : extra); }
 };
 
-// Computes y for micro-panels [p0, p1) x column panels [j0, j1). apack: scratch of at least
-// (p1 - p0) * K * kMR floats, 64-byte aligned. Every output element gets the same fixed
-// k-order sum whatever the task split, so results do not depend on the thread count.
-void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
-                        int64_t j0, int64_t j1, float* apack);
+// Computes y for the rows of `rows` (a task's row block, all its micro-panels) x column panels
+// [j0, j1). apack: scratch of at least rows.panels * K * kMR floats, 64-byte aligned. Every
+// output element gets the same fixed k-order sum whatever the task split, so results do not
+// depend on the thread count.
+void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                        float* apack);
 
-// The same with bf16 weights and x (fp32 accumulation); apack: (p1 - p0) * ceil(K/2) * kMR.
-void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
-                             int64_t j0, int64_t j1, uint32_t* apack);
+// The same with bf16 weights and x (fp32 accumulation); apack: rows.panels * ceil(K/2) * kMR.
+void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                             uint32_t* apack);
 
 // The same with int8 weights and dynamically quantized u8 x (vpdpbusd, int32 accumulation);
-// apack: (p1 - p0) * int8_apack_words(K, kMR) words.
-void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t p0, int64_t p1,
-                             int64_t j0, int64_t j1, uint32_t* apack);
+// apack: rows.panels * int8_apack_words(K, kMR) words.
+void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                             uint32_t* apack);
 
 // y[i] = gelu(x[i]) / erf(x[i]) with the AVX-512 epilogue math (n any).
 void gelu_avx512(const float* x, float* y, int64_t n);
