@@ -445,6 +445,15 @@ constexpr int64_t kKeyBlock = 512;   // keys per online-softmax step (a ViT's 19
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
+// Rows per query block for nq queries: as few blocks as kQueryBlock allows, each a multiple of
+// the kernels' 6-row tile where that still fits, so only the last block ends in a short tile
+// (197 queries: 54 + 54 + 54 + 35, not 49 + 49 + 49 + 50 with four 1-2 row tails).
+inline int64_t query_block_rows(int64_t nq) {
+  const int64_t blocks = (nq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t even = (nq + blocks - 1) / blocks, tiled = (even + 5) / 6 * 6;
+  return tiled <= kQueryBlock ? tiled : even;
+}
+
 constexpr int64_t kPairBlock = kKeyBlock / 2;  // bf16 pairs of weights per row of p
 
 // Per-thread scratch, grown when a larger head or sequence first shows up and otherwise reused.
@@ -577,9 +586,9 @@ void attention_chunk(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
   AttentionScratch& w = attention_scratch(hdp, ld, false);
   float* kt = w.kt.data();
   Ops::keys(k, k_rs, kv_len, hd, kt, ld);
-  const int64_t blocks = (nq + kQueryBlock - 1) / kQueryBlock;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t i0 = b * nq / blocks, rows = (b + 1) * nq / blocks - i0;
+  const int64_t per = query_block_rows(nq);
+  for (int64_t i0 = 0; i0 < nq; i0 += per) {
+    const int64_t rows = std::min(per, nq - i0);
     start_block(w, rows, hdp);
     for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
       const int64_t nk = std::min(kKeyBlock, kv_len - k0);
@@ -601,9 +610,9 @@ void attention_chunk_bf16(const float* q, int64_t q_rs, const float* k, int64_t 
   AttentionScratch& w = attention_scratch(hdp, ld, true);
   Ops::pack_keys(k, k_rs, kv_len, hd, w.kt2.data(), ld);
   Ops::pack_values(v, v_rs, kv_len, hd, w.v2.data(), hdp);
-  const int64_t blocks = (nq + kQueryBlock - 1) / kQueryBlock;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t i0 = b * nq / blocks, rows = (b + 1) * nq / blocks - i0;
+  const int64_t per = query_block_rows(nq);
+  for (int64_t i0 = 0; i0 < nq; i0 += per) {
+    const int64_t rows = std::min(per, nq - i0);
     Ops::pack_queries(q + i0 * q_rs, q_rs, rows, hd, w.qb.data());
     start_block(w, rows, hdp);
     for (int64_t k0 = 0; k0 < kv_len; k0 += kKeyBlock) {
@@ -695,6 +704,14 @@ inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
+// How many 3-vector tiles to run before the 4-vector ones over n vectors of keys, so that none
+// is left over for a 1- or 2-vector tile (13 = 3 + 3 + 3 + 4, not 4 + 4 + 4 + 1): 0 when n is
+// a multiple of 4 or too small to avoid a short tile.
+inline int64_t threes(int64_t n) {
+  const int64_t k = (4 - n % 4) % 4;
+  return 3 * k <= n ? k : 0;
+}
+
 // exp(x) for 16 lanes, the same Cephes scheme as exp_approx; 0 below -87.3.
 TESSERA_AVX512 inline __m512 exp512(__m512 x) {
   const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
@@ -745,6 +762,8 @@ template <int R>
 TESSERA_AVX512 void qk_rows(const float* q, int64_t q_rs, const float* kt, int64_t ld, int64_t hd,
                             int64_t nk16, float scale, float* s) {
   int64_t j = 0;
+  for (int64_t k = threes(nk16 / 16); k > 0; --k, j += 48)
+    qk_tile<R, 3>(q, q_rs, kt + j, ld, hd, scale, s + j);
   for (; j + 64 <= nk16; j += 64) qk_tile<R, 4>(q, q_rs, kt + j, ld, hd, scale, s + j);
   switch ((nk16 - j) / 16) {
     case 3: qk_tile<R, 3>(q, q_rs, kt + j, ld, hd, scale, s + j); break;
@@ -978,6 +997,8 @@ template <int R>
 TESSERA_AVX512_BF16 void qk_rows_bf16(const uint32_t* qb, int64_t hd2, const uint32_t* kt2,
                                       int64_t ld, int64_t nk16, float scale, float* s) {
   int64_t j = 0;
+  for (int64_t k = threes(nk16 / 16); k > 0; --k, j += 48)
+    qk_tile_bf16<R, 3>(qb, hd2, kt2 + j, ld, scale, s + j);
   for (; j + 64 <= nk16; j += 64) qk_tile_bf16<R, 4>(qb, hd2, kt2 + j, ld, scale, s + j);
   switch ((nk16 - j) / 16) {
     case 3: qk_tile_bf16<R, 3>(qb, hd2, kt2 + j, ld, scale, s + j); break;
