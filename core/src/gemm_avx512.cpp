@@ -282,10 +282,6 @@ TESSERA_AVX512_INLINE void store_columns(__m512 (&v)[16], int64_t count, uint32_
     if (i < count) _mm512_mask_storeu_ps(dst + i * kMR, kPanelRows, v[i]);
 }
 
-__mmask16 first_lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
 // Quantizes x rows (rows <= kMR) to u8 quads: dst[i*kMR + r] = u[r, 4i..4i+3], then kMR row
 // scales and kMR zero points (gemm_internal.hpp's math, vectorised; cvtps rounds to nearest
 // even like std::nearbyint).
@@ -297,7 +293,7 @@ TESSERA_AVX512 void pack_rows_int8(const float* x, int64_t ldx, int64_t rows, in
     const float* xr = x + r * ldx;
     __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(first_lanes(K - k), xr + k);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes(K - k), xr + k);
       lo = _mm512_min_ps(lo, v);
       hi = _mm512_max_ps(hi, v);
     }
@@ -317,7 +313,7 @@ TESSERA_AVX512 void pack_rows_int8(const float* x, int64_t ldx, int64_t rows, in
       const __m512i zp = _mm512_set1_epi32(q[r].zero);
       __m128i bytes[4];
       for (int g = 0; g < 4; ++g) {
-        const __mmask16 m = first_lanes(K - k - 16 * g);
+        const __mmask16 m = lanes(K - k - 16 * g);
         __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + 16 * g), inv)), zp);
         u = _mm512_min_epi32(_mm512_max_epi32(u, _mm512_setzero_si512()), top);
         bytes[g] = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(m, u));  // past K: 0, as W
@@ -344,8 +340,8 @@ TESSERA_AVX512_BF16 void pack_rows_bf16(const float* x, int64_t ldx, int64_t row
       v[r] = _mm512_setzero_ps();
       if (r >= rows) continue;
       const float* xr = x + r * ldx + k;
-      const __m512 lo = _mm512_maskz_loadu_ps(first_lanes(K - k), xr);
-      const __m512 hi = _mm512_maskz_loadu_ps(first_lanes(K - k - 16), xr + 16);
+      const __m512 lo = _mm512_maskz_loadu_ps(lanes(K - k), xr);
+      const __m512 hi = _mm512_maskz_loadu_ps(lanes(K - k - 16), xr + 16);
       v[r] = _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
     store_columns(v, K2 - k / 2, dst + (k / 2) * kMR);
@@ -360,8 +356,8 @@ Tile panel_tile(const LinearArgs& a, int64_t j) {
   t.residual = nullptr;
   t.ldy = a.ldy;
   t.bias = a.bias ? a.bias + j * kNR : nullptr;
-  t.mask0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  t.mask1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : 0;
+  t.mask0 = lanes(cols);
+  t.mask1 = lanes(cols - 16);
   t.act = a.act;
   return t;
 }
@@ -372,7 +368,7 @@ TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t
     __m512 v[16];
 #pragma GCC unroll 16
     for (int r = 0; r < 16; ++r)
-      v[r] = r < rows ? _mm512_maskz_loadu_ps(first_lanes(K - k), x + r * ldx + k) : _mm512_setzero_ps();
+      v[r] = r < rows ? _mm512_maskz_loadu_ps(lanes(K - k), x + r * ldx + k) : _mm512_setzero_ps();
     store_columns(v, K - k, reinterpret_cast<uint32_t*>(apack + k * kMR));
   }
 }
@@ -386,9 +382,10 @@ TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t
 // from memory, at one 128-byte row per ~14 cycles: faster than one core's share of the memory
 // bandwidth, and the hardware prefetcher did not hide it (the linears were 3-12% slower with
 // cold weights than in a warm loop). So the passes over panel j share out panel j+1's cache
-// lines, one every few iterations, and the next panel is in cache when its turn comes. ViT-B, 2 threads, batch 1, alternating runs: fp32 117 -> 111 ms, bf16
-// 66 -> 62 ms per image (batch 8 unchanged). A task of one micro-panel asks for nothing: there
-// the weights are all there is to stream.
+// lines, one every few iterations, and the next panel is in cache when its turn comes. ViT-B,
+// 2 threads, batch 1, alternating runs: fp32 117 -> 111 ms, bf16 66 -> 62 ms per image (batch 8
+// unchanged). A task of one micro-panel asks for nothing: there the weights are all there is to
+// stream.
 //
 // The walk only moves pointers and calls the kernels through their tables, so it needs no CPU
 // target of its own.
@@ -454,14 +451,14 @@ void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t 
 
 TESSERA_AVX512 void gelu_avx512(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __mmask16 m = lanes(n - i);
     _mm512_mask_storeu_ps(y + i, m, gelu_v(_mm512_maskz_loadu_ps(m, x + i)));
   }
 }
 
 TESSERA_AVX512 void erf_avx512(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __mmask16 m = lanes(n - i);
     _mm512_mask_storeu_ps(y + i, m, erf_v(_mm512_maskz_loadu_ps(m, x + i)));
   }
 }

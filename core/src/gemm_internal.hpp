@@ -137,6 +137,12 @@ void gelu_avx512(const float* x, float* y, int64_t n);
 void erf_avx512(const float* x, float* y, int64_t n);
 
 #if defined(__x86_64__)
+// Lanes [0, n) of 16, n clamped to [0, 16]: plain mask arithmetic, so kernels of every AVX-512
+// target (GEMM packing and epilogues, attention) inline it.
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
 // In-register 16 x 16 transpose of 32-bit words: afterwards v[i] lane r = old v[r] lane i.
 // AVX-512F only, so the kernels of every AVX-512 target (GEMM packing, attention) can inline it.
 __attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512 (&v)[16]) {

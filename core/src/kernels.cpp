@@ -699,10 +699,7 @@ std::atomic<bool> g_force_portable_attention{false};
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #define TESSERA_AVX512 __attribute__((target("avx512f")))
 
-// lanes [0, n) of 16, n clamped to [0, 16] (plain mask arithmetic: every target inlines it).
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
+using gemm_detail::lanes;
 
 // How many 3-vector tiles to run before the 4-vector ones over n vectors of keys, so that none
 // is left over for a 1- or 2-vector tile (13 = 3 + 3 + 3 + 4, not 4 + 4 + 4 + 1): 0 when n is
@@ -916,7 +913,6 @@ struct Avx512Ops {
 };
 
 #define TESSERA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
-
 
 // 16 words of bf16 pairs from 32 floats x[0, n) (0 past n): (x[0], x[1]), (x[2], x[3]), ...
 TESSERA_AVX512_BF16 inline __m512i pairs32(const float* x, int64_t n) {
