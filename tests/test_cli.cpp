@@ -226,14 +226,18 @@ TEST_CASE("tessera bench --gemm: every dtype's rate on the ViT-B shapes, or the 
     REQUIRE(d["gemm"].size() == 4);  // qkv, attn out, fc1, fc2
     CHECK(d["gemm"][3]["K"] == 3072);
   }
+  CHECK(j["fma_peak_threads"] == 1);
+  CHECK(double(j["fma_peak_gflops"]) > 0);
   Run one = run_cli("bench --gemm --dtype bf16 --threads 1 --iterations 1 --json");
   REQUIRE(one.code == 0);
   auto b = nlohmann::json::parse(one.out);
   CHECK(b["dtype"] == "bf16");
   CHECK(!b.contains("dtypes"));
+  CHECK(b.contains("fma_peak_gflops"));
   Run text = run_cli("bench --gemm --threads 1 --iterations 1");
   REQUIRE(text.code == 0);
   CHECK(text.out.find("GEMM rate: fp32") != std::string::npos);
+  CHECK(text.out.find("fp32 FMA peak (registers only, 1 thread)") != std::string::npos);
 }
 
 TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -601,6 +602,44 @@ void linear_gelu(const float* x, float* y, int64_t n) {
 void linear_erf(const float* x, float* y, int64_t n) {
   if (use_avx512()) return erf_avx512(x, y, n);
   for (int64_t i = 0; i < n; ++i) y[i] = erf_generic(x[i]);
+}
+
+namespace {
+// The portable twin of fma_loop_avx512: 24 independent scalar chains.
+float fma_loop_generic(int64_t n) {
+  float a[24];
+  for (int j = 0; j < 24; ++j) a[j] = static_cast<float>(j);
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < 24; ++j) a[j] = a[j] * 0.999999f + 1e-7f;
+  float sum = 0;
+  for (float v : a) sum += v;
+  return sum;
+}
+}  // namespace
+
+double fma_peak_gflops(int repeats) {
+  const bool wide = use_avx512();
+  // ~15 ms a run at this core's ~220 GFLOP/s (AVX-512), a few ms for the portable loop.
+  const int64_t steps = wide ? 4'000'000 : 8'000'000;
+  const double flop_per_step = wide ? 24.0 * 16 * 2 : 24.0 * 2;
+  const int threads = num_threads();
+  std::vector<double> rates;
+  volatile float sink = 0;
+  for (int r = 0; r < std::max(repeats, 1); ++r) {
+    std::atomic<float> total{0};
+    const auto t0 = std::chrono::steady_clock::now();
+    parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+      float s = 0;
+      for (int64_t t = b; t < e; ++t) s += wide ? fma_loop_avx512(steps) : fma_loop_generic(steps);
+      total.fetch_add(s, std::memory_order_relaxed);
+    });
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    sink = sink + total.load();
+    // All threads' work over the wall time: a thread that started late only lowers the rate.
+    rates.push_back(flop_per_step * static_cast<double>(steps) * threads / sec / 1e9);
+  }
+  std::sort(rates.begin(), rates.end());
+  return rates[rates.size() / 2];
 }
 
 }  // namespace tessera

@@ -463,4 +463,20 @@ TESSERA_AVX512 void erf_avx512(const float* x, float* y, int64_t n) {
   }
 }
 
+TESSERA_AVX512 float fma_loop_avx512(int64_t n) {
+  // a = a * b + c converges to c / (1 - b) = 0.1: no overflow, no denormals.
+  const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+  __m512 a[24];
+#pragma GCC unroll 24
+  for (int j = 0; j < 24; ++j) a[j] = _mm512_set1_ps(static_cast<float>(j));
+  for (int64_t i = 0; i < n; ++i) {
+#pragma GCC unroll 24
+    for (int j = 0; j < 24; ++j) a[j] = _mm512_fmadd_ps(a[j], b, c);
+  }
+  __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 24
+  for (int j = 0; j < 24; ++j) sum = _mm512_add_ps(sum, a[j]);
+  return _mm512_reduce_add_ps(sum);
+}
+
 }  // namespace tessera::gemm_detail

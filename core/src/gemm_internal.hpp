@@ -135,6 +135,9 @@ void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t 
 // y[i] = gelu(x[i]) / erf(x[i]) with the AVX-512 epilogue math (n any).
 void gelu_avx512(const float* x, float* y, int64_t n);
 void erf_avx512(const float* x, float* y, int64_t n);
+// n steps of 24 independent zmm FMAs (384 multiply-adds per step; see fma_peak_gflops);
+// returns a sum of the accumulators so the work cannot be dropped.
+float fma_loop_avx512(int64_t n);
 
 #if defined(__x86_64__)
 // Lanes [0, n) of 16, n clamped to [0, 16]: plain mask arithmetic, so kernels of every AVX-512

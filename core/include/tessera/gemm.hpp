@@ -139,4 +139,10 @@ bool generic_kernels_forced();
 void linear_gelu(const float* x, float* y, int64_t n);
 void linear_erf(const float* x, float* y, int64_t n);
 
+// The CPU's fp32 multiply-add ceiling right now: every arena thread at once runs independent
+// FMAs on registers only (24 accumulators of the fp32 kernel's vector width, no memory). GFLOP/s
+// over all threads, 2 FLOPs per multiply-add, median of `repeats` runs of ~15 ms each. No fp32
+// GEMM can beat it; `tessera bench --gemm` reports it as the yardstick beside the GEMM rate.
+double fma_peak_gflops(int repeats = 7);
+
 }  // namespace tessera
