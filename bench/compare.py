@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Tessera vs PyTorch eager (and ONNX Runtime, when its native library is present) on the same
-ViT weights, batch size and thread count, run alternately in one session; prints medians and ratios.
+ViT weights, batch size and thread count, run alternately in one session; prints medians and ratios
+(each ratio is the median over rounds of that round's ratio).
 
     /usr/bin/python3 bench/compare.py [--arch vit-b16] [--batches 1 8] [--threads 1 2] [--rounds 5]
 
@@ -170,29 +171,49 @@ def main():
         sys.exit("onnxruntime-node not found: cd bench && npm install --ignore-scripts onnxruntime-node "
                  "(or pass --onnxruntime-node DIR, or --no-ort)")
     onnx_path = ensure_onnx(model_dir, args.arch, args.image_size) if node_modules else None
-    rows = []
+    configs = [(t, b) for t in args.threads for b in args.batches]
+    runs = {c: {"t": [], "p": [], "o": []} for c in configs}
+    gflop = {}
     ort_version = None
-    for threads in args.threads:
-        for batch in args.batches:
-            t_ms, p_ms, o_ms = [], [], []
-            gflop = None
-            for _ in range(args.rounds):  # one of each per round, so drifting load hits all alike
-                t = run_tessera(args.tessera, model_dir, batch, threads, args.iterations)
-                t_ms.append(t["ms_per_image_median"])
-                gflop = t["gflops"] * t["ms_per_image_median"] / 1000
-                p_ms.append(run_torch(args.arch, args.image_size, batch, threads, args.iterations)["ms_per_image_median"])
-                if node_modules:
+    # Rounds outermost: every round runs every configuration and engine once, so a slow phase of
+    # the machine (minutes long on a shared VM) lands on all of them alike, 1 and 2 threads too.
+    # The engines' order rotates from round to round, so none always runs first.
+    engines = ["t", "p", "o"] if node_modules else ["t", "p"]
+    for i in range(args.rounds):
+        order = engines[i % len(engines):] + engines[:i % len(engines)]
+        for threads, batch in configs:
+            r = runs[(threads, batch)]
+            for e in order:
+                if e == "t":
+                    t = run_tessera(args.tessera, model_dir, batch, threads, args.iterations)
+                    r["t"].append(t["ms_per_image_median"])
+                    gflop[(threads, batch)] = t["gflops"] * t["ms_per_image_median"] / 1000
+                elif e == "p":
+                    r["p"].append(run_torch(args.arch, args.image_size, batch, threads,
+                                            args.iterations)["ms_per_image_median"])
+                else:
                     o = run_ort(node_modules, onnx_path, args.image_size, batch, threads, args.iterations)
-                    o_ms.append(o["ms_per_image_median"])
+                    r["o"].append(o["ms_per_image_median"])
                     ort_version = o["onnxruntime"]
-            tm, pm = statistics.median(t_ms), statistics.median(p_ms)
-            om = statistics.median(o_ms) if o_ms else None
-            rows.append({"threads": threads, "batch": batch, "tessera_ms": tm, "pytorch_ms": pm,
-                         "onnxruntime_ms": om, "speedup_vs_pytorch": pm / tm,
-                         "speedup_vs_onnxruntime": om / tm if om else None,
-                         "tessera_gflops": gflop / tm * 1000,
-                         "tessera_runs": t_ms, "pytorch_runs": p_ms, "onnxruntime_runs": o_ms,
-                         "load_average_1min": os.getloadavg()[0]})
+    rows = []
+    for threads, batch in configs:
+        r = runs[(threads, batch)]
+        tm, pm = statistics.median(r["t"]), statistics.median(r["p"])
+        om = statistics.median(r["o"]) if r["o"] else None
+        # A ratio per round (the engines ran seconds apart), then the median of those: a slow
+        # phase that spans a round cancels, where the ratio of medians can pair one engine's
+        # slow round with another's fast one. Both are reported.
+        p_rounds = [p / t for p, t in zip(r["p"], r["t"])]
+        o_rounds = [o / t for o, t in zip(r["o"], r["t"])]
+        rows.append({"threads": threads, "batch": batch, "tessera_ms": tm, "pytorch_ms": pm,
+                     "onnxruntime_ms": om,
+                     "speedup_vs_pytorch": statistics.median(p_rounds),
+                     "speedup_vs_onnxruntime": statistics.median(o_rounds) if o_rounds else None,
+                     "speedup_vs_pytorch_of_medians": pm / tm,
+                     "speedup_vs_onnxruntime_of_medians": om / tm if om else None,
+                     "speedup_vs_pytorch_rounds": p_rounds, "speedup_vs_onnxruntime_rounds": o_rounds,
+                     "tessera_gflops": gflop[(threads, batch)] / tm * 1000,
+                     "tessera_runs": r["t"], "pytorch_runs": r["p"], "onnxruntime_runs": r["o"]})
     load = os.getloadavg()[0]
     if args.json:
         print(json.dumps({"arch": args.arch, "image_size": args.image_size, "onnxruntime": ort_version,
@@ -200,15 +221,15 @@ def main():
         return
     import torch
     print(f"{args.arch} at {args.image_size}x{args.image_size}, fp32, ms per image (median of {args.rounds} "
-          f"alternating rounds x median of {args.iterations} runs); PyTorch {torch.__version__} eager, "
-          f"ONNX Runtime {ort_version or '-'}; load average {load:.2f} at the end")
+          f"alternating rounds x median of {args.iterations} runs); ratios: median of the per-round ratios; "
+          f"PyTorch {torch.__version__} eager, ONNX Runtime {ort_version or '-'}; load average {load:.2f} at the end")
     print(f"{'threads':>7} {'batch':>5} {'Tessera':>9} {'PyTorch':>9} {'ONNX RT':>9} {'PyTorch/Tessera':>16} "
-          f"{'ORT/Tessera':>12} {'Tessera GFLOP/s':>16} {'load avg':>9}")
+          f"{'ORT/Tessera':>12} {'Tessera GFLOP/s':>16}")
     for r in rows:
         om = f"{r['onnxruntime_ms']:>9.1f}" if r["onnxruntime_ms"] else f"{'-':>9}"
         orat = f"{r['speedup_vs_onnxruntime']:>11.2f}x" if r["speedup_vs_onnxruntime"] else f"{'-':>12}"
         print(f"{r['threads']:>7} {r['batch']:>5} {r['tessera_ms']:>9.1f} {r['pytorch_ms']:>9.1f} {om} "
-              f"{r['speedup_vs_pytorch']:>15.2f}x {orat} {r['tessera_gflops']:>16.1f} {r['load_average_1min']:>9.2f}")
+              f"{r['speedup_vs_pytorch']:>15.2f}x {orat} {r['tessera_gflops']:>16.1f}")
 
 
 if __name__ == "__main__":
