@@ -67,7 +67,8 @@ double bench_gemm(const std::string& dtype, int64_t batch, int iterations, bool 
     PackedLinear packed = pack_linear(w.data(), nullptr, s.N, s.K, type);
     // Warm-up: at least 2 passes and 50 ms. A vCPU that sat idle takes a few ms to come back to
     // full speed; 2 passes of a 1.7 ms GEMM were too short, and the first shape read 30-50% slow.
-    for (double w0 = now_ms(), i = 0; i < 2 || now_ms() - w0 < 50; ++i)
+    const double warm_from = now_ms();
+    for (int i = 0; i < 2 || now_ms() - warm_from < 50; ++i)
       linear(x.data(), s.M, s.K, packed, y.data(), s.N);
     std::vector<double> times;
     for (int i = 0; i < iterations; ++i) {
