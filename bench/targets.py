@@ -66,16 +66,16 @@ def main():
     runs = {(d, b): [] for d in ("fp32", "bf16", "int8") for b in (1, 8)}
     packing = []  # fp32 loads that pack from the checkpoint
     dtypes = ["fp32", "bf16", "int8"]
-    for d in ("fp32", "bf16", "int8"):  # write the cache (compare.py wrote fp32's already)
+    for d in dtypes:  # write the cache (compare.py wrote fp32's already)
         tessera_json(args.tessera, ["--model", model, "--dtype", d, "--iterations", "1"])
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for t in (1, 2):
             gemm_runs[t].append(tessera_json(args.tessera, ["--gemm", "--dtype", "fp32", "--threads", str(t),
                                                             "--iterations", it]))
         packing.append(tessera_json(args.tessera, ["--model", model, "--dtype", "fp32", "--threads", "2",
                                                    "--iterations", "1"], env=no_cache))
         for b in (1, 8):
-            for d in dtypes[len(packing) % 3:] + dtypes[:len(packing) % 3]:  # rotated each round
+            for d in dtypes[i % 3:] + dtypes[:i % 3]:  # rotated each round
                 runs[(d, b)].append(tessera_json(args.tessera, ["--model", model, "--dtype", d, "--batch", str(b),
                                                                 "--threads", "2", "--iterations", it]))
     gemm = {t: {"gflops": statistics.median(r["gflops"] for r in v),
