@@ -801,13 +801,13 @@ TESSERA_AVX512 inline void pv_tile(const float* p, const float* v, int64_t v_rs,
 template <int R>
 TESSERA_AVX512 void pv_rows(const float* p, const float* v, int64_t v_rs, int64_t nk, float* o,
                             int64_t hd, int64_t hdp) {
-  // o rows are hdp floats apart (a multiple of 16), so full-width stores stay in the row.
-  const int64_t vectors = hdp / 16, rem = hd % 16;
-  const __mmask16 all = 0xFFFF, tail = static_cast<__mmask16>((1u << rem) - 1);
+  // o rows are hdp floats apart (a multiple of 16), so full-width stores stay in the row. The
+  // mask is the valid lanes of a tile's last vector (all of them but in the head's last).
+  const int64_t vectors = hdp / 16;
   int64_t c = 0;
   for (; c + 4 <= vectors; c += 4)
-    pv_tile<R, 4>(p, v + 16 * c, v_rs, nk, o + 16 * c, hdp, (c + 4 == vectors && rem) ? tail : all);
-  const __mmask16 m = rem ? tail : all;
+    pv_tile<R, 4>(p, v + 16 * c, v_rs, nk, o + 16 * c, hdp, lanes(hd - 16 * (c + 3)));
+  const __mmask16 m = lanes(hd - 16 * (vectors - 1));
   switch (vectors - c) {
     case 3: pv_tile<R, 3>(p, v + 16 * c, v_rs, nk, o + 16 * c, hdp, m); break;
     case 2: pv_tile<R, 2>(p, v + 16 * c, v_rs, nk, o + 16 * c, hdp, m); break;
@@ -876,22 +876,18 @@ struct Avx512Ops {
   TESSERA_AVX512 static void softmax_step(float* s, int64_t nq, int64_t nk, float* m, float* l,
                                           float* o, int64_t hdp) {
     const int64_t nk16 = round16(nk);
-    const __mmask16 key_tail = static_cast<__mmask16>(nk % 16 ? (1u << (nk % 16)) - 1 : 0xFFFF);
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t r = 0; r < nq; ++r) {
       float* sr = s + r * kKeyBlock;
       __m512 mx = ninf;
-      for (int64_t j = 0; j < nk16; j += 16) {
-        const __mmask16 mk = (j + 16 >= nk16) ? key_tail : 0xFFFF;
-        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, mk, sr + j));
-      }
+      for (int64_t j = 0; j < nk16; j += 16)
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, lanes(nk - j), sr + j));
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
       const float alpha = exp_approx(m[r] - m_new);
       const __m512 mb = _mm512_set1_ps(m_new);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < nk16; j += 16) {
-        const __mmask16 mk = (j + 16 >= nk16) ? key_tail : 0xFFFF;
-        const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb)));
+        const __m512 e = _mm512_maskz_mov_ps(lanes(nk - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mb)));
         _mm512_storeu_ps(sr + j, e);
         sum = _mm512_add_ps(sum, e);
       }
