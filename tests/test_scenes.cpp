@@ -1,0 +1,189 @@
+// Digit scenes (tessera data scenes): every rule of the specification checked on the scenes
+// themselves — boxes recomputed from the masks, overlap, sizes, the split's cells, contrast — and
+// the files the CLI writes (COCO JSON against the mask PNGs, byte-identical for any thread count).
+#include <catch2/catch.hpp>
+
+#include <sys/wait.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <set>
+#include <sstream>
+
+#include "tessera/error.hpp"
+#include "tessera/scenes.hpp"
+
+namespace fs = std::filesystem;
+using namespace tessera;
+
+namespace {
+
+const SceneSource& source(SceneSplit split) {
+  static const SceneSource train = load_scene_source(SceneSplit::Train, default_digits_png(), default_photo_dir());
+  static const SceneSource test = load_scene_source(SceneSplit::Test, default_digits_png(), default_photo_dir());
+  return split == SceneSplit::Train ? train : test;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+bool same(const cv::Mat& a, const cv::Mat& b) {
+  return a.size() == b.size() && a.type() == b.type() && cv::countNonZero(cv::Mat(a != b).reshape(1)) == 0;
+}
+
+// The tight box of the pixels equal to `value` inside `region` (empty if none).
+cv::Rect tight_box(const cv::Mat& mask, const cv::Rect& region, int value) {
+  int x0 = INT32_MAX, y0 = INT32_MAX, x1 = -1, y1 = -1;
+  for (int y = region.y; y < region.y + region.height; ++y)
+    for (int x = region.x; x < region.x + region.width; ++x)
+      if (mask.at<uchar>(y, x) == value) x0 = std::min(x0, x), y0 = std::min(y0, y), x1 = std::max(x1, x), y1 = std::max(y1, y);
+  return x1 < 0 ? cv::Rect() : cv::Rect(x0, y0, x1 - x0 + 1, y1 - y0 + 1);
+}
+
+}  // namespace
+
+TEST_CASE("scenes: digits.png splits into the tutorial's training and test cells", "[scenes]") {
+  for (SceneSplit split : {SceneSplit::Train, SceneSplit::Test}) {
+    const auto cells = load_digit_cells(default_digits_png(), split);
+    REQUIRE(cells.size() == 2500);
+    std::vector<int> per_digit(10, 0);
+    for (const DigitCell& c : cells) {
+      CHECK(c.digit == c.row / 5);
+      CHECK((split == SceneSplit::Train ? c.column < 50 : c.column >= 50));
+      CHECK(c.pixels.size() == cv::Size(20, 20));
+      ++per_digit[c.digit];
+    }
+    for (int n : per_digit) CHECK(n == 250);
+  }
+  std::set<std::string> train(scene_photo_names(SceneSplit::Train).begin(), scene_photo_names(SceneSplit::Train).end());
+  for (const std::string& name : scene_photo_names(SceneSplit::Test)) CHECK(train.count(name) == 0);
+  CHECK_THROWS_WITH(load_digit_cells("/nonexistent/digits.png", SceneSplit::Train),
+                    Catch::Contains("/nonexistent/digits.png") && Catch::Contains("opencv-doc"));
+}
+
+TEST_CASE("scenes: every scene follows the specification", "[scenes]") {
+  std::set<SceneBackground> backgrounds;
+  int64_t digits = 0, with_exact_colour = 0;
+  std::vector<int> counts(9, 0);
+  for (SceneSplit split : {SceneSplit::Train, SceneSplit::Test}) {
+    for (int64_t index = 0; index < 60; ++index) {
+      INFO(scene_split_name(split) << " scene " << index);
+      const Scene scene = make_scene(source(split), 0, index);
+      backgrounds.insert(scene.background);
+      REQUIRE(scene.image.type() == CV_8UC3);
+      REQUIRE(scene.mask.type() == CV_8UC1);
+      REQUIRE(scene.mask.size() == scene.image.size());
+      CHECK(scene.image.cols >= 96);
+      CHECK(scene.image.cols <= 320);
+      CHECK(scene.image.rows >= 96);
+      CHECK(scene.image.rows <= 320);
+      REQUIRE(scene.digits.size() >= 1);
+      REQUIRE(scene.digits.size() <= 8);
+      ++counts[scene.digits.size()];
+      const cv::Rect canvas(0, 0, scene.image.cols, scene.image.rows);
+      int64_t ink = 0;
+      for (size_t i = 0; i < scene.digits.size(); ++i) {
+        const SceneDigit& d = scene.digits[i];
+        CHECK(d.category_id == d.digit + 1);
+        CHECK(d.digit == d.cell_row / 5);
+        CHECK((split == SceneSplit::Train ? d.cell_column < 50 : d.cell_column >= 50));
+        CHECK(d.height >= 16);
+        CHECK(d.height <= 64);
+        CHECK(std::abs(d.angle) <= 15);
+        REQUIRE((d.box & canvas) == d.box);
+        // The box is the tight box of the digit's mask pixels, and their count is its area.
+        CHECK(tight_box(scene.mask, d.box, d.category_id) == d.box);
+        const cv::Mat inside = scene.mask(d.box) == d.category_id;
+        CHECK(cv::countNonZero(inside) == d.area);
+        ink += d.area;
+        for (size_t j = 0; j < i; ++j) CHECK((d.box & scene.digits[j].box).empty());
+        // Contrast: at least 60 luma levels between the ink colour and the background under it.
+        CHECK(std::abs(luma(d.colour) - d.background_luma) >= 60);
+        // Solidly inked pixels carry exactly the ink colour (a thin digit shrunk may have none).
+        bool exact = false;
+        for (int y = d.box.y; y < d.box.y + d.box.height && !exact; ++y)
+          for (int x = d.box.x; x < d.box.x + d.box.width && !exact; ++x)
+            exact = scene.image.at<cv::Vec3b>(y, x) == d.colour && scene.mask.at<uchar>(y, x) == d.category_id;
+        with_exact_colour += exact;
+        ++digits;
+      }
+      // No mask pixel outside the digits' boxes.
+      CHECK(cv::countNonZero(scene.mask) == ink);
+    }
+  }
+  CHECK(backgrounds.size() == 5);
+  CHECK(with_exact_colour >= digits * 9 / 10);
+  for (int n = 1; n <= 8; ++n) CHECK(counts[n] > 0);
+}
+
+TEST_CASE("scenes: a scene is a function of (seed, split, index)", "[scenes]") {
+  const Scene a = make_scene(source(SceneSplit::Test), 5, 3), b = make_scene(source(SceneSplit::Test), 5, 3);
+  CHECK(same(a.image, b.image));
+  CHECK(same(a.mask, b.mask));
+  const Scene c = make_scene(source(SceneSplit::Test), 5, 4), d = make_scene(source(SceneSplit::Test), 6, 3);
+  CHECK_FALSE(same(a.image, c.image));
+  CHECK_FALSE(same(a.image, d.image));
+  const Scene e = make_scene(source(SceneSplit::Train), 5, 3);
+  CHECK_FALSE(same(a.image, e.image));
+}
+
+TEST_CASE("scenes: tessera data scenes writes COCO JSON matching its masks, the same for any thread count",
+          "[scenes][cli]") {
+  const char* cli = std::getenv("TESSERA_CLI");
+  REQUIRE(cli != nullptr);
+  const fs::path dir = fs::temp_directory_path() / ("tessera_scenes_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  for (int threads : {1, 2}) {
+    const std::string cmd = std::string(cli) + " data scenes --split test --count 9 --seed 11 --threads " +
+                            std::to_string(threads) + " --out " + (dir / std::to_string(threads)).string() +
+                            " >" + (dir.string() + "_out") + " 2>&1";
+    const int status = std::system(cmd.c_str());
+    INFO(slurp(dir.string() + "_out"));
+    REQUIRE(WIFEXITED(status));
+    REQUIRE(WEXITSTATUS(status) == 0);
+  }
+  const fs::path out = dir / "1";
+  const nlohmann::json coco = nlohmann::json::parse(slurp(out / "annotations.json"));
+  REQUIRE(coco["images"].size() == 9);
+  REQUIRE(coco["categories"].size() == 10);
+  for (int d = 0; d < 10; ++d) {
+    CHECK(coco["categories"][d]["id"] == d + 1);
+    CHECK(coco["categories"][d]["name"] == std::to_string(d));
+  }
+  for (const auto& image : coco["images"]) {
+    const std::string name = image["file_name"];
+    INFO(name);
+    // Byte-identical files whatever the thread count.
+    CHECK(slurp(out / name) == slurp(dir / "2" / name));
+    const std::string mask_name = "masks/" + fs::path(name).filename().string();
+    CHECK(slurp(out / mask_name) == slurp(dir / "2" / mask_name));
+    const cv::Mat img = cv::imread((out / name).string(), cv::IMREAD_UNCHANGED);
+    const cv::Mat mask = cv::imread((out / mask_name).string(), cv::IMREAD_UNCHANGED);
+    REQUIRE(img.type() == CV_8UC3);
+    REQUIRE(mask.type() == CV_8UC1);
+    CHECK(img.cols == image["width"]);
+    CHECK(img.rows == image["height"]);
+    // The scene made in memory is the one on disk.
+    const Scene scene = make_scene(source(SceneSplit::Test), 11, image["id"].get<int64_t>() - 1);
+    CHECK(same(scene.image, img));
+    CHECK(same(scene.mask, mask));
+    int64_t area = 0;
+    for (const auto& a : coco["annotations"]) {
+      if (a["image_id"] != image["id"]) continue;
+      const cv::Rect box(a["bbox"][0], a["bbox"][1], a["bbox"][2], a["bbox"][3]);
+      CHECK(tight_box(mask, box, a["category_id"]) == box);
+      CHECK(a["iscrowd"] == 0);
+      area += a["area"].get<int64_t>();
+    }
+    CHECK(cv::countNonZero(mask) == area);
+  }
+  fs::remove_all(dir);
+  fs::remove(dir.string() + "_out");
+}
