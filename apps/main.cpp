@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   tessera::cli::add_detect(app, action);
   tessera::cli::add_train(app, action);
   tessera::cli::add_data(app, action);
+  tessera::cli::add_eval(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

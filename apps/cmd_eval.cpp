@@ -1,0 +1,291 @@
+// tessera eval: a model's accuracy on a labelled data set, as the usual tools compute it
+// (tessera/metrics.hpp). The task follows the model: classifiers get top-1 / top-5 on an
+// ImageFolder or OpenCV's digits, detectors COCO box mAP on a COCO instances file, segmenters mIoU,
+// per-class IoU and pixel accuracy on a folder with images/ and masks/. Everything is checked
+// before the model runs; a broken entry is a one-line error naming its file.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <set>
+#include <unistd.h>
+
+#include "commands.hpp"
+#include "tessera/detection.hpp"
+#include "tessera/error.hpp"
+#include "tessera/image.hpp"
+#include "tessera/metrics.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/pipeline.hpp"
+#include "tessera/scenes.hpp"
+#include "tessera/segmentation.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera::cli {
+
+namespace {
+
+struct LabelledImage {
+  std::string path;  // file, or "digits.png[row,column]"
+  cv::Mat rgb;       // when already in memory (digit cells)
+  std::string class_name;
+};
+
+bool is_image_file(const fs::path& p) {
+  static const std::set<std::string> exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"};
+  std::string e = p.extension().string();
+  std::transform(e.begin(), e.end(), e.begin(), ::tolower);
+  return exts.count(e) != 0;
+}
+
+// digits[:train|test] (OpenCV's tutorial split) or an ImageFolder (class = sub-folder, sorted).
+std::vector<LabelledImage> classification_data(const std::string& data, const std::string& digits_png) {
+  std::vector<LabelledImage> out;
+  if (data == "digits" || data == "digits:test" || data == "digits:train") {
+    const SceneSplit split = data == "digits:train" ? SceneSplit::Train : SceneSplit::Test;
+    for (const DigitCell& c : load_digit_cells(digits_png, split)) {
+      LabelledImage im;
+      im.path = digits_png + "[" + std::to_string(c.row) + "," + std::to_string(c.column) + "]";
+      cv::cvtColor(c.pixels, im.rgb, cv::COLOR_GRAY2RGB);
+      im.class_name = std::to_string(c.digit);
+      out.push_back(std::move(im));
+    }
+    return out;
+  }
+  std::error_code ec;
+  check(fs::is_directory(data, ec), data + ": not a folder (expected an ImageFolder: one sub-folder per class) "
+                                           "nor digits, digits:train or digits:test");
+  std::vector<fs::path> classes;
+  for (const auto& e : fs::directory_iterator(data, ec))
+    if (e.is_directory()) classes.push_back(e.path());
+  std::sort(classes.begin(), classes.end());
+  check(!classes.empty(), data + ": no class sub-folders (an ImageFolder has one folder per class)");
+  for (const fs::path& c : classes) {
+    std::vector<fs::path> files;
+    for (const auto& e : fs::recursive_directory_iterator(c, ec))
+      if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
+    std::sort(files.begin(), files.end());
+    for (const fs::path& f : files) out.push_back({f.string(), cv::Mat(), c.filename().string()});
+  }
+  check(!out.empty(), data + ": no images in its class folders");
+  return out;
+}
+
+std::string percent(double x) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f%%", 100 * x);
+  return b;
+}
+std::string fixed(double x) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.4f", x);
+  return b;
+}
+
+nlohmann::json eval_classify(const Model& model, const std::string& data, const std::string& digits_png, int64_t limit) {
+  std::vector<LabelledImage> items = classification_data(data, digits_png);
+  if (limit > 0 && static_cast<int64_t>(items.size()) > limit) items.resize(static_cast<size_t>(limit));
+  std::map<std::string, int64_t> label_id;
+  for (size_t i = 0; i < model.labels.size(); ++i) label_id[model.labels[i]] = static_cast<int64_t>(i);
+  for (const LabelledImage& im : items)
+    check(label_id.count(im.class_name) != 0,
+          data + ": class '" + im.class_name + "' is not a label of " + model.dir + " (its id2label)");
+  const Preprocessor pre = model_preprocessor(model);
+  ModelWorkspace ws;
+  int64_t top1 = 0, top5 = 0;
+  const size_t batch = 64;
+  for (size_t b0 = 0; b0 < items.size(); b0 += batch) {
+    const size_t n = std::min(batch, items.size() - b0);
+    std::vector<Tensor> xs;
+    for (size_t i = 0; i < n; ++i) {
+      const LabelledImage& im = items[b0 + i];
+      xs.push_back(pre.image(im.rgb.empty() ? load_image_rgb(im.path) : im.rgb));
+      check(xs.back().shape() == xs.front().shape(), im.path + ": pre-processed to another size than the rest of its batch");
+    }
+    const Shape s = xs.front().shape();
+    Tensor x({static_cast<int64_t>(n), s[0], s[1], s[2]});
+    for (size_t i = 0; i < n; ++i) std::copy_n(xs[i].data(), xs[i].numel(), x.data() + i * xs[i].numel());
+    const auto predictions = top_k(output(model_forward(model, x, ws), "logits"), model.labels, 5);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t truth = label_id[items[b0 + i].class_name];
+      const auto& p = predictions[i];
+      top1 += !p.empty() && p[0].label == truth;
+      top5 += std::any_of(p.begin(), p.end(), [&](const Prediction& q) { return q.label == truth; });
+    }
+  }
+  const double n = static_cast<double>(items.size());
+  std::printf("top-1 %s (%lld of %zu), top-5 %s\n", percent(top1 / n).c_str(), static_cast<long long>(top1), items.size(),
+              percent(top5 / n).c_str());
+  return {{"task", "classify"}, {"images", items.size()}, {"top1", top1 / n}, {"top5", top5 / n}};
+}
+
+nlohmann::json eval_detect(const Model& model, const std::string& data, int64_t limit) {
+  require_detector(model);
+  CocoDataset coco = load_coco_instances(data);
+  if (limit > 0 && static_cast<int64_t>(coco.images.size()) > limit) coco.images.resize(static_cast<size_t>(limit));
+  for (const CocoCategory& c : coco.categories)
+    check(c.id < static_cast<int64_t>(model.labels.size()),
+          data + ": category id " + std::to_string(c.id) + " is not a class of " + model.dir + " (" +
+              std::to_string(model.labels.size()) + " labels)");
+  for (const CocoImage& im : coco.images) {
+    std::error_code ec;
+    check(fs::is_regular_file(im.path, ec), im.path + ": image listed in " + data + " not found");
+  }
+  const Preprocessor pre = model_preprocessor(model);
+  ModelWorkspace ws;
+  PostProcessOptions o;
+  o.threshold = 0.0f;  // every slot's best class, as COCO evaluation wants (maxDets 100)
+  o.top_k = 100;
+  std::vector<CocoObject> dets;
+  std::vector<int64_t> image_ids, category_ids;
+  for (const CocoImage& im : coco.images) {
+    const cv::Mat rgb = load_image_rgb(im.path);
+    check(rgb.cols == im.width && rgb.rows == im.height,
+          im.path + ": is " + std::to_string(rgb.cols) + "x" + std::to_string(rgb.rows) + ", " + data + " says " +
+              std::to_string(im.width) + "x" + std::to_string(im.height));
+    const RawDetections raw = run_detector(model, pre, {rgb}, ws).at(0);
+    for (const Detection& d : post_process(raw, model.labels, o)) {
+      CocoObject obj;
+      obj.image_id = im.id;
+      obj.category_id = d.label;
+      obj.x = d.x0, obj.y = d.y0, obj.w = d.x1 - d.x0, obj.h = d.y1 - d.y0;
+      obj.area = obj.w * obj.h;
+      obj.score = d.score;
+      dets.push_back(obj);
+    }
+    image_ids.push_back(im.id);
+  }
+  for (const CocoCategory& c : coco.categories) category_ids.push_back(c.id);
+  const CocoEvalResult r = coco_evaluate(image_ids, category_ids, coco.annotations, dets);
+  static const char* names[12] = {"AP",    "AP50",   "AP75",   "AP_small", "AP_medium", "AP_large",
+                                  "AR1",   "AR10",   "AR100",  "AR_small", "AR_medium", "AR_large"};
+  std::printf("COCO box mAP@[.5:.95] %s, AP50 %s, AP75 %s, AP small/medium/large %s / %s / %s (%zu images)\n",
+              fixed(r.stats[0]).c_str(), fixed(r.stats[1]).c_str(), fixed(r.stats[2]).c_str(), fixed(r.stats[3]).c_str(),
+              fixed(r.stats[4]).c_str(), fixed(r.stats[5]).c_str(), coco.images.size());
+  nlohmann::json j = {{"task", "detect"}, {"images", coco.images.size()}};
+  for (int i = 0; i < 12; ++i) j[names[i]] = r.stats[i];
+  nlohmann::json per = nlohmann::json::object();
+  for (size_t k = 0; k < r.category_ids.size(); ++k) {
+    const int64_t id = r.category_ids[k];
+    const auto it = std::find_if(coco.categories.begin(), coco.categories.end(), [&](const CocoCategory& c) { return c.id == id; });
+    per[it->name] = r.category_ap[k];
+  }
+  j["per_category_AP"] = per;
+  return j;
+}
+
+nlohmann::json eval_segment(const Model& model, const std::string& data, int64_t limit) {
+  check(model.segmentation != nullptr, model.dir + ": not a segmentation model (tessera eval on a folder of "
+                                                    "images/ and masks/ needs a Segmenter)");
+  const fs::path root(data), images = root / "images", masks = root / "masks";
+  std::error_code ec;
+  check(fs::is_directory(images, ec) && fs::is_directory(masks, ec),
+        data + ": expected a folder with images/ and masks/ (same stems; masks are 8- or 16-bit label PNGs, 255 = ignore)");
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(images, ec))
+    if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  check(!files.empty(), images.string() + ": no images");
+  if (limit > 0 && static_cast<int64_t>(files.size()) > limit) files.resize(static_cast<size_t>(limit));
+  std::vector<fs::path> mask_files;
+  for (const fs::path& f : files) {
+    const fs::path m = masks / (f.stem().string() + ".png");
+    check(fs::is_regular_file(m, ec), m.string() + ": no mask for " + f.string());
+    mask_files.push_back(m);
+  }
+  const int64_t n_cls = model.segmentation->num_classes;
+  SegmentationConfusion confusion(n_cls);
+  const Preprocessor pre = model_preprocessor(model);
+  ModelWorkspace ws;
+  for (size_t i = 0; i < files.size(); ++i) {
+    const cv::Mat rgb = load_image_rgb(files[i].string());
+    const cv::Mat truth = cv::imread(mask_files[i].string(), cv::IMREAD_UNCHANGED);
+    check(!truth.empty(), mask_files[i].string() + ": cannot decode the mask");
+    check(truth.channels() == 1, mask_files[i].string() + ": a mask must be a one-channel label PNG");
+    check(truth.size() == rgb.size(), mask_files[i].string() + ": mask is " + std::to_string(truth.cols) + "x" +
+                                          std::to_string(truth.rows) + ", its image " + std::to_string(rgb.cols) + "x" +
+                                          std::to_string(rgb.rows));
+    Tensor x = pre.image(rgb);
+    const Shape s = x.shape();
+    x = x.reshape({1, s[0], s[1], s[2]});
+    const SegmentationMasks m = segmentation_masks(model, x, ws);
+    const cv::Mat labels = segmentation_labels(m, 0, rgb.rows, rgb.cols);
+    confusion.add(truth, labels, mask_files[i].string());
+  }
+  const std::vector<double> iou = confusion.class_iou();
+  std::printf("mIoU %s over %lld classes present, pixel accuracy %s (%zu images, %lld pixels)\n",
+              fixed(confusion.mean_iou()).c_str(),
+              static_cast<long long>(std::count_if(iou.begin(), iou.end(), [](double v) { return !std::isnan(v); })),
+              percent(confusion.pixel_accuracy()).c_str(), files.size(), static_cast<long long>(confusion.pixels()));
+  nlohmann::json per = nlohmann::json::object();
+  for (int64_t c = 0; c < n_cls; ++c) {
+    const std::string name = c < static_cast<int64_t>(model.labels.size()) ? model.labels[c] : std::to_string(c);
+    if (!std::isnan(iou[c])) per[name] = iou[c];
+    std::printf("  %-16s %s\n", name.c_str(), std::isnan(iou[c]) ? "   -  " : fixed(iou[c]).c_str());
+  }
+  return {{"task", "segment"}, {"images", files.size()}, {"mIoU", confusion.mean_iou()},
+          {"pixel_accuracy", confusion.pixel_accuracy()}, {"per_class_IoU", per}};
+}
+
+}  // namespace
+
+void add_eval(CLI::App& app, Action& action) {
+  auto* cmd = app.add_subcommand("eval", "A model's accuracy on labelled data: top-1/top-5, COCO mAP, or mIoU");
+  static std::string model_dir, data, json_file, dtype = "fp32", digits_png = default_digits_png();
+  static int threads = 0;
+  static int64_t limit = 0;
+  cmd->add_option("--model", model_dir, "Model folder")->required();
+  cmd->add_option("--data", data,
+                  "classify: digits[:train|test] or an ImageFolder; detect: a COCO instances JSON; segment: a folder "
+                  "with images/ and masks/")
+      ->required();
+  cmd->add_option("--json", json_file, "Also write the numbers to this JSON file");
+  cmd->add_option("--dtype", dtype, "Weights: fp32, bf16 or int8")->check(CLI::IsMember({"fp32", "bf16", "int8"}));
+  cmd->add_option("--limit", limit, "Only the first N images");
+  cmd->add_option("--digits-png", digits_png, "OpenCV's samples/data/digits.png (for --data digits)");
+  cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS, else every core)");
+  cmd->callback([&action] {
+    action = [] {
+      set_num_threads(threads);
+      const WeightType wt = dtype == "bf16" ? WeightType::BF16 : dtype == "int8" ? WeightType::INT8 : WeightType::F32;
+      const auto model = load_model(model_dir, wt);
+      const auto start = std::chrono::steady_clock::now();
+      std::printf("%s on %s (%s)\n", model_dir.c_str(), data.c_str(), dtype.c_str());
+      nlohmann::json j;
+      if (model->detection) j = eval_detect(*model, data, limit);
+      else if (model->segmentation) j = eval_segment(*model, data, limit);
+      else {
+        check(model->classifier.kind != HeadKind::None, model_dir + ": has no classification head to evaluate");
+        j = eval_classify(*model, data, digits_png, limit);
+      }
+      j["model"] = model_dir;
+      j["data"] = data;
+      j["dtype"] = dtype;
+      j["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (!json_file.empty()) {
+        const fs::path target(json_file), tmp = target.string() + ".tmp-" + std::to_string(::getpid());
+        {
+          std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+          f << j.dump(1) << "\n";
+          check(static_cast<bool>(f.flush()), json_file + ": cannot write");
+        }
+        std::error_code ec;
+        fs::rename(tmp, target, ec);
+        if (ec) {
+          fs::remove(tmp, ec);
+          fail(json_file + ": cannot write (" + ec.message() + ")");
+        }
+      }
+      return 0;
+    };
+  });
+}
+
+}  // namespace tessera::cli
