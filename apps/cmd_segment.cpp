@@ -28,6 +28,7 @@
 #include <sstream>
 
 #include "commands.hpp"
+#include "tessera/draw.hpp"
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
 #include "tessera/model.hpp"
@@ -157,20 +158,19 @@ cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vect
     if (hist[c] > 0) present.push_back(static_cast<int>(c));
   std::stable_sort(present.begin(), present.end(), [&](int a, int b) { return hist[a] > hist[b]; });
   if (present.size() > 12) present.resize(12);
-  const double scale = std::clamp(out.cols / 900.0, 0.35, 1.0);
-  const int line = static_cast<int>(22 * scale) + 4;
+  // A legend in the shared text panel: a real font, sized from the image (17 px on 512 pixels).
   const double total = static_cast<double>(labels.total());
-  for (size_t i = 0; i < present.size(); ++i) {
-    const int c = present[i], y = 4 + static_cast<int>(i) * line;
-    cv::Vec3b rgbc = class_color(c);
-    cv::rectangle(out, cv::Rect(4, y, line - 4, line - 4), cv::Scalar(rgbc[2], rgbc[1], rgbc[0]), cv::FILLED);
+  std::vector<std::string> lines;
+  std::vector<cv::Scalar> swatches;
+  for (const int c : present) {
+    const cv::Vec3b rgbc = class_color(c);
     char text[256];
     std::snprintf(text, sizeof text, "%s %.1f%%", c < static_cast<int>(names.size()) ? names[c].c_str() : "?",
                   100.0 * hist[c] / total);
-    cv::Point at(line + 4, y + line - 8);
-    cv::putText(out, text, at, cv::FONT_HERSHEY_SIMPLEX, 0.5 * scale, cv::Scalar(0, 0, 0), 3, cv::LINE_AA);
-    cv::putText(out, text, at, cv::FONT_HERSHEY_SIMPLEX, 0.5 * scale, cv::Scalar(255, 255, 255), 1, cv::LINE_AA);
+    lines.push_back(text);
+    swatches.emplace_back(rgbc[2], rgbc[1], rgbc[0], 0);
   }
+  draw_text_panel(out, lines, false, swatches);
   return out;
 }
 

@@ -33,6 +33,7 @@
 #include "tessera/image.hpp"
 #include "tessera/model.hpp"
 #include "tessera/pipeline.hpp"
+#include "tessera/text.hpp"
 
 namespace fs = std::filesystem;
 
@@ -371,19 +372,19 @@ struct Viewer {
       draw_text_panel(shown, {fps_line}, true, {}, 0.5);
     }
 
-    const double fs = 0.5;
-    const int font = cv::FONT_HERSHEY_SIMPLEX, tt = 1, line_h = 22, pad = 8;
+    const double px = 17;  // the viewer's own chrome: a fixed, comfortable size
+    const int line_h = 22, pad = 8;
     const cv::Scalar bg(38, 34, 32), fg(240, 240, 240), dim(170, 170, 170);
     const int header_h = 3 * line_h + pad, footer_h = line_h + pad / 2;
     cv::Mat canvas(header_h + shown.rows + footer_h, std::max(shown.cols, 560), CV_8UC3, bg);
     shown.copyTo(canvas(cv::Rect(0, header_h, shown.cols, shown.rows)));
     char line[512];
     std::snprintf(line, sizeof(line), "%zu/%zu   %s   %dx%d", index + 1, sources.size(), frame.name.c_str(), w, h);
-    cv::putText(canvas, line, {pad, pad + 14}, font, fs, fg, tt, cv::LINE_AA);
+    draw_text(canvas, line, {pad, pad + 14}, px, fg);
     std::snprintf(line, sizeof(line), "threshold %.2f   %zu box%s%s%s", post.threshold, dets.size(),
                   dets.size() == 1 ? "" : "es", draw.labels ? "" : "   labels off",
                   show_attention ? "   attention rollout" : "");
-    cv::putText(canvas, line, {pad, pad + line_h + 14}, font, fs, fg, tt, cv::LINE_AA);
+    draw_text(canvas, line, {pad, pad + line_h + 14}, px, fg);
     // Legend: each class present, in its colour, with its count.
     std::map<int64_t, std::pair<std::string, int>> classes;
     for (const auto& d : dets) {
@@ -393,19 +394,19 @@ struct Viewer {
     }
     int x = pad;
     const int y = pad + 2 * line_h + 14;
-    if (classes.empty()) cv::putText(canvas, "no boxes above the threshold", {x, y}, font, fs, dim, tt, cv::LINE_AA);
+    if (classes.empty()) draw_text(canvas, "no boxes above the threshold", {x, y}, px, dim);
     for (const auto& [label, c] : classes) {
       const std::string text = c.first + " " + std::to_string(c.second);
-      const int tw = cv::getTextSize(text, font, fs, tt, nullptr).width;
+      const int tw = text_extent(text, px).width;
       if (x + 16 + tw > canvas.cols - pad) {
-        cv::putText(canvas, "...", {x, y}, font, fs, dim, tt, cv::LINE_AA);
+        draw_text(canvas, "...", {x, y}, px, dim);
         break;
       }
       cv::rectangle(canvas, cv::Rect(x, y - 11, 12, 12), class_colour(label), cv::FILLED);
-      cv::putText(canvas, text, {x + 16, y}, font, fs, fg, tt, cv::LINE_AA);
+      draw_text(canvas, text, {x + 16, y}, px, fg);
       x += 16 + tw + 18;
     }
-    cv::putText(canvas, kKeysHelp, {pad, header_h + shown.rows + 16}, font, 0.45, dim, tt, cv::LINE_AA);
+    draw_text(canvas, kKeysHelp, {pad, header_h + shown.rows + 16}, 15, dim);
     cv::imshow(kWindow, canvas);
     dirty = false;
   }

@@ -6,12 +6,17 @@
 
 #include "commands.hpp"
 #include "tessera/error.hpp"
+#include "tessera/text.hpp"
 #include "tessera/version.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"Tessera: vision Transformers on the CPU"};
   app.set_version_flag("--version", std::string("tessera ") + tessera::version());
   app.require_subcommand(1);
+  // Options of the whole program, accepted before or after the subcommand.
+  std::string font;
+  app.add_option("--font", font, "TrueType font for text on pictures (default: TESSERA_FONT, else DejaVu Sans)");
+  app.fallthrough();
   tessera::cli::Action action;
   tessera::cli::add_classify(app, action);
   tessera::cli::add_infer(app, action);
@@ -35,6 +40,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    if (!font.empty()) tessera::set_font_path(font);
     return action ? action() : 0;
   } catch (const tessera::Error& e) {
     std::fprintf(stderr, "tessera: error: %s\n", e.what());

@@ -5,6 +5,7 @@ packages=(
   build-essential cmake ninja-build pkg-config ccache
   libopencv-dev libeigen3-dev libtbb-dev libstb-dev catch2 nlohmann-json3-dev libcli11-dev
   xvfb xauth imagemagick xdotool
+  fonts-dejavu-core  # DejaVu Sans: the font of every label, legend and caption
   opencv-doc  # digits.png and the sample photos: training data, digit scenes, their tests
 )
 missing=()

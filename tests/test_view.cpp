@@ -23,6 +23,7 @@
 
 #include "tessera/attention_map.hpp"
 #include "tessera/draw.hpp"
+#include "tessera/text.hpp"
 #include "tessera/image.hpp"
 #include "tessera/model.hpp"
 #include "tessera/pipeline.hpp"
@@ -186,11 +187,12 @@ TEST_CASE("tags stay inside the image for boxes touching every border, small and
       REQUIRE(!L.box.empty());
       REQUIRE(!L.tag.empty());
       CHECK((L.tag & cv::Rect(0, 0, size.width, size.height)) == L.tag);
-      int baseline = 0;
-      const cv::Size ts = cv::getTextSize(L.text, cv::FONT_HERSHEY_SIMPLEX, L.font_scale, L.text_thickness, &baseline);
+      // The text's extent in the font it is drawn with (32 px per unit of font scale).
+      const TextExtent ts = text_extent(L.text, L.font_scale * 32);
       CHECK(L.text_origin.x >= L.tag.x);
       CHECK(L.text_origin.x + ts.width <= L.tag.x + L.tag.width);
-      CHECK(L.text_origin.y - ts.height >= L.tag.y);
+      CHECK(L.text_origin.y - ts.ascent >= L.tag.y);
+      CHECK(L.text_origin.y + ts.descent <= L.tag.y + L.tag.height);
       CHECK(L.text.find(d.name.substr(0, 1)) == 0);
       // Drawn: the tag's colour is there, inside the image.
       cv::Mat img(size, CV_8UC3, cv::Scalar(0, 0, 0));

@@ -11,13 +11,15 @@
 #include <opencv2/imgproc.hpp>
 
 #include "tessera/error.hpp"
+#include "tessera/text.hpp"
 
 namespace fs = std::filesystem;
 
 namespace tessera {
 
 namespace {
-constexpr int kFont = cv::FONT_HERSHEY_SIMPLEX;
+// A font scale of 1 is a 32-pixel line (text.hpp sizes text by its line height in pixels).
+constexpr double kPxPerScale = 32.0;
 
 // HSV (h in [0, 1), s, v in [0, 1]) → BGR in [0, 255].
 cv::Scalar hsv_to_bgr(double h, double s, double v) {
@@ -43,7 +45,6 @@ std::string score_text(float score) {
   return buf;
 }
 
-int text_thickness_for(double font_scale) { return std::max(1, static_cast<int>(std::lround(font_scale * 1.6))); }
 }  // namespace
 
 cv::Scalar class_colour(int64_t label) {
@@ -67,7 +68,8 @@ int auto_thickness(cv::Size image) {
 }
 
 double auto_font_scale(cv::Size image) {
-  return std::clamp(std::min(image.width, image.height) / 800.0, 0.3, 4.0);
+  // 11 px on a thumbnail, ~120 px on a 4000x3000 photo: readable at 100 % zoom either way.
+  return std::clamp(std::min(image.width, image.height) / 800.0, 0.34, 4.0);
 }
 
 TagLayout layout_tag(cv::Size image, const Detection& d, const DrawOptions& options) {
@@ -83,34 +85,31 @@ TagLayout layout_tag(cv::Size image, const Detection& d, const DrawOptions& opti
 
   std::string name = d.name.empty() ? std::to_string(d.label) : d.name;
   L.font_scale = options.font_scale > 0 ? options.font_scale : auto_font_scale(image);
-  L.text_thickness = text_thickness_for(L.font_scale);
-  auto measure = [&](const std::string& text, int* baseline) {
-    return cv::getTextSize(text, kFont, L.font_scale, L.text_thickness, baseline);
-  };
+  L.text_thickness = 1;
+  auto measure = [&](const std::string& text) { return text_extent(text, L.font_scale * kPxPerScale); };
   L.text = name + " " + score_text(d.score);
-  int baseline = 0;
-  cv::Size ts = measure(L.text, &baseline);
-  int pad = std::max(1, static_cast<int>(std::lround(ts.height * 0.35)));
+  TextExtent ts = measure(L.text);
+  auto pad_for = [](const TextExtent& e) { return std::max(1, static_cast<int>(std::lround(e.ascent * 0.25))); };
+  int pad = pad_for(ts);
   // Too wide for the image: a smaller font first (down to 0.25), then a shortened name.
   if (ts.width + 2 * pad > W && L.font_scale > 0.25) {
     L.font_scale = std::max(0.25, L.font_scale * (W - 2.0 * pad) / ts.width);
-    L.text_thickness = text_thickness_for(L.font_scale);
-    ts = measure(L.text, &baseline);
-    pad = std::max(1, static_cast<int>(std::lround(ts.height * 0.35)));
+    ts = measure(L.text);
+    pad = pad_for(ts);
   }
   while (ts.width + 2 * pad > W && !name.empty()) {
     name.pop_back();
     L.text = name.empty() ? score_text(d.score) : name + ".. " + score_text(d.score);
-    ts = measure(L.text, &baseline);
+    ts = measure(L.text);
   }
-  const int tag_w = std::min(W, ts.width + 2 * pad), tag_h = std::min(H, ts.height + baseline + pad);
+  const int tag_w = std::min(W, ts.width + 2 * pad), tag_h = std::min(H, ts.height() + pad);
   // Above the box, flush with the outer edge of its line; inside the box at the top edge.
   int tx = x0 - t / 2, ty = y0 + (t + 1) / 2 - tag_h;  // its bottom covers the line
   if (ty < 0) ty = std::max(0, y0 - t / 2);
   tx = std::clamp(tx, 0, W - tag_w);
   ty = std::clamp(ty, 0, H - tag_h);
   L.tag = cv::Rect(tx, ty, tag_w, tag_h);
-  L.text_origin = cv::Point(tx + pad, ty + pad + ts.height);
+  L.text_origin = cv::Point(tx + pad, ty + pad / 2 + ts.ascent);
   return L;
 }
 
@@ -134,8 +133,7 @@ void draw_detections(cv::Mat& bgr, const std::vector<Detection>& detections, con
   for (const auto& [d, L] : tags) {
     const cv::Scalar colour = class_colour(d->label);
     cv::rectangle(bgr, L.tag, colour, cv::FILLED, cv::LINE_8);
-    cv::putText(bgr, L.text, L.text_origin, kFont, L.font_scale, text_colour_on(colour), L.text_thickness,
-                cv::LINE_AA);
+    draw_text(bgr, L.text, L.text_origin, L.font_scale * kPxPerScale, text_colour_on(colour));
   }
 }
 
@@ -184,16 +182,16 @@ void draw_text_panel(cv::Mat& bgr, const std::vector<std::string>& lines, bool b
                      const std::vector<cv::Scalar>& swatches, double font_scale) {
   check(bgr.type() == CV_8UC3, "draw_text_panel: expected an 8-bit BGR image (CV_8UC3)");
   if (lines.empty()) return;
-  const double fs = font_scale > 0 ? font_scale
-                                   : std::clamp(std::min(bgr.cols, bgr.rows) / 900.0, 0.4, 1.5);
-  const int tt = std::max(1, static_cast<int>(std::lround(fs * 1.4)));
-  int baseline = 0;
-  const cv::Size one = cv::getTextSize("Ag", kFont, fs, tt, &baseline);
-  const int pad = std::max(2, one.height / 2), line_h = one.height + baseline + pad / 2;
-  const int swatch = one.height + baseline / 2;
+  // Line height: from the scale asked for, else a 30th of the shorter side (17 px on a 512-pixel
+  // image), at least 11 px.
+  const double px = font_scale > 0 ? font_scale * kPxPerScale
+                                   : std::clamp(std::min(bgr.cols, bgr.rows) / 30.0, 11.0, 96.0);
+  const TextExtent one = text_extent("Ag", px);
+  const int pad = std::max(2, one.ascent / 2), line_h = one.height() + pad / 2;
+  const int swatch = one.ascent;
   int width = 0;
   for (size_t i = 0; i < lines.size(); ++i) {
-    int w = cv::getTextSize(lines[i], kFont, fs, tt, &baseline).width;
+    int w = text_extent(lines[i], px).width;
     if (i < swatches.size() && swatches[i][3] >= 0) w += swatch + pad;
     width = std::max(width, w);
   }
@@ -205,13 +203,13 @@ void draw_text_panel(cv::Mat& bgr, const std::vector<std::string>& lines, bool b
   roi.convertTo(roi, -1, 0.35, 0);  // translucent dark background: the picture shows through
   for (size_t i = 0; i < lines.size(); ++i) {
     int x = panel.x + pad;
-    const int base_y = panel.y + pad / 2 + static_cast<int>(i) * line_h + one.height + pad / 2;
+    const int base_y = panel.y + pad / 2 + static_cast<int>(i) * line_h + one.ascent + pad / 4;
     if (i < swatches.size() && swatches[i][3] >= 0) {
-      cv::rectangle(bgr, cv::Rect(x, base_y - one.height, swatch, swatch),
+      cv::rectangle(bgr, cv::Rect(x, base_y - swatch + one.descent / 2, swatch, swatch),
                     cv::Scalar(swatches[i][0], swatches[i][1], swatches[i][2]), cv::FILLED);
       x += swatch + pad;
     }
-    cv::putText(bgr, lines[i], cv::Point(x, base_y), kFont, fs, cv::Scalar(255, 255, 255), tt, cv::LINE_AA);
+    draw_text(bgr, lines[i], cv::Point(x, base_y), px, cv::Scalar(255, 255, 255));
   }
 }
 
