@@ -23,6 +23,7 @@ void add_detect(CLI::App& app, Action& action);
 void add_train(CLI::App& app, Action& action);
 void add_data(CLI::App& app, Action& action);
 void add_eval(CLI::App& app, Action& action);
+void add_features(CLI::App& app, Action& action);
 
 // Expands IMAGE arguments: files as given, folders to their images (recursively, sorted), and
 // @list.txt to the paths it lists (one per line, relative to the list's folder). Missing paths

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   tessera::cli::add_train(app, action);
   tessera::cli::add_data(app, action);
   tessera::cli::add_eval(app, action);
+  tessera::cli::add_features(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,132 @@
+// Patch features and PCA pictures (see features.hpp).
+#include "tessera/features.hpp"
+
+#include <Eigen/Dense>
+
+#include <algorithm>
+#include <cmath>
+
+#include "tessera/attention_map.hpp"
+#include "tessera/error.hpp"
+#include "tessera/preprocess.hpp"
+#include "tessera/vit.hpp"
+
+namespace tessera {
+
+PatchFeatures patch_features(const Model& model, const Preprocessor& pre, const cv::Mat& rgb, ModelWorkspace& ws) {
+  const VitConfig& c = model.encoder.config;
+  Tensor x = pre.image(rgb);
+  const int64_t H = x.dim(1), W = x.dim(2);
+  x = x.reshape({1, x.dim(0), H, W});
+  const Tensor hidden = vit_forward(model.encoder, x, ws.vit);
+  const int64_t gh = H / c.patch_size, gw = W / c.patch_size, D = hidden.dim(2);
+  check(hidden.dim(1) == c.num_prefix_tokens() + gh * gw + c.num_detection_tokens,
+        model.dir + ": the encoder's tokens do not match its patch grid");
+  PatchFeatures out;
+  out.tokens = Tensor({gh, gw, D});
+  std::copy_n(hidden.data() + c.num_prefix_tokens() * D, gh * gw * D, out.tokens.data());
+  out.original = rgb.size();
+  out.region = model_view_region(rgb.size(), pre.config, c.patch_size);
+  return out;
+}
+
+Pca pca_fit(const float* x, int64_t n, int64_t d, int64_t k) {
+  check(n >= 2, "PCA needs at least two feature vectors");
+  check(k >= 1 && k <= d, "PCA: asked for " + std::to_string(k) + " components of " + std::to_string(d) + " dimensions");
+  const Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> X(x, n, d);
+  const Eigen::MatrixXd Xd = X.cast<double>();
+  const Eigen::RowVectorXd mean = Xd.colwise().mean();
+  const Eigen::MatrixXd centred = Xd.rowwise() - mean;
+  const Eigen::MatrixXd cov = (centred.transpose() * centred) / static_cast<double>(n - 1);
+  const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(cov);
+  check(solver.info() == Eigen::Success, "PCA: the eigen decomposition did not converge");
+  Pca p;
+  p.mean.assign(mean.data(), mean.data() + d);
+  p.components = Tensor({k, d});
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t col = d - 1 - i;  // eigenvalues come in increasing order
+    Eigen::VectorXd v = solver.eigenvectors().col(col);
+    Eigen::Index at = 0;
+    v.cwiseAbs().maxCoeff(&at);
+    if (v(at) < 0) v = -v;
+    p.variances.push_back(solver.eigenvalues()(col));
+    for (int64_t j = 0; j < d; ++j) p.components[i * d + j] = static_cast<float>(v(j));
+  }
+  return p;
+}
+
+Tensor pca_project(const Pca& pca, const float* x, int64_t n) {
+  const int64_t k = pca.components.dim(0), d = pca.components.dim(1);
+  Tensor out({n, k});
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < k; ++i) {
+      double s = 0;
+      for (int64_t j = 0; j < d; ++j) s += (x[r * d + j] - pca.mean[j]) * static_cast<double>(pca.components[i * d + j]);
+      out[r * k + i] = static_cast<float>(s);
+    }
+  return out;
+}
+
+namespace {
+// Columns of p [n, k] min-max normalised to [0, 1] over the rows where `use` is set.
+void normalise_columns(Tensor& p, const std::vector<uint8_t>& use) {
+  const int64_t n = p.dim(0), k = p.dim(1);
+  for (int64_t i = 0; i < k; ++i) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int64_t r = 0; r < n; ++r)
+      if (use[r]) lo = std::min(lo, p[r * k + i]), hi = std::max(hi, p[r * k + i]);
+    for (int64_t r = 0; r < n; ++r) p[r * k + i] = hi > lo ? (p[r * k + i] - lo) / (hi - lo) : 0.5f;
+  }
+}
+}  // namespace
+
+std::vector<cv::Mat> pca_pictures(const std::vector<PatchFeatures>& features, double background_threshold) {
+  check(!features.empty(), "PCA pictures: no images");
+  const int64_t D = features[0].tokens.dim(2);
+  int64_t n = 0;
+  for (const PatchFeatures& f : features) {
+    check(f.tokens.dim(2) == D, "PCA pictures: images with different feature widths");
+    n += f.tokens.dim(0) * f.tokens.dim(1);
+  }
+  Tensor all({n, D});
+  int64_t at = 0;
+  for (const PatchFeatures& f : features) {
+    std::copy_n(f.tokens.data(), f.tokens.numel(), all.data() + at * D);
+    at += f.tokens.dim(0) * f.tokens.dim(1);
+  }
+  const int64_t k = std::min<int64_t>(3, D);
+  Tensor proj = pca_project(pca_fit(all.data(), n, D, k), all.data(), n);
+  std::vector<uint8_t> foreground(static_cast<size_t>(n), 1);
+  if (background_threshold > 0) {
+    normalise_columns(proj, foreground);
+    int64_t kept = 0;
+    for (int64_t r = 0; r < n; ++r) kept += foreground[r] = proj[r * k] >= background_threshold;
+    if (kept >= 2) {  // the colours from the foreground's own components
+      Tensor fg({kept, D});
+      int64_t w = 0;
+      for (int64_t r = 0; r < n; ++r)
+        if (foreground[r]) std::copy_n(all.data() + r * D, D, fg.data() + (w++) * D);
+      proj = pca_project(pca_fit(fg.data(), kept, D, k), all.data(), n);
+    }
+  }
+  normalise_columns(proj, foreground);
+  std::vector<cv::Mat> out;
+  at = 0;
+  for (const PatchFeatures& f : features) {
+    const int gh = static_cast<int>(f.tokens.dim(0)), gw = static_cast<int>(f.tokens.dim(1));
+    cv::Mat pic(gh, gw, CV_8UC3, cv::Scalar(0, 0, 0));
+    for (int y = 0; y < gh; ++y)
+      for (int x = 0; x < gw; ++x, ++at) {
+        if (!foreground[at]) continue;
+        cv::Vec3b& p = pic.at<cv::Vec3b>(y, x);
+        for (int c = 0; c < 3; ++c) {
+          const float v = c < k ? proj[at * k + c] : 0.0f;
+          p[2 - c] = static_cast<uchar>(std::lround(std::clamp(v, 0.0f, 1.0f) * 255));  // component c → R, G, B
+        }
+      }
+    out.push_back(pic);
+  }
+  return out;
+}
+
+}  // namespace tessera
