@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "commands.hpp"
+#include "tessera/datasets.hpp"
 #include "tessera/detection.hpp"
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
@@ -32,52 +33,6 @@ namespace tessera::cli {
 
 namespace {
 
-struct LabelledImage {
-  std::string path;  // file, or "digits.png[row,column]"
-  cv::Mat rgb;       // when already in memory (digit cells)
-  std::string class_name;
-};
-
-bool is_image_file(const fs::path& p) {
-  static const std::set<std::string> exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"};
-  std::string e = p.extension().string();
-  std::transform(e.begin(), e.end(), e.begin(), ::tolower);
-  return exts.count(e) != 0;
-}
-
-// digits[:train|test] (OpenCV's tutorial split) or an ImageFolder (class = sub-folder, sorted).
-std::vector<LabelledImage> classification_data(const std::string& data, const std::string& digits_png) {
-  std::vector<LabelledImage> out;
-  if (data == "digits" || data == "digits:test" || data == "digits:train") {
-    const SceneSplit split = data == "digits:train" ? SceneSplit::Train : SceneSplit::Test;
-    for (const DigitCell& c : load_digit_cells(digits_png, split)) {
-      LabelledImage im;
-      im.path = digits_png + "[" + std::to_string(c.row) + "," + std::to_string(c.column) + "]";
-      cv::cvtColor(c.pixels, im.rgb, cv::COLOR_GRAY2RGB);
-      im.class_name = std::to_string(c.digit);
-      out.push_back(std::move(im));
-    }
-    return out;
-  }
-  std::error_code ec;
-  check(fs::is_directory(data, ec), data + ": not a folder (expected an ImageFolder: one sub-folder per class) "
-                                           "nor digits, digits:train or digits:test");
-  std::vector<fs::path> classes;
-  for (const auto& e : fs::directory_iterator(data, ec))
-    if (e.is_directory()) classes.push_back(e.path());
-  std::sort(classes.begin(), classes.end());
-  check(!classes.empty(), data + ": no class sub-folders (an ImageFolder has one folder per class)");
-  for (const fs::path& c : classes) {
-    std::vector<fs::path> files;
-    for (const auto& e : fs::recursive_directory_iterator(c, ec))
-      if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
-    std::sort(files.begin(), files.end());
-    for (const fs::path& f : files) out.push_back({f.string(), cv::Mat(), c.filename().string()});
-  }
-  check(!out.empty(), data + ": no images in its class folders");
-  return out;
-}
-
 std::string percent(double x) {
   char b[32];
   std::snprintf(b, sizeof b, "%.2f%%", 100 * x);
@@ -90,13 +45,17 @@ std::string fixed(double x) {
 }
 
 nlohmann::json eval_classify(const Model& model, const std::string& data, const std::string& digits_png, int64_t limit) {
-  std::vector<LabelledImage> items = classification_data(data, digits_png);
+  ClassificationData set = load_classification_data(data, digits_png);
+  std::vector<LabelledImage>& items = set.images;
   if (limit > 0 && static_cast<int64_t>(items.size()) > limit) items.resize(static_cast<size_t>(limit));
+  // The data's classes are the model's labels of the same names.
   std::map<std::string, int64_t> label_id;
   for (size_t i = 0; i < model.labels.size(); ++i) label_id[model.labels[i]] = static_cast<int64_t>(i);
-  for (const LabelledImage& im : items)
-    check(label_id.count(im.class_name) != 0,
-          data + ": class '" + im.class_name + "' is not a label of " + model.dir + " (its id2label)");
+  std::vector<int64_t> to_model;
+  for (const std::string& name : set.classes) {
+    check(label_id.count(name) != 0, data + ": class '" + name + "' is not a label of " + model.dir + " (its id2label)");
+    to_model.push_back(label_id[name]);
+  }
   const Preprocessor pre = model_preprocessor(model);
   ModelWorkspace ws;
   int64_t top1 = 0, top5 = 0;
@@ -114,7 +73,7 @@ nlohmann::json eval_classify(const Model& model, const std::string& data, const 
     for (size_t i = 0; i < n; ++i) std::copy_n(xs[i].data(), xs[i].numel(), x.data() + i * xs[i].numel());
     const auto predictions = top_k(output(model_forward(model, x, ws), "logits"), model.labels, 5);
     for (size_t i = 0; i < n; ++i) {
-      const int64_t truth = label_id[items[b0 + i].class_name];
+      const int64_t truth = to_model[items[b0 + i].label];
       const auto& p = predictions[i];
       top1 += !p.empty() && p[0].label == truth;
       top5 += std::any_of(p.begin(), p.end(), [&](const Prediction& q) { return q.label == truth; });
@@ -184,53 +143,35 @@ nlohmann::json eval_detect(const Model& model, const std::string& data, int64_t 
 nlohmann::json eval_segment(const Model& model, const std::string& data, int64_t limit) {
   check(model.segmentation != nullptr, model.dir + ": not a segmentation model (tessera eval on a folder of "
                                                     "images/ and masks/ needs a Segmenter)");
-  const fs::path root(data), images = root / "images", masks = root / "masks";
-  std::error_code ec;
-  check(fs::is_directory(images, ec) && fs::is_directory(masks, ec),
-        data + ": expected a folder with images/ and masks/ (same stems; masks are 8- or 16-bit label PNGs, 255 = ignore)");
-  std::vector<fs::path> files;
-  for (const auto& e : fs::directory_iterator(images, ec))
-    if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
-  std::sort(files.begin(), files.end());
-  check(!files.empty(), images.string() + ": no images");
-  if (limit > 0 && static_cast<int64_t>(files.size()) > limit) files.resize(static_cast<size_t>(limit));
-  std::vector<fs::path> mask_files;
-  for (const fs::path& f : files) {
-    const fs::path m = masks / (f.stem().string() + ".png");
-    check(fs::is_regular_file(m, ec), m.string() + ": no mask for " + f.string());
-    mask_files.push_back(m);
-  }
   const int64_t n_cls = model.segmentation->num_classes;
+  std::vector<SegmentationPair> pairs = load_segmentation_folder(data, n_cls);
+  if (limit > 0 && static_cast<int64_t>(pairs.size()) > limit) pairs.resize(static_cast<size_t>(limit));
   SegmentationConfusion confusion(n_cls);
   const Preprocessor pre = model_preprocessor(model);
   ModelWorkspace ws;
-  for (size_t i = 0; i < files.size(); ++i) {
-    const cv::Mat rgb = load_image_rgb(files[i].string());
-    const cv::Mat truth = cv::imread(mask_files[i].string(), cv::IMREAD_UNCHANGED);
-    check(!truth.empty(), mask_files[i].string() + ": cannot decode the mask");
-    check(truth.channels() == 1, mask_files[i].string() + ": a mask must be a one-channel label PNG");
-    check(truth.size() == rgb.size(), mask_files[i].string() + ": mask is " + std::to_string(truth.cols) + "x" +
-                                          std::to_string(truth.rows) + ", its image " + std::to_string(rgb.cols) + "x" +
-                                          std::to_string(rgb.rows));
+  for (const SegmentationPair& pair : pairs) {
+    const cv::Mat rgb = load_image_rgb(pair.image);
+    const cv::Mat truth = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
+    check(!truth.empty() && truth.size() == rgb.size(), pair.mask + ": changed while being read");
     Tensor x = pre.image(rgb);
     const Shape s = x.shape();
     x = x.reshape({1, s[0], s[1], s[2]});
     const SegmentationMasks m = segmentation_masks(model, x, ws);
     const cv::Mat labels = segmentation_labels(m, 0, rgb.rows, rgb.cols);
-    confusion.add(truth, labels, mask_files[i].string());
+    confusion.add(truth, labels, pair.mask);
   }
   const std::vector<double> iou = confusion.class_iou();
   std::printf("mIoU %s over %lld classes present, pixel accuracy %s (%zu images, %lld pixels)\n",
               fixed(confusion.mean_iou()).c_str(),
               static_cast<long long>(std::count_if(iou.begin(), iou.end(), [](double v) { return !std::isnan(v); })),
-              percent(confusion.pixel_accuracy()).c_str(), files.size(), static_cast<long long>(confusion.pixels()));
+              percent(confusion.pixel_accuracy()).c_str(), pairs.size(), static_cast<long long>(confusion.pixels()));
   nlohmann::json per = nlohmann::json::object();
   for (int64_t c = 0; c < n_cls; ++c) {
     const std::string name = c < static_cast<int64_t>(model.labels.size()) ? model.labels[c] : std::to_string(c);
     if (!std::isnan(iou[c])) per[name] = iou[c];
     std::printf("  %-16s %s\n", name.c_str(), std::isnan(iou[c]) ? "   -  " : fixed(iou[c]).c_str());
   }
-  return {{"task", "segment"}, {"images", files.size()}, {"mIoU", confusion.mean_iou()},
+  return {{"task", "segment"}, {"images", pairs.size()}, {"mIoU", confusion.mean_iou()},
           {"pixel_accuracy", confusion.pixel_accuracy()}, {"per_class_IoU", per}};
 }
 
