@@ -11,6 +11,7 @@
 #include <random>
 
 #include "tessera/safetensors.hpp"
+#include "tessera/segmentation_loss.hpp"
 #include "tessera/set_loss.hpp"
 
 namespace fs = std::filesystem;
@@ -136,4 +137,25 @@ TEST_CASE("set loss: bad targets are errors", "[set_loss]") {
   t.labels = {1};
   z[0] = NAN;
   CHECK_THROWS_WITH(set_loss({&z}, {&b}, {t}), Catch::Contains("non-finite"));
+}
+
+// ------------------------------------------------------------------- Segmenter's per-pixel loss
+
+TEST_CASE("segmentation loss: PyTorch's cross_entropy(ignore_index=255) and its gradient", "[set_loss]") {
+  const SafeTensors st = SafeTensors::open((fs::path(TESSERA_FIXTURES) / "segmentation_loss" / "ce.safetensors").string());
+  const Tensor logits = st.get("logits"), labels_f = st.get("labels"), want = st.get("dlogits");
+  std::vector<int32_t> labels;
+  for (float v : labels_f.span()) labels.push_back(static_cast<int32_t>(v));
+  Tensor grad;
+  const double loss = segmentation_cross_entropy(logits, labels, &grad);
+  CHECK(loss == Approx(st.get("loss")[0]).epsilon(1e-6));
+  float scale = 0, worst = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) scale = std::max(scale, std::abs(want[i]));
+  for (int64_t i = 0; i < want.numel(); ++i) worst = std::max(worst, std::abs(grad[i] - want[i]));
+  CHECK(worst <= 1e-5f * scale);
+  // Every pixel ignored: no loss, no gradient. A label out of range: an error.
+  std::vector<int32_t> ignored(labels.size(), 255);
+  CHECK(segmentation_cross_entropy(logits, ignored, &grad) == 0.0);
+  labels[3] = 9;
+  CHECK_THROWS_WITH(segmentation_cross_entropy(logits, labels), Catch::Contains("label 9"));
 }
