@@ -27,7 +27,7 @@ void add_data(CLI::App& app, Action& action) {
   scenes->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS, else every core)");
   scenes->callback([&action] {
     action = [] {
-      set_num_threads(threads);
+      apply_threads(threads);
       const SceneSplit s = parse_scene_split(split);
       const SceneSource source = load_scene_source(s, digits_png, photo_dir);
       const SceneWriteSummary summary = write_scenes(source, seed, count, out_dir);

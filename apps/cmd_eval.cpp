@@ -194,7 +194,7 @@ void add_eval(CLI::App& app, Action& action) {
   cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS, else every core)");
   cmd->callback([&action] {
     action = [] {
-      set_num_threads(threads);
+      apply_threads(threads);
       const WeightType wt = dtype == "bf16" ? WeightType::BF16 : dtype == "int8" ? WeightType::INT8 : WeightType::F32;
       const auto model = load_model(model_dir, wt);
       const auto start = std::chrono::steady_clock::now();

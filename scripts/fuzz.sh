@@ -21,13 +21,17 @@ for t in "${targets[@]}"; do
   log="build-fuzz/fuzz-$t.log"
   seeds=("tests/fuzz/corpus/$t")
   [ -d "tests/fuzz/regressions/$t" ] && seeds+=("tests/fuzz/regressions/$t")
+  # Run inside a per-target folder: with -jobs libFuzzer writes its fuzz-<n>.log files to the
+  # working directory.
+  run="build-fuzz/run-$t"
+  rm -rf "$run" && mkdir -p "$run"
   set +e
-  TESSERA_CACHE_DIR=off "build-fuzz/tests/fuzz/fuzz_$t" "build-fuzz/corpus/$t" "${seeds[@]}" \
+  (cd "$run" && TESSERA_CACHE_DIR=off "../tests/fuzz/fuzz_$t" "../corpus/$t" "${seeds[@]/#/../../}" \
     -max_total_time="$seconds" -timeout=20 -rss_limit_mb=3072 -print_final_stats=1 \
-    -jobs="$jobs" -workers="$jobs" -artifact_prefix="build-fuzz/artifacts/$t-" >"$log" 2>&1
+    -jobs="$jobs" -workers="$jobs" -artifact_prefix="../artifacts/$t-") >"$log" 2>&1
   rc=$?
   set -e
-  execs=$(grep -h "stat::number_of_executed_units" "$log" fuzz-*.log 2>/dev/null | awk '{s += $2} END {print s + 0}')
+  execs=$(cat "$log" "$run"/fuzz-*.log 2>/dev/null | grep "stat::number_of_executed_units" | awk '{s += $2} END {print s + 0}')
   echo "$t: exit $rc, $execs executions in ${seconds}s x $jobs job(s), corpus $(ls "build-fuzz/corpus/$t" | wc -l) inputs (log: $log)"
 done
 ls build-fuzz/artifacts 2>/dev/null | sed 's/^/artifact: /' || true
