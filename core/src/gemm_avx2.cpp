@@ -8,7 +8,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "gemm_internal.hpp"
 
@@ -149,38 +151,20 @@ TESSERA_AVX2 void micro_kernel(int64_t K, const float* a, const float* b, const 
   store_tile<R>(c0, c1, t);
 }
 
-// The same over bf16 pair panels: word c of pair i is (W[c, 2i], W[c, 2i+1]); the high half
-// is W[c, 2i+1] (mask) and the low W[c, 2i] (shift), each exact in fp32. x is bf16-rounded
-// fp32, a[(2i + e) * 6 + r]. Per pair, acc += x1 w1 then acc += x0 w0, as vdpbf16ps sums (the
-// products are exact, so each FMA rounds once, as the portable path's multiply-add).
-template <int R>
-TESSERA_AVX2 void micro_kernel_bf16(int64_t K2, const float* a, const uint32_t* b, const Tile& t) {
-  __m256 c0[R], c1[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-#pragma GCC unroll 2
-  for (int64_t i = 0; i < K2; ++i, a += 2 * kMR6, b += kNR) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8));
-    const __m256 h0 = _mm256_castsi256_ps(_mm256_and_si256(w0, high));
-    const __m256 h1 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + kMR6 + r);
-      c0[r] = _mm256_fmadd_ps(av, h0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(av, h1, c1[r]);
+// bf16 pair panel j widened to fp32 rows, each pair as two k rows in vdpbf16ps's order:
+// dst[(2i) * 32 + c] = W[c, 2i+1] (the word's high half, masked), dst[(2i+1) * 32 + c] = W[c, 2i]
+// (the low half, shifted up): exact, and read by the fp32 micro-kernel with x packed in the
+// same order, it sums acc += x1 w1 then acc += x0 w0 per pair, as vdpbf16ps and the portable
+// path do. Widening a panel once per task costs ~1/rows of the FMAs it feeds; a kernel that
+// widened in registers needed more than the 16 ymm registers for a 6 x 16 tile, or (6 x 8)
+// two broadcasts per FMA, and ran at 0.4-0.66x the fp32 kernel.
+TESSERA_AVX2 void widen_bf16_panel(const uint32_t* b, int64_t K2, float* dst) {
+  for (int64_t i = 0; i < K2; ++i, b += kNR, dst += 2 * kNR)
+    for (int64_t c = 0; c < kNR; c += 8) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), _mm256_slli_epi32(_mm256_srli_epi32(w, 16), 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kNR + c), _mm256_slli_epi32(w, 16));
     }
-    const __m256 l0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
-    const __m256 l1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r);
-      c0[r] = _mm256_fmadd_ps(av, l0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(av, l1, c1[r]);
-    }
-  }
-  store_tile<R>(c0, c1, t);
 }
 
 // ---- int8 ------------------------------------------------------------------------------------
@@ -220,29 +204,28 @@ template <int R>
 TESSERA_AVX2 void micro_kernel_int8(int64_t K4, const uint32_t* a, const uint32_t* b,
                                     const uint32_t* rq, const float* ws, const int32_t* wsum,
                                     const Tile& t) {
-  __m256i c0[R], c1[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_si256();
-  const __m256i ones = _mm256_set1_epi16(1);
-#pragma GCC unroll 2
-  for (int64_t i = 0; i < K4; ++i, a += kMR6, b += kNR) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8));
-    const __m256i abs0 = _mm256_abs_epi8(b0), abs1 = _mm256_abs_epi8(b1);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256i av = _mm256_set1_epi32(static_cast<int>(a[r]));
-      const __m256i p0 = _mm256_maddubs_epi16(abs0, _mm256_sign_epi8(av, b0));
-      const __m256i p1 = _mm256_maddubs_epi16(abs1, _mm256_sign_epi8(av, b1));
-      c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(p0, ones));
-      c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(p1, ones));
-    }
-  }
+  // One 8-column quarter of the panel at a time (6 accumulators + W, |W|, ones, the broadcast
+  // and a temporary: 16 columns at once would need 18 ymm and spill), summed into acc.
   alignas(32) int32_t acc[R][16];
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {
+    __m256i c[R];
 #pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(acc[r]), c0[r]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(acc[r] + 8), c1[r]);
+    for (int r = 0; r < R; ++r) c[r] = _mm256_setzero_si256();
+    const uint32_t* ai = a;
+    const uint32_t* bi = b + 8 * half;
+    for (int64_t i = 0; i < K4; ++i, ai += kMR6, bi += kNR) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bi));
+      const __m256i aw = _mm256_abs_epi8(w);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256i av = _mm256_set1_epi32(static_cast<int>(ai[r]));
+        const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av, w));
+        c[r] = _mm256_add_epi32(c[r], _mm256_madd_epi16(p, ones));
+      }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) _mm256_store_si256(reinterpret_cast<__m256i*>(acc[r] + 8 * half), c[r]);
   }
   int8_epilogue<R>(acc, rq, ws, wsum, t);
 }
@@ -261,7 +244,8 @@ TESSERA_AVX2 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t K
   }
 }
 
-// The same with x rounded to bf16 (bf16_bits) and K padded to even with zeros.
+// The same with x rounded to bf16 (bf16_bits), K padded to even with zeros, and each pair's
+// two k swapped (apack[(k ^ 1) * 6 + r] = x[r, k]) to match widen_bf16_panel's order.
 TESSERA_AVX2 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K,
                                  float* apack) {
   const int64_t K2 = ceil_div(K, 2) * 2;
@@ -269,7 +253,7 @@ TESSERA_AVX2 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int6
     const float* xr = x + r * ldx;
     for (int64_t k = 0; k < K2; ++k) {
       const uint32_t bits = r < rows && k < K ? bf16_bits(xr[k]) << 16 : 0u;
-      std::memcpy(apack + k * kMR6 + r, &bits, 4);
+      std::memcpy(apack + (k ^ 1) * kMR6 + r, &bits, 4);
     }
   }
 }
@@ -372,10 +356,16 @@ void linear_task_avx2(const LinearArgs& a, const RowSplit& rows, int64_t j0, int
 void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                            float* apack) {
   const int64_t K2 = ceil_div(a.K, 2);
+  // The widened panel: per thread, grown once (64-byte aligned rows of 32 floats).
+  thread_local std::vector<float> widened;
+  if (widened.size() < static_cast<size_t>(2 * K2 * kNR + 16)) widened.resize(2 * K2 * kNR + 16);
+  float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(widened.data()) + 63) & ~uintptr_t{63});
+  int64_t widened_j = -1;
   task_walk(a, rows, j0, j1, apack, 2 * K2 * kMR6, pack_rows_bf16,
             [&](int64_t n, const float* ap, int64_t j, int64_t h, const Tile& t) {
-              const uint32_t* b = a.wpack_bf16 + j * K2 * kNR + 16 * h;
-              by_rows(n, [&](auto R) { micro_kernel_bf16<decltype(R)::value>(K2, ap, b, t); });
+              if (j != widened_j) widen_bf16_panel(a.wpack_bf16 + j * K2 * kNR, K2, panel), widened_j = j;
+              const float* b = panel + 16 * h;
+              by_rows(n, [&](auto R) { micro_kernel<decltype(R)::value>(2 * K2, ap, b, t); });
             });
 }
 

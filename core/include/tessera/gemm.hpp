@@ -16,9 +16,11 @@
 namespace tessera {
 
 // F32: exact fp32 products. BF16: W and x rounded to bfloat16 (nearest even), products summed in
-// fp32 (vdpbf16ps where the CPU has it). INT8: W quantized per output channel (symmetric, s8),
-// x per row at run time (asymmetric, u8), exact int32 dot products (vpdpbusd where the CPU has
-// AVX512-VNNI), one fp32 rescale per output; the math is in core/src/gemm_internal.hpp.
+// fp32 (vdpbf16ps where the CPU has it; AVX2 widens the bf16 weights to fp32 in registers and
+// sums in the same order). INT8: W quantized per output channel (symmetric, s8), x per row at
+// run time (asymmetric, u8: 255 levels, 254 on the AVX2 path), exact int32 dot products
+// (vpdpbusd where the CPU has AVX512-VNNI, vpmaddubsw on AVX2), one fp32 rescale per output;
+// the math is in core/src/gemm_internal.hpp.
 enum class WeightType { F32, BF16, INT8 };
 enum class Activation { None, Gelu /* exact erf */, Relu };
 
@@ -167,8 +169,8 @@ void linear_gelu(const float* x, float* y, int64_t n);
 void linear_erf(const float* x, float* y, int64_t n);
 
 // The CPU's fp32 multiply-add ceiling right now, for the family in use: every arena thread at
-// once runs independent FMAs on registers only (24 accumulators of the family's vector width:
-// zmm, ymm, or scalar; no memory). GFLOP/s
+// once runs independent FMAs on registers only (24 zmm, 12 ymm or 24 scalar accumulators, no
+// memory). GFLOP/s
 // over all threads, 2 FLOPs per multiply-add, median of `repeats` runs of ~15 ms each. No fp32
 // GEMM can beat it; `tessera bench --gemm` reports it as the yardstick beside the GEMM rate.
 double fma_peak_gflops(int repeats = 7);
