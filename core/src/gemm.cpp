@@ -590,7 +590,8 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
   const bool avx512 = kernel == Kernel::Avx512, avx2 = kernel == Kernel::Avx2;
   const int64_t mr = avx512 ? kMR : avx2 ? kMrAvx2 : kGenericMR;
   // Packed x bytes per row: fp32, bf16 pairs, or u8 quads and the row's scale and zero point.
-  const int64_t bytes_per_row = int8 ? int8_quads(K) * 4 + 8 : bf16 ? ceil_div(K, 2) * 4 : K * 4;
+  // (The AVX2 bf16 kernel packs x as bf16-rounded fp32: K * 4.)
+  const int64_t bytes_per_row = int8 ? int8_quads(K) * 4 + 8 : bf16 && !avx2 ? ceil_div(K, 2) * 4 : K * 4;
   const Split s = choose_split(M, NP, mr, bytes_per_row, num_threads());
   parallel_for(0, s.row_blocks * s.col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
