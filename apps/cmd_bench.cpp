@@ -100,6 +100,9 @@ int bench_gemm_command(const std::string& dtype, bool dtype_given, int64_t batch
                        bool as_json) {
   double fp32_rate = 0;
   nlohmann::json out;
+  if (!as_json)
+    std::printf("kernel family %s (CPU: %s; features seen: %s)\n\n", isa_name(isa_family()),
+                isa_name(cpu_isa_family()), cpu_features_seen().c_str());
   if (dtype_given) {
     fp32_rate = bench_gemm(dtype, batch, iterations, as_json, out);
     if (dtype != "fp32") fp32_rate = 0;
@@ -122,11 +125,13 @@ int bench_gemm_command(const std::string& dtype, bool dtype_given, int64_t batch
   const double peak = fma_peak_gflops();
   if (as_json) {
     out["fma_peak_gflops"] = peak;
+    out["isa"] = isa_name(isa_family());
+    out["cpu_features"] = cpu_features_seen();
     out["fma_peak_threads"] = num_threads();
     std::printf("%s\n", out.dump(2).c_str());
   } else {
-    std::printf("fp32 FMA peak (registers only, %d thread%s): %.1f GFLOP/s", num_threads(),
-                num_threads() == 1 ? "" : "s", peak);
+    std::printf("fp32 FMA peak (%s family, registers only, %d thread%s): %.1f GFLOP/s",
+                isa_name(isa_family()), num_threads(), num_threads() == 1 ? "" : "s", peak);
     if (fp32_rate > 0) std::printf("; the fp32 GEMM rate is %.0f%% of it", 100 * fp32_rate / peak);
     std::printf("\n");
   }
@@ -211,10 +216,15 @@ void add_bench(CLI::App& app, Action& action) {
   cmd->add_flag("--gemm", gemm,
                 "Measure the GEMM rate on ViT-B shapes instead of a model (fp32, bf16 and int8 "
                 "unless --dtype picks one), and the CPU's register-only fp32 FMA peak");
+  static std::string isa;
+  cmd->add_option("--isa", isa,
+                  "Cap the kernel family: avx512, avx2 or generic (as TESSERA_ISA; the CPU's "
+                  "widest family by default)");
   cmd->footer(kFooter);
   cmd->callback([&action] {
     action = [] {
       apply_threads(threads);
+      if (!isa.empty()) set_isa_cap(parse_isa(isa, "--isa"));
       if (gemm) return bench_gemm_command(dtype, dtype_option->count() > 0, batch, iterations, as_json);
       const WeightType type = parse_dtype(dtype);
       double t0 = now_ms();
@@ -253,7 +263,7 @@ void add_bench(CLI::App& app, Action& action) {
                             {"packed_weights_mb", packed_weight_mb(*model)},
                             {"batch", batch}, {"threads", num_threads()}, {"dtype", dtype},
                             {"image_size", {h, w}}, {"iterations", iterations},
-                            {"kernel", linear_kernel_name(type)}};
+                            {"kernel", linear_kernel_name(type)}, {"isa", isa_name(isa_family())}};
         std::printf("%s\n", j.dump(2).c_str());
       } else {
         std::printf("%s %s, %lldx%lld, batch %lld, %d threads, kernel %s\n", name.c_str(), dtype.c_str(),

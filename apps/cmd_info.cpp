@@ -2,6 +2,8 @@
 #include <cstdio>
 
 #include "commands.hpp"
+#include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
 #include "tessera/model.hpp"
 
 namespace tessera::cli {
@@ -10,10 +12,26 @@ void add_info(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("info", "Describe a model folder: architecture, size, labels");
   static std::string dir;
   static bool all_labels = false;
-  cmd->add_option("model", dir, "Model folder (config.json + model.safetensors)")->required();
+  static bool cpu = false;
+  cmd->add_option("model", dir, "Model folder (config.json + model.safetensors)");
   cmd->add_flag("--labels", all_labels, "List every label");
+  cmd->add_flag("--cpu", cpu,
+                "Print the CPU features kernel dispatch sees and the kernel each dtype's GEMM "
+                "uses (no model needed)");
   cmd->callback([&action] {
     action = [] {
+      if (cpu) {
+        std::printf("cpu features: %s\n", cpu_features_seen().c_str());
+        std::printf("kernel family: %s (CPU's widest: %s; cap with TESSERA_ISA=avx512|avx2|generic)\n",
+                    isa_name(isa_family()), isa_name(cpu_isa_family()));
+        std::printf("gemm kernels: fp32 %s, bf16 %s, int8 %s\n",
+                    linear_kernel_name(WeightType::F32).c_str(),
+                    linear_kernel_name(WeightType::BF16).c_str(),
+                    linear_kernel_name(WeightType::INT8).c_str());
+        if (dir.empty()) return 0;
+        std::printf("\n");
+      }
+      if (dir.empty()) fail("info: give a model folder (or --cpu)");
       auto m = load_model(dir);
       const VitConfig& c = m->encoder.config;
       std::printf("model:        %s\n", dir.c_str());

@@ -46,6 +46,17 @@ Run run_cli(const std::string& args) {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
 }
 
+// run_cli with one more environment variable ("NAME=value") set for the command.
+Run run_cli_env(const std::string& assignment, const std::string& args) {
+  const char* cli = std::getenv("TESSERA_CLI");
+  REQUIRE(cli != nullptr);
+  fs::path dir = scratch();
+  std::string cmd = "env " + assignment + " " + std::string(cli) + " " + args + " >" + (dir / "out").string() +
+                    " 2>" + (dir / "err").string();
+  int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
+}
+
 std::string fixture(const std::string& rel) { return (fs::path(TESSERA_FIXTURES) / rel).string(); }
 
 int lines(const std::string& s) {
@@ -237,7 +248,29 @@ TEST_CASE("tessera bench --gemm: every dtype's rate on the ViT-B shapes, or the 
   Run text = run_cli("bench --gemm --threads 1 --iterations 1");
   REQUIRE(text.code == 0);
   CHECK(text.out.find("GEMM rate: fp32") != std::string::npos);
-  CHECK(text.out.find("fp32 FMA peak (registers only, 1 thread)") != std::string::npos);
+  CHECK(text.out.find("registers only, 1 thread)") != std::string::npos);
+  CHECK(text.out.find("kernel family ") != std::string::npos);
+}
+
+TEST_CASE("bench --isa and TESSERA_ISA cap the kernel family; info --cpu names it") {
+  Run capped = run_cli("bench --gemm --dtype int8 --isa generic --threads 1 --iterations 1 --json");
+  INFO(capped.err);
+  REQUIRE(capped.code == 0);
+  auto j = nlohmann::json::parse(capped.out);
+  CHECK(j["isa"] == "generic");
+  CHECK(j["kernel"] == "generic");
+  Run bad = run_cli("bench --gemm --isa sse2 --threads 1 --iterations 1");
+  CHECK(bad.code != 0);
+  CHECK(lines(bad.err) == 1);
+  CHECK(bad.err.find("expected avx512, avx2 or generic") != std::string::npos);
+  Run env = run_cli_env("TESSERA_ISA=avx3", "info --cpu");
+  CHECK(env.code != 0);
+  CHECK(lines(env.err) == 1);
+  CHECK(env.err.find("TESSERA_ISA") != std::string::npos);
+  Run cpu = run_cli_env("TESSERA_ISA=generic", "info --cpu");
+  REQUIRE(cpu.code == 0);
+  CHECK(cpu.out.find("kernel family: generic") != std::string::npos);
+  CHECK(cpu.out.find("gemm kernels: fp32 generic, bf16 generic, int8 generic") != std::string::npos);
 }
 
 TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {

@@ -198,13 +198,24 @@ TEST_CASE("linear reports its kernel and rejects what it cannot do") {
   force_generic_kernels(true);
   REQUIRE(linear_kernel_name(WeightType::F32) == "generic");
   force_generic_kernels(false);
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+  INFO("family " << isa_name(isa_family()) << ", CPU features " << cpu_features_seen());
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  REQUIRE(cpu_isa_family() == (avx512 ? IsaFamily::Avx512 : avx2 ? IsaFamily::Avx2 : IsaFamily::Generic));
+  if (isa_family() == IsaFamily::Avx512) {  // not capped by TESSERA_ISA
     REQUIRE(linear_kernel_name(WeightType::F32) == "avx512f");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"))
-    REQUIRE(linear_kernel_name(WeightType::BF16) == "avx512bf16");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni"))
-    REQUIRE(linear_kernel_name(WeightType::INT8) == "avx512vnni");
+    if (__builtin_cpu_supports("avx512bf16"))
+      REQUIRE(linear_kernel_name(WeightType::BF16) == "avx512bf16");
+    if (__builtin_cpu_supports("avx512vnni"))
+      REQUIRE(linear_kernel_name(WeightType::INT8) == "avx512vnni");
+  }
+  if (isa_family() == IsaFamily::Avx2) {
+    REQUIRE(linear_kernel_name(WeightType::F32) == "avx2");
+    REQUIRE(linear_kernel_name(WeightType::BF16) == "avx2-bf16");
+    REQUIRE(linear_kernel_name(WeightType::INT8) == "avx2-int8");
+    REQUIRE(linear_int8_levels() == 254);
+  }
   force_generic_kernels(true);
   REQUIRE(linear_kernel_name(WeightType::INT8) == "generic");  // int8 has a portable path too
   force_generic_kernels(false);
@@ -370,4 +381,43 @@ TEST_CASE("pack_linear from a row source, with or without an arena, packs the sa
       CHECK(y1 == y2);
     }
   }
+}
+
+TEST_CASE("the kernel family is capped by set_isa_cap and force_generic_kernels, never raised") {
+  const IsaFamily top = isa_family();  // the CPU's, or TESSERA_ISA's cap
+  for (IsaFamily cap : {IsaFamily::Generic, IsaFamily::Avx2, IsaFamily::Avx512}) {
+    set_isa_cap(cap);
+    const IsaFamily want = static_cast<int>(cap) < static_cast<int>(top) ? cap : top;
+    INFO("cap " << isa_name(cap) << ", top " << isa_name(top));
+    REQUIRE(isa_family() == want);
+    REQUIRE(linear_kernel_name(WeightType::F32).rfind(want == IsaFamily::Avx512 ? "avx512" : isa_name(want), 0) == 0);
+    force_generic_kernels(true);
+    REQUIRE(isa_family() == IsaFamily::Generic);
+    force_generic_kernels(false);
+    REQUIRE(isa_family() == want);
+  }
+  set_isa_cap(IsaFamily::Avx512);
+  REQUIRE(isa_family() == top);
+  REQUIRE(parse_isa("avx2") == IsaFamily::Avx2);
+  REQUIRE_THROWS_AS(parse_isa("sse4"), Error);
+  REQUIRE_THROWS_WITH(parse_isa("AVX2"), Catch::Matchers::Contains("expected avx512, avx2 or generic"));
+}
+
+TEST_CASE("every family the CPU has gives the same packed weights' results within tolerance") {
+  // The panels are the same for every family: one packing, run under each cap, against the
+  // double reference (the fp32 tolerance above), bit-identical for 1 and 2 threads.
+  uint32_t seed = 7000;
+  for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{197, 100, 773}, {7, 33, 64}, {1, 768, 3}}) {
+    Problem p = make_problem(M, N, K, K + 1, N + 3, seed++);
+    PackedLinear pw = pack_linear(p.w.data(), p.b.data(), N, K);
+    for (IsaFamily cap : {IsaFamily::Avx512, IsaFamily::Avx2, IsaFamily::Generic}) {
+      set_isa_cap(cap);
+      INFO("M=" << M << " N=" << N << " K=" << K << " kernel=" << linear_kernel_name(WeightType::F32));
+      bool padding_ok = false;
+      REQUIRE(run_case(p, pw, Case::BiasGelu, &padding_ok) <= 1.0);
+      REQUIRE(run_case(p, pw, Case::BiasReluResidual, &padding_ok) <= 1.0);
+      REQUIRE(padding_ok);
+    }
+  }
+  set_isa_cap(IsaFamily::Avx512);
 }

@@ -61,8 +61,10 @@ struct GenericKernels {  // forces the portable kernels for one scope
 
 // The int8 math of core/src/gemm_internal.hpp, written out naively: W per output channel
 // (symmetric s8), x per row (asymmetric u8), exact integer dot products, one rescale.
+// `levels`: x's quantization levels (255, or 254 on the AVX2 path).
 std::vector<float> int8_reference(const std::vector<float>& x, const std::vector<float>& w,
-                                  const std::vector<float>& bias, int64_t M, int64_t K, int64_t N) {
+                                  const std::vector<float>& bias, int64_t M, int64_t K, int64_t N,
+                                  int levels) {
   std::vector<int32_t> wq(N * K);
   std::vector<float> wscale(N);
   for (int64_t n = 0; n < N; ++n) {
@@ -78,11 +80,12 @@ std::vector<float> int8_reference(const std::vector<float>& x, const std::vector
     float lo = 0, hi = 0;
     for (int64_t k = 0; k < K; ++k) lo = std::min(lo, x[m * K + k]), hi = std::max(hi, x[m * K + k]);
     const float range = hi - lo;
-    const float scale = range > 0 ? range / 255.0f : 0.0f, inv = range > 0 ? 255.0f / range : 0.0f;
-    const int32_t zp = std::clamp(static_cast<int32_t>(std::nearbyint(-lo * inv)), 0, 255);
+    const float L = static_cast<float>(levels);
+    const float scale = range > 0 ? range / L : 0.0f, inv = range > 0 ? L / range : 0.0f;
+    const int32_t zp = std::clamp(static_cast<int32_t>(std::nearbyint(-lo * inv)), 0, levels);
     std::vector<int32_t> u(K);
     for (int64_t k = 0; k < K; ++k)
-      u[k] = std::clamp(static_cast<int32_t>(std::nearbyint(x[m * K + k] * inv)) + zp, 0, 255);
+      u[k] = std::clamp(static_cast<int32_t>(std::nearbyint(x[m * K + k] * inv)) + zp, 0, levels);
     for (int64_t n = 0; n < N; ++n) {
       int64_t dot = 0;  // sum (u - zp) * wq, exactly
       for (int64_t k = 0; k < K; ++k) dot += static_cast<int64_t>(u[k] - zp) * wq[n * K + k];
@@ -95,19 +98,21 @@ std::vector<float> int8_reference(const std::vector<float>& x, const std::vector
 }  // namespace
 
 TEST_CASE("int8 linear: integer inputs with unit scales give the exact integer dot products") {
-  // Each x row spans exactly [-128, 127] (scale 1, zero point 128) and each W row has a +-127
-  // (scale 1), so quantization is the identity and y must equal sum_k x w exactly (|y| < 2^24).
+  // Each x row spans exactly [-128, 127] (scale 1, zero point 128; with 254 levels [-127, 127],
+  // zero point 127) and each W row has a +-127 (scale 1), so quantization is the identity and y
+  // must equal sum_k x w exactly (|y| < 2^24).
   std::mt19937 rng(11);
   for (bool generic : {false, true}) {
     GenericKernels g(generic);
     INFO("kernel " << linear_kernel_name(WeightType::INT8));
+    const int lo = -(linear_int8_levels() + 1) / 2, hi = lo + linear_int8_levels();  // x's span
     for (auto [M, K, N] : {std::tuple<int64_t, int64_t, int64_t>{1, 4, 1}, {19, 77, 45}, {30, 768, 64},
                            {200, 131, 97}}) {
-      std::uniform_int_distribution<int> xd(-128, 127), wd(-127, 127);
+      std::uniform_int_distribution<int> xd(lo, hi), wd(-127, 127);
       std::vector<float> x(M * K), w(N * K);
       for (auto& v : x) v = static_cast<float>(xd(rng));
       for (auto& v : w) v = static_cast<float>(wd(rng));
-      for (int64_t m = 0; m < M; ++m) x[m * K] = -128, x[m * K + (K - 1) / 2 + (K > 1)] = 127;
+      for (int64_t m = 0; m < M; ++m) x[m * K] = float(lo), x[m * K + (K - 1) / 2 + (K > 1)] = float(hi);
       for (int64_t n = 0; n < N; ++n) w[n * K + n % K] = (n % 2) ? 127.0f : -127.0f;
       PackedLinear p = pack_linear(w.data(), nullptr, N, K, WeightType::INT8);
       std::vector<float> y(M * N);
@@ -143,7 +148,7 @@ TEST_CASE("int8 linear matches a naive reference of the same quantization math")
       for (auto& v : b) v = nd(rng);
       for (auto& v : res) v = nd(rng);
       PackedLinear p = pack_linear(w.data(), b.data(), N, K, WeightType::INT8);
-      std::vector<float> want = int8_reference(x, w, b, M, K, N), y(M * N);
+      std::vector<float> want = int8_reference(x, w, b, M, K, N, linear_int8_levels()), y(M * N);
       float peak = 0;
       for (float v : want) peak = std::max(peak, std::fabs(v));
       linear(x.data(), M, K, p, y.data(), N);

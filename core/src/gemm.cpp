@@ -25,21 +25,63 @@ using namespace gemm_detail;
 namespace {
 
 std::atomic<bool> g_force_generic{false};
+std::atomic<int> g_isa_cap{static_cast<int>(IsaFamily::Avx512)};
 
-bool use_avx512() {
+bool cpu_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has && !g_force_generic.load(std::memory_order_relaxed);
+  return has;
 }
-
-bool use_avx512_bf16() {
+bool cpu_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+bool cpu_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has && use_avx512();
+  return has && cpu_avx512();
+}
+bool cpu_avx512_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512vnni");
+  return has && cpu_avx512();
+}
+bool cpu_avxvnni() {
+  static const bool has = __builtin_cpu_supports("avxvnni");
+  return has && cpu_avx2();
 }
 
-bool use_avx512_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512vnni");
-  return has && use_avx512();
+// TESSERA_ISA, read once; a bad value throws at every dispatch (its message names it).
+struct EnvCap {
+  IsaFamily cap = IsaFamily::Avx512;
+  std::string error;
+};
+const EnvCap& env_cap() {
+  static const EnvCap cap = [] {
+    EnvCap c;
+    const char* v = std::getenv("TESSERA_ISA");
+    if (v == nullptr || *v == '\0') return c;
+    try {
+      c.cap = parse_isa(v);
+    } catch (const Error& e) {
+      c.error = e.what();
+    }
+    return c;
+  }();
+  return cap;
+}
+
+enum class Kernel { Generic, Avx2, Avx512 };
+
+// Which kernel family runs `type` now: the family in use, except that an AVX-512 CPU without
+// AVX512-BF16 (or -VNNI) runs bf16 (int8) on the AVX2 kernels, which need neither.
+Kernel kernel_for(WeightType type) {
+  const IsaFamily f = isa_family();
+  if (f == IsaFamily::Generic) return Kernel::Generic;
+  if (f == IsaFamily::Avx512) {
+    if (type == WeightType::F32) return Kernel::Avx512;
+    if (type == WeightType::BF16 && cpu_avx512_bf16()) return Kernel::Avx512;
+    if (type == WeightType::INT8 && cpu_avx512_vnni()) return Kernel::Avx512;
+  }
+  return Kernel::Avx2;
 }
 
 float bf16_float(uint32_t bits16) {
@@ -259,7 +301,7 @@ struct Split {
 };
 
 Split choose_split(int64_t M, int64_t NP, int64_t mr, int64_t bytes_per_row, int threads) {
-  const int64_t cap = std::clamp<int64_t>(std::min<int64_t>((768 * 1024) / bytes_per_row, 8 * kMR), 1, M);
+  const int64_t cap = std::clamp<int64_t>(std::min<int64_t>((768 * 1024) / bytes_per_row, 8 * std::max(mr, kMR)), 1, M);
   const int64_t rb_min = ceil_div(M, cap);
   const int64_t rb_max = std::min(ceil_div(M, mr), rb_min + 2 * threads + 8);
   Split best{rb_min, 1};
@@ -544,10 +586,12 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
   } else {
     a.wpack = static_cast<const float*>(w.packed.get());
   }
-  const bool avx512 = int8 ? use_avx512_vnni() : bf16 ? use_avx512_bf16() : use_avx512();
-  const int64_t mr = avx512 ? kMR : kGenericMR;
+  const Kernel kernel = kernel_for(w.type);
+  const bool avx512 = kernel == Kernel::Avx512, avx2 = kernel == Kernel::Avx2;
+  const int64_t mr = avx512 ? kMR : avx2 ? kMrAvx2 : kGenericMR;
   // Packed x bytes per row: fp32, bf16 pairs, or u8 quads and the row's scale and zero point.
-  const int64_t bytes_per_row = int8 ? int8_quads(K) * 4 + 8 : bf16 ? ceil_div(K, 2) * 4 : K * 4;
+  // (The AVX2 bf16 kernel packs x as bf16-rounded fp32: K * 4.)
+  const int64_t bytes_per_row = int8 ? int8_quads(K) * 4 + 8 : bf16 && !avx2 ? ceil_div(K, 2) * 4 : K * 4;
   const Split s = choose_split(M, NP, mr, bytes_per_row, num_threads());
   parallel_for(0, s.row_blocks * s.col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -575,6 +619,16 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
       else if (avx512)
         linear_task_avx512(ta, rows, j0, j1,
                            thread_scratch(static_cast<size_t>(rows.panels * K * kMR)));
+      else if (avx2 && int8)
+        linear_task_avx2_int8(ta, rows, j0, j1,
+                              reinterpret_cast<uint32_t*>(thread_scratch(
+                                  static_cast<size_t>(rows.panels * int8_apack_words(K, kMrAvx2)))),
+                              cpu_avxvnni());
+      else if (avx2 && bf16)
+        linear_task_avx2_bf16(ta, rows, j0, j1,
+                              thread_scratch(static_cast<size_t>(rows.panels * 2 * ceil_div(K, 2) * kMrAvx2)));
+      else if (avx2)
+        linear_task_avx2(ta, rows, j0, j1, thread_scratch(static_cast<size_t>(rows.panels * K * kMrAvx2)));
       else if (int8)
         linear_task_generic<TileInt8>(ta, rows, j0, j1);
       else if (bf16)
@@ -585,22 +639,78 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
   });
 }
 
-std::string linear_kernel_name(WeightType type) {
-  if (type == WeightType::BF16) return use_avx512_bf16() ? "avx512bf16" : "generic";
-  if (type == WeightType::INT8) return use_avx512_vnni() ? "avx512vnni" : "generic";
-  return use_avx512() ? "avx512f" : "generic";
+const char* isa_name(IsaFamily f) {
+  return f == IsaFamily::Avx512 ? "avx512" : f == IsaFamily::Avx2 ? "avx2" : "generic";
 }
+
+IsaFamily parse_isa(const std::string& name, const std::string& what) {
+  if (name == "avx512") return IsaFamily::Avx512;
+  if (name == "avx2") return IsaFamily::Avx2;
+  if (name == "generic") return IsaFamily::Generic;
+  fail(what + ": unknown kernel family '" + name + "' (expected avx512, avx2 or generic)");
+}
+
+IsaFamily cpu_isa_family() {
+  return cpu_avx512() ? IsaFamily::Avx512 : cpu_avx2() ? IsaFamily::Avx2 : IsaFamily::Generic;
+}
+
+IsaFamily isa_family() {
+  const EnvCap& env = env_cap();
+  if (!env.error.empty()) fail(env.error);
+  if (g_force_generic.load(std::memory_order_relaxed)) return IsaFamily::Generic;
+  const int f = std::min({static_cast<int>(cpu_isa_family()), static_cast<int>(env.cap),
+                          g_isa_cap.load(std::memory_order_relaxed)});
+  return static_cast<IsaFamily>(f);
+}
+
+void set_isa_cap(IsaFamily cap) { g_isa_cap.store(static_cast<int>(cap)); }
+
+std::string cpu_features_seen() {
+  std::string s;
+  auto add = [&](const char* name, bool has) {
+    if (!has) return;
+    if (!s.empty()) s += ' ';
+    s += name;
+  };
+  add("avx2", __builtin_cpu_supports("avx2"));
+  add("fma", __builtin_cpu_supports("fma"));
+  add("avxvnni", __builtin_cpu_supports("avxvnni"));
+  add("avx512f", __builtin_cpu_supports("avx512f"));
+  add("avx512bw", __builtin_cpu_supports("avx512bw"));
+  add("avx512vl", __builtin_cpu_supports("avx512vl"));
+  add("avx512dq", __builtin_cpu_supports("avx512dq"));
+  add("avx512bf16", __builtin_cpu_supports("avx512bf16"));
+  add("avx512vnni", __builtin_cpu_supports("avx512vnni"));
+  return s.empty() ? "none of avx2, fma, avx512*" : s;
+}
+
+std::string linear_kernel_name(WeightType type) {
+  switch (kernel_for(type)) {
+    case Kernel::Avx512:
+      return type == WeightType::BF16 ? "avx512bf16" : type == WeightType::INT8 ? "avx512vnni" : "avx512f";
+    case Kernel::Avx2:
+      return type == WeightType::BF16 ? "avx2-bf16" : type == WeightType::INT8 ? "avx2-int8" : "avx2";
+    default:
+      return "generic";
+  }
+}
+
+int linear_int8_levels() { return kernel_for(WeightType::INT8) == Kernel::Avx2 ? 254 : 255; }
 
 void force_generic_kernels(bool on) { g_force_generic.store(on); }
 bool generic_kernels_forced() { return g_force_generic.load(std::memory_order_relaxed); }
 
 void linear_gelu(const float* x, float* y, int64_t n) {
-  if (use_avx512()) return gelu_avx512(x, y, n);
+  const IsaFamily f = isa_family();
+  if (f == IsaFamily::Avx512) return gelu_avx512(x, y, n);
+  if (f == IsaFamily::Avx2) return gelu_avx2(x, y, n);
   for (int64_t i = 0; i < n; ++i) y[i] = gelu_generic(x[i]);
 }
 
 void linear_erf(const float* x, float* y, int64_t n) {
-  if (use_avx512()) return erf_avx512(x, y, n);
+  const IsaFamily f = isa_family();
+  if (f == IsaFamily::Avx512) return erf_avx512(x, y, n);
+  if (f == IsaFamily::Avx2) return erf_avx2(x, y, n);
   for (int64_t i = 0; i < n; ++i) y[i] = erf_generic(x[i]);
 }
 
@@ -618,10 +728,12 @@ float fma_loop_generic(int64_t n) {
 }  // namespace
 
 double fma_peak_gflops(int repeats) {
-  const bool wide = use_avx512();
-  // ~15 ms a run at this core's ~220 GFLOP/s (AVX-512), a few ms for the portable loop.
-  const int64_t steps = wide ? 4'000'000 : 8'000'000;
-  const double flop_per_step = wide ? 24.0 * 16 * 2 : 24.0 * 2;
+  const IsaFamily family = isa_family();
+  // ~15 ms a run at this core's ~220 GFLOP/s (AVX-512, AVX2), a few ms for the portable loop.
+  const int64_t steps = family == IsaFamily::Avx512 ? 4'000'000 : 8'000'000;
+  const double flop_per_step = family == IsaFamily::Avx512 ? 24.0 * 16 * 2
+                               : family == IsaFamily::Avx2 ? 12.0 * 8 * 2
+                                                            : 24.0 * 2;
   const int threads = num_threads();
   std::vector<double> rates;
   volatile float sink = 0;
@@ -630,7 +742,9 @@ double fma_peak_gflops(int repeats) {
     const auto t0 = std::chrono::steady_clock::now();
     parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
       float s = 0;
-      for (int64_t t = b; t < e; ++t) s += wide ? fma_loop_avx512(steps) : fma_loop_generic(steps);
+      for (int64_t t = b; t < e; ++t) s += family == IsaFamily::Avx512 ? fma_loop_avx512(steps)
+             : family == IsaFamily::Avx2  ? fma_loop_avx2(steps)
+                                          : fma_loop_generic(steps);
       total.fetch_add(s, std::memory_order_relaxed);
     });
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -65,24 +65,37 @@ inline uint32_t bf16_pair(const float* x, int64_t k, int64_t K) {  // x[k], x[k+
 //   u[k] = clamp(round(x[k] / s) + zp, 0, 255)      (x / s as x * (255 / (hi - lo)))
 // so y[m,n] = s[m] * scale_w[n] * (sum_k u[m,k] Wq[n,k] - zp[m] * colsum[n]) + b[n]: integer
 // dot products, one float rescale per output.
+//
+// The AVX2 family (no u8 x s8 dot product with int32 accumulation) uses L = 254 levels:
+// u in [0, 254], s = (hi - lo) / 254, zp = round(-lo / s) in [0, 254], and it multiplies the
+// signed xs = u - 127 in [-127, 127]. Its dot product is vpmaddubsw, which adds two u8 x s8
+// products into an int16 that saturates at +-32767: with u up to 255, 2 * 255 * 127 = 64770
+// would. So the kernel takes |w| as the unsigned operand and sign(w) xs (vpsignb) as the
+// signed one: |products| <= 127 * 127, pair sums <= 32258, exact; vpmaddwd with ones widens
+// them to int32 (exact). Then sum_k u w = sum_k xs w + 127 colsum, so
+//   y[m,n] = s[m] * scale_w[n] * (sum_k xs[m,k] Wq[n,k] + (127 - zp[m]) * colsum[n]) + b[n].
+// One code of the 256 is given up (x keeps ~8 bits); the weights and the packed layout are the
+// same for every family.
 struct RowQuant {
   float scale;   // s (0 for an all-zero row)
   float inv;     // 1 / s (0 for an all-zero row)
   int32_t zero;  // zp
+  int32_t top = 255;  // L
 };
-inline RowQuant row_quant(float lo, float hi) {  // lo <= 0 <= hi
-  RowQuant q{0.0f, 0.0f, 0};
+inline RowQuant row_quant(float lo, float hi, int32_t levels = 255) {  // lo <= 0 <= hi
+  RowQuant q{0.0f, 0.0f, 0, levels};
   const float range = hi - lo;
   if (!(range > 0.0f)) return q;
-  q.scale = range / 255.0f;
-  q.inv = 255.0f / range;
+  const float l = static_cast<float>(levels);
+  q.scale = range / l;
+  q.inv = l / range;
   q.zero = static_cast<int32_t>(std::nearbyint(-lo * q.inv));
-  q.zero = q.zero < 0 ? 0 : q.zero > 255 ? 255 : q.zero;
+  q.zero = q.zero < 0 ? 0 : q.zero > levels ? levels : q.zero;
   return q;
 }
 inline uint32_t quantize_u8(float x, const RowQuant& q) {
   int32_t u = static_cast<int32_t>(std::nearbyint(x * q.inv)) + q.zero;
-  return static_cast<uint32_t>(u < 0 ? 0 : u > 255 ? 255 : u);
+  return static_cast<uint32_t>(u < 0 ? 0 : u > q.top ? q.top : u);
 }
 inline int64_t int8_quads(int64_t K) { return ceil_div(K, 4); }
 // uint32 words of packed x per micro-panel: the quads, then kMR row scales (float bits) and
@@ -138,6 +151,28 @@ void erf_avx512(const float* x, float* y, int64_t n);
 // n steps of 24 independent zmm FMAs (384 multiply-adds per step; see fma_peak_gflops);
 // returns a sum of the accumulators so the work cannot be dropped.
 float fma_loop_avx512(int64_t n);
+
+// ---- AVX2 + FMA family (gemm_avx2.cpp): the same panels, each read as two 16-column halves
+// by a 6 x 16 micro-tile (12 ymm accumulators + 2 for the W row + 1 broadcast). x micro-panels
+// hold kMrAvx2 rows: apack[k * kMrAvx2 + r] (fp32; for bf16, x rounded to bf16 and stored as
+// fp32, K padded to even), or int8 quads as above with kMrAvx2 rows.
+constexpr int64_t kMrAvx2 = 6;
+void linear_task_avx2(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                      float* apack);  // apack: rows.panels * K * kMrAvx2 floats
+// bf16 pair panels widened to fp32 in registers (shift / mask), FMAs in vdpbf16ps's order;
+// apack: rows.panels * 2 * ceil(K/2) * kMrAvx2 floats.
+void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                           float* apack);
+// int8 quad panels: vpsignb + vpmaddubsw + vpmaddwd with x at 254 levels (see RowQuant);
+// apack: rows.panels * int8_apack_words(K, kMrAvx2) words. (`vnni`: AVX-VNNI is present; its
+// vpdpbusd is not used yet.)
+void linear_task_avx2_int8(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
+                           uint32_t* apack, bool vnni);
+void gelu_avx2(const float* x, float* y, int64_t n);
+void erf_avx2(const float* x, float* y, int64_t n);
+// n steps of 12 independent ymm FMA chains (96 multiply-adds per step): 2 FMA units x 4-5
+// cycles of latency need 8-10 chains in flight.
+float fma_loop_avx2(int64_t n);
 
 #if defined(__x86_64__)
 // Lanes [0, n) of 16, n clamped to [0, 16]: plain mask arithmetic, so kernels of every AVX-512

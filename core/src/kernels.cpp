@@ -160,6 +160,49 @@ __attribute__((target("avx512f,avx512dq"))) void layer_norm_row_avx512(
   for (int64_t i = full; i < dim; ++i)
     yr[i] = static_cast<float>((xr[i] - mean) * rstd) * gamma[i] + beta[i];
 }
+
+// The same row on AVX2: 8 floats at a time, sums in 4-lane doubles.
+__attribute__((target("avx2,fma"))) void layer_norm_row_avx2(
+    const float* xr, int64_t dim, const float* gamma, const float* beta, float eps, float* yr) {
+  const int64_t full = dim / 8 * 8;
+  auto hsum = [](__m256d v) __attribute__((target("avx2,fma"))) {
+    alignas(32) double l[4];
+    _mm256_store_pd(l, v);
+    return (l[0] + l[1]) + (l[2] + l[3]);
+  };
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  for (int64_t i = 0; i < full; i += 8) {
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm_loadu_ps(xr + i)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm_loadu_ps(xr + i + 4)));
+  }
+  double sum = hsum(_mm256_add_pd(s0, s1));
+  for (int64_t i = full; i < dim; ++i) sum += xr[i];
+  const double mean = sum / static_cast<double>(dim);
+  const __m256d mv = _mm256_set1_pd(mean);
+  s0 = s1 = _mm256_setzero_pd();
+  for (int64_t i = 0; i < full; i += 8) {
+    const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xr + i)), mv);
+    const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xr + i + 4)), mv);
+    s0 = _mm256_fmadd_pd(d0, d0, s0);
+    s1 = _mm256_fmadd_pd(d1, d1, s1);
+  }
+  double sq = hsum(_mm256_add_pd(s0, s1));
+  for (int64_t i = full; i < dim; ++i) {
+    const double d = xr[i] - mean;
+    sq += d * d;
+  }
+  const double var = sq / static_cast<double>(dim);
+  const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
+  const __m256d rv = _mm256_set1_pd(rstd);
+  for (int64_t i = 0; i < full; i += 8) {
+    const __m128 n0 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xr + i)), mv), rv));
+    const __m128 n1 = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xr + i + 4)), mv), rv));
+    const __m256 n = _mm256_insertf128_ps(_mm256_castps128_ps256(n0), n1, 1);
+    _mm256_storeu_ps(yr + i, _mm256_add_ps(_mm256_mul_ps(n, _mm256_loadu_ps(gamma + i)), _mm256_loadu_ps(beta + i)));
+  }
+  for (int64_t i = full; i < dim; ++i)
+    yr[i] = static_cast<float>((xr[i] - mean) * rstd) * gamma[i] + beta[i];
+}
 #pragma GCC diagnostic pop
 #endif
 
@@ -169,8 +212,9 @@ namespace {
 using LayerNormRow = void (*)(const float*, int64_t, const float*, const float*, float, float*);
 LayerNormRow layer_norm_row_kernel() {
 #ifdef TESSERA_HAVE_AVX512_LAYER_NORM
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  if (has_avx512 && !generic_kernels_forced()) return layer_norm_row_avx512;
+  const IsaFamily family = isa_family();
+  if (family == IsaFamily::Avx512) return layer_norm_row_avx512;
+  if (family == IsaFamily::Avx2) return layer_norm_row_avx2;
 #endif
   return layer_norm_row_portable;
 }
@@ -1128,6 +1172,169 @@ struct Avx512Bf16Ops {
   }
 };
 
+// ---- AVX2 + FMA: the same block operations on 8-lane vectors -------------------------------
+#define TESSERA_AVX2 __attribute__((target("avx2,fma")))
+
+// exp(x) for 8 lanes, the same Cephes scheme as exp_approx; 0 below -87.3.
+TESSERA_AVX2 inline __m256 exp256(__m256 x) {
+  const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n in the exponent field: n in [-126, 128]; n = 128 only past exp's range, where the
+  // scalar path overflows too.
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ), e);
+}
+
+// Lanes j0 + [0, 8) that are below n, as an all-ones mask per lane.
+TESSERA_AVX2 inline __m256 below8(int64_t j0, int64_t n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int64_t m = std::clamp<int64_t>(n - j0, 0, 8);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(m)), idx));
+}
+
+// s[r, 0:16] = scale * q[r] . kt[:, 0:16] for R query rows (kt rows ld apart).
+template <int R>
+TESSERA_AVX2 inline void qk_tile_avx2(const float* q, int64_t q_rs, const float* kt, int64_t ld,
+                                      int64_t hd, float scale, float* s) {
+  __m256 a0[R], a1[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * ld), k1 = _mm256_loadu_ps(kt + d * ld + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 qb = _mm256_broadcast_ss(q + r * q_rs + d);
+      a0[r] = _mm256_fmadd_ps(qb, k0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(qb, k1, a1[r]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(s + r * kKeyBlock, _mm256_mul_ps(a0[r], sc));
+    _mm256_storeu_ps(s + r * kKeyBlock + 8, _mm256_mul_ps(a1[r], sc));
+  }
+}
+
+// o[r, 0:16] += sum_j p[r, j] v[j, 0:16] for R rows (o rows hdp apart, a multiple of 16; v
+// lanes past hd are masked to 0 by `m0`, `m1`).
+template <int R>
+TESSERA_AVX2 inline void pv_tile_avx2(const float* p, const float* v, int64_t v_rs, int64_t nk,
+                                      float* o, int64_t hdp, __m256i m0, __m256i m1, bool full) {
+  __m256 a0[R], a1[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) a0[r] = _mm256_loadu_ps(o + r * hdp), a1[r] = _mm256_loadu_ps(o + r * hdp + 8);
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* vj = v + j * v_rs;
+    const __m256 v0 = full ? _mm256_loadu_ps(vj) : _mm256_maskload_ps(vj, m0);
+    const __m256 v1 = full ? _mm256_loadu_ps(vj + 8) : _mm256_maskload_ps(vj + 8, m1);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 pb = _mm256_broadcast_ss(p + r * kKeyBlock + j);
+      a0[r] = _mm256_fmadd_ps(pb, v0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(pb, v1, a1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(o + r * hdp, a0[r]), _mm256_storeu_ps(o + r * hdp + 8, a1[r]);
+}
+
+template <template <int> class Fn, class... Args>
+TESSERA_AVX2 inline void by_six_rows(int64_t n, Args... args) {
+  int64_t i = 0;
+  for (; i + 6 <= n; i += 6) Fn<6>::run(i, args...);
+  switch (n - i) {
+    case 5: Fn<5>::run(i, args...); break;
+    case 4: Fn<4>::run(i, args...); break;
+    case 3: Fn<3>::run(i, args...); break;
+    case 2: Fn<2>::run(i, args...); break;
+    case 1: Fn<1>::run(i, args...); break;
+    default: break;
+  }
+}
+
+struct Avx2Ops {
+  static void keys(const float* k, int64_t k_rs, int64_t kv_len, int64_t hd, float* kt,
+                   int64_t ld) {
+    transpose_keys(k, k_rs, kv_len, hd, kt, ld);
+  }
+  template <int R>
+  struct Scores {
+    TESSERA_AVX2 static void run(int64_t i, const float* q, int64_t q_rs, const float* kt,
+                                 int64_t ld, int64_t hd, int64_t nk16, float scale, float* s) {
+      for (int64_t j = 0; j < nk16; j += 16)
+        qk_tile_avx2<R>(q + i * q_rs, q_rs, kt + j, ld, hd, scale, s + i * kKeyBlock + j);
+    }
+  };
+  template <int R>
+  struct Accumulate {
+    TESSERA_AVX2 static void run(int64_t i, const float* p, const float* v, int64_t v_rs,
+                                 int64_t nk, float* o, int64_t hd, int64_t hdp) {
+      for (int64_t c = 0; c < hdp; c += 16) {
+        const bool full = c + 16 <= hd;
+        const __m256i m0 = _mm256_castps_si256(below8(c, hd));
+        const __m256i m1 = _mm256_castps_si256(below8(c + 8, hd));
+        pv_tile_avx2<R>(p + i * kKeyBlock, v + c, v_rs, nk, o + i * hdp + c, hdp, m0, m1, full);
+      }
+    }
+  };
+  // Scores for keys past nk (up to the next 16) come from kt's zero padding; softmax_step
+  // masks them out and accumulate never reads them.
+  TESSERA_AVX2 static void scores(const float* q, int64_t q_rs, int64_t nq, const float* kt,
+                                  int64_t ld, int64_t hd, int64_t nk, float scale, float* s) {
+    by_six_rows<Scores>(nq, q, q_rs, kt, ld, hd, round16(nk), scale, s);
+  }
+  TESSERA_AVX2 static void softmax_step(float* s, int64_t nq, int64_t nk, float* m, float* l,
+                                        float* o, int64_t hdp) {
+    const int64_t nk16 = round16(nk);
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t r = 0; r < nq; ++r) {
+      float* sr = s + r * kKeyBlock;
+      __m256 mx = ninf;
+      for (int64_t j = 0; j < nk16; j += 8)
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(sr + j), below8(j, nk)));
+      alignas(32) float lanes8[8];
+      _mm256_store_ps(lanes8, mx);
+      float m_new = m[r];
+      for (float v : lanes8) m_new = std::max(m_new, v);
+      const float alpha = exp_approx(m[r] - m_new);
+      const __m256 mb = _mm256_set1_ps(m_new);
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < nk16; j += 8) {
+        const __m256 e = _mm256_and_ps(below8(j, nk), exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mb)));
+        _mm256_storeu_ps(sr + j, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      _mm256_store_ps(lanes8, sum);
+      float total = 0.0f;
+      for (float v : lanes8) total += v;
+      m[r] = m_new;
+      l[r] = l[r] * alpha + total;
+      if (alpha != 1.0f) {
+        const __m256 ab = _mm256_set1_ps(alpha);
+        float* orow = o + r * hdp;
+        for (int64_t d = 0; d < hdp; d += 8)
+          _mm256_storeu_ps(orow + d, _mm256_mul_ps(_mm256_loadu_ps(orow + d), ab));
+      }
+    }
+  }
+  TESSERA_AVX2 static void accumulate(const float* p, int64_t nq, const float* v, int64_t v_rs,
+                                      int64_t nk, float* o, int64_t hd, int64_t hdp) {
+    by_six_rows<Accumulate>(nq, p, v, v_rs, nk, o, hd, hdp);
+  }
+};
+
 bool cpu_has_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
@@ -1165,9 +1372,12 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
   const bool bf16 = precision == AttentionPrecision::BF16;
   auto block = bf16 ? attention_chunk_bf16<PortableBf16Ops> : attention_chunk<PortableOps>;
 #ifdef TESSERA_HAVE_AVX512_ATTENTION
-  const bool portable = g_force_portable_attention.load() || generic_kernels_forced();
-  if (!bf16 && cpu_has_avx512() && !portable) block = attention_chunk<Avx512Ops>;
-  if (bf16 && cpu_has_avx512_bf16() && !portable) block = attention_chunk_bf16<Avx512Bf16Ops>;
+  const IsaFamily family = isa_family();
+  const bool portable = g_force_portable_attention.load() || family == IsaFamily::Generic;
+  const bool avx512 = family == IsaFamily::Avx512 && cpu_has_avx512();
+  if (!bf16 && avx512 && !portable) block = attention_chunk<Avx512Ops>;
+  if (!bf16 && family == IsaFamily::Avx2 && !portable) block = attention_chunk<Avx2Ops>;
+  if (bf16 && avx512 && cpu_has_avx512_bf16() && !portable) block = attention_chunk_bf16<Avx512Bf16Ops>;
 #endif
   parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -1188,7 +1398,8 @@ void force_portable_attention(bool on) { g_force_portable_attention = on; }
 
 bool native_bf16_attention() {
 #ifdef TESSERA_HAVE_AVX512_ATTENTION
-  return cpu_has_avx512_bf16() && !g_force_portable_attention.load() && !generic_kernels_forced();
+  return cpu_has_avx512_bf16() && !g_force_portable_attention.load() &&
+         isa_family() == IsaFamily::Avx512;
 #else
   return false;
 #endif

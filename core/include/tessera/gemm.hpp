@@ -16,9 +16,11 @@
 namespace tessera {
 
 // F32: exact fp32 products. BF16: W and x rounded to bfloat16 (nearest even), products summed in
-// fp32 (vdpbf16ps where the CPU has it). INT8: W quantized per output channel (symmetric, s8),
-// x per row at run time (asymmetric, u8), exact int32 dot products (vpdpbusd where the CPU has
-// AVX512-VNNI), one fp32 rescale per output; the math is in core/src/gemm_internal.hpp.
+// fp32 (vdpbf16ps where the CPU has it; AVX2 widens the bf16 weights to fp32 in registers and
+// sums in the same order). INT8: W quantized per output channel (symmetric, s8), x per row at
+// run time (asymmetric, u8: 255 levels, 254 on the AVX2 path), exact int32 dot products
+// (vpdpbusd where the CPU has AVX512-VNNI, vpmaddubsw on AVX2), one fp32 rescale per output;
+// the math is in core/src/gemm_internal.hpp.
 enum class WeightType { F32, BF16, INT8 };
 enum class Activation { None, Gelu /* exact erf */, Relu };
 
@@ -127,20 +129,48 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
             Activation act = Activation::None, const float* residual = nullptr,
             const RowNorm* norm = nullptr);
 
-// Which kernel linear() uses for this type on this CPU ("avx512f", "generic", ...).
+// Kernel families, widest last. Every dispatched kernel (GEMM of each type, its GELU/erf
+// epilogue, layer norm, attention, the FMA peak) runs the family isa_family() names: the
+// widest the CPU has (CPUID, once: avx512 = avx512f/bw/vl/dq, avx2 = avx2 + fma), capped by the
+// environment variable TESSERA_ISA=avx512|avx2|generic, by set_isa_cap and by
+// force_generic_kernels. Packed weights do not depend on the family (every family reads the
+// same panels), so a model packed under one cap runs under any other.
+enum class IsaFamily { Generic = 0, Avx2 = 1, Avx512 = 2 };
+const char* isa_name(IsaFamily f);  // "generic", "avx2", "avx512"
+// "avx512" / "avx2" / "generic" → the family; Error naming `what` and the value otherwise.
+IsaFamily parse_isa(const std::string& name, const std::string& what = "TESSERA_ISA");
+IsaFamily cpu_isa_family();  // the widest family this CPU supports
+// The family in use: min(CPU, TESSERA_ISA, set_isa_cap, force_generic_kernels). Error (once
+// per call) when TESSERA_ISA holds something else than the three names.
+IsaFamily isa_family();
+// Caps dispatch at `cap` for the whole process (IsaFamily::Avx512: no cap); tests and
+// `tessera bench --isa` use it. The environment's cap still applies.
+void set_isa_cap(IsaFamily cap);
+// The CPU features dispatch looked at, as "avx2 fma avx512f ..." (those present).
+std::string cpu_features_seen();
+
+// Which kernel linear() uses for this type on this CPU and cap ("avx512f", "avx512bf16",
+// "avx512vnni", "avx2", "avx2-bf16", "avx2-int8", "avxvnni", "generic"); its prefix names the
+// family.
 std::string linear_kernel_name(WeightType type);
-// Forces the portable kernels (tests use it to check the fallback path), or restores dispatch.
-// It covers every dispatched kernel (layer norm and attention in kernels.hpp too).
+// Forces the portable kernels (tests use it to check the fallback path), or lifts that cap (the
+// set_isa_cap and environment caps stay). It covers every dispatched kernel (layer norm and
+// attention in kernels.hpp too).
 void force_generic_kernels(bool on);
 bool generic_kernels_forced();
+// Levels of the run-time x quantization of the int8 GEMM in use: 255 (u8: AVX-512 VNNI and
+// the portable path), or 254 (the AVX2 path, whose vpmaddubsw would saturate on u8 x s8; see
+// core/src/gemm_internal.hpp).
+int linear_int8_levels();
 
 // The fused epilogue's exact-erf GELU, 0.5 x (1 + erf(x / sqrt 2)), and its erf, on n floats
 // through the dispatched kernel; exposed so tests can check them against std::erf.
 void linear_gelu(const float* x, float* y, int64_t n);
 void linear_erf(const float* x, float* y, int64_t n);
 
-// The CPU's fp32 multiply-add ceiling right now: every arena thread at once runs independent
-// FMAs on registers only (24 accumulators of the fp32 kernel's vector width, no memory). GFLOP/s
+// The CPU's fp32 multiply-add ceiling right now, for the family in use: every arena thread at
+// once runs independent FMAs on registers only (24 zmm, 12 ymm or 24 scalar accumulators, no
+// memory). GFLOP/s
 // over all threads, 2 FLOPs per multiply-add, median of `repeats` runs of ~15 ms each. No fp32
 // GEMM can beat it; `tessera bench --gemm` reports it as the yardstick beside the GEMM rate.
 double fma_peak_gflops(int repeats = 7);
