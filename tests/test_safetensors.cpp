@@ -631,6 +631,14 @@ TEST_CASE("hostile headers: deep nesting, 10^5 tensors, too many tensors, huge n
                                          st_bytes(R"({"t":{"dtype":"F32","shape":")" + value + R"(","data_offsets":[0,4]}})", "abcd"));
     CHECK(error_of([&] { SafeTensors::open(path2); }).size() < 600);
   }
+  SECTION("shapes whose element count overflows int64 are refused, empty or not") {
+    for (const char* shape : {"[4611686018427387904,4611686018427387904,0]", "[0,9223372036854775807,2]"}) {
+      const std::string path = write_file(dir.file("overflow.safetensors"),
+                                          st_bytes(std::string(R"({"t":{"dtype":"F32","shape":)") + shape +
+                                                   R"(,"data_offsets":[0,0]}})"));
+      require_open_error(path, {"has more than 2^63 elements"});
+    }
+  }
   SECTION("an index or checkpoint that is a link to a device is refused, not read") {
     fs::create_symlink("/dev/zero", dir.path / "model.safetensors.index.json");
     require_open_error(dir.file("model.safetensors.index.json"), {"not a regular file"});

@@ -330,6 +330,18 @@ Shard read_shard(const std::string& path) {
       fail(where + ": data_offsets " + range + " hold " + std::to_string(end - begin) + " bytes but " +
            dtype_name + " " + shape_str(shape) + " needs " +
            (need == std::numeric_limits<uint64_t>::max() ? std::string("more than 2^64") : std::to_string(need)));
+    // Every product of dimensions (what shape_numel and the loaders compute in int64) must fit,
+    // even for an empty tensor whose byte size is 0: [2^62, 2^62, 0] would overflow on the way
+    // (a non-empty one that large needs more bytes than any file has, refused just above).
+    {
+      unsigned __int128 product = 1;
+      for (int64_t dim : shape) {
+        if (dim == 0) continue;
+        product *= static_cast<uint64_t>(dim);
+        if (product > static_cast<unsigned __int128>(std::numeric_limits<int64_t>::max()))
+          fail(where + ": shape " + brief(value["shape"]) + " has more than 2^63 elements");
+      }
+    }
 
     Entry entry;
     entry.info = TensorInfo{name, dtype_name, std::move(shape), path};
