@@ -19,12 +19,14 @@ void add_classify(CLI::App& app, Action& action) {
   static std::vector<std::string> images;
   static int64_t k = 5, batch = 1;
   static int threads = 0;
+  static int64_t max_tokens = 0;
   static bool as_json = false;
   cmd->add_option("--model", model_dir, "Model folder")->required();
   cmd->add_option("--top-k", k, "How many labels per image")->check(CLI::Range(1, 100000));
   cmd->add_option("--batch", batch, "Images per forward pass")->check(CLI::Range(1, 4096));
   cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
-  cmd->add_flag("--json", as_json, "Print JSON instead of text");
+  cmd->add_flag("--json", as_json, "Print JSON instead of text (file names that are not UTF-8: see README, Reliability)");
+  add_max_tokens_option(cmd, max_tokens);
   cmd->add_option("--processor", processor, "preprocessor_config.json to use instead of the folder's");
   cmd->add_option("--attention", attention_out,
                   "Also write the attention rollout from the class token over each image to OUT.png "
@@ -33,10 +35,12 @@ void add_classify(CLI::App& app, Action& action) {
   cmd->callback([&action] {
     action = [] {
       apply_threads(threads);
+      apply_max_tokens(max_tokens);
       auto model = load_model(model_dir);
       if (model->classifier.num_labels == 0)
         fail(model_dir + ": " + model->architecture + " has no classification head (try tessera infer)");
       Preprocessor pre = processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(processor);
+      pre.patch_size = model->encoder.config.patch_size;
       std::vector<std::string> paths = expand_inputs(images);
       if (paths.empty()) fail("no images found in the given inputs");
       nlohmann::json results = nlohmann::json::array();
@@ -89,14 +93,20 @@ void add_classify(CLI::App& app, Action& action) {
           if (!errors[i].empty()) {
             ++failed;
             std::fprintf(stderr, "tessera: error: %s\n", errors[i].c_str());
-            if (as_json) results.push_back({{"image", path}, {"error", errors[i]}});
+            if (as_json) {
+              nlohmann::json r = {{"error", errors[i]}};
+              set_name(r, "image", path);
+              results.push_back(r);
+            }
             continue;
           }
           if (as_json) {
             nlohmann::json preds = nlohmann::json::array();
             for (const auto& p : answers[i])
               preds.push_back({{"label", p.name}, {"id", p.label}, {"probability", p.probability}});
-            results.push_back({{"image", path}, {"predictions", preds}});
+            nlohmann::json r = {{"predictions", preds}};
+            set_name(r, "image", path);
+            results.push_back(r);
             if (!attention_paths[i].empty()) results.back()["attention"] = attention_paths[i];
           } else {
             std::printf("%s\n", path.c_str());
@@ -107,7 +117,7 @@ void add_classify(CLI::App& app, Action& action) {
         }
         std::fflush(stdout);
       }
-      if (as_json) std::printf("%s\n", results.dump(2).c_str());
+      if (as_json) std::printf("%s\n", dump_json(results, 2).c_str());
       if (failed) std::fprintf(stderr, "tessera: %d of %zu images failed\n", failed, paths.size());
       return failed ? 1 : 0;
     };

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <map>
 #include <set>
 #include <filesystem>
 #include <fstream>
@@ -78,6 +79,7 @@ void add_detect(CLI::App& app, Action& action) {
   static std::vector<std::string> images, classes;
   static PostProcessOptions opt;
   static int threads = 0;
+  static int64_t max_tokens = 0;
   cmd->add_option("--model", model_dir, "Model folder (YolosForObjectDetection or vit-detr)")->required();
   cmd->add_option("--threshold", opt.threshold, "Keep detections with score > T (default 0.5)")
       ->check(CLI::Range(0.0, 1.0));
@@ -92,10 +94,12 @@ void add_detect(CLI::App& app, Action& action) {
   cmd->add_option("--attention", attention_out,
                   "Also write the attention rollout from the detection tokens over each image to OUT.png "
                   "(several images: OUT_<index>_<stem>.png)");
+  add_max_tokens_option(cmd, max_tokens);
   cmd->add_option("images", images, "Images, folders or @list.txt")->required();
   cmd->callback([&action] {
     action = [] {
       apply_threads(threads);
+      apply_max_tokens(max_tokens);
       auto model = load_model(model_dir);
       require_detector(*model);
       PostProcessOptions o = opt;
@@ -114,9 +118,29 @@ void add_detect(CLI::App& app, Action& action) {
         o.classes.push_back(id);
       }
       Preprocessor pre = processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(processor);
+      pre.patch_size = model->encoder.config.patch_size;
       std::vector<std::string> paths = expand_inputs(images);
       if (paths.empty()) fail("no images found in the given inputs");
       const fs::path root = common_parent(paths);
+      // --out names, decided before anything runs: two inputs that map to one name are reported
+      // (the second one's overlay is not written), as segment does, never overwritten.
+      std::vector<fs::path> out_rel(paths.size());
+      std::vector<std::string> collision(paths.size());
+      if (!out_dir.empty()) {
+        std::map<std::string, size_t> owner;
+        for (size_t i = 0; i < paths.size(); ++i) {
+          fs::path rel = fs::path(paths[i]).lexically_normal().lexically_relative(root);
+          if (rel.empty() || rel.string().rfind("..", 0) == 0) rel = fs::path(paths[i]).filename();
+          static const std::set<std::string> writable = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"};
+          std::string ext = rel.extension().string();
+          std::transform(ext.begin(), ext.end(), ext.begin(), ::tolower);
+          if (!writable.count(ext)) rel += ".png";
+          out_rel[i] = rel;
+          auto [it, fresh] = owner.emplace(rel.generic_string(), i);
+          if (!fresh)
+            collision[i] = paths[i] + ": its output " + rel.generic_string() + " is already taken by " + paths[it->second];
+        }
+      }
       const bool numeric_ids = all_numeric_stems(paths);
       nlohmann::json coco = nlohmann::json::array();
       int failed = 0;
@@ -126,6 +150,7 @@ void add_detect(CLI::App& app, Action& action) {
         const std::string& path = paths[i];
         try {
           cv::Mat rgb = load_image_rgb(path);
+          pre.check_tokens(rgb.size(), path);  // before pre-processing allocates for it
           RawDetections raw = run_detector(*model, pre, {rgb}, ws).at(0);
           std::string attention_path;
           if (!attention_out.empty()) {  // from the attention recorded in that same forward pass
@@ -148,13 +173,8 @@ void add_detect(CLI::App& app, Action& action) {
             cv::Mat bgr;
             cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
             draw_detections(bgr, dets, DrawOptions{});
-            fs::path rel = fs::path(path).lexically_normal().lexically_relative(root);
-            if (rel.empty() || rel.string().rfind("..", 0) == 0) rel = fs::path(path).filename();
-            static const std::set<std::string> writable = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"};
-            std::string ext = rel.extension().string();
-            std::transform(ext.begin(), ext.end(), ext.begin(), ::tolower);
-            if (!writable.count(ext)) rel += ".png";
-            write_atomically(fs::path(out_dir) / rel, [&](const std::string& tmp) { return cv::imwrite(tmp, bgr); });
+            if (!collision[i].empty()) fail(collision[i]);
+            write_atomically(fs::path(out_dir) / out_rel[i], [&](const std::string& tmp) { return cv::imwrite(tmp, bgr); });
           }
         } catch (const std::exception& e) {
           ++failed;
@@ -165,7 +185,7 @@ void add_detect(CLI::App& app, Action& action) {
       if (!json_file.empty())
         write_atomically(json_file, [&](const std::string& tmp) {
           std::ofstream f(tmp, std::ios::binary);
-          f << coco.dump(1) << "\n";
+          f << dump_json(coco, 1) << "\n";
           return static_cast<bool>(f.flush());
         });
       if (failed) std::fprintf(stderr, "tessera: %d of %zu images failed\n", failed, paths.size());

@@ -21,9 +21,12 @@ void add_infer(CLI::App& app, Action& action) {
   cmd->add_option("--processor", processor, "preprocessor_config.json to use instead of the folder's");
   cmd->add_option("--outputs", outputs, "Where to write the outputs")->required();
   cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
+  static int64_t max_tokens = 0;
+  add_max_tokens_option(cmd, max_tokens);
   cmd->callback([&action] {
     action = [] {
       apply_threads(threads);
+      apply_max_tokens(max_tokens);
       if (inputs.empty() == images.empty())
         fail("infer needs either --inputs FILE or images, not both or neither");
       auto model = load_model(model_dir);
@@ -34,6 +37,7 @@ void add_infer(CLI::App& app, Action& action) {
           fail(inputs + ": pixel_values must be [B, C, H, W], got " + shape_str(pixels.shape()));
       } else {
         Preprocessor pre = processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(processor);
+        pre.patch_size = model->encoder.config.patch_size;
         pixels = pre.batch(expand_inputs(images));
       }
       ModelWorkspace ws;

@@ -48,6 +48,7 @@ struct Options {
   int threads = 0;
   bool color = false, overlay = false, resume = false, sliding = false;
   int64_t window = 0, stride = 0;
+  int64_t max_tokens = 0;
 };
 
 // One input: where it comes from and the relative output stem (mirrors the input tree).
@@ -230,22 +231,31 @@ int run_segment(const Options& o) {
         shard_i >= shard_n || !in.eof())
       fail("--shard must be I/N with 0 <= I < N, got \"" + o.shard + "\"");
   }
+  apply_max_tokens(o.max_tokens);
   auto model = load_model(o.model_dir);
   if (!model->segmentation) fail(o.model_dir + ": " + model->architecture + " is not a segmentation model");
   const int64_t n_cls = model->segmentation->num_classes;
   Preprocessor pre = o.processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(o.processor);
+  pre.patch_size = model->encoder.config.patch_size;
   if (pre.config.do_center_crop)
     fail(pre.source + ": a center crop cannot be mapped back to the whole image; segmentation needs a "
          "processor that only resizes (or keeps the size)");
   int64_t window = o.window, stride = o.stride;
   if (o.sliding) {
     if (window == 0) {
-      auto cfg = nlohmann::json::parse(model->config_json);
-      window = cfg.contains("inference") ? cfg["inference"].value("window_size", int64_t(0)) : 0;
-      if (stride == 0 && cfg.contains("inference")) stride = cfg["inference"].value("window_stride", int64_t(0));
+      try {  // config.json was parsed (depth-checked) by load_model; a wrong type is reported here
+        auto cfg = nlohmann::json::parse(model->config_json);
+        window = cfg.contains("inference") ? cfg["inference"].value("window_size", int64_t(0)) : 0;
+        if (stride == 0 && cfg.contains("inference")) stride = cfg["inference"].value("window_stride", int64_t(0));
+      } catch (const nlohmann::json::exception&) {
+        fail(o.model_dir + "/config.json: \"inference\" must be an object with integer window_size / window_stride");
+      }
       if (window == 0) window = model->encoder.config.image_height;
     }
+    if (window <= 0 || stride < 0) fail("--window and --stride must be positive");
     if (stride == 0) stride = std::max<int64_t>(1, window * 2 / 3);
+    // Every window runs window x window pixels: refused now, not after allocating it per image.
+    check_token_budget(model->encoder.config.patch_size, window, window, "--window " + std::to_string(window));
   }
 
   // Inputs of this shard, in the order given; output collisions are failures, not overwrites.
@@ -350,6 +360,7 @@ int run_segment(const Options& o) {
                       }
                       cv::Mat rgb = load_image_rgb(inputs[it.index].path);
                       it.original = rgb.size();
+                      if (!o.sliding) pre.check_tokens(rgb.size(), inputs[it.index].path);
                       it.pixels = pre.image(rgb);
                       if (o.overlay) it.rgb = rgb;
                     } catch (const std::exception& e) {
@@ -443,8 +454,10 @@ int run_segment(const Options& o) {
                         nlohmann::json f = nlohmann::json::object();
                         for (int64_t c = 0; c < n_cls; ++c)
                           if (it.hist[c]) f[model->labels[c]] = static_cast<double>(it.hist[c]) / total;
-                        fractions << nlohmann::json{{"image", inputs[it.index].path}, {"labels", rel},
-                                                    {"fractions", f}}.dump() << "\n";
+                        nlohmann::json line = {{"fractions", f}};
+                        set_name(line, "image", inputs[it.index].path);  // non-UTF-8: + image_hex
+                        set_name(line, "labels", rel);
+                        fractions << dump_json(line) << "\n";
                       } else {
                         std::string q = inputs[it.index].path;
                         for (size_t p = 0; (p = q.find('"', p)) != std::string::npos; p += 2) q.insert(p, "\"");
@@ -496,6 +509,7 @@ void add_segment(CLI::App& app, Action& action) {
   cmd->add_flag("--sliding-window", o.sliding, "Segmenter's sliding-window inference (large images)");
   cmd->add_option("--window", o.window, "Window size (default: config inference.window_size, else training size)");
   cmd->add_option("--stride", o.stride, "Window stride (default: config inference.window_stride, else 2/3 window)");
+  add_max_tokens_option(cmd, o.max_tokens);
   cmd->callback([&action] { action = [] { return run_segment(o); }; });
 }
 

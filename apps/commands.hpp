@@ -1,6 +1,7 @@
 #pragma once
 // Each subcommand lives in its own file and registers itself on the CLI here.
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <functional>
 #include <string>
 #include <vector>
@@ -43,5 +44,18 @@ void write_attention_map(const Model& model, const PreprocessConfig& config, con
 
 // Applies --threads (0 = default: TESSERA_NUM_THREADS or every core).
 void apply_threads(int threads);
+
+// Adds --max-tokens to a subcommand (the token budget of one image, see tessera/limits.hpp);
+// apply_max_tokens sets it (0 = TESSERA_MAX_TOKENS or the machine's default).
+void add_max_tokens_option(CLI::App* cmd, int64_t& max_tokens);
+void apply_max_tokens(int64_t max_tokens);
+
+// A file name as JSON holds it: valid UTF-8 as is; otherwise the invalid bytes replaced by U+FFFD
+// (nlohmann's error_handler_t::replace when dumping) and, so nothing is lost, set_name also adds
+// KEY_hex with every byte of the name in hex.
+bool is_valid_utf8(const std::string& s);
+void set_name(nlohmann::json& object, const std::string& key, const std::string& name);
+// json.dump(indent) that never throws on invalid UTF-8 (it writes U+FFFD instead).
+std::string dump_json(const nlohmann::json& j, int indent = -1);
 
 }  // namespace tessera::cli

@@ -10,6 +10,7 @@
 #include "tessera/draw.hpp"
 #include "tessera/image.hpp"
 #include "tessera/error.hpp"
+#include "tessera/limits.hpp"
 #include "tessera/parallel.hpp"
 
 namespace fs = std::filesystem;
@@ -31,6 +32,10 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& args) {
   for (const std::string& arg : args) {
     if (arg.size() > 1 && arg[0] == '@') {
       fs::path list(arg.substr(1));
+      std::error_code ec;
+      const auto st = fs::status(list, ec);
+      if (fs::exists(st) && !fs::is_regular_file(st))  // a directory, /dev/zero, a FIFO: never read forever
+        fail(list.string() + ": the input list is not a regular file");
       std::ifstream in(list);
       if (!in) fail(list.string() + ": cannot read the input list");
       std::string line;
@@ -75,6 +80,58 @@ void write_attention_map(const Model& model, const PreprocessConfig& config, con
   cv::Mat bgr;
   cv::cvtColor(load_image_rgb(image_path), bgr, cv::COLOR_RGB2BGR);
   write_image_atomic(out_path, render_attention(bgr, map, config, model.encoder.config.patch_size));
+}
+
+void add_max_tokens_option(CLI::App* cmd, int64_t& max_tokens) {
+  cmd->add_option("--max-tokens", max_tokens,
+                  "Refuse an image that would make more patch tokens than this (default: TESSERA_MAX_TOKENS, "
+                  "else " + std::to_string(default_max_tokens()) + " on this machine)")
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
+}
+
+void apply_max_tokens(int64_t max_tokens) {
+  set_max_tokens(max_tokens);
+  max_tokens = tessera::max_tokens();  // a bad TESSERA_MAX_TOKENS is reported now, not mid-run
+}
+
+bool is_valid_utf8(const std::string& s) {
+  size_t i = 0;
+  const size_t n = s.size();
+  while (i < n) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t len;
+    uint32_t cp;
+    if (c < 0x80) { ++i; continue; }
+    if ((c & 0xE0) == 0xC0) len = 2, cp = c & 0x1F;
+    else if ((c & 0xF0) == 0xE0) len = 3, cp = c & 0x0F;
+    else if ((c & 0xF8) == 0xF0) len = 4, cp = c & 0x07;
+    else return false;
+    if (i + len > n) return false;
+    for (size_t k = 1; k < len; ++k) {
+      const unsigned char cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    // Overlong forms, surrogates and code points past U+10FFFF are invalid too.
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
+      return false;
+    i += len;
+  }
+  return true;
+}
+
+void set_name(nlohmann::json& object, const std::string& key, const std::string& name) {
+  object[key] = name;
+  if (is_valid_utf8(name)) return;
+  static const char* digits = "0123456789abcdef";
+  std::string hex;
+  for (unsigned char c : name) hex += digits[c >> 4], hex += digits[c & 15];
+  object[key + "_hex"] = hex;
+}
+
+std::string dump_json(const nlohmann::json& j, int indent) {
+  return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 void apply_threads(int threads) {

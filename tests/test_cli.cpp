@@ -11,6 +11,10 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <chrono>
+
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
 
 #include "tessera/safetensors.hpp"
 
@@ -346,5 +350,172 @@ TEST_CASE("bad inputs give one line naming the file, and a non-zero exit") {
   SECTION("wrong command line") {
     Run r = run_cli("classify --top-k 3");
     CHECK(r.code == 2);
+  }
+}
+
+// ------------------------------------------------------------------------- hostile inputs (issue 17)
+
+namespace {
+
+// A folder of its own for one hostile case.
+fs::path fresh(const std::string& name) {
+  fs::path p = scratch() / name;
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("hostile model folders: one line naming the file, exit 1, no crash") {
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  auto refused = [](const fs::path& m, std::initializer_list<std::string> parts, const std::string& cmd = "info ") {
+    Run r = run_cli(cmd + m.string());
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(lines(r.err) == 1);
+    for (const auto& part : parts) CHECK(r.err.find(part) != std::string::npos);
+  };
+  SECTION("config.json nested 100,000 levels deep") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "deepcfg");
+    std::ofstream(m / "config.json") << R"({"model_type":"vit","hidden_size":)" << deep << "}";
+    refused(m, {"config.json: JSON nests"});
+  }
+  SECTION("config.json with a number out of range, or of the wrong type") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "bignum");
+    auto cfg = nlohmann::json::parse(slurp(m / "config.json"));
+    std::string text = cfg.dump();
+    text.insert(1, "\"x\":1e999,");
+    std::ofstream(m / "config.json") << text;
+    refused(m, {"config.json: invalid JSON", "1e999"});
+    cfg["hidden_size"] = 1e300;
+    std::ofstream(m / "config.json") << cfg.dump();
+    refused(m, {"config.json: \"hidden_size\" must be an integer"});
+  }
+  SECTION("config.json that is a link to /dev/zero") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "devzero");
+    fs::remove(m / "config.json");
+    fs::create_symlink("/dev/zero", m / "config.json");
+    refused(m, {"config.json: is not a regular file"});
+  }
+  SECTION("preprocessor_config.json nested 100,000 levels deep") {
+    fs::path m = copy_model("conformance/vit-tiny-rand", "deeppre");
+    std::ofstream(m / "preprocessor_config.json") << R"({"image_processor_type":"ViTImageProcessor","size":)" << deep << "}";
+    refused(m, {"preprocessor_config.json: JSON nests"},
+            "classify " + fixture("conformance/vit-tiny-rand/cases/e2e/images/0_chelsea.png") + " --model ");
+  }
+  SECTION("timm: a register token of the wrong rank, input_size of strings") {
+    const fs::path src = fs::path(TESSERA_FIXTURES) / "conformance/timm/vit_small_patch16_224-gap-fcnorm";
+    fs::path m = fresh("timm_bad");
+    fs::copy_file(src / "config.json", m / "config.json");
+    SafeTensors st = SafeTensors::open((src / "model.safetensors").string());
+    std::vector<std::pair<std::string, Tensor>> tensors;
+    for (const auto& name : st.names()) tensors.emplace_back(name, st.get(name).clone());
+    tensors.emplace_back("reg_token", Tensor({64}));
+    save_safetensors((m / "model.safetensors").string(), tensors);
+    refused(m, {"model.safetensors: tensor 'reg_token' must have 3 dimensions, got shape [64]"});
+    tensors.pop_back();
+    save_safetensors((m / "model.safetensors").string(), tensors);
+    auto cfg = nlohmann::json::parse(slurp(src / "config.json"));
+    cfg["model_args"].erase("img_size");
+    cfg["pretrained_cfg"]["input_size"] = {"3", "a", "b"};
+    std::ofstream(m / "config.json") << cfg.dump();
+    refused(m, {"config.json (pretrained_cfg): \"input_size\" must be [3, height, width]"});
+  }
+}
+
+TEST_CASE("hostile inputs: NUL lines, non-UTF-8 names, output collisions, token budget") {
+  const std::string vit = fixture("conformance/vit-tiny-rand");
+  const fs::path chelsea = fixture("conformance/vit-tiny-rand/cases/e2e/images/0_chelsea.png");
+  SECTION("an @list line of NUL bytes is one failed input; the others are answered") {
+    fs::path d = fresh("nul_list");
+    {
+      std::ofstream list(d / "list.txt", std::ios::binary);
+      list << chelsea.string() << "\n" << std::string(16, '\0') << "\n" << chelsea.string() << "\n";
+    }
+    Run r = run_cli("classify --json --model " + vit + " @" + (d / "list.txt").string());
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(r.err.find("NUL byte") != std::string::npos);
+    auto j = nlohmann::json::parse(r.out);
+    REQUIRE(j.size() == 3);
+    CHECK(j[0].contains("predictions"));
+    CHECK(j[1].contains("error"));
+    CHECK(j[2]["predictions"] == j[0]["predictions"]);
+    fs::path out = d / "seg";
+    Run s = run_cli("segment --model " + fixture("conformance/segmenter-linear-rand") + " --out " + out.string() + " @" +
+                    (d / "list.txt").string());
+    INFO(s.err);
+    CHECK(s.code == 1);
+    CHECK(s.err.find("NUL byte") != std::string::npos);
+  }
+  SECTION("a non-UTF-8 file name: classify --json and segment --fractions write it, escaped and in hex") {
+    fs::path d = fresh("latin1");
+    const std::string name = "caf\xe9.png";  // Latin-1, not UTF-8
+    fs::copy_file(chelsea, d / name);
+    fs::copy_file(chelsea, d / "plain.png");
+    Run r = run_cli("classify --json --model " + vit + " " + d.string());
+    INFO(r.err);
+    CHECK(r.code == 0);
+    auto j = nlohmann::json::parse(r.out);
+    REQUIRE(j.size() == 2);
+    CHECK(j[0]["image"] == (d / "caf\xef\xbf\xbd.png").string());  // U+FFFD
+    CHECK(j[0]["image_hex"].get<std::string>().find("636166e92e706e67") != std::string::npos);  // "caf\xe9.png"
+    CHECK(j[0]["predictions"] == j[1]["predictions"]);
+    CHECK_FALSE(j[1].contains("image_hex"));
+    fs::path out = d / "seg";
+    Run s = run_cli("segment --model " + fixture("conformance/segmenter-linear-rand") + " --out " + out.string() +
+                    " --fractions f.jsonl " + (d / name).string() + " " + (d / "plain.png").string());
+    INFO(s.err);
+    CHECK(s.code == 0);
+    std::istringstream fractions(slurp(out / "f.jsonl"));
+    int rows = 0;
+    for (std::string line; std::getline(fractions, line); ++rows) CHECK(nlohmann::json::parse(line).contains("fractions"));
+    CHECK(rows == 2);
+    CHECK_FALSE(fs::exists(out / "f.jsonl.partial"));
+  }
+  SECTION("detect --out: two inputs that map to one output name are reported, not overwritten") {
+    fs::path d = fresh("collide");
+    fs::create_directories(d / "a");
+    fs::create_directories(d / "b");
+    fs::copy_file(chelsea, d / "a/plain.png");
+    fs::copy_file(fixture("conformance/vit-tiny-rand/cases/e2e/images/1_coffee.png"), d / "b/plain.png");
+    // An absolute and a relative path: both mirror to plain.png.
+    const fs::path rel_b = fs::relative(d / "b/plain.png", fs::current_path());
+    Run r = run_cli("detect --model " + fixture("conformance/yolos-tiny-rand") + " --out " + (d / "out").string() + " " +
+                    (d / "a/plain.png").string() + " " + rel_b.string());
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(r.err.find("its output plain.png is already taken by " + (d / "a/plain.png").string()) != std::string::npos);
+    // The first one's overlay is the one kept: the size of a/plain.png (the coffee photo differs).
+    cv::Mat kept = cv::imread((d / "out/plain.png").string());
+    CHECK(kept.size() == cv::imread(chelsea.string()).size());
+  }
+  SECTION("detect on a square 4000x4000 image with the YOLOS processor fails fast with the size and how to resize") {
+    fs::path d = fresh("square");
+    fs::path m = copy_model("conformance/yolos-tiny-rand", "yolos_square");
+    fs::copy_file(fixture("conformance/yolos-tiny-rand/cases/e2e/preprocessor_config.json"), m / "preprocessor_config.json");
+    cv::imwrite((d / "square.png").string(), cv::Mat(4000, 4000, CV_8UC3, cv::Scalar(20, 40, 60)));
+    const auto t0 = std::chrono::steady_clock::now();
+    Run r = run_cli("detect --model " + m.string() + " " + (d / "square.png").string());
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(r.err.find("square.png: a 4000x4000 (WxH) model input makes 62500 tokens") != std::string::npos);
+    CHECK(r.err.find("resize it to at most") != std::string::npos);
+    CHECK(seconds < 60);  // it used to run ~5 minutes
+    Run small = run_cli("detect --max-tokens 20 --model " + m.string() + " " + chelsea.string());
+    CHECK(small.code == 1);
+    CHECK(small.err.find("more than the limit of 20") != std::string::npos);
+    CHECK(run_cli("detect --max-tokens 100000 --model " + m.string() + " " + chelsea.string()).code == 0);
+  }
+  SECTION("segment --window 100000 is refused before any window is allocated") {
+    Run r = run_cli("segment --model " + fixture("conformance/segmenter-linear-rand") + " --out " + fresh("win").string() +
+                    " --sliding-window --window 100000 " + chelsea.string());
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(r.err.find("tessera: error:") == r.err.rfind("tessera: error:"));  // one error, on one line
+    CHECK(r.err.substr(r.err.find("tessera: error:")).find('\n') == r.err.size() - r.err.find("tessera: error:") - 1);
+    CHECK(r.err.find("--window 100000: a 100000x100000 (WxH) model input makes 156250000 tokens") != std::string::npos);
   }
 }

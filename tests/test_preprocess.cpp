@@ -23,6 +23,8 @@
 
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
+#include "tessera/limits.hpp"
+#include "tessera/pipeline.hpp"
 #include "tessera/pil_resize.hpp"
 #include "tessera/preprocess.hpp"
 
@@ -566,4 +568,113 @@ TEST_CASE("timm crop modes: non-square center, squash, border (torchvision-built
       CHECK(worst == 0.0f);  // tolerance: exact
     }
   }
+}
+
+// ------------------------------------------------------------------------- hostile inputs (issue 17)
+
+namespace {
+std::vector<uint8_t> bytes_of(const std::string& s) { return {s.begin(), s.end()}; }
+}  // namespace
+
+TEST_CASE("every format's header is checked before decoding; float formats are refused up front", "[image][errors]") {
+  struct Case {
+    std::string name, bytes, words;
+  };
+  auto le32s = [](uint32_t v) { return std::string(reinterpret_cast<const char*>(&v), 4); };
+  auto le16s = [](uint16_t v) { return std::string(reinterpret_cast<const char*>(&v), 2); };
+  // BITMAPINFOHEADER of 100000 x 100000, 24 bits, no pixels.
+  const std::string bmp = "BM" + le32s(54) + le32s(0) + le32s(54) + le32s(40) + le32s(100000) + le32s(100000) +
+                          le16s(1) + le16s(24) + std::string(24, '\0');
+  // Little-endian TIFF, one IFD with ImageWidth / ImageLength (LONG) 100000.
+  const std::string tiff = std::string("II*\0", 4) + le32s(8) + le16s(2) + le16s(256) + le16s(4) + le32s(1) +
+                           le32s(100000) + le16s(257) + le16s(4) + le32s(1) + le32s(100000) + le32s(0);
+  const Case cases[] = {
+      {"big.ppm", "P6\n# a comment\n100000 100000\n255\n", "image is 100000x100000"},
+      {"big.pgm", "P5 100000 100000 65535\n", "image is 100000x100000"},
+      {"big.pam", "P7\nWIDTH 100000\nHEIGHT 100000\nDEPTH 3\nMAXVAL 255\nTUPLTYPE RGB\nENDHDR\n", "image is 100000x100000"},
+      {"big.bmp", bmp, "image is 100000x100000"},
+      {"big.tif", tiff, "image is 100000x100000"},
+      {"big.ras", std::string("\x59\xa6\x6a\x95\x00\x01\x86\xa0\x00\x01\x86\xa0\x00\x00\x00\x18", 16) + std::string(16, '\0'),
+       "image is 100000x100000"},
+      {"big.pfm", "PF\n100000 100000\n-1.0\n", "PFM is a float format"},
+      {"big.hdr", "#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 100000 +X 100000\n", "Radiance HDR is a float format"},
+  };
+  for (const Case& c : cases) {
+    const std::string msg = error_of([&] { decode_image_rgb(bytes_of(c.bytes), c.name); });
+    INFO(c.name << ": " << msg);
+    CHECK(msg.rfind(c.name + ": ", 0) == 0);
+    CHECK(msg.find(c.words) != std::string::npos);
+    CHECK(msg.find('\n') == std::string::npos);
+  }
+  // The same formats at sane sizes still decode, to the pixels written.
+  cv::Mat bgr(3, 5, CV_8UC3);
+  cv::randu(bgr, 0, 256);
+  cv::Mat rgb_expected;
+  cv::cvtColor(bgr, rgb_expected, cv::COLOR_BGR2RGB);
+  for (const char* ext : {".ppm", ".pam", ".bmp", ".tiff", ".ras"}) {
+    std::vector<uint8_t> buf;
+    REQUIRE(cv::imencode(ext, bgr, buf));
+    const cv::Mat rgb = decode_image_rgb(buf, std::string("small") + ext);
+    INFO(ext);
+    REQUIRE(rgb.size() == bgr.size());
+    CHECK(cv::norm(rgb, rgb_expected, cv::NORM_INF) == 0);
+  }
+}
+
+TEST_CASE("a file name with a NUL byte is an error naming it, not the folder it would cut to", "[image][errors]") {
+  const std::string msg = error_of([] { load_image_rgb(kImages + std::string("\0\0\0", 3)); });
+  CHECK(msg.find("NUL byte") != std::string::npos);
+  CHECK(msg.find(kImages + "???") == 0);
+}
+
+TEST_CASE("hostile processor configs: deep nesting, 1e999, absurd sizes, wrong types name the file", "[config][errors]") {
+  const auto msg = [](const std::string& text) { return error_of([&] { parse_preprocess_config(text, "p.json"); }); };
+  const auto timm = [](const std::string& text) { return error_of([&] { from_timm_pretrained_cfg(text, "t.json"); }); };
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  CHECK(msg(R"({"image_processor_type":"ViTImageProcessor","size":)" + deep + "}").rfind("p.json: JSON nests", 0) == 0);
+  CHECK(timm(R"({"input_size":)" + deep + "}").rfind("t.json: JSON nests", 0) == 0);
+  const std::string overflow = msg(R"({"image_processor_type":"ViTImageProcessor","rescale_factor":1e999})");
+  CHECK(overflow.rfind("p.json: not valid JSON", 0) == 0);
+  CHECK(overflow.find("1e999") != std::string::npos);
+  for (const char* size : {"100000", "1000000", R"({"height":224,"width":1000000})"}) {
+    const std::string m = msg(std::string(R"({"image_processor_type":"ViTImageProcessor","size":)") + size + "}");
+    INFO(m);
+    CHECK(m.rfind("p.json: field \"size", 0) == 0);
+    CHECK(m.find("larger than the limit of 16384") != std::string::npos);
+  }
+  CHECK(timm(R"({"input_size":[3,1000000,1000000]})").rfind("t.json: field \"input_size[1]\"", 0) == 0);
+  CHECK(timm(R"({"input_size":["3","a","b"]})").rfind("t.json: field \"input_size\"", 0) == 0);
+  CHECK(timm(R"({"input_size":[3,null,null]})").rfind("t.json: field \"input_size[1]\"", 0) == 0);
+  CHECK(timm(R"({"input_size":[3,224,224],"crop_pct":1e-9})").rfind("t.json: field \"crop_pct\"", 0) == 0);
+  // A value echoed in a message is cut short, on one line.
+  const std::string long_value = msg(R"({"image_processor_type":"ViTImageProcessor","do_resize":")" + std::string(100000, 'x') + "\"}");
+  CHECK(long_value.size() < 300);
+}
+
+TEST_CASE("token budget: an input that would make too many tokens is refused before pre-processing", "[processor][errors]") {
+  // YOLOS as transformers 4.40 does it: a square image is not resized (the quirk stays reproduced).
+  PreprocessConfig yolos = parse_preprocess_config(
+      R"({"image_processor_type":"YolosImageProcessor","size":{"shortest_edge":800,"longest_edge":1333}})", "y.json");
+  CHECK(preprocess_output_size({4000, 4000}, yolos) == cv::Size(4000, 4000));
+  const Preprocessor pre{yolos, "y.json", 16};
+  set_max_tokens(0);
+  CHECK(max_tokens() >= 1024);
+  CHECK(max_tokens() <= 16384);
+  const std::string msg = error_of([&] { pre.check_tokens({4000, 4000}, "square.png"); });
+  INFO(msg);
+  CHECK(msg.rfind("square.png: a 4000x4000 (WxH) model input makes 62500 tokens of 16x16 pixels", 0) == 0);
+  CHECK(msg.find("resize it to at most") != std::string::npos);
+  CHECK(msg.find("--max-tokens") != std::string::npos);
+  CHECK_NOTHROW(pre.check_tokens({800, 600}, "photo.jpg"));  // 1066x800: 3300 tokens
+  set_max_tokens(1000);
+  const std::string small = error_of([&] { pre.check_tokens({800, 600}, "photo.jpg"); });
+  CHECK(small.find("3300 tokens") != std::string::npos);
+  CHECK(small.find("more than the limit of 1000") != std::string::npos);
+  // The suggested size fits.
+  CHECK(small.find("resize it to at most 576x432") != std::string::npos);  // 36 x 27 = 972 tokens
+  set_max_tokens(0);
+  // A resize target that is absurd for this image is refused before resizing, naming the image.
+  PreprocessConfig clip = parse_preprocess_config(R"({"image_processor_type":"CLIPImageProcessor","size":16384,"crop_size":224})", "c.json");
+  const Preprocessor pc{clip, "c.json", 16};
+  CHECK(error_of([&] { pc.check_tokens({16000, 1}, "strip.png"); }).rfind("strip.png: c.json resizes this 16000x1 image", 0) == 0);
 }

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <bit>
+#include <chrono>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include <sstream>
 
 #include "tessera/error.hpp"
+#include "tessera/limits.hpp"
 #include "tessera/safetensors.hpp"
 
 namespace fs = std::filesystem;
@@ -571,4 +573,76 @@ TEST_CASE("a sharded checkpoint (model.safetensors.index.json) opens as one") {
   // A malformed shard is reported through the index.
   write_file(dir.file("broken.safetensors"), "abc");
   bad_index(R"({"weight_map": {"q": "broken.safetensors"}})", {"shard 'broken.safetensors'", "too short"});
+}
+
+// ------------------------------------------------------------------------- hostile files (issue 17)
+
+TEST_CASE("hostile headers: deep nesting, 10^5 tensors, too many tensors, huge names, devices") {
+  TempDir dir;
+  SECTION("JSON nested 100,000 levels deep is refused before anything recurses over it") {
+    const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+    for (const std::string& header :
+         {R"({"t":{"dtype":"F32","shape":)" + deep + R"(,"data_offsets":[0,0]}})",
+          R"({"__metadata__":{"a":)" + deep + "}}"}) {
+      const std::string path = write_file(dir.file("deep.safetensors"), st_bytes(header));
+      require_open_error(path, {"nests more than 64 levels"});
+    }
+    // The same in an index (and a number out of range there is a message too, not a library error).
+    require_open_error(write_file(dir.file("deep.index.json"), R"({"weight_map":)" + deep + "}"),
+                       {"nests arrays/objects more than 64 levels"});
+    require_open_error(write_file(dir.file("big.index.json"), R"({"weight_map":{}, "metadata":{"n":1e999}})"),
+                       {"not valid JSON", "number overflow"});
+  }
+  SECTION("a 7 MB header of 100,000 tensors opens in linear time") {
+    const int n = 100000;
+    std::string header = "{";
+    for (int i = 0; i < n; ++i)
+      header += (i ? "," : "") + std::string("\"layer.") + std::to_string(i) + R"(.weight":{"dtype":"F32","shape":[1],"data_offsets":[)" +
+                std::to_string(4 * i) + "," + std::to_string(4 * i + 4) + "]}";
+    header += "}";
+    const std::string path = write_file(dir.file("many.safetensors"), st_bytes(header, std::string(4 * n, '\0')));
+    const auto t0 = std::chrono::steady_clock::now();
+    SafeTensors st = SafeTensors::open(path);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    CHECK(st.names().size() == static_cast<size_t>(n));
+    CHECK(st.get("layer.99999.weight").shape() == Shape{1});
+    // The quadratic parse took minutes here; linear takes well under a second (10 s: sanitizers, load).
+    INFO("open took " << seconds << " s");
+    CHECK(seconds < 10.0);
+    // A missing name among them is still found quickly, with a suggestion.
+    CHECK(error_of([&] { st.get("layer.5.weigh"); }).find("did you mean 'layer.5.weight'") != std::string::npos);
+  }
+  SECTION("more tensors than the limit is refused while parsing") {
+    std::string header = "{";
+    for (size_t i = 0; i <= tessera::kMaxSafetensorsTensors; ++i)
+      header += (i ? "," : "") + std::string("\"t") + std::to_string(i) + R"(":{"dtype":"F32","shape":[0],"data_offsets":[0,0]})";
+    header += "}";
+    require_open_error(write_file(dir.file("toomany.safetensors"), st_bytes(header)), {"more than 262144 tensors"});
+  }
+  SECTION("a megabyte name or value never lands whole in a message") {
+    const std::string name(1 << 20, 'n');
+    const std::string path = write_file(dir.file("name.safetensors"),
+                                        st_bytes("{\"" + name + R"(":{"dtype":"Q9","shape":[1],"data_offsets":[0,4]}})", "abcd"));
+    const std::string message = error_of([&] { SafeTensors::open(path); });
+    CHECK(message.size() < 600);
+    CHECK(message.find("unknown or unsupported dtype 'Q9'") != std::string::npos);
+    const std::string value(1 << 20, '7');
+    const std::string path2 = write_file(dir.file("value.safetensors"),
+                                         st_bytes(R"({"t":{"dtype":"F32","shape":")" + value + R"(","data_offsets":[0,4]}})", "abcd"));
+    CHECK(error_of([&] { SafeTensors::open(path2); }).size() < 600);
+  }
+  SECTION("shapes whose element count overflows int64 are refused, empty or not") {
+    for (const char* shape : {"[4611686018427387904,4611686018427387904,0]", "[0,9223372036854775807,2]"}) {
+      const std::string path = write_file(dir.file("overflow.safetensors"),
+                                          st_bytes(std::string(R"({"t":{"dtype":"F32","shape":)") + shape +
+                                                   R"(,"data_offsets":[0,0]}})"));
+      require_open_error(path, {"has more than 2^63 elements"});
+    }
+  }
+  SECTION("an index or checkpoint that is a link to a device is refused, not read") {
+    fs::create_symlink("/dev/zero", dir.path / "model.safetensors.index.json");
+    require_open_error(dir.file("model.safetensors.index.json"), {"not a regular file"});
+    fs::create_symlink("/dev/zero", dir.path / "zero.safetensors");
+    require_open_error(dir.file("zero.safetensors"), {"not a regular file"});
+  }
 }

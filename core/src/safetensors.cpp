@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "tessera/error.hpp"
+#include "tessera/limits.hpp"
 
 namespace tessera {
 
@@ -98,11 +99,58 @@ struct Shard {
 };
 
 // JSON fragments in messages stay on one line and short.
+// (Values are at most kMaxJsonDepth deep, so dump() cannot recurse far.)
 std::string brief(const json& value) {
-  std::string s = value.dump();
-  if (s.size() > 80) s = s.substr(0, 77) + "...";
-  return s;
+  return brief_text(value.dump(-1, ' ', false, json::error_handler_t::replace));
 }
+
+// A tensor or key name as a message shows it: one line, not megabytes.
+std::string name_str(const std::string& name) { return brief_text(name, 120); }
+
+// SAX handler building the header's DOM (nlohmann's own DOM builder) while it counts tensors,
+// notices a repeated name, and stops at kMaxJsonDepth. nlohmann's callback parser is not used:
+// after each nested object it scans its parent for discarded values, quadratic in the tensor count.
+struct HeaderSax {
+  nlohmann::detail::json_sax_dom_parser<json> dom;
+  int depth = 0;
+  size_t tensors = 0;
+  std::set<std::string> seen;
+  std::string duplicate, problem;
+
+  explicit HeaderSax(json& root) : dom(root, true) {}
+  bool null() { return dom.null(); }
+  bool boolean(bool v) { return dom.boolean(v); }
+  bool number_integer(json::number_integer_t v) { return dom.number_integer(v); }
+  bool number_unsigned(json::number_unsigned_t v) { return dom.number_unsigned(v); }
+  bool number_float(json::number_float_t v, const std::string& s) { return dom.number_float(v, s); }
+  bool string(std::string& v) { return dom.string(v); }
+  bool binary(json::binary_t& v) { return dom.binary(v); }
+  bool open(bool object, size_t n) {
+    if (++depth > kMaxJsonDepth) {
+      problem = "header nests more than " + std::to_string(kMaxJsonDepth) + " levels deep";
+      return false;
+    }
+    return object ? dom.start_object(n) : dom.start_array(n);
+  }
+  bool start_object(size_t n) { return open(true, n); }
+  bool start_array(size_t n) { return open(false, n); }
+  bool end_object() { --depth; return dom.end_object(); }
+  bool end_array() { --depth; return dom.end_array(); }
+  bool key(std::string& k) {
+    if (depth == 1) {
+      if (k != "__metadata__" && ++tensors > kMaxSafetensorsTensors) {
+        problem = "header lists more than " + std::to_string(kMaxSafetensorsTensors) + " tensors";
+        return false;
+      }
+      if (!seen.insert(k).second && duplicate.empty()) duplicate = k;
+    }
+    return dom.key(k);
+  }
+  template <class Exception>
+  bool parse_error(size_t pos, const std::string& token, const Exception& e) {
+    return dom.parse_error(pos, token, e);  // throws e
+  }
+};
 
 // "[begin, end]" (built by appending: GCC 12 warns falsely on "[" + std::to_string(...)).
 std::string range_str(uint64_t begin, uint64_t end) {
@@ -223,22 +271,18 @@ Shard read_shard(const std::string& path) {
          std::to_string(file_size) + " bytes); the file is truncated or not safetensors");
 
   const char* hbegin = reinterpret_cast<const char*>(base + 8);
-  std::set<std::string> seen;
-  std::string duplicate;
   json header;
+  HeaderSax sax(header);
   try {
-    header = json::parse(hbegin, hbegin + header_len,
-                         [&](int depth, json::parse_event_t event, json& parsed) {
-                           if (depth == 1 && event == json::parse_event_t::key && parsed.is_string() &&
-                               !seen.insert(parsed.get<std::string>()).second && duplicate.empty())
-                             duplicate = parsed.get<std::string>();
-                           return true;
-                         });
+    if (!json::sax_parse(hbegin, hbegin + header_len, &sax))
+      fail(path + ": " + (sax.problem.empty() ? std::string("header is not valid JSON") : sax.problem) +
+           "; not a safetensors file Tessera reads");
   } catch (const json::exception& e) {
     fail(path + ": header is not valid JSON (" + one_line(e.what()) + ")");
   }
+  const std::string& duplicate = sax.duplicate;
   if (!header.is_object()) fail(path + ": header is JSON but not an object (it is a " + header.type_name() + ")");
-  if (!duplicate.empty()) fail(path + ": header names tensor '" + duplicate + "' twice");
+  if (!duplicate.empty()) fail(path + ": header names tensor '" + name_str(duplicate) + "' twice");
 
   const uint8_t* data = base + 8 + header_len;
   const uint64_t data_size = file_size - 8 - header_len;
@@ -250,13 +294,13 @@ Shard read_shard(const std::string& path) {
       if (!value.is_object()) fail(path + ": __metadata__ is not a map of strings to strings (it is " + brief(value) + ")");
       for (auto m = value.begin(); m != value.end(); ++m) {
         if (!m.value().is_string())
-          fail(path + ": __metadata__ '" + m.key() + "' is " + brief(m.value()) +
+          fail(path + ": __metadata__ '" + name_str(m.key()) + "' is " + brief(m.value()) +
                ", not a string (__metadata__ must map strings to strings)");
         shard.metadata[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
-    const std::string where = path + ": tensor '" + name + "'";
+    const std::string where = path + ": tensor '" + name_str(name) + "'";
     if (!value.is_object()) fail(where + ": entry is " + brief(value) + ", not an object with dtype, shape, data_offsets");
     for (const char* key : {"dtype", "shape", "data_offsets"})
       if (!value.contains(key)) fail(where + ": entry has no '" + key + "'");
@@ -266,7 +310,7 @@ Shard read_shard(const std::string& path) {
     const std::string dtype_name = jdtype.get<std::string>();
     const DType* dtype = find_dtype(dtype_name);
     if (!dtype)
-      fail(where + ": unknown or unsupported dtype '" + dtype_name +
+      fail(where + ": unknown or unsupported dtype '" + name_str(dtype_name) +
            "' (known: F32 F16 BF16 F64 I64 I32 I16 I8 U64 U32 U16 U8 BOOL F8_E4M3 F8_E5M2 F8_E8M0 C64)");
 
     Shape shape = parse_shape(where, value["shape"]);
@@ -286,6 +330,18 @@ Shard read_shard(const std::string& path) {
       fail(where + ": data_offsets " + range + " hold " + std::to_string(end - begin) + " bytes but " +
            dtype_name + " " + shape_str(shape) + " needs " +
            (need == std::numeric_limits<uint64_t>::max() ? std::string("more than 2^64") : std::to_string(need)));
+    // Every product of dimensions (what shape_numel and the loaders compute in int64) must fit,
+    // even for an empty tensor whose byte size is 0: [2^62, 2^62, 0] would overflow on the way
+    // (a non-empty one that large needs more bytes than any file has, refused just above).
+    {
+      unsigned __int128 product = 1;
+      for (int64_t dim : shape) {
+        if (dim == 0) continue;
+        product *= static_cast<uint64_t>(dim);
+        if (product > static_cast<unsigned __int128>(std::numeric_limits<int64_t>::max()))
+          fail(where + ": shape " + brief(value["shape"]) + " has more than 2^63 elements");
+      }
+    }
 
     Entry entry;
     entry.info = TensorInfo{name, dtype_name, std::move(shape), path};
@@ -443,13 +499,11 @@ namespace {
 void read_index(const std::string& path, std::map<std::string, Entry>& entries,
                 std::map<std::string, std::string>& metadata) {
   ::close(open_readable(path));  // the same clear messages for missing / unreadable / directory
-  std::ifstream in(path, std::ios::binary);
-  if (!in.is_open()) fail(path + ": cannot read it");
-  std::stringstream text;
-  text << in.rdbuf();
+  const std::string text = read_regular_file(path, "safetensors index");
+  check_json_depth(text, path);
   json index;
   try {
-    index = json::parse(text.str());
+    index = json::parse(text);
   } catch (const json::exception& e) {
     fail(path + ": not valid JSON (" + one_line(e.what()) + ")");
   }
@@ -469,18 +523,19 @@ void read_index(const std::string& path, std::map<std::string, Entry>& entries,
   const std::filesystem::path dir = std::filesystem::path(path).parent_path();
   std::map<std::string, std::string> shard_of;  // tensor -> shard file as written
   std::vector<std::string> shard_files;         // distinct, in order of first mention
+  std::set<std::string> shard_set;              // the same, to look up in log time
   for (auto it = weight_map.begin(); it != weight_map.end(); ++it) {
     if (!it.value().is_string())
-      fail(path + ": weight_map entry for tensor '" + it.key() + "' is " + brief(it.value()) + ", not a shard file name");
+      fail(path + ": weight_map entry for tensor '" + name_str(it.key()) + "' is " + brief(it.value()) + ", not a shard file name");
     const std::string file = it.value().get<std::string>();
     const std::filesystem::path rel(file);
     bool escapes = file.empty() || rel.is_absolute();
     for (const auto& part : rel) escapes = escapes || part == "..";
     if (escapes)
-      fail(path + ": weight_map puts tensor '" + it.key() + "' in '" + file +
+      fail(path + ": weight_map puts tensor '" + name_str(it.key()) + "' in '" + name_str(file) +
            "', which is not a file name relative to the index's directory");
     shard_of[it.key()] = file;
-    if (std::find(shard_files.begin(), shard_files.end(), file) == shard_files.end()) shard_files.push_back(file);
+    if (shard_set.insert(file).second) shard_files.push_back(file);
   }
 
   std::map<std::string, std::string> found_in;  // tensor -> shard that holds it
@@ -490,17 +545,17 @@ void read_index(const std::string& path, std::map<std::string, Entry>& entries,
     try {
       shard = read_shard(shard_path);
     } catch (const Error& e) {
-      fail(path + ": shard '" + file + "': " + e.what());
+      fail(path + ": shard '" + name_str(file) + "': " + e.what());
     }
     for (auto& [name, entry] : shard.entries) {
       auto [pos, inserted] = found_in.emplace(name, file);
       if (!inserted)
-        fail(path + ": tensor '" + name + "' is in two shards, '" + pos->second + "' and '" + file + "'");
+        fail(path + ": tensor '" + name_str(name) + "' is in two shards, '" + name_str(pos->second) + "' and '" + name_str(file) + "'");
       auto listed = shard_of.find(name);
       if (listed == shard_of.end())
-        fail(path + ": shard '" + file + "' holds tensor '" + name + "', which the weight_map does not list");
+        fail(path + ": shard '" + name_str(file) + "' holds tensor '" + name_str(name) + "', which the weight_map does not list");
       if (listed->second != file)
-        fail(path + ": weight_map puts tensor '" + name + "' in '" + listed->second + "', but shard '" + file +
+        fail(path + ": weight_map puts tensor '" + name_str(name) + "' in '" + name_str(listed->second) + "', but shard '" + file +
              "' holds it");
       entries.emplace(name, std::move(entry));
     }
@@ -508,7 +563,7 @@ void read_index(const std::string& path, std::map<std::string, Entry>& entries,
   }
   for (const auto& [name, file] : shard_of)
     if (!found_in.count(name))
-      fail(path + ": weight_map puts tensor '" + name + "' in '" + file + "', but that shard has no tensor '" + name + "'");
+      fail(path + ": weight_map puts tensor '" + name_str(name) + "' in '" + name_str(file) + "', but that shard has no tensor '" + name_str(name) + "'");
 }
 
 }  // namespace
@@ -549,15 +604,19 @@ const TensorInfo& SafeTensors::info(const std::string& name) const {
   check(impl_ != nullptr, "SafeTensors: used before open()");
   auto it = impl_->entries.find(name);
   if (it == impl_->entries.end()) {
-    std::string message = impl_->path + ": no tensor '" + name + "'";
+    std::string message = impl_->path + ": no tensor '" + name_str(name) + "'";
     // Point at the likely intended name (a missing "vit." prefix, a typo).
     const std::string* best = nullptr;
     size_t best_distance = std::max<size_t>(3, name.size() / 4) + 1;
     for (const auto& [candidate, e] : impl_->entries) {
+      // The distance is at least the length difference: skip those that cannot win (cheaply, so a
+      // header of 10^5 long names does not turn one missing tensor into minutes of work).
+      const size_t gap = name.size() > candidate.size() ? name.size() - candidate.size() : candidate.size() - name.size();
+      if (gap >= best_distance) continue;
       size_t d = edit_distance(name, candidate);
       if (d < best_distance) best_distance = d, best = &candidate;
     }
-    if (best) message += "; did you mean '" + *best + "'?";
+    if (best) message += "; did you mean '" + name_str(*best) + "'?";
     fail(message);
   }
   return it->second.info;

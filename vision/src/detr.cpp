@@ -64,7 +64,7 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
                                       " is not a multiple of decoder_attention_heads " +
                                       std::to_string(h.decoder_heads));
   const std::string act = cfg.string("activation_function", "relu");
-  check(act == "relu", cfg.file + ": activation_function \"" + act + "\" is not supported (relu)");
+  check(act == "relu", cfg.file + ": activation_function \"" + brief_text(act) + "\" is not supported (relu)");
   const std::string pet = cfg.string("position_embedding_type", "sine");
   check(pet == "sine", cfg.file + ": position_embedding_type \"" + pet + "\" is not supported (sine)");
 

@@ -4,6 +4,8 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "tessera/error.hpp"
+#include "tessera/limits.hpp"
 
 namespace tessera {
 namespace {
@@ -30,8 +33,84 @@ bool is_png(std::span<const uint8_t> b) {
 }
 bool is_jpeg(std::span<const uint8_t> b) { return b.size() >= 3 && b[0] == 0xFF && b[1] == 0xD8 && b[2] == 0xFF; }
 
-// Width and height from a PNG IHDR or a JPEG SOF segment, without decoding anything.
+uint32_t le32(const uint8_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24); }
+uint32_t le16(const uint8_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 8); }
+
+bool starts_with(std::span<const uint8_t> b, const char* magic, size_t n) {
+  return b.size() >= n && std::memcmp(b.data(), magic, n) == 0;
+}
+
+// PNM (P1-P6): "Pn" then width, height (and maxval), separated by white space and # comments.
+// PAM (P7): "WIDTH w" / "HEIGHT h" lines up to ENDHDR. Only the first 4 KiB are looked at.
+std::optional<HeaderSize> pnm_size(std::span<const uint8_t> b) {
+  const size_t end = std::min<size_t>(b.size(), 4096);
+  size_t pos = 2;
+  auto token = [&]() -> std::string {
+    for (;;) {
+      while (pos < end && std::isspace(b[pos])) ++pos;
+      if (pos < end && b[pos] == '#') {
+        while (pos < end && b[pos] != '\n') ++pos;
+        continue;
+      }
+      break;
+    }
+    std::string t;
+    while (pos < end && !std::isspace(b[pos]) && t.size() < 32) t += static_cast<char>(b[pos++]);
+    return t;
+  };
+  auto number = [](const std::string& t) -> std::optional<int64_t> {
+    if (t.empty() || t.size() > 18 || !std::all_of(t.begin(), t.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      return std::nullopt;
+    return std::stoll(t);
+  };
+  if (b[1] == '7') {
+    std::optional<int64_t> w, h;
+    for (std::string t = token(); !t.empty() && t != "ENDHDR"; t = token()) {
+      if (t == "WIDTH") w = number(token());
+      else if (t == "HEIGHT") h = number(token());
+    }
+    if (w && h) return HeaderSize{*w, *h};
+    return std::nullopt;
+  }
+  const auto w = number(token());
+  const auto h = number(token());
+  if (w && h) return HeaderSize{*w, *h};
+  return std::nullopt;
+}
+
+// TIFF: ImageWidth (256) and ImageLength (257) of the first IFD.
+std::optional<HeaderSize> tiff_size(std::span<const uint8_t> b) {
+  const bool le = b[0] == 'I';
+  auto u16 = [&](size_t at) { return le ? le16(b.data() + at) : be16(b.data() + at); };
+  auto u32 = [&](size_t at) { return le ? le32(b.data() + at) : be32(b.data() + at); };
+  if (b.size() < 8) return std::nullopt;
+  const size_t ifd = u32(4);
+  if (ifd + 2 > b.size()) return std::nullopt;
+  const size_t count = u16(ifd);
+  std::optional<int64_t> w, h;
+  for (size_t i = 0; i < count && ifd + 2 + 12 * (i + 1) <= b.size(); ++i) {
+    const size_t e = ifd + 2 + 12 * i;
+    const uint32_t tag = u16(e), type = u16(e + 2);
+    const int64_t value = type == 3 ? u16(e + 8) : u32(e + 8);  // SHORT or LONG
+    if (tag == 256) w = value;
+    if (tag == 257) h = value;
+  }
+  if (w && h) return HeaderSize{*w, *h};
+  return std::nullopt;
+}
+
+// Width and height from the header of every format OpenCV decodes whose header can claim more
+// than kMaxImagePixels (PNG, JPEG, PNM/PAM, BMP, TIFF, Sun raster), without decoding anything.
+// (WebP cannot exceed 16383 x 16383; the float formats are refused by float_format() first.)
 std::optional<HeaderSize> header_size(std::span<const uint8_t> b) {
+  if (b.size() >= 3 && b[0] == 'P' && b[1] >= '1' && b[1] <= '7' && std::isspace(b[2])) return pnm_size(b);
+  if (starts_with(b, "BM", 2) && b.size() >= 26) {
+    if (le32(b.data() + 14) == 12) return HeaderSize{le16(b.data() + 18), le16(b.data() + 20)};  // OS/2 v1
+    const int64_t h = static_cast<int32_t>(le32(b.data() + 22));  // negative: stored top-down
+    return HeaderSize{static_cast<int32_t>(le32(b.data() + 18)), h < 0 ? -h : h};
+  }
+  if (starts_with(b, "II*\0", 4) || starts_with(b, "MM\0*", 4)) return tiff_size(b);
+  if (starts_with(b, "\x59\xa6\x6a\x95", 4) && b.size() >= 12) return HeaderSize{be32(b.data() + 4), be32(b.data() + 8)};
   if (is_png(b)) {
     if (b.size() < 24 || std::memcmp(b.data() + 12, "IHDR", 4) != 0) return std::nullopt;
     return HeaderSize{be32(b.data() + 16), be32(b.data() + 20)};
@@ -50,6 +129,15 @@ std::optional<HeaderSize> header_size(std::span<const uint8_t> b) {
     }
   }
   return std::nullopt;
+}
+
+// The float formats OpenCV decodes (refused after decoding anyway, so refused before it: their
+// headers can claim gigabytes). The name, or nullptr.
+const char* float_format(std::span<const uint8_t> b) {
+  if (b.size() >= 3 && b[0] == 'P' && (b[1] == 'F' || b[1] == 'f') && std::isspace(b[2])) return "PFM";
+  if (starts_with(b, "#?RADIANCE", 10) || starts_with(b, "#?RGBE", 6)) return "Radiance HDR";
+  if (starts_with(b, "\x76\x2f\x31\x01", 4)) return "OpenEXR";
+  return nullptr;
 }
 
 // libjpeg decodes a truncated file "successfully" (grey rest, a warning on stderr); Pillow refuses
@@ -81,6 +169,8 @@ cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name
   if (bytes.empty()) fail(name + ": empty file, not an image");
   if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
     fail(name + ": file of " + std::to_string(bytes.size() >> 20) + " MiB is too large to be decoded (limit 2 GiB)");
+  if (const char* f = float_format(bytes))
+    fail(name + ": cannot decode image (" + std::string(f) + " is a float format; only 8- and 16-bit images are accepted)");
   if (auto hs = header_size(bytes)) {
     if (hs->width == 0 || hs->height == 0) fail(name + ": cannot decode image (zero width or height in the header)");
     check_size(hs->width, hs->height, name);
@@ -127,6 +217,10 @@ cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name
 
 cv::Mat load_image_rgb(const std::string& path) {
   namespace fs = std::filesystem;
+  // The OS would see the name cut at its first NUL (an @list line of NULs would name the list's
+  // own folder, or nothing): refuse it, printably.
+  if (path.find('\0') != std::string::npos)
+    fail(brief_text(path, 200) + ": file name contains a NUL byte; no such file can exist");
   std::error_code ec;
   const auto st = fs::status(path, ec);
   if (ec && ec != std::errc::no_such_file_or_directory) fail(path + ": cannot access (" + ec.message() + ")");

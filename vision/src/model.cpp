@@ -30,21 +30,17 @@ using namespace tessera::detail;
 namespace tessera {
 namespace detail {
 
-std::string read_text(const fs::path& path) {
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) fail(path.string() + ": is a directory, expected a file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path.string() + ": cannot open (" + std::strerror(errno) + ")");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+// A regular file of at most kMaxConfigBytes (a link to /dev/zero or a FIFO is refused, not read forever).
+std::string read_text(const fs::path& path) { return read_regular_file(path.string(), "JSON file"); }
 
+// Depth-checked first (nlohmann recurses per level when it prints or copies a value); every
+// nlohmann error, a number out of range (1e999) included, becomes an Error naming the file.
 json parse_json(const std::string& text, const std::string& file) {
+  check_json_depth(text, file);
   try {
     return json::parse(text);
-  } catch (const json::parse_error& e) {
-    fail(file + ": invalid JSON (" + std::string(e.what()) + ")");
+  } catch (const json::exception& e) {
+    fail(file + ": invalid JSON (" + brief_text(e.what(), 200) + ")");
   }
 }
 
@@ -187,7 +183,7 @@ VitConfig hf_vit_config(const Config& cfg, const std::string& mt) {
   c.layer_norm_eps = static_cast<float>(cfg.number("layer_norm_eps", 1e-12));
   c.qkv_bias = cfg.boolean("qkv_bias", true);
   std::string act = cfg.string("hidden_act", "gelu");
-  check(act == "gelu", cfg.file + ": hidden_act \"" + act + "\" is not supported (only \"gelu\")");
+  check(act == "gelu", cfg.file + ": hidden_act \"" + brief_text(act) + "\" is not supported (only \"gelu\")");
   c.class_token = true;
   c.pos_resample = PosResample::HfScaleBicubic;
   c.layer_scale = (mt == "dinov2");
@@ -277,7 +273,7 @@ void load_hf(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   const int64_t d = m.encoder.config.hidden_size;
 
   ClassifierWeights& h = m.classifier;
-  auto num_labels_of = [&](const std::string& name) { return ck.shape(name).at(0); };
+  auto num_labels_of = [&](const std::string& name) { return ck.dim(name, 0, 2); };
   if (arch == "ViTForImageClassification" || arch == "DeiTForImageClassification") {
     h.kind = HeadKind::ClassToken;
     h.num_labels = num_labels_of("classifier.weight");
@@ -324,7 +320,7 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   const WeightType edge = edge_layer_type(type);  // patch embedding, pooler, heads
   const std::string arch = cfg.string("architecture", "");
   check(arch.rfind("vit_", 0) == 0 || arch.rfind("deit_", 0) == 0 || arch.rfind("deit3_", 0) == 0,
-        cfg.file + ": timm architecture \"" + arch + "\" is not supported (timm VisionTransformer: vit_*, deit_*)");
+        cfg.file + ": timm architecture \"" + brief_text(arch) + "\" is not supported (timm VisionTransformer: vit_*, deit_*)");
   m.architecture = "timm:" + arch;
   Config args{cfg.has("model_args") ? cfg.j["model_args"] : json::object(), cfg.file + " (model_args)"};
   Config pre{cfg.has("pretrained_cfg") ? cfg.j["pretrained_cfg"] : json::object(),
@@ -335,7 +331,7 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
                                     "' is not supported (attention pooling / qk-norm / scale-norm)");
   const std::string pool = cfg.string("global_pool", args.string("global_pool", "token"));
   check(pool == "token" || pool == "avg" || pool == "",
-        cfg.file + ": global_pool \"" + pool + "\" is not supported (token, avg)");
+        cfg.file + ": global_pool \"" + brief_text(pool) + "\" is not supported (token, avg)");
 
   VitConfig& c = m.encoder.config;
   VitWeights& w = m.encoder;
@@ -350,7 +346,12 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   if (args.has("img_size")) {
     std::tie(ih, iw) = args.size2("img_size");
   } else if (pre.has("input_size") && pre.j["input_size"].is_array() && pre.j["input_size"].size() == 3) {
-    ih = pre.j["input_size"][1].get<int64_t>(), iw = pre.j["input_size"][2].get<int64_t>();
+    const json& v = pre.j["input_size"];
+    check(v[1].is_number_integer() && v[2].is_number_integer() && v[1].get<int64_t>() > 0 &&
+              v[2].get<int64_t>() > 0 && v[1].get<int64_t>() <= kMaxImageSide && v[2].get<int64_t>() <= kMaxImageSide,
+          pre.file + ": \"input_size\" must be [3, height, width] with sides 1.." + std::to_string(kMaxImageSide) +
+              ", got " + brief(v));
+    ih = v[1].get<int64_t>(), iw = v[2].get<int64_t>();
   }
   c.image_height = ih, c.image_width = iw;
   c.num_hidden_layers = count_layers(ck, "blocks.", ".norm1.weight");
@@ -358,18 +359,18 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   if (args.has("depth")) check(args.integer("depth") == c.num_hidden_layers, cfg.file + ": depth disagrees with the weights");
   c.num_attention_heads = args.has("num_heads") ? args.positive("num_heads") : timm_heads(arch, d);
   check(d % c.num_attention_heads == 0, cfg.file + ": embed_dim is not a multiple of num_heads");
-  c.intermediate_size = ck.shape("blocks.0.mlp.fc1.weight").at(0);
+  c.intermediate_size = ck.dim("blocks.0.mlp.fc1.weight", 0, 2);
   c.qkv_bias = ck.has("blocks.0.attn.qkv.bias");
   c.class_token = ck.has("cls_token");
   c.num_distillation_tokens = ck.has("dist_token") ? 1 : 0;
-  c.num_register_tokens = ck.has("reg_token") ? ck.shape("reg_token").at(1) : 0;
+  c.num_register_tokens = ck.has("reg_token") ? ck.dim("reg_token", 1, 3) : 0;  // [1, n, D]
   c.pre_norm = ck.has("norm_pre.weight");
   c.layer_scale = ck.has("blocks.0.ls1.gamma");
   c.final_norm = ck.has("norm.weight");
   // timm's ViTs use LayerNorm(eps=1e-6); its CLIP variants pass nn.LayerNorm (eps=1e-5).
   c.layer_norm_eps = arch.find("clip") != std::string::npos ? 1e-5f : 1e-6f;
   std::string act = args.string("act_layer", arch.find("quickgelu") != std::string::npos ? "quick_gelu" : "gelu");
-  check(act == "gelu" || act == "quick_gelu", cfg.file + ": act_layer \"" + act + "\" is not supported");
+  check(act == "gelu" || act == "quick_gelu", cfg.file + ": act_layer \"" + brief_text(act) + "\" is not supported");
   c.activation = act == "quick_gelu" ? MlpActivation::QuickGelu : MlpActivation::Gelu;
   c.pos_resample = PosResample::TimmAntialias;
 
@@ -443,7 +444,7 @@ void load_timm(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
     h.fc_norm_bias = ck.get("fc_norm.bias", {d});
   }
   if (ck.has("head.weight")) {
-    h.num_labels = ck.shape("head.weight").at(0);
+    h.num_labels = ck.dim("head.weight", 0, 2);
     h.head = pack(ck, "head.weight", "head.bias", h.num_labels, d, true, edge);
     if (c.num_distillation_tokens)
       h.head_dist = pack(ck, "head_dist.weight", "head_dist.bias", h.num_labels, d, true, edge);
@@ -500,7 +501,7 @@ void load_torchvision(Model& m, const Config& cfg, Checkpoint& ck, WeightType ty
   h.kind = HeadKind::ClassToken;
   int64_t head_in = d;
   if (ck.has(root + "heads.pre_logits.weight")) {
-    const int64_t rep = ck.shape(root + "heads.pre_logits.weight").at(0);
+    const int64_t rep = ck.dim(root + "heads.pre_logits.weight", 0, 2);
     h.has_pooler = true;
     h.pooler = pack(ck, root + "heads.pre_logits.weight", root + "heads.pre_logits.bias", rep, d, true, edge);
     head_in = rep;
@@ -678,8 +679,8 @@ std::shared_ptr<const Model> load_model_once(const fs::path& dir, WeightType wei
     model->model_type = cfg.string("model_type", "");
     static const std::set<std::string> hf_types = {"vit", "deit", "dinov2"};
     if (!hf_types.count(model->model_type))
-      fail(config_path.string() + ": unknown architecture (model_type \"" + model->model_type +
-           "\", architectures [" + arch + "]); supported: Hugging Face vit/deit/dinov2, timm "
+      fail(config_path.string() + ": unknown architecture (model_type \"" + brief_text(model->model_type) +
+           "\", architectures [" + brief_text(arch) + "]); supported: Hugging Face vit/deit/dinov2, timm "
            "VisionTransformer (architecture + pretrained_cfg), torchvision.VisionTransformer");
     if (arch.empty())  // a bare base-model config
       arch = model->model_type == "vit" ? "ViTModel" : model->model_type == "deit" ? "DeiTModel" : "Dinov2Model";

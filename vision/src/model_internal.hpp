@@ -1,6 +1,8 @@
 #pragma once
 // Shared by the model-folder loaders (model.cpp, and the detection and segmentation heads):
 // typed config.json access and strict checkpoint access, each error naming file and field/tensor.
+#include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -10,6 +12,7 @@
 
 #include "tessera/error.hpp"
 #include "tessera/gemm.hpp"
+#include "tessera/limits.hpp"
 #include "tessera/model.hpp"
 #include "tessera/safetensors.hpp"
 
@@ -19,6 +22,10 @@ using json = nlohmann::json;
 
 std::string read_text(const std::filesystem::path& path);
 json parse_json(const std::string& text, const std::string& file);
+// A JSON value for a one-line message (values are at most kMaxJsonDepth deep: see parse_json).
+inline std::string brief(const json& v) {
+  return brief_text(v.dump(-1, ' ', false, json::error_handler_t::replace));
+}
 
 struct Config {
   json j;
@@ -28,8 +35,12 @@ struct Config {
   int64_t integer(const std::string& key) const {
     check(has(key), file + ": missing \"" + key + "\"");
     const json& v = j[key];
-    check(v.is_number_integer() || (v.is_number() && std::floor(v.get<double>()) == v.get<double>()),
-          file + ": \"" + key + "\" must be an integer, got " + v.dump());
+    // A float must be a whole number that fits int64 (1e300 and nan are not).
+    check(v.is_number_integer() || (v.is_number() && std::floor(v.get<double>()) == v.get<double>() &&
+                                    std::fabs(v.get<double>()) < 9.0e18),
+          file + ": \"" + key + "\" must be an integer, got " + brief(v));
+    check(!v.is_number_unsigned() || v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX),
+          file + ": \"" + key + "\" is too large, got " + brief(v));
     int64_t x = v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>());
     return x;
   }
@@ -43,17 +54,17 @@ struct Config {
   }
   double number(const std::string& key, double fallback) const {
     if (!has(key)) return fallback;
-    check(j[key].is_number(), file + ": \"" + key + "\" must be a number, got " + j[key].dump());
+    check(j[key].is_number(), file + ": \"" + key + "\" must be a number, got " + brief(j[key]));
     return j[key].get<double>();
   }
   bool boolean(const std::string& key, bool fallback) const {
     if (!has(key)) return fallback;
-    check(j[key].is_boolean(), file + ": \"" + key + "\" must be true or false, got " + j[key].dump());
+    check(j[key].is_boolean(), file + ": \"" + key + "\" must be true or false, got " + brief(j[key]));
     return j[key].get<bool>();
   }
   std::string string(const std::string& key, const std::string& fallback) const {
     if (!has(key)) return fallback;
-    check(j[key].is_string(), file + ": \"" + key + "\" must be a string, got " + j[key].dump());
+    check(j[key].is_string(), file + ": \"" + key + "\" must be a string, got " + brief(j[key]));
     return j[key].get<std::string>();
   }
   // image_size: an int or [h, w].
@@ -63,7 +74,7 @@ struct Config {
     if (v.is_number_integer()) return {v.get<int64_t>(), v.get<int64_t>()};
     if (v.is_array() && v.size() == 2 && v[0].is_number_integer() && v[1].is_number_integer())
       return {v[0].get<int64_t>(), v[1].get<int64_t>()};
-    fail(file + ": \"" + key + "\" must be an integer or [height, width], got " + v.dump());
+    fail(file + ": \"" + key + "\" must be an integer or [height, width], got " + brief(v));
   }
   Config sub(const std::string& key) const {
     check(has(key) && j[key].is_object(), file + ": \"" + key + "\" must be an object");
@@ -105,6 +116,13 @@ struct Checkpoint {
   const Shape& shape(const std::string& name) const {
     check(st.contains(name), file + ": missing tensor '" + name + "'");
     return st.info(name).shape;
+  }
+  // Dimension I of NAME's shape, which must have RANK dimensions (a library range error otherwise).
+  int64_t dim(const std::string& name, size_t i, size_t rank) const {
+    const Shape& s = shape(name);
+    check(s.size() == rank, file + ": tensor '" + name + "' must have " + std::to_string(rank) +
+                                " dimensions, got shape " + shape_str(s));
+    return s[i];
   }
 };
 

@@ -8,6 +8,7 @@
 
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
+#include "tessera/vit.hpp"
 
 namespace fs = std::filesystem;
 
@@ -19,24 +20,46 @@ Preprocessor Preprocessor::from_file(const std::string& path) {
 
 Tensor Preprocessor::image(const cv::Mat& rgb) const { return preprocess(rgb, config); }
 
-Tensor Preprocessor::load(const std::string& path) const { return preprocess(load_image_rgb(path), config); }
+void Preprocessor::check_tokens(cv::Size size, const std::string& name) const {
+  const cv::Size resized = resize_output_size(size, config);
+  if (static_cast<double>(resized.width) * resized.height > static_cast<double>(kMaxImagePixels))
+    fail(name + ": " + source + " resizes this " + std::to_string(size.width) + "x" + std::to_string(size.height) +
+         " image to " + std::to_string(resized.width) + "x" + std::to_string(resized.height) +
+         ", more than the limit of " + std::to_string(kMaxImagePixels) + " pixels");
+  if (patch_size <= 0) return;
+  const cv::Size out = preprocess_output_size(size, config);
+  check_token_budget(patch_size, out.height, out.width, name);
+}
+
+Tensor Preprocessor::load(const std::string& path) const {
+  const cv::Mat rgb = load_image_rgb(path);
+  check_tokens(rgb.size(), path);
+  return preprocess(rgb, config);
+}
 
 Tensor Preprocessor::batch(const std::vector<std::string>& paths) const {
   check(!paths.empty(), "no images given");
   std::vector<cv::Mat> images;
-  for (const auto& p : paths) images.push_back(load_image_rgb(p));
+  for (const auto& p : paths) {
+    images.push_back(load_image_rgb(p));
+    check_tokens(images.back().size(), p);
+  }
   return preprocess_batch(images, config);
 }
 
 Preprocessor model_preprocessor(const Model& model) {
   const fs::path hf = fs::path(model.dir) / "preprocessor_config.json";
   std::error_code ec;
-  if (!model.dir.empty() && fs::exists(hf, ec)) return Preprocessor::from_file(hf.string());
+  if (!model.dir.empty() && fs::exists(hf, ec)) {
+    Preprocessor pre = Preprocessor::from_file(hf.string());
+    pre.patch_size = model.encoder.config.patch_size;
+    return pre;
+  }
   const VitConfig& c = model.encoder.config;
   switch (model.family) {
     case ModelFamily::Timm:
       return {from_timm_pretrained_cfg(model.config_json, model.dir + "/config.json"),
-              model.dir + "/config.json (pretrained_cfg)"};
+              model.dir + "/config.json (pretrained_cfg)", c.patch_size};
     case ModelFamily::Torchvision: {
       // torchvision's ImageClassification preset: resize the short side (256 for 224), crop,
       // ImageNet mean/std. A preprocessor_config.json in the folder overrides it.
@@ -52,7 +75,7 @@ Preprocessor model_preprocessor(const Model& model) {
       p.rescale_rule = RescaleRule::divide_f32;
       p.image_mean = {0.485f, 0.456f, 0.406f};
       p.image_std = {0.229f, 0.224f, 0.225f};
-      return {p, p.source};
+      return {p, p.source, c.patch_size};
     }
     case ModelFamily::HuggingFace:
     case ModelFamily::Detector:
@@ -75,7 +98,7 @@ Preprocessor model_preprocessor(const Model& model) {
   }
   p.source = model.dir + " (no preprocessor_config.json: assumed " + p.describe() + ")";
   std::fprintf(stderr, "tessera: note: %s\n", p.source.c_str());
-  return {p, p.source};
+  return {p, p.source, c.patch_size};
 }
 
 std::vector<std::vector<Prediction>> top_k(const Tensor& logits, const std::vector<std::string>& labels,

@@ -14,6 +14,8 @@
 #include <sstream>
 
 #include "tessera/error.hpp"
+#include "tessera/image.hpp"
+#include "tessera/limits.hpp"
 
 namespace tessera {
 namespace {
@@ -28,7 +30,10 @@ constexpr std::array<float, 3> kClipMean{0.48145466f, 0.4578275f, 0.40821073f};
 constexpr std::array<float, 3> kClipStd{0.26862954f, 0.26130258f, 0.27577711f};
 
 // Python's round() on a double: ties to even (the default FP rounding mode).
-int py_round(double x) { return static_cast<int>(std::nearbyint(x)); }
+// (Clamped to +-1e9 so an absurd size stays defined behaviour and is refused by the size checks.)
+int py_round(double x) { return static_cast<int>(std::nearbyint(std::clamp(x, -1e9, 1e9))); }
+// int() of a non-negative size, clamped the same way.
+int side(double x) { return static_cast<int>(std::min(x, 1e9)); }
 // Python's // on ints: floor.
 int floor_div2(int a) { return a >= 0 ? a / 2 : -((-a + 1) / 2); }
 
@@ -67,6 +72,19 @@ const std::set<std::string>& metadata_keys() {
   return k;
 }
 
+// A JSON value for a one-line message; values are at most kMaxJsonDepth deep (parse_checked).
+std::string brief(const json& v) { return brief_text(v.dump(-1, ' ', false, json::error_handler_t::replace)); }
+
+// Depth-checked, then parsed; every nlohmann error (1e999 included) names the file.
+json parse_checked(std::string_view text, const std::string& source) {
+  check_json_depth(text, source);
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    fail(source + ": not valid JSON (" + brief_text(e.what(), 200) + ")");
+  }
+}
+
 struct Reader {
   const json& j;
   const std::string& src;
@@ -77,17 +95,20 @@ struct Reader {
   bool has(const char* key) const { return j.contains(key) && !j.at(key).is_null(); }
   bool boolean(const char* key, bool def) const {
     if (!has(key)) return def;
-    if (!j.at(key).is_boolean()) bad(key, "must be true or false, got " + j.at(key).dump());
+    if (!j.at(key).is_boolean()) bad(key, "must be true or false, got " + brief(j.at(key)));
     return j.at(key).get<bool>();
   }
   double number(const char* key, double def) const {
     if (!has(key)) return def;
-    if (!j.at(key).is_number()) bad(key, "must be a number, got " + j.at(key).dump());
+    if (!j.at(key).is_number()) bad(key, "must be a number, got " + brief(j.at(key)));
     return j.at(key).get<double>();
   }
+  // A size: 1..kMaxImageSide (an image side Tessera decodes); larger ones only allocate.
   int positive_int(const json& v, const std::string& key) const {
-    if (!v.is_number_integer() || v.get<long long>() <= 0 || v.get<long long>() > 1000000)
-      bad(key, "must be a positive integer, got " + v.dump());
+    if (!v.is_number_integer() || v.get<long long>() <= 0)
+      bad(key, "must be a positive integer, got " + brief(v));
+    if (v.get<long long>() > kMaxImageSide)
+      bad(key, "= " + brief(v) + " is larger than the limit of " + std::to_string(kMaxImageSide) + " pixels");
     return static_cast<int>(v.get<long long>());
   }
   std::array<float, 3> triple(const char* key, std::array<float, 3> def) const {
@@ -98,7 +119,7 @@ struct Reader {
       return {f, f, f};
     }
     if (!v.is_array() || v.size() != 3 || !v[0].is_number() || !v[1].is_number() || !v[2].is_number())
-      bad(key, "must be a number or a list of 3 numbers (one per RGB channel), got " + v.dump());
+      bad(key, "must be a number or a list of 3 numbers (one per RGB channel), got " + brief(v));
     return {static_cast<float>(v[0].get<double>()), static_cast<float>(v[1].get<double>()),
             static_cast<float>(v[2].get<double>())};
   }
@@ -107,7 +128,7 @@ struct Reader {
     const json& v = j.at(key);
     if (v.is_number_integer())
       if (auto r = resample_from_int(v.get<long long>())) return *r;
-    bad(key, "must be a Pillow filter 0..5 (nearest, lanczos, bilinear, bicubic, box, hamming), got " + v.dump());
+    bad(key, "must be a Pillow filter 0..5 (nearest, lanczos, bilinear, bicubic, box, hamming), got " + brief(v));
   }
 };
 
@@ -151,12 +172,7 @@ std::string PreprocessConfig::describe() const {
 }
 
 PreprocessConfig parse_preprocess_config(std::string_view json_text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(json_text);
-  } catch (const json::exception& e) {
-    fail(source + ": not valid JSON (" + e.what() + ")");
-  }
+  json j = parse_checked(json_text, source);
   if (!j.is_object()) fail(source + ": expected a JSON object");
   std::string type;
   for (const char* k : {"image_processor_type", "feature_extractor_type"})
@@ -172,14 +188,14 @@ PreprocessConfig parse_preprocess_config(std::string_view json_text, const std::
   if (!info) {
     std::string names;
     for (const auto& c : classes()) names += (names.empty() ? "" : ", ") + c.name;
-    fail(source + ": image processor \"" + type + "\" is not supported (supported: " + names + ")");
+    fail(source + ": image processor \"" + brief_text(type) + "\" is not supported (supported: " + names + ")");
   }
   // A field this class does not read would be ignored upstream too, but only a harmless one
   // (false / null) is let through: a set field means someone expects it to act.
   for (const auto& [key, value] : j.items()) {
     if (metadata_keys().count(key) || info->keys.count(key)) continue;
     if (value.is_null() || (value.is_boolean() && !value.get<bool>())) continue;
-    fail(source + ": field \"" + key + "\" (= " + value.dump() + ") is not part of " + info->name +
+    fail(source + ": field \"" + brief_text(key) + "\" (= " + brief(value) + ") is not part of " + info->name +
          " and Tessera does not implement it");
   }
 
@@ -250,7 +266,7 @@ PreprocessConfig parse_preprocess_config(std::string_view json_text, const std::
       size = {{"shortest_edge", n}};
     }
   } else if (!size.is_object()) {
-    r.bad("size", "must be an integer or an object, got " + size.dump());
+    r.bad("size", "must be an integer or an object, got " + brief(size));
   }
   auto has_only = [&](std::initializer_list<const char*> ks) {
     if (size.size() != ks.size()) return false;
@@ -274,7 +290,7 @@ PreprocessConfig parse_preprocess_config(std::string_view json_text, const std::
                            : (f == Family::bit || f == Family::clip)
                                ? "{\"shortest_edge\"}, {\"height\", \"width\"} or an integer"
                                : "{\"shortest_edge\", \"longest_edge\"}, {\"height\", \"width\"} or an integer";
-    r.bad("size", "= " + size.dump() + " is not a form " + info->name + " accepts (" + accepted + ")");
+    r.bad("size", "= " + brief(size) + " is not a form " + info->name + " accepts (" + accepted + ")");
   }
 
   if (f == Family::deit || f == Family::bit || f == Family::clip) {
@@ -286,7 +302,7 @@ PreprocessConfig parse_preprocess_config(std::string_view json_text, const std::
       crop = {{"height", n}, {"width", n}};
     }
     if (!crop.is_object() || crop.size() != 2 || !crop.contains("height") || !crop.contains("width"))
-      r.bad("crop_size", "must be {\"height\", \"width\"} or an integer, got " + crop.dump());
+      r.bad("crop_size", "must be {\"height\", \"width\"} or an integer, got " + brief(crop));
     c.crop_height = r.positive_int(crop.at("height"), "crop_size.height");
     c.crop_width = r.positive_int(crop.at("width"), "crop_size.width");
   }
@@ -294,21 +310,12 @@ PreprocessConfig parse_preprocess_config(std::string_view json_text, const std::
 }
 
 PreprocessConfig load_preprocess_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path + ": cannot open preprocessor config");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_preprocess_config(ss.str(), path);
+  return parse_preprocess_config(read_regular_file(path, "preprocessor config"), path);
 }
 
 PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std::string& source, int img_height,
                                           int img_width) {
-  json j;
-  try {
-    j = json::parse(json_text);
-  } catch (const json::exception& e) {
-    fail(source + ": not valid JSON (" + e.what() + ")");
-  }
+  json j = parse_checked(json_text, source);
   if (j.is_object() && j.contains("pretrained_cfg")) j = j.at("pretrained_cfg");
   if (!j.is_object()) fail(source + ": expected a timm pretrained_cfg object");
   const Reader r{j, source};
@@ -319,9 +326,9 @@ PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std:
   int h = 224, w = 224;
   if (r.has("input_size")) {
     const json& v = j.at("input_size");
-    if (!v.is_array() || v.size() != 3) r.bad("input_size", "must be [channels, height, width], got " + v.dump());
+    if (!v.is_array() || v.size() != 3) r.bad("input_size", "must be [channels, height, width], got " + brief(v));
     if (!v[0].is_number_integer() || v[0].get<long long>() != 3)
-      r.bad("input_size", "has " + v[0].dump() + " channels; Tessera handles RGB (3) models");
+      r.bad("input_size", "has " + brief(v[0]) + " channels; Tessera handles RGB (3) models");
     h = r.positive_int(v[1], "input_size[1]");
     w = r.positive_int(v[2], "input_size[2]");
   }
@@ -333,7 +340,7 @@ PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std:
     interpolation = j.at("interpolation").get<std::string>();
   }
   const auto resample = resample_from_name(interpolation);
-  if (!resample) r.bad("interpolation", "= \"" + interpolation + "\" is not one of nearest, bilinear, bicubic, lanczos, box, hamming");
+  if (!resample) r.bad("interpolation", "= \"" + brief_text(interpolation) + "\" is not one of nearest, bilinear, bicubic, lanczos, box, hamming");
   const double crop_pct = r.number("crop_pct", 0.875);
   if (!(crop_pct > 0.0 && crop_pct <= 10.0)) r.bad("crop_pct", "must be in (0, 10]");
   std::string crop_mode = "center";
@@ -348,6 +355,9 @@ PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std:
   if (r.has("crop_border_pixels") && !(j.at("crop_border_pixels").is_number() && j.at("crop_border_pixels").get<double>() == 0))
     r.bad("crop_border_pixels", "is not supported");
 
+  if (h / crop_pct > kMaxImageSide || w / crop_pct > kMaxImageSide)
+    r.bad("crop_pct", "= " + std::to_string(crop_pct) + " resizes to more than " + std::to_string(kMaxImageSide) +
+                          " pixels a side");
   // math.floor(img_size / crop_pct)
   const int scale_h = static_cast<int>(std::floor(h / crop_pct));
   const int scale_w = static_cast<int>(std::floor(w / crop_pct));
@@ -384,7 +394,7 @@ PreprocessConfig from_timm_pretrained_cfg(std::string_view json_text, const std:
     }
     for (int i = 0; i < 3; ++i) c.crop_fill[i] = static_cast<uint8_t>(std::clamp(py_round(255 * mean[i]), 0, 255));
   } else {
-    r.bad("crop_mode", "= \"" + crop_mode + "\" is not supported (supported: center, squash, border)");
+    r.bad("crop_mode", "= \"" + brief_text(crop_mode) + "\" is not supported (supported: center, squash, border)");
   }
   c.do_rescale = true;
   c.rescale_factor = 1.0 / 255.0;
@@ -408,7 +418,7 @@ cv::Size resize_output_size(cv::Size input, const PreprocessConfig& cfg) {
       check_positive(cfg.shortest_edge, "size.shortest_edge");
       const int s = cfg.shortest_edge;
       const int shorter = std::min(w, h), longer = std::max(w, h);
-      const int new_long = static_cast<int>(static_cast<double>(int64_t(s) * longer) / shorter);
+      const int new_long = side(static_cast<double>(int64_t(s) * longer) / shorter);
       return w <= h ? cv::Size(s, new_long) : cv::Size(new_long, s);
     }
     case ResizeRule::detr:
@@ -422,16 +432,16 @@ cv::Size resize_output_size(cv::Size input, const PreprocessConfig& cfg) {
       }
       if (cfg.resize_rule == ResizeRule::detr) {
         if ((h <= w && h == size) || (w <= h && w == size)) return input;
-        if (w < h) return {size, static_cast<int>(static_cast<double>(int64_t(size) * h) / w)};
-        return {static_cast<int>(static_cast<double>(int64_t(size) * w) / h), size};
+        if (w < h) return {size, side(static_cast<double>(int64_t(size) * h) / w)};
+        return {side(static_cast<double>(int64_t(size) * w) / h), size};
       }
       // transformers 4.40 YOLOS: a square image is not resized (only rounded down to a multiple of 16).
       int oh = h, ow = w;
       if (w < h && w != size) {
-        oh = static_cast<int>(static_cast<double>(int64_t(size) * h) / w);
+        oh = side(static_cast<double>(int64_t(size) * h) / w);
         ow = size;
       } else if (h < w && h != size) {
-        ow = static_cast<int>(static_cast<double>(int64_t(size) * w) / h);
+        ow = side(static_cast<double>(int64_t(size) * w) / h);
         oh = size;
       }
       ow -= ow % 16;
@@ -444,7 +454,7 @@ cv::Size resize_output_size(cv::Size input, const PreprocessConfig& cfg) {
     case ResizeRule::longest_edge: {
       check_positive(cfg.longest_edge, "size.longest_edge");
       const double scale = cfg.longest_edge * 1.0 / std::max(h, w);
-      return {std::max(1, static_cast<int>(w * scale + 0.5)), std::max(1, static_cast<int>(h * scale + 0.5))};
+      return {std::max(1, side(w * scale + 0.5)), std::max(1, side(h * scale + 0.5))};
     }
     case ResizeRule::keep_ratio: {
       check_positive(cfg.height, "size.height");
@@ -484,6 +494,10 @@ cv::Mat resize_and_crop(const cv::Mat& rgb, const PreprocessConfig& cfg) {
   check(rgb.type() == CV_8UC3, cfg.source + ": preprocess: expected an 8-bit RGB image (CV_8UC3), got " +
                                    cv::typeToString(rgb.type()));
   const cv::Size size = resize_output_size(rgb.size(), cfg);
+  check(static_cast<double>(size.width) * size.height <= static_cast<double>(kMaxImagePixels),
+        cfg.source + ": resizing a " + std::to_string(rgb.cols) + "x" + std::to_string(rgb.rows) + " image to " +
+            std::to_string(size.width) + "x" + std::to_string(size.height) + " is more than the limit of " +
+            std::to_string(kMaxImagePixels) + " pixels");
   cv::Mat img = cfg.do_resize ? pil_resize(rgb, size.width, size.height, cfg.resample) : rgb;
   if (!cfg.do_center_crop) return img;
   check(cfg.crop_height > 0 && cfg.crop_width > 0, cfg.source + ": crop_size must be positive");

@@ -9,6 +9,7 @@
 
 #include "model_internal.hpp"
 #include "tessera/error.hpp"
+#include "tessera/image.hpp"
 #include "tessera/kernels.hpp"
 #include "tessera/parallel.hpp"
 
@@ -75,7 +76,7 @@ void load_segmenter_vit(VitWeights& w, const Config& enc, Checkpoint& ck, Weight
   // The ImageNet classifier of the pre-trained ViT: checked, not used for segmentation.
   for (const char* head : {"encoder.head", "encoder.head_dist"})
     if (ck.has(std::string(head) + ".weight")) {
-      const int64_t n = ck.shape(std::string(head) + ".weight").at(0);
+      const int64_t n = ck.dim(std::string(head) + ".weight", 0, 2);
       ck.get(std::string(head) + ".weight", {n, d});
       ck.get(std::string(head) + ".bias", {n});
     }
@@ -398,6 +399,7 @@ Tensor segmentation_sliding_window(const Model& m, const Tensor& px, int64_t win
   check(window > 0 && stride > 0 && stride <= window,
         "sliding window: need 0 < stride <= window, got window " + std::to_string(window) +
             ", stride " + std::to_string(stride));
+  check_token_budget(m.encoder.config.patch_size, window, window, "sliding window " + std::to_string(window));
   const int64_t C = px.dim(1), H0 = px.dim(2), W0 = px.dim(3);
   // segm resize(): enlarge so the short side is `window` (bilinear, int() of the long side).
   Tensor im = px;
@@ -405,6 +407,10 @@ Tensor segmentation_sliding_window(const Model& m, const Tensor& px, int64_t win
   if (std::min(H0, W0) < window) {
     if (H0 < W0) H = window, W = static_cast<int64_t>(static_cast<double>(W0) / H0 * window);
     else W = window, H = static_cast<int64_t>(static_cast<double>(H0) / W0 * window);
+    check(static_cast<double>(H) * static_cast<double>(W) <= static_cast<double>(kMaxImagePixels),
+          "sliding window " + std::to_string(window) + ": enlarging a " + std::to_string(W0) + "x" + std::to_string(H0) +
+              " input to " + std::to_string(W) + "x" + std::to_string(H) + " is more than the limit of " +
+              std::to_string(kMaxImagePixels) + " pixels");
     im = Tensor({1, C, H, W});
     interpolate_bilinear(px.data(), C, H0, W0, im.data(), H, W, false);
   }

@@ -1,5 +1,7 @@
 #include "tessera/vit.hpp"
 
+#include "tessera/limits.hpp"
+
 #include <cmath>
 #include <algorithm>
 #include <cstring>
@@ -14,6 +16,21 @@ namespace tessera {
 int64_t vit_num_tokens(const VitConfig& c, int64_t height, int64_t width) {
   return c.num_prefix_tokens() + (height / c.patch_size) * (width / c.patch_size) +
          c.num_detection_tokens;
+}
+
+void check_token_budget(int64_t p, int64_t height, int64_t width, const std::string& what) {
+  if (p <= 0 || height <= 0 || width <= 0) return;  // nothing to run: the caller's own checks say so
+  const int64_t limit = max_tokens();
+  const int64_t tokens = (height / p) * (width / p);  // sides <= 2^31: no overflow
+  if (tokens <= limit) return;
+  // The largest multiple of p of the same aspect ratio whose tokens fit.
+  const double f = std::sqrt(static_cast<double>(limit) / static_cast<double>(tokens));
+  const int64_t h = std::max<int64_t>(p, static_cast<int64_t>(static_cast<double>(height / p) * f) * p);
+  const int64_t w = std::max<int64_t>(p, static_cast<int64_t>(static_cast<double>(width / p) * f) * p);
+  fail(what + ": a " + std::to_string(width) + "x" + std::to_string(height) + " (WxH) model input makes " +
+       std::to_string(tokens) + " tokens of " + std::to_string(p) + "x" + std::to_string(p) +
+       " pixels, more than the limit of " + std::to_string(limit) + "; resize it to at most " + std::to_string(w) +
+       "x" + std::to_string(h) + ", or raise --max-tokens / TESSERA_MAX_TOKENS");
 }
 
 double vit_flops(const VitConfig& c, int64_t height, int64_t width) {
@@ -172,6 +189,7 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
   if (H < p || W < p)
     fail("input " + std::to_string(H) + "x" + std::to_string(W) + " is smaller than one " +
          std::to_string(p) + "-pixel patch");
+  check_token_budget(p, H, W, "vit_forward");  // the last line of defence: callers check with a file name
   const int64_t nh = H / p, nw = W / p, np = nh * nw;
   const int64_t prefix = c.num_prefix_tokens();
   const int64_t T = vit_num_tokens(c, H, W);

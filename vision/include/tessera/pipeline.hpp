@@ -15,6 +15,13 @@ namespace tessera {
 struct Preprocessor {
   PreprocessConfig config;
   std::string source;  // where the config came from, for messages
+  // The model's patch size: load() refuses, before pre-processing, an image whose pre-processed
+  // size would exceed the token budget (check_token_budget). 0: not checked here (vit_forward
+  // still checks). model_preprocessor sets it; set it yourself after from_file.
+  int64_t patch_size = 0;
+
+  // Throws (naming `name`) if an input image of `size` pre-processes to more tokens than allowed.
+  void check_tokens(cv::Size size, const std::string& name) const;
 
   static Preprocessor from_file(const std::string& preprocessor_config_json);
   Tensor image(const cv::Mat& rgb) const;          // RGB8 → [3, H, W]

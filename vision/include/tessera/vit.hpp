@@ -101,6 +101,11 @@ struct VitWorkspace {
 
 int64_t vit_num_tokens(const VitConfig& config, int64_t height, int64_t width);
 
+// Throws unless a height x width input fits the token budget (tessera::max_tokens(), see
+// tessera/limits.hpp); the one-line message names `what` (a file, "--window 1000" ...), the
+// size, the tokens, and the largest size of the same shape that fits.
+void check_token_budget(int64_t patch_size, int64_t height, int64_t width, const std::string& what);
+
 // Position embedding [T, D] for an input of height x width, as the upstream computes it, from
 // pos_embed or from another table of the same layout (a mid position embedding).
 Tensor vit_position_embedding(const VitWeights& weights, int64_t height, int64_t width);
