@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Regenerates tests/fixtures/train/*.safetensors: one training step's reference for the ViT
+training pass (vision/include/tessera/vit_train.hpp). Run with any PyTorch >= 1.13:
+    python3 make_train_fixtures.py
+
+For a fixture model folder, a batch of random pixel values and labels goes through the
+transformers 4.40 ViTForImageClassification port of make_model_fixtures.py (hf_forward), in
+float64 from the checkpoint's float32 weights; the loss is mean cross-entropy on the labels
+(F.cross_entropy, as ViTForImageClassification computes it for single-label classification), and
+autograd gives the gradient of every weight. Stored: pixel_values, labels (as F32), logits, loss,
+and grad.<checkpoint name> -- for every tensor, or (keep="1d") for the 1-D ones only, which keeps
+the fixture of the larger model small while still covering every bias and norm.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import make_model_fixtures as mm
+
+torch.set_grad_enabled(True)  # make_model_fixtures turns autograd off for its inference fixtures
+
+FIXTURES = os.path.join(mm.REPO, "tests", "fixtures")
+OUT_DIR = os.path.join(FIXTURES, "train")
+
+CASES = [
+    # (model folder under tests/fixtures, output name, batch, seed, which gradients to keep)
+    ("models/vit-p4-h48-noqkvbias-rand", "vit-p4-h48-noqkvbias-step", 3, 1301, "all"),
+    ("conformance/vit-tiny-rand", "vit-tiny-step", 2, 1302, "1d"),
+]
+
+
+def main():
+    os.makedirs(OUT_DIR, exist_ok=True)
+    for folder, name, batch, seed, keep in CASES:
+        d = os.path.join(FIXTURES, folder)
+        cfg = mm.json.load(open(os.path.join(d, "config.json")))
+        sd32 = mm.load_safetensors(os.path.join(d, "model.safetensors"))
+        sd = {k: v.double().requires_grad_(True) for k, v in sd32.items()}
+        size = cfg["image_size"]
+        pixels = mm.random_pixels(seed, batch, size, size)
+        gen = torch.Generator().manual_seed(seed + 1)
+        labels = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
+        logits = mm.hf_forward(cfg, sd, pixels.double())["logits"]
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        tensors = {"pixel_values": pixels, "labels": labels.float(), "logits": logits.detach(),
+                   "loss": loss.detach().reshape(1)}
+        for k, v in sorted(sd.items()):
+            if keep == "all" or v.dim() == 1:
+                tensors["grad." + k] = v.grad
+        path = os.path.join(OUT_DIR, name + ".safetensors")
+        mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy",
+                                            "gradients": keep})
+        print(path, os.path.getsize(path), "bytes, loss", float(loss))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+// The ViT classifier's training pass (vision/include/tessera/vit_train.hpp) against the inference
+// pass (model_forward on the same folder) and against PyTorch autograd through the transformers
+// ViTForImageClassification port (tests/reference/make_train_fixtures.py).
+//
+// Tolerance: relative error max|got − want| / max|want| ≤ 1e-4 per tensor (fp32 against float64).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <unistd.h>
+#include <string>
+#include <vector>
+
+#include "tessera/model.hpp"
+#include "tessera/optim.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/safetensors.hpp"
+#include "tessera/vit_train.hpp"
+
+using namespace tessera;
+
+namespace {
+
+constexpr double kTol = 1e-4;
+
+template <class A, class B>
+double rel_err(const A& got, const B& want) {
+  REQUIRE(got.size() == want.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    num = std::max(num, std::abs(static_cast<double>(got[i]) - static_cast<double>(want[i])));
+    den = std::max(den, std::abs(static_cast<double>(want[i])));
+  }
+  return den > 0 ? num / den : num;
+}
+
+std::vector<float> values(const Tensor& t) { return {t.data(), t.data() + t.numel()}; }
+
+struct Case {
+  std::string model_dir, fixture;
+};
+const Case kCases[] = {
+    {"models/vit-p4-h48-noqkvbias-rand", "vit-p4-h48-noqkvbias-step"},
+    {"conformance/vit-tiny-rand", "vit-tiny-step"},
+};
+
+std::string fixtures(const std::string& rel) { return std::string(TESSERA_FIXTURES) + "/" + rel; }
+
+}  // namespace
+
+TEST_CASE("training forward gives the inference forward's logits", "[vit_train]") {
+  for (const Case& c : kCases) {
+    INFO(c.model_dir);
+    const VitTrainModel model = load_vit_train_model(fixtures(c.model_dir));
+    const auto inference = load_model(fixtures(c.model_dir));
+    const SafeTensors st = SafeTensors::open(fixtures("train/" + c.fixture + ".safetensors"));
+    const Tensor pixels = st.read("pixel_values");
+    VitTrainActivations acts;
+    const std::span<const float> logits = vit_train_forward(model, pixels, acts);
+    ModelWorkspace ws;
+    const NamedTensors out = model_forward(*inference, pixels, ws);
+    const std::vector<float> got(logits.begin(), logits.end());
+    CHECK(rel_err(got, values(output(out, "logits"))) <= kTol);
+    CHECK(rel_err(got, values(st.read("logits"))) <= kTol);  // and PyTorch's
+  }
+}
+
+TEST_CASE("one SGD step (lr 1) leaves w − g, g from PyTorch autograd", "[vit_train]") {
+  for (const Case& c : kCases) {
+    INFO(c.model_dir);
+    const VitTrainModel model = load_vit_train_model(fixtures(c.model_dir));
+    const SafeTensors st = SafeTensors::open(fixtures("train/" + c.fixture + ".safetensors"));
+    const Tensor pixels = st.read("pixel_values");
+    std::vector<int64_t> labels;
+    for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+    std::vector<float> grads(model.weights.size(), 0.0f);
+    VitTrainActivations acts;
+    const double loss = vit_train_loss_and_grad(model, pixels, labels, 0.0f, acts, grads);
+    const double want_loss = st.read("loss")[0];
+    CHECK(std::abs(loss - want_loss) <= kTol * std::abs(want_loss));
+
+    double max_grad = 0;  // over the whole model
+    for (float v : grads) max_grad = std::max(max_grad, static_cast<double>(std::abs(v)));
+    std::vector<float> stepped = model.weights;
+    sgd_step(stepped, grads, {}, 1.0f);
+    int64_t compared = 0;
+    for (const TrainParam& p : model.params) {
+      if (!st.contains("grad." + p.name)) continue;
+      INFO(p.name);
+      const std::vector<float> g = values(st.read("grad." + p.name));
+      const auto w = model.view(std::span<const float>(model.weights), p.name);
+      const auto after = model.view(std::span<const float>(stepped), p.name);
+      std::vector<float> got_g(g.size());
+      std::vector<double> want_after(g.size());
+      for (size_t i = 0; i < g.size(); ++i) {
+        got_g[i] = w[i] - after[i];
+        want_after[i] = static_cast<double>(w[i]) - g[i];
+      }
+      CHECK(rel_err(after, want_after) <= kTol);
+      // The step itself, not only the weights it moved. The key bias's gradient is 0 in exact
+      // arithmetic (q·(k + b) shifts every score of a query by the same q·b, which softmax
+      // ignores): PyTorch's is ~1e-17 there, ours fp32 round-off, so that tensor is held to
+      // 1e-4 of the largest gradient of the model instead of its own.
+      double largest = 0;
+      for (float v : g) largest = std::max(largest, static_cast<double>(std::abs(v)));
+      if (p.name.find("key.bias") != std::string::npos) {
+        REQUIRE(largest < 1e-12);
+        double got_largest = 0;
+        for (float v : got_g) got_largest = std::max(got_largest, static_cast<double>(std::abs(v)));
+        CHECK(got_largest <= kTol * max_grad);
+      } else {
+        CHECK(rel_err(got_g, g) <= kTol);
+      }
+      ++compared;
+    }
+    // Every tensor of the checkpoint is trained (the small model's fixture has them all).
+    if (c.fixture == "vit-p4-h48-noqkvbias-step") CHECK(compared == static_cast<int64_t>(model.params.size()));
+    CHECK(compared > 0);
+  }
+}
+
+TEST_CASE("training gradients are bit-identical for 1 and 2 threads", "[vit_train][threads]") {
+  const VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-tiny-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  const std::vector<int64_t> labels = {3, 7};
+  auto run = [&](int threads) {
+    set_num_threads(threads);
+    std::vector<float> grads(model.weights.size(), 0.0f);
+    VitTrainActivations acts;
+    const double loss = vit_train_loss_and_grad(model, pixels, labels, 0.1f, acts, grads);
+    grads.push_back(static_cast<float>(loss));
+    return grads;
+  };
+  const std::vector<float> one = run(1), two = run(2);
+  set_num_threads(0);
+  CHECK(one == two);
+}
+
+TEST_CASE("training refuses what it cannot train yet, naming it", "[vit_train]") {
+  try {
+    load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
+    FAIL("expected an error");
+  } catch (const std::exception& e) {
+    CHECK(std::string(e.what()).find("ViTForImageClassification") != std::string::npos);
+  }
+  const VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
+  VitTrainActivations acts;
+  CHECK_THROWS_WITH(vit_train_forward(model, Tensor({1, 3, 48, 40}), acts),
+                    Catch::Contains("training size"));
+}
+
+TEST_CASE("a trained model is written as the folder it was read from", "[vit_train]") {
+  VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-tiny-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  // One SGD step, so the folder holds weights no fixture has.
+  std::vector<float> grads(model.weights.size(), 0.0f);
+  VitTrainActivations acts;
+  vit_train_loss_and_grad(model, pixels, {1, 2}, 0.0f, acts, grads);
+  sgd_step(model.weights, grads, {}, 0.5f);
+  const std::span<const float> logits = vit_train_forward(model, pixels, acts);
+  const std::vector<float> want(logits.begin(), logits.end());
+
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("tessera-vit-train-" + std::to_string(::getpid()));
+  save_vit_train_model(model, dir.string());
+  const auto loaded = load_model(dir.string());
+  ModelWorkspace ws;
+  const Tensor got = output(model_forward(*loaded, pixels, ws), "logits");
+  CHECK(rel_err(values(got), want) <= kTol);
+  CHECK(loaded->labels.at(0) == "airplane");  // config.json (id2label) went with it
+  const VitTrainModel again = load_vit_train_model(dir.string());
+  CHECK(again.weights == model.weights);  // bit for bit
+  std::filesystem::remove_all(dir);
+}

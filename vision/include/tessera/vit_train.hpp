@@ -1,0 +1,105 @@
+#pragma once
+// The training pass of a Hugging Face ViTForImageClassification folder: the same config.json and
+// checkpoint names that load_model reads for inference, with the weights kept unpacked in one flat
+// buffer (llm.c style) and a forward that saves what the backward needs, beside the backward.
+//
+//   pixels [B, C, H, W] ──im2col──► patches [B·Np, C·p·p] ──linear──► [B·Np, D]
+//   ──[cls, patches] + position embedding──► x₀ [B·T, D]                       (T = 1 + Np)
+//   ──L × { x += attn_out(attention(qkv(LN₁ x)));  x += fc2(gelu(fc1(LN₂ x))) }──►
+//   ──final LN of the class tokens──► classifier ──► logits [B, K]
+//
+// It runs at the training size (config image_size) only: position-embedding interpolation has no
+// backward yet. Supported: model_type "vit", ViTForImageClassification, hidden_act "gelu",
+// with or without qkv_bias. Anything else is an Error naming what is not supported.
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tessera/tensor.hpp"
+#include "tessera/vit.hpp"
+
+namespace tessera {
+
+// One checkpoint tensor's place in the flat buffer.
+struct TrainParam {
+  std::string name;  // the checkpoint's own name, e.g. "vit.encoder.layer.0.attention.attention.query.weight"
+  Shape shape;       // as in the checkpoint
+  int64_t offset = 0;  // elements from the start of the buffer
+  bool decay = false;  // weight decay applies: matrices; not biases, norms, tokens, position embeddings
+  int64_t numel() const { return shape_numel(shape); }
+};
+
+struct VitTrainModel {
+  std::string architecture = "ViTForImageClassification";
+  std::string config_json;  // the folder's config.json text (written back on export)
+  VitConfig config;
+  int64_t num_labels = 0;
+  std::vector<TrainParam> params;  // in buffer order; query/key/value weights (and biases) adjacent
+  std::vector<float> weights;      // every parameter, one flat buffer
+
+  const TrainParam& param(const std::string& name) const;  // Error if missing
+  std::span<float> view(std::span<float> buffer, const std::string& name) const;
+  std::span<const float> view(std::span<const float> buffer, const std::string& name) const;
+};
+
+// The parameters of one layer / the model, as pointers into a buffer laid out as
+// VitTrainModel::params (the weights, or a gradient buffer of the same size).
+struct VitTrainLayerView {
+  float *norm1_w, *norm1_b;    // layernorm_before [D]
+  float *qkv_w, *qkv_b;        // query, key, value weights [3D, D] (adjacent), biases [3D] or null
+  float *attn_out_w, *attn_out_b;  // attention.output.dense [D, D], [D]
+  float *norm2_w, *norm2_b;    // layernorm_after [D]
+  float *fc1_w, *fc1_b;        // intermediate.dense [F, D], [F]
+  float *fc2_w, *fc2_b;        // output.dense [D, F], [D]
+};
+struct VitTrainView {
+  float *cls_token, *pos_embed;  // [D], [T, D]
+  float *patch_w, *patch_b;      // [D, C·p·p] (the convolution [D, C, p, p]), [D]
+  std::vector<VitTrainLayerView> layers;
+  float *norm_w, *norm_b;        // final layernorm [D]
+  float *head_w, *head_b;        // classifier [K, D], [K]
+};
+VitTrainView bind_view(const VitTrainModel& model, float* buffer);
+
+// Reads a ViTForImageClassification folder (config.json + model.safetensors), every tensor checked
+// by name and shape as load_model does.
+VitTrainModel load_vit_train_model(const std::string& dir);
+
+// Writes the model as a folder of the family it was read from: config.json (the text it was read
+// with), model.safetensors (every parameter under its checkpoint name and shape) and, when
+// `preprocessor_json` is not empty, preprocessor_config.json. The folder loads in load_model.
+void save_vit_train_model(const VitTrainModel& model, const std::string& dir,
+                          const std::string& preprocessor_json = "");
+
+// What the forward keeps for the backward, and the backward's scratch, for one batch size.
+struct VitTrainActivations {
+  int64_t batch = -1;
+  std::vector<float> patches;  // [B·Np, C·p·p]
+  struct Layer {
+    std::vector<float> x, ln1, mean1, rstd1, qkv, ctx, lse, x_mid, ln2, mean2, rstd2, h, a;
+  };
+  std::vector<Layer> layers;   // x [M,D] input, ln1 [M,D], qkv [M,3D], ctx [M,D], lse [B,H,T],
+                               // x_mid [M,D], ln2 [M,D], h [M,F] pre-GELU, a [M,F] post-GELU
+  std::vector<float> x_out;    // [M, D] the last layer's output
+  std::vector<float> cls, cls_norm, mean_f, rstd_f;  // [B, D] ×2, [B] ×2
+  std::vector<float> logits;   // [B, K]
+  // backward scratch
+  std::vector<float> dx, dln, dqkv, dctx, dh, da, dcls, dcls_norm, dembedded;
+  void resize(const VitTrainModel& model, int64_t batch);
+};
+
+// pixel_values [B, C, H, W] at the training size → acts.logits [B, K] (returned as a view).
+std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
+                                         VitTrainActivations& acts);
+// After vit_train_forward on the same acts: ADDS dLoss/dweight into grads (laid out as
+// model.params), given dlogits [B, K].
+void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
+                        const float* dlogits, std::span<float> grads);
+
+// Mean cross-entropy (label smoothing ε) of the batch: forward, loss, backward into grads (added).
+double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                               const std::vector<int64_t>& labels, float label_smoothing,
+                               VitTrainActivations& acts, std::span<float> grads);
+
+}  // namespace tessera

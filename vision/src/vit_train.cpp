@@ -1,0 +1,377 @@
+// The ViT classifier's training pass (tessera/vit_train.hpp): the forward of vit.cpp over unpacked
+// weights, saving activations, and its backward, both on core's training kernels (backward.hpp).
+#include "tessera/vit_train.hpp"
+
+#include "model_internal.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "tessera/backward.hpp"
+#include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/safetensors.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera {
+namespace {
+
+using detail::Config;
+
+// The checkpoint names and shapes of a ViTForImageClassification, in buffer order: query, key,
+// value weights adjacent (one [3D, D] GEMM weight), then their biases (one [3D] bias).
+std::vector<TrainParam> vit_train_layout(const VitConfig& c, int64_t num_labels) {
+  const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
+  const int64_t t = 1 + c.grid_height() * c.grid_width();
+  std::vector<TrainParam> out;
+  int64_t offset = 0;
+  auto add = [&](const std::string& name, Shape shape, bool decay) {
+    TrainParam tp{name, std::move(shape), offset, decay};
+    offset += tp.numel();
+    out.push_back(std::move(tp));
+  };
+  const std::string e = "vit.embeddings.";
+  add(e + "cls_token", {1, 1, d}, false);
+  add(e + "position_embeddings", {1, t, d}, false);
+  add(e + "patch_embeddings.projection.weight", {d, c.num_channels, p, p}, true);
+  add(e + "patch_embeddings.projection.bias", {d}, false);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string l = "vit.encoder.layer." + std::to_string(i) + ".";
+    const std::string a = l + "attention.attention.";
+    add(l + "layernorm_before.weight", {d}, false);
+    add(l + "layernorm_before.bias", {d}, false);
+    for (const char* part : {"query", "key", "value"}) add(a + part + ".weight", {d, d}, true);
+    if (c.qkv_bias)
+      for (const char* part : {"query", "key", "value"}) add(a + part + ".bias", {d}, false);
+    add(l + "attention.output.dense.weight", {d, d}, true);
+    add(l + "attention.output.dense.bias", {d}, false);
+    add(l + "layernorm_after.weight", {d}, false);
+    add(l + "layernorm_after.bias", {d}, false);
+    add(l + "intermediate.dense.weight", {f, d}, true);
+    add(l + "intermediate.dense.bias", {f}, false);
+    add(l + "output.dense.weight", {d, f}, true);
+    add(l + "output.dense.bias", {d}, false);
+  }
+  add("vit.layernorm.weight", {d}, false);
+  add("vit.layernorm.bias", {d}, false);
+  add("classifier.weight", {num_labels, d}, true);
+  add("classifier.bias", {num_labels}, false);
+  return out;
+}
+
+// y[M,N] = x[M,K]·W[N,K]ᵀ + b on the packed GEMM. Weights change every step, so they are packed
+// for each call (a fraction of the GEMM's own cost at training batch sizes).
+void linear_forward(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K,
+                    float* y) {
+  const PackedLinear packed = pack_linear(w, b, N, K);
+  linear(x, M, K, packed, y, N);
+}
+
+void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
+
+}  // namespace
+
+const TrainParam& VitTrainModel::param(const std::string& name) const {
+  for (const TrainParam& p : params)
+    if (p.name == name) return p;
+  fail("the model has no parameter '" + name + "'");
+}
+
+std::span<float> VitTrainModel::view(std::span<float> buffer, const std::string& name) const {
+  const TrainParam& p = param(name);
+  return buffer.subspan(static_cast<size_t>(p.offset), static_cast<size_t>(p.numel()));
+}
+
+std::span<const float> VitTrainModel::view(std::span<const float> buffer,
+                                           const std::string& name) const {
+  const TrainParam& p = param(name);
+  return buffer.subspan(static_cast<size_t>(p.offset), static_cast<size_t>(p.numel()));
+}
+
+VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
+  auto at = [&](const std::string& name) { return buffer + m.param(name).offset; };
+  VitTrainView v{};
+  const std::string e = "vit.embeddings.";
+  v.cls_token = at(e + "cls_token");
+  v.pos_embed = at(e + "position_embeddings");
+  v.patch_w = at(e + "patch_embeddings.projection.weight");
+  v.patch_b = at(e + "patch_embeddings.projection.bias");
+  for (int64_t i = 0; i < m.config.num_hidden_layers; ++i) {
+    const std::string l = "vit.encoder.layer." + std::to_string(i) + ".";
+    VitTrainLayerView lv{};
+    lv.norm1_w = at(l + "layernorm_before.weight");
+    lv.norm1_b = at(l + "layernorm_before.bias");
+    lv.qkv_w = at(l + "attention.attention.query.weight");
+    lv.qkv_b = m.config.qkv_bias ? at(l + "attention.attention.query.bias") : nullptr;
+    lv.attn_out_w = at(l + "attention.output.dense.weight");
+    lv.attn_out_b = at(l + "attention.output.dense.bias");
+    lv.norm2_w = at(l + "layernorm_after.weight");
+    lv.norm2_b = at(l + "layernorm_after.bias");
+    lv.fc1_w = at(l + "intermediate.dense.weight");
+    lv.fc1_b = at(l + "intermediate.dense.bias");
+    lv.fc2_w = at(l + "output.dense.weight");
+    lv.fc2_b = at(l + "output.dense.bias");
+    v.layers.push_back(lv);
+  }
+  v.norm_w = at("vit.layernorm.weight");
+  v.norm_b = at("vit.layernorm.bias");
+  v.head_w = at("classifier.weight");
+  v.head_b = at("classifier.bias");
+  return v;
+}
+
+VitTrainModel load_vit_train_model(const std::string& dir_string) {
+  const fs::path dir(dir_string);
+  const std::string config_file = (dir / "config.json").string();
+  VitTrainModel m;
+  m.config_json = detail::read_text(config_file);
+  const Config cfg{detail::parse_json(m.config_json, config_file), config_file};
+  const std::string model_type = cfg.string("model_type", "");
+  std::string arch;
+  if (cfg.has("architectures") && cfg.j["architectures"].is_array() && !cfg.j["architectures"].empty() &&
+      cfg.j["architectures"][0].is_string())
+    arch = cfg.j["architectures"][0].get<std::string>();
+  check(model_type == "vit" && arch == "ViTForImageClassification",
+        config_file + ": training supports Hugging Face ViTForImageClassification (model_type "
+                      "\"vit\") so far, got model_type \"" + model_type + "\", architecture \"" +
+            arch + "\"");
+  m.config = detail::hf_vit_config(cfg, model_type);
+  check(m.config.image_height % m.config.patch_size == 0 &&
+            m.config.image_width % m.config.patch_size == 0,
+        config_file + ": image_size is not a multiple of patch_size");
+
+  const std::string file = (dir / "model.safetensors").string();
+  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
+  const SafeTensors st = SafeTensors::open(file);
+  check(st.contains("classifier.weight"), file + ": missing tensor 'classifier.weight'");
+  const Shape& head = st.info("classifier.weight").shape;
+  check(head.size() == 2 && head[1] == m.config.hidden_size,
+        file + ": tensor 'classifier.weight' has shape " + shape_str(head) + ", expected [num_labels, " +
+            std::to_string(m.config.hidden_size) + "]");
+  m.num_labels = head[0];
+  m.params = vit_train_layout(m.config, m.num_labels);
+  m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
+  for (const TrainParam& p : m.params) {
+    check(st.contains(p.name), file + ": missing tensor '" + p.name + "' (expected shape " +
+                                   shape_str(p.shape) + ")");
+    const TensorInfo& info = st.info(p.name);
+    check(info.shape == p.shape, file + ": tensor '" + p.name + "' has shape " +
+                                     shape_str(info.shape) + ", expected " + shape_str(p.shape));
+    st.read(p.name, 0, p.numel(), m.weights.data() + p.offset);
+  }
+  const std::string next = "vit.encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".";
+  check(!st.contains(next + "layernorm_before.weight"),
+        file + ": has more layers than num_hidden_layers = " + std::to_string(m.config.num_hidden_layers));
+  return m;
+}
+
+void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
+                          const std::string& preprocessor_json) {
+  const fs::path dir(dir_string);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  check(!ec, dir.string() + ": cannot create (" + ec.message() + ")");
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const TrainParam& p : m.params) {
+    Tensor t(p.shape);
+    std::copy_n(m.weights.data() + p.offset, p.numel(), t.data());
+    tensors.emplace_back(p.name, std::move(t));
+  }
+  save_safetensors((dir / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  auto write_text = [&](const std::string& name, const std::string& text) {
+    const fs::path path = dir / name, tmp = dir / (name + ".tmp");
+    {
+      std::ofstream out(tmp, std::ios::binary);
+      out << text;
+      check(static_cast<bool>(out), tmp.string() + ": cannot write");
+    }
+    fs::rename(tmp, path);
+  };
+  write_text("config.json", m.config_json);
+  if (!preprocessor_json.empty()) write_text("preprocessor_config.json", preprocessor_json);
+}
+
+void VitTrainActivations::resize(const VitTrainModel& model, int64_t b) {
+  if (batch == b) return;
+  const VitConfig& c = model.config;
+  const int64_t np = c.grid_height() * c.grid_width(), t = 1 + np, m = b * t;
+  const int64_t d = c.hidden_size, f = c.intermediate_size, heads = c.num_attention_heads;
+  const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
+  auto sized = [](std::vector<float>& v, int64_t n) { v.assign(static_cast<size_t>(n), 0.0f); };
+  batch = b;
+  sized(patches, b * np * kp);
+  layers.assign(static_cast<size_t>(c.num_hidden_layers), {});
+  for (Layer& l : layers) {
+    sized(l.x, m * d), sized(l.ln1, m * d), sized(l.mean1, m), sized(l.rstd1, m);
+    sized(l.qkv, m * 3 * d), sized(l.ctx, m * d), sized(l.lse, b * heads * t);
+    sized(l.x_mid, m * d), sized(l.ln2, m * d), sized(l.mean2, m), sized(l.rstd2, m);
+    sized(l.h, m * f), sized(l.a, m * f);
+  }
+  sized(x_out, m * d);
+  sized(cls, b * d), sized(cls_norm, b * d), sized(mean_f, b), sized(rstd_f, b);
+  sized(logits, b * model.num_labels);
+  sized(dx, m * d), sized(dln, m * d), sized(dqkv, m * 3 * d), sized(dctx, m * d);
+  sized(dh, m * f), sized(da, m * f), sized(dcls, b * d), sized(dcls_norm, b * d);
+  sized(dembedded, b * np * d);
+}
+
+std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
+                                         VitTrainActivations& acts) {
+  const VitConfig& c = model.config;
+  check(pixel_values.ndim() == 4 && pixel_values.dim(1) == c.num_channels &&
+            pixel_values.dim(2) == c.image_height && pixel_values.dim(3) == c.image_width,
+        "training takes pixel_values [batch, " + std::to_string(c.num_channels) + ", " +
+            std::to_string(c.image_height) + ", " + std::to_string(c.image_width) +
+            "] (the training size), got " + shape_str(pixel_values.shape()));
+  const int64_t B = pixel_values.dim(0), H = c.image_height, W = c.image_width;
+  const int64_t p = c.patch_size, C = c.num_channels, d = c.hidden_size, f = c.intermediate_size;
+  const int64_t heads = c.num_attention_heads, hd = c.head_dim();
+  const int64_t nh = H / p, nw = W / p, np = nh * nw, T = 1 + np, M = B * T;
+  const int64_t kp = C * p * p;
+  acts.resize(model, B);
+  VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
+
+  // Patch embedding: im2col (columns c, ky, kx as the convolution weight), one GEMM.
+  const float* px = pixel_values.data();
+  parallel_for(0, B * nh, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / nh, py = r % nh;
+      for (int64_t pxi = 0; pxi < nw; ++pxi) {
+        float* row = acts.patches.data() + (b * np + py * nw + pxi) * kp;
+        for (int64_t ch = 0; ch < C; ++ch)
+          for (int64_t ky = 0; ky < p; ++ky)
+            std::memcpy(row + (ch * p + ky) * p, px + ((b * C + ch) * H + py * p + ky) * W + pxi * p,
+                        sizeof(float) * p);
+      }
+    }
+  });
+  // The embedded patches go straight to rows 1.. of each image in x₀ (via the scratch).
+  std::vector<float>& embedded = acts.dembedded;  // free until the backward
+  linear_forward(acts.patches.data(), B * np, w.patch_w, w.patch_b, d, kp, embedded.data());
+  float* x0 = acts.layers.empty() ? acts.x_out.data() : acts.layers[0].x.data();
+  for (int64_t b = 0; b < B; ++b) {
+    float* xb = x0 + b * T * d;
+    std::memcpy(xb, w.cls_token, sizeof(float) * d);
+    std::memcpy(xb + d, embedded.data() + b * np * d, sizeof(float) * np * d);
+    for (int64_t i = 0; i < T * d; ++i) xb[i] += w.pos_embed[i];
+  }
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (size_t li = 0; li < acts.layers.size(); ++li) {
+    VitTrainActivations::Layer& a = acts.layers[li];
+    const VitTrainLayerView& lw = w.layers[li];
+    float* next = li + 1 < acts.layers.size() ? acts.layers[li + 1].x.data() : acts.x_out.data();
+    layer_norm_forward(a.x.data(), M, d, lw.norm1_w, lw.norm1_b, c.layer_norm_eps, a.ln1.data(),
+                       a.mean1.data(), a.rstd1.data());
+    linear_forward(a.ln1.data(), M, lw.qkv_w, lw.qkv_b, 3 * d, d, a.qkv.data());
+    const float* qkv = a.qkv.data();
+    attention_forward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
+                      {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d}, scale, a.lse.data());
+    // x_mid = x + attn_out(ctx)
+    const PackedLinear out_proj = pack_linear(lw.attn_out_w, lw.attn_out_b, d, d);
+    linear(a.ctx.data(), M, d, out_proj, a.x_mid.data(), d, Activation::None, a.x.data());
+    layer_norm_forward(a.x_mid.data(), M, d, lw.norm2_w, lw.norm2_b, c.layer_norm_eps,
+                       a.ln2.data(), a.mean2.data(), a.rstd2.data());
+    linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, f, d, a.h.data());
+    gelu_forward(a.h.data(), a.a.data(), M * f);
+    const PackedLinear fc2 = pack_linear(lw.fc2_w, lw.fc2_b, d, f);
+    linear(a.a.data(), M, f, fc2, next, d, Activation::None, a.x_mid.data());
+  }
+  // Only the class tokens reach the classifier: the final norm runs on those rows.
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(acts.cls.data() + b * d, acts.x_out.data() + b * T * d, sizeof(float) * d);
+  layer_norm_forward(acts.cls.data(), B, d, w.norm_w, w.norm_b, c.layer_norm_eps,
+                     acts.cls_norm.data(), acts.mean_f.data(), acts.rstd_f.data());
+  linear_forward(acts.cls_norm.data(), B, w.head_w, w.head_b, model.num_labels, d,
+                 acts.logits.data());
+  return acts.logits;
+}
+
+void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
+                        const float* dlogits, std::span<float> grads) {
+  check(grads.size() == model.weights.size(), "vit_train_backward: gradient buffer size differs from the weights'");
+  check(acts.batch > 0, "vit_train_backward: run vit_train_forward first");
+  const VitConfig& c = model.config;
+  const int64_t B = acts.batch, d = c.hidden_size, f = c.intermediate_size;
+  const int64_t heads = c.num_attention_heads, hd = c.head_dim();
+  const int64_t np = c.grid_height() * c.grid_width(), T = 1 + np, M = B * T;
+  const int64_t kp = c.num_channels * c.patch_size * c.patch_size, K = model.num_labels;
+  VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
+  VitTrainView g = bind_view(model, grads.data());
+
+  // Classifier and final norm (class-token rows only).
+  zero(acts.dcls_norm), zero(acts.dcls);
+  linear_backward(acts.cls_norm.data(), w.head_w, dlogits, B, K, d, acts.dcls_norm.data(), g.head_w,
+                  g.head_b);
+  layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(), acts.rstd_f.data(),
+                      w.norm_w, B, d, acts.dcls.data(), g.norm_w, g.norm_b);
+  zero(acts.dx);
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(acts.dx.data() + b * T * d, acts.dcls.data() + b * d, sizeof(float) * d);
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (size_t li = acts.layers.size(); li-- > 0;) {
+    VitTrainActivations::Layer& a = acts.layers[li];
+    const VitTrainLayerView& lw = w.layers[li];
+    const VitTrainLayerView& lg = g.layers[li];
+    // dx holds dL/dx_{l+1}; x_{l+1} = x_mid + fc2(gelu(fc1(LN₂ x_mid))).
+    zero(acts.da), zero(acts.dh), zero(acts.dln);
+    linear_backward(a.a.data(), lw.fc2_w, acts.dx.data(), M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
+    gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
+    linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, f, d, acts.dln.data(), lg.fc1_w,
+                    lg.fc1_b);
+    layer_norm_backward(acts.dln.data(), a.x_mid.data(), a.mean2.data(), a.rstd2.data(), lw.norm2_w,
+                        M, d, acts.dx.data(), lg.norm2_w, lg.norm2_b);
+    // dx holds dL/dx_mid; x_mid = x + attn_out(attention(qkv(LN₁ x))).
+    zero(acts.dctx), zero(acts.dqkv), zero(acts.dln);
+    linear_backward(a.ctx.data(), lw.attn_out_w, acts.dx.data(), M, d, d, acts.dctx.data(),
+                    lg.attn_out_w, lg.attn_out_b);
+    const float* qkv = a.qkv.data();
+    float* dqkv = acts.dqkv.data();
+    attention_backward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
+                       {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d},
+                       {acts.dctx.data(), T * d, d}, a.lse.data(), scale,
+                       {dqkv, T * 3 * d, 3 * d}, {dqkv + d, T * 3 * d, 3 * d},
+                       {dqkv + 2 * d, T * 3 * d, 3 * d});
+    linear_backward(a.ln1.data(), lw.qkv_w, dqkv, M, 3 * d, d, acts.dln.data(), lg.qkv_w, lg.qkv_b);
+    layer_norm_backward(acts.dln.data(), a.x.data(), a.mean1.data(), a.rstd1.data(), lw.norm1_w, M,
+                        d, acts.dx.data(), lg.norm1_w, lg.norm1_b);
+  }
+
+  // Embeddings: x₀[b] = [cls, patch rows] + pos. Sums over the batch run in image order.
+  const float* dx = acts.dx.data();
+  parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t k = 0; k < d; ++k) g.pos_embed[t * d + k] += dx[(b * T + t) * d + k];
+  });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < d; ++k) g.cls_token[k] += dx[b * T * d + k];
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(acts.dembedded.data() + b * np * d, dx + (b * T + 1) * d, sizeof(float) * np * d);
+  linear_backward(acts.patches.data(), w.patch_w, acts.dembedded.data(), B * np, d, kp, nullptr,
+                  g.patch_w, g.patch_b);
+}
+
+double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                               const std::vector<int64_t>& labels, float label_smoothing,
+                               VitTrainActivations& acts, std::span<float> grads) {
+  const std::span<const float> logits = vit_train_forward(model, pixel_values, acts);
+  const int64_t B = acts.batch;
+  check(static_cast<int64_t>(labels.size()) == B,
+        "vit_train_loss_and_grad: " + std::to_string(labels.size()) + " labels for a batch of " +
+            std::to_string(B));
+  std::vector<float> dlogits(static_cast<size_t>(B * model.num_labels), 0.0f);
+  const double loss = cross_entropy_forward_backward(logits.data(), labels.data(), B,
+                                                     model.num_labels, label_smoothing,
+                                                     dlogits.data());
+  vit_train_backward(model, acts, dlogits.data(), grads);
+  return loss;
+}
+
+}  // namespace tessera
