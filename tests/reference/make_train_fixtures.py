@@ -7,7 +7,8 @@ For a fixture model folder, a batch of random pixel values and labels goes throu
 transformers 4.40 ViTForImageClassification port of make_model_fixtures.py (hf_forward), in
 float64 from the checkpoint's float32 weights; the loss is mean cross-entropy on the labels
 (F.cross_entropy, as ViTForImageClassification computes it for single-label classification), and
-autograd gives the gradient of every weight. Stored: pixel_values, labels (as F32), logits, loss,
+autograd gives the gradient of every weight. adamw_curve(): the loss over 20 torch.optim.AdamW
+steps of one model on one batch. Stored: pixel_values, labels (as F32), logits, loss,
 and grad.<checkpoint name> -- for every tensor, or (keep="1d") for the 1-D ones only, which keeps
 the fixture of the larger model small while still covering every bias and norm.
 """
@@ -55,5 +56,36 @@ def main():
         print(path, os.path.getsize(path), "bytes, loss", float(loss))
 
 
+def adamw_curve(folder="models/vit-p4-h48-noqkvbias-rand", name="vit-p4-h48-noqkvbias-adamw",
+                batch=3, seed=1301, steps=20, lr=1e-3, weight_decay=0.05):
+    """20 torch.optim.AdamW steps on one batch (float64), weight decay on the matrices only (not on
+    biases, norms, the class token or the position embeddings): the loss before each step."""
+    d = os.path.join(FIXTURES, folder)
+    cfg = mm.json.load(open(os.path.join(d, "config.json")))
+    sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(d, "model.safetensors")).items()}
+    size = cfg["image_size"]
+    pixels = mm.random_pixels(seed, batch, size, size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
+    decay = [v for k, v in sorted(sd.items()) if v.dim() == 2 or k.endswith("projection.weight")]
+    no_decay = [v for k, v in sorted(sd.items()) if not (v.dim() == 2 or k.endswith("projection.weight"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(mm.hf_forward(cfg, sd, pixels.double())["logits"], labels)
+        loss.backward()
+        losses.append(float(loss))
+        opt.step()
+    path = os.path.join(OUT_DIR, name + ".safetensors")
+    mm.save_safetensors(path, {"pixel_values": pixels, "labels": labels.float(),
+                               "losses": torch.tensor(losses, dtype=torch.float64)},
+                        {"model": folder, "steps": str(steps), "lr": str(lr), "weight_decay": str(weight_decay),
+                         "betas": "0.9,0.999", "eps": "1e-08"})
+    print(path, os.path.getsize(path), "bytes, losses", losses[0], "->", losses[-1])
+
+
 if __name__ == "__main__":
+    adamw_curve()
     main()

@@ -6,9 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
 
 #include "tessera/backward.hpp"
 #include "tessera/error.hpp"
@@ -70,6 +74,16 @@ void linear_forward(const float* x, int64_t M, const float* w, const float* b, i
                     float* y) {
   const PackedLinear packed = pack_linear(w, b, N, K);
   linear(x, M, K, packed, y, N);
+}
+
+// The double that prints as the float's shortest form (1e-06, not 9.999999974752427e-07).
+double shortest(float x) {
+  char buf[32];
+  for (int digits = 1; digits <= 9; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
+    if (std::strtof(buf, nullptr) == x) break;
+  }
+  return std::strtod(buf, nullptr);
 }
 
 void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
@@ -167,6 +181,91 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
   const std::string next = "vit.encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".";
   check(!st.contains(next + "layernorm_before.weight"),
         file + ": has more layers than num_hidden_layers = " + std::to_string(m.config.num_hidden_layers));
+  return m;
+}
+
+VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::string>& labels,
+                                   uint64_t seed) {
+  check(c.hidden_size % c.num_attention_heads == 0 && c.image_height % c.patch_size == 0 &&
+            c.image_width % c.patch_size == 0 && !labels.empty(),
+        "make_vit_train_model: hidden_size must be a multiple of the heads, the image size of the "
+        "patch size, and there must be labels");
+  VitTrainModel m;
+  m.config = c;
+  m.config.class_token = true;
+  m.num_labels = static_cast<int64_t>(labels.size());
+  nlohmann::ordered_json id2label = nlohmann::ordered_json::object(),
+                         label2id = nlohmann::ordered_json::object();
+  for (size_t i = 0; i < labels.size(); ++i) {
+    id2label[std::to_string(i)] = labels[i];
+    label2id[labels[i]] = i;
+  }
+  const nlohmann::ordered_json j = {
+      {"architectures", {"ViTForImageClassification"}},
+      {"model_type", "vit"},
+      {"image_size", c.image_height == c.image_width
+                         ? nlohmann::ordered_json(c.image_height)
+                         : nlohmann::ordered_json::array({c.image_height, c.image_width})},
+      {"patch_size", c.patch_size},
+      {"num_channels", c.num_channels},
+      {"hidden_size", c.hidden_size},
+      {"num_hidden_layers", c.num_hidden_layers},
+      {"num_attention_heads", c.num_attention_heads},
+      {"intermediate_size", c.intermediate_size},
+      {"hidden_act", "gelu"},
+      {"hidden_dropout_prob", 0.0},
+      {"attention_probs_dropout_prob", 0.0},
+      {"initializer_range", 0.02},
+      {"layer_norm_eps", shortest(c.layer_norm_eps)},
+      {"qkv_bias", c.qkv_bias},
+      {"encoder_stride", c.patch_size},
+      {"id2label", id2label},
+      {"label2id", label2id},
+      {"problem_type", "single_label_classification"},
+      {"torch_dtype", "float32"},
+  };
+  m.config_json = j.dump(2) + "\n";
+  m.params = vit_train_layout(m.config, m.num_labels);
+  m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
+
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const int64_t d = c.hidden_size, gh = c.grid_height(), gw = c.grid_width();
+  for (const TrainParam& p : m.params) {
+    float* w = m.weights.data() + p.offset;
+    const int64_t n = p.numel();
+    const std::string& name = p.name;
+    if (name.ends_with("layernorm_before.weight") || name.ends_with("layernorm_after.weight") ||
+        name == "vit.layernorm.weight") {
+      std::fill(w, w + n, 1.0f);
+    } else if (name.ends_with("patch_embeddings.projection.weight")) {
+      const double std_dev = 1.0 / std::sqrt(static_cast<double>(n / p.shape[0]));
+      for (int64_t i = 0; i < n; ++i) {
+        double z;
+        do z = normal(rng);
+        while (std::abs(z) > 2.0);
+        w[i] = static_cast<float>(std_dev * z);
+      }
+    } else if (name.ends_with("position_embeddings") && d % 4 == 0) {
+      // [sin(y ω_i), cos(y ω_i), sin(x ω_i), cos(x ω_i)], ω_i = 10000^(−i/(D/4)); class token 0.
+      const int64_t q = d / 4;
+      for (int64_t y = 0; y < gh; ++y)
+        for (int64_t x = 0; x < gw; ++x)
+          for (int64_t i = 0; i < q; ++i) {
+            const double om = std::pow(10000.0, -static_cast<double>(i) / static_cast<double>(q));
+            float* row = w + (1 + y * gw + x) * d;
+            row[i] = static_cast<float>(std::sin(y * om)), row[q + i] = static_cast<float>(std::cos(y * om));
+            row[2 * q + i] = static_cast<float>(std::sin(x * om));
+            row[3 * q + i] = static_cast<float>(std::cos(x * om));
+          }
+    } else if (name.ends_with("position_embeddings")) {
+      for (int64_t i = 0; i < n; ++i) w[i] = static_cast<float>(0.02 * normal(rng));
+    } else if (p.decay && name != "classifier.weight") {
+      const double limit = std::sqrt(6.0 / static_cast<double>(p.shape[0] + p.shape[1]));
+      std::uniform_real_distribution<double> uniform(-limit, limit);
+      for (int64_t i = 0; i < n; ++i) w[i] = static_cast<float>(uniform(rng));
+    }  // else: biases, class token, classifier stay 0
+  }
   return m;
 }
 
@@ -372,6 +471,20 @@ double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_v
                                                      dlogits.data());
   vit_train_backward(model, acts, dlogits.data(), grads);
   return loss;
+}
+
+void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, std::span<float> m,
+                          std::span<float> v, int64_t step, const AdamWOptions& options) {
+  check(grads.size() == model.weights.size() && m.size() == grads.size() && v.size() == grads.size(),
+        "vit_train_adamw_step: gradients or moments differ in size from the weights");
+  AdamWOptions no_decay = options;
+  no_decay.weight_decay = 0.0f;
+  std::span<float> w(model.weights);
+  for (const TrainParam& p : model.params) {
+    const size_t o = static_cast<size_t>(p.offset), n = static_cast<size_t>(p.numel());
+    adamw_step(w.subspan(o, n), grads.subspan(o, n), m.subspan(o, n), v.subspan(o, n), step,
+               p.decay ? options : no_decay);
+  }
 }
 
 }  // namespace tessera

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "tessera/optim.hpp"
 #include "tessera/tensor.hpp"
 #include "tessera/vit.hpp"
 
@@ -66,6 +67,14 @@ VitTrainView bind_view(const VitTrainModel& model, float* buffer);
 // by name and shape as load_model does.
 VitTrainModel load_vit_train_model(const std::string& dir);
 
+// A new ViTForImageClassification of `config` (its hidden_act, qkv_bias, layer_norm_eps ... as
+// given) for `labels`, with the original (JAX) ViT's initialisation, deterministic for a seed:
+// linear weights Xavier-uniform, the patch projection LeCun-normal (truncated at ±2σ), class
+// token, classifier and biases 0, norms 1, the position embedding MAE's 2-D sin-cos table (when
+// hidden_size is a multiple of 4; else N(0, 0.02²)). Its config.json is Hugging Face's.
+VitTrainModel make_vit_train_model(const VitConfig& config, const std::vector<std::string>& labels,
+                                   uint64_t seed);
+
 // Writes the model as a folder of the family it was read from: config.json (the text it was read
 // with), model.safetensors (every parameter under its checkpoint name and shape) and, when
 // `preprocessor_json` is not empty, preprocessor_config.json. The folder loads in load_model.
@@ -101,5 +110,11 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
 double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
                                const std::vector<int64_t>& labels, float label_smoothing,
                                VitTrainActivations& acts, std::span<float> grads);
+
+// One AdamW step over every parameter (optim.hpp's adamw_step), with options.weight_decay on the
+// TrainParams marked decay (matrices) and none on the rest (biases, norms, tokens, position
+// embeddings). m and v are laid out as the weights; `step` counts from 1.
+void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, std::span<float> m,
+                          std::span<float> v, int64_t step, const AdamWOptions& options);
 
 }  // namespace tessera
