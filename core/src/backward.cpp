@@ -29,6 +29,19 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
   });
 }
 
+// Σ a[e]·b[e] with 16 partial sums in a fixed order: vectorises without -ffast-math (a single
+// running sum would not, its order being part of the result) and gives the same bits every time.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[e + j] * b[e + j];
+  for (int64_t j = 0; e < n; ++e, ++j) acc[j] += a[e] * b[e];
+  float sum = 0;
+  for (int j = 0; j < 16; ++j) sum += acc[j];
+  return sum;
+}
+
 }  // namespace
 
 void linear_backward(const float* x, const float* weight, const float* dy, int64_t M, int64_t N,
@@ -123,20 +136,25 @@ void layer_norm_backward(const float* dy, const float* x, const float* mean, con
 }
 
 void gelu_forward(const float* x, float* y, int64_t n) {
-  parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      y[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * static_cast<float>(M_SQRT1_2)));
-  });
+  // The inference epilogue's vectorised exact-erf GELU (gemm.hpp), so both passes agree.
+  parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) { linear_gelu(x + i0, y + i0, i1 - i0); });
 }
 
 void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
   const float inv_sqrt_2pi = static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2);  // 1/√(2π)
   parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float v = x[i];
-      const float cdf = 0.5f * (1.0f + std::erf(v * static_cast<float>(M_SQRT1_2)));
-      const float pdf = inv_sqrt_2pi * std::exp(-0.5f * v * v);
-      dx[i] += dy[i] * (cdf + v * pdf);
+    constexpr int64_t kChunk = 256;
+    float erf_x[kChunk];
+    for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
+      const int64_t len = std::min(kChunk, i1 - c0);
+      for (int64_t i = 0; i < len; ++i) erf_x[i] = x[c0 + i] * static_cast<float>(M_SQRT1_2);
+      linear_erf(erf_x, erf_x, len);  // the dispatched (vectorised) erf of gemm.hpp
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = x[c0 + i];
+        const float cdf = 0.5f * (1.0f + erf_x[i]);
+        const float pdf = inv_sqrt_2pi * std::exp(-0.5f * v * v);
+        dx[c0 + i] += dy[c0 + i] * (cdf + v * pdf);
+      }
     }
   });
 }
@@ -170,39 +188,61 @@ void softmax_rows_backward(const float* y, const float* dy, float* dx, int64_t r
   });
 }
 
-// Attention: one task per (batch, head); each recomputes its rows of P, one query row at a time.
-// Plain loops over head_dim-long rows (the compiler vectorises them); correctness first.
+// Attention: one task per (batch, head), each a handful of GEMMs on the packed kernels over that
+// head's [T, T] scores (recomputed in the backward from q, k and the saved lse, never stored
+// between the passes). The GEMMs sum in a fixed order, so results do not depend on the threads.
+namespace {
+
+// Rows [0, rows) of one head (hd columns at `col`) of strided rows, copied to a contiguous
+// [rows, hd] (transposed = false) or [hd, rows] (transposed = true) matrix.
+void gather_head(const float* base, int64_t row_stride, int64_t col, int64_t rows, int64_t hd,
+                 bool transposed, float* dst) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* src = base + t * row_stride + col;
+    if (transposed)
+      for (int64_t e = 0; e < hd; ++e) dst[e * rows + t] = src[e];
+    else
+      std::copy(src, src + hd, dst + t * hd);
+  }
+}
+
+// s[Tq, Tk] = q_h·k_hᵀ (unscaled) for one (batch, head).
+void head_scores(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t col,
+                 int64_t q_len, int64_t kv_len, int64_t hd, std::vector<float>& scratch, float* s) {
+  scratch.resize(static_cast<size_t>(kv_len * hd));
+  gather_head(k, k_stride, col, kv_len, hd, false, scratch.data());
+  const PackedLinear kp = pack_linear(scratch.data(), nullptr, kv_len, hd);
+  linear(q + col, q_len, q_stride, kp, s, kv_len);
+}
+
+}  // namespace
+
 void attention_forward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                        int64_t head_dim, StridedRows q, StridedRows k, StridedRows v,
                        MutableRows out, float scale, float* lse) {
   parallel_for(0, batch * heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(static_cast<size_t>(kv_len));
-    std::vector<float> acc(static_cast<size_t>(head_dim));
+    std::vector<float> p(static_cast<size_t>(q_len * kv_len)), scratch;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / heads, h = t % heads, col = h * head_dim;
+      const float* qb = q.ptr + b * q.batch_stride;
+      const float* kb = k.ptr + b * k.batch_stride;
+      const float* vb = v.ptr + b * v.batch_stride;
+      head_scores(qb, q.row_stride, kb, k.row_stride, col, q_len, kv_len, head_dim, scratch, p.data());
       for (int64_t i = 0; i < q_len; ++i) {
-        const float* qi = q.ptr + b * q.batch_stride + i * q.row_stride + col;
+        float* row = p.data() + i * kv_len;
         float mx = -INFINITY;
-        for (int64_t j = 0; j < kv_len; ++j) {
-          const float* kj = k.ptr + b * k.batch_stride + j * k.row_stride + col;
-          float s = 0;
-          for (int64_t e = 0; e < head_dim; ++e) s += qi[e] * kj[e];
-          p[j] = s * scale;
-          mx = std::max(mx, p[j]);
-        }
+        for (int64_t j = 0; j < kv_len; ++j) mx = std::max(mx, row[j] *= scale);
         float sum = 0;
-        for (int64_t j = 0; j < kv_len; ++j) sum += p[j] = std::exp(p[j] - mx);
+        for (int64_t j = 0; j < kv_len; ++j) sum += row[j] = std::exp(row[j] - mx);
         const float inv = 1.0f / sum;
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < kv_len; ++j) {
-          const float* vj = v.ptr + b * v.batch_stride + j * v.row_stride + col;
-          const float pj = p[j] * inv;
-          for (int64_t e = 0; e < head_dim; ++e) acc[e] += pj * vj[e];
-        }
-        float* oi = out.ptr + b * out.batch_stride + i * out.row_stride + col;
-        std::copy(acc.begin(), acc.end(), oi);
+        for (int64_t j = 0; j < kv_len; ++j) row[j] *= inv;
         lse[(b * heads + h) * q_len + i] = mx + std::log(sum);
       }
+      // out_h = P·v_h: a linear layer whose weight is v_hᵀ [hd, Tk].
+      scratch.resize(static_cast<size_t>(kv_len * head_dim));
+      gather_head(vb, v.row_stride, col, kv_len, head_dim, true, scratch.data());
+      const PackedLinear vt = pack_linear(scratch.data(), nullptr, head_dim, kv_len);
+      linear(p.data(), q_len, kv_len, vt, out.ptr + b * out.batch_stride + col, out.row_stride);
     }
   });
 }
@@ -212,48 +252,42 @@ void attention_backward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_
                         StridedRows out, StridedRows dout, const float* lse, float scale,
                         MutableRows dq, MutableRows dk, MutableRows dv) {
   parallel_for(0, batch * heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(static_cast<size_t>(kv_len));
-    std::vector<float> dkv(static_cast<size_t>(2 * kv_len * head_dim));  // dk, dv of this head
+    const size_t tt = static_cast<size_t>(q_len * kv_len);
+    std::vector<float> p(tt), ds(tt), transposed(tt), scratch;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / heads, h = t % heads, col = h * head_dim;
-      float* dk_acc = dkv.data();
-      float* dv_acc = dkv.data() + kv_len * head_dim;
-      std::fill(dkv.begin(), dkv.end(), 0.0f);
+      const float* qb = q.ptr + b * q.batch_stride;
+      const float* kb = k.ptr + b * k.batch_stride;
+      const float* vb = v.ptr + b * v.batch_stride;
+      const float* ob = out.ptr + b * out.batch_stride;
+      const float* dob = dout.ptr + b * dout.batch_stride;
+      // P = exp(scale·q·kᵀ − lse);  dP = dout·vᵀ
+      head_scores(qb, q.row_stride, kb, k.row_stride, col, q_len, kv_len, head_dim, scratch, p.data());
+      head_scores(dob, dout.row_stride, vb, v.row_stride, col, q_len, kv_len, head_dim, scratch, ds.data());
       for (int64_t i = 0; i < q_len; ++i) {
-        const float* qi = q.ptr + b * q.batch_stride + i * q.row_stride + col;
-        const float* oi = out.ptr + b * out.batch_stride + i * out.row_stride + col;
-        const float* doi = dout.ptr + b * dout.batch_stride + i * dout.row_stride + col;
         const float l = lse[(b * heads + h) * q_len + i];
-        float di = 0;  // D_i = dout_i · out_i
-        for (int64_t e = 0; e < head_dim; ++e) di += doi[e] * oi[e];
-        float* dqi = dq.ptr + b * dq.batch_stride + i * dq.row_stride + col;
+        const float di = dot(dob + i * dout.row_stride + col, ob + i * out.row_stride + col, head_dim);
+        float* pr = p.data() + i * kv_len;
+        float* dsr = ds.data() + i * kv_len;
         for (int64_t j = 0; j < kv_len; ++j) {
-          const float* kj = k.ptr + b * k.batch_stride + j * k.row_stride + col;
-          const float* vj = v.ptr + b * v.batch_stride + j * v.row_stride + col;
-          float s = 0, dp = 0;
-          for (int64_t e = 0; e < head_dim; ++e) {
-            s += qi[e] * kj[e];
-            dp += doi[e] * vj[e];
-          }
-          const float pij = std::exp(s * scale - l);
-          const float ds = pij * (dp - di) * scale;
-          float* dkj = dk_acc + j * head_dim;
-          float* dvj = dv_acc + j * head_dim;
-          for (int64_t e = 0; e < head_dim; ++e) {
-            dqi[e] += ds * kj[e];
-            dkj[e] += ds * qi[e];
-            dvj[e] += pij * doi[e];
-          }
+          pr[j] = std::exp(pr[j] * scale - l);
+          dsr[j] = pr[j] * (dsr[j] - di) * scale;  // dS, with the score scale folded in
         }
       }
-      for (int64_t j = 0; j < kv_len; ++j) {
-        float* dkj = dk.ptr + b * dk.batch_stride + j * dk.row_stride + col;
-        float* dvj = dv.ptr + b * dv.batch_stride + j * dv.row_stride + col;
-        for (int64_t e = 0; e < head_dim; ++e) {
-          dkj[e] += dk_acc[j * head_dim + e];
-          dvj[e] += dv_acc[j * head_dim + e];
-        }
-      }
+      auto add_product = [&](const float* a, int64_t rows, int64_t inner, const float* src,
+                             int64_t src_stride, MutableRows dst) {
+        // dst_h[rows, hd] += a[rows, inner]·src_h[inner, hd]: a layer whose weight is src_hᵀ.
+        scratch.resize(static_cast<size_t>(inner * head_dim));
+        gather_head(src, src_stride, col, inner, head_dim, true, scratch.data());
+        const PackedLinear w = pack_linear(scratch.data(), nullptr, head_dim, inner);
+        float* y = dst.ptr + b * dst.batch_stride + col;
+        linear(a, rows, inner, w, y, dst.row_stride, Activation::None, y);
+      };
+      add_product(ds.data(), q_len, kv_len, kb, k.row_stride, dq);  // dq += dS·k
+      transpose(ds.data(), q_len, kv_len, transposed.data());
+      add_product(transposed.data(), kv_len, q_len, qb, q.row_stride, dk);  // dk += dSᵀ·q
+      transpose(p.data(), q_len, kv_len, transposed.data());
+      add_product(transposed.data(), kv_len, q_len, dob, dout.row_stride, dv);  // dv += Pᵀ·dout
     }
   });
 }
