@@ -390,3 +390,56 @@ TEST_CASE("training kernels are bit-identical for 1 and 2 threads", "[backward][
     CHECK(a == b);
   }
 }
+
+TEST_CASE("SwiGLU backward", "[backward][swiglu]") {
+  const Fixture& f = fixture();
+  const auto p = f.params("swiglu");
+  const int64_t R = p["rows"], F = p["f"];
+  const auto x = f.get("swiglu.x"), dy = f.get("swiglu.dy");
+  std::vector<float> dx(R * 2 * F, 0.0f);
+  swiglu_backward(x.data(), dy.data(), dx.data(), R, F);
+  CHECK(rel_err(dx, f.get("swiglu.dx")) <= kTol);
+  std::vector<double> rdx(R * 2 * F);
+  reference::swiglu_backward(x.data(), dy.data(), rdx.data(), R, F);
+  CHECK(rel_err(dx, rdx) <= kTol);
+}
+
+TEST_CASE("interpolation backward is the forward's adjoint", "[backward][interpolate]") {
+  const Fixture& f = fixture();
+  for (const std::string c : {"interp_hf_bicubic", "interp_bicubic_size", "interp_bilinear_size",
+                              "interp_bilinear_ac", "interp_bicubic_aa_down", "interp_bicubic_aa_up"}) {
+    INFO(c);
+    const auto p = f.params(c);
+    const int64_t ih = p["in_h"], iw = p["in_w"], oh = p["out_h"], ow = p["out_w"], C = 3;
+    Interpolation how;
+    how.mode = p["antialias"].get<bool>() ? InterpolationMode::BicubicAntialias
+               : p["mode"] == "bilinear"  ? InterpolationMode::Bilinear
+                                          : InterpolationMode::Bicubic;
+    how.align_corners = p["align_corners"];
+    how.scale_h = p["scale_h"], how.scale_w = p["scale_w"];
+    const auto x = f.get(c + ".x"), dy = f.get(c + ".dy");
+    REQUIRE(static_cast<int64_t>(dy.size()) == C * oh * ow);
+    std::vector<float> dx(C * ih * iw, 0.0f);
+    interpolate_backward(how, dy.data(), C, ih, iw, oh, ow, dx.data());
+    CHECK(rel_err(dx, f.get(c + ".dx")) <= kTol);
+    std::vector<double> rdx(C * ih * iw);
+    reference::interpolate_backward(
+        [&](const float* in, float* out) { interpolate_forward(how, in, 1, ih, iw, out, oh, ow); },
+        dy.data(), C, ih, iw, oh, ow, rdx.data());
+    CHECK(rel_err(dx, rdx) <= kTol);
+  }
+}
+
+TEST_CASE("resampling and SwiGLU backward are bit-identical for 1 and 2 threads", "[backward][threads]") {
+  const auto dy = randn(192 * 37 * 37, 41), x = randn(300 * 128, 42), g = randn(300 * 64, 43);
+  auto [a, b] = one_and_two_threads([&] {
+    std::vector<float> din(192 * 14 * 14, 0.0f), dx(300 * 128, 0.0f);
+    Interpolation how;  // HF ViT at 592x592: a 14x14 grid to 37x37
+    how.scale_h = how.scale_w = 37.1 / 14;
+    interpolate_backward(how, dy.data(), 192, 14, 14, 37, 37, din.data());
+    swiglu_backward(x.data(), g.data(), dx.data(), 300, 64);
+    din.insert(din.end(), dx.begin(), dx.end());
+    return din;
+  });
+  CHECK(a == b);
+}

@@ -174,6 +174,90 @@ void quick_gelu_backward(const float* x, const float* dy, float* dx, int64_t n) 
   });
 }
 
+void swiglu_forward(const float* x, float* y, int64_t rows, int64_t f) {
+  parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* a = x + r * 2 * f;
+      const float* b = a + f;
+      for (int64_t j = 0; j < f; ++j) y[r * f + j] = a[j] / (1.0f + std::exp(-a[j])) * b[j];
+    }
+  });
+}
+
+void swiglu_backward(const float* x, const float* dy, float* dx, int64_t rows, int64_t f) {
+  parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* a = x + r * 2 * f;
+      const float* b = a + f;
+      float* da = dx + r * 2 * f;
+      float* db = da + f;
+      for (int64_t j = 0; j < f; ++j) {
+        const float s = 1.0f / (1.0f + std::exp(-a[j]));
+        const float g = dy[r * f + j];
+        da[j] += g * b[j] * s * (1.0f + a[j] * (1.0f - s));
+        db[j] += g * a[j] * s;
+      }
+    }
+  });
+}
+
+void interpolate_forward(const Interpolation& how, const float* in, int64_t channels, int64_t in_h,
+                         int64_t in_w, float* out, int64_t out_h, int64_t out_w) {
+  switch (how.mode) {
+    case InterpolationMode::Bicubic:
+      return interpolate_bicubic(in, channels, in_h, in_w, out, out_h, out_w, how.align_corners,
+                                 how.scale_h, how.scale_w);
+    case InterpolationMode::Bilinear:
+      return interpolate_bilinear(in, channels, in_h, in_w, out, out_h, out_w, how.align_corners,
+                                  how.scale_h, how.scale_w);
+    case InterpolationMode::BicubicAntialias:
+      check(!how.align_corners && how.scale_h == 0 && how.scale_w == 0,
+            "antialiased bicubic interpolation takes sizes only, align_corners off");
+      return interpolate_bicubic_antialias(in, channels, in_h, in_w, out, out_h, out_w);
+  }
+}
+
+void interpolate_backward(const Interpolation& how, const float* dout, int64_t channels,
+                          int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w, float* din) {
+  // A[:, i] is column 0 of the forward of a grid whose row i is ones (rows of A sum to 1, so the
+  // constant direction passes through B unchanged); B[:, j] likewise from row 0 of column j's.
+  std::vector<double> a(static_cast<size_t>(out_h * in_h)), bm(static_cast<size_t>(out_w * in_w));
+  std::vector<float> probe(static_cast<size_t>(in_h * in_w)), response(static_cast<size_t>(out_h * out_w));
+  for (int64_t i = 0; i < in_h; ++i) {
+    std::fill(probe.begin(), probe.end(), 0.0f);
+    std::fill(probe.begin() + i * in_w, probe.begin() + (i + 1) * in_w, 1.0f);
+    interpolate_forward(how, probe.data(), 1, in_h, in_w, response.data(), out_h, out_w);
+    for (int64_t y = 0; y < out_h; ++y) a[y * in_h + i] = response[y * out_w];
+  }
+  for (int64_t j = 0; j < in_w; ++j) {
+    std::fill(probe.begin(), probe.end(), 0.0f);
+    for (int64_t i = 0; i < in_h; ++i) probe[i * in_w + j] = 1.0f;
+    interpolate_forward(how, probe.data(), 1, in_h, in_w, response.data(), out_h, out_w);
+    for (int64_t x = 0; x < out_w; ++x) bm[x * in_w + j] = response[x];
+  }
+  // din[c] += Aᵀ·(dout[c]·B), one channel per task, sums in a fixed order.
+  parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<double> t(static_cast<size_t>(out_h * in_w));
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* g = dout + c * out_h * out_w;
+      std::fill(t.begin(), t.end(), 0.0);
+      for (int64_t y = 0; y < out_h; ++y)
+        for (int64_t x = 0; x < out_w; ++x) {
+          const double gx = g[y * out_w + x];
+          if (gx == 0.0) continue;
+          for (int64_t j = 0; j < in_w; ++j) t[y * in_w + j] += gx * bm[x * in_w + j];
+        }
+      float* d = din + c * in_h * in_w;
+      for (int64_t i = 0; i < in_h; ++i)
+        for (int64_t j = 0; j < in_w; ++j) {
+          double s = 0;
+          for (int64_t y = 0; y < out_h; ++y) s += a[y * in_h + i] * t[y * in_w + j];
+          d[i * in_w + j] += static_cast<float>(s);
+        }
+    }
+  });
+}
+
 void softmax_rows_backward(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols) {
   parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

@@ -90,6 +90,16 @@ void quick_gelu_backward(const float* x, const float* dy, double* dx, int64_t n)
   }
 }
 
+void swiglu_backward(const float* x, const float* dy, double* dx, int64_t rows, int64_t f) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < f; ++j) {
+      const double a = x[r * 2 * f + j], b = x[r * 2 * f + f + j], g = dy[r * f + j];
+      const double s = 1.0 / (1.0 + std::exp(-a));
+      dx[r * 2 * f + j] = g * b * (s + a * s * (1.0 - s));  // d(a·σ(a))/da = σ + a·σ·(1 − σ)
+      dx[r * 2 * f + f + j] = g * a * s;
+    }
+}
+
 void softmax_rows_backward(const float* x, const float* dy, double* dx, int64_t rows, int64_t cols) {
   std::vector<double> y(static_cast<size_t>(cols));
   for (int64_t r = 0; r < rows; ++r) {

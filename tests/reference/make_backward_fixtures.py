@@ -131,6 +131,41 @@ def main():
     T.update({"clip.g": gr, "clip.clipped": p.grad.clone(), "clip.total": total.reshape(1)})
     meta["clip"] = json.dumps({"n": 300, "max_norm": 1.0})
 
+    # SwiGLU (transformers' Dinov2SwiGLUFFN: x1, x2 = chunk(2); silu(x1) * x2)
+    R, Fh = 5, 24
+    x, dy = rnd(R, 2 * Fh) * 2, rnd(R, Fh)
+    xd = f64(x)
+    x1, x2 = xd.chunk(2, dim=-1)
+    ((F.silu(x1) * x2) * dy.double()).sum().backward()
+    T.update({"swiglu.x": x, "swiglu.dy": dy, "swiglu.dx": xd.grad})
+    meta["swiglu"] = json.dumps({"rows": R, "f": Fh})
+
+    # interpolation backward: position-embedding grids [C, h, w] as HF, timm, YOLOS and Segmenter
+    # resample them (float64 autograd of F.interpolate from float32 inputs)
+    interp = [
+        ("interp_hf_bicubic", 14, 14, dict(scale_factor=(20.1 / 14, 15.1 / 14), mode="bicubic",
+                                          align_corners=False, recompute_scale_factor=False)),
+        ("interp_bicubic_size", 7, 7, dict(size=(12, 9), mode="bicubic", align_corners=False)),
+        ("interp_bilinear_size", 6, 8, dict(size=(11, 5), mode="bilinear", align_corners=False)),
+        ("interp_bilinear_ac", 5, 5, dict(size=(9, 7), mode="bilinear", align_corners=True)),
+        ("interp_bicubic_aa_down", 14, 14, dict(size=(7, 9), mode="bicubic", align_corners=False,
+                                               antialias=True)),
+        ("interp_bicubic_aa_up", 7, 7, dict(size=(12, 10), mode="bicubic", align_corners=False,
+                                           antialias=True)),
+    ]
+    for name, ih, iw, kw in interp:
+        x = rnd(3, ih, iw)
+        xd = f64(x)
+        y = F.interpolate(xd[None], **kw)[0]
+        dy = rnd(*y.shape)
+        (y * dy.double()).sum().backward()
+        T.update({name + ".x": x, name + ".dy": dy, name + ".dx": xd.grad})
+        params = {"in_h": ih, "in_w": iw, "out_h": y.shape[1], "out_w": y.shape[2], "mode": kw["mode"],
+                  "align_corners": kw["align_corners"], "antialias": kw.get("antialias", False),
+                  "scale_h": kw["scale_factor"][0] if "scale_factor" in kw else 0.0,
+                  "scale_w": kw["scale_factor"][1] if "scale_factor" in kw else 0.0}
+        meta[name] = json.dumps(params)
+
     write_safetensors(OUT, T, meta)
     print(OUT, os.path.getsize(OUT), "bytes")
 

@@ -42,6 +42,11 @@ void gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
 void quick_gelu_forward(const float* x, float* y, int64_t n);
 void quick_gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
 
+// SwiGLU (DINOv2): row r of x [rows, 2F] is [a, b]; y[r, :F] = silu(a)·b, silu(a) = a·σ(a) (y rows F
+// apart).  da += dy·b·σ(a)·(1 + a·(1 − σ(a)));  db += dy·silu(a)  (dx rows 2F apart, [da, db]).
+void swiglu_forward(const float* x, float* y, int64_t rows, int64_t f);
+void swiglu_backward(const float* x, const float* dy, float* dx, int64_t rows, int64_t f);
+
 // y[r,:] = softmax(x[r,:]) over cols (kernels.hpp's softmax_rows);  dx[r,:] += y ⊙ (dy − Σ_j dy·y).
 void softmax_rows_backward(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols);
 
@@ -65,6 +70,23 @@ void attention_backward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_
                         int64_t head_dim, StridedRows q, StridedRows k, StridedRows v,
                         StridedRows out, StridedRows dout, const float* lse, float scale,
                         MutableRows dq, MutableRows dk, MutableRows dv);
+
+// ---------------------------------------------------------------- resampling
+// kernels.hpp's interpolations of a [C, in_h, in_w] grid to [C, out_h, out_w] (position embeddings,
+// upsampled logits) are linear and separable: out[c] = A·in[c]·Bᵀ, A [out_h, in_h] and
+// B [out_w, in_w], every row summing to 1. The backward is din[c] += Aᵀ·dout[c]·B, with A and B
+// read off the forward kernel itself (one probe per input row / column), so it is the exact
+// adjoint of whatever the forward computes, for every mode it has.
+enum class InterpolationMode { Bicubic, Bilinear, BicubicAntialias };
+struct Interpolation {
+  InterpolationMode mode = InterpolationMode::Bicubic;
+  bool align_corners = false;      // not for BicubicAntialias
+  double scale_h = 0, scale_w = 0;  // > 0: PyTorch's scale_factor was given (not for antialias)
+};
+void interpolate_forward(const Interpolation& how, const float* in, int64_t channels, int64_t in_h,
+                         int64_t in_w, float* out, int64_t out_h, int64_t out_w);
+void interpolate_backward(const Interpolation& how, const float* dout, int64_t channels,
+                          int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w, float* din);
 
 // ---------------------------------------------------------------- loss
 // Mean cross-entropy with label smoothing ε over rows (PyTorch's F.cross_entropy(label_smoothing=ε)):
