@@ -42,6 +42,9 @@ struct Case {
 const Case kCases[] = {
     {"models/vit-p4-h48-noqkvbias-rand", "vit-p4-h48-noqkvbias-step"},
     {"conformance/vit-tiny-rand", "vit-tiny-step"},
+    // 48x40, not the 32x32 training size: the position table is resampled (HF
+    // interpolate_pos_encoding, as model_forward does), and its gradient goes back through that.
+    {"conformance/vit-tiny-rand", "vit-tiny-48x40-step"},
 };
 
 std::string fixtures(const std::string& rel) { return std::string(TESSERA_FIXTURES) + "/" + rel; }
@@ -146,8 +149,10 @@ TEST_CASE("training refuses what it cannot train yet, naming it", "[vit_train]")
   }
   const VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
   VitTrainActivations acts;
-  CHECK_THROWS_WITH(vit_train_forward(model, Tensor({1, 3, 48, 40}), acts),
-                    Catch::Contains("training size"));
+  CHECK_THROWS_WITH(vit_train_forward(model, Tensor({1, 3, 4, 40}), acts),
+                    Catch::Contains("at least one 8-pixel patch"));
+  CHECK_THROWS_WITH(vit_train_forward(model, Tensor({1, 1, 32, 32}), acts),
+                    Catch::Contains("[batch, 3, height, width]"));
 }
 
 TEST_CASE("a trained model is written as the folder it was read from", "[vit_train]") {

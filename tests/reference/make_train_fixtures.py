@@ -25,30 +25,32 @@ FIXTURES = os.path.join(mm.REPO, "tests", "fixtures")
 OUT_DIR = os.path.join(FIXTURES, "train")
 
 CASES = [
-    # (model folder under tests/fixtures, output name, batch, seed, which gradients to keep)
-    ("models/vit-p4-h48-noqkvbias-rand", "vit-p4-h48-noqkvbias-step", 3, 1301, "all"),
-    ("conformance/vit-tiny-rand", "vit-tiny-step", 2, 1302, "1d"),
+    # (model folder under tests/fixtures, output name, batch, seed, which gradients to keep,
+    #  input size or None for the training size -- another size runs interpolate_pos_encoding=True)
+    ("models/vit-p4-h48-noqkvbias-rand", "vit-p4-h48-noqkvbias-step", 3, 1301, "all", None),
+    ("conformance/vit-tiny-rand", "vit-tiny-step", 2, 1302, "1d", None),
+    ("conformance/vit-tiny-rand", "vit-tiny-48x40-step", 2, 1303, "1d+pos", (48, 40)),
 ]
 
 
 def main():
     os.makedirs(OUT_DIR, exist_ok=True)
-    for folder, name, batch, seed, keep in CASES:
+    for folder, name, batch, seed, keep, hw in CASES:
         d = os.path.join(FIXTURES, folder)
         cfg = mm.json.load(open(os.path.join(d, "config.json")))
         sd32 = mm.load_safetensors(os.path.join(d, "model.safetensors"))
         sd = {k: v.double().requires_grad_(True) for k, v in sd32.items()}
         size = cfg["image_size"]
-        pixels = mm.random_pixels(seed, batch, size, size)
+        pixels = mm.random_pixels(seed, batch, *(hw or (size, size)))
         gen = torch.Generator().manual_seed(seed + 1)
         labels = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
-        logits = mm.hf_forward(cfg, sd, pixels.double())["logits"]
+        logits = mm.hf_forward(cfg, sd, pixels.double(), interpolate_pos_encoding=hw is not None)["logits"]
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         tensors = {"pixel_values": pixels, "labels": labels.float(), "logits": logits.detach(),
                    "loss": loss.detach().reshape(1)}
         for k, v in sorted(sd.items()):
-            if keep == "all" or v.dim() == 1:
+            if keep == "all" or v.dim() == 1 or (keep == "1d+pos" and k.endswith("position_embeddings")):
                 tensors["grad." + k] = v.grad
         path = os.path.join(OUT_DIR, name + ".safetensors")
         mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy",

@@ -88,6 +88,67 @@ double shortest(float x) {
 
 void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
 
+// Hugging Face ViT's interpolate_pos_encoding (vit.cpp's PosResample::HfScaleBicubic, which
+// model_forward applies whenever the input is not the training size): the patch grid of the
+// table, bicubic with scale_factor (n + 0.1)/sqrt(N), unless the patch count matches and the
+// input is square. Returns false when the table is used as it is.
+bool hf_resample(const VitConfig& c, int64_t height, int64_t width, Interpolation& how) {
+  const int64_t gh = c.grid_height(), gw = c.grid_width();
+  const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  if (nh * nw == gh * gw && height == width) return false;
+  check(gh == gw, "HF position-embedding interpolation needs a square training grid");
+  const double side = std::sqrt(static_cast<double>(gh * gw));
+  how.mode = InterpolationMode::Bicubic;
+  how.align_corners = false;
+  how.scale_h = (static_cast<double>(nh) + 0.1) / side;
+  how.scale_w = (static_cast<double>(nw) + 0.1) / side;
+  check(static_cast<int64_t>(std::floor(side * how.scale_h)) == nh &&
+            static_cast<int64_t>(std::floor(side * how.scale_w)) == nw,
+        "position-embedding interpolation size mismatch");
+  return true;
+}
+
+// pos [T, D] for a height x width input: the class token's row, then the (resampled) grid.
+void position_embedding_forward(const VitTrainModel& m, int64_t height, int64_t width, float* pos) {
+  const VitConfig& c = m.config;
+  const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
+  const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  const float* table = m.weights.data() + m.param("vit.embeddings.position_embeddings").offset;
+  Interpolation how;
+  if (!hf_resample(c, height, width, how)) {
+    std::copy(table, table + (1 + g) * d, pos);
+    return;
+  }
+  std::copy(table, table + d, pos);
+  // [N, D] → [D, gh, gw] → interpolate → [D, nh, nw] → [nh·nw, D]
+  std::vector<float> chw(static_cast<size_t>(d * g)), resized(static_cast<size_t>(d * nh * nw));
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t k = 0; k < d; ++k) chw[k * g + i] = table[(1 + i) * d + k];
+  interpolate_forward(how, chw.data(), d, c.grid_height(), c.grid_width(), resized.data(), nh, nw);
+  for (int64_t i = 0; i < nh * nw; ++i)
+    for (int64_t k = 0; k < d; ++k) pos[(1 + i) * d + k] = resized[k * nh * nw + i];
+}
+
+// dtable [1 + N, D] += the position table's share of dpos [T, D].
+void position_embedding_backward(const VitTrainModel& m, int64_t height, int64_t width,
+                                 const float* dpos, float* dtable) {
+  const VitConfig& c = m.config;
+  const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
+  const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  Interpolation how;
+  if (!hf_resample(c, height, width, how)) {
+    for (int64_t i = 0; i < (1 + g) * d; ++i) dtable[i] += dpos[i];
+    return;
+  }
+  for (int64_t k = 0; k < d; ++k) dtable[k] += dpos[k];
+  std::vector<float> dchw(static_cast<size_t>(d * nh * nw)), dgrid(static_cast<size_t>(d * g), 0.0f);
+  for (int64_t i = 0; i < nh * nw; ++i)
+    for (int64_t k = 0; k < d; ++k) dchw[k * nh * nw + i] = dpos[(1 + i) * d + k];
+  interpolate_backward(how, dchw.data(), d, c.grid_height(), c.grid_width(), nh, nw, dgrid.data());
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t k = 0; k < d; ++k) dtable[(1 + i) * d + k] += dgrid[k * g + i];
+}
+
 }  // namespace
 
 const TrainParam& VitTrainModel::param(const std::string& name) const {
@@ -295,15 +356,16 @@ void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
   if (!preprocessor_json.empty()) write_text("preprocessor_config.json", preprocessor_json);
 }
 
-void VitTrainActivations::resize(const VitTrainModel& model, int64_t b) {
-  if (batch == b) return;
+void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t h, int64_t w) {
+  if (batch == b && height == h && width == w) return;
   const VitConfig& c = model.config;
-  const int64_t np = c.grid_height() * c.grid_width(), t = 1 + np, m = b * t;
+  const int64_t np = (h / c.patch_size) * (w / c.patch_size), t = 1 + np, m = b * t;
   const int64_t d = c.hidden_size, f = c.intermediate_size, heads = c.num_attention_heads;
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
   auto sized = [](std::vector<float>& v, int64_t n) { v.assign(static_cast<size_t>(n), 0.0f); };
-  batch = b;
+  batch = b, height = h, width = w;
   sized(patches, b * np * kp);
+  sized(pos, t * d);
   layers.assign(static_cast<size_t>(c.num_hidden_layers), {});
   for (Layer& l : layers) {
     sized(l.x, m * d), sized(l.ln1, m * d), sized(l.mean1, m), sized(l.rstd1, m);
@@ -322,17 +384,18 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b) {
 std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
                                          VitTrainActivations& acts) {
   const VitConfig& c = model.config;
-  check(pixel_values.ndim() == 4 && pixel_values.dim(1) == c.num_channels &&
-            pixel_values.dim(2) == c.image_height && pixel_values.dim(3) == c.image_width,
-        "training takes pixel_values [batch, " + std::to_string(c.num_channels) + ", " +
-            std::to_string(c.image_height) + ", " + std::to_string(c.image_width) +
-            "] (the training size), got " + shape_str(pixel_values.shape()));
-  const int64_t B = pixel_values.dim(0), H = c.image_height, W = c.image_width;
+  if (pixel_values.ndim() != 4 || pixel_values.dim(1) != c.num_channels ||
+      pixel_values.dim(2) < c.patch_size || pixel_values.dim(3) < c.patch_size)
+    fail("training takes pixel_values [batch, " + std::to_string(c.num_channels) +
+         ", height, width] of at least one " + std::to_string(c.patch_size) + "-pixel patch, got " +
+         shape_str(pixel_values.shape()));
+  const int64_t B = pixel_values.dim(0), H = pixel_values.dim(2), W = pixel_values.dim(3);
   const int64_t p = c.patch_size, C = c.num_channels, d = c.hidden_size, f = c.intermediate_size;
   const int64_t heads = c.num_attention_heads, hd = c.head_dim();
   const int64_t nh = H / p, nw = W / p, np = nh * nw, T = 1 + np, M = B * T;
   const int64_t kp = C * p * p;
-  acts.resize(model, B);
+  acts.resize(model, B, H, W);
+  position_embedding_forward(model, H, W, acts.pos.data());
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
 
   // Patch embedding: im2col (columns c, ky, kx as the convolution weight), one GEMM.
@@ -357,7 +420,7 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
     float* xb = x0 + b * T * d;
     std::memcpy(xb, w.cls_token, sizeof(float) * d);
     std::memcpy(xb + d, embedded.data() + b * np * d, sizeof(float) * np * d);
-    for (int64_t i = 0; i < T * d; ++i) xb[i] += w.pos_embed[i];
+    for (int64_t i = 0; i < T * d; ++i) xb[i] += acts.pos[i];
   }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -398,7 +461,8 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
   const VitConfig& c = model.config;
   const int64_t B = acts.batch, d = c.hidden_size, f = c.intermediate_size;
   const int64_t heads = c.num_attention_heads, hd = c.head_dim();
-  const int64_t np = c.grid_height() * c.grid_width(), T = 1 + np, M = B * T;
+  const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = 1 + np;
+  const int64_t M = B * T;
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size, K = model.num_labels;
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
   VitTrainView g = bind_view(model, grads.data());
@@ -444,11 +508,13 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
 
   // Embeddings: x₀[b] = [cls, patch rows] + pos. Sums over the batch run in image order.
   const float* dx = acts.dx.data();
+  std::vector<float> dpos(static_cast<size_t>(T * d), 0.0f);
   parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = t0; t < t1; ++t)
-        for (int64_t k = 0; k < d; ++k) g.pos_embed[t * d + k] += dx[(b * T + t) * d + k];
+        for (int64_t k = 0; k < d; ++k) dpos[t * d + k] += dx[(b * T + t) * d + k];
   });
+  position_embedding_backward(model, acts.height, acts.width, dpos.data(), g.pos_embed);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t k = 0; k < d; ++k) g.cls_token[k] += dx[b * T * d + k];
   for (int64_t b = 0; b < B; ++b)

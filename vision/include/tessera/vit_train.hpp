@@ -8,8 +8,9 @@
 //   ──L × { x += attn_out(attention(qkv(LN₁ x)));  x += fc2(gelu(fc1(LN₂ x))) }──►
 //   ──final LN of the class tokens──► classifier ──► logits [B, K]
 //
-// It runs at the training size (config image_size) only: position-embedding interpolation has no
-// backward yet. Supported: model_type "vit", ViTForImageClassification, hidden_act "gelu",
+// Any input size trains: away from the training size (config image_size) the position table is
+// resampled as Hugging Face's interpolate_pos_encoding does (and as model_forward does), and its
+// gradient goes back through that resampling's adjoint. Supported: model_type "vit", ViTForImageClassification, hidden_act "gelu",
 // with or without qkv_bias. Anything else is an Error naming what is not supported.
 #include <cstdint>
 #include <span>
@@ -83,8 +84,9 @@ void save_vit_train_model(const VitTrainModel& model, const std::string& dir,
 
 // What the forward keeps for the backward, and the backward's scratch, for one batch size.
 struct VitTrainActivations {
-  int64_t batch = -1;
+  int64_t batch = -1, height = -1, width = -1;
   std::vector<float> patches;  // [B·Np, C·p·p]
+  std::vector<float> pos;      // [T, D] the position embedding at this size
   struct Layer {
     std::vector<float> x, ln1, mean1, rstd1, qkv, ctx, lse, x_mid, ln2, mean2, rstd2, h, a;
   };
@@ -95,10 +97,10 @@ struct VitTrainActivations {
   std::vector<float> logits;   // [B, K]
   // backward scratch
   std::vector<float> dx, dln, dqkv, dctx, dh, da, dcls, dcls_norm, dembedded;
-  void resize(const VitTrainModel& model, int64_t batch);
+  void resize(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width);
 };
 
-// pixel_values [B, C, H, W] at the training size → acts.logits [B, K] (returned as a view).
+// pixel_values [B, C, H, W] → acts.logits [B, K] (returned as a view).
 std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
                                          VitTrainActivations& acts);
 // After vit_train_forward on the same acts: ADDS dLoss/dweight into grads (laid out as
