@@ -224,16 +224,14 @@ TEST_CASE("a new model trains: loss falls, runs repeat bit for bit for 1 and 2 t
   auto run = [&](int threads) {
     set_num_threads(threads);
     VitTrainModel model = make_vit_train_model(c, {"left", "right"}, 7);
-    std::vector<float> grads(model.weights.size()), m(grads.size(), 0.0f), v(grads.size(), 0.0f);
-    VitTrainActivations acts;
-    AdamWOptions options;
-    options.lr = 3e-3f;
+    VitTrainState state;
+    TrainStepOptions options;  // AdamW, decay on matrices, clipping, a warm-up + cosine schedule
+    options.weight_decay = 0.05f;
+    options.clip_grad = 1.0f;
     std::vector<double> losses;
     for (int64_t s = 0; s < 30; ++s) {
-      std::fill(grads.begin(), grads.end(), 0.0f);
-      losses.push_back(vit_train_loss_and_grad(model, pixels, labels, 0.0f, acts, grads));
-      clip_grad_norm(grads, 1.0);
-      vit_train_adamw_step(model, grads, m, v, s + 1, options);
+      options.lr = static_cast<float>(warmup_cosine_lr(s, 30, 3, 3e-3));
+      losses.push_back(vit_train_step(model, state, pixels, labels, options).loss);
     }
     set_num_threads(0);
     return std::make_pair(losses, model.weights);
@@ -245,4 +243,45 @@ TEST_CASE("a new model trains: loss falls, runs repeat bit for bit for 1 and 2 t
   CHECK(losses1.back() < 0.1 * losses1.front());
   CHECK(losses1 == losses2);
   CHECK(weights1 == weights2);
+}
+
+TEST_CASE("vit_train_step: SGD at lr 1 without clipping leaves exactly w − g", "[vit_train]") {
+  VitTrainModel model = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  const std::vector<float> before = model.weights;
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-p4-h48-noqkvbias-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  std::vector<int64_t> labels;
+  for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+  VitTrainState state;
+  TrainStepOptions o;
+  o.optimizer = Optimizer::Sgd;
+  o.lr = 1.0f;
+  const TrainStepResult r = vit_train_step(model, state, pixels, labels, o);
+  CHECK(std::abs(r.loss - st.read("loss")[0]) <= kTol * r.loss);
+  // Bit for bit the gradient the step saw, and (per tensor, 1e-4) PyTorch's.
+  std::vector<float> exact(before.size());
+  for (size_t i = 0; i < before.size(); ++i) exact[i] = before[i] - state.grads[i];
+  CHECK(model.weights == exact);
+  for (const TrainParam& p : model.params) {
+    INFO(p.name);
+    const auto w = model.view(std::span<const float>(before), p.name);
+    const auto after = model.view(std::span<const float>(model.weights), p.name);
+    const std::vector<float> g = values(st.read("grad." + p.name));
+    std::vector<double> want(g.size());
+    for (size_t i = 0; i < g.size(); ++i) want[i] = static_cast<double>(w[i]) - g[i];
+    CHECK(rel_err(after, want) <= kTol);
+  }
+  CHECK(state.step == 1);
+  CHECK(r.grad_norm > 0);
+  // Clipping to half the norm halves the step.
+  VitTrainModel again = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  VitTrainState state2;
+  o.clip_grad = static_cast<float>(r.grad_norm / 2);
+  vit_train_step(again, state2, pixels, labels, o);
+  std::vector<double> got(before.size()), half(before.size());
+  for (size_t i = 0; i < before.size(); ++i) {
+    got[i] = static_cast<double>(before[i]) - again.weights[i];
+    half[i] = (static_cast<double>(before[i]) - model.weights[i]) / 2;
+  }
+  CHECK(rel_err(got, half) <= kTol);
 }

@@ -553,4 +553,40 @@ void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, st
   }
 }
 
+TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
+                               const std::vector<int64_t>& labels, const TrainStepOptions& o) {
+  const size_t n = model.weights.size();
+  if (state.grads.size() != n) {
+    state.grads.assign(n, 0.0f);
+    state.m.assign(n, 0.0f);
+    state.v.assign(o.optimizer == Optimizer::AdamW ? n : 0, 0.0f);
+  }
+  if (o.optimizer == Optimizer::AdamW && state.v.size() != n) state.v.assign(n, 0.0f);
+  std::fill(state.grads.begin(), state.grads.end(), 0.0f);
+  TrainStepResult r;
+  r.loss = vit_train_loss_and_grad(model, pixel_values, labels, o.label_smoothing, state.acts,
+                                   state.grads);
+  const int64_t K = model.num_labels;
+  for (size_t b = 0; b < labels.size(); ++b) {
+    const float* row = state.acts.logits.data() + b * K;
+    r.correct += std::max_element(row, row + K) - row == labels[b];
+  }
+  r.grad_norm = clip_grad_norm(state.grads, o.clip_grad);
+  ++state.step;
+  if (o.optimizer == Optimizer::AdamW) {
+    AdamWOptions a;
+    a.lr = o.lr, a.beta1 = o.beta1, a.beta2 = o.beta2, a.eps = o.eps, a.weight_decay = o.weight_decay;
+    vit_train_adamw_step(model, state.grads, state.m, state.v, state.step, a);
+  } else {
+    std::span<float> w(model.weights), g(state.grads), m(state.m);
+    for (const TrainParam& p : model.params) {
+      const size_t off = static_cast<size_t>(p.offset), len = static_cast<size_t>(p.numel());
+      sgd_step(w.subspan(off, len), g.subspan(off, len),
+               o.momentum != 0.0f ? m.subspan(off, len) : std::span<float>{}, o.lr, o.momentum,
+               p.decay ? o.weight_decay : 0.0f, state.step == 1);
+    }
+  }
+  return r;
+}
+
 }  // namespace tessera

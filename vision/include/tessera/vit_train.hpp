@@ -119,4 +119,33 @@ double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_v
 void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, std::span<float> m,
                           std::span<float> v, int64_t step, const AdamWOptions& options);
 
+// One optimiser step of the whole model on one batch, as `tessera train` will run it: zero the
+// gradients, forward, mean cross-entropy (label smoothing ε), backward, clip by global norm
+// (clip_grad > 0), then SGD or AdamW at this step's lr (the caller runs the schedule, e.g.
+// warmup_cosine_lr). Weight decay applies to matrices only: AdamW's decoupled decay, SGD's L2 term.
+// With SGD, lr 1, momentum 0, weight decay 0 and clip 0 the weights become exactly w − g.
+enum class Optimizer { AdamW, Sgd };
+struct TrainStepOptions {
+  Optimizer optimizer = Optimizer::AdamW;
+  float lr = 1e-3f;
+  float weight_decay = 0.0f;
+  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;  // AdamW
+  float momentum = 0.0f;                             // SGD
+  float clip_grad = 0.0f;                            // max global norm; 0: no clipping
+  float label_smoothing = 0.0f;
+};
+// The optimiser's state and the step's buffers, laid out as the model's weights.
+struct VitTrainState {
+  int64_t step = 0;  // steps taken
+  std::vector<float> grads, m, v;  // v unused by SGD; m is SGD's momentum buffer
+  VitTrainActivations acts;
+};
+struct TrainStepResult {
+  double loss = 0;       // the batch's mean loss, before the step
+  double grad_norm = 0;  // global gradient norm, before clipping
+  int64_t correct = 0;   // rows whose argmax is the label
+};
+TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
+                               const std::vector<int64_t>& labels, const TrainStepOptions& options);
+
 }  // namespace tessera
