@@ -45,6 +45,8 @@ const Case kCases[] = {
     // 48x40, not the 32x32 training size: the position table is resampled (HF
     // interpolate_pos_encoding, as model_forward does), and its gradient goes back through that.
     {"conformance/vit-tiny-rand", "vit-tiny-48x40-step"},
+    // DeiTForImageClassification: a distillation token in the sequence, the head on the class token.
+    {"models/deit-nodistill-rand", "deit-nodistill-step"},
 };
 
 std::string fixtures(const std::string& rel) { return std::string(TESSERA_FIXTURES) + "/" + rel; }
@@ -141,11 +143,15 @@ TEST_CASE("training gradients are bit-identical for 1 and 2 threads", "[vit_trai
 }
 
 TEST_CASE("training refuses what it cannot train yet, naming it", "[vit_train]") {
-  try {
-    load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
-    FAIL("expected an error");
-  } catch (const std::exception& e) {
-    CHECK(std::string(e.what()).find("ViTForImageClassification") != std::string::npos);
+  for (const char* dir : {"conformance/deit-tiny-distilled-rand" /* with teacher: no loss upstream */,
+                          "conformance/dinov2-small-rand"}) {
+    INFO(dir);
+    try {
+      load_vit_train_model(fixtures(dir));
+      FAIL("expected an error");
+    } catch (const std::exception& e) {
+      CHECK(std::string(e.what()).find("supports Hugging Face ViTForImageClassification") != std::string::npos);
+    }
   }
   const VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
   VitTrainActivations acts;

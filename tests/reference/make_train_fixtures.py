@@ -10,7 +10,8 @@ float64 from the checkpoint's float32 weights; the loss is mean cross-entropy on
 autograd gives the gradient of every weight. adamw_curve(): the loss over 20 torch.optim.AdamW
 steps of one model on one batch. Stored: pixel_values, labels (as F32), logits, loss,
 and grad.<checkpoint name> -- for every tensor, or (keep="1d") for the 1-D ones only, which keeps
-the fixture of the larger model small while still covering every bias and norm.
+the fixture of the larger model small while still covering every bias and norm ("1d+pos": and the
+position table and the class / distillation tokens).
 """
 import os
 
@@ -30,6 +31,7 @@ CASES = [
     ("models/vit-p4-h48-noqkvbias-rand", "vit-p4-h48-noqkvbias-step", 3, 1301, "all", None),
     ("conformance/vit-tiny-rand", "vit-tiny-step", 2, 1302, "1d", None),
     ("conformance/vit-tiny-rand", "vit-tiny-48x40-step", 2, 1303, "1d+pos", (48, 40)),
+    ("models/deit-nodistill-rand", "deit-nodistill-step", 2, 1304, "1d+pos", None),
 ]
 
 
@@ -50,7 +52,8 @@ def main():
         tensors = {"pixel_values": pixels, "labels": labels.float(), "logits": logits.detach(),
                    "loss": loss.detach().reshape(1)}
         for k, v in sorted(sd.items()):
-            if keep == "all" or v.dim() == 1 or (keep == "1d+pos" and k.endswith("position_embeddings")):
+            if keep == "all" or v.dim() == 1 or (keep == "1d+pos" and (k.endswith("position_embeddings")
+                                                                      or k.endswith("_token"))):
                 tensors["grad." + k] = v.grad
         path = os.path.join(OUT_DIR, name + ".safetensors")
         mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy",

@@ -29,9 +29,10 @@ using detail::Config;
 
 // The checkpoint names and shapes of a ViTForImageClassification, in buffer order: query, key,
 // value weights adjacent (one [3D, D] GEMM weight), then their biases (one [3D] bias).
-std::vector<TrainParam> vit_train_layout(const VitConfig& c, int64_t num_labels) {
+std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& base,
+                                         int64_t num_labels) {
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
-  const int64_t t = 1 + c.grid_height() * c.grid_width();
+  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
   std::vector<TrainParam> out;
   int64_t offset = 0;
   auto add = [&](const std::string& name, Shape shape, bool decay) {
@@ -39,13 +40,14 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, int64_t num_labels)
     offset += tp.numel();
     out.push_back(std::move(tp));
   };
-  const std::string e = "vit.embeddings.";
+  const std::string e = base + "embeddings.";
   add(e + "cls_token", {1, 1, d}, false);
+  if (c.num_distillation_tokens) add(e + "distillation_token", {1, 1, d}, false);
   add(e + "position_embeddings", {1, t, d}, false);
   add(e + "patch_embeddings.projection.weight", {d, c.num_channels, p, p}, true);
   add(e + "patch_embeddings.projection.bias", {d}, false);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string l = "vit.encoder.layer." + std::to_string(i) + ".";
+    const std::string l = base + "encoder.layer." + std::to_string(i) + ".";
     const std::string a = l + "attention.attention.";
     add(l + "layernorm_before.weight", {d}, false);
     add(l + "layernorm_before.bias", {d}, false);
@@ -61,8 +63,8 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, int64_t num_labels)
     add(l + "output.dense.weight", {d, f}, true);
     add(l + "output.dense.bias", {d}, false);
   }
-  add("vit.layernorm.weight", {d}, false);
-  add("vit.layernorm.bias", {d}, false);
+  add(base + "layernorm.weight", {d}, false);
+  add(base + "layernorm.bias", {d}, false);
   add("classifier.weight", {num_labels, d}, true);
   add("classifier.bias", {num_labels}, false);
   return out;
@@ -113,20 +115,21 @@ void position_embedding_forward(const VitTrainModel& m, int64_t height, int64_t 
   const VitConfig& c = m.config;
   const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
   const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
-  const float* table = m.weights.data() + m.param("vit.embeddings.position_embeddings").offset;
+  const int64_t pre = c.num_prefix_tokens();
+  const float* table = m.weights.data() + m.param(m.base + "embeddings.position_embeddings").offset;
   Interpolation how;
   if (!hf_resample(c, height, width, how)) {
-    std::copy(table, table + (1 + g) * d, pos);
+    std::copy(table, table + (pre + g) * d, pos);
     return;
   }
-  std::copy(table, table + d, pos);
+  std::copy(table, table + pre * d, pos);
   // [N, D] → [D, gh, gw] → interpolate → [D, nh, nw] → [nh·nw, D]
   std::vector<float> chw(static_cast<size_t>(d * g)), resized(static_cast<size_t>(d * nh * nw));
   for (int64_t i = 0; i < g; ++i)
-    for (int64_t k = 0; k < d; ++k) chw[k * g + i] = table[(1 + i) * d + k];
+    for (int64_t k = 0; k < d; ++k) chw[k * g + i] = table[(pre + i) * d + k];
   interpolate_forward(how, chw.data(), d, c.grid_height(), c.grid_width(), resized.data(), nh, nw);
   for (int64_t i = 0; i < nh * nw; ++i)
-    for (int64_t k = 0; k < d; ++k) pos[(1 + i) * d + k] = resized[k * nh * nw + i];
+    for (int64_t k = 0; k < d; ++k) pos[(pre + i) * d + k] = resized[k * nh * nw + i];
 }
 
 // dtable [1 + N, D] += the position table's share of dpos [T, D].
@@ -135,18 +138,19 @@ void position_embedding_backward(const VitTrainModel& m, int64_t height, int64_t
   const VitConfig& c = m.config;
   const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
   const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  const int64_t pre = c.num_prefix_tokens();
   Interpolation how;
   if (!hf_resample(c, height, width, how)) {
-    for (int64_t i = 0; i < (1 + g) * d; ++i) dtable[i] += dpos[i];
+    for (int64_t i = 0; i < (pre + g) * d; ++i) dtable[i] += dpos[i];
     return;
   }
-  for (int64_t k = 0; k < d; ++k) dtable[k] += dpos[k];
+  for (int64_t k = 0; k < pre * d; ++k) dtable[k] += dpos[k];
   std::vector<float> dchw(static_cast<size_t>(d * nh * nw)), dgrid(static_cast<size_t>(d * g), 0.0f);
   for (int64_t i = 0; i < nh * nw; ++i)
-    for (int64_t k = 0; k < d; ++k) dchw[k * nh * nw + i] = dpos[(1 + i) * d + k];
+    for (int64_t k = 0; k < d; ++k) dchw[k * nh * nw + i] = dpos[(pre + i) * d + k];
   interpolate_backward(how, dchw.data(), d, c.grid_height(), c.grid_width(), nh, nw, dgrid.data());
   for (int64_t i = 0; i < g; ++i)
-    for (int64_t k = 0; k < d; ++k) dtable[(1 + i) * d + k] += dgrid[k * g + i];
+    for (int64_t k = 0; k < d; ++k) dtable[(pre + i) * d + k] += dgrid[k * g + i];
 }
 
 }  // namespace
@@ -171,13 +175,14 @@ std::span<const float> VitTrainModel::view(std::span<const float> buffer,
 VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   auto at = [&](const std::string& name) { return buffer + m.param(name).offset; };
   VitTrainView v{};
-  const std::string e = "vit.embeddings.";
+  const std::string e = m.base + "embeddings.";
   v.cls_token = at(e + "cls_token");
+  v.dist_token = m.config.num_distillation_tokens ? at(e + "distillation_token") : nullptr;
   v.pos_embed = at(e + "position_embeddings");
   v.patch_w = at(e + "patch_embeddings.projection.weight");
   v.patch_b = at(e + "patch_embeddings.projection.bias");
   for (int64_t i = 0; i < m.config.num_hidden_layers; ++i) {
-    const std::string l = "vit.encoder.layer." + std::to_string(i) + ".";
+    const std::string l = m.base + "encoder.layer." + std::to_string(i) + ".";
     VitTrainLayerView lv{};
     lv.norm1_w = at(l + "layernorm_before.weight");
     lv.norm1_b = at(l + "layernorm_before.bias");
@@ -193,8 +198,8 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
     lv.fc2_b = at(l + "output.dense.bias");
     v.layers.push_back(lv);
   }
-  v.norm_w = at("vit.layernorm.weight");
-  v.norm_b = at("vit.layernorm.bias");
+  v.norm_w = at(m.base + "layernorm.weight");
+  v.norm_b = at(m.base + "layernorm.bias");
   v.head_w = at("classifier.weight");
   v.head_b = at("classifier.bias");
   return v;
@@ -211,10 +216,13 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
   if (cfg.has("architectures") && cfg.j["architectures"].is_array() && !cfg.j["architectures"].empty() &&
       cfg.j["architectures"][0].is_string())
     arch = cfg.j["architectures"][0].get<std::string>();
-  check(model_type == "vit" && arch == "ViTForImageClassification",
-        config_file + ": training supports Hugging Face ViTForImageClassification (model_type "
-                      "\"vit\") so far, got model_type \"" + model_type + "\", architecture \"" +
-            arch + "\"");
+  check((model_type == "vit" && arch == "ViTForImageClassification") ||
+            (model_type == "deit" && arch == "DeiTForImageClassification"),
+        config_file + ": training supports Hugging Face ViTForImageClassification and "
+                      "DeiTForImageClassification so far, got model_type \"" + model_type +
+            "\", architecture \"" + arch + "\"");
+  m.architecture = arch;
+  m.base = model_type + ".";
   m.config = detail::hf_vit_config(cfg, model_type);
   check(m.config.image_height % m.config.patch_size == 0 &&
             m.config.image_width % m.config.patch_size == 0,
@@ -229,7 +237,7 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
         file + ": tensor 'classifier.weight' has shape " + shape_str(head) + ", expected [num_labels, " +
             std::to_string(m.config.hidden_size) + "]");
   m.num_labels = head[0];
-  m.params = vit_train_layout(m.config, m.num_labels);
+  m.params = vit_train_layout(m.config, m.base, m.num_labels);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
   for (const TrainParam& p : m.params) {
     check(st.contains(p.name), file + ": missing tensor '" + p.name + "' (expected shape " +
@@ -239,7 +247,7 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
                                      shape_str(info.shape) + ", expected " + shape_str(p.shape));
     st.read(p.name, 0, p.numel(), m.weights.data() + p.offset);
   }
-  const std::string next = "vit.encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".";
+  const std::string next = m.base + "encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".";
   check(!st.contains(next + "layernorm_before.weight"),
         file + ": has more layers than num_hidden_layers = " + std::to_string(m.config.num_hidden_layers));
   return m;
@@ -254,6 +262,7 @@ VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::st
   VitTrainModel m;
   m.config = c;
   m.config.class_token = true;
+  m.config.num_distillation_tokens = m.config.num_register_tokens = m.config.num_detection_tokens = 0;
   m.num_labels = static_cast<int64_t>(labels.size());
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object(),
                          label2id = nlohmann::ordered_json::object();
@@ -286,7 +295,7 @@ VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::st
       {"torch_dtype", "float32"},
   };
   m.config_json = j.dump(2) + "\n";
-  m.params = vit_train_layout(m.config, m.num_labels);
+  m.params = vit_train_layout(m.config, m.base, m.num_labels);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
 
   std::mt19937_64 rng(seed);
@@ -297,7 +306,7 @@ VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::st
     const int64_t n = p.numel();
     const std::string& name = p.name;
     if (name.ends_with("layernorm_before.weight") || name.ends_with("layernorm_after.weight") ||
-        name == "vit.layernorm.weight") {
+        name == m.base + "layernorm.weight") {
       std::fill(w, w + n, 1.0f);
     } else if (name.ends_with("patch_embeddings.projection.weight")) {
       const double std_dev = 1.0 / std::sqrt(static_cast<double>(n / p.shape[0]));
@@ -359,7 +368,8 @@ void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
 void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t h, int64_t w) {
   if (batch == b && height == h && width == w) return;
   const VitConfig& c = model.config;
-  const int64_t np = (h / c.patch_size) * (w / c.patch_size), t = 1 + np, m = b * t;
+  const int64_t np = (h / c.patch_size) * (w / c.patch_size), t = c.num_prefix_tokens() + np;
+  const int64_t m = b * t;
   const int64_t d = c.hidden_size, f = c.intermediate_size, heads = c.num_attention_heads;
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
   auto sized = [](std::vector<float>& v, int64_t n) { v.assign(static_cast<size_t>(n), 0.0f); };
@@ -392,7 +402,8 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
   const int64_t B = pixel_values.dim(0), H = pixel_values.dim(2), W = pixel_values.dim(3);
   const int64_t p = c.patch_size, C = c.num_channels, d = c.hidden_size, f = c.intermediate_size;
   const int64_t heads = c.num_attention_heads, hd = c.head_dim();
-  const int64_t nh = H / p, nw = W / p, np = nh * nw, T = 1 + np, M = B * T;
+  const int64_t pre = c.num_prefix_tokens();
+  const int64_t nh = H / p, nw = W / p, np = nh * nw, T = pre + np, M = B * T;
   const int64_t kp = C * p * p;
   acts.resize(model, B, H, W);
   position_embedding_forward(model, H, W, acts.pos.data());
@@ -419,7 +430,8 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
   for (int64_t b = 0; b < B; ++b) {
     float* xb = x0 + b * T * d;
     std::memcpy(xb, w.cls_token, sizeof(float) * d);
-    std::memcpy(xb + d, embedded.data() + b * np * d, sizeof(float) * np * d);
+    if (w.dist_token) std::memcpy(xb + d, w.dist_token, sizeof(float) * d);
+    std::memcpy(xb + pre * d, embedded.data() + b * np * d, sizeof(float) * np * d);
     for (int64_t i = 0; i < T * d; ++i) xb[i] += acts.pos[i];
   }
 
@@ -461,7 +473,8 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
   const VitConfig& c = model.config;
   const int64_t B = acts.batch, d = c.hidden_size, f = c.intermediate_size;
   const int64_t heads = c.num_attention_heads, hd = c.head_dim();
-  const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = 1 + np;
+  const int64_t pre = c.num_prefix_tokens();
+  const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = pre + np;
   const int64_t M = B * T;
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size, K = model.num_labels;
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
@@ -516,9 +529,12 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
   });
   position_embedding_backward(model, acts.height, acts.width, dpos.data(), g.pos_embed);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < d; ++k) g.cls_token[k] += dx[b * T * d + k];
+    for (int64_t k = 0; k < d; ++k) {
+      g.cls_token[k] += dx[b * T * d + k];
+      if (g.dist_token) g.dist_token[k] += dx[(b * T + 1) * d + k];
+    }
   for (int64_t b = 0; b < B; ++b)
-    std::memcpy(acts.dembedded.data() + b * np * d, dx + (b * T + 1) * d, sizeof(float) * np * d);
+    std::memcpy(acts.dembedded.data() + b * np * d, dx + (b * T + pre) * d, sizeof(float) * np * d);
   linear_backward(acts.patches.data(), w.patch_w, acts.dembedded.data(), B * np, d, kp, nullptr,
                   g.patch_w, g.patch_b);
 }

@@ -1,17 +1,20 @@
 #pragma once
-// The training pass of a Hugging Face ViTForImageClassification folder: the same config.json and
-// checkpoint names that load_model reads for inference, with the weights kept unpacked in one flat
-// buffer (llm.c style) and a forward that saves what the backward needs, beside the backward.
+// The training pass of a Hugging Face ViTForImageClassification or DeiTForImageClassification
+// folder: the same config.json and checkpoint names that load_model reads for inference, with the
+// weights kept unpacked in one flat buffer (llm.c style) and a forward that saves what the
+// backward needs, beside the backward.
 //
 //   pixels [B, C, H, W] ──im2col──► patches [B·Np, C·p·p] ──linear──► [B·Np, D]
-//   ──[cls, patches] + position embedding──► x₀ [B·T, D]                       (T = 1 + Np)
+//   ──[cls, (dist), patches] + position embedding──► x₀ [B·T, D]       (T = prefix + Np)
 //   ──L × { x += attn_out(attention(qkv(LN₁ x)));  x += fc2(gelu(fc1(LN₂ x))) }──►
 //   ──final LN of the class tokens──► classifier ──► logits [B, K]
 //
 // Any input size trains: away from the training size (config image_size) the position table is
 // resampled as Hugging Face's interpolate_pos_encoding does (and as model_forward does), and its
-// gradient goes back through that resampling's adjoint. Supported: model_type "vit", ViTForImageClassification, hidden_act "gelu",
-// with or without qkv_bias. Anything else is an Error naming what is not supported.
+// gradient goes back through that resampling's adjoint. Supported: model_type "vit"
+// (ViTForImageClassification) and "deit" (DeiTForImageClassification: a distillation token beside
+// the class token, the classifier on the class token), hidden_act "gelu", with or without
+// qkv_bias. Anything else is an Error naming what is not supported.
 #include <cstdint>
 #include <span>
 #include <string>
@@ -33,7 +36,8 @@ struct TrainParam {
 };
 
 struct VitTrainModel {
-  std::string architecture = "ViTForImageClassification";
+  std::string architecture = "ViTForImageClassification";  // or DeiTForImageClassification
+  std::string base = "vit.";  // the encoder's name prefix: "vit." or "deit."
   std::string config_json;  // the folder's config.json text (written back on export)
   VitConfig config;
   int64_t num_labels = 0;
@@ -56,7 +60,8 @@ struct VitTrainLayerView {
   float *fc2_w, *fc2_b;        // output.dense [D, F], [D]
 };
 struct VitTrainView {
-  float *cls_token, *pos_embed;  // [D], [T, D]
+  float *cls_token, *dist_token;  // [D]; the distillation token (DeiT) or null
+  float *pos_embed;               // [prefix + N, D]
   float *patch_w, *patch_b;      // [D, C·p·p] (the convolution [D, C, p, p]), [D]
   std::vector<VitTrainLayerView> layers;
   float *norm_w, *norm_b;        // final layernorm [D]
@@ -64,7 +69,7 @@ struct VitTrainView {
 };
 VitTrainView bind_view(const VitTrainModel& model, float* buffer);
 
-// Reads a ViTForImageClassification folder (config.json + model.safetensors), every tensor checked
+// Reads a ViTForImageClassification / DeiTForImageClassification folder (config.json + model.safetensors), every tensor checked
 // by name and shape as load_model does.
 VitTrainModel load_vit_train_model(const std::string& dir);
 
