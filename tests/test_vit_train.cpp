@@ -291,3 +291,46 @@ TEST_CASE("vit_train_step: SGD at lr 1 without clipping leaves exactly w − g",
   }
   CHECK(rel_err(got, half) <= kTol);
 }
+
+TEST_CASE("a run resumed from a training checkpoint ends bit-identical", "[vit_train]") {
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-p4-h48-noqkvbias-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  const std::vector<int64_t> labels = {0, 1, 3};
+  TrainStepOptions o;
+  o.weight_decay = 0.05f;
+  o.clip_grad = 0.5f;
+  auto steps = [&](VitTrainModel& m, VitTrainState& s, int n) {
+    for (int i = 0; i < n; ++i) {
+      o.lr = static_cast<float>(warmup_cosine_lr(s.step, 6, 2, 1e-3));
+      vit_train_step(m, s, pixels, labels, o);
+    }
+  };
+  VitTrainModel straight = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  VitTrainState straight_state;
+  steps(straight, straight_state, 6);
+
+  VitTrainModel first = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  VitTrainState first_state;
+  steps(first, first_state, 3);
+  const std::string path = (std::filesystem::temp_directory_path() /
+                             ("tessera-ckpt-" + std::to_string(::getpid()) + ".safetensors")).string();
+  save_train_checkpoint(path, first, first_state, {{"data_position", "9"}});
+  // A fresh process would start from the folder again, then restore.
+  VitTrainModel resumed = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  VitTrainState resumed_state;
+  const auto meta = load_train_checkpoint(path, resumed, resumed_state);
+  CHECK(meta.at("data_position") == "9");
+  CHECK(resumed_state.step == 3);
+  steps(resumed, resumed_state, 3);
+  CHECK(resumed.weights == straight.weights);
+  CHECK(resumed_state.m == straight_state.m);
+  CHECK(resumed_state.v == straight_state.v);
+  CHECK(resumed.weights != first.weights);  // it did train on
+
+  // Another model's checkpoint is refused, naming the tensor.
+  VitTrainModel other = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
+  VitTrainState other_state;
+  CHECK_THROWS_WITH(load_train_checkpoint(path, other, other_state),
+                    Catch::Contains("weight.vit.embeddings.cls_token"));
+  std::filesystem::remove(path);
+}

@@ -605,4 +605,59 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
   return r;
 }
 
+void save_train_checkpoint(const std::string& path, const VitTrainModel& model,
+                           const VitTrainState& state,
+                           const std::map<std::string, std::string>& metadata) {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  auto add = [&](const std::string& prefix, const std::vector<float>& buffer) {
+    if (buffer.empty()) return;
+    check(buffer.size() == model.weights.size(), "save_train_checkpoint: optimiser state of another size");
+    for (const TrainParam& p : model.params) {
+      Tensor t(p.shape);
+      std::copy_n(buffer.data() + p.offset, p.numel(), t.data());
+      tensors.emplace_back(prefix + p.name, std::move(t));
+    }
+  };
+  add("weight.", model.weights);
+  add("m.", state.m);
+  add("v.", state.v);
+  std::map<std::string, std::string> meta = metadata;
+  meta["step"] = std::to_string(state.step);
+  meta["architecture"] = model.architecture;
+  save_safetensors(path, tensors, meta);
+}
+
+std::map<std::string, std::string> load_train_checkpoint(const std::string& path,
+                                                         VitTrainModel& model, VitTrainState& state) {
+  const SafeTensors st = SafeTensors::open(path);
+  auto read = [&](const std::string& prefix, std::vector<float>& buffer, bool required) {
+    if (!required && !st.contains(prefix + model.params.front().name)) {
+      buffer.clear();
+      return;
+    }
+    buffer.assign(model.weights.size(), 0.0f);
+    for (const TrainParam& p : model.params) {
+      const std::string name = prefix + p.name;
+      check(st.contains(name), path + ": missing tensor '" + name + "' (a checkpoint of another model?)");
+      check(st.info(name).shape == p.shape, path + ": tensor '" + name + "' has shape " +
+                                                shape_str(st.info(name).shape) + ", expected " +
+                                                shape_str(p.shape));
+      st.read(name, 0, p.numel(), buffer.data() + p.offset);
+    }
+  };
+  std::vector<float> weights;
+  read("weight.", weights, true);
+  VitTrainState restored;
+  read("m.", restored.m, false);
+  read("v.", restored.v, false);
+  std::map<std::string, std::string> meta = st.metadata();
+  check(meta.count("step"), path + ": no \"step\" in its metadata (not a training checkpoint)");
+  restored.step = std::stoll(meta["step"]);
+  restored.grads.assign(model.weights.size(), 0.0f);
+  if (restored.m.empty()) restored.m.assign(model.weights.size(), 0.0f);
+  model.weights = std::move(weights);
+  state = std::move(restored);
+  return meta;
+}
+
 }  // namespace tessera

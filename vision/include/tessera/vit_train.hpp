@@ -16,6 +16,7 @@
 // the class token, the classifier on the class token), hidden_act "gelu", with or without
 // qkv_bias. Anything else is an Error naming what is not supported.
 #include <cstdint>
+#include <map>
 #include <span>
 #include <string>
 #include <vector>
@@ -152,5 +153,17 @@ struct TrainStepResult {
 };
 TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
                                const std::vector<int64_t>& labels, const TrainStepOptions& options);
+
+// A training checkpoint, for --resume: the weights under their checkpoint names ("weight.NAME"),
+// the optimiser state ("m.NAME", and "v.NAME" for AdamW) and its step count, plus the caller's
+// own entries (data position, seed ...) as metadata, in one safetensors file written atomically
+// (a temporary file, then a rename). A run resumed from it continues bit for bit.
+void save_train_checkpoint(const std::string& path, const VitTrainModel& model,
+                           const VitTrainState& state,
+                           const std::map<std::string, std::string>& metadata = {});
+// Restores weights and optimiser state into a model of the same layout (an Error names the first
+// tensor that is missing or of another shape); returns the metadata (with "step").
+std::map<std::string, std::string> load_train_checkpoint(const std::string& path,
+                                                         VitTrainModel& model, VitTrainState& state);
 
 }  // namespace tessera
