@@ -47,6 +47,8 @@ const Case kCases[] = {
     {"conformance/vit-tiny-rand", "vit-tiny-48x40-step"},
     // DeiTForImageClassification: a distillation token in the sequence, the head on the class token.
     {"models/deit-nodistill-rand", "deit-nodistill-step"},
+    // Dinov2ForImageClassification: layer scale, the head on [class token, mean of the patches].
+    {"models/dinov2-cls-rand", "dinov2-cls-step"},
 };
 
 std::string fixtures(const std::string& rel) { return std::string(TESSERA_FIXTURES) + "/" + rel; }
@@ -144,7 +146,7 @@ TEST_CASE("training gradients are bit-identical for 1 and 2 threads", "[vit_trai
 
 TEST_CASE("training refuses what it cannot train yet, naming it", "[vit_train]") {
   for (const char* dir : {"conformance/deit-tiny-distilled-rand" /* with teacher: no loss upstream */,
-                          "conformance/dinov2-small-rand"}) {
+                          "conformance/dinov2-small-rand" /* Dinov2Model: no head, no loss */}) {
     INFO(dir);
     try {
       load_vit_train_model(fixtures(dir));
@@ -162,28 +164,31 @@ TEST_CASE("training refuses what it cannot train yet, naming it", "[vit_train]")
 }
 
 TEST_CASE("a trained model is written as the folder it was read from", "[vit_train]") {
-  VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
-  const SafeTensors st = SafeTensors::open(fixtures("train/vit-tiny-step.safetensors"));
-  const Tensor pixels = st.read("pixel_values");
-  // One SGD step, so the folder holds weights no fixture has.
-  std::vector<float> grads(model.weights.size(), 0.0f);
-  VitTrainActivations acts;
-  vit_train_loss_and_grad(model, pixels, {1, 2}, 0.0f, acts, grads);
-  sgd_step(model.weights, grads, {}, 0.5f);
-  const std::span<const float> logits = vit_train_forward(model, pixels, acts);
-  const std::vector<float> want(logits.begin(), logits.end());
+  for (const char* from : {"conformance/vit-tiny-rand", "models/dinov2-cls-rand"}) {
+    INFO(from);
+    VitTrainModel model = load_vit_train_model(fixtures(from));
+    const SafeTensors st = SafeTensors::open(fixtures("train/vit-tiny-step.safetensors"));
+    const Tensor pixels = st.read("pixel_values");  // 2 images of 32x32, both models' size
+    // One SGD step, so the folder holds weights no fixture has.
+    std::vector<float> grads(model.weights.size(), 0.0f);
+    VitTrainActivations acts;
+    vit_train_loss_and_grad(model, pixels, {1, 2}, 0.0f, acts, grads);
+    sgd_step(model.weights, grads, {}, 0.5f);
+    const std::span<const float> logits = vit_train_forward(model, pixels, acts);
+    const std::vector<float> want(logits.begin(), logits.end());
 
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                                    ("tessera-vit-train-" + std::to_string(::getpid()));
-  save_vit_train_model(model, dir.string());
-  const auto loaded = load_model(dir.string());
-  ModelWorkspace ws;
-  const Tensor got = output(model_forward(*loaded, pixels, ws), "logits");
-  CHECK(rel_err(values(got), want) <= kTol);
-  CHECK(loaded->labels.at(0) == "airplane");  // config.json (id2label) went with it
-  const VitTrainModel again = load_vit_train_model(dir.string());
-  CHECK(again.weights == model.weights);  // bit for bit
-  std::filesystem::remove_all(dir);
+    const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                      ("tessera-vit-train-" + std::to_string(::getpid()));
+    save_vit_train_model(model, dir.string());
+    const auto loaded = load_model(dir.string());
+    ModelWorkspace ws;
+    const Tensor got = output(model_forward(*loaded, pixels, ws), "logits");
+    CHECK(rel_err(values(got), want) <= kTol);
+    CHECK(loaded->labels.at(0) == "airplane");  // config.json (id2label) went with it
+    const VitTrainModel again = load_vit_train_model(dir.string());
+    CHECK(again.weights == model.weights);  // bit for bit
+    std::filesystem::remove_all(dir);
+  }
 }
 
 TEST_CASE("20 AdamW steps follow PyTorch's loss curve", "[vit_train][optim]") {

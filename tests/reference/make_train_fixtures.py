@@ -11,7 +11,7 @@ autograd gives the gradient of every weight. adamw_curve(): the loss over 20 tor
 steps of one model on one batch. Stored: pixel_values, labels (as F32), logits, loss,
 and grad.<checkpoint name> -- for every tensor, or (keep="1d") for the 1-D ones only, which keeps
 the fixture of the larger model small while still covering every bias and norm ("1d+pos": and the
-position table and the class / distillation tokens).
+position table, the class / distillation tokens and the classifier).
 """
 import os
 
@@ -32,6 +32,7 @@ CASES = [
     ("conformance/vit-tiny-rand", "vit-tiny-step", 2, 1302, "1d", None),
     ("conformance/vit-tiny-rand", "vit-tiny-48x40-step", 2, 1303, "1d+pos", (48, 40)),
     ("models/deit-nodistill-rand", "deit-nodistill-step", 2, 1304, "1d+pos", None),
+    ("models/dinov2-cls-rand", "dinov2-cls-step", 2, 1305, "1d+pos", None),
 ]
 
 
@@ -53,8 +54,10 @@ def main():
                    "loss": loss.detach().reshape(1)}
         for k, v in sorted(sd.items()):
             if keep == "all" or v.dim() == 1 or (keep == "1d+pos" and (k.endswith("position_embeddings")
-                                                                      or k.endswith("_token"))):
-                tensors["grad." + k] = v.grad
+                                                                      or k.endswith("_token")
+                                                                      or k == "classifier.weight")):
+                # an unused tensor (DINOv2's mask_token) has no gradient: zero
+                tensors["grad." + k] = v.grad if v.grad is not None else torch.zeros_like(v)
         path = os.path.join(OUT_DIR, name + ".safetensors")
         mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy",
                                             "gradients": keep})

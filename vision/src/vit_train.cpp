@@ -27,10 +27,19 @@ namespace {
 
 using detail::Config;
 
-// The checkpoint names and shapes of a ViTForImageClassification, in buffer order: query, key,
-// value weights adjacent (one [3D, D] GEMM weight), then their biases (one [3D] bias).
+// The per-layer names of each family (DINOv2 has its own, and layer scale).
+struct LayerNames {
+  const char *norm1, *norm2, *fc1, *fc2;
+};
+LayerNames layer_names(const VitConfig& c) {
+  if (c.layer_scale) return {"norm1", "norm2", "mlp.fc1", "mlp.fc2"};
+  return {"layernorm_before", "layernorm_after", "intermediate.dense", "output.dense"};
+}
+
+// The checkpoint names and shapes of the classifier, in buffer order: query, key, value weights
+// adjacent (one [3D, D] GEMM weight), then their biases (one [3D] bias).
 std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& base,
-                                         int64_t num_labels) {
+                                         int64_t num_labels, bool class_mean, bool mask_token) {
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
   const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
   std::vector<TrainParam> out;
@@ -43,29 +52,33 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
   const std::string e = base + "embeddings.";
   add(e + "cls_token", {1, 1, d}, false);
   if (c.num_distillation_tokens) add(e + "distillation_token", {1, 1, d}, false);
+  if (mask_token) add(e + "mask_token", {1, d}, false);  // DINOv2's, unused here; kept for export
   add(e + "position_embeddings", {1, t, d}, false);
   add(e + "patch_embeddings.projection.weight", {d, c.num_channels, p, p}, true);
   add(e + "patch_embeddings.projection.bias", {d}, false);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string l = base + "encoder.layer." + std::to_string(i) + ".";
     const std::string a = l + "attention.attention.";
-    add(l + "layernorm_before.weight", {d}, false);
-    add(l + "layernorm_before.bias", {d}, false);
+    const LayerNames n = layer_names(c);
+    add(l + n.norm1 + ".weight", {d}, false);
+    add(l + n.norm1 + ".bias", {d}, false);
     for (const char* part : {"query", "key", "value"}) add(a + part + ".weight", {d, d}, true);
     if (c.qkv_bias)
       for (const char* part : {"query", "key", "value"}) add(a + part + ".bias", {d}, false);
     add(l + "attention.output.dense.weight", {d, d}, true);
     add(l + "attention.output.dense.bias", {d}, false);
-    add(l + "layernorm_after.weight", {d}, false);
-    add(l + "layernorm_after.bias", {d}, false);
-    add(l + "intermediate.dense.weight", {f, d}, true);
-    add(l + "intermediate.dense.bias", {f}, false);
-    add(l + "output.dense.weight", {d, f}, true);
-    add(l + "output.dense.bias", {d}, false);
+    if (c.layer_scale) add(l + "layer_scale1.lambda1", {d}, false);
+    add(l + n.norm2 + ".weight", {d}, false);
+    add(l + n.norm2 + ".bias", {d}, false);
+    add(l + n.fc1 + ".weight", {f, d}, true);
+    add(l + n.fc1 + ".bias", {f}, false);
+    add(l + n.fc2 + ".weight", {d, f}, true);
+    add(l + n.fc2 + ".bias", {d}, false);
+    if (c.layer_scale) add(l + "layer_scale2.lambda1", {d}, false);
   }
   add(base + "layernorm.weight", {d}, false);
   add(base + "layernorm.bias", {d}, false);
-  add("classifier.weight", {num_labels, d}, true);
+  add("classifier.weight", {num_labels, class_mean ? 2 * d : d}, true);
   add("classifier.bias", {num_labels}, false);
   return out;
 }
@@ -86,6 +99,31 @@ double shortest(float x) {
     if (std::strtof(buf, nullptr) == x) break;
   }
   return std::strtod(buf, nullptr);
+}
+
+// Layer scale: z = x·Wᵀ + b [M, D] (kept for the backward), out = residual + λ ⊙ z.
+void add_scaled(const float* residual, const PackedLinear& w, const float* x, int64_t M, int64_t K,
+                const float* lambda, float* z, float* out) {
+  const int64_t d = w.out_features;
+  linear(x, M, K, w, z, d);
+  parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = 0; k < d; ++k) out[r * d + k] = residual[r * d + k] + lambda[k] * z[r * d + k];
+  });
+}
+
+// Backward of out = residual + λ ⊙ z: dλ[D] += Σ_rows dy ⊙ z (rows in order), dz = λ ⊙ dy
+// (written to dz, returned).
+const float* scale_backward(const float* dy, const float* z, const float* lambda, int64_t M,
+                            int64_t d, float* dz, float* dlambda) {
+  parallel_for(0, d, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = k0; k < k1; ++k) {
+        dlambda[k] += dy[r * d + k] * z[r * d + k];
+        dz[r * d + k] = lambda[k] * dy[r * d + k];
+      }
+  });
+  return dz;
 }
 
 void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
@@ -183,19 +221,22 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   v.patch_b = at(e + "patch_embeddings.projection.bias");
   for (int64_t i = 0; i < m.config.num_hidden_layers; ++i) {
     const std::string l = m.base + "encoder.layer." + std::to_string(i) + ".";
+    const LayerNames n = layer_names(m.config);
     VitTrainLayerView lv{};
-    lv.norm1_w = at(l + "layernorm_before.weight");
-    lv.norm1_b = at(l + "layernorm_before.bias");
+    lv.norm1_w = at(l + n.norm1 + ".weight");
+    lv.norm1_b = at(l + n.norm1 + ".bias");
     lv.qkv_w = at(l + "attention.attention.query.weight");
     lv.qkv_b = m.config.qkv_bias ? at(l + "attention.attention.query.bias") : nullptr;
     lv.attn_out_w = at(l + "attention.output.dense.weight");
     lv.attn_out_b = at(l + "attention.output.dense.bias");
-    lv.norm2_w = at(l + "layernorm_after.weight");
-    lv.norm2_b = at(l + "layernorm_after.bias");
-    lv.fc1_w = at(l + "intermediate.dense.weight");
-    lv.fc1_b = at(l + "intermediate.dense.bias");
-    lv.fc2_w = at(l + "output.dense.weight");
-    lv.fc2_b = at(l + "output.dense.bias");
+    lv.norm2_w = at(l + n.norm2 + ".weight");
+    lv.norm2_b = at(l + n.norm2 + ".bias");
+    lv.fc1_w = at(l + n.fc1 + ".weight");
+    lv.fc1_b = at(l + n.fc1 + ".bias");
+    lv.fc2_w = at(l + n.fc2 + ".weight");
+    lv.fc2_b = at(l + n.fc2 + ".bias");
+    lv.ls1 = m.config.layer_scale ? at(l + "layer_scale1.lambda1") : nullptr;
+    lv.ls2 = m.config.layer_scale ? at(l + "layer_scale2.lambda1") : nullptr;
     v.layers.push_back(lv);
   }
   v.norm_w = at(m.base + "layernorm.weight");
@@ -217,13 +258,18 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
       cfg.j["architectures"][0].is_string())
     arch = cfg.j["architectures"][0].get<std::string>();
   check((model_type == "vit" && arch == "ViTForImageClassification") ||
-            (model_type == "deit" && arch == "DeiTForImageClassification"),
-        config_file + ": training supports Hugging Face ViTForImageClassification and "
-                      "DeiTForImageClassification so far, got model_type \"" + model_type +
-            "\", architecture \"" + arch + "\"");
+            (model_type == "deit" && arch == "DeiTForImageClassification") ||
+            (model_type == "dinov2" && arch == "Dinov2ForImageClassification"),
+        config_file + ": training supports Hugging Face ViTForImageClassification, "
+                      "DeiTForImageClassification and Dinov2ForImageClassification so far, got "
+                      "model_type \"" + model_type + "\", architecture \"" + arch + "\"");
   m.architecture = arch;
   m.base = model_type + ".";
+  m.class_mean = arch == "Dinov2ForImageClassification";
   m.config = detail::hf_vit_config(cfg, model_type);
+  check(m.config.activation == MlpActivation::Gelu,
+        config_file + ": training does not support use_swiglu_ffn yet (the SwiGLU kernel is there; "
+                      "no classifier fixture uses it)");
   check(m.config.image_height % m.config.patch_size == 0 &&
             m.config.image_width % m.config.patch_size == 0,
         config_file + ": image_size is not a multiple of patch_size");
@@ -233,11 +279,13 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
   const SafeTensors st = SafeTensors::open(file);
   check(st.contains("classifier.weight"), file + ": missing tensor 'classifier.weight'");
   const Shape& head = st.info("classifier.weight").shape;
-  check(head.size() == 2 && head[1] == m.config.hidden_size,
+  const int64_t head_in = (m.class_mean ? 2 : 1) * m.config.hidden_size;
+  check(head.size() == 2 && head[1] == head_in,
         file + ": tensor 'classifier.weight' has shape " + shape_str(head) + ", expected [num_labels, " +
-            std::to_string(m.config.hidden_size) + "]");
+            std::to_string(head_in) + "]");
   m.num_labels = head[0];
-  m.params = vit_train_layout(m.config, m.base, m.num_labels);
+  m.params = vit_train_layout(m.config, m.base, m.num_labels, m.class_mean,
+                              m.config.layer_scale && st.contains(m.base + "embeddings.mask_token"));
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
   for (const TrainParam& p : m.params) {
     check(st.contains(p.name), file + ": missing tensor '" + p.name + "' (expected shape " +
@@ -263,6 +311,8 @@ VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::st
   m.config = c;
   m.config.class_token = true;
   m.config.num_distillation_tokens = m.config.num_register_tokens = m.config.num_detection_tokens = 0;
+  m.config.layer_scale = false;
+  m.config.activation = MlpActivation::Gelu;
   m.num_labels = static_cast<int64_t>(labels.size());
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object(),
                          label2id = nlohmann::ordered_json::object();
@@ -295,7 +345,7 @@ VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::st
       {"torch_dtype", "float32"},
   };
   m.config_json = j.dump(2) + "\n";
-  m.params = vit_train_layout(m.config, m.base, m.num_labels);
+  m.params = vit_train_layout(m.config, m.base, m.num_labels, false, false);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
 
   std::mt19937_64 rng(seed);
@@ -382,13 +432,15 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
     sized(l.qkv, m * 3 * d), sized(l.ctx, m * d), sized(l.lse, b * heads * t);
     sized(l.x_mid, m * d), sized(l.ln2, m * d), sized(l.mean2, m), sized(l.rstd2, m);
     sized(l.h, m * f), sized(l.a, m * f);
+    if (c.layer_scale) sized(l.z1, m * d), sized(l.z2, m * d);
   }
+  const int64_t rows = model.class_mean ? m : b, head = (model.class_mean ? 2 : 1) * d;
   sized(x_out, m * d);
-  sized(cls, b * d), sized(cls_norm, b * d), sized(mean_f, b), sized(rstd_f, b);
-  sized(logits, b * model.num_labels);
+  sized(cls, rows * d), sized(cls_norm, rows * d), sized(mean_f, rows), sized(rstd_f, rows);
+  sized(head_in, b * head), sized(logits, b * model.num_labels);
   sized(dx, m * d), sized(dln, m * d), sized(dqkv, m * 3 * d), sized(dctx, m * d);
-  sized(dh, m * f), sized(da, m * f), sized(dcls, b * d), sized(dcls_norm, b * d);
-  sized(dembedded, b * np * d);
+  sized(dh, m * f), sized(da, m * f), sized(dcls, rows * d), sized(dcls_norm, rows * d);
+  sized(dhead_in, b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
 }
 
 std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
@@ -446,22 +498,47 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
     const float* qkv = a.qkv.data();
     attention_forward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
                       {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d}, scale, a.lse.data());
-    // x_mid = x + attn_out(ctx)
+    // x_mid = x + attn_out(ctx)  (DINOv2: x + λ₁ ⊙ attn_out(ctx))
     const PackedLinear out_proj = pack_linear(lw.attn_out_w, lw.attn_out_b, d, d);
-    linear(a.ctx.data(), M, d, out_proj, a.x_mid.data(), d, Activation::None, a.x.data());
+    if (lw.ls1)
+      add_scaled(a.x.data(), out_proj, a.ctx.data(), M, d, lw.ls1, a.z1.data(), a.x_mid.data());
+    else
+      linear(a.ctx.data(), M, d, out_proj, a.x_mid.data(), d, Activation::None, a.x.data());
     layer_norm_forward(a.x_mid.data(), M, d, lw.norm2_w, lw.norm2_b, c.layer_norm_eps,
                        a.ln2.data(), a.mean2.data(), a.rstd2.data());
     linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, f, d, a.h.data());
     gelu_forward(a.h.data(), a.a.data(), M * f);
     const PackedLinear fc2 = pack_linear(lw.fc2_w, lw.fc2_b, d, f);
-    linear(a.a.data(), M, f, fc2, next, d, Activation::None, a.x_mid.data());
+    if (lw.ls2)
+      add_scaled(a.x_mid.data(), fc2, a.a.data(), M, f, lw.ls2, a.z2.data(), next);
+    else
+      linear(a.a.data(), M, f, fc2, next, d, Activation::None, a.x_mid.data());
   }
-  // Only the class tokens reach the classifier: the final norm runs on those rows.
-  for (int64_t b = 0; b < B; ++b)
-    std::memcpy(acts.cls.data() + b * d, acts.x_out.data() + b * T * d, sizeof(float) * d);
-  layer_norm_forward(acts.cls.data(), B, d, w.norm_w, w.norm_b, c.layer_norm_eps,
-                     acts.cls_norm.data(), acts.mean_f.data(), acts.rstd_f.data());
-  linear_forward(acts.cls_norm.data(), B, w.head_w, w.head_b, model.num_labels, d,
+  if (!model.class_mean) {
+    // Only the class tokens reach the classifier: the final norm runs on those rows.
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(acts.cls.data() + b * d, acts.x_out.data() + b * T * d, sizeof(float) * d);
+    layer_norm_forward(acts.cls.data(), B, d, w.norm_w, w.norm_b, c.layer_norm_eps,
+                       acts.cls_norm.data(), acts.mean_f.data(), acts.rstd_f.data());
+    std::copy(acts.cls_norm.begin(), acts.cls_norm.end(), acts.head_in.begin());
+  } else {
+    // DINOv2: [h[:, 0], mean over the patch tokens h[:, 1:]] of the normed sequence.
+    std::copy(acts.x_out.begin(), acts.x_out.end(), acts.cls.begin());
+    layer_norm_forward(acts.cls.data(), M, d, w.norm_w, w.norm_b, c.layer_norm_eps,
+                       acts.cls_norm.data(), acts.mean_f.data(), acts.rstd_f.data());
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = acts.head_in.data() + b * 2 * d;
+      const float* hb = acts.cls_norm.data() + b * T * d;
+      std::copy(hb, hb + d, row);
+      for (int64_t k = 0; k < d; ++k) {
+        double sum = 0;
+        for (int64_t t = 1; t < T; ++t) sum += hb[t * d + k];
+        row[d + k] = static_cast<float>(sum / static_cast<double>(T - 1));
+      }
+    }
+  }
+  const int64_t head = (model.class_mean ? 2 : 1) * d;
+  linear_forward(acts.head_in.data(), B, w.head_w, w.head_b, model.num_labels, head,
                  acts.logits.data());
   return acts.logits;
 }
@@ -480,15 +557,29 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
   VitTrainView g = bind_view(model, grads.data());
 
-  // Classifier and final norm (class-token rows only).
-  zero(acts.dcls_norm), zero(acts.dcls);
-  linear_backward(acts.cls_norm.data(), w.head_w, dlogits, B, K, d, acts.dcls_norm.data(), g.head_w,
-                  g.head_b);
-  layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(), acts.rstd_f.data(),
-                      w.norm_w, B, d, acts.dcls.data(), g.norm_w, g.norm_b);
-  zero(acts.dx);
-  for (int64_t b = 0; b < B; ++b)
-    std::memcpy(acts.dx.data() + b * T * d, acts.dcls.data() + b * d, sizeof(float) * d);
+  // Classifier and final norm (class-token rows, or every row with class_mean).
+  const int64_t head = (model.class_mean ? 2 : 1) * d;
+  zero(acts.dhead_in), zero(acts.dcls_norm), zero(acts.dcls), zero(acts.dx);
+  linear_backward(acts.head_in.data(), w.head_w, dlogits, B, K, head, acts.dhead_in.data(),
+                  g.head_w, g.head_b);
+  if (!model.class_mean) {
+    std::copy(acts.dhead_in.begin(), acts.dhead_in.end(), acts.dcls_norm.begin());
+    layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(),
+                        acts.rstd_f.data(), w.norm_w, B, d, acts.dcls.data(), g.norm_w, g.norm_b);
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(acts.dx.data() + b * T * d, acts.dcls.data() + b * d, sizeof(float) * d);
+  } else {
+    const float inv = 1.0f / static_cast<float>(T - 1);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = acts.dhead_in.data() + b * 2 * d;
+      float* db = acts.dcls_norm.data() + b * T * d;
+      std::copy(row, row + d, db);
+      for (int64_t t = 1; t < T; ++t)
+        for (int64_t k = 0; k < d; ++k) db[t * d + k] = row[d + k] * inv;
+    }
+    layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(),
+                        acts.rstd_f.data(), w.norm_w, M, d, acts.dx.data(), g.norm_w, g.norm_b);
+  }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   for (size_t li = acts.layers.size(); li-- > 0;) {
@@ -497,7 +588,9 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
     const VitTrainLayerView& lg = g.layers[li];
     // dx holds dL/dx_{l+1}; x_{l+1} = x_mid + fc2(gelu(fc1(LN₂ x_mid))).
     zero(acts.da), zero(acts.dh), zero(acts.dln);
-    linear_backward(a.a.data(), lw.fc2_w, acts.dx.data(), M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
+    const float* dbranch = acts.dx.data();  // DINOv2: through λ₂ first
+    if (lw.ls2) dbranch = scale_backward(acts.dx.data(), a.z2.data(), lw.ls2, M, d, acts.dz.data(), lg.ls2);
+    linear_backward(a.a.data(), lw.fc2_w, dbranch, M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
     gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
     linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, f, d, acts.dln.data(), lg.fc1_w,
                     lg.fc1_b);
@@ -505,7 +598,9 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
                         M, d, acts.dx.data(), lg.norm2_w, lg.norm2_b);
     // dx holds dL/dx_mid; x_mid = x + attn_out(attention(qkv(LN₁ x))).
     zero(acts.dctx), zero(acts.dqkv), zero(acts.dln);
-    linear_backward(a.ctx.data(), lw.attn_out_w, acts.dx.data(), M, d, d, acts.dctx.data(),
+    dbranch = acts.dx.data();
+    if (lw.ls1) dbranch = scale_backward(acts.dx.data(), a.z1.data(), lw.ls1, M, d, acts.dz.data(), lg.ls1);
+    linear_backward(a.ctx.data(), lw.attn_out_w, dbranch, M, d, d, acts.dctx.data(),
                     lg.attn_out_w, lg.attn_out_b);
     const float* qkv = a.qkv.data();
     float* dqkv = acts.dqkv.data();

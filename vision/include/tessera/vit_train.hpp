@@ -12,9 +12,10 @@
 // Any input size trains: away from the training size (config image_size) the position table is
 // resampled as Hugging Face's interpolate_pos_encoding does (and as model_forward does), and its
 // gradient goes back through that resampling's adjoint. Supported: model_type "vit"
-// (ViTForImageClassification) and "deit" (DeiTForImageClassification: a distillation token beside
-// the class token, the classifier on the class token), hidden_act "gelu", with or without
-// qkv_bias. Anything else is an Error naming what is not supported.
+// (ViTForImageClassification), "deit" (DeiTForImageClassification: a distillation token beside
+// the class token, the classifier on the class token) and "dinov2" (Dinov2ForImageClassification:
+// layer scale, the classifier on [class token, mean of the patch tokens]; not SwiGLU yet),
+// hidden_act "gelu", with or without qkv_bias. Anything else is an Error naming what is not supported.
 #include <cstdint>
 #include <map>
 #include <span>
@@ -38,7 +39,10 @@ struct TrainParam {
 
 struct VitTrainModel {
   std::string architecture = "ViTForImageClassification";  // or DeiTForImageClassification
-  std::string base = "vit.";  // the encoder's name prefix: "vit." or "deit."
+  std::string base = "vit.";  // the encoder's name prefix: "vit.", "deit." or "dinov2."
+  // Dinov2ForImageClassification: the classifier [K, 2D] reads [h[:, 0], mean(h[:, 1:])] (the
+  // final norm then runs on every token); otherwise classifier [K, D] reads h[:, 0].
+  bool class_mean = false;
   std::string config_json;  // the folder's config.json text (written back on export)
   VitConfig config;
   int64_t num_labels = 0;
@@ -59,6 +63,7 @@ struct VitTrainLayerView {
   float *norm2_w, *norm2_b;    // layernorm_after [D]
   float *fc1_w, *fc1_b;        // intermediate.dense [F, D], [F]
   float *fc2_w, *fc2_b;        // output.dense [D, F], [D]
+  float *ls1, *ls2;            // DINOv2 layer scale [D] (attention, MLP branch), or null
 };
 struct VitTrainView {
   float *cls_token, *dist_token;  // [D]; the distillation token (DeiT) or null
@@ -95,14 +100,17 @@ struct VitTrainActivations {
   std::vector<float> pos;      // [T, D] the position embedding at this size
   struct Layer {
     std::vector<float> x, ln1, mean1, rstd1, qkv, ctx, lse, x_mid, ln2, mean2, rstd2, h, a;
+    std::vector<float> z1, z2;  // layer scale: the branches before λ [M, D] (else empty)
   };
   std::vector<Layer> layers;   // x [M,D] input, ln1 [M,D], qkv [M,3D], ctx [M,D], lse [B,H,T],
                                // x_mid [M,D], ln2 [M,D], h [M,F] pre-GELU, a [M,F] post-GELU
   std::vector<float> x_out;    // [M, D] the last layer's output
-  std::vector<float> cls, cls_norm, mean_f, rstd_f;  // [B, D] ×2, [B] ×2
+  // The final norm's rows (the class tokens [B, D], or every token [M, D] with class_mean), its
+  // output, mean and rstd; the classifier's input [B, D or 2D].
+  std::vector<float> cls, cls_norm, mean_f, rstd_f, head_in;
   std::vector<float> logits;   // [B, K]
   // backward scratch
-  std::vector<float> dx, dln, dqkv, dctx, dh, da, dcls, dcls_norm, dembedded;
+  std::vector<float> dx, dln, dqkv, dctx, dh, da, dcls, dcls_norm, dhead_in, dembedded, dz;
   void resize(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width);
 };
 
