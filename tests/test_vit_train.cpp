@@ -339,3 +339,29 @@ TEST_CASE("a run resumed from a training checkpoint ends bit-identical", "[vit_t
                     Catch::Contains("weight.vit.embeddings.cls_token"));
   std::filesystem::remove(path);
 }
+
+TEST_CASE("layer-wise lr decay scales each layer's step by decay^(L + 1 − layer)", "[vit_train]") {
+  // SGD at lr 1, decay 0.5, two blocks: the embeddings move by g/8, block 0 by g/4, block 1 by
+  // g/2, the final norm and classifier by g. Powers of two, so the steps are exact.
+  VitTrainModel model = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  REQUIRE(model.config.num_hidden_layers == 2);
+  const std::vector<float> before = model.weights;
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-p4-h48-noqkvbias-step.safetensors"));
+  VitTrainState state;
+  TrainStepOptions o;
+  o.optimizer = Optimizer::Sgd;
+  o.lr = 1.0f;
+  o.layer_decay = 0.5;
+  vit_train_step(model, state, st.read("pixel_values"), {0, 1, 2}, o);
+  for (const TrainParam& p : model.params) {
+    INFO(p.name);
+    const float scale = p.name.rfind("vit.embeddings.", 0) == 0          ? 0.125f
+                        : p.name.rfind("vit.encoder.layer.0.", 0) == 0   ? 0.25f
+                        : p.name.rfind("vit.encoder.layer.1.", 0) == 0   ? 0.5f
+                                                                          : 1.0f;
+    bool exact = true;
+    for (int64_t i = p.offset; i < p.offset + p.numel(); ++i)
+      exact = exact && model.weights[i] == before[i] - scale * state.grads[i];
+    CHECK(exact);
+  }
+}

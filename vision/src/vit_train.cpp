@@ -650,8 +650,23 @@ double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_v
   return loss;
 }
 
+int64_t vit_train_layer(const VitTrainModel& model, const TrainParam& param) {
+  const std::string blocks = model.base + "encoder.layer.";
+  if (param.name.rfind(model.base + "embeddings.", 0) == 0) return 0;
+  if (param.name.rfind(blocks, 0) == 0)
+    return 1 + std::stoll(param.name.substr(blocks.size(), param.name.find('.', blocks.size()) - blocks.size()));
+  return model.config.num_hidden_layers + 1;  // final norm, classifier
+}
+
+double vit_train_lr_scale(const VitTrainModel& model, const TrainParam& param, double layer_decay) {
+  if (layer_decay == 1.0) return 1.0;
+  return std::pow(layer_decay, static_cast<double>(model.config.num_hidden_layers + 1 -
+                                                   vit_train_layer(model, param)));
+}
+
 void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, std::span<float> m,
-                          std::span<float> v, int64_t step, const AdamWOptions& options) {
+                          std::span<float> v, int64_t step, const AdamWOptions& options,
+                          double layer_decay) {
   check(grads.size() == model.weights.size() && m.size() == grads.size() && v.size() == grads.size(),
         "vit_train_adamw_step: gradients or moments differ in size from the weights");
   AdamWOptions no_decay = options;
@@ -659,8 +674,9 @@ void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, st
   std::span<float> w(model.weights);
   for (const TrainParam& p : model.params) {
     const size_t o = static_cast<size_t>(p.offset), n = static_cast<size_t>(p.numel());
-    adamw_step(w.subspan(o, n), grads.subspan(o, n), m.subspan(o, n), v.subspan(o, n), step,
-               p.decay ? options : no_decay);
+    AdamWOptions po = p.decay ? options : no_decay;
+    po.lr = static_cast<float>(options.lr * vit_train_lr_scale(model, p, layer_decay));
+    adamw_step(w.subspan(o, n), grads.subspan(o, n), m.subspan(o, n), v.subspan(o, n), step, po);
   }
 }
 
@@ -687,13 +703,14 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
   if (o.optimizer == Optimizer::AdamW) {
     AdamWOptions a;
     a.lr = o.lr, a.beta1 = o.beta1, a.beta2 = o.beta2, a.eps = o.eps, a.weight_decay = o.weight_decay;
-    vit_train_adamw_step(model, state.grads, state.m, state.v, state.step, a);
+    vit_train_adamw_step(model, state.grads, state.m, state.v, state.step, a, o.layer_decay);
   } else {
     std::span<float> w(model.weights), g(state.grads), m(state.m);
     for (const TrainParam& p : model.params) {
       const size_t off = static_cast<size_t>(p.offset), len = static_cast<size_t>(p.numel());
       sgd_step(w.subspan(off, len), g.subspan(off, len),
-               o.momentum != 0.0f ? m.subspan(off, len) : std::span<float>{}, o.lr, o.momentum,
+               o.momentum != 0.0f ? m.subspan(off, len) : std::span<float>{},
+               static_cast<float>(o.lr * vit_train_lr_scale(model, p, o.layer_decay)), o.momentum,
                p.decay ? o.weight_decay : 0.0f, state.step == 1);
     }
   }

@@ -127,11 +127,19 @@ double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_v
                                const std::vector<int64_t>& labels, float label_smoothing,
                                VitTrainActivations& acts, std::span<float> grads);
 
+// Layer-wise learning-rate decay for fine-tuning (BEiT / MAE): parameter p trains at
+// lr·decay^(L + 1 − layer(p)), layer 0 the embeddings (tokens, position table, patch projection),
+// layer i + 1 encoder block i, layer L + 1 the final norm and the classifier.
+int64_t vit_train_layer(const VitTrainModel& model, const TrainParam& param);
+double vit_train_lr_scale(const VitTrainModel& model, const TrainParam& param, double layer_decay);
+
 // One AdamW step over every parameter (optim.hpp's adamw_step), with options.weight_decay on the
 // TrainParams marked decay (matrices) and none on the rest (biases, norms, tokens, position
-// embeddings). m and v are laid out as the weights; `step` counts from 1.
+// embeddings), and options.lr scaled per layer when layer_decay != 1. m and v are laid out as the
+// weights; `step` counts from 1.
 void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, std::span<float> m,
-                          std::span<float> v, int64_t step, const AdamWOptions& options);
+                          std::span<float> v, int64_t step, const AdamWOptions& options,
+                          double layer_decay = 1.0);
 
 // One optimiser step of the whole model on one batch, as `tessera train` will run it: zero the
 // gradients, forward, mean cross-entropy (label smoothing ε), backward, clip by global norm
@@ -146,6 +154,7 @@ struct TrainStepOptions {
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;  // AdamW
   float momentum = 0.0f;                             // SGD
   float clip_grad = 0.0f;                            // max global norm; 0: no clipping
+  double layer_decay = 1.0;                          // layer-wise lr decay; 1: off
   float label_smoothing = 0.0f;
 };
 // The optimiser's state and the step's buffers, laid out as the model's weights.
