@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "tessera/gemm.hpp"
 #include "tessera/model.hpp"
 #include "tessera/optim.hpp"
 #include "tessera/parallel.hpp"
@@ -73,8 +74,11 @@ TEST_CASE("training forward gives the inference forward's logits", "[vit_train]"
 }
 
 TEST_CASE("one SGD step (lr 1) leaves w − g, g from PyTorch autograd", "[vit_train]") {
+  // Through the dispatched GEMM kernels and through the portable ones.
+  const bool generic = GENERATE(false, true);
+  force_generic_kernels(generic);
   for (const Case& c : kCases) {
-    INFO(c.model_dir);
+    INFO(c.model_dir << (generic ? " (generic kernels)" : " (dispatched kernels)"));
     const VitTrainModel model = load_vit_train_model(fixtures(c.model_dir));
     const SafeTensors st = SafeTensors::open(fixtures("train/" + c.fixture + ".safetensors"));
     const Tensor pixels = st.read("pixel_values");
@@ -124,6 +128,7 @@ TEST_CASE("one SGD step (lr 1) leaves w − g, g from PyTorch autograd", "[vit_t
     if (c.fixture == "vit-p4-h48-noqkvbias-step") CHECK(compared == static_cast<int64_t>(model.params.size()));
     CHECK(compared > 0);
   }
+  force_generic_kernels(false);
 }
 
 TEST_CASE("training gradients are bit-identical for 1 and 2 threads", "[vit_train][threads]") {
