@@ -150,14 +150,26 @@ TEST_CASE("training gradients are bit-identical for 1 and 2 threads", "[vit_trai
 }
 
 TEST_CASE("training refuses what it cannot train yet, naming it", "[vit_train]") {
-  for (const char* dir : {"conformance/deit-tiny-distilled-rand" /* with teacher: no loss upstream */,
-                          "conformance/dinov2-small-rand" /* Dinov2Model: no head, no loss */}) {
+  for (const char* dir : {"conformance/dinov2-small-rand" /* Dinov2Model: no head, no loss */,
+                          "models/dinov2-swiglu-rand"}) {
     INFO(dir);
     try {
       load_vit_train_model(fixtures(dir));
       FAIL("expected an error");
     } catch (const std::exception& e) {
       CHECK(std::string(e.what()).find("supports Hugging Face ViTForImageClassification") != std::string::npos);
+    }
+  }
+  // A DeiT with a distillation head trains on the distillation loss, and says so.
+  {
+    const VitTrainModel deit = load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
+    std::vector<float> grads(deit.weights.size());
+    VitTrainActivations acts;
+    try {
+      vit_train_loss_and_grad(deit, Tensor({1, 3, 32, 32}), {0}, 0.0f, acts, grads);
+      FAIL("expected an error");
+    } catch (const std::exception& e) {
+      CHECK(std::string(e.what()).find("vit_train_distillation_loss_and_grad") != std::string::npos);
     }
   }
   const VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
@@ -369,4 +381,37 @@ TEST_CASE("layer-wise lr decay scales each layer's step by decay^(L + 1 − laye
       exact = exact && model.weights[i] == before[i] - scale * state.grads[i];
     CHECK(exact);
   }
+}
+
+TEST_CASE("DeiT with teacher: the hard-distillation loss's step matches PyTorch", "[vit_train]") {
+  // ½·CE(cls head, labels, label smoothing 0.1) + ½·CE(distillation head, teacher labels), on
+  // DeiTForImageClassificationWithTeacher; g from PyTorch autograd (make_train_fixtures.py).
+  const VitTrainModel model = load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
+  const auto inference = load_model(fixtures("conformance/deit-tiny-distilled-rand"));
+  const SafeTensors st = SafeTensors::open(fixtures("train/deit-distilled-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  std::vector<int64_t> labels, teacher;
+  for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+  for (float l : values(st.read("teacher_labels"))) teacher.push_back(static_cast<int64_t>(l));
+  std::vector<float> grads(model.weights.size(), 0.0f);
+  VitTrainActivations acts;
+  const double loss = vit_train_distillation_loss_and_grad(model, pixels, labels, teacher, 0.1f,
+                                                           acts, grads);
+  CHECK(std::abs(loss - st.read("loss")[0]) <= kTol * loss);
+  // The forward's logits are the inference model's ((cls + distillation) / 2) and PyTorch's.
+  const std::vector<float> logits = acts.logits;
+  ModelWorkspace ws;
+  CHECK(rel_err(logits, values(output(model_forward(*inference, pixels, ws), "logits"))) <= kTol);
+  CHECK(rel_err(logits, values(st.read("logits"))) <= kTol);
+  int64_t compared = 0;
+  for (const TrainParam& p : model.params) {
+    if (!st.contains("grad." + p.name)) continue;
+    INFO(p.name);
+    const auto got = model.view(std::span<const float>(grads), p.name);
+    const std::vector<float> want = values(st.read("grad." + p.name));
+    if (p.name.find("key.bias") != std::string::npos) continue;  // 0 in exact arithmetic (see above)
+    CHECK(rel_err(got, want) <= kTol);
+    ++compared;
+  }
+  CHECK(compared >= 4 + 6 * model.config.num_hidden_layers);  // heads, tokens, norms, biases
 }

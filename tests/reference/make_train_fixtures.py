@@ -8,7 +8,7 @@ transformers 4.40 ViTForImageClassification port of make_model_fixtures.py (hf_f
 float64 from the checkpoint's float32 weights; the loss is mean cross-entropy on the labels
 (F.cross_entropy, as ViTForImageClassification computes it for single-label classification), and
 autograd gives the gradient of every weight. adamw_curve(): the loss over 20 torch.optim.AdamW
-steps of one model on one batch. Stored: pixel_values, labels (as F32), logits, loss,
+steps of one model on one batch. distillation_step(): the same for DeiT's hard-distillation loss. Stored: pixel_values, labels (as F32), logits, loss,
 and grad.<checkpoint name> -- for every tensor, or (keep="1d") for the 1-D ones only, which keeps
 the fixture of the larger model small while still covering every bias and norm ("1d+pos": and the
 position table, the class / distillation tokens and the classifier).
@@ -94,6 +94,34 @@ def adamw_curve(folder="models/vit-p4-h48-noqkvbias-rand", name="vit-p4-h48-noqk
     print(path, os.path.getsize(path), "bytes, losses", losses[0], "->", losses[-1])
 
 
+def distillation_step(folder="conformance/deit-tiny-distilled-rand", name="deit-distilled-step",
+                      batch=2, seed=1306, label_smoothing=0.1):
+    """DeiT's hard-distillation loss on DeiTForImageClassificationWithTeacher:
+    0.5 * CE(cls_logits, labels, label_smoothing) + 0.5 * CE(distillation_logits, teacher_labels)."""
+    d = os.path.join(FIXTURES, folder)
+    cfg = mm.json.load(open(os.path.join(d, "config.json")))
+    sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(d, "model.safetensors")).items()}
+    size = cfg["image_size"]
+    pixels = mm.random_pixels(seed, batch, size, size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
+    teacher = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
+    out = mm.hf_forward(cfg, sd, pixels.double())
+    loss = 0.5 * F.cross_entropy(out["cls_logits"], labels, label_smoothing=label_smoothing) + \
+        0.5 * F.cross_entropy(out["distillation_logits"], teacher)
+    loss.backward()
+    tensors = {"pixel_values": pixels, "labels": labels.float(), "teacher_labels": teacher.float(),
+               "logits": out["logits"].detach(), "loss": loss.detach().reshape(1)}
+    for k, v in sorted(sd.items()):
+        if v.dim() == 1 or k.endswith("_token") or k.endswith("position_embeddings") or "classifier" in k:
+            tensors["grad." + k] = v.grad
+    path = os.path.join(OUT_DIR, name + ".safetensors")
+    mm.save_safetensors(path, tensors, {"model": folder, "loss": "hard distillation",
+                                        "label_smoothing": str(label_smoothing)})
+    print(path, os.path.getsize(path), "bytes, loss", float(loss))
+
+
 if __name__ == "__main__":
+    distillation_step()
     adamw_curve()
     main()

@@ -39,7 +39,8 @@ LayerNames layer_names(const VitConfig& c) {
 // The checkpoint names and shapes of the classifier, in buffer order: query, key, value weights
 // adjacent (one [3D, D] GEMM weight), then their biases (one [3D] bias).
 std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& base,
-                                         int64_t num_labels, bool class_mean, bool mask_token) {
+                                         int64_t num_labels, bool class_mean, bool mask_token,
+                                         bool teacher = false) {
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
   const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
   std::vector<TrainParam> out;
@@ -78,6 +79,13 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
   }
   add(base + "layernorm.weight", {d}, false);
   add(base + "layernorm.bias", {d}, false);
+  if (teacher) {  // DeiTForImageClassificationWithTeacher
+    add("cls_classifier.weight", {num_labels, d}, true);
+    add("cls_classifier.bias", {num_labels}, false);
+    add("distillation_classifier.weight", {num_labels, d}, true);
+    add("distillation_classifier.bias", {num_labels}, false);
+    return out;
+  }
   add("classifier.weight", {num_labels, class_mean ? 2 * d : d}, true);
   add("classifier.bias", {num_labels}, false);
   return out;
@@ -241,8 +249,16 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   }
   v.norm_w = at(m.base + "layernorm.weight");
   v.norm_b = at(m.base + "layernorm.bias");
-  v.head_w = at("classifier.weight");
-  v.head_b = at("classifier.bias");
+  if (m.teacher) {
+    v.head_w = at("cls_classifier.weight");
+    v.head_b = at("cls_classifier.bias");
+    v.head2_w = at("distillation_classifier.weight");
+    v.head2_b = at("distillation_classifier.bias");
+  } else {
+    v.head_w = at("classifier.weight");
+    v.head_b = at("classifier.bias");
+    v.head2_w = v.head2_b = nullptr;
+  }
   return v;
 }
 
@@ -259,13 +275,16 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
     arch = cfg.j["architectures"][0].get<std::string>();
   check((model_type == "vit" && arch == "ViTForImageClassification") ||
             (model_type == "deit" && arch == "DeiTForImageClassification") ||
+            (model_type == "deit" && arch == "DeiTForImageClassificationWithTeacher") ||
             (model_type == "dinov2" && arch == "Dinov2ForImageClassification"),
         config_file + ": training supports Hugging Face ViTForImageClassification, "
-                      "DeiTForImageClassification and Dinov2ForImageClassification so far, got "
+                      "DeiTForImageClassification(WithTeacher) and Dinov2ForImageClassification "
+                      "so far, got "
                       "model_type \"" + model_type + "\", architecture \"" + arch + "\"");
   m.architecture = arch;
   m.base = model_type + ".";
   m.class_mean = arch == "Dinov2ForImageClassification";
+  m.teacher = arch == "DeiTForImageClassificationWithTeacher";
   m.config = detail::hf_vit_config(cfg, model_type);
   check(m.config.activation == MlpActivation::Gelu,
         config_file + ": training does not support use_swiglu_ffn yet (the SwiGLU kernel is there; "
@@ -277,15 +296,17 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
   const std::string file = (dir / "model.safetensors").string();
   check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
   const SafeTensors st = SafeTensors::open(file);
-  check(st.contains("classifier.weight"), file + ": missing tensor 'classifier.weight'");
-  const Shape& head = st.info("classifier.weight").shape;
+  const std::string head_name = m.teacher ? "cls_classifier.weight" : "classifier.weight";
+  check(st.contains(head_name), file + ": missing tensor '" + head_name + "'");
+  const Shape& head = st.info(head_name).shape;
   const int64_t head_in = (m.class_mean ? 2 : 1) * m.config.hidden_size;
   check(head.size() == 2 && head[1] == head_in,
-        file + ": tensor 'classifier.weight' has shape " + shape_str(head) + ", expected [num_labels, " +
-            std::to_string(head_in) + "]");
+        file + ": tensor '" + head_name + "' has shape " + shape_str(head) +
+            ", expected [num_labels, " + std::to_string(head_in) + "]");
   m.num_labels = head[0];
   m.params = vit_train_layout(m.config, m.base, m.num_labels, m.class_mean,
-                              m.config.layer_scale && st.contains(m.base + "embeddings.mask_token"));
+                              m.config.layer_scale && st.contains(m.base + "embeddings.mask_token"),
+                              m.teacher);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
   for (const TrainParam& p : m.params) {
     check(st.contains(p.name), file + ": missing tensor '" + p.name + "' (expected shape " +
@@ -434,13 +455,17 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
     sized(l.h, m * f), sized(l.a, m * f);
     if (c.layer_scale) sized(l.z1, m * d), sized(l.z2, m * d);
   }
-  const int64_t rows = model.class_mean ? m : b, head = (model.class_mean ? 2 : 1) * d;
+  // Final-norm rows: the class tokens, or with a teacher head the class then the distillation
+  // tokens ([2B, D]), or every token (class_mean).
+  const int64_t rows = model.class_mean ? m : model.teacher ? 2 * b : b;
+  const int64_t head = (model.class_mean ? 2 : 1) * d;
   sized(x_out, m * d);
   sized(cls, rows * d), sized(cls_norm, rows * d), sized(mean_f, rows), sized(rstd_f, rows);
-  sized(head_in, b * head), sized(logits, b * model.num_labels);
+  sized(head_in, (model.teacher ? 2 : 1) * b * head), sized(logits, b * model.num_labels);
+  sized(head_logits, model.teacher ? 2 * b * model.num_labels : 0);
   sized(dx, m * d), sized(dln, m * d), sized(dqkv, m * 3 * d), sized(dctx, m * d);
   sized(dh, m * f), sized(da, m * f), sized(dcls, rows * d), sized(dcls_norm, rows * d);
-  sized(dhead_in, b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
+  sized(dhead_in, (model.teacher ? 2 : 1) * b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
 }
 
 std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
@@ -515,10 +540,13 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
       linear(a.a.data(), M, f, fc2, next, d, Activation::None, a.x_mid.data());
   }
   if (!model.class_mean) {
-    // Only the class tokens reach the classifier: the final norm runs on those rows.
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(acts.cls.data() + b * d, acts.x_out.data() + b * T * d, sizeof(float) * d);
-    layer_norm_forward(acts.cls.data(), B, d, w.norm_w, w.norm_b, c.layer_norm_eps,
+    // Only the class (and distillation) tokens reach the heads: the final norm runs on those rows.
+    const int64_t heads_n = model.teacher ? 2 : 1;
+    for (int64_t j = 0; j < heads_n; ++j)
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(acts.cls.data() + (j * B + b) * d, acts.x_out.data() + (b * T + j) * d,
+                    sizeof(float) * d);
+    layer_norm_forward(acts.cls.data(), heads_n * B, d, w.norm_w, w.norm_b, c.layer_norm_eps,
                        acts.cls_norm.data(), acts.mean_f.data(), acts.rstd_f.data());
     std::copy(acts.cls_norm.begin(), acts.cls_norm.end(), acts.head_in.begin());
   } else {
@@ -537,9 +565,17 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
       }
     }
   }
-  const int64_t head = (model.class_mean ? 2 : 1) * d;
-  linear_forward(acts.head_in.data(), B, w.head_w, w.head_b, model.num_labels, head,
-                 acts.logits.data());
+  const int64_t head = (model.class_mean ? 2 : 1) * d, K = model.num_labels;
+  if (!model.teacher) {
+    linear_forward(acts.head_in.data(), B, w.head_w, w.head_b, K, head, acts.logits.data());
+    return acts.logits;
+  }
+  // DeiT with teacher: logits = (cls_classifier(h0) + distillation_classifier(h1)) / 2.
+  float* cls_logits = acts.head_logits.data();
+  float* dist_logits = cls_logits + B * K;
+  linear_forward(acts.head_in.data(), B, w.head_w, w.head_b, K, d, cls_logits);
+  linear_forward(acts.head_in.data() + B * d, B, w.head2_w, w.head2_b, K, d, dist_logits);
+  for (int64_t i = 0; i < B * K; ++i) acts.logits[i] = (cls_logits[i] + dist_logits[i]) / 2;
   return acts.logits;
 }
 
@@ -562,12 +598,19 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
   zero(acts.dhead_in), zero(acts.dcls_norm), zero(acts.dcls), zero(acts.dx);
   linear_backward(acts.head_in.data(), w.head_w, dlogits, B, K, head, acts.dhead_in.data(),
                   g.head_w, g.head_b);
+  if (model.teacher)
+    linear_backward(acts.head_in.data() + B * d, w.head2_w, dlogits + B * K, B, K, d,
+                    acts.dhead_in.data() + B * d, g.head2_w, g.head2_b);
   if (!model.class_mean) {
+    const int64_t heads_n = model.teacher ? 2 : 1;
     std::copy(acts.dhead_in.begin(), acts.dhead_in.end(), acts.dcls_norm.begin());
     layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(),
-                        acts.rstd_f.data(), w.norm_w, B, d, acts.dcls.data(), g.norm_w, g.norm_b);
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(acts.dx.data() + b * T * d, acts.dcls.data() + b * d, sizeof(float) * d);
+                        acts.rstd_f.data(), w.norm_w, heads_n * B, d, acts.dcls.data(), g.norm_w,
+                        g.norm_b);
+    for (int64_t j = 0; j < heads_n; ++j)
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(acts.dx.data() + (b * T + j) * d, acts.dcls.data() + (j * B + b) * d,
+                    sizeof(float) * d);
   } else {
     const float inv = 1.0f / static_cast<float>(T - 1);
     for (int64_t b = 0; b < B; ++b) {
@@ -637,6 +680,8 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
 double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
                                const std::vector<int64_t>& labels, float label_smoothing,
                                VitTrainActivations& acts, std::span<float> grads) {
+  check(!model.teacher, "a DeiT with a distillation head trains on the hard-distillation loss: "
+                        "vit_train_distillation_loss_and_grad, with the teacher's labels");
   const std::span<const float> logits = vit_train_forward(model, pixel_values, acts);
   const int64_t B = acts.batch;
   check(static_cast<int64_t>(labels.size()) == B,
@@ -648,6 +693,28 @@ double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_v
                                                      dlogits.data());
   vit_train_backward(model, acts, dlogits.data(), grads);
   return loss;
+}
+
+double vit_train_distillation_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                                            const std::vector<int64_t>& labels,
+                                            const std::vector<int64_t>& teacher_labels,
+                                            float label_smoothing, VitTrainActivations& acts,
+                                            std::span<float> grads) {
+  check(model.teacher, "the hard-distillation loss needs DeiTForImageClassificationWithTeacher");
+  vit_train_forward(model, pixel_values, acts);
+  const int64_t B = acts.batch, K = model.num_labels;
+  check(static_cast<int64_t>(labels.size()) == B && static_cast<int64_t>(teacher_labels.size()) == B,
+        "vit_train_distillation_loss_and_grad: labels and teacher labels must be one per image");
+  // ½·CE_ε(cls_logits, y) + ½·CE(dist_logits, y_teacher): each half's gradient scaled by ½.
+  std::vector<float> d_cls(static_cast<size_t>(2 * B * K), 0.0f);
+  const double cls_loss = cross_entropy_forward_backward(acts.head_logits.data(), labels.data(), B,
+                                                         K, label_smoothing, d_cls.data());
+  const double dist_loss = cross_entropy_forward_backward(acts.head_logits.data() + B * K,
+                                                          teacher_labels.data(), B, K, 0.0f,
+                                                          d_cls.data() + B * K);
+  for (float& v : d_cls) v *= 0.5f;
+  vit_train_backward(model, acts, d_cls.data(), grads);
+  return 0.5 * cls_loss + 0.5 * dist_loss;
 }
 
 int64_t vit_train_layer(const VitTrainModel& model, const TrainParam& param) {

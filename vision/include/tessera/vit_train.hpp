@@ -13,7 +13,8 @@
 // resampled as Hugging Face's interpolate_pos_encoding does (and as model_forward does), and its
 // gradient goes back through that resampling's adjoint. Supported: model_type "vit"
 // (ViTForImageClassification), "deit" (DeiTForImageClassification: a distillation token beside
-// the class token, the classifier on the class token) and "dinov2" (Dinov2ForImageClassification:
+// the class token, the classifier on the class token; ...WithTeacher: a second head on the
+// distillation token, trained on the hard-distillation loss) and "dinov2" (Dinov2ForImageClassification:
 // layer scale, the classifier on [class token, mean of the patch tokens]; not SwiGLU yet),
 // hidden_act "gelu", with or without qkv_bias. Anything else is an Error naming what is not supported.
 #include <cstdint>
@@ -43,6 +44,9 @@ struct VitTrainModel {
   // Dinov2ForImageClassification: the classifier [K, 2D] reads [h[:, 0], mean(h[:, 1:])] (the
   // final norm then runs on every token); otherwise classifier [K, D] reads h[:, 0].
   bool class_mean = false;
+  // DeiTForImageClassificationWithTeacher: cls_classifier on h[:, 0], distillation_classifier on
+  // h[:, 1], logits their mean; it trains on the hard-distillation loss.
+  bool teacher = false;
   std::string config_json;  // the folder's config.json text (written back on export)
   VitConfig config;
   int64_t num_labels = 0;
@@ -71,7 +75,8 @@ struct VitTrainView {
   float *patch_w, *patch_b;      // [D, C·p·p] (the convolution [D, C, p, p]), [D]
   std::vector<VitTrainLayerView> layers;
   float *norm_w, *norm_b;        // final layernorm [D]
-  float *head_w, *head_b;        // classifier [K, D], [K]
+  float *head_w, *head_b;        // classifier [K, D], [K] (with a teacher head: cls_classifier)
+  float *head2_w, *head2_b;      // distillation_classifier [K, D], [K], or null
 };
 VitTrainView bind_view(const VitTrainModel& model, float* buffer);
 
@@ -109,6 +114,7 @@ struct VitTrainActivations {
   // output, mean and rstd; the classifier's input [B, D or 2D].
   std::vector<float> cls, cls_norm, mean_f, rstd_f, head_in;
   std::vector<float> logits;   // [B, K]
+  std::vector<float> head_logits;  // with a teacher head: class head's [B, K], then distillation head's
   // backward scratch
   std::vector<float> dx, dln, dqkv, dctx, dh, da, dcls, dcls_norm, dhead_in, dembedded, dz;
   void resize(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width);
@@ -118,9 +124,19 @@ struct VitTrainActivations {
 std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
                                          VitTrainActivations& acts);
 // After vit_train_forward on the same acts: ADDS dLoss/dweight into grads (laid out as
-// model.params), given dlogits [B, K].
+// model.params), given dlogits [B, K] (with a teacher head: [2B, K], the class head's logits'
+// gradient, then the distillation head's).
 void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
                         const float* dlogits, std::span<float> grads);
+
+// DeiT's hard-distillation loss (DeiTForImageClassificationWithTeacher):
+//   ½·CE_ε(cls_classifier(h0), labels) + ½·CE(distillation_classifier(h1), teacher_labels),
+// teacher_labels the teacher's argmax per image. Forward, loss, backward into grads (added).
+double vit_train_distillation_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                                            const std::vector<int64_t>& labels,
+                                            const std::vector<int64_t>& teacher_labels,
+                                            float label_smoothing, VitTrainActivations& acts,
+                                            std::span<float> grads);
 
 // Mean cross-entropy (label smoothing ε) of the batch: forward, loss, backward into grads (added).
 double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
