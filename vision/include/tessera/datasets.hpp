@@ -1,0 +1,47 @@
+#pragma once
+// Classification data for training, as issue 13's `--data` names it: a folder laid out as
+// torchvision's ImageFolder, or OpenCV's handwritten digits with the tutorial's split. Samples stay
+// files (or small in-memory images) until a batch asks for them; a batch goes through the model's
+// own pre-processing (preprocess.hpp), so training sees what inference will.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <opencv2/core.hpp>
+
+#include "tessera/preprocess.hpp"
+#include "tessera/tensor.hpp"
+
+namespace tessera {
+
+struct ClassificationData {
+  std::string source;                // what it was read from, for messages
+  std::vector<std::string> classes;  // label id → class name
+  std::vector<int64_t> labels;       // one per sample
+  std::vector<std::string> paths;    // one per sample (files), or empty (in-memory images)
+  std::vector<cv::Mat> images;       // one per sample (8-bit gray or RGB), or empty (files)
+  size_t size() const { return labels.size(); }
+  // Sample i as 8-bit RGB (decoded from its file, or the in-memory image, gray replicated).
+  cv::Mat rgb(size_t i) const;
+};
+
+// torchvision's ImageFolder: one sub-folder per class, classes sorted by name (label = index),
+// every image file below a class folder (recursively; .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff
+// .webp, any case), sorted by path. Errors name the folder: not a folder, no class folders, a
+// class folder without images.
+ClassificationData image_folder(const std::string& dir);
+
+// OpenCV's samples/data/digits.png (50 rows × 100 columns of 20×20 cells, row r holds digit r/5)
+// with the tutorial's split: "train" the left 50 columns of every row, "test" the right 50, ""
+// all 5000. Classes "0" … "9".
+ClassificationData opencv_digits(const std::string& png_path, const std::string& split = "");
+
+// `--data`: "digits", "digits:train" or "digits:test" (read from digits_png), else an ImageFolder.
+ClassificationData load_classification_data(const std::string& spec, const std::string& digits_png);
+
+// The samples at `indices` through the processor, stacked into [B, 3, H, W] (every sample must come
+// out the same size: an Error names the first that does not); their labels into *labels if given.
+Tensor classification_batch(const ClassificationData& data, const std::vector<size_t>& indices,
+                            const PreprocessConfig& processor, std::vector<int64_t>* labels = nullptr);
+
+}  // namespace tessera
