@@ -415,3 +415,16 @@ TEST_CASE("DeiT with teacher: the hard-distillation loss's step matches PyTorch"
   }
   CHECK(compared >= 4 + 6 * model.config.num_hidden_layers);  // heads, tokens, norms, biases
 }
+
+TEST_CASE("--arch presets have the published sizes", "[vit_train]") {
+  std::vector<std::string> imagenet(1000, "x");
+  // ViT-Ti/16 at 224 with a 1000-class head: 5,717,416 parameters (timm's vit_tiny_patch16_224).
+  const VitTrainModel tiny = make_vit_train_model(vit_train_preset("vit-ti16", 224), imagenet, 1);
+  CHECK(tiny.weights.size() == 5717416u);
+  CHECK(vit_train_preset("vit-s16", 224).num_attention_heads == 6);
+  CHECK(vit_train_preset("vit-b16", 384).intermediate_size == 3072);
+  const VitConfig digits = vit_train_preset("vit-digits", 20);
+  CHECK((digits.grid_height() == 5 && digits.hidden_size == 64 && digits.intermediate_size == 256));
+  CHECK_THROWS_WITH(vit_train_preset("vit-h14", 224), Catch::Contains("known: vit-ti16"));
+  CHECK_THROWS_WITH(vit_train_preset("vit-ti16", 100), Catch::Contains("not a positive multiple"));
+}

@@ -410,6 +410,37 @@ VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::st
   return m;
 }
 
+std::vector<std::string> vit_train_presets() { return {"vit-ti16", "vit-s16", "vit-b16", "vit-digits"}; }
+
+VitConfig vit_train_preset(const std::string& arch, int64_t image_size) {
+  VitConfig c;
+  c.image_height = c.image_width = image_size;
+  c.num_channels = 3;
+  c.qkv_bias = true;
+  c.num_hidden_layers = 12;
+  c.patch_size = 16;
+  c.layer_norm_eps = 1e-12f;
+  if (arch == "vit-ti16") {
+    c.hidden_size = 192, c.num_attention_heads = 3;
+  } else if (arch == "vit-s16") {
+    c.hidden_size = 384, c.num_attention_heads = 6;
+  } else if (arch == "vit-b16") {
+    c.hidden_size = 768, c.num_attention_heads = 12;
+  } else if (arch == "vit-digits") {
+    c.patch_size = 4, c.hidden_size = 64, c.num_hidden_layers = 4, c.num_attention_heads = 4;
+    c.layer_norm_eps = 1e-6f;
+  } else {
+    std::string known;
+    for (const std::string& p : vit_train_presets()) known += (known.empty() ? "" : ", ") + p;
+    fail("--arch " + arch + ": unknown preset (known: " + known + ")");
+  }
+  c.intermediate_size = 4 * c.hidden_size;
+  check(image_size > 0 && image_size % c.patch_size == 0,
+        "--arch " + arch + ": image size " + std::to_string(image_size) +
+            " is not a positive multiple of the patch size " + std::to_string(c.patch_size));
+  return c;
+}
+
 void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
                           const std::string& preprocessor_json) {
   const fs::path dir(dir_string);

@@ -92,6 +92,13 @@ VitTrainModel load_vit_train_model(const std::string& dir);
 VitTrainModel make_vit_train_model(const VitConfig& config, const std::vector<std::string>& labels,
                                    uint64_t seed);
 
+// The architecture of an --arch preset at image_size x image_size: "vit-ti16", "vit-s16",
+// "vit-b16" (the ViT/DeiT sizes: D 192/384/768, 12 layers, 3/6/12 heads, MLP 4D, patch 16,
+// layer_norm_eps 1e-12 as Hugging Face's configs) and "vit-digits" (the toy trainer's small model:
+// patch 4, D 64, 4 layers, 4 heads, MLP 256, eps 1e-6). An unknown name is an Error listing them.
+VitConfig vit_train_preset(const std::string& arch, int64_t image_size);
+std::vector<std::string> vit_train_presets();
+
 // Writes the model as a folder of the family it was read from: config.json (the text it was read
 // with), model.safetensors (every parameter under its checkpoint name and shape) and, when
 // `preprocessor_json` is not empty, preprocessor_config.json. The folder loads in load_model.
