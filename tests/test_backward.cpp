@@ -410,7 +410,7 @@ TEST_CASE("interpolation backward is the forward's adjoint", "[backward][interpo
                               "interp_bilinear_ac", "interp_bicubic_aa_down", "interp_bicubic_aa_up"}) {
     INFO(c);
     const auto p = f.params(c);
-    const int64_t ih = p["in_h"], iw = p["in_w"], oh = p["out_h"], ow = p["out_w"], C = 3;
+    const int64_t ih = p["in_h"], iw = p["in_w"], oh = p["out_h"], ow = p["out_w"];
     Interpolation how;
     how.mode = p["antialias"].get<bool>() ? InterpolationMode::BicubicAntialias
                : p["mode"] == "bilinear"  ? InterpolationMode::Bilinear
@@ -418,6 +418,7 @@ TEST_CASE("interpolation backward is the forward's adjoint", "[backward][interpo
     how.align_corners = p["align_corners"];
     how.scale_h = p["scale_h"], how.scale_w = p["scale_w"];
     const auto x = f.get(c + ".x"), dy = f.get(c + ".dy");
+    const int64_t C = static_cast<int64_t>(x.size()) / (ih * iw);
     REQUIRE(static_cast<int64_t>(dy.size()) == C * oh * ow);
     std::vector<float> dx(C * ih * iw, 0.0f);
     interpolate_backward(how, dy.data(), C, ih, iw, oh, ow, dx.data());
