@@ -414,6 +414,18 @@ TEST_CASE("DeiT with teacher: the hard-distillation loss's step matches PyTorch"
     ++compared;
   }
   CHECK(compared >= 4 + 6 * model.config.num_hidden_layers);  // heads, tokens, norms, biases
+
+  // vit_train_step on the same loss: SGD at lr 1 leaves exactly w − g, g the loss's gradient.
+  VitTrainModel stepped = load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
+  VitTrainState state;
+  TrainStepOptions o;
+  o.optimizer = Optimizer::Sgd, o.lr = 1.0f, o.label_smoothing = 0.1f;
+  CHECK_THROWS_WITH(vit_train_step(stepped, state, pixels, labels, o), Catch::Contains("teacher's labels"));
+  const TrainStepResult r = vit_train_step(stepped, state, pixels, labels, o, &teacher);
+  CHECK(r.loss == loss);
+  std::vector<float> want(model.weights.size());
+  for (size_t i = 0; i < want.size(); ++i) want[i] = model.weights[i] - grads[i];
+  CHECK(stepped.weights == want);
 }
 
 TEST_CASE("--arch presets have the published sizes", "[vit_train]") {

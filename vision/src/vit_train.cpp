@@ -779,7 +779,11 @@ void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, st
 }
 
 TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
-                               const std::vector<int64_t>& labels, const TrainStepOptions& o) {
+                               const std::vector<int64_t>& labels, const TrainStepOptions& o,
+                               const std::vector<int64_t>* teacher_labels) {
+  check(model.teacher == (teacher_labels != nullptr),
+        model.teacher ? "a DeiT with teacher steps on the hard-distillation loss: pass the teacher's labels"
+                      : "teacher labels given for a model without a distillation head");
   const size_t n = model.weights.size();
   if (state.grads.size() != n) {
     state.grads.assign(n, 0.0f);
@@ -789,8 +793,11 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
   if (o.optimizer == Optimizer::AdamW && state.v.size() != n) state.v.assign(n, 0.0f);
   std::fill(state.grads.begin(), state.grads.end(), 0.0f);
   TrainStepResult r;
-  r.loss = vit_train_loss_and_grad(model, pixel_values, labels, o.label_smoothing, state.acts,
-                                   state.grads);
+  r.loss = teacher_labels
+               ? vit_train_distillation_loss_and_grad(model, pixel_values, labels, *teacher_labels,
+                                                      o.label_smoothing, state.acts, state.grads)
+               : vit_train_loss_and_grad(model, pixel_values, labels, o.label_smoothing, state.acts,
+                                         state.grads);
   const int64_t K = model.num_labels;
   for (size_t b = 0; b < labels.size(); ++b) {
     const float* row = state.acts.logits.data() + b * K;

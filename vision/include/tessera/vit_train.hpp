@@ -191,8 +191,11 @@ struct TrainStepResult {
   double grad_norm = 0;  // global gradient norm, before clipping
   int64_t correct = 0;   // rows whose argmax is the label
 };
+// A DeiT with teacher (model.teacher) steps on the hard-distillation loss and needs the teacher's
+// labels; other models take none.
 TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
-                               const std::vector<int64_t>& labels, const TrainStepOptions& options);
+                               const std::vector<int64_t>& labels, const TrainStepOptions& options,
+                               const std::vector<int64_t>* teacher_labels = nullptr);
 
 // A training checkpoint, for --resume: the weights under their checkpoint names ("weight.NAME"),
 // the optimiser state ("m.NAME", and "v.NAME" for AdamW) and its step count, plus the caller's
