@@ -45,9 +45,9 @@ std::string fixed(double x) {
 }
 
 nlohmann::json eval_classify(const Model& model, const std::string& data, const std::string& digits_png, int64_t limit) {
-  ClassificationData set = load_classification_data(data, digits_png);
-  std::vector<LabelledImage>& items = set.images;
-  if (limit > 0 && static_cast<int64_t>(items.size()) > limit) items.resize(static_cast<size_t>(limit));
+  const ClassificationData set = load_classification_data(data, digits_png);
+  size_t count = set.size();
+  if (limit > 0 && static_cast<int64_t>(count) > limit) count = static_cast<size_t>(limit);
   // The data's classes are the model's labels of the same names.
   std::map<std::string, int64_t> label_id;
   for (size_t i = 0; i < model.labels.size(); ++i) label_id[model.labels[i]] = static_cast<int64_t>(i);
@@ -60,29 +60,29 @@ nlohmann::json eval_classify(const Model& model, const std::string& data, const 
   ModelWorkspace ws;
   int64_t top1 = 0, top5 = 0;
   const size_t batch = 64;
-  for (size_t b0 = 0; b0 < items.size(); b0 += batch) {
-    const size_t n = std::min(batch, items.size() - b0);
+  for (size_t b0 = 0; b0 < count; b0 += batch) {
+    const size_t n = std::min(batch, count - b0);
     std::vector<Tensor> xs;
     for (size_t i = 0; i < n; ++i) {
-      const LabelledImage& im = items[b0 + i];
-      xs.push_back(pre.image(im.rgb.empty() ? load_image_rgb(im.path) : im.rgb));
-      check(xs.back().shape() == xs.front().shape(), im.path + ": pre-processed to another size than the rest of its batch");
+      xs.push_back(pre.image(set.rgb(b0 + i)));
+      check(xs.back().shape() == xs.front().shape(),
+            (set.paths.empty() ? set.source : set.paths[b0 + i]) + ": pre-processed to another size than the rest of its batch");
     }
     const Shape s = xs.front().shape();
     Tensor x({static_cast<int64_t>(n), s[0], s[1], s[2]});
     for (size_t i = 0; i < n; ++i) std::copy_n(xs[i].data(), xs[i].numel(), x.data() + i * xs[i].numel());
     const auto predictions = top_k(output(model_forward(model, x, ws), "logits"), model.labels, 5);
     for (size_t i = 0; i < n; ++i) {
-      const int64_t truth = to_model[items[b0 + i].label];
+      const int64_t truth = to_model[set.labels[b0 + i]];
       const auto& p = predictions[i];
       top1 += !p.empty() && p[0].label == truth;
       top5 += std::any_of(p.begin(), p.end(), [&](const Prediction& q) { return q.label == truth; });
     }
   }
-  const double n = static_cast<double>(items.size());
-  std::printf("top-1 %s (%lld of %zu), top-5 %s\n", percent(top1 / n).c_str(), static_cast<long long>(top1), items.size(),
+  const double n = static_cast<double>(count);
+  std::printf("top-1 %s (%lld of %zu), top-5 %s\n", percent(top1 / n).c_str(), static_cast<long long>(top1), count,
               percent(top5 / n).c_str());
-  return {{"task", "classify"}, {"images", items.size()}, {"top1", top1 / n}, {"top5", top5 / n}};
+  return {{"task", "classify"}, {"images", count}, {"top1", top1 / n}, {"top5", top5 / n}};
 }
 
 nlohmann::json eval_detect(const Model& model, const std::string& data, int64_t limit) {

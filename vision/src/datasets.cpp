@@ -1,60 +1,119 @@
-// Labelled data sets (see datasets.hpp).
+// Labelled data sets (tessera/datasets.hpp).
 #include "tessera/datasets.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
+
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
-#include <set>
 
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
-#include "tessera/scenes.hpp"
+#include "tessera/parallel.hpp"
 
 namespace fs = std::filesystem;
 
 namespace tessera {
-
 namespace {
+
 bool is_image_file(const fs::path& p) {
-  static const std::set<std::string> exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"};
-  std::string e = p.extension().string();
-  std::transform(e.begin(), e.end(), e.begin(), ::tolower);
-  return exts.count(e) != 0;
+  std::string ext = p.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  for (const char* e : {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
+    if (ext == e) return true;
+  return false;
 }
+
 }  // namespace
 
-ClassificationData load_classification_data(const std::string& data, const std::string& digits_png) {
-  ClassificationData out;
-  if (data == "digits" || data == "digits:test" || data == "digits:train") {
-    const SceneSplit split = data == "digits:train" ? SceneSplit::Train : SceneSplit::Test;
-    for (int d = 0; d < 10; ++d) out.classes.push_back(std::to_string(d));
-    for (const DigitCell& c : load_digit_cells(digits_png, split)) {
-      LabelledImage im;
-      im.path = digits_png + "[" + std::to_string(c.row) + "," + std::to_string(c.column) + "]";
-      cv::cvtColor(c.pixels, im.rgb, cv::COLOR_GRAY2RGB);
-      im.label = c.digit;
-      out.images.push_back(std::move(im));
-    }
-    return out;
-  }
+cv::Mat ClassificationData::rgb(size_t i) const {
+  check(i < size(), source + ": sample " + std::to_string(i) + " of " + std::to_string(size()));
+  if (!paths.empty()) return load_image_rgb(paths[i]);
+  cv::Mat out;
+  const cv::Mat& m = images[i];
+  if (m.channels() == 1)
+    cv::cvtColor(m, out, cv::COLOR_GRAY2RGB);
+  else
+    out = m;
+  return out;
+}
+
+ClassificationData image_folder(const std::string& dir) {
   std::error_code ec;
-  check(fs::is_directory(data, ec), data + ": not a folder (expected an ImageFolder: one sub-folder per class) "
-                                           "nor digits, digits:train or digits:test");
-  std::vector<fs::path> classes;
-  for (const auto& e : fs::directory_iterator(data, ec))
-    if (e.is_directory()) classes.push_back(e.path());
-  std::sort(classes.begin(), classes.end());
-  check(!classes.empty(), data + ": no class sub-folders (an ImageFolder has one folder per class)");
-  for (size_t k = 0; k < classes.size(); ++k) {
-    out.classes.push_back(classes[k].filename().string());
-    std::vector<fs::path> files;
-    for (const auto& e : fs::recursive_directory_iterator(classes[k], ec))
-      if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
+  check(fs::is_directory(dir, ec), dir + ": not a folder (an ImageFolder has one sub-folder per class)");
+  ClassificationData d;
+  d.source = dir;
+  std::vector<fs::path> class_dirs;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.is_directory()) class_dirs.push_back(e.path());
+  std::sort(class_dirs.begin(), class_dirs.end());
+  check(!class_dirs.empty(), dir + ": no class folders (an ImageFolder has one sub-folder per class)");
+  for (const fs::path& cd : class_dirs) {
+    std::vector<std::string> files;
+    for (const auto& e : fs::recursive_directory_iterator(cd, fs::directory_options::follow_directory_symlink))
+      if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path().string());
+    check(!files.empty(), cd.string() + ": no images in this class folder");
     std::sort(files.begin(), files.end());
-    for (const fs::path& f : files) out.images.push_back({f.string(), cv::Mat(), static_cast<int64_t>(k)});
+    const int64_t label = static_cast<int64_t>(d.classes.size());
+    d.classes.push_back(cd.filename().string());
+    for (std::string& f : files) {
+      d.paths.push_back(std::move(f));
+      d.labels.push_back(label);
+    }
   }
-  check(!out.images.empty(), data + ": no images in its class folders");
+  return d;
+}
+
+ClassificationData opencv_digits(const std::string& png_path, const std::string& split) {
+  check(split.empty() || split == "train" || split == "test",
+        "digits:" + split + ": the split is 'train' (left 50 columns) or 'test' (right 50)");
+  const cv::Mat all = cv::imread(png_path, cv::IMREAD_GRAYSCALE);
+  check(!all.empty(), png_path + ": cannot read OpenCV's digits image (Debian: apt-get install "
+                                 "opencv-doc; or pass its path to samples/data/digits.png)");
+  check(all.cols == 2000 && all.rows == 1000,
+        png_path + ": expected OpenCV's 2000x1000 digits.png, got " + std::to_string(all.cols) +
+            "x" + std::to_string(all.rows));
+  ClassificationData d;
+  d.source = png_path + (split.empty() ? "" : " (" + split + ")");
+  for (int c = 0; c < 10; ++c) d.classes.push_back(std::to_string(c));
+  const int c0 = split == "test" ? 50 : 0, c1 = split == "train" ? 50 : 100;
+  for (int r = 0; r < 50; ++r)
+    for (int c = c0; c < c1; ++c) {
+      d.images.push_back(all(cv::Rect(c * 20, r * 20, 20, 20)).clone());
+      d.labels.push_back(r / 5);
+    }
+  return d;
+}
+
+ClassificationData load_classification_data(const std::string& spec, const std::string& digits_png) {
+  if (spec == "digits") return opencv_digits(digits_png);
+  if (spec.rfind("digits:", 0) == 0) return opencv_digits(digits_png, spec.substr(7));
+  return image_folder(spec);
+}
+
+Tensor classification_batch(const ClassificationData& data, const std::vector<size_t>& indices,
+                            const PreprocessConfig& processor, std::vector<int64_t>* labels) {
+  check(!indices.empty(), data.source + ": an empty batch");
+  std::vector<Tensor> pixels(indices.size());
+  // Decoding and resizing are per sample; samples are independent, so the order of work is free.
+  parallel_for(0, static_cast<int64_t>(indices.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) pixels[i] = preprocess(data.rgb(indices[i]), processor);
+  });
+  const Shape& s = pixels[0].shape();
+  Tensor out({static_cast<int64_t>(indices.size()), s[0], s[1], s[2]});
+  for (size_t i = 0; i < indices.size(); ++i) {
+    if (pixels[i].shape() != s)
+      fail((data.paths.empty() ? data.source + " sample " + std::to_string(indices[i])
+                               : data.paths[indices[i]]) +
+           ": pre-processed to " + shape_str(pixels[i].shape()) + ", the batch's first to " +
+           shape_str(s) + " (the processor must give every image one size)");
+    std::copy_n(pixels[i].data(), pixels[i].numel(), out.data() + i * pixels[i].numel());
+  }
+  if (labels) {
+    labels->clear();
+    for (size_t i : indices) labels->push_back(data.labels[i]);
+  }
   return out;
 }
 

@@ -1,34 +1,52 @@
 #pragma once
-// Labelled data sets as training and evaluation read them. Each loader checks everything it can
-// before any model runs, and an error names the file (and the entry) and what is wrong.
-//   - ImageFolder: one sub-folder per class, classes sorted by name (torchvision's ImageFolder);
-//   - OpenCV's digits (digits.png, the tutorial's split: scenes.hpp's load_digit_cells);
-//   - COCO instances JSON (metrics.hpp's load_coco_instances) → per-image detection targets as
-//     transformers' DETR / YOLOS processors make them;
-//   - segmentation folders: images/ and masks/ with the same stems, 8- or 16-bit label PNGs.
-#include <opencv2/core.hpp>
-
+// Labelled data for training and evaluation. Classification, as issue 13's `--data` names it: a folder laid out as
+// torchvision's ImageFolder, or OpenCV's handwritten digits with the tutorial's split. Samples stay
+// files (or small in-memory images) until a batch asks for them; a batch goes through the model's
+// own pre-processing (preprocess.hpp), so training sees what inference will.
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include <opencv2/core.hpp>
+
 #include "tessera/metrics.hpp"
+#include "tessera/preprocess.hpp"
 #include "tessera/set_loss.hpp"
+#include "tessera/tensor.hpp"
 
 namespace tessera {
 
-struct LabelledImage {
-  std::string path;    // the file, or "digits.png[row,column]" for a digit cell
-  cv::Mat rgb;         // set when the image is already in memory (digit cells), else empty
-  int64_t label = 0;   // index into the data set's classes
-};
 struct ClassificationData {
-  std::vector<std::string> classes;  // class names, index = label
-  std::vector<LabelledImage> images;
+  std::string source;                // what it was read from, for messages
+  std::vector<std::string> classes;  // label id → class name
+  std::vector<int64_t> labels;       // one per sample
+  std::vector<std::string> paths;    // one per sample (files), or empty (in-memory images)
+  std::vector<cv::Mat> images;       // one per sample (8-bit gray or RGB), or empty (files)
+  size_t size() const { return labels.size(); }
+  // Sample i as 8-bit RGB (decoded from its file, or the in-memory image, gray replicated).
+  cv::Mat rgb(size_t i) const;
 };
-// "digits", "digits:train", "digits:test" (OpenCV's digits.png at `digits_png`; "digits" = test),
-// or an ImageFolder. Error for a folder without class sub-folders or images.
-ClassificationData load_classification_data(const std::string& data, const std::string& digits_png);
+
+// torchvision's ImageFolder: one sub-folder per class, classes sorted by name (label = index),
+// every image file below a class folder (recursively; .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff
+// .webp, any case), sorted by path. Errors name the folder: not a folder, no class folders, a
+// class folder without images.
+ClassificationData image_folder(const std::string& dir);
+
+// OpenCV's samples/data/digits.png (50 rows × 100 columns of 20×20 cells, row r holds digit r/5)
+// with the tutorial's split: "train" the left 50 columns of every row, "test" the right 50, ""
+// all 5000. Classes "0" … "9".
+ClassificationData opencv_digits(const std::string& png_path, const std::string& split = "");
+
+// `--data`: "digits", "digits:train" or "digits:test" (read from digits_png), else an ImageFolder.
+ClassificationData load_classification_data(const std::string& spec, const std::string& digits_png);
+
+// The samples at `indices` through the processor, stacked into [B, 3, H, W] (every sample must come
+// out the same size: an Error names the first that does not); their labels into *labels if given.
+Tensor classification_batch(const ClassificationData& data, const std::vector<size_t>& indices,
+                            const PreprocessConfig& processor, std::vector<int64_t>* labels = nullptr);
+
+// ------------------------------------------------------------------ detection and segmentation
 
 // A COCO image's annotations as the DETR / YOLOS processors prepare them
 // (prepare_coco_detection_annotation): crowd annotations dropped, [x, y, w, h] turned into corners

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Regenerates tests/fixtures/train/*.safetensors: one training step's reference for the ViT
+training pass (vision/include/tessera/vit_train.hpp). Run with any PyTorch >= 1.13:
+    python3 make_train_fixtures.py
+
+For a fixture model folder, a batch of random pixel values and labels goes through the
+transformers 4.40 ViTForImageClassification port of make_model_fixtures.py (hf_forward), in
+float64 from the checkpoint's float32 weights; the loss is mean cross-entropy on the labels
+(F.cross_entropy, as ViTForImageClassification computes it for single-label classification), and
+autograd gives the gradient of every weight. adamw_curve(): the loss over 20 torch.optim.AdamW
+steps of one model on one batch. distillation_step(): the same for DeiT's hard-distillation loss. Stored: pixel_values, labels (as F32), logits, loss,
+and grad.<checkpoint name> -- for every tensor, or (keep="1d") for the 1-D ones only, which keeps
+the fixture of the larger model small while still covering every bias and norm ("1d+pos": and the
+position table, the class / distillation tokens and the classifier).
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import make_model_fixtures as mm
+
+torch.set_grad_enabled(True)  # make_model_fixtures turns autograd off for its inference fixtures
+
+FIXTURES = os.path.join(mm.REPO, "tests", "fixtures")
+OUT_DIR = os.path.join(FIXTURES, "train")
+
+CASES = [
+    # (model folder under tests/fixtures, output name, batch, seed, which gradients to keep,
+    #  input size or None for the training size -- another size runs interpolate_pos_encoding=True)
+    ("models/vit-p4-h48-noqkvbias-rand", "vit-p4-h48-noqkvbias-step", 3, 1301, "all", None),
+    ("conformance/vit-tiny-rand", "vit-tiny-step", 2, 1302, "1d", None),
+    ("conformance/vit-tiny-rand", "vit-tiny-48x40-step", 2, 1303, "1d+pos", (48, 40)),
+    ("models/deit-nodistill-rand", "deit-nodistill-step", 2, 1304, "1d+pos", None),
+    ("models/dinov2-cls-rand", "dinov2-cls-step", 2, 1305, "1d+pos", None),
+]
+
+
+def main():
+    os.makedirs(OUT_DIR, exist_ok=True)
+    for folder, name, batch, seed, keep, hw in CASES:
+        d = os.path.join(FIXTURES, folder)
+        cfg = mm.json.load(open(os.path.join(d, "config.json")))
+        sd32 = mm.load_safetensors(os.path.join(d, "model.safetensors"))
+        sd = {k: v.double().requires_grad_(True) for k, v in sd32.items()}
+        size = cfg["image_size"]
+        pixels = mm.random_pixels(seed, batch, *(hw or (size, size)))
+        gen = torch.Generator().manual_seed(seed + 1)
+        labels = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
+        logits = mm.hf_forward(cfg, sd, pixels.double(), interpolate_pos_encoding=hw is not None)["logits"]
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        tensors = {"pixel_values": pixels, "labels": labels.float(), "logits": logits.detach(),
+                   "loss": loss.detach().reshape(1)}
+        for k, v in sorted(sd.items()):
+            if keep == "all" or v.dim() == 1 or (keep == "1d+pos" and (k.endswith("position_embeddings")
+                                                                      or k.endswith("_token")
+                                                                      or k == "classifier.weight")):
+                # an unused tensor (DINOv2's mask_token) has no gradient: zero
+                tensors["grad." + k] = v.grad if v.grad is not None else torch.zeros_like(v)
+        path = os.path.join(OUT_DIR, name + ".safetensors")
+        mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy",
+                                            "gradients": keep})
+        print(path, os.path.getsize(path), "bytes, loss", float(loss))
+
+
+def adamw_curve(folder="models/vit-p4-h48-noqkvbias-rand", name="vit-p4-h48-noqkvbias-adamw",
+                batch=3, seed=1301, steps=20, lr=1e-3, weight_decay=0.05):
+    """20 torch.optim.AdamW steps on one batch (float64), weight decay on the matrices only (not on
+    biases, norms, the class token or the position embeddings): the loss before each step."""
+    d = os.path.join(FIXTURES, folder)
+    cfg = mm.json.load(open(os.path.join(d, "config.json")))
+    sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(d, "model.safetensors")).items()}
+    size = cfg["image_size"]
+    pixels = mm.random_pixels(seed, batch, size, size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
+    decay = [v for k, v in sorted(sd.items()) if v.dim() == 2 or k.endswith("projection.weight")]
+    no_decay = [v for k, v in sorted(sd.items()) if not (v.dim() == 2 or k.endswith("projection.weight"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(mm.hf_forward(cfg, sd, pixels.double())["logits"], labels)
+        loss.backward()
+        losses.append(float(loss))
+        opt.step()
+    path = os.path.join(OUT_DIR, name + ".safetensors")
+    mm.save_safetensors(path, {"pixel_values": pixels, "labels": labels.float(),
+                               "losses": torch.tensor(losses, dtype=torch.float64)},
+                        {"model": folder, "steps": str(steps), "lr": str(lr), "weight_decay": str(weight_decay),
+                         "betas": "0.9,0.999", "eps": "1e-08"})
+    print(path, os.path.getsize(path), "bytes, losses", losses[0], "->", losses[-1])
+
+
+def distillation_step(folder="conformance/deit-tiny-distilled-rand", name="deit-distilled-step",
+                      batch=2, seed=1306, label_smoothing=0.1):
+    """DeiT's hard-distillation loss on DeiTForImageClassificationWithTeacher:
+    0.5 * CE(cls_logits, labels, label_smoothing) + 0.5 * CE(distillation_logits, teacher_labels)."""
+    d = os.path.join(FIXTURES, folder)
+    cfg = mm.json.load(open(os.path.join(d, "config.json")))
+    sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(d, "model.safetensors")).items()}
+    size = cfg["image_size"]
+    pixels = mm.random_pixels(seed, batch, size, size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
+    teacher = torch.randint(0, len(cfg["id2label"]), (batch,), generator=gen)
+    out = mm.hf_forward(cfg, sd, pixels.double())
+    loss = 0.5 * F.cross_entropy(out["cls_logits"], labels, label_smoothing=label_smoothing) + \
+        0.5 * F.cross_entropy(out["distillation_logits"], teacher)
+    loss.backward()
+    tensors = {"pixel_values": pixels, "labels": labels.float(), "teacher_labels": teacher.float(),
+               "logits": out["logits"].detach(), "loss": loss.detach().reshape(1)}
+    for k, v in sorted(sd.items()):
+        if v.dim() == 1 or k.endswith("_token") or k.endswith("position_embeddings") or "classifier" in k:
+            tensors["grad." + k] = v.grad
+    path = os.path.join(OUT_DIR, name + ".safetensors")
+    mm.save_safetensors(path, tensors, {"model": folder, "loss": "hard distillation",
+                                        "label_smoothing": str(label_smoothing)})
+    print(path, os.path.getsize(path), "bytes, loss", float(loss))
+
+
+if __name__ == "__main__":
+    distillation_step()
+    adamw_curve()
+    main()

@@ -1,0 +1,442 @@
+// The ViT classifier's training pass (vision/include/tessera/vit_train.hpp) against the inference
+// pass (model_forward on the same folder) and against PyTorch autograd through the transformers
+// ViTForImageClassification port (tests/reference/make_train_fixtures.py).
+//
+// Tolerance: relative error max|got − want| / max|want| ≤ 1e-4 per tensor (fp32 against float64).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <unistd.h>
+#include <string>
+#include <vector>
+
+#include "tessera/gemm.hpp"
+#include "tessera/model.hpp"
+#include "tessera/optim.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/safetensors.hpp"
+#include "tessera/vit_train.hpp"
+
+using namespace tessera;
+
+namespace {
+
+constexpr double kTol = 1e-4;
+
+template <class A, class B>
+double rel_err(const A& got, const B& want) {
+  REQUIRE(got.size() == want.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    num = std::max(num, std::abs(static_cast<double>(got[i]) - static_cast<double>(want[i])));
+    den = std::max(den, std::abs(static_cast<double>(want[i])));
+  }
+  return den > 0 ? num / den : num;
+}
+
+std::vector<float> values(const Tensor& t) { return {t.data(), t.data() + t.numel()}; }
+
+struct Case {
+  std::string model_dir, fixture;
+};
+const Case kCases[] = {
+    {"models/vit-p4-h48-noqkvbias-rand", "vit-p4-h48-noqkvbias-step"},
+    {"conformance/vit-tiny-rand", "vit-tiny-step"},
+    // 48x40, not the 32x32 training size: the position table is resampled (HF
+    // interpolate_pos_encoding, as model_forward does), and its gradient goes back through that.
+    {"conformance/vit-tiny-rand", "vit-tiny-48x40-step"},
+    // DeiTForImageClassification: a distillation token in the sequence, the head on the class token.
+    {"models/deit-nodistill-rand", "deit-nodistill-step"},
+    // Dinov2ForImageClassification: layer scale, the head on [class token, mean of the patches].
+    {"models/dinov2-cls-rand", "dinov2-cls-step"},
+};
+
+std::string fixtures(const std::string& rel) { return std::string(TESSERA_FIXTURES) + "/" + rel; }
+
+}  // namespace
+
+TEST_CASE("training forward gives the inference forward's logits", "[vit_train]") {
+  for (const Case& c : kCases) {
+    INFO(c.model_dir);
+    const VitTrainModel model = load_vit_train_model(fixtures(c.model_dir));
+    const auto inference = load_model(fixtures(c.model_dir));
+    const SafeTensors st = SafeTensors::open(fixtures("train/" + c.fixture + ".safetensors"));
+    const Tensor pixels = st.read("pixel_values");
+    VitTrainActivations acts;
+    const std::span<const float> logits = vit_train_forward(model, pixels, acts);
+    ModelWorkspace ws;
+    const NamedTensors out = model_forward(*inference, pixels, ws);
+    const std::vector<float> got(logits.begin(), logits.end());
+    CHECK(rel_err(got, values(output(out, "logits"))) <= kTol);
+    CHECK(rel_err(got, values(st.read("logits"))) <= kTol);  // and PyTorch's
+  }
+}
+
+TEST_CASE("one SGD step (lr 1) leaves w − g, g from PyTorch autograd", "[vit_train]") {
+  // Through the dispatched GEMM kernels and through the portable ones.
+  const bool generic = GENERATE(false, true);
+  force_generic_kernels(generic);
+  for (const Case& c : kCases) {
+    INFO(c.model_dir << (generic ? " (generic kernels)" : " (dispatched kernels)"));
+    const VitTrainModel model = load_vit_train_model(fixtures(c.model_dir));
+    const SafeTensors st = SafeTensors::open(fixtures("train/" + c.fixture + ".safetensors"));
+    const Tensor pixels = st.read("pixel_values");
+    std::vector<int64_t> labels;
+    for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+    std::vector<float> grads(model.weights.size(), 0.0f);
+    VitTrainActivations acts;
+    const double loss = vit_train_loss_and_grad(model, pixels, labels, 0.0f, acts, grads);
+    const double want_loss = st.read("loss")[0];
+    CHECK(std::abs(loss - want_loss) <= kTol * std::abs(want_loss));
+
+    double max_grad = 0;  // over the whole model
+    for (float v : grads) max_grad = std::max(max_grad, static_cast<double>(std::abs(v)));
+    std::vector<float> stepped = model.weights;
+    sgd_step(stepped, grads, {}, 1.0f);
+    int64_t compared = 0;
+    for (const TrainParam& p : model.params) {
+      if (!st.contains("grad." + p.name)) continue;
+      INFO(p.name);
+      const std::vector<float> g = values(st.read("grad." + p.name));
+      const auto w = model.view(std::span<const float>(model.weights), p.name);
+      const auto after = model.view(std::span<const float>(stepped), p.name);
+      std::vector<float> got_g(g.size());
+      std::vector<double> want_after(g.size());
+      for (size_t i = 0; i < g.size(); ++i) {
+        got_g[i] = w[i] - after[i];
+        want_after[i] = static_cast<double>(w[i]) - g[i];
+      }
+      CHECK(rel_err(after, want_after) <= kTol);
+      // The step itself, not only the weights it moved. The key bias's gradient is 0 in exact
+      // arithmetic (q·(k + b) shifts every score of a query by the same q·b, which softmax
+      // ignores): PyTorch's is ~1e-17 there, ours fp32 round-off, so that tensor is held to
+      // 1e-4 of the largest gradient of the model instead of its own.
+      double largest = 0;
+      for (float v : g) largest = std::max(largest, static_cast<double>(std::abs(v)));
+      if (p.name.find("key.bias") != std::string::npos) {
+        REQUIRE(largest < 1e-12);
+        double got_largest = 0;
+        for (float v : got_g) got_largest = std::max(got_largest, static_cast<double>(std::abs(v)));
+        CHECK(got_largest <= kTol * max_grad);
+      } else {
+        CHECK(rel_err(got_g, g) <= kTol);
+      }
+      ++compared;
+    }
+    // Every tensor of the checkpoint is trained (the small model's fixture has them all).
+    if (c.fixture == "vit-p4-h48-noqkvbias-step") CHECK(compared == static_cast<int64_t>(model.params.size()));
+    CHECK(compared > 0);
+  }
+  force_generic_kernels(false);
+}
+
+TEST_CASE("training gradients are bit-identical for 1 and 2 threads", "[vit_train][threads]") {
+  const VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-tiny-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  const std::vector<int64_t> labels = {3, 7};
+  auto run = [&](int threads) {
+    set_num_threads(threads);
+    std::vector<float> grads(model.weights.size(), 0.0f);
+    VitTrainActivations acts;
+    const double loss = vit_train_loss_and_grad(model, pixels, labels, 0.1f, acts, grads);
+    grads.push_back(static_cast<float>(loss));
+    return grads;
+  };
+  const std::vector<float> one = run(1), two = run(2);
+  set_num_threads(0);
+  CHECK(one == two);
+}
+
+TEST_CASE("training refuses what it cannot train yet, naming it", "[vit_train]") {
+  for (const char* dir : {"conformance/dinov2-small-rand" /* Dinov2Model: no head, no loss */,
+                          "models/dinov2-swiglu-rand"}) {
+    INFO(dir);
+    try {
+      load_vit_train_model(fixtures(dir));
+      FAIL("expected an error");
+    } catch (const std::exception& e) {
+      CHECK(std::string(e.what()).find("supports Hugging Face ViTForImageClassification") != std::string::npos);
+    }
+  }
+  // A DeiT with a distillation head trains on the distillation loss, and says so.
+  {
+    const VitTrainModel deit = load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
+    std::vector<float> grads(deit.weights.size());
+    VitTrainActivations acts;
+    try {
+      vit_train_loss_and_grad(deit, Tensor({1, 3, 32, 32}), {0}, 0.0f, acts, grads);
+      FAIL("expected an error");
+    } catch (const std::exception& e) {
+      CHECK(std::string(e.what()).find("vit_train_distillation_loss_and_grad") != std::string::npos);
+    }
+  }
+  const VitTrainModel model = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
+  VitTrainActivations acts;
+  CHECK_THROWS_WITH(vit_train_forward(model, Tensor({1, 3, 4, 40}), acts),
+                    Catch::Contains("at least one 8-pixel patch"));
+  CHECK_THROWS_WITH(vit_train_forward(model, Tensor({1, 1, 32, 32}), acts),
+                    Catch::Contains("[batch, 3, height, width]"));
+}
+
+TEST_CASE("a trained model is written as the folder it was read from", "[vit_train]") {
+  for (const char* from : {"conformance/vit-tiny-rand", "models/dinov2-cls-rand"}) {
+    INFO(from);
+    VitTrainModel model = load_vit_train_model(fixtures(from));
+    const SafeTensors st = SafeTensors::open(fixtures("train/vit-tiny-step.safetensors"));
+    const Tensor pixels = st.read("pixel_values");  // 2 images of 32x32, both models' size
+    // One SGD step, so the folder holds weights no fixture has.
+    std::vector<float> grads(model.weights.size(), 0.0f);
+    VitTrainActivations acts;
+    vit_train_loss_and_grad(model, pixels, {1, 2}, 0.0f, acts, grads);
+    sgd_step(model.weights, grads, {}, 0.5f);
+    const std::span<const float> logits = vit_train_forward(model, pixels, acts);
+    const std::vector<float> want(logits.begin(), logits.end());
+
+    const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                      ("tessera-vit-train-" + std::to_string(::getpid()));
+    save_vit_train_model(model, dir.string());
+    const auto loaded = load_model(dir.string());
+    ModelWorkspace ws;
+    const Tensor got = output(model_forward(*loaded, pixels, ws), "logits");
+    CHECK(rel_err(values(got), want) <= kTol);
+    CHECK(loaded->labels.at(0) == "airplane");  // config.json (id2label) went with it
+    const VitTrainModel again = load_vit_train_model(dir.string());
+    CHECK(again.weights == model.weights);  // bit for bit
+    std::filesystem::remove_all(dir);
+  }
+}
+
+TEST_CASE("20 AdamW steps follow PyTorch's loss curve", "[vit_train][optim]") {
+  // torch.optim.AdamW(lr 1e-3, weight decay 0.05 on matrices only) on one batch, float64
+  // (make_train_fixtures.py adamw_curve). Each step's loss within 1e-4 relative.
+  VitTrainModel model = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-p4-h48-noqkvbias-adamw.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  std::vector<int64_t> labels;
+  for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+  const std::vector<float> want = values(st.read("losses"));
+  AdamWOptions options;
+  options.lr = 1e-3f;
+  options.weight_decay = 0.05f;
+  std::vector<float> grads(model.weights.size()), m(grads.size(), 0.0f), v(grads.size(), 0.0f);
+  VitTrainActivations acts;
+  for (size_t s = 0; s < want.size(); ++s) {
+    std::fill(grads.begin(), grads.end(), 0.0f);
+    const double loss = vit_train_loss_and_grad(model, pixels, labels, 0.0f, acts, grads);
+    INFO("step " << s + 1 << ": loss " << loss << ", PyTorch " << want[s]);
+    CHECK(std::abs(loss - want[s]) <= kTol * std::abs(want[s]));
+    vit_train_adamw_step(model, grads, m, v, static_cast<int64_t>(s) + 1, options);
+  }
+}
+
+TEST_CASE("a new model trains: loss falls, runs repeat bit for bit for 1 and 2 threads", "[vit_train]") {
+  VitConfig c;
+  c.image_height = c.image_width = 12;
+  c.patch_size = 4, c.hidden_size = 32, c.num_hidden_layers = 2, c.num_attention_heads = 2;
+  c.intermediate_size = 64, c.layer_norm_eps = 1e-6f;
+  // A task with an answer: class = which half of the image holds a bright blob.
+  const int64_t B = 8;
+  Tensor pixels({B, 3, 12, 12});
+  std::vector<int64_t> labels(B);
+  for (int64_t b = 0; b < B; ++b) {
+    labels[b] = b % 2;
+    for (int64_t ch = 0; ch < 3; ++ch)
+      for (int64_t y = 0; y < 12; ++y)
+        for (int64_t x = 0; x < 12; ++x) {
+          const bool blob = (labels[b] ? x >= 6 : x < 6) && std::abs(y - 2 - b % 7) <= 1;
+          pixels[((b * 3 + ch) * 12 + y) * 12 + x] = blob ? 1.0f : -1.0f;
+        }
+  }
+  auto run = [&](int threads) {
+    set_num_threads(threads);
+    VitTrainModel model = make_vit_train_model(c, {"left", "right"}, 7);
+    VitTrainState state;
+    TrainStepOptions options;  // AdamW, decay on matrices, clipping, a warm-up + cosine schedule
+    options.weight_decay = 0.05f;
+    options.clip_grad = 1.0f;
+    std::vector<double> losses;
+    for (int64_t s = 0; s < 30; ++s) {
+      options.lr = static_cast<float>(warmup_cosine_lr(s, 30, 3, 3e-3));
+      losses.push_back(vit_train_step(model, state, pixels, labels, options).loss);
+    }
+    set_num_threads(0);
+    return std::make_pair(losses, model.weights);
+  };
+  const auto [losses1, weights1] = run(1);
+  const auto [losses2, weights2] = run(2);
+  INFO("loss " << losses1.front() << " -> " << losses1.back());
+  CHECK(losses1.front() == Approx(std::log(2.0)).epsilon(1e-6));  // zero classifier: uniform
+  CHECK(losses1.back() < 0.1 * losses1.front());
+  CHECK(losses1 == losses2);
+  CHECK(weights1 == weights2);
+}
+
+TEST_CASE("vit_train_step: SGD at lr 1 without clipping leaves exactly w − g", "[vit_train]") {
+  VitTrainModel model = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  const std::vector<float> before = model.weights;
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-p4-h48-noqkvbias-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  std::vector<int64_t> labels;
+  for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+  VitTrainState state;
+  TrainStepOptions o;
+  o.optimizer = Optimizer::Sgd;
+  o.lr = 1.0f;
+  const TrainStepResult r = vit_train_step(model, state, pixels, labels, o);
+  CHECK(std::abs(r.loss - st.read("loss")[0]) <= kTol * r.loss);
+  // Bit for bit the gradient the step saw, and (per tensor, 1e-4) PyTorch's.
+  std::vector<float> exact(before.size());
+  for (size_t i = 0; i < before.size(); ++i) exact[i] = before[i] - state.grads[i];
+  CHECK(model.weights == exact);
+  for (const TrainParam& p : model.params) {
+    INFO(p.name);
+    const auto w = model.view(std::span<const float>(before), p.name);
+    const auto after = model.view(std::span<const float>(model.weights), p.name);
+    const std::vector<float> g = values(st.read("grad." + p.name));
+    std::vector<double> want(g.size());
+    for (size_t i = 0; i < g.size(); ++i) want[i] = static_cast<double>(w[i]) - g[i];
+    CHECK(rel_err(after, want) <= kTol);
+  }
+  CHECK(state.step == 1);
+  CHECK(r.grad_norm > 0);
+  // Clipping to half the norm halves the step.
+  VitTrainModel again = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  VitTrainState state2;
+  o.clip_grad = static_cast<float>(r.grad_norm / 2);
+  vit_train_step(again, state2, pixels, labels, o);
+  std::vector<double> got(before.size()), half(before.size());
+  for (size_t i = 0; i < before.size(); ++i) {
+    got[i] = static_cast<double>(before[i]) - again.weights[i];
+    half[i] = (static_cast<double>(before[i]) - model.weights[i]) / 2;
+  }
+  CHECK(rel_err(got, half) <= kTol);
+}
+
+TEST_CASE("a run resumed from a training checkpoint ends bit-identical", "[vit_train]") {
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-p4-h48-noqkvbias-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  const std::vector<int64_t> labels = {0, 1, 3};
+  TrainStepOptions o;
+  o.weight_decay = 0.05f;
+  o.clip_grad = 0.5f;
+  auto steps = [&](VitTrainModel& m, VitTrainState& s, int n) {
+    for (int i = 0; i < n; ++i) {
+      o.lr = static_cast<float>(warmup_cosine_lr(s.step, 6, 2, 1e-3));
+      vit_train_step(m, s, pixels, labels, o);
+    }
+  };
+  VitTrainModel straight = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  VitTrainState straight_state;
+  steps(straight, straight_state, 6);
+
+  VitTrainModel first = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  VitTrainState first_state;
+  steps(first, first_state, 3);
+  const std::string path = (std::filesystem::temp_directory_path() /
+                             ("tessera-ckpt-" + std::to_string(::getpid()) + ".safetensors")).string();
+  save_train_checkpoint(path, first, first_state, {{"data_position", "9"}});
+  // A fresh process would start from the folder again, then restore.
+  VitTrainModel resumed = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  VitTrainState resumed_state;
+  const auto meta = load_train_checkpoint(path, resumed, resumed_state);
+  CHECK(meta.at("data_position") == "9");
+  CHECK(resumed_state.step == 3);
+  steps(resumed, resumed_state, 3);
+  CHECK(resumed.weights == straight.weights);
+  CHECK(resumed_state.m == straight_state.m);
+  CHECK(resumed_state.v == straight_state.v);
+  CHECK(resumed.weights != first.weights);  // it did train on
+
+  // Another model's checkpoint is refused, naming the tensor.
+  VitTrainModel other = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
+  VitTrainState other_state;
+  CHECK_THROWS_WITH(load_train_checkpoint(path, other, other_state),
+                    Catch::Contains("weight.vit.embeddings.cls_token"));
+  std::filesystem::remove(path);
+}
+
+TEST_CASE("layer-wise lr decay scales each layer's step by decay^(L + 1 − layer)", "[vit_train]") {
+  // SGD at lr 1, decay 0.5, two blocks: the embeddings move by g/8, block 0 by g/4, block 1 by
+  // g/2, the final norm and classifier by g. Powers of two, so the steps are exact.
+  VitTrainModel model = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
+  REQUIRE(model.config.num_hidden_layers == 2);
+  const std::vector<float> before = model.weights;
+  const SafeTensors st = SafeTensors::open(fixtures("train/vit-p4-h48-noqkvbias-step.safetensors"));
+  VitTrainState state;
+  TrainStepOptions o;
+  o.optimizer = Optimizer::Sgd;
+  o.lr = 1.0f;
+  o.layer_decay = 0.5;
+  vit_train_step(model, state, st.read("pixel_values"), {0, 1, 2}, o);
+  for (const TrainParam& p : model.params) {
+    INFO(p.name);
+    const float scale = p.name.rfind("vit.embeddings.", 0) == 0          ? 0.125f
+                        : p.name.rfind("vit.encoder.layer.0.", 0) == 0   ? 0.25f
+                        : p.name.rfind("vit.encoder.layer.1.", 0) == 0   ? 0.5f
+                                                                          : 1.0f;
+    bool exact = true;
+    for (int64_t i = p.offset; i < p.offset + p.numel(); ++i)
+      exact = exact && model.weights[i] == before[i] - scale * state.grads[i];
+    CHECK(exact);
+  }
+}
+
+TEST_CASE("DeiT with teacher: the hard-distillation loss's step matches PyTorch", "[vit_train]") {
+  // ½·CE(cls head, labels, label smoothing 0.1) + ½·CE(distillation head, teacher labels), on
+  // DeiTForImageClassificationWithTeacher; g from PyTorch autograd (make_train_fixtures.py).
+  const VitTrainModel model = load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
+  const auto inference = load_model(fixtures("conformance/deit-tiny-distilled-rand"));
+  const SafeTensors st = SafeTensors::open(fixtures("train/deit-distilled-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  std::vector<int64_t> labels, teacher;
+  for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+  for (float l : values(st.read("teacher_labels"))) teacher.push_back(static_cast<int64_t>(l));
+  std::vector<float> grads(model.weights.size(), 0.0f);
+  VitTrainActivations acts;
+  const double loss = vit_train_distillation_loss_and_grad(model, pixels, labels, teacher, 0.1f,
+                                                           acts, grads);
+  CHECK(std::abs(loss - st.read("loss")[0]) <= kTol * loss);
+  // The forward's logits are the inference model's ((cls + distillation) / 2) and PyTorch's.
+  const std::vector<float> logits = acts.logits;
+  ModelWorkspace ws;
+  CHECK(rel_err(logits, values(output(model_forward(*inference, pixels, ws), "logits"))) <= kTol);
+  CHECK(rel_err(logits, values(st.read("logits"))) <= kTol);
+  int64_t compared = 0;
+  for (const TrainParam& p : model.params) {
+    if (!st.contains("grad." + p.name)) continue;
+    INFO(p.name);
+    const auto got = model.view(std::span<const float>(grads), p.name);
+    const std::vector<float> want = values(st.read("grad." + p.name));
+    if (p.name.find("key.bias") != std::string::npos) continue;  // 0 in exact arithmetic (see above)
+    CHECK(rel_err(got, want) <= kTol);
+    ++compared;
+  }
+  CHECK(compared >= 4 + 6 * model.config.num_hidden_layers);  // heads, tokens, norms, biases
+
+  // vit_train_step on the same loss: SGD at lr 1 leaves exactly w − g, g the loss's gradient.
+  VitTrainModel stepped = load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
+  VitTrainState state;
+  TrainStepOptions o;
+  o.optimizer = Optimizer::Sgd, o.lr = 1.0f, o.label_smoothing = 0.1f;
+  CHECK_THROWS_WITH(vit_train_step(stepped, state, pixels, labels, o), Catch::Contains("teacher's labels"));
+  const TrainStepResult r = vit_train_step(stepped, state, pixels, labels, o, &teacher);
+  CHECK(r.loss == loss);
+  std::vector<float> want(model.weights.size());
+  for (size_t i = 0; i < want.size(); ++i) want[i] = model.weights[i] - grads[i];
+  CHECK(stepped.weights == want);
+}
+
+TEST_CASE("--arch presets have the published sizes", "[vit_train]") {
+  std::vector<std::string> imagenet(1000, "x");
+  // ViT-Ti/16 at 224 with a 1000-class head: 5,717,416 parameters (timm's vit_tiny_patch16_224).
+  const VitTrainModel tiny = make_vit_train_model(vit_train_preset("vit-ti16", 224), imagenet, 1);
+  CHECK(tiny.weights.size() == 5717416u);
+  CHECK(vit_train_preset("vit-s16", 224).num_attention_heads == 6);
+  CHECK(vit_train_preset("vit-b16", 384).intermediate_size == 3072);
+  const VitConfig digits = vit_train_preset("vit-digits", 20);
+  CHECK((digits.grid_height() == 5 && digits.hidden_size == 64 && digits.intermediate_size == 256));
+  CHECK_THROWS_WITH(vit_train_preset("vit-h14", 224), Catch::Contains("known: vit-ti16"));
+  CHECK_THROWS_WITH(vit_train_preset("vit-ti16", 100), Catch::Contains("not a positive multiple"));
+}

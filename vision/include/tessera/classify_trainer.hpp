@@ -1,0 +1,48 @@
+#pragma once
+// The classification training loop on the training pass (vit_train.hpp): epochs of shuffled
+// batches from a ClassificationData through the model's processor, one vit_train_step each, with
+// warm-up + cosine. The order of every epoch is a seeded permutation of (seed, epoch), so the batch
+// of step s follows from s alone: a run resumed at a checkpoint's step (save_train_checkpoint)
+// sees the same batches and ends bit-identical, for any thread count.
+#include <cstdint>
+#include <functional>
+
+#include "tessera/datasets.hpp"
+#include "tessera/preprocess.hpp"
+#include "tessera/vit_train.hpp"
+
+namespace tessera {
+
+struct ClassifierTrainOptions {
+  int64_t epochs = 1;
+  int64_t max_steps = 0;  // > 0: stop after this many steps in all (else epochs decide)
+  int64_t batch = 32;     // the last partial batch of an epoch is dropped
+  bool shuffle = true;
+  uint64_t seed = 0;
+  int64_t warmup_steps = 0;  // linear warm-up, then cosine to min_lr (warmup_cosine_lr)
+  double min_lr = 0.0;
+  TrainStepOptions step;  // optimizer, peak lr (step.lr), weight decay, clipping, smoothing ...
+};
+
+struct TrainProgress {
+  int64_t step = 0, total = 0, epoch = 0;  // step counts from 1 here
+  double loss = 0, lr = 0, grad_norm = 0;
+  int64_t correct = 0, batch = 0;
+};
+
+int64_t steps_per_epoch(const ClassificationData& data, const ClassifierTrainOptions& options);
+int64_t total_steps(const ClassificationData& data, const ClassifierTrainOptions& options);
+// The samples of step s (from 0): batch s mod steps_per_epoch of epoch s / steps_per_epoch.
+std::vector<size_t> batch_indices(const ClassificationData& data, const ClassifierTrainOptions& options,
+                                  int64_t step);
+
+// Runs steps state.step .. total_steps − 1 (all of them for a fresh state; the rest after a
+// restored checkpoint), calling on_step after each; `stop_before` > 0 stops earlier, at that step,
+// as a killed run would (the schedule stays the whole run's). Labels must be below the model's
+// num_labels.
+void train_classifier(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
+                      const PreprocessConfig& processor, const ClassifierTrainOptions& options,
+                      const std::function<void(const TrainProgress&)>& on_step = {},
+                      int64_t stop_before = 0);
+
+}  // namespace tessera

@@ -1,0 +1,212 @@
+#pragma once
+// The training pass of a Hugging Face ViTForImageClassification or DeiTForImageClassification
+// folder: the same config.json and checkpoint names that load_model reads for inference, with the
+// weights kept unpacked in one flat buffer (llm.c style) and a forward that saves what the
+// backward needs, beside the backward.
+//
+//   pixels [B, C, H, W] ──im2col──► patches [B·Np, C·p·p] ──linear──► [B·Np, D]
+//   ──[cls, (dist), patches] + position embedding──► x₀ [B·T, D]       (T = prefix + Np)
+//   ──L × { x += attn_out(attention(qkv(LN₁ x)));  x += fc2(gelu(fc1(LN₂ x))) }──►
+//   ──final LN of the class tokens──► classifier ──► logits [B, K]
+//
+// Any input size trains: away from the training size (config image_size) the position table is
+// resampled as Hugging Face's interpolate_pos_encoding does (and as model_forward does), and its
+// gradient goes back through that resampling's adjoint. Supported: model_type "vit"
+// (ViTForImageClassification), "deit" (DeiTForImageClassification: a distillation token beside
+// the class token, the classifier on the class token; ...WithTeacher: a second head on the
+// distillation token, trained on the hard-distillation loss) and "dinov2" (Dinov2ForImageClassification:
+// layer scale, the classifier on [class token, mean of the patch tokens]; not SwiGLU yet),
+// hidden_act "gelu", with or without qkv_bias. Anything else is an Error naming what is not supported.
+#include <cstdint>
+#include <map>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tessera/optim.hpp"
+#include "tessera/tensor.hpp"
+#include "tessera/vit.hpp"
+
+namespace tessera {
+
+// One checkpoint tensor's place in the flat buffer.
+struct TrainParam {
+  std::string name;  // the checkpoint's own name, e.g. "vit.encoder.layer.0.attention.attention.query.weight"
+  Shape shape;       // as in the checkpoint
+  int64_t offset = 0;  // elements from the start of the buffer
+  bool decay = false;  // weight decay applies: matrices; not biases, norms, tokens, position embeddings
+  int64_t numel() const { return shape_numel(shape); }
+};
+
+struct VitTrainModel {
+  std::string architecture = "ViTForImageClassification";  // or DeiTForImageClassification
+  std::string base = "vit.";  // the encoder's name prefix: "vit.", "deit." or "dinov2."
+  // Dinov2ForImageClassification: the classifier [K, 2D] reads [h[:, 0], mean(h[:, 1:])] (the
+  // final norm then runs on every token); otherwise classifier [K, D] reads h[:, 0].
+  bool class_mean = false;
+  // DeiTForImageClassificationWithTeacher: cls_classifier on h[:, 0], distillation_classifier on
+  // h[:, 1], logits their mean; it trains on the hard-distillation loss.
+  bool teacher = false;
+  std::string config_json;  // the folder's config.json text (written back on export)
+  VitConfig config;
+  int64_t num_labels = 0;
+  std::vector<TrainParam> params;  // in buffer order; query/key/value weights (and biases) adjacent
+  std::vector<float> weights;      // every parameter, one flat buffer
+
+  const TrainParam& param(const std::string& name) const;  // Error if missing
+  std::span<float> view(std::span<float> buffer, const std::string& name) const;
+  std::span<const float> view(std::span<const float> buffer, const std::string& name) const;
+};
+
+// The parameters of one layer / the model, as pointers into a buffer laid out as
+// VitTrainModel::params (the weights, or a gradient buffer of the same size).
+struct VitTrainLayerView {
+  float *norm1_w, *norm1_b;    // layernorm_before [D]
+  float *qkv_w, *qkv_b;        // query, key, value weights [3D, D] (adjacent), biases [3D] or null
+  float *attn_out_w, *attn_out_b;  // attention.output.dense [D, D], [D]
+  float *norm2_w, *norm2_b;    // layernorm_after [D]
+  float *fc1_w, *fc1_b;        // intermediate.dense [F, D], [F]
+  float *fc2_w, *fc2_b;        // output.dense [D, F], [D]
+  float *ls1, *ls2;            // DINOv2 layer scale [D] (attention, MLP branch), or null
+};
+struct VitTrainView {
+  float *cls_token, *dist_token;  // [D]; the distillation token (DeiT) or null
+  float *pos_embed;               // [prefix + N, D]
+  float *patch_w, *patch_b;      // [D, C·p·p] (the convolution [D, C, p, p]), [D]
+  std::vector<VitTrainLayerView> layers;
+  float *norm_w, *norm_b;        // final layernorm [D]
+  float *head_w, *head_b;        // classifier [K, D], [K] (with a teacher head: cls_classifier)
+  float *head2_w, *head2_b;      // distillation_classifier [K, D], [K], or null
+};
+VitTrainView bind_view(const VitTrainModel& model, float* buffer);
+
+// Reads a ViTForImageClassification / DeiTForImageClassification folder (config.json + model.safetensors), every tensor checked
+// by name and shape as load_model does.
+VitTrainModel load_vit_train_model(const std::string& dir);
+
+// A new ViTForImageClassification of `config` (its hidden_act, qkv_bias, layer_norm_eps ... as
+// given) for `labels`, with the original (JAX) ViT's initialisation, deterministic for a seed:
+// linear weights Xavier-uniform, the patch projection LeCun-normal (truncated at ±2σ), class
+// token, classifier and biases 0, norms 1, the position embedding MAE's 2-D sin-cos table (when
+// hidden_size is a multiple of 4; else N(0, 0.02²)). Its config.json is Hugging Face's.
+VitTrainModel make_vit_train_model(const VitConfig& config, const std::vector<std::string>& labels,
+                                   uint64_t seed);
+
+// The architecture of an --arch preset at image_size x image_size: "vit-ti16", "vit-s16",
+// "vit-b16" (the ViT/DeiT sizes: D 192/384/768, 12 layers, 3/6/12 heads, MLP 4D, patch 16,
+// layer_norm_eps 1e-12 as Hugging Face's configs) and "vit-digits" (the toy trainer's small model:
+// patch 4, D 64, 4 layers, 4 heads, MLP 256, eps 1e-6). An unknown name is an Error listing them.
+VitConfig vit_train_preset(const std::string& arch, int64_t image_size);
+std::vector<std::string> vit_train_presets();
+
+// Writes the model as a folder of the family it was read from: config.json (the text it was read
+// with), model.safetensors (every parameter under its checkpoint name and shape) and, when
+// `preprocessor_json` is not empty, preprocessor_config.json. The folder loads in load_model.
+void save_vit_train_model(const VitTrainModel& model, const std::string& dir,
+                          const std::string& preprocessor_json = "");
+
+// What the forward keeps for the backward, and the backward's scratch, for one batch size.
+struct VitTrainActivations {
+  int64_t batch = -1, height = -1, width = -1;
+  std::vector<float> patches;  // [B·Np, C·p·p]
+  std::vector<float> pos;      // [T, D] the position embedding at this size
+  struct Layer {
+    std::vector<float> x, ln1, mean1, rstd1, qkv, ctx, lse, x_mid, ln2, mean2, rstd2, h, a;
+    std::vector<float> z1, z2;  // layer scale: the branches before λ [M, D] (else empty)
+  };
+  std::vector<Layer> layers;   // x [M,D] input, ln1 [M,D], qkv [M,3D], ctx [M,D], lse [B,H,T],
+                               // x_mid [M,D], ln2 [M,D], h [M,F] pre-GELU, a [M,F] post-GELU
+  std::vector<float> x_out;    // [M, D] the last layer's output
+  // The final norm's rows (the class tokens [B, D], or every token [M, D] with class_mean), its
+  // output, mean and rstd; the classifier's input [B, D or 2D].
+  std::vector<float> cls, cls_norm, mean_f, rstd_f, head_in;
+  std::vector<float> logits;   // [B, K]
+  std::vector<float> head_logits;  // with a teacher head: class head's [B, K], then distillation head's
+  // backward scratch
+  std::vector<float> dx, dln, dqkv, dctx, dh, da, dcls, dcls_norm, dhead_in, dembedded, dz;
+  void resize(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width);
+};
+
+// pixel_values [B, C, H, W] → acts.logits [B, K] (returned as a view).
+std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
+                                         VitTrainActivations& acts);
+// After vit_train_forward on the same acts: ADDS dLoss/dweight into grads (laid out as
+// model.params), given dlogits [B, K] (with a teacher head: [2B, K], the class head's logits'
+// gradient, then the distillation head's).
+void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
+                        const float* dlogits, std::span<float> grads);
+
+// DeiT's hard-distillation loss (DeiTForImageClassificationWithTeacher):
+//   ½·CE_ε(cls_classifier(h0), labels) + ½·CE(distillation_classifier(h1), teacher_labels),
+// teacher_labels the teacher's argmax per image. Forward, loss, backward into grads (added).
+double vit_train_distillation_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                                            const std::vector<int64_t>& labels,
+                                            const std::vector<int64_t>& teacher_labels,
+                                            float label_smoothing, VitTrainActivations& acts,
+                                            std::span<float> grads);
+
+// Mean cross-entropy (label smoothing ε) of the batch: forward, loss, backward into grads (added).
+double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                               const std::vector<int64_t>& labels, float label_smoothing,
+                               VitTrainActivations& acts, std::span<float> grads);
+
+// Layer-wise learning-rate decay for fine-tuning (BEiT / MAE): parameter p trains at
+// lr·decay^(L + 1 − layer(p)), layer 0 the embeddings (tokens, position table, patch projection),
+// layer i + 1 encoder block i, layer L + 1 the final norm and the classifier.
+int64_t vit_train_layer(const VitTrainModel& model, const TrainParam& param);
+double vit_train_lr_scale(const VitTrainModel& model, const TrainParam& param, double layer_decay);
+
+// One AdamW step over every parameter (optim.hpp's adamw_step), with options.weight_decay on the
+// TrainParams marked decay (matrices) and none on the rest (biases, norms, tokens, position
+// embeddings), and options.lr scaled per layer when layer_decay != 1. m and v are laid out as the
+// weights; `step` counts from 1.
+void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, std::span<float> m,
+                          std::span<float> v, int64_t step, const AdamWOptions& options,
+                          double layer_decay = 1.0);
+
+// One optimiser step of the whole model on one batch, as `tessera train` will run it: zero the
+// gradients, forward, mean cross-entropy (label smoothing ε), backward, clip by global norm
+// (clip_grad > 0), then SGD or AdamW at this step's lr (the caller runs the schedule, e.g.
+// warmup_cosine_lr). Weight decay applies to matrices only: AdamW's decoupled decay, SGD's L2 term.
+// With SGD, lr 1, momentum 0, weight decay 0 and clip 0 the weights become exactly w − g.
+enum class Optimizer { AdamW, Sgd };
+struct TrainStepOptions {
+  Optimizer optimizer = Optimizer::AdamW;
+  float lr = 1e-3f;
+  float weight_decay = 0.0f;
+  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;  // AdamW
+  float momentum = 0.0f;                             // SGD
+  float clip_grad = 0.0f;                            // max global norm; 0: no clipping
+  double layer_decay = 1.0;                          // layer-wise lr decay; 1: off
+  float label_smoothing = 0.0f;
+};
+// The optimiser's state and the step's buffers, laid out as the model's weights.
+struct VitTrainState {
+  int64_t step = 0;  // steps taken
+  std::vector<float> grads, m, v;  // v unused by SGD; m is SGD's momentum buffer
+  VitTrainActivations acts;
+};
+struct TrainStepResult {
+  double loss = 0;       // the batch's mean loss, before the step
+  double grad_norm = 0;  // global gradient norm, before clipping
+  int64_t correct = 0;   // rows whose argmax is the label
+};
+// A DeiT with teacher (model.teacher) steps on the hard-distillation loss and needs the teacher's
+// labels; other models take none.
+TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
+                               const std::vector<int64_t>& labels, const TrainStepOptions& options,
+                               const std::vector<int64_t>* teacher_labels = nullptr);
+
+// A training checkpoint, for --resume: the weights under their checkpoint names ("weight.NAME"),
+// the optimiser state ("m.NAME", and "v.NAME" for AdamW) and its step count, plus the caller's
+// own entries (data position, seed ...) as metadata, in one safetensors file written atomically
+// (a temporary file, then a rename). A run resumed from it continues bit for bit.
+void save_train_checkpoint(const std::string& path, const VitTrainModel& model,
+                           const VitTrainState& state,
+                           const std::map<std::string, std::string>& metadata = {});
+// Restores weights and optimiser state into a model of the same layout (an Error names the first
+// tensor that is missing or of another shape); returns the metadata (with "step").
+std::map<std::string, std::string> load_train_checkpoint(const std::string& path,
+                                                         VitTrainModel& model, VitTrainState& state);
+
+}  // namespace tessera

@@ -1,0 +1,880 @@
+// The ViT classifier's training pass (tessera/vit_train.hpp): the forward of vit.cpp over unpacked
+// weights, saving activations, and its backward, both on core's training kernels (backward.hpp).
+#include "tessera/vit_train.hpp"
+
+#include "model_internal.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "tessera/backward.hpp"
+#include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/safetensors.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera {
+namespace {
+
+using detail::Config;
+
+// The per-layer names of each family (DINOv2 has its own, and layer scale).
+struct LayerNames {
+  const char *norm1, *norm2, *fc1, *fc2;
+};
+LayerNames layer_names(const VitConfig& c) {
+  if (c.layer_scale) return {"norm1", "norm2", "mlp.fc1", "mlp.fc2"};
+  return {"layernorm_before", "layernorm_after", "intermediate.dense", "output.dense"};
+}
+
+// The checkpoint names and shapes of the classifier, in buffer order: query, key, value weights
+// adjacent (one [3D, D] GEMM weight), then their biases (one [3D] bias).
+std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& base,
+                                         int64_t num_labels, bool class_mean, bool mask_token,
+                                         bool teacher = false) {
+  const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
+  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
+  std::vector<TrainParam> out;
+  int64_t offset = 0;
+  auto add = [&](const std::string& name, Shape shape, bool decay) {
+    TrainParam tp{name, std::move(shape), offset, decay};
+    offset += tp.numel();
+    out.push_back(std::move(tp));
+  };
+  const std::string e = base + "embeddings.";
+  add(e + "cls_token", {1, 1, d}, false);
+  if (c.num_distillation_tokens) add(e + "distillation_token", {1, 1, d}, false);
+  if (mask_token) add(e + "mask_token", {1, d}, false);  // DINOv2's, unused here; kept for export
+  add(e + "position_embeddings", {1, t, d}, false);
+  add(e + "patch_embeddings.projection.weight", {d, c.num_channels, p, p}, true);
+  add(e + "patch_embeddings.projection.bias", {d}, false);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string l = base + "encoder.layer." + std::to_string(i) + ".";
+    const std::string a = l + "attention.attention.";
+    const LayerNames n = layer_names(c);
+    add(l + n.norm1 + ".weight", {d}, false);
+    add(l + n.norm1 + ".bias", {d}, false);
+    for (const char* part : {"query", "key", "value"}) add(a + part + ".weight", {d, d}, true);
+    if (c.qkv_bias)
+      for (const char* part : {"query", "key", "value"}) add(a + part + ".bias", {d}, false);
+    add(l + "attention.output.dense.weight", {d, d}, true);
+    add(l + "attention.output.dense.bias", {d}, false);
+    if (c.layer_scale) add(l + "layer_scale1.lambda1", {d}, false);
+    add(l + n.norm2 + ".weight", {d}, false);
+    add(l + n.norm2 + ".bias", {d}, false);
+    add(l + n.fc1 + ".weight", {f, d}, true);
+    add(l + n.fc1 + ".bias", {f}, false);
+    add(l + n.fc2 + ".weight", {d, f}, true);
+    add(l + n.fc2 + ".bias", {d}, false);
+    if (c.layer_scale) add(l + "layer_scale2.lambda1", {d}, false);
+  }
+  add(base + "layernorm.weight", {d}, false);
+  add(base + "layernorm.bias", {d}, false);
+  if (teacher) {  // DeiTForImageClassificationWithTeacher
+    add("cls_classifier.weight", {num_labels, d}, true);
+    add("cls_classifier.bias", {num_labels}, false);
+    add("distillation_classifier.weight", {num_labels, d}, true);
+    add("distillation_classifier.bias", {num_labels}, false);
+    return out;
+  }
+  add("classifier.weight", {num_labels, class_mean ? 2 * d : d}, true);
+  add("classifier.bias", {num_labels}, false);
+  return out;
+}
+
+// y[M,N] = x[M,K]·W[N,K]ᵀ + b on the packed GEMM. Weights change every step, so they are packed
+// for each call (a fraction of the GEMM's own cost at training batch sizes).
+void linear_forward(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K,
+                    float* y) {
+  const PackedLinear packed = pack_linear(w, b, N, K);
+  linear(x, M, K, packed, y, N);
+}
+
+// The double that prints as the float's shortest form (1e-06, not 9.999999974752427e-07).
+double shortest(float x) {
+  char buf[32];
+  for (int digits = 1; digits <= 9; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
+    if (std::strtof(buf, nullptr) == x) break;
+  }
+  return std::strtod(buf, nullptr);
+}
+
+// Layer scale: z = x·Wᵀ + b [M, D] (kept for the backward), out = residual + λ ⊙ z.
+void add_scaled(const float* residual, const PackedLinear& w, const float* x, int64_t M, int64_t K,
+                const float* lambda, float* z, float* out) {
+  const int64_t d = w.out_features;
+  linear(x, M, K, w, z, d);
+  parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = 0; k < d; ++k) out[r * d + k] = residual[r * d + k] + lambda[k] * z[r * d + k];
+  });
+}
+
+// Backward of out = residual + λ ⊙ z: dλ[D] += Σ_rows dy ⊙ z (rows in order), dz = λ ⊙ dy
+// (written to dz, returned).
+const float* scale_backward(const float* dy, const float* z, const float* lambda, int64_t M,
+                            int64_t d, float* dz, float* dlambda) {
+  parallel_for(0, d, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = k0; k < k1; ++k) {
+        dlambda[k] += dy[r * d + k] * z[r * d + k];
+        dz[r * d + k] = lambda[k] * dy[r * d + k];
+      }
+  });
+  return dz;
+}
+
+void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
+
+// Hugging Face ViT's interpolate_pos_encoding (vit.cpp's PosResample::HfScaleBicubic, which
+// model_forward applies whenever the input is not the training size): the patch grid of the
+// table, bicubic with scale_factor (n + 0.1)/sqrt(N), unless the patch count matches and the
+// input is square. Returns false when the table is used as it is.
+bool hf_resample(const VitConfig& c, int64_t height, int64_t width, Interpolation& how) {
+  const int64_t gh = c.grid_height(), gw = c.grid_width();
+  const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  if (nh * nw == gh * gw && height == width) return false;
+  check(gh == gw, "HF position-embedding interpolation needs a square training grid");
+  const double side = std::sqrt(static_cast<double>(gh * gw));
+  how.mode = InterpolationMode::Bicubic;
+  how.align_corners = false;
+  how.scale_h = (static_cast<double>(nh) + 0.1) / side;
+  how.scale_w = (static_cast<double>(nw) + 0.1) / side;
+  check(static_cast<int64_t>(std::floor(side * how.scale_h)) == nh &&
+            static_cast<int64_t>(std::floor(side * how.scale_w)) == nw,
+        "position-embedding interpolation size mismatch");
+  return true;
+}
+
+// pos [T, D] for a height x width input: the class token's row, then the (resampled) grid.
+void position_embedding_forward(const VitTrainModel& m, int64_t height, int64_t width, float* pos) {
+  const VitConfig& c = m.config;
+  const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
+  const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  const int64_t pre = c.num_prefix_tokens();
+  const float* table = m.weights.data() + m.param(m.base + "embeddings.position_embeddings").offset;
+  Interpolation how;
+  if (!hf_resample(c, height, width, how)) {
+    std::copy(table, table + (pre + g) * d, pos);
+    return;
+  }
+  std::copy(table, table + pre * d, pos);
+  // [N, D] → [D, gh, gw] → interpolate → [D, nh, nw] → [nh·nw, D]
+  std::vector<float> chw(static_cast<size_t>(d * g)), resized(static_cast<size_t>(d * nh * nw));
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t k = 0; k < d; ++k) chw[k * g + i] = table[(pre + i) * d + k];
+  interpolate_forward(how, chw.data(), d, c.grid_height(), c.grid_width(), resized.data(), nh, nw);
+  for (int64_t i = 0; i < nh * nw; ++i)
+    for (int64_t k = 0; k < d; ++k) pos[(pre + i) * d + k] = resized[k * nh * nw + i];
+}
+
+// dtable [1 + N, D] += the position table's share of dpos [T, D].
+void position_embedding_backward(const VitTrainModel& m, int64_t height, int64_t width,
+                                 const float* dpos, float* dtable) {
+  const VitConfig& c = m.config;
+  const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
+  const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  const int64_t pre = c.num_prefix_tokens();
+  Interpolation how;
+  if (!hf_resample(c, height, width, how)) {
+    for (int64_t i = 0; i < (pre + g) * d; ++i) dtable[i] += dpos[i];
+    return;
+  }
+  for (int64_t k = 0; k < pre * d; ++k) dtable[k] += dpos[k];
+  std::vector<float> dchw(static_cast<size_t>(d * nh * nw)), dgrid(static_cast<size_t>(d * g), 0.0f);
+  for (int64_t i = 0; i < nh * nw; ++i)
+    for (int64_t k = 0; k < d; ++k) dchw[k * nh * nw + i] = dpos[(pre + i) * d + k];
+  interpolate_backward(how, dchw.data(), d, c.grid_height(), c.grid_width(), nh, nw, dgrid.data());
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t k = 0; k < d; ++k) dtable[(pre + i) * d + k] += dgrid[k * g + i];
+}
+
+}  // namespace
+
+const TrainParam& VitTrainModel::param(const std::string& name) const {
+  for (const TrainParam& p : params)
+    if (p.name == name) return p;
+  fail("the model has no parameter '" + name + "'");
+}
+
+std::span<float> VitTrainModel::view(std::span<float> buffer, const std::string& name) const {
+  const TrainParam& p = param(name);
+  return buffer.subspan(static_cast<size_t>(p.offset), static_cast<size_t>(p.numel()));
+}
+
+std::span<const float> VitTrainModel::view(std::span<const float> buffer,
+                                           const std::string& name) const {
+  const TrainParam& p = param(name);
+  return buffer.subspan(static_cast<size_t>(p.offset), static_cast<size_t>(p.numel()));
+}
+
+VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
+  auto at = [&](const std::string& name) { return buffer + m.param(name).offset; };
+  VitTrainView v{};
+  const std::string e = m.base + "embeddings.";
+  v.cls_token = at(e + "cls_token");
+  v.dist_token = m.config.num_distillation_tokens ? at(e + "distillation_token") : nullptr;
+  v.pos_embed = at(e + "position_embeddings");
+  v.patch_w = at(e + "patch_embeddings.projection.weight");
+  v.patch_b = at(e + "patch_embeddings.projection.bias");
+  for (int64_t i = 0; i < m.config.num_hidden_layers; ++i) {
+    const std::string l = m.base + "encoder.layer." + std::to_string(i) + ".";
+    const LayerNames n = layer_names(m.config);
+    VitTrainLayerView lv{};
+    lv.norm1_w = at(l + n.norm1 + ".weight");
+    lv.norm1_b = at(l + n.norm1 + ".bias");
+    lv.qkv_w = at(l + "attention.attention.query.weight");
+    lv.qkv_b = m.config.qkv_bias ? at(l + "attention.attention.query.bias") : nullptr;
+    lv.attn_out_w = at(l + "attention.output.dense.weight");
+    lv.attn_out_b = at(l + "attention.output.dense.bias");
+    lv.norm2_w = at(l + n.norm2 + ".weight");
+    lv.norm2_b = at(l + n.norm2 + ".bias");
+    lv.fc1_w = at(l + n.fc1 + ".weight");
+    lv.fc1_b = at(l + n.fc1 + ".bias");
+    lv.fc2_w = at(l + n.fc2 + ".weight");
+    lv.fc2_b = at(l + n.fc2 + ".bias");
+    lv.ls1 = m.config.layer_scale ? at(l + "layer_scale1.lambda1") : nullptr;
+    lv.ls2 = m.config.layer_scale ? at(l + "layer_scale2.lambda1") : nullptr;
+    v.layers.push_back(lv);
+  }
+  v.norm_w = at(m.base + "layernorm.weight");
+  v.norm_b = at(m.base + "layernorm.bias");
+  if (m.teacher) {
+    v.head_w = at("cls_classifier.weight");
+    v.head_b = at("cls_classifier.bias");
+    v.head2_w = at("distillation_classifier.weight");
+    v.head2_b = at("distillation_classifier.bias");
+  } else {
+    v.head_w = at("classifier.weight");
+    v.head_b = at("classifier.bias");
+    v.head2_w = v.head2_b = nullptr;
+  }
+  return v;
+}
+
+VitTrainModel load_vit_train_model(const std::string& dir_string) {
+  const fs::path dir(dir_string);
+  const std::string config_file = (dir / "config.json").string();
+  VitTrainModel m;
+  m.config_json = detail::read_text(config_file);
+  const Config cfg{detail::parse_json(m.config_json, config_file), config_file};
+  const std::string model_type = cfg.string("model_type", "");
+  std::string arch;
+  if (cfg.has("architectures") && cfg.j["architectures"].is_array() && !cfg.j["architectures"].empty() &&
+      cfg.j["architectures"][0].is_string())
+    arch = cfg.j["architectures"][0].get<std::string>();
+  check((model_type == "vit" && arch == "ViTForImageClassification") ||
+            (model_type == "deit" && arch == "DeiTForImageClassification") ||
+            (model_type == "deit" && arch == "DeiTForImageClassificationWithTeacher") ||
+            (model_type == "dinov2" && arch == "Dinov2ForImageClassification"),
+        config_file + ": training supports Hugging Face ViTForImageClassification, "
+                      "DeiTForImageClassification(WithTeacher) and Dinov2ForImageClassification "
+                      "so far, got "
+                      "model_type \"" + model_type + "\", architecture \"" + arch + "\"");
+  m.architecture = arch;
+  m.base = model_type + ".";
+  m.class_mean = arch == "Dinov2ForImageClassification";
+  m.teacher = arch == "DeiTForImageClassificationWithTeacher";
+  m.config = detail::hf_vit_config(cfg, model_type);
+  check(m.config.activation == MlpActivation::Gelu,
+        config_file + ": training does not support use_swiglu_ffn yet (the SwiGLU kernel is there; "
+                      "no classifier fixture uses it)");
+  check(m.config.image_height % m.config.patch_size == 0 &&
+            m.config.image_width % m.config.patch_size == 0,
+        config_file + ": image_size is not a multiple of patch_size");
+
+  const std::string file = (dir / "model.safetensors").string();
+  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
+  const SafeTensors st = SafeTensors::open(file);
+  const std::string head_name = m.teacher ? "cls_classifier.weight" : "classifier.weight";
+  check(st.contains(head_name), file + ": missing tensor '" + head_name + "'");
+  const Shape& head = st.info(head_name).shape;
+  const int64_t head_in = (m.class_mean ? 2 : 1) * m.config.hidden_size;
+  check(head.size() == 2 && head[1] == head_in,
+        file + ": tensor '" + head_name + "' has shape " + shape_str(head) +
+            ", expected [num_labels, " + std::to_string(head_in) + "]");
+  m.num_labels = head[0];
+  m.params = vit_train_layout(m.config, m.base, m.num_labels, m.class_mean,
+                              m.config.layer_scale && st.contains(m.base + "embeddings.mask_token"),
+                              m.teacher);
+  m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
+  for (const TrainParam& p : m.params) {
+    check(st.contains(p.name), file + ": missing tensor '" + p.name + "' (expected shape " +
+                                   shape_str(p.shape) + ")");
+    const TensorInfo& info = st.info(p.name);
+    check(info.shape == p.shape, file + ": tensor '" + p.name + "' has shape " +
+                                     shape_str(info.shape) + ", expected " + shape_str(p.shape));
+    st.read(p.name, 0, p.numel(), m.weights.data() + p.offset);
+  }
+  const std::string next = m.base + "encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".";
+  check(!st.contains(next + "layernorm_before.weight"),
+        file + ": has more layers than num_hidden_layers = " + std::to_string(m.config.num_hidden_layers));
+  return m;
+}
+
+VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::string>& labels,
+                                   uint64_t seed) {
+  check(c.hidden_size % c.num_attention_heads == 0 && c.image_height % c.patch_size == 0 &&
+            c.image_width % c.patch_size == 0 && !labels.empty(),
+        "make_vit_train_model: hidden_size must be a multiple of the heads, the image size of the "
+        "patch size, and there must be labels");
+  VitTrainModel m;
+  m.config = c;
+  m.config.class_token = true;
+  m.config.num_distillation_tokens = m.config.num_register_tokens = m.config.num_detection_tokens = 0;
+  m.config.layer_scale = false;
+  m.config.activation = MlpActivation::Gelu;
+  m.num_labels = static_cast<int64_t>(labels.size());
+  nlohmann::ordered_json id2label = nlohmann::ordered_json::object(),
+                         label2id = nlohmann::ordered_json::object();
+  for (size_t i = 0; i < labels.size(); ++i) {
+    id2label[std::to_string(i)] = labels[i];
+    label2id[labels[i]] = i;
+  }
+  const nlohmann::ordered_json j = {
+      {"architectures", {"ViTForImageClassification"}},
+      {"model_type", "vit"},
+      {"image_size", c.image_height == c.image_width
+                         ? nlohmann::ordered_json(c.image_height)
+                         : nlohmann::ordered_json::array({c.image_height, c.image_width})},
+      {"patch_size", c.patch_size},
+      {"num_channels", c.num_channels},
+      {"hidden_size", c.hidden_size},
+      {"num_hidden_layers", c.num_hidden_layers},
+      {"num_attention_heads", c.num_attention_heads},
+      {"intermediate_size", c.intermediate_size},
+      {"hidden_act", "gelu"},
+      {"hidden_dropout_prob", 0.0},
+      {"attention_probs_dropout_prob", 0.0},
+      {"initializer_range", 0.02},
+      {"layer_norm_eps", shortest(c.layer_norm_eps)},
+      {"qkv_bias", c.qkv_bias},
+      {"encoder_stride", c.patch_size},
+      {"id2label", id2label},
+      {"label2id", label2id},
+      {"problem_type", "single_label_classification"},
+      {"torch_dtype", "float32"},
+  };
+  m.config_json = j.dump(2) + "\n";
+  m.params = vit_train_layout(m.config, m.base, m.num_labels, false, false);
+  m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
+
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const int64_t d = c.hidden_size, gh = c.grid_height(), gw = c.grid_width();
+  for (const TrainParam& p : m.params) {
+    float* w = m.weights.data() + p.offset;
+    const int64_t n = p.numel();
+    const std::string& name = p.name;
+    if (name.ends_with("layernorm_before.weight") || name.ends_with("layernorm_after.weight") ||
+        name == m.base + "layernorm.weight") {
+      std::fill(w, w + n, 1.0f);
+    } else if (name.ends_with("patch_embeddings.projection.weight")) {
+      const double std_dev = 1.0 / std::sqrt(static_cast<double>(n / p.shape[0]));
+      for (int64_t i = 0; i < n; ++i) {
+        double z;
+        do z = normal(rng);
+        while (std::abs(z) > 2.0);
+        w[i] = static_cast<float>(std_dev * z);
+      }
+    } else if (name.ends_with("position_embeddings") && d % 4 == 0) {
+      // [sin(y ω_i), cos(y ω_i), sin(x ω_i), cos(x ω_i)], ω_i = 10000^(−i/(D/4)); class token 0.
+      const int64_t q = d / 4;
+      for (int64_t y = 0; y < gh; ++y)
+        for (int64_t x = 0; x < gw; ++x)
+          for (int64_t i = 0; i < q; ++i) {
+            const double om = std::pow(10000.0, -static_cast<double>(i) / static_cast<double>(q));
+            float* row = w + (1 + y * gw + x) * d;
+            row[i] = static_cast<float>(std::sin(y * om)), row[q + i] = static_cast<float>(std::cos(y * om));
+            row[2 * q + i] = static_cast<float>(std::sin(x * om));
+            row[3 * q + i] = static_cast<float>(std::cos(x * om));
+          }
+    } else if (name.ends_with("position_embeddings")) {
+      for (int64_t i = 0; i < n; ++i) w[i] = static_cast<float>(0.02 * normal(rng));
+    } else if (p.decay && name != "classifier.weight") {
+      const double limit = std::sqrt(6.0 / static_cast<double>(p.shape[0] + p.shape[1]));
+      std::uniform_real_distribution<double> uniform(-limit, limit);
+      for (int64_t i = 0; i < n; ++i) w[i] = static_cast<float>(uniform(rng));
+    }  // else: biases, class token, classifier stay 0
+  }
+  return m;
+}
+
+std::vector<std::string> vit_train_presets() { return {"vit-ti16", "vit-s16", "vit-b16", "vit-digits"}; }
+
+VitConfig vit_train_preset(const std::string& arch, int64_t image_size) {
+  VitConfig c;
+  c.image_height = c.image_width = image_size;
+  c.num_channels = 3;
+  c.qkv_bias = true;
+  c.num_hidden_layers = 12;
+  c.patch_size = 16;
+  c.layer_norm_eps = 1e-12f;
+  if (arch == "vit-ti16") {
+    c.hidden_size = 192, c.num_attention_heads = 3;
+  } else if (arch == "vit-s16") {
+    c.hidden_size = 384, c.num_attention_heads = 6;
+  } else if (arch == "vit-b16") {
+    c.hidden_size = 768, c.num_attention_heads = 12;
+  } else if (arch == "vit-digits") {
+    c.patch_size = 4, c.hidden_size = 64, c.num_hidden_layers = 4, c.num_attention_heads = 4;
+    c.layer_norm_eps = 1e-6f;
+  } else {
+    std::string known;
+    for (const std::string& p : vit_train_presets()) known += (known.empty() ? "" : ", ") + p;
+    fail("--arch " + arch + ": unknown preset (known: " + known + ")");
+  }
+  c.intermediate_size = 4 * c.hidden_size;
+  check(image_size > 0 && image_size % c.patch_size == 0,
+        "--arch " + arch + ": image size " + std::to_string(image_size) +
+            " is not a positive multiple of the patch size " + std::to_string(c.patch_size));
+  return c;
+}
+
+void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
+                          const std::string& preprocessor_json) {
+  const fs::path dir(dir_string);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  check(!ec, dir.string() + ": cannot create (" + ec.message() + ")");
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const TrainParam& p : m.params) {
+    Tensor t(p.shape);
+    std::copy_n(m.weights.data() + p.offset, p.numel(), t.data());
+    tensors.emplace_back(p.name, std::move(t));
+  }
+  save_safetensors((dir / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  auto write_text = [&](const std::string& name, const std::string& text) {
+    const fs::path path = dir / name, tmp = dir / (name + ".tmp");
+    {
+      std::ofstream out(tmp, std::ios::binary);
+      out << text;
+      check(static_cast<bool>(out), tmp.string() + ": cannot write");
+    }
+    fs::rename(tmp, path);
+  };
+  write_text("config.json", m.config_json);
+  if (!preprocessor_json.empty()) write_text("preprocessor_config.json", preprocessor_json);
+}
+
+void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t h, int64_t w) {
+  if (batch == b && height == h && width == w) return;
+  const VitConfig& c = model.config;
+  const int64_t np = (h / c.patch_size) * (w / c.patch_size), t = c.num_prefix_tokens() + np;
+  const int64_t m = b * t;
+  const int64_t d = c.hidden_size, f = c.intermediate_size, heads = c.num_attention_heads;
+  const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
+  auto sized = [](std::vector<float>& v, int64_t n) { v.assign(static_cast<size_t>(n), 0.0f); };
+  batch = b, height = h, width = w;
+  sized(patches, b * np * kp);
+  sized(pos, t * d);
+  layers.assign(static_cast<size_t>(c.num_hidden_layers), {});
+  for (Layer& l : layers) {
+    sized(l.x, m * d), sized(l.ln1, m * d), sized(l.mean1, m), sized(l.rstd1, m);
+    sized(l.qkv, m * 3 * d), sized(l.ctx, m * d), sized(l.lse, b * heads * t);
+    sized(l.x_mid, m * d), sized(l.ln2, m * d), sized(l.mean2, m), sized(l.rstd2, m);
+    sized(l.h, m * f), sized(l.a, m * f);
+    if (c.layer_scale) sized(l.z1, m * d), sized(l.z2, m * d);
+  }
+  // Final-norm rows: the class tokens, or with a teacher head the class then the distillation
+  // tokens ([2B, D]), or every token (class_mean).
+  const int64_t rows = model.class_mean ? m : model.teacher ? 2 * b : b;
+  const int64_t head = (model.class_mean ? 2 : 1) * d;
+  sized(x_out, m * d);
+  sized(cls, rows * d), sized(cls_norm, rows * d), sized(mean_f, rows), sized(rstd_f, rows);
+  sized(head_in, (model.teacher ? 2 : 1) * b * head), sized(logits, b * model.num_labels);
+  sized(head_logits, model.teacher ? 2 * b * model.num_labels : 0);
+  sized(dx, m * d), sized(dln, m * d), sized(dqkv, m * 3 * d), sized(dctx, m * d);
+  sized(dh, m * f), sized(da, m * f), sized(dcls, rows * d), sized(dcls_norm, rows * d);
+  sized(dhead_in, (model.teacher ? 2 : 1) * b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
+}
+
+std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
+                                         VitTrainActivations& acts) {
+  const VitConfig& c = model.config;
+  if (pixel_values.ndim() != 4 || pixel_values.dim(1) != c.num_channels ||
+      pixel_values.dim(2) < c.patch_size || pixel_values.dim(3) < c.patch_size)
+    fail("training takes pixel_values [batch, " + std::to_string(c.num_channels) +
+         ", height, width] of at least one " + std::to_string(c.patch_size) + "-pixel patch, got " +
+         shape_str(pixel_values.shape()));
+  const int64_t B = pixel_values.dim(0), H = pixel_values.dim(2), W = pixel_values.dim(3);
+  const int64_t p = c.patch_size, C = c.num_channels, d = c.hidden_size, f = c.intermediate_size;
+  const int64_t heads = c.num_attention_heads, hd = c.head_dim();
+  const int64_t pre = c.num_prefix_tokens();
+  const int64_t nh = H / p, nw = W / p, np = nh * nw, T = pre + np, M = B * T;
+  const int64_t kp = C * p * p;
+  acts.resize(model, B, H, W);
+  position_embedding_forward(model, H, W, acts.pos.data());
+  VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
+
+  // Patch embedding: im2col (columns c, ky, kx as the convolution weight), one GEMM.
+  const float* px = pixel_values.data();
+  parallel_for(0, B * nh, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / nh, py = r % nh;
+      for (int64_t pxi = 0; pxi < nw; ++pxi) {
+        float* row = acts.patches.data() + (b * np + py * nw + pxi) * kp;
+        for (int64_t ch = 0; ch < C; ++ch)
+          for (int64_t ky = 0; ky < p; ++ky)
+            std::memcpy(row + (ch * p + ky) * p, px + ((b * C + ch) * H + py * p + ky) * W + pxi * p,
+                        sizeof(float) * p);
+      }
+    }
+  });
+  // The embedded patches go straight to rows 1.. of each image in x₀ (via the scratch).
+  std::vector<float>& embedded = acts.dembedded;  // free until the backward
+  linear_forward(acts.patches.data(), B * np, w.patch_w, w.patch_b, d, kp, embedded.data());
+  float* x0 = acts.layers.empty() ? acts.x_out.data() : acts.layers[0].x.data();
+  for (int64_t b = 0; b < B; ++b) {
+    float* xb = x0 + b * T * d;
+    std::memcpy(xb, w.cls_token, sizeof(float) * d);
+    if (w.dist_token) std::memcpy(xb + d, w.dist_token, sizeof(float) * d);
+    std::memcpy(xb + pre * d, embedded.data() + b * np * d, sizeof(float) * np * d);
+    for (int64_t i = 0; i < T * d; ++i) xb[i] += acts.pos[i];
+  }
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (size_t li = 0; li < acts.layers.size(); ++li) {
+    VitTrainActivations::Layer& a = acts.layers[li];
+    const VitTrainLayerView& lw = w.layers[li];
+    float* next = li + 1 < acts.layers.size() ? acts.layers[li + 1].x.data() : acts.x_out.data();
+    layer_norm_forward(a.x.data(), M, d, lw.norm1_w, lw.norm1_b, c.layer_norm_eps, a.ln1.data(),
+                       a.mean1.data(), a.rstd1.data());
+    linear_forward(a.ln1.data(), M, lw.qkv_w, lw.qkv_b, 3 * d, d, a.qkv.data());
+    const float* qkv = a.qkv.data();
+    attention_forward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
+                      {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d}, scale, a.lse.data());
+    // x_mid = x + attn_out(ctx)  (DINOv2: x + λ₁ ⊙ attn_out(ctx))
+    const PackedLinear out_proj = pack_linear(lw.attn_out_w, lw.attn_out_b, d, d);
+    if (lw.ls1)
+      add_scaled(a.x.data(), out_proj, a.ctx.data(), M, d, lw.ls1, a.z1.data(), a.x_mid.data());
+    else
+      linear(a.ctx.data(), M, d, out_proj, a.x_mid.data(), d, Activation::None, a.x.data());
+    layer_norm_forward(a.x_mid.data(), M, d, lw.norm2_w, lw.norm2_b, c.layer_norm_eps,
+                       a.ln2.data(), a.mean2.data(), a.rstd2.data());
+    linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, f, d, a.h.data());
+    gelu_forward(a.h.data(), a.a.data(), M * f);
+    const PackedLinear fc2 = pack_linear(lw.fc2_w, lw.fc2_b, d, f);
+    if (lw.ls2)
+      add_scaled(a.x_mid.data(), fc2, a.a.data(), M, f, lw.ls2, a.z2.data(), next);
+    else
+      linear(a.a.data(), M, f, fc2, next, d, Activation::None, a.x_mid.data());
+  }
+  if (!model.class_mean) {
+    // Only the class (and distillation) tokens reach the heads: the final norm runs on those rows.
+    const int64_t heads_n = model.teacher ? 2 : 1;
+    for (int64_t j = 0; j < heads_n; ++j)
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(acts.cls.data() + (j * B + b) * d, acts.x_out.data() + (b * T + j) * d,
+                    sizeof(float) * d);
+    layer_norm_forward(acts.cls.data(), heads_n * B, d, w.norm_w, w.norm_b, c.layer_norm_eps,
+                       acts.cls_norm.data(), acts.mean_f.data(), acts.rstd_f.data());
+    std::copy(acts.cls_norm.begin(), acts.cls_norm.end(), acts.head_in.begin());
+  } else {
+    // DINOv2: [h[:, 0], mean over the patch tokens h[:, 1:]] of the normed sequence.
+    std::copy(acts.x_out.begin(), acts.x_out.end(), acts.cls.begin());
+    layer_norm_forward(acts.cls.data(), M, d, w.norm_w, w.norm_b, c.layer_norm_eps,
+                       acts.cls_norm.data(), acts.mean_f.data(), acts.rstd_f.data());
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = acts.head_in.data() + b * 2 * d;
+      const float* hb = acts.cls_norm.data() + b * T * d;
+      std::copy(hb, hb + d, row);
+      for (int64_t k = 0; k < d; ++k) {
+        double sum = 0;
+        for (int64_t t = 1; t < T; ++t) sum += hb[t * d + k];
+        row[d + k] = static_cast<float>(sum / static_cast<double>(T - 1));
+      }
+    }
+  }
+  const int64_t head = (model.class_mean ? 2 : 1) * d, K = model.num_labels;
+  if (!model.teacher) {
+    linear_forward(acts.head_in.data(), B, w.head_w, w.head_b, K, head, acts.logits.data());
+    return acts.logits;
+  }
+  // DeiT with teacher: logits = (cls_classifier(h0) + distillation_classifier(h1)) / 2.
+  float* cls_logits = acts.head_logits.data();
+  float* dist_logits = cls_logits + B * K;
+  linear_forward(acts.head_in.data(), B, w.head_w, w.head_b, K, d, cls_logits);
+  linear_forward(acts.head_in.data() + B * d, B, w.head2_w, w.head2_b, K, d, dist_logits);
+  for (int64_t i = 0; i < B * K; ++i) acts.logits[i] = (cls_logits[i] + dist_logits[i]) / 2;
+  return acts.logits;
+}
+
+void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
+                        const float* dlogits, std::span<float> grads) {
+  check(grads.size() == model.weights.size(), "vit_train_backward: gradient buffer size differs from the weights'");
+  check(acts.batch > 0, "vit_train_backward: run vit_train_forward first");
+  const VitConfig& c = model.config;
+  const int64_t B = acts.batch, d = c.hidden_size, f = c.intermediate_size;
+  const int64_t heads = c.num_attention_heads, hd = c.head_dim();
+  const int64_t pre = c.num_prefix_tokens();
+  const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = pre + np;
+  const int64_t M = B * T;
+  const int64_t kp = c.num_channels * c.patch_size * c.patch_size, K = model.num_labels;
+  VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
+  VitTrainView g = bind_view(model, grads.data());
+
+  // Classifier and final norm (class-token rows, or every row with class_mean).
+  const int64_t head = (model.class_mean ? 2 : 1) * d;
+  zero(acts.dhead_in), zero(acts.dcls_norm), zero(acts.dcls), zero(acts.dx);
+  linear_backward(acts.head_in.data(), w.head_w, dlogits, B, K, head, acts.dhead_in.data(),
+                  g.head_w, g.head_b);
+  if (model.teacher)
+    linear_backward(acts.head_in.data() + B * d, w.head2_w, dlogits + B * K, B, K, d,
+                    acts.dhead_in.data() + B * d, g.head2_w, g.head2_b);
+  if (!model.class_mean) {
+    const int64_t heads_n = model.teacher ? 2 : 1;
+    std::copy(acts.dhead_in.begin(), acts.dhead_in.end(), acts.dcls_norm.begin());
+    layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(),
+                        acts.rstd_f.data(), w.norm_w, heads_n * B, d, acts.dcls.data(), g.norm_w,
+                        g.norm_b);
+    for (int64_t j = 0; j < heads_n; ++j)
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(acts.dx.data() + (b * T + j) * d, acts.dcls.data() + (j * B + b) * d,
+                    sizeof(float) * d);
+  } else {
+    const float inv = 1.0f / static_cast<float>(T - 1);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = acts.dhead_in.data() + b * 2 * d;
+      float* db = acts.dcls_norm.data() + b * T * d;
+      std::copy(row, row + d, db);
+      for (int64_t t = 1; t < T; ++t)
+        for (int64_t k = 0; k < d; ++k) db[t * d + k] = row[d + k] * inv;
+    }
+    layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(),
+                        acts.rstd_f.data(), w.norm_w, M, d, acts.dx.data(), g.norm_w, g.norm_b);
+  }
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (size_t li = acts.layers.size(); li-- > 0;) {
+    VitTrainActivations::Layer& a = acts.layers[li];
+    const VitTrainLayerView& lw = w.layers[li];
+    const VitTrainLayerView& lg = g.layers[li];
+    // dx holds dL/dx_{l+1}; x_{l+1} = x_mid + fc2(gelu(fc1(LN₂ x_mid))).
+    zero(acts.da), zero(acts.dh), zero(acts.dln);
+    const float* dbranch = acts.dx.data();  // DINOv2: through λ₂ first
+    if (lw.ls2) dbranch = scale_backward(acts.dx.data(), a.z2.data(), lw.ls2, M, d, acts.dz.data(), lg.ls2);
+    linear_backward(a.a.data(), lw.fc2_w, dbranch, M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
+    gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
+    linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, f, d, acts.dln.data(), lg.fc1_w,
+                    lg.fc1_b);
+    layer_norm_backward(acts.dln.data(), a.x_mid.data(), a.mean2.data(), a.rstd2.data(), lw.norm2_w,
+                        M, d, acts.dx.data(), lg.norm2_w, lg.norm2_b);
+    // dx holds dL/dx_mid; x_mid = x + attn_out(attention(qkv(LN₁ x))).
+    zero(acts.dctx), zero(acts.dqkv), zero(acts.dln);
+    dbranch = acts.dx.data();
+    if (lw.ls1) dbranch = scale_backward(acts.dx.data(), a.z1.data(), lw.ls1, M, d, acts.dz.data(), lg.ls1);
+    linear_backward(a.ctx.data(), lw.attn_out_w, dbranch, M, d, d, acts.dctx.data(),
+                    lg.attn_out_w, lg.attn_out_b);
+    const float* qkv = a.qkv.data();
+    float* dqkv = acts.dqkv.data();
+    attention_backward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
+                       {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d},
+                       {acts.dctx.data(), T * d, d}, a.lse.data(), scale,
+                       {dqkv, T * 3 * d, 3 * d}, {dqkv + d, T * 3 * d, 3 * d},
+                       {dqkv + 2 * d, T * 3 * d, 3 * d});
+    linear_backward(a.ln1.data(), lw.qkv_w, dqkv, M, 3 * d, d, acts.dln.data(), lg.qkv_w, lg.qkv_b);
+    layer_norm_backward(acts.dln.data(), a.x.data(), a.mean1.data(), a.rstd1.data(), lw.norm1_w, M,
+                        d, acts.dx.data(), lg.norm1_w, lg.norm1_b);
+  }
+
+  // Embeddings: x₀[b] = [cls, patch rows] + pos. Sums over the batch run in image order.
+  const float* dx = acts.dx.data();
+  std::vector<float> dpos(static_cast<size_t>(T * d), 0.0f);
+  parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t k = 0; k < d; ++k) dpos[t * d + k] += dx[(b * T + t) * d + k];
+  });
+  position_embedding_backward(model, acts.height, acts.width, dpos.data(), g.pos_embed);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < d; ++k) {
+      g.cls_token[k] += dx[b * T * d + k];
+      if (g.dist_token) g.dist_token[k] += dx[(b * T + 1) * d + k];
+    }
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(acts.dembedded.data() + b * np * d, dx + (b * T + pre) * d, sizeof(float) * np * d);
+  linear_backward(acts.patches.data(), w.patch_w, acts.dembedded.data(), B * np, d, kp, nullptr,
+                  g.patch_w, g.patch_b);
+}
+
+double vit_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                               const std::vector<int64_t>& labels, float label_smoothing,
+                               VitTrainActivations& acts, std::span<float> grads) {
+  check(!model.teacher, "a DeiT with a distillation head trains on the hard-distillation loss: "
+                        "vit_train_distillation_loss_and_grad, with the teacher's labels");
+  const std::span<const float> logits = vit_train_forward(model, pixel_values, acts);
+  const int64_t B = acts.batch;
+  check(static_cast<int64_t>(labels.size()) == B,
+        "vit_train_loss_and_grad: " + std::to_string(labels.size()) + " labels for a batch of " +
+            std::to_string(B));
+  std::vector<float> dlogits(static_cast<size_t>(B * model.num_labels), 0.0f);
+  const double loss = cross_entropy_forward_backward(logits.data(), labels.data(), B,
+                                                     model.num_labels, label_smoothing,
+                                                     dlogits.data());
+  vit_train_backward(model, acts, dlogits.data(), grads);
+  return loss;
+}
+
+double vit_train_distillation_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                                            const std::vector<int64_t>& labels,
+                                            const std::vector<int64_t>& teacher_labels,
+                                            float label_smoothing, VitTrainActivations& acts,
+                                            std::span<float> grads) {
+  check(model.teacher, "the hard-distillation loss needs DeiTForImageClassificationWithTeacher");
+  vit_train_forward(model, pixel_values, acts);
+  const int64_t B = acts.batch, K = model.num_labels;
+  check(static_cast<int64_t>(labels.size()) == B && static_cast<int64_t>(teacher_labels.size()) == B,
+        "vit_train_distillation_loss_and_grad: labels and teacher labels must be one per image");
+  // ½·CE_ε(cls_logits, y) + ½·CE(dist_logits, y_teacher): each half's gradient scaled by ½.
+  std::vector<float> d_cls(static_cast<size_t>(2 * B * K), 0.0f);
+  const double cls_loss = cross_entropy_forward_backward(acts.head_logits.data(), labels.data(), B,
+                                                         K, label_smoothing, d_cls.data());
+  const double dist_loss = cross_entropy_forward_backward(acts.head_logits.data() + B * K,
+                                                          teacher_labels.data(), B, K, 0.0f,
+                                                          d_cls.data() + B * K);
+  for (float& v : d_cls) v *= 0.5f;
+  vit_train_backward(model, acts, d_cls.data(), grads);
+  return 0.5 * cls_loss + 0.5 * dist_loss;
+}
+
+int64_t vit_train_layer(const VitTrainModel& model, const TrainParam& param) {
+  const std::string blocks = model.base + "encoder.layer.";
+  if (param.name.rfind(model.base + "embeddings.", 0) == 0) return 0;
+  if (param.name.rfind(blocks, 0) == 0)
+    return 1 + std::stoll(param.name.substr(blocks.size(), param.name.find('.', blocks.size()) - blocks.size()));
+  return model.config.num_hidden_layers + 1;  // final norm, classifier
+}
+
+double vit_train_lr_scale(const VitTrainModel& model, const TrainParam& param, double layer_decay) {
+  if (layer_decay == 1.0) return 1.0;
+  return std::pow(layer_decay, static_cast<double>(model.config.num_hidden_layers + 1 -
+                                                   vit_train_layer(model, param)));
+}
+
+void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, std::span<float> m,
+                          std::span<float> v, int64_t step, const AdamWOptions& options,
+                          double layer_decay) {
+  check(grads.size() == model.weights.size() && m.size() == grads.size() && v.size() == grads.size(),
+        "vit_train_adamw_step: gradients or moments differ in size from the weights");
+  AdamWOptions no_decay = options;
+  no_decay.weight_decay = 0.0f;
+  std::span<float> w(model.weights);
+  for (const TrainParam& p : model.params) {
+    const size_t o = static_cast<size_t>(p.offset), n = static_cast<size_t>(p.numel());
+    AdamWOptions po = p.decay ? options : no_decay;
+    po.lr = static_cast<float>(options.lr * vit_train_lr_scale(model, p, layer_decay));
+    adamw_step(w.subspan(o, n), grads.subspan(o, n), m.subspan(o, n), v.subspan(o, n), step, po);
+  }
+}
+
+TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
+                               const std::vector<int64_t>& labels, const TrainStepOptions& o,
+                               const std::vector<int64_t>* teacher_labels) {
+  check(model.teacher == (teacher_labels != nullptr),
+        model.teacher ? "a DeiT with teacher steps on the hard-distillation loss: pass the teacher's labels"
+                      : "teacher labels given for a model without a distillation head");
+  const size_t n = model.weights.size();
+  if (state.grads.size() != n) {
+    state.grads.assign(n, 0.0f);
+    state.m.assign(n, 0.0f);
+    state.v.assign(o.optimizer == Optimizer::AdamW ? n : 0, 0.0f);
+  }
+  if (o.optimizer == Optimizer::AdamW && state.v.size() != n) state.v.assign(n, 0.0f);
+  std::fill(state.grads.begin(), state.grads.end(), 0.0f);
+  TrainStepResult r;
+  r.loss = teacher_labels
+               ? vit_train_distillation_loss_and_grad(model, pixel_values, labels, *teacher_labels,
+                                                      o.label_smoothing, state.acts, state.grads)
+               : vit_train_loss_and_grad(model, pixel_values, labels, o.label_smoothing, state.acts,
+                                         state.grads);
+  const int64_t K = model.num_labels;
+  for (size_t b = 0; b < labels.size(); ++b) {
+    const float* row = state.acts.logits.data() + b * K;
+    r.correct += std::max_element(row, row + K) - row == labels[b];
+  }
+  r.grad_norm = clip_grad_norm(state.grads, o.clip_grad);
+  ++state.step;
+  if (o.optimizer == Optimizer::AdamW) {
+    AdamWOptions a;
+    a.lr = o.lr, a.beta1 = o.beta1, a.beta2 = o.beta2, a.eps = o.eps, a.weight_decay = o.weight_decay;
+    vit_train_adamw_step(model, state.grads, state.m, state.v, state.step, a, o.layer_decay);
+  } else {
+    std::span<float> w(model.weights), g(state.grads), m(state.m);
+    for (const TrainParam& p : model.params) {
+      const size_t off = static_cast<size_t>(p.offset), len = static_cast<size_t>(p.numel());
+      sgd_step(w.subspan(off, len), g.subspan(off, len),
+               o.momentum != 0.0f ? m.subspan(off, len) : std::span<float>{},
+               static_cast<float>(o.lr * vit_train_lr_scale(model, p, o.layer_decay)), o.momentum,
+               p.decay ? o.weight_decay : 0.0f, state.step == 1);
+    }
+  }
+  return r;
+}
+
+void save_train_checkpoint(const std::string& path, const VitTrainModel& model,
+                           const VitTrainState& state,
+                           const std::map<std::string, std::string>& metadata) {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  auto add = [&](const std::string& prefix, const std::vector<float>& buffer) {
+    if (buffer.empty()) return;
+    check(buffer.size() == model.weights.size(), "save_train_checkpoint: optimiser state of another size");
+    for (const TrainParam& p : model.params) {
+      Tensor t(p.shape);
+      std::copy_n(buffer.data() + p.offset, p.numel(), t.data());
+      tensors.emplace_back(prefix + p.name, std::move(t));
+    }
+  };
+  add("weight.", model.weights);
+  add("m.", state.m);
+  add("v.", state.v);
+  std::map<std::string, std::string> meta = metadata;
+  meta["step"] = std::to_string(state.step);
+  meta["architecture"] = model.architecture;
+  save_safetensors(path, tensors, meta);
+}
+
+std::map<std::string, std::string> load_train_checkpoint(const std::string& path,
+                                                         VitTrainModel& model, VitTrainState& state) {
+  const SafeTensors st = SafeTensors::open(path);
+  auto read = [&](const std::string& prefix, std::vector<float>& buffer, bool required) {
+    if (!required && !st.contains(prefix + model.params.front().name)) {
+      buffer.clear();
+      return;
+    }
+    buffer.assign(model.weights.size(), 0.0f);
+    for (const TrainParam& p : model.params) {
+      const std::string name = prefix + p.name;
+      check(st.contains(name), path + ": missing tensor '" + name + "' (a checkpoint of another model?)");
+      check(st.info(name).shape == p.shape, path + ": tensor '" + name + "' has shape " +
+                                                shape_str(st.info(name).shape) + ", expected " +
+                                                shape_str(p.shape));
+      st.read(name, 0, p.numel(), buffer.data() + p.offset);
+    }
+  };
+  std::vector<float> weights;
+  read("weight.", weights, true);
+  VitTrainState restored;
+  read("m.", restored.m, false);
+  read("v.", restored.v, false);
+  std::map<std::string, std::string> meta = st.metadata();
+  check(meta.count("step"), path + ": no \"step\" in its metadata (not a training checkpoint)");
+  restored.step = std::stoll(meta["step"]);
+  restored.grads.assign(model.weights.size(), 0.0f);
+  if (restored.m.empty()) restored.m.assign(model.weights.size(), 0.0f);
+  model.weights = std::move(weights);
+  state = std::move(restored);
+  return meta;
+}
+
+}  // namespace tessera
