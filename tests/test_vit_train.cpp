@@ -5,6 +5,7 @@
 // Tolerance: relative error max|got − want| / max|want| ≤ 1e-4 per tensor (fp32 against float64).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <unistd.h>
@@ -439,4 +440,41 @@ TEST_CASE("--arch presets have the published sizes", "[vit_train]") {
   CHECK((digits.grid_height() == 5 && digits.hidden_size == 64 && digits.intermediate_size == 256));
   CHECK_THROWS_WITH(vit_train_preset("vit-h14", 224), Catch::Contains("known: vit-ti16"));
   CHECK_THROWS_WITH(vit_train_preset("vit-ti16", 100), Catch::Contains("not a positive multiple"));
+}
+
+TEST_CASE("--init on data of other classes: a new zero head, the rest of the model kept", "[vit_train]") {
+  for (const char* from : {"conformance/vit-tiny-rand", "models/dinov2-cls-rand",
+                           "conformance/deit-tiny-distilled-rand"}) {
+    INFO(from);
+    VitTrainModel model = load_vit_train_model(fixtures(from));
+    const VitTrainModel before = model;
+    replace_classifier(model, {"left", "right", "up"});
+    CHECK(model.num_labels == 3);
+    for (const TrainParam& p : model.params) {
+      INFO(p.name);
+      const auto w = model.view(std::span<const float>(model.weights), p.name);
+      if (p.name.find("classifier.") != std::string::npos) {
+        CHECK(p.shape[0] == 3);
+        CHECK(std::all_of(w.begin(), w.end(), [](float x) { return x == 0.0f; }));
+      } else {
+        const auto old = before.view(std::span<const float>(before.weights), p.name);
+        CHECK(std::equal(w.begin(), w.end(), old.begin(), old.end()));
+      }
+    }
+    // The new folder loads with the new labels and gives the same logits (a zero head: its bias, 0).
+    const SafeTensors st = SafeTensors::open(fixtures("train/vit-tiny-step.safetensors"));
+    const Tensor pixels = st.read("pixel_values");  // 32x32, every model's size here
+    VitTrainActivations acts;
+    const auto logits = vit_train_forward(model, pixels, acts);
+    CHECK(logits.size() == 2u * 3u);
+    CHECK(std::all_of(logits.begin(), logits.end(), [](float x) { return x == 0.0f; }));
+    const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                      ("tessera-new-head-" + std::to_string(::getpid()));
+    save_vit_train_model(model, dir.string());
+    const auto loaded = load_model(dir.string());
+    CHECK(loaded->labels == std::vector<std::string>{"left", "right", "up"});
+    ModelWorkspace ws;
+    CHECK(output(model_forward(*loaded, pixels, ws), "logits").shape() == Shape{2, 3});
+    std::filesystem::remove_all(dir);
+  }
 }

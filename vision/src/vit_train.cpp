@@ -410,6 +410,38 @@ VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::st
   return m;
 }
 
+void replace_classifier(VitTrainModel& m, const std::vector<std::string>& labels) {
+  check(!labels.empty(), "replace_classifier: no labels");
+  const int64_t k = static_cast<int64_t>(labels.size());
+  std::vector<TrainParam> params = vit_train_layout(
+      m.config, m.base, k, m.class_mean,
+      m.config.layer_scale && std::any_of(m.params.begin(), m.params.end(), [&](const TrainParam& p) {
+        return p.name == m.base + "embeddings.mask_token";
+      }),
+      m.teacher);
+  std::vector<float> weights(static_cast<size_t>(params.back().offset + params.back().numel()), 0.0f);
+  for (const TrainParam& p : params) {
+    const bool head = p.name.find("classifier.") != std::string::npos;
+    if (head) continue;  // zero
+    const TrainParam& old = m.param(p.name);
+    std::copy_n(m.weights.data() + old.offset, old.numel(), weights.data() + p.offset);
+  }
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(m.config_json);
+  nlohmann::ordered_json id2label = nlohmann::ordered_json::object(),
+                         label2id = nlohmann::ordered_json::object();
+  for (size_t i = 0; i < labels.size(); ++i) {
+    id2label[std::to_string(i)] = labels[i];
+    label2id[labels[i]] = i;
+  }
+  cfg["id2label"] = id2label;
+  cfg["label2id"] = label2id;
+  if (cfg.contains("num_labels")) cfg["num_labels"] = k;
+  m.config_json = cfg.dump(2) + "\n";
+  m.params = std::move(params);
+  m.weights = std::move(weights);
+  m.num_labels = k;
+}
+
 std::vector<std::string> vit_train_presets() { return {"vit-ti16", "vit-s16", "vit-b16", "vit-digits"}; }
 
 VitConfig vit_train_preset(const std::string& arch, int64_t image_size) {

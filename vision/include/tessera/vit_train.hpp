@@ -92,6 +92,12 @@ VitTrainModel load_vit_train_model(const std::string& dir);
 VitTrainModel make_vit_train_model(const VitConfig& config, const std::vector<std::string>& labels,
                                    uint64_t seed);
 
+// --init with data of other classes: a new classification head (both heads for a DeiT with
+// teacher) for `labels`, zero-initialised (as the ViT paper fine-tunes), and config.json's
+// id2label / label2id rewritten to them. Every other weight is kept; the optimiser state of an
+// earlier layout no longer fits (start a new VitTrainState).
+void replace_classifier(VitTrainModel& model, const std::vector<std::string>& labels);
+
 // The architecture of an --arch preset at image_size x image_size: "vit-ti16", "vit-s16",
 // "vit-b16" (the ViT/DeiT sizes: D 192/384/768, 12 layers, 3/6/12 heads, MLP 4D, patch 16,
 // layer_norm_eps 1e-12 as Hugging Face's configs) and "vit-digits" (the toy trainer's small model:
