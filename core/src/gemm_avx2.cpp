@@ -403,11 +403,21 @@ void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0
   if (widened.size() < static_cast<size_t>(2 * K2 * kNR + 16)) widened.resize(2 * K2 * kNR + 16);
   float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(widened.data()) + 63) & ~uintptr_t{63});
   int64_t widened_j = -1;
+  // The passes over panel j (both halves) share out the prefetch of panel j + 1's bf16 rows
+  // (128 bytes each, as the fp32 half rows), so its widening finds them in cache.
+  const int64_t passes = 2 * rows.panels, share = ceil_div(K2, passes);
   task_walk(a, rows, j0, j1, apack, 2 * K2 * kMR6, pack_rows_bf16,
             [&](int64_t n, const float* ap, int64_t j, int64_t h, const Tile& t) {
               if (j != widened_j) widen_bf16_panel(a.wpack_bf16 + j * K2 * kNR, K2, panel), widened_j = j;
               const float* b = panel + 16 * h;
-              by_rows(n, [&](auto R) { micro_kernel<decltype(R)::value>(2 * K2, ap, b, t); });
+              Prefetch pf;
+              if (j + 1 < j1) {
+                const int64_t first = (h * rows.panels + (ap - apack) / (2 * K2 * kMR6)) * share;
+                pf.next = reinterpret_cast<const char*>(a.wpack_bf16 + (j + 1) * K2 * kNR + first * kNR);
+                pf.count = std::clamp<int64_t>(K2 - first, 0, share);
+                pf.step = std::max<int64_t>(1, 2 * K2 / share);
+              }
+              by_rows(n, [&](auto R) { micro_kernel<decltype(R)::value>(2 * K2, ap, b, t, pf); });
             });
 }
 
