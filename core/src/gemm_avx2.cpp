@@ -133,21 +133,38 @@ TESSERA_AVX2_INLINE void store_tile(const __m256 (&c0)[R], const __m256 (&c1)[R]
 // ---- fp32 ------------------------------------------------------------------------------------
 
 // y[r, 0:16] = epilogue(sum_k a[k*6 + r] * b[k*32 + 0:16]) for r < R: the micro-kernel.
+// Lines of the task's next weight half for one micro-kernel call to ask for, one every `step`
+// k (a half row is one 64-byte line, rows 128 bytes apart): the calls on one half share out
+// the next one, as in gemm_avx512.cpp's task_walk, so its first pass finds it in cache.
+struct Prefetch {
+  const char* next = nullptr;
+  int64_t count = 0, step = 1;
+};
+
 template <int R>
-TESSERA_AVX2 void micro_kernel(int64_t K, const float* a, const float* b, const Tile& t) {
+TESSERA_AVX2_INLINE void fma_step(const float* a, const float* b, __m256 (&c0)[R], __m256 (&c1)[R]) {
+  const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    const __m256 av = _mm256_broadcast_ss(a + r);
+    c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+    c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+  }
+}
+
+template <int R>
+TESSERA_AVX2 void micro_kernel(int64_t K, const float* a, const float* b, const Tile& t,
+                               const Prefetch& pf = {}) {
   __m256 c0[R], c1[R];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < K; ++k, a += kMR6, b += kNR) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r);
-      c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
-    }
+  int64_t k = 0;
+  for (int64_t line = 0; line < pf.count; ++line) {
+    _mm_prefetch(pf.next + line * kNR * 4, _MM_HINT_T0);
+    for (const int64_t end = k + pf.step; k < end; ++k, a += kMR6, b += kNR) fma_step<R>(a, b, c0, c1);
   }
+#pragma GCC unroll 2
+  for (; k < K; ++k, a += kMR6, b += kNR) fma_step<R>(a, b, c0, c1);
   store_tile<R>(c0, c1, t);
 }
 
@@ -362,10 +379,19 @@ void by_rows(int64_t n, F f) {  // f(std::integral_constant<int, n>) for n in 1.
 void linear_task_avx2(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                       float* apack) {
   const int64_t K = a.K;
+  const int64_t passes = rows.panels, share = ceil_div(K, passes);
   task_walk(a, rows, j0, j1, apack, K * kMR6, pack_rows,
             [&](int64_t n, const float* ap, int64_t j, int64_t h, const Tile& t) {
               const float* b = a.wpack + j * K * kNR + 16 * h;
-              by_rows(n, [&](auto R) { micro_kernel<decltype(R)::value>(K, ap, b, t); });
+              Prefetch pf;
+              const int64_t nj = h ? j + 1 : j, nh = 1 - h;  // the next half
+              if (passes > 1 && nj < j1 && nj * kNR + 16 * nh < a.N) {
+                const int64_t first = (ap - apack) / (K * kMR6) * share;
+                pf.next = reinterpret_cast<const char*>(a.wpack + nj * K * kNR + 16 * nh + first * kNR);
+                pf.count = std::clamp<int64_t>(K - first, 0, share);
+                pf.step = std::max<int64_t>(1, K / share);
+              }
+              by_rows(n, [&](auto R) { micro_kernel<decltype(R)::value>(K, ap, b, t, pf); });
             });
 }
 
@@ -377,11 +403,21 @@ void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0
   if (widened.size() < static_cast<size_t>(2 * K2 * kNR + 16)) widened.resize(2 * K2 * kNR + 16);
   float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(widened.data()) + 63) & ~uintptr_t{63});
   int64_t widened_j = -1;
+  // The passes over panel j (both halves) share out the prefetch of panel j + 1's bf16 rows
+  // (128 bytes each, as the fp32 half rows), so its widening finds them in cache.
+  const int64_t passes = 2 * rows.panels, share = ceil_div(K2, passes);
   task_walk(a, rows, j0, j1, apack, 2 * K2 * kMR6, pack_rows_bf16,
             [&](int64_t n, const float* ap, int64_t j, int64_t h, const Tile& t) {
               if (j != widened_j) widen_bf16_panel(a.wpack_bf16 + j * K2 * kNR, K2, panel), widened_j = j;
               const float* b = panel + 16 * h;
-              by_rows(n, [&](auto R) { micro_kernel<decltype(R)::value>(2 * K2, ap, b, t); });
+              Prefetch pf;
+              if (j + 1 < j1) {
+                const int64_t first = (h * rows.panels + (ap - apack) / (2 * K2 * kMR6)) * share;
+                pf.next = reinterpret_cast<const char*>(a.wpack_bf16 + (j + 1) * K2 * kNR + first * kNR);
+                pf.count = std::clamp<int64_t>(K2 - first, 0, share);
+                pf.step = std::max<int64_t>(1, 2 * K2 / share);
+              }
+              by_rows(n, [&](auto R) { micro_kernel<decltype(R)::value>(2 * K2, ap, b, t, pf); });
             });
 }
 
