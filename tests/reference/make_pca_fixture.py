@@ -3,25 +3,19 @@
 and numpy's principal components of them (numpy.linalg.eigh of the 1/(n-1) covariance, largest
 eigenvalue first), for test_features: Tessera's PCA must match them up to sign.
 
-Run with Debian's python3 (numpy only): /usr/bin/python3 tests/reference/make_pca_fixture.py
+Run with Debian's python3 (numpy; torch for the shared writer): /usr/bin/python3 tests/reference/make_pca_fixture.py
 """
-import json
 import pathlib
-import struct
 
 import numpy as np
+import torch
+from make_kernel_fixtures import write_safetensors
 
 
 def save(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for name, a in tensors.items():
-        b = np.ascontiguousarray(a, dtype=np.float32).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    """F32 safetensors through the shared writer (make_kernel_fixtures.write_safetensors)."""
+    write_safetensors(str(path), {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()},
+                      {"generator": "tests/reference/make_pca_fixture.py"})
 
 
 rng = np.random.default_rng(7)

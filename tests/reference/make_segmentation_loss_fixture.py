@@ -2,24 +2,17 @@
 """Writes tests/fixtures/segmentation_loss/ce.safetensors: F.cross_entropy(logits, labels,
 ignore_index=255) (Segmenter's training loss on upsampled logits) and its gradient by autograd.
 Run: /usr/bin/python3 tests/reference/make_segmentation_loss_fixture.py"""
-import json
 import pathlib
-import struct
 
 import numpy as np
 import torch
+from make_kernel_fixtures import write_safetensors
 
 
 def save(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for name, a in tensors.items():
-        b = np.ascontiguousarray(np.asarray(a, dtype=np.float32)).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(np.asarray(a).shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    """F32 safetensors through the shared writer (make_kernel_fixtures.write_safetensors)."""
+    write_safetensors(str(path), {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()},
+                      {"generator": "tests/reference/make_segmentation_loss_fixture.py"})
 
 
 g = torch.Generator().manual_seed(11)

@@ -9,27 +9,20 @@ DetrForObjectDetection.forward), ported here line by line since transformers is 
   loss      = 1 * loss_ce + 5 * loss_bbox + 2 * loss_giou  (+ the same per auxiliary decoder layer)
 Gradients by torch autograd. Run: /usr/bin/python3 tests/reference/make_set_loss_fixtures.py
 """
-import json
 import pathlib
-import struct
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from make_kernel_fixtures import write_safetensors
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "set_loss"
 
 
 def save(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for name, a in tensors.items():
-        b = np.ascontiguousarray(np.asarray(a, dtype=np.float32)).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(np.asarray(a).shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    """F32 safetensors through the shared writer (make_kernel_fixtures.write_safetensors)."""
+    write_safetensors(str(path), {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()},
+                      {"generator": "tests/reference/make_set_loss_fixtures.py"})
 
 
 def center_to_corners(b):
