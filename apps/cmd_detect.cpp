@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
+#include <opencv2/videoio.hpp>
 
 #include "commands.hpp"
 #include "tessera/detection.hpp"
@@ -63,6 +64,20 @@ fs::path common_parent(const std::vector<std::string>& paths) {
   return common;
 }
 
+bool is_video_name(const fs::path& p) {
+  static const std::set<std::string> exts = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"};
+  std::string e = p.extension().string();
+  std::transform(e.begin(), e.end(), e.begin(), ::tolower);
+  return exts.count(e) != 0;
+}
+
+nlohmann::json detections_json(const std::vector<Detection>& dets) {
+  nlohmann::json a = nlohmann::json::array();
+  for (const Detection& d : dets)
+    a.push_back({{"label", d.label}, {"name", d.name}, {"score", d.score}, {"box", {d.x0, d.y0, d.x1, d.y1}}});
+  return a;
+}
+
 bool all_numeric_stems(const std::vector<std::string>& paths) {
   for (const auto& p : paths) {
     std::string s = fs::path(p).stem().string();
@@ -79,8 +94,12 @@ void add_detect(CLI::App& app, Action& action) {
   static std::vector<std::string> images, classes;
   static PostProcessOptions opt;
   static int threads = 0;
+  static int64_t batch = 1;
   static int64_t max_tokens = 0;
   cmd->add_option("--model", model_dir, "Model folder (YolosForObjectDetection or vit-detr)")->required();
+  cmd->add_option("--batch", batch, "Images per forward pass (images that pre-process to one size share it; "
+                                    "results do not depend on it; 1 with --attention)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1024}));
   cmd->add_option("--threshold", opt.threshold, "Keep detections with score > T (default 0.5)")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--top-k", opt.top_k, "Keep the k best per image (0 = all)")->check(CLI::Range(0, 100000));
@@ -95,7 +114,10 @@ void add_detect(CLI::App& app, Action& action) {
                   "Also write the attention rollout from the detection tokens over each image to OUT.png "
                   "(several images: OUT_<index>_<stem>.png)");
   add_max_tokens_option(cmd, max_tokens);
-  cmd->add_option("images", images, "Images, folders or @list.txt")->required();
+  cmd->add_option("images", images,
+                  "Images, folders or @list.txt; a video file (.mp4, .avi, ...) gives an annotated video and a "
+                  "JSON Lines file (one line per frame) under --out")
+      ->required();
   cmd->callback([&action] {
     action = [] {
       apply_threads(threads);
@@ -146,39 +168,155 @@ void add_detect(CLI::App& app, Action& action) {
       int failed = 0;
       ModelWorkspace ws;
       ws.vit.record_attention = !attention_out.empty();
-      for (size_t i = 0; i < paths.size(); ++i) {
+      // One image's answer, from its raw detections (the attention of the forward it was in).
+      auto answer = [&](size_t i, const cv::Mat& rgb, const RawDetections& raw) {
         const std::string& path = paths[i];
-        try {
-          cv::Mat rgb = load_image_rgb(path);
-          pre.check_tokens(rgb.size(), path);  // before pre-processing allocates for it
-          RawDetections raw = run_detector(*model, pre, {rgb}, ws).at(0);
-          std::string attention_path;
-          if (!attention_out.empty()) {  // from the attention recorded in that same forward pass
-            const cv::Size in = preprocess_output_size(rgb.size(), pre.config);
-            attention_path = attention_output_path(attention_out, i, path, paths.size());
-            write_attention_map(*model, pre.config, ws.vit.attention, 0, in.height, in.width, path, attention_path);
+        std::string attention_path;
+        if (!attention_out.empty()) {  // from the attention recorded in that same forward pass
+          const cv::Size in = preprocess_output_size(rgb.size(), pre.config);
+          attention_path = attention_output_path(attention_out, i, path, paths.size());
+          write_attention_map(*model, pre.config, ws.vit.attention, 0, in.height, in.width, path, attention_path);
+        }
+        std::vector<Detection> dets = post_process(raw, model->labels, o);
+        std::printf("%s: %zu detection%s\n", path.c_str(), dets.size(), dets.size() == 1 ? "" : "s");
+        for (const Detection& d : dets)
+          std::printf("  %6.4f  %s (%lld)  [%.1f, %.1f, %.1f, %.1f]\n", d.score, d.name.c_str(),
+                      (long long)d.label, d.x0, d.y0, d.x1, d.y1);
+        if (!attention_path.empty()) std::printf("  attention map: %s\n", attention_path.c_str());
+        const int64_t image_id = numeric_ids ? std::stoll(fs::path(path).stem().string())
+                                             : static_cast<int64_t>(i);
+        for (const Detection& d : dets)
+          coco.push_back({{"image_id", image_id}, {"category_id", d.label},
+                          {"bbox", {d.x0, d.y0, d.x1 - d.x0, d.y1 - d.y0}}, {"score", d.score}});
+        if (!out_dir.empty()) {
+          cv::Mat bgr;
+          cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+          draw_detections(bgr, dets, DrawOptions{});
+          if (!collision[i].empty()) fail(collision[i]);
+          write_atomically(fs::path(out_dir) / out_rel[i], [&](const std::string& tmp) { return cv::imwrite(tmp, bgr); });
+        }
+      };
+      // A video: every frame detected; with --out an annotated video (MJPEG in AVI, the source's
+      // size and frame rate) and a JSON Lines file, one line per frame, both published atomically
+      // at the end. A frame that fails is reported (its line holds the error, the video keeps the
+      // frame as it was) and the rest go on.
+      auto video = [&](size_t i) {
+        const std::string& path = paths[i];
+        cv::VideoCapture capture(path);
+        if (!capture.isOpened()) fail(path + ": cannot open as a video (unreadable, or no decoder for its format)");
+        double fps = capture.get(cv::CAP_PROP_FPS);
+        if (!(fps > 0 && fps < 1000)) fps = 25;
+        fs::path video_out, lines_out, video_tmp, lines_tmp;
+        cv::VideoWriter writer;
+        std::ofstream lines;
+        if (!out_dir.empty()) {
+          if (!collision[i].empty()) fail(collision[i]);
+          fs::path rel = out_rel[i];
+          rel.replace_extension("");  // out_rel added ".png" to the video's own name
+          video_out = fs::path(out_dir) / rel.replace_extension(".avi");
+          lines_out = fs::path(out_dir) / rel.replace_extension(".jsonl");
+          std::error_code ec;
+          fs::create_directories(video_out.parent_path(), ec);
+          video_tmp = video_out.parent_path() / (".tmp-" + std::to_string(::getpid()) + "-" + video_out.filename().string());
+          lines_tmp = lines_out.parent_path() / (".tmp-" + std::to_string(::getpid()) + "-" + lines_out.filename().string());
+          lines.open(lines_tmp, std::ios::binary | std::ios::trunc);
+          if (!lines) fail(lines_out.string() + ": cannot write");
+        }
+        int64_t frame_no = 0, frame_failures = 0, boxes = 0;
+        cv::Mat frame;
+        while (capture.read(frame)) {
+          nlohmann::json line = {{"frame", frame_no}};
+          cv::Mat shown = frame;
+          try {
+            if (frame.empty() || frame.depth() != CV_8U) fail("not an 8-bit frame");
+            cv::Mat rgb;
+            cv::cvtColor(frame, rgb, frame.channels() == 1 ? cv::COLOR_GRAY2RGB : cv::COLOR_BGR2RGB);
+            pre.check_tokens(rgb.size(), path);
+            const RawDetections raw = run_detector(*model, pre, {rgb}, ws).at(0);
+            const std::vector<Detection> dets = post_process(raw, model->labels, o);
+            boxes += static_cast<int64_t>(dets.size());
+            line["detections"] = detections_json(dets);
+            if (!out_dir.empty()) {
+              cv::cvtColor(rgb, shown, cv::COLOR_RGB2BGR);
+              draw_detections(shown, dets, DrawOptions{});
+            }
+          } catch (const std::exception& e) {
+            ++frame_failures;
+            line["error"] = e.what();
+            std::fprintf(stderr, "tessera: error: %s: frame %lld: %s\n", path.c_str(), (long long)frame_no, e.what());
           }
-          std::vector<Detection> dets = post_process(raw, model->labels, o);
-          std::printf("%s: %zu detection%s\n", path.c_str(), dets.size(), dets.size() == 1 ? "" : "s");
-          for (const Detection& d : dets)
-            std::printf("  %6.4f  %s (%lld)  [%.1f, %.1f, %.1f, %.1f]\n", d.score, d.name.c_str(),
-                        (long long)d.label, d.x0, d.y0, d.x1, d.y1);
-          if (!attention_path.empty()) std::printf("  attention map: %s\n", attention_path.c_str());
-          const int64_t image_id = numeric_ids ? std::stoll(fs::path(path).stem().string())
-                                               : static_cast<int64_t>(i);
-          for (const Detection& d : dets)
-            coco.push_back({{"image_id", image_id}, {"category_id", d.label},
-                            {"bbox", {d.x0, d.y0, d.x1 - d.x0, d.y1 - d.y0}}, {"score", d.score}});
           if (!out_dir.empty()) {
-            cv::Mat bgr;
-            cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
-            draw_detections(bgr, dets, DrawOptions{});
-            if (!collision[i].empty()) fail(collision[i]);
-            write_atomically(fs::path(out_dir) / out_rel[i], [&](const std::string& tmp) { return cv::imwrite(tmp, bgr); });
+            if (!writer.isOpened()) {
+              writer.open(video_tmp.string(), cv::CAP_OPENCV_MJPEG, cv::VideoWriter::fourcc('M', 'J', 'P', 'G'), fps,
+                          shown.size());
+              if (!writer.isOpened()) fail(video_out.string() + ": cannot write the video");
+            }
+            cv::Mat out = shown;
+            if (out.channels() == 1) cv::cvtColor(out, out, cv::COLOR_GRAY2BGR);
+            writer.write(out);
+            lines << dump_json(line, -1) << "\n";
           }
+          ++frame_no;
+        }
+        if (frame_no == 0) fail(path + ": the video has no readable frames");
+        std::printf("%s: %lld frames, %lld detections%s\n", path.c_str(), (long long)frame_no, (long long)boxes,
+                    frame_failures ? (", " + std::to_string(frame_failures) + " frames failed").c_str() : "");
+        if (!out_dir.empty()) {
+          writer.release();
+          lines.close();
+          std::error_code ec;
+          if (!lines) fail(lines_out.string() + ": cannot write");
+          fs::rename(video_tmp, video_out, ec);
+          if (!ec) fs::rename(lines_tmp, lines_out, ec);
+          if (ec) fail(video_out.string() + ": cannot write (" + ec.message() + ")");
+          std::printf("  annotated video: %s\n  per-frame detections: %s\n", video_out.string().c_str(),
+                      lines_out.string().c_str());
+        }
+        if (frame_failures) fail(path + ": " + std::to_string(frame_failures) + " of " + std::to_string(frame_no) + " frames failed");
+      };
+      const size_t per_batch = attention_out.empty() ? static_cast<size_t>(batch) : 1;
+      for (size_t i = 0; i < paths.size();) {
+        if (is_video_name(paths[i])) {
+          try {
+            video(i);
+          } catch (const std::exception& e) {
+            ++failed;
+            std::fprintf(stderr, "tessera: error: %s\n", e.what());
+          }
+          ++i;
+          std::fflush(stdout);
+          continue;
+        }
+        // Up to --batch images (not past a video): decoded, then one run_detector call.
+        std::vector<size_t> members;
+        std::vector<cv::Mat> rgbs;
+        for (; i < paths.size() && members.size() < per_batch && !is_video_name(paths[i]); ++i) {
+          try {
+            cv::Mat rgb = load_image_rgb(paths[i]);
+            pre.check_tokens(rgb.size(), paths[i]);  // before pre-processing allocates for it
+            rgbs.push_back(std::move(rgb));
+            members.push_back(i);
+          } catch (const std::exception& e) {
+            ++failed;
+            std::fprintf(stderr, "tessera: error: %s\n", e.what());
+          }
+        }
+        if (members.empty()) continue;
+        std::vector<RawDetections> raws;
+        try {
+          raws = run_detector(*model, pre, rgbs, ws);
         } catch (const std::exception& e) {
-          ++failed;
-          std::fprintf(stderr, "tessera: error: %s\n", e.what());
+          for (size_t k : members) std::fprintf(stderr, "tessera: error: %s: %s\n", paths[k].c_str(), e.what());
+          failed += static_cast<int>(members.size());
+          continue;
+        }
+        for (size_t k = 0; k < members.size(); ++k) {
+          try {
+            answer(members[k], rgbs[k], raws[k]);
+          } catch (const std::exception& e) {
+            ++failed;
+            std::fprintf(stderr, "tessera: error: %s\n", e.what());
+          }
         }
         std::fflush(stdout);
       }
@@ -188,7 +326,7 @@ void add_detect(CLI::App& app, Action& action) {
           f << dump_json(coco, 1) << "\n";
           return static_cast<bool>(f.flush());
         });
-      if (failed) std::fprintf(stderr, "tessera: %d of %zu images failed\n", failed, paths.size());
+      if (failed) std::fprintf(stderr, "tessera: %d of %zu inputs failed\n", failed, paths.size());
       return failed ? 1 : 0;
     };
   });

@@ -15,6 +15,8 @@
 
 #include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <opencv2/videoio.hpp>
 
 #include "tessera/safetensors.hpp"
 
@@ -518,4 +520,66 @@ TEST_CASE("hostile inputs: NUL lines, non-UTF-8 names, output collisions, token 
     CHECK(r.err.substr(r.err.find("tessera: error:")).find('\n') == r.err.size() - r.err.find("tessera: error:") - 1);
     CHECK(r.err.find("--window 100000: a 100000x100000 (WxH) model input makes 156250000 tokens") != std::string::npos);
   }
+}
+
+TEST_CASE("tessera detect: --batch and --threads change nothing; a video gives an annotated video and JSON Lines") {
+  const fs::path dir = scratch() / "detect_video";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string model = fixture("conformance/detr-vit-rand");
+  const cv::Mat photo = cv::imread(fixture("preprocess/photos/chelsea.png"));
+  REQUIRE(!photo.empty());
+  std::string images;
+  for (int i = 0; i < 4; ++i) {
+    cv::Mat img;
+    cv::resize(photo, img, cv::Size(96 + 16 * (i % 2), 64));  // two sizes: batches hold both
+    const fs::path p = dir / ("img" + std::to_string(i) + ".png");
+    cv::imwrite(p.string(), img);
+    images += " " + p.string();
+  }
+  Run a = run_cli("detect --model " + model + " --threshold 0.3 --batch 1 --threads 1 --json " + (dir / "a.json").string() + images);
+  Run b = run_cli("detect --model " + model + " --threshold 0.3 --batch 3 --threads 2 --json " + (dir / "b.json").string() + images);
+  REQUIRE(a.code == 0);
+  REQUIRE(b.code == 0);
+  CHECK(slurp(dir / "a.json") == slurp(dir / "b.json"));
+  CHECK(a.out == b.out);
+
+  // A 6-frame video (MJPEG in AVI), written with OpenCV.
+  const fs::path clip = dir / "clip.avi";
+  {
+    cv::VideoWriter w(clip.string(), cv::CAP_OPENCV_MJPEG, cv::VideoWriter::fourcc('M', 'J', 'P', 'G'), 10, cv::Size(96, 64));
+    REQUIRE(w.isOpened());
+    for (int f = 0; f < 6; ++f) {
+      cv::Mat img;
+      cv::resize(photo(cv::Rect(10 * f, 0, 300, 200)), img, cv::Size(96, 64));
+      w.write(img);
+    }
+  }
+  std::ofstream(dir / "broken.mp4") << "not a video";
+  Run v = run_cli("detect --model " + model + " --threshold 0.3 --out " + (dir / "out").string() + " " + clip.string() + " " +
+                  (dir / "broken.mp4").string() + " " + (dir / "img0.png").string());
+  INFO(v.out << v.err);
+  CHECK(v.code == 1);  // the broken video is reported; the others are done
+  CHECK(v.err.find("broken.mp4") != std::string::npos);
+  CHECK(fs::exists(dir / "out" / "img0.png"));
+  cv::VideoCapture annotated((dir / "out" / "clip.avi").string());
+  REQUIRE(annotated.isOpened());
+  int frames = 0;
+  cv::Mat frame;
+  while (annotated.read(frame)) {
+    CHECK(frame.size() == cv::Size(96, 64));
+    ++frames;
+  }
+  CHECK(frames == 6);
+  CHECK(annotated.get(cv::CAP_PROP_FPS) == Approx(10));
+  std::ifstream lines(dir / "out" / "clip.jsonl");
+  std::string line;
+  int n = 0;
+  while (std::getline(lines, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    CHECK(j["frame"] == n);
+    CHECK(j.contains("detections"));
+    ++n;
+  }
+  CHECK(n == 6);
 }
