@@ -50,7 +50,8 @@ NamedTensors detection_forward(const Model& m, const Tensor& pixel_values, Model
   Tensor last_hidden;
   if (head.kind == DetectionKind::Yolos) {
     // YolosForObjectDetection: the heads read the last num_detection_tokens tokens.
-    if (ws.head_rows != B * S) {
+    if (ws.heads_for != head.id || ws.head_rows != B * S) {
+      ws.heads_for = head.id;
       ws.head_rows = B * S;
       ws.slots = Tensor({B * S, denc});
       const int64_t hid = std::max(mlp_hidden(head.class_head), mlp_hidden(head.box_head));
@@ -64,7 +65,8 @@ NamedTensors detection_forward(const Model& m, const Tensor& pixel_values, Model
     last_hidden = hidden.clone();
   } else {
     detr_decode(head, hidden.data(), B, T, denc, c.num_prefix_tokens(), nh, nw, ws);
-    if (ws.head_rows != B * S) {
+    if (ws.heads_for != head.id || ws.head_rows != B * S) {
+      ws.heads_for = head.id;
       ws.head_rows = B * S;
       const int64_t hid = std::max(mlp_hidden(head.class_head), mlp_hidden(head.box_head));
       ws.mlp_a = Tensor({B * S, std::max<int64_t>(hid, 1)});

@@ -9,11 +9,13 @@ namespace tessera {
 
 // Activation buffers of the detection heads: sized at the first call for a (batch, grid), reused.
 struct DetectionWorkspace {
+  uint64_t head_id = 0;  // the DetectionHead the decoder buffers are sized for
   int64_t batch = -1, grid_h = -1, grid_w = -1;
   // DETR decoder
   Tensor memory, memory_pos, cross_k, cross_v, pos;  // [B*np, D] ([np, D] for pos)
   Tensor h, a, qk, v, context, ffn;                  // [B*Q, ...]
   // heads
+  uint64_t heads_for = 0;  // the DetectionHead the head buffers are sized for
   int64_t head_rows = -1;
   Tensor slots;           // [B*S, D] the slot features the heads read
   Tensor mlp_a, mlp_b;    // [B*S, hidden]

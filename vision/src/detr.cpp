@@ -124,7 +124,8 @@ void detr_decode(const DetectionHead& h, const float* encoder, int64_t B, int64_
                  int64_t first_patch, int64_t nh, int64_t nw, DetectionWorkspace& w) {
   const int64_t D = h.d_model, Q = h.num_slots, F = h.decoder_ffn, np = nh * nw;
   const int64_t heads = h.decoder_heads, hd = D / heads;
-  if (w.batch != B || w.grid_h != nh || w.grid_w != nw) {
+  if (w.head_id != h.id || w.batch != B || w.grid_h != nh || w.grid_w != nw) {
+    w.head_id = h.id;
     w.batch = B, w.grid_h = nh, w.grid_w = nw;
     w.memory = Tensor({B * np, D});
     w.memory_pos = Tensor({B * np, D});

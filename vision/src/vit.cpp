@@ -1,5 +1,7 @@
 #include "tessera/vit.hpp"
 
+#include <atomic>
+
 #include "tessera/limits.hpp"
 
 #include <cmath>
@@ -12,6 +14,12 @@
 #include "tessera/parallel.hpp"
 
 namespace tessera {
+
+uint64_t new_weights_id() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
 
 int64_t vit_num_tokens(const VitConfig& c, int64_t height, int64_t width) {
   return c.num_prefix_tokens() + (height / c.patch_size) * (width / c.patch_size) +
@@ -195,10 +203,11 @@ Tensor vit_forward(const VitWeights& w, const Tensor& pixel_values, VitWorkspace
   const int64_t T = vit_num_tokens(c, H, W);
   const int64_t M = B * T;
 
-  if (ws.batch != B || ws.height != H || ws.width != W) {
+  if (ws.weights_id != w.id || ws.batch != B || ws.height != H || ws.width != W) {
     const bool record_attention = ws.record_attention;  // a setting, not a size: keep it
     ws = VitWorkspace{};
     ws.record_attention = record_attention;
+    ws.weights_id = w.id;
     ws.batch = B, ws.height = H, ws.width = W, ws.tokens = T;
     ws.patches = Tensor({B * np, C * p * p});
     ws.hidden = Tensor({M, d});

@@ -42,6 +42,7 @@ enum class DetectionKind {
 
 // Everything after the encoder: weights are data, detection_forward is the function.
 struct DetectionHead {
+  uint64_t id = new_weights_id();  // which head a DetectionWorkspace is sized for (vit.hpp)
   DetectionKind kind = DetectionKind::Yolos;
   int64_t num_labels = 0;  // real classes; the logits have num_labels + 1 ("no object" last)
   int64_t num_slots = 0;   // detection tokens / object queries

@@ -6,6 +6,11 @@
 // DeiTForImageClassification, DeiTForImageClassificationWithTeacher, DeiTModel, Dinov2Model,
 // Dinov2ForImageClassification), timm ViTs as published in Hugging Face `timm/` repos, and
 // torchvision VisionTransformer state dicts.
+//
+// Sharing between threads: a loaded Model is immutable (load_model returns it const) and may be
+// used by any number of threads at once; a ModelWorkspace (and a VitWorkspace) belongs to one
+// caller at a time — give each thread its own. Preprocessor is const after construction and may
+// be shared. Results do not depend on how many callers run at once (tests/test_concurrency.cpp).
 #include <map>
 #include <memory>
 #include <string>

@@ -67,7 +67,12 @@ struct VitLayer {
   PackedLinear fc2;        // [D, F], layer scale folded in
 };
 
+// A number no other weights object of this process has: workspaces remember which weights they
+// were sized for, so one workspace can serve several models (a shape alone does not say which).
+uint64_t new_weights_id();
+
 struct VitWeights {
+  uint64_t id = new_weights_id();  // copies share it (same contents)
   VitConfig config;
   PackedLinear patch_embed;  // [D, C*p*p], the convolution as one GEMM over patches
   Tensor prefix_tokens;      // [num_prefix_tokens, D]
@@ -83,6 +88,7 @@ struct VitWeights {
 
 // Activation buffers for one (batch, height, width): allocated once, reused by every call.
 struct VitWorkspace {
+  uint64_t weights_id = 0;  // the VitWeights it is sized for (its position tables come from them)
   int64_t batch = -1, height = -1, width = -1;
   int64_t tokens = 0;
   Tensor patches;   // [B*Np, C*p*p]
