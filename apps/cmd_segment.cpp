@@ -28,6 +28,7 @@
 #include <sstream>
 
 #include "commands.hpp"
+#include "tessera/atomic_file.hpp"
 #include "tessera/draw.hpp"
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
@@ -87,21 +88,10 @@ std::vector<Input> collect_inputs(const std::vector<std::string>& args) {
   return out;
 }
 
-// Writes bytes to dest atomically: DEST.partial, then rename.
+// Writes bytes to dest atomically and durably: DEST.partial, fsync, rename, fsync of the folder.
 void write_atomic(const fs::path& dest, const std::vector<uchar>& bytes) {
   fs::create_directories(dest.parent_path());
-  fs::path tmp = dest;
-  tmp += ".partial";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) fail(tmp.string() + ": cannot write (" + std::strerror(errno) + ")");
-    f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    f.flush();
-    if (!f) fail(tmp.string() + ": write failed (disk full?)");
-  }
-  std::error_code ec;
-  fs::rename(tmp, dest, ec);
-  if (ec) fail(dest.string() + ": cannot rename into place (" + ec.message() + ")");
+  write_file_atomic(dest.string(), bytes.data(), bytes.size());
 }
 
 void write_image(const fs::path& dest, const cv::Mat& m, const std::vector<int>& params = {}) {

@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <map>
+#include <random>
 #include <sstream>
 #include <chrono>
 
@@ -582,4 +584,55 @@ TEST_CASE("tessera detect: --batch and --threads change nothing; a video gives a
     ++n;
   }
   CHECK(n == 6);
+}
+
+TEST_CASE("tessera segment survives kill -9 at random moments: --resume ends byte-identical") {
+  // Rounds of: start `segment --resume`, kill it with SIGKILL after a random delay, start it
+  // again, until a run completes. The final tree must equal an uninterrupted run's, file for file
+  // and byte for byte, with no temporary file left (outputs are fsynced, renamed, folder fsynced).
+  const char* cli = std::getenv("TESSERA_CLI");
+  REQUIRE(cli != nullptr);
+  const fs::path dir = scratch() / "kill_resume";
+  fs::remove_all(dir);
+  fs::create_directories(dir / "in");
+  const cv::Mat photo = cv::imread(fixture("preprocess/photos/chelsea.png"));
+  REQUIRE(!photo.empty());
+  for (int i = 0; i < 24; ++i) {
+    cv::Mat img;
+    cv::resize(photo(cv::Rect(i * 5, i * 3, 200, 150)), img, cv::Size(64 + 8 * (i % 3), 48 + 8 * (i % 2)));
+    cv::imwrite((dir / "in" / ("img" + std::to_string(100 + i) + ".png")).string(), img);
+  }
+  const std::string model = fixture("conformance/segmenter-mask-rand");
+  const std::string args = " segment --model " + model + " --color --threads 1 --batch 1 " + (dir / "in").string();
+  REQUIRE(run_cli(args.substr(1) + " --out " + (dir / "ref").string()).code == 0);
+  auto listing = [](const fs::path& root) {
+    std::map<std::string, std::string> files;
+    for (const auto& e : fs::recursive_directory_iterator(root))
+      if (e.is_regular_file()) files[e.path().lexically_relative(root).string()] = slurp(e.path());
+    return files;
+  };
+  const auto reference = listing(dir / "ref");
+  REQUIRE(reference.size() == 48);  // a label map and a colour map per image
+  std::mt19937 rng(20261206);
+  std::uniform_int_distribution<int> delay_ms(10, 200);
+  int kills = 0;
+  const char* rounds_env = std::getenv("TESSERA_KILL_ROUNDS");  // 20 in CI; more by hand
+  const int rounds = rounds_env ? std::max(1, std::atoi(rounds_env)) : 20;
+  for (int round = 0; round < rounds; ++round) {
+    const fs::path out = dir / ("run" + std::to_string(round));
+    for (int attempt = 0;; ++attempt) {
+      // After 8 kills a run is left to finish.
+      const std::string kill = attempt < 8 ? "timeout -s KILL " + std::to_string(delay_ms(rng) / 1000.0) + " " : "";
+      const int status = std::system((kill + cli + args + " --resume --out " + out.string() + " >/dev/null 2>&1").c_str());
+      if (WIFEXITED(status) && WEXITSTATUS(status) == 0) break;
+      REQUIRE(WIFEXITED(status));
+      REQUIRE(WEXITSTATUS(status) == 137);  // killed by timeout's SIGKILL, nothing else
+      ++kills;
+    }
+    INFO("round " << round);
+    CHECK(listing(out) == reference);
+  }
+  CHECK(kills >= rounds);  // the runs were really interrupted, many times
+  std::printf("kill-resume: %d rounds, %d runs killed, every final tree byte-identical\n", rounds, kills);
+  fs::remove_all(dir);
 }

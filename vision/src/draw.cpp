@@ -10,6 +10,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "tessera/atomic_file.hpp"
 #include "tessera/error.hpp"
 #include "tessera/text.hpp"
 
@@ -228,24 +229,7 @@ void write_image_atomic(const std::string& path, const cv::Mat& bgr) {
   std::string tmp_name = ".";  // built in steps: GCC 12 warns falsely (-Wrestrict) on "." + string
   tmp_name += target.filename().string();
   tmp_name += ".tmp-" + std::to_string(::getpid());
-  const fs::path tmp = target.parent_path() / tmp_name;
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail(path + ": cannot write (cannot create " + tmp.string() + ")");
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    out.close();
-    if (!out) {
-      std::error_code ec;
-      fs::remove(tmp, ec);
-      fail(path + ": cannot write (disk full?)");
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, target, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail(path + ": cannot write (" + ec.message() + ")");
-  }
+  write_file_atomic(path, bytes.data(), bytes.size(), (target.parent_path() / tmp_name).string());
 }
 
 }  // namespace tessera
