@@ -32,7 +32,8 @@ TEST_CASE("features: the patch tokens of last_hidden_state, on the grid", "[feat
     const PatchFeatures f = patch_features(*model, pre, rgb, ws);
     Tensor x = pre.image(rgb);
     x = x.reshape({1, x.dim(0), x.dim(1), x.dim(2)});
-    const Tensor& h = output(model_forward(*model, x, ws), "last_hidden_state");
+    const NamedTensors outputs = model_forward(*model, x, ws);  // kept: output() returns a reference into it
+    const Tensor& h = output(outputs, "last_hidden_state");
     const VitConfig& c = model->encoder.config;
     const int64_t gh = x.dim(2) / c.patch_size, gw = x.dim(3) / c.patch_size, D = h.dim(2);
     REQUIRE(f.tokens.shape() == Shape{gh, gw, D});
