@@ -8,15 +8,14 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <set>
-#include <unistd.h>
 
 #include "commands.hpp"
+#include "tessera/atomic_file.hpp"
 #include "tessera/datasets.hpp"
 #include "tessera/detection.hpp"
 #include "tessera/error.hpp"
@@ -211,18 +210,8 @@ void add_eval(CLI::App& app, Action& action) {
       j["dtype"] = dtype;
       j["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (!json_file.empty()) {
-        const fs::path target(json_file), tmp = target.string() + ".tmp-" + std::to_string(::getpid());
-        {
-          std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-          f << j.dump(1) << "\n";
-          check(static_cast<bool>(f.flush()), json_file + ": cannot write");
-        }
-        std::error_code ec;
-        fs::rename(tmp, target, ec);
-        if (ec) {
-          fs::remove(tmp, ec);
-          fail(json_file + ": cannot write (" + ec.message() + ")");
-        }
+        const std::string text = j.dump(1) + "\n";
+        write_file_atomic(json_file, text.data(), text.size());
       }
       return 0;
     };

@@ -5,13 +5,12 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <random>
-#include <unistd.h>
 
+#include "tessera/atomic_file.hpp"
 #include "tessera/draw.hpp"
 #include "tessera/error.hpp"
 #include "tessera/parallel.hpp"
@@ -449,23 +448,8 @@ SceneWriteSummary write_scenes(const SceneSource& source, uint64_t seed, int64_t
     }
   }
   summary.scenes = count;
-  const fs::path json_path = root / "annotations.json";
-  const fs::path tmp = root / (".annotations.json.tmp-" + std::to_string(::getpid()));
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    check(static_cast<bool>(out), json_path.string() + ": cannot write");
-    out << coco.dump() << "\n";
-    out.close();
-    if (!out) {
-      fs::remove(tmp, ec);
-      fail(json_path.string() + ": cannot write (disk full?)");
-    }
-  }
-  fs::rename(tmp, json_path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail(json_path.string() + ": cannot write (" + ec.message() + ")");
-  }
+  const std::string text = coco.dump() + "\n";
+  write_file_atomic((root / "annotations.json").string(), text.data(), text.size());
   return summary;
 }
 
