@@ -3,7 +3,6 @@
 #include <cstdio>
 
 #include "commands.hpp"
-#include "tessera/parallel.hpp"
 #include "tessera/scenes.hpp"
 
 namespace tessera::cli {

@@ -21,7 +21,6 @@
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
 #include "tessera/metrics.hpp"
-#include "tessera/parallel.hpp"
 #include "tessera/pipeline.hpp"
 #include "tessera/scenes.hpp"
 #include "tessera/segmentation.hpp"
