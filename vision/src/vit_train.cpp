@@ -531,8 +531,8 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
   sized(dhead_in, (model.teacher ? 2 : 1) * b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
 }
 
-std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
-                                         VitTrainActivations& acts) {
+void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_values,
+                               VitTrainActivations& acts) {
   const VitConfig& c = model.config;
   if (pixel_values.ndim() != 4 || pixel_values.dim(1) != c.num_channels ||
       pixel_values.dim(2) < c.patch_size || pixel_values.dim(3) < c.patch_size)
@@ -602,6 +602,16 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
     else
       linear(a.a.data(), M, f, fc2, next, d, Activation::None, a.x_mid.data());
   }
+}
+
+std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
+                                         VitTrainActivations& acts) {
+  vit_train_encoder_forward(model, pixel_values, acts);
+  const VitConfig& c = model.config;
+  const int64_t B = acts.batch, d = c.hidden_size;
+  const int64_t T = c.num_prefix_tokens() + (acts.height / c.patch_size) * (acts.width / c.patch_size);
+  const int64_t M = B * T;
+  VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
   if (!model.class_mean) {
     // Only the class (and distillation) tokens reach the heads: the final norm runs on those rows.
     const int64_t heads_n = model.teacher ? 2 : 1;
@@ -647,12 +657,9 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
   check(grads.size() == model.weights.size(), "vit_train_backward: gradient buffer size differs from the weights'");
   check(acts.batch > 0, "vit_train_backward: run vit_train_forward first");
   const VitConfig& c = model.config;
-  const int64_t B = acts.batch, d = c.hidden_size, f = c.intermediate_size;
-  const int64_t heads = c.num_attention_heads, hd = c.head_dim();
-  const int64_t pre = c.num_prefix_tokens();
-  const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = pre + np;
-  const int64_t M = B * T;
-  const int64_t kp = c.num_channels * c.patch_size * c.patch_size, K = model.num_labels;
+  const int64_t B = acts.batch, d = c.hidden_size;
+  const int64_t T = c.num_prefix_tokens() + (acts.height / c.patch_size) * (acts.width / c.patch_size);
+  const int64_t M = B * T, K = model.num_labels;
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
   VitTrainView g = bind_view(model, grads.data());
 
@@ -687,6 +694,22 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
                         acts.rstd_f.data(), w.norm_w, M, d, acts.dx.data(), g.norm_w, g.norm_b);
   }
 
+  vit_train_encoder_backward(model, acts, grads);
+}
+
+void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations& acts,
+                                std::span<float> grads) {
+  check(grads.size() == model.weights.size(), "vit_train_encoder_backward: gradient buffer size differs from the weights'");
+  check(acts.batch > 0, "vit_train_encoder_backward: run the forward first");
+  const VitConfig& c = model.config;
+  const int64_t B = acts.batch, d = c.hidden_size, f = c.intermediate_size;
+  const int64_t heads = c.num_attention_heads, hd = c.head_dim();
+  const int64_t pre = c.num_prefix_tokens();
+  const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = pre + np;
+  const int64_t M = B * T;
+  const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
+  VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
+  VitTrainView g = bind_view(model, grads.data());
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   for (size_t li = acts.layers.size(); li-- > 0;) {
     VitTrainActivations::Layer& a = acts.layers[li];

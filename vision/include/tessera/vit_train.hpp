@@ -133,6 +133,16 @@ struct VitTrainActivations {
   void resize(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width);
 };
 
+// The encoder alone, for heads other than the classifier (detection, segmentation): embeddings and
+// every block, pixel_values [B, C, H, W] → acts.x_out [B·T, D], the last block's output before the
+// final norm (T = prefix tokens + patches).
+void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_values,
+                               VitTrainActivations& acts);
+// Its backward: acts.dx holds dL/dx_out [B·T, D] (it is overwritten); ADDS the gradients of every
+// block and of the embeddings (tokens, position table through its resampling, patch projection).
+void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations& acts,
+                                std::span<float> grads);
+
 // pixel_values [B, C, H, W] → acts.logits [B, K] (returned as a view).
 std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
                                          VitTrainActivations& acts);
