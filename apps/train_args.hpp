@@ -1,0 +1,68 @@
+#pragma once
+// tessera train's options, shared by its three tasks (cmd_train.cpp parses them and runs
+// classification; train_detect.cpp and train_segment.cpp run the other two), and the training log
+// every task writes: a progress line (a bar on a TTY), DIR/log.csv and DIR/curves.png.
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace tessera::cli {
+
+struct TrainArgs {
+  std::string task = "classify";  // classify | detect | segment
+  std::string data, val, out;     // DATA and --val as the task reads them; --out: the model folder
+  std::string init;               // --init MODEL_DIR: fine-tune this folder
+  std::string arch;               // --arch PRESET: train from scratch
+  // Preset overrides (0: the preset's own value, or the data's natural size for image_size).
+  int64_t image_size = 0, patch_size = 0, hidden_size = 0, layers = 0, heads = 0, mlp = 0;
+  int64_t epochs = 0, max_steps = 0;  // one of them; neither: 1 epoch
+  int64_t batch = 32;
+  std::string optimizer = "adamw";  // adamw | sgd
+  double lr = 1e-3, weight_decay = 0.05, clip_grad = 1.0, label_smoothing = 0.0;
+  double momentum = 0.0;      // sgd
+  double layer_decay = 1.0;   // layer-wise lr decay (fine-tuning); 1: off
+  double min_lr = 0.0;        // the cosine's floor
+  int64_t warmup = 0;         // linear warm-up steps
+  bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false;
+  uint64_t seed = 0;
+  int threads = 0;
+  int64_t checkpoint_every = 0;  // steps between checkpoints; 0: once per epoch (and at the end)
+  std::string digits_png;        // digits.png for DATA "digits" (default: opencv-doc's)
+  std::string command_line;      // the command as given, for the model card
+};
+
+// The other tasks (same options; each returns the process exit code).
+int train_detect(const TrainArgs& args);
+int train_segment(const TrainArgs& args);
+
+// What one run prints and writes as it goes. Every step: a progress line on stderr (a redrawn
+// bar with loss, lr, images/s and ETA on a TTY; a line every `print_every` steps otherwise) and a
+// row of DIR/log.csv (step, epoch, loss, lr, grad_norm, images_per_s and the step's own extra
+// columns). Each validation (and finish()) redraws DIR/curves.png: the training loss per step
+// (and its running mean) and every validation metric per epoch. A resumed run appends to the log
+// from its step on (rows after it, from the killed run, are dropped first).
+class TrainLog {
+ public:
+  // dir: the output folder (created); total_steps for the ETA; first_step the step a resumed run
+  // starts from (0 for a fresh one).
+  TrainLog(const std::string& dir, int64_t total_steps, int64_t first_step,
+           std::vector<std::string> extra_columns = {});
+  ~TrainLog();
+  TrainLog(const TrainLog&) = delete;
+  TrainLog& operator=(const TrainLog&) = delete;
+  // step counts from 1; `images` the step's batch size; extra: one value per extra column.
+  void step(int64_t step, int64_t epoch, double loss, double lr, double grad_norm, int64_t images,
+            const std::vector<double>& extra = {});
+  // A validation result after `epoch` (from 1): metric name → value, e.g. {"top1", 0.97}.
+  // Printed, written to DIR/val.csv, drawn in curves.png.
+  void validation(int64_t epoch, int64_t step, const std::map<std::string, double>& metrics);
+  void finish();  // the last progress line ends; curves.png drawn
+
+ private:
+  struct State;
+  State* s_;
+};
+
+}  // namespace tessera::cli
