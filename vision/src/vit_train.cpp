@@ -3,6 +3,7 @@
 #include "tessera/vit_train.hpp"
 
 #include "model_internal.hpp"
+#include "train_internal.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -42,7 +43,7 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
                                          int64_t num_labels, bool class_mean, bool mask_token,
                                          bool teacher = false) {
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
-  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
+  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width() + c.num_detection_tokens;
   std::vector<TrainParam> out;
   int64_t offset = 0;
   auto add = [&](const std::string& name, Shape shape, bool decay) {
@@ -52,6 +53,7 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
   };
   const std::string e = base + "embeddings.";
   add(e + "cls_token", {1, 1, d}, false);
+  if (c.num_detection_tokens) add(e + "detection_tokens", {1, c.num_detection_tokens, d}, false);
   if (c.num_distillation_tokens) add(e + "distillation_token", {1, 1, d}, false);
   if (mask_token) add(e + "mask_token", {1, d}, false);  // DINOv2's, unused here; kept for export
   add(e + "position_embeddings", {1, t, d}, false);
@@ -79,6 +81,16 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
   }
   add(base + "layernorm.weight", {d}, false);
   add(base + "layernorm.bias", {d}, false);
+  if (c.num_detection_tokens) {  // YolosForObjectDetection: two 3-layer MLP heads
+    for (const char* head : {"class_labels_classifier", "bbox_predictor"})
+      for (int i = 0; i < 3; ++i) {
+        const int64_t o = i < 2 ? d : std::string(head) == "bbox_predictor" ? 4 : num_labels + 1;
+        const std::string l = std::string(head) + ".layers." + std::to_string(i) + ".";
+        add(l + "weight", {o, d}, true);
+        add(l + "bias", {o}, false);
+      }
+    return out;
+  }
   if (teacher) {  // DeiTForImageClassificationWithTeacher
     add("cls_classifier.weight", {num_labels, d}, true);
     add("cls_classifier.bias", {num_labels}, false);
@@ -90,6 +102,16 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
   add("classifier.bias", {num_labels}, false);
   return out;
 }
+
+}  // namespace
+
+namespace detail {
+std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels) {
+  return vit_train_layout(c, base, num_labels, false, false);
+}
+}  // namespace detail
+
+namespace {
 
 // y[M,N] = x[M,K]·W[N,K]ᵀ + b on the packed GEMM. Weights change every step, so they are packed
 // for each call (a fraction of the GEMM's own cost at training batch sizes).
@@ -164,6 +186,18 @@ void position_embedding_forward(const VitTrainModel& m, int64_t height, int64_t 
   const int64_t pre = c.num_prefix_tokens();
   const float* table = m.weights.data() + m.param(m.base + "embeddings.position_embeddings").offset;
   Interpolation how;
+  if (m.detection) {  // YOLOS: rows [cls, grid, detection]; the grid resized to (nh, nw) always
+    const int64_t det = c.num_detection_tokens;
+    std::copy(table, table + pre * d, pos);
+    std::copy(table + (pre + g) * d, table + (pre + g + det) * d, pos + (pre + nh * nw) * d);
+    std::vector<float> chw(static_cast<size_t>(d * g)), resized(static_cast<size_t>(d * nh * nw));
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t k = 0; k < d; ++k) chw[k * g + i] = table[(pre + i) * d + k];
+    interpolate_forward(how, chw.data(), d, c.grid_height(), c.grid_width(), resized.data(), nh, nw);
+    for (int64_t i = 0; i < nh * nw; ++i)
+      for (int64_t k = 0; k < d; ++k) pos[(pre + i) * d + k] = resized[k * nh * nw + i];
+    return;
+  }
   if (!hf_resample(c, height, width, how)) {
     std::copy(table, table + (pre + g) * d, pos);
     return;
@@ -186,6 +220,18 @@ void position_embedding_backward(const VitTrainModel& m, int64_t height, int64_t
   const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
   const int64_t pre = c.num_prefix_tokens();
   Interpolation how;
+  if (m.detection) {  // YOLOS: the adjoint of the forward above
+    const int64_t det = c.num_detection_tokens;
+    for (int64_t k = 0; k < pre * d; ++k) dtable[k] += dpos[k];
+    for (int64_t k = 0; k < det * d; ++k) dtable[(pre + g) * d + k] += dpos[(pre + nh * nw) * d + k];
+    std::vector<float> dchw(static_cast<size_t>(d * nh * nw)), dgrid(static_cast<size_t>(d * g), 0.0f);
+    for (int64_t i = 0; i < nh * nw; ++i)
+      for (int64_t k = 0; k < d; ++k) dchw[k * nh * nw + i] = dpos[(pre + i) * d + k];
+    interpolate_backward(how, dchw.data(), d, c.grid_height(), c.grid_width(), nh, nw, dgrid.data());
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t k = 0; k < d; ++k) dtable[(pre + i) * d + k] += dgrid[k * g + i];
+    return;
+  }
   if (!hf_resample(c, height, width, how)) {
     for (int64_t i = 0; i < (pre + g) * d; ++i) dtable[i] += dpos[i];
     return;
@@ -249,7 +295,17 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   }
   v.norm_w = at(m.base + "layernorm.weight");
   v.norm_b = at(m.base + "layernorm.bias");
-  if (m.teacher) {
+  if (m.detection) {
+    v.det_tokens = at(e + "detection_tokens");
+    v.head_w = v.head_b = v.head2_w = v.head2_b = nullptr;
+    for (int i = 0; i < 3; ++i) {
+      const std::string l = ".layers." + std::to_string(i) + ".";
+      v.class_w.push_back(at("class_labels_classifier" + l + "weight"));
+      v.class_b.push_back(at("class_labels_classifier" + l + "bias"));
+      v.box_w.push_back(at("bbox_predictor" + l + "weight"));
+      v.box_b.push_back(at("bbox_predictor" + l + "bias"));
+    }
+  } else if (m.teacher) {
     v.head_w = at("cls_classifier.weight");
     v.head_b = at("cls_classifier.bias");
     v.head2_w = at("distillation_classifier.weight");
@@ -502,7 +558,8 @@ void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
 void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t h, int64_t w) {
   if (batch == b && height == h && width == w) return;
   const VitConfig& c = model.config;
-  const int64_t np = (h / c.patch_size) * (w / c.patch_size), t = c.num_prefix_tokens() + np;
+  const int64_t np = (h / c.patch_size) * (w / c.patch_size);
+  const int64_t t = c.num_prefix_tokens() + np + c.num_detection_tokens;
   const int64_t m = b * t;
   const int64_t d = c.hidden_size, f = c.intermediate_size, heads = c.num_attention_heads;
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
@@ -520,15 +577,20 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
   }
   // Final-norm rows: the class tokens, or with a teacher head the class then the distillation
   // tokens ([2B, D]), or every token (class_mean).
-  const int64_t rows = model.class_mean ? m : model.teacher ? 2 * b : b;
+  const int64_t det_rows = b * c.num_detection_tokens;
+  const int64_t rows = model.detection ? det_rows : model.class_mean ? m : model.teacher ? 2 * b : b;
   const int64_t head = (model.class_mean ? 2 : 1) * d;
   sized(x_out, m * d);
   sized(cls, rows * d), sized(cls_norm, rows * d), sized(mean_f, rows), sized(rstd_f, rows);
-  sized(head_in, (model.teacher ? 2 : 1) * b * head), sized(logits, b * model.num_labels);
+  sized(head_in, model.detection ? 0 : (model.teacher ? 2 : 1) * b * head);
+  sized(logits, model.detection ? det_rows * (model.num_labels + 1) : b * model.num_labels);
   sized(head_logits, model.teacher ? 2 * b * model.num_labels : 0);
   sized(dx, m * d), sized(dln, m * d), sized(dqkv, m * 3 * d), sized(dctx, m * d);
   sized(dh, m * f), sized(da, m * f), sized(dcls, rows * d), sized(dcls_norm, rows * d);
-  sized(dhead_in, (model.teacher ? 2 : 1) * b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
+  sized(dhead_in, model.detection ? 0 : (model.teacher ? 2 : 1) * b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
+  const int64_t mlp = model.detection ? det_rows * d : 0;
+  sized(class1, mlp), sized(class2, mlp), sized(box1, mlp), sized(box2, mlp);
+  sized(dmlp1, mlp), sized(dmlp2, mlp), sized(dmlp_in, mlp), sized(boxes, model.detection ? det_rows * 4 : 0);
 }
 
 void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_values,
@@ -542,8 +604,8 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
   const int64_t B = pixel_values.dim(0), H = pixel_values.dim(2), W = pixel_values.dim(3);
   const int64_t p = c.patch_size, C = c.num_channels, d = c.hidden_size, f = c.intermediate_size;
   const int64_t heads = c.num_attention_heads, hd = c.head_dim();
-  const int64_t pre = c.num_prefix_tokens();
-  const int64_t nh = H / p, nw = W / p, np = nh * nw, T = pre + np, M = B * T;
+  const int64_t pre = c.num_prefix_tokens(), det = c.num_detection_tokens;
+  const int64_t nh = H / p, nw = W / p, np = nh * nw, T = pre + np + det, M = B * T;
   const int64_t kp = C * p * p;
   acts.resize(model, B, H, W);
   position_embedding_forward(model, H, W, acts.pos.data());
@@ -572,6 +634,7 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
     std::memcpy(xb, w.cls_token, sizeof(float) * d);
     if (w.dist_token) std::memcpy(xb + d, w.dist_token, sizeof(float) * d);
     std::memcpy(xb + pre * d, embedded.data() + b * np * d, sizeof(float) * np * d);
+    if (det) std::memcpy(xb + (pre + np) * d, w.det_tokens, sizeof(float) * det * d);
     for (int64_t i = 0; i < T * d; ++i) xb[i] += acts.pos[i];
   }
 
@@ -606,6 +669,8 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
 
 std::span<const float> vit_train_forward(const VitTrainModel& model, const Tensor& pixel_values,
                                          VitTrainActivations& acts) {
+  check(!model.detection, "vit_train_forward: a YolosForObjectDetection model has no classifier "
+                          "(yolos_train_forward runs its heads)");
   vit_train_encoder_forward(model, pixel_values, acts);
   const VitConfig& c = model.config;
   const int64_t B = acts.batch, d = c.hidden_size;
@@ -704,8 +769,8 @@ void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations&
   const VitConfig& c = model.config;
   const int64_t B = acts.batch, d = c.hidden_size, f = c.intermediate_size;
   const int64_t heads = c.num_attention_heads, hd = c.head_dim();
-  const int64_t pre = c.num_prefix_tokens();
-  const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = pre + np;
+  const int64_t pre = c.num_prefix_tokens(), det = c.num_detection_tokens;
+  const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = pre + np + det;
   const int64_t M = B * T;
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
@@ -757,6 +822,8 @@ void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations&
       g.cls_token[k] += dx[b * T * d + k];
       if (g.dist_token) g.dist_token[k] += dx[(b * T + 1) * d + k];
     }
+  for (int64_t b = 0; b < B; ++b)  // YOLOS's detection tokens, images in order
+    for (int64_t k = 0; k < det * d; ++k) g.det_tokens[k] += dx[(b * T + pre + np) * d + k];
   for (int64_t b = 0; b < B; ++b)
     std::memcpy(acts.dembedded.data() + b * np * d, dx + (b * T + pre) * d, sizeof(float) * np * d);
   linear_backward(acts.patches.data(), w.patch_w, acts.dembedded.data(), B * np, d, kp, nullptr,
@@ -858,7 +925,16 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
     const float* row = state.acts.logits.data() + b * K;
     r.correct += std::max_element(row, row + K) - row == labels[b];
   }
-  r.grad_norm = clip_grad_norm(state.grads, o.clip_grad);
+  r.grad_norm = vit_train_apply_gradients(model, state, o);
+  return r;
+}
+
+double vit_train_apply_gradients(VitTrainModel& model, VitTrainState& state, const TrainStepOptions& o) {
+  const size_t n = model.weights.size();
+  check(state.grads.size() == n, "vit_train_apply_gradients: gradients of another size than the weights");
+  if (state.m.size() != n) state.m.assign(n, 0.0f);
+  if (o.optimizer == Optimizer::AdamW && state.v.size() != n) state.v.assign(n, 0.0f);
+  const double grad_norm = clip_grad_norm(state.grads, o.clip_grad);
   ++state.step;
   if (o.optimizer == Optimizer::AdamW) {
     AdamWOptions a;
@@ -874,7 +950,7 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
                p.decay ? o.weight_decay : 0.0f, state.step == 1);
     }
   }
-  return r;
+  return grad_norm;
 }
 
 void save_train_checkpoint(const std::string& path, const VitTrainModel& model,

@@ -17,6 +17,11 @@
 // distillation token, trained on the hard-distillation loss) and "dinov2" (Dinov2ForImageClassification:
 // layer scale, the classifier on [class token, mean of the patch tokens]; not SwiGLU yet),
 // hidden_act "gelu", with or without qkv_bias. Anything else is an Error naming what is not supported.
+//
+// YolosForObjectDetection (model.detection, yolos_train.hpp) shares this encoder pass: its
+// detection tokens follow the patches, x₀ = [cls, patches, detection tokens] + pos, the table's
+// rows [cls, grid, detection] with the grid resized bicubically to the input's grid
+// (PosResample::SizeBicubic, as yolos.cpp loads it), and the two MLP heads replace the classifier.
 #include <cstdint>
 #include <map>
 #include <span>
@@ -47,6 +52,10 @@ struct VitTrainModel {
   // DeiTForImageClassificationWithTeacher: cls_classifier on h[:, 0], distillation_classifier on
   // h[:, 1], logits their mean; it trains on the hard-distillation loss.
   bool teacher = false;
+  // YolosForObjectDetection: config.num_detection_tokens tokens after the patches, the final norm
+  // on them and the heads class_labels_classifier (num_labels + 1 outputs, no-object last) and
+  // bbox_predictor (4), 3-layer MLPs, instead of a classifier (yolos_train.hpp).
+  bool detection = false;
   std::string config_json;  // the folder's config.json text (written back on export)
   VitConfig config;
   int64_t num_labels = 0;
@@ -71,12 +80,16 @@ struct VitTrainLayerView {
 };
 struct VitTrainView {
   float *cls_token, *dist_token;  // [D]; the distillation token (DeiT) or null
-  float *pos_embed;               // [prefix + N, D]
+  float *pos_embed;               // [prefix + N (+ detection tokens), D]
   float *patch_w, *patch_b;      // [D, C·p·p] (the convolution [D, C, p, p]), [D]
   std::vector<VitTrainLayerView> layers;
   float *norm_w, *norm_b;        // final layernorm [D]
   float *head_w, *head_b;        // classifier [K, D], [K] (with a teacher head: cls_classifier)
   float *head2_w, *head2_b;      // distillation_classifier [K, D], [K], or null
+  // YOLOS (else null / empty): detection tokens [det, D]; per MLP layer i the weight and bias of
+  // class_labels_classifier.layers.i ([D, D], last [K + 1, D]) and bbox_predictor.layers.i (last [4, D]).
+  float* det_tokens = nullptr;
+  std::vector<float*> class_w, class_b, box_w, box_b;
 };
 VitTrainView bind_view(const VitTrainModel& model, float* buffer);
 
@@ -112,6 +125,8 @@ void save_vit_train_model(const VitTrainModel& model, const std::string& dir,
                           const std::string& preprocessor_json = "");
 
 // What the forward keeps for the backward, and the backward's scratch, for one batch size.
+// T = prefix + patches (+ detection tokens for YOLOS); with model.detection the final-norm rows
+// (cls, cls_norm, ...) are the B·det detection tokens and `mlp` holds the heads' activations.
 struct VitTrainActivations {
   int64_t batch = -1, height = -1, width = -1;
   std::vector<float> patches;  // [B·Np, C·p·p]
@@ -130,6 +145,10 @@ struct VitTrainActivations {
   std::vector<float> head_logits;  // with a teacher head: class head's [B, K], then distillation head's
   // backward scratch
   std::vector<float> dx, dln, dqkv, dctx, dh, da, dcls, dcls_norm, dhead_in, dembedded, dz;
+  // YOLOS heads: post-ReLU hidden layers of class_labels_classifier (class1, class2) and
+  // bbox_predictor (box1, box2) [B·det, D]; boxes [B·det, 4] after the sigmoid (logits above holds
+  // [B·det, K + 1]); scratch for their backward.
+  std::vector<float> class1, class2, box1, box2, boxes, dmlp1, dmlp2, dmlp_in;
   void resize(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width);
 };
 
@@ -212,6 +231,11 @@ struct TrainStepResult {
 TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
                                const std::vector<int64_t>& labels, const TrainStepOptions& options,
                                const std::vector<int64_t>* teacher_labels = nullptr);
+
+// The optimiser half of vit_train_step, for other losses (yolos_train_step): state.grads holds the
+// batch's gradient; clip by global norm (clip_grad > 0), count the step, then SGD or AdamW as
+// vit_train_step does. Returns the gradient norm before clipping.
+double vit_train_apply_gradients(VitTrainModel& model, VitTrainState& state, const TrainStepOptions& options);
 
 // A training checkpoint, for --resume: the weights under their checkpoint names ("weight.NAME"),
 // the optimiser state ("m.NAME", and "v.NAME" for AdamW) and its step count, plus the caller's
