@@ -1,0 +1,169 @@
+// The detection training loop (tessera/detect_trainer.hpp).
+#include "tessera/detect_trainer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+#include <random>
+
+#include <opencv2/imgproc.hpp>
+
+#include "tessera/datasets.hpp"
+#include "tessera/error.hpp"
+#include "tessera/image.hpp"
+#include "tessera/metrics.hpp"
+#include "tessera/optim.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/yolos_train.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera {
+
+DetectionData load_detection_data(const std::string& coco_json) {
+  const CocoDataset coco = load_coco_instances(coco_json);
+  check(!coco.images.empty(), coco_json + ": no images");
+  check(!coco.categories.empty(), coco_json + ": no categories");
+  DetectionData d;
+  d.source = coco_json;
+  for (const CocoImage& im : coco.images) {
+    std::error_code ec;
+    check(fs::is_regular_file(im.path, ec), im.path + ": image listed in " + coco_json + " not found");
+    d.paths.push_back(im.path);
+    d.targets.push_back(coco_detection_target(coco, im.id));
+  }
+  const int64_t max_id = coco.categories.back().id;  // sorted by id
+  check(coco.categories.front().id >= 0, coco_json + ": negative category id");
+  d.labels.assign(static_cast<size_t>(max_id + 1), "N/A");
+  for (const CocoCategory& c : coco.categories) d.labels[static_cast<size_t>(c.id)] = c.name;
+  return d;
+}
+
+int64_t detector_steps_per_epoch(const DetectionData& data, const DetectorTrainOptions& o) {
+  check(o.batch > 0, "train: the batch size must be positive");
+  return static_cast<int64_t>(data.size()) / o.batch;
+}
+
+int64_t detector_total_steps(const DetectionData& data, const DetectorTrainOptions& o) {
+  const int64_t per_epoch = detector_steps_per_epoch(data, o);
+  check(per_epoch > 0, data.source + ": " + std::to_string(data.size()) + " images make no batch of " +
+                           std::to_string(o.batch));
+  const int64_t all = per_epoch * o.epochs;
+  return o.max_steps > 0 ? std::min(all > 0 ? all : o.max_steps, o.max_steps) : all;
+}
+
+std::vector<size_t> detector_batch_indices(const DetectionData& data, const DetectorTrainOptions& o, int64_t step) {
+  const int64_t per_epoch = detector_steps_per_epoch(data, o);
+  check(per_epoch > 0, data.source + ": no full batch");
+  const int64_t epoch = step / per_epoch, first = (step % per_epoch) * o.batch;
+  std::vector<size_t> order(data.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  if (o.shuffle) {
+    std::mt19937_64 rng(o.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) + 1);
+    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
+  }
+  return {order.begin() + first, order.begin() + first + o.batch};
+}
+
+namespace {
+
+// Scale about the centre and shift, keeping every box inside the image; boxes follow.
+cv::Mat augment(const cv::Mat& rgb, DetectionTarget& t, const DetectionAugment& a, std::mt19937_64& rng) {
+  const double W = rgb.cols, H = rgb.rows;
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  double s = 1.0 + a.scale * (2 * u(rng) - 1);
+  // The boxes' union in pixels.
+  double x0 = W, y0 = H, x1 = 0, y1 = 0;
+  for (const auto& b : t.boxes) {
+    x0 = std::min(x0, (b[0] - b[2] / 2) * W), x1 = std::max(x1, (b[0] + b[2] / 2) * W);
+    y0 = std::min(y0, (b[1] - b[3] / 2) * H), y1 = std::max(y1, (b[1] + b[3] / 2) * H);
+  }
+  if (t.boxes.empty()) x0 = y0 = 0, x1 = W, y1 = H;
+  if (x1 > x0 && y1 > y0) s = std::min(s, std::min(W / (x1 - x0), H / (y1 - y0)));
+  const double cx = W / 2, cy = H / 2;
+  // Shifts that keep the scaled union inside [0, W] x [0, H], within ±translate of the size.
+  auto shift = [&](double lo_edge, double hi_edge, double c, double size) {
+    const double lo = std::max(-(s * (lo_edge - c) + c), -a.translate * size);
+    const double hi = std::min(size - (s * (hi_edge - c) + c), a.translate * size);
+    return hi > lo ? lo + (hi - lo) * u(rng) : 0.0;
+  };
+  const double tx = shift(x0, x1, cx, W), ty = shift(y0, y1, cy, H);
+  const cv::Matx23d m(s, 0, (1 - s) * cx + tx, 0, s, (1 - s) * cy + ty);
+  cv::Mat out;
+  cv::warpAffine(rgb, out, m, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
+  for (auto& b : t.boxes) {
+    const double bx = (s * (b[0] * W - cx) + cx + tx) / W, by = (s * (b[1] * H - cy) + cy + ty) / H;
+    double bw = s * b[2], bh = s * b[3];
+    // Clip to the image (rounding can push an edge box past it by a hair).
+    double l = std::max(0.0, bx - bw / 2), r = std::min(1.0, bx + bw / 2);
+    double tp = std::max(0.0, by - bh / 2), bt = std::min(1.0, by + bh / 2);
+    b = {static_cast<float>((l + r) / 2), static_cast<float>((tp + bt) / 2), static_cast<float>(r - l),
+         static_cast<float>(bt - tp)};
+  }
+  return out;
+}
+
+}  // namespace
+
+Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& indices,
+                       const PreprocessConfig& processor, const DetectorTrainOptions& o, int64_t step,
+                       std::vector<DetectionTarget>* targets) {
+  check(processor.resize_rule == ResizeRule::exact && processor.do_resize,
+        "detection training resizes every image of a batch to one size: the processor must have size "
+        "{\"height\", \"width\"} (yolos_preprocessor_json)");
+  const int64_t B = static_cast<int64_t>(indices.size());
+  const int64_t H = processor.height, W = processor.width;
+  Tensor out({B, 3, H, W});
+  std::vector<DetectionTarget> t(indices.size());
+  parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const size_t k = indices[static_cast<size_t>(i)];
+      cv::Mat rgb = load_image_rgb(data.paths[k]);
+      t[i] = data.targets[k];
+      if (o.augment.enabled) {
+        std::mt19937_64 rng(o.seed * 0x9E3779B97F4A7C15ull ^ (static_cast<uint64_t>(step) * 0xBF58476D1CE4E5B9ull) ^
+                            (static_cast<uint64_t>(i) + 0x94D049BB133111EBull));
+        rgb = augment(rgb, t[i], o.augment, rng);
+      }
+      const Tensor x = preprocess(rgb, processor);
+      check(x.dim(1) == H && x.dim(2) == W, data.paths[k] + ": pre-processed to another size than the batch's");
+      std::copy_n(x.data(), x.numel(), out.data() + i * x.numel());
+    }
+  });
+  if (targets) *targets = std::move(t);
+  return out;
+}
+
+void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionData& data,
+                    const PreprocessConfig& processor, const DetectorTrainOptions& o,
+                    const std::function<void(const DetectorProgress&)>& on_step, int64_t stop_before) {
+  for (const DetectionTarget& t : data.targets)
+    for (int64_t label : t.labels)
+      check(label >= 0 && label < model.num_labels, data.source + ": category id " + std::to_string(label) +
+                                                        " but the model has " + std::to_string(model.num_labels) +
+                                                        " labels");
+  const int64_t total = detector_total_steps(data, o), per_epoch = detector_steps_per_epoch(data, o);
+  const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  std::vector<DetectionTarget> targets;
+  while (state.step < end) {
+    const int64_t s = state.step;
+    const Tensor pixels = detection_batch(data, detector_batch_indices(data, o, s), processor, o, s, &targets);
+    TrainStepOptions step = o.step;
+    step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
+    SetLossResult detail;
+    const TrainStepResult r = yolos_train_step(model, state, pixels, targets, step, &detail);
+    if (on_step) {
+      DetectorProgress p;
+      p.step = s + 1, p.total = total, p.epoch = s / per_epoch;
+      p.loss = r.loss, p.lr = step.lr, p.grad_norm = r.grad_norm;
+      p.class_loss = detail.layers.back().class_loss, p.l1_loss = detail.layers.back().l1_loss;
+      p.giou_loss = detail.layers.back().giou_loss;
+      for (const auto& m : detail.layers.back().matches) p.matched += static_cast<int64_t>(m.size());
+      p.correct = r.correct, p.batch = o.batch;
+      on_step(p);
+    }
+  }
+}
+
+}  // namespace tessera
