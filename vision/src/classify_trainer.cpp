@@ -2,8 +2,12 @@
 #include "tessera/classify_trainer.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <future>
 #include <numeric>
 #include <random>
+
+#include <opencv2/imgproc.hpp>
 
 #include "tessera/error.hpp"
 #include "tessera/optim.hpp"
@@ -38,6 +42,56 @@ std::vector<size_t> batch_indices(const ClassificationData& data, const Classifi
   return {order.begin() + first, order.begin() + first + o.batch};
 }
 
+cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed) {
+  check(rgb.depth() == CV_8U, "augment_image: 8-bit images only");
+  std::mt19937_64 rng(seed);
+  // Uniform draws from the raw 64-bit stream (std::uniform_real_distribution is not the same on
+  // every standard library).
+  auto uniform = [&](double lo, double hi) {
+    return lo + (hi - lo) * static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0);
+  };
+  const double angle = uniform(-o.rotate_degrees, o.rotate_degrees) * M_PI / 180.0;
+  const double scale = uniform(1 - o.scale, 1 + o.scale);
+  const double shear = uniform(-o.shear, o.shear);
+  const double tx = uniform(-o.translate, o.translate) * rgb.cols;
+  const double ty = uniform(-o.translate, o.translate) * rgb.rows;
+  const bool flip = o.hflip && uniform(0, 1) < 0.5;
+  const double gain = uniform(1 - o.contrast, 1 + o.contrast);
+  const double bias = uniform(-o.brightness, o.brightness) * 255.0;
+  const bool blur = uniform(0, 1) < o.blur_probability;
+  const double sigma = uniform(0.3, 0.9);
+  // dst = A·(src − c) + c + t about the centre c, A = scale · rotation · shear (· flip).
+  const double cx = (rgb.cols - 1) / 2.0, cy = (rgb.rows - 1) / 2.0;
+  const double ca = std::cos(angle) * scale, sa = std::sin(angle) * scale, f = flip ? -1.0 : 1.0;
+  const double a00 = ca * f, a01 = ca * shear - sa, a10 = sa * f, a11 = sa * shear + ca;
+  const cv::Matx23d m(a00, a01, cx + tx - a00 * cx - a01 * cy,  //
+                      a10, a11, cy + ty - a10 * cx - a11 * cy);
+  cv::Mat out;
+  cv::warpAffine(rgb, out, m, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
+  if (blur) cv::GaussianBlur(out, out, cv::Size(3, 3), sigma);
+  // Contrast about mid-grey, then brightness; saturating.
+  out.convertTo(out, -1, gain, bias + 127.5 * (1 - gain));
+  return out;
+}
+
+Tensor training_batch(const ClassificationData& data, const PreprocessConfig& processor,
+                      const ClassifierTrainOptions& o, int64_t step, std::vector<int64_t>* labels) {
+  const std::vector<size_t> indices = batch_indices(data, o, step);
+  if (!o.augment.enabled) return classification_batch(data, indices, processor, labels);
+  ClassificationData view;  // the batch's samples, augmented, as in-memory images
+  view.source = data.source;
+  view.classes = data.classes;
+  std::vector<size_t> order(indices.size());
+  for (size_t i = 0; i < indices.size(); ++i) {
+    const uint64_t seed = (o.seed * 0x9E3779B97F4A7C15ull) ^ (static_cast<uint64_t>(step) << 20) ^ i ^
+                          0xA0761D6478BD642Full;
+    view.images.push_back(augment_image(data.rgb(indices[i]), o.augment, seed));
+    view.labels.push_back(data.labels[indices[i]]);
+    order[i] = i;
+  }
+  return classification_batch(view, order, processor, labels);
+}
+
 void train_classifier(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
                       const PreprocessConfig& processor, const ClassifierTrainOptions& o,
                       const std::function<void(const TrainProgress&)>& on_step,
@@ -47,11 +101,25 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
           data.source + ": class " + std::to_string(label) + " but the model has " +
               std::to_string(model.num_labels) + " labels");
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
-  std::vector<int64_t> labels;
   const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  struct Batch {
+    Tensor pixels;
+    std::vector<int64_t> labels;
+  };
+  auto load = [&](int64_t s) {
+    Batch b;
+    b.pixels = training_batch(data, processor, o, s, &b.labels);
+    return b;
+  };
+  // Decoding and augmentation of batch s + 1 overlap the step on batch s.
+  std::future<Batch> next;
+  if (state.step < end) next = std::async(std::launch::async, load, state.step);
   while (state.step < end) {
     const int64_t s = state.step;
-    const Tensor pixels = classification_batch(data, batch_indices(data, o, s), processor, &labels);
+    Batch batch = next.get();
+    if (s + 1 < end) next = std::async(std::launch::async, load, s + 1);
+    const Tensor& pixels = batch.pixels;
+    const std::vector<int64_t>& labels = batch.labels;
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
     const TrainStepResult r = vit_train_step(model, state, pixels, labels, step);
