@@ -102,7 +102,7 @@ void draw_panel(cv::Mat& img, cv::Rect box, const std::string& title, const std:
   const int xticks = x1 - x0 < 4 ? static_cast<int>(x1 - x0) : 4;
   for (int i = 0; i <= xticks; ++i) {
     const double x = std::round(x0 + (x1 - x0) * i / xticks);
-    const std::string t = tick_text(x);
+    const std::string t = std::to_string(static_cast<long long>(x));
     const int col = px({x, y0}).x;
     draw_text(img, t, {col - static_cast<int>(text_extent(t, 14).width / 2), box.y + box.height + 18}, 14, ink);
   }
