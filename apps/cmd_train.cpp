@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -217,7 +218,9 @@ int train_classify(const TrainArgs& a) {
   o.step.layer_decay = a.layer_decay;
   o.step.label_smoothing = static_cast<float>(a.label_smoothing);
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
-  check(!a.freeze_encoder, "train: --freeze-encoder is not implemented yet for --task classify");
+  if (a.freeze_encoder && !a.no_augment)
+    std::fprintf(stderr, "note: --freeze-encoder caches each image's features once, so no augmentation applies\n");
+  if (a.freeze_encoder) o.augment.enabled = false;
 
   const fs::path out(a.out);
   std::error_code ec;
@@ -228,7 +231,8 @@ int train_classify(const TrainArgs& a) {
   const std::map<std::string, std::string> identity = {
       {"task", "classify"}, {"data", a.data},      {"batch", std::to_string(a.batch)},
       {"seed", std::to_string(a.seed)},            {"total_steps", std::to_string(total)},
-      {"optimizer", a.optimizer},                  {"augment", a.no_augment ? "0" : "1"}};
+      {"optimizer", a.optimizer},                  {"augment", a.no_augment || a.freeze_encoder ? "0" : "1"},
+      {"freeze_encoder", a.freeze_encoder ? "1" : "0"}};
   VitTrainState state;
   if (a.resume && !fs::exists(ckpt))
     std::fprintf(stderr, "note: %s: no checkpoint yet; starting from step 0\n", ckpt.string().c_str());
@@ -257,7 +261,7 @@ int train_classify(const TrainArgs& a) {
   std::printf("run: %lld steps (%lld per epoch, batch %lld), %s lr %g, warm-up %lld, weight decay %g, clip %g, "
               "label smoothing %g, augmentation %s, %d threads\n",
               (long long)total, (long long)per_epoch, (long long)a.batch, a.optimizer.c_str(), a.lr,
-              (long long)a.warmup, a.weight_decay, a.clip_grad, a.label_smoothing, a.no_augment ? "off" : "on",
+              (long long)a.warmup, a.weight_decay, a.clip_grad, a.label_smoothing, o.augment.enabled ? "on" : "off",
               num_threads());
   std::fflush(stdout);
 
@@ -269,7 +273,7 @@ int train_classify(const TrainArgs& a) {
     meta["epoch"] = std::to_string(epoch);
     save_train_checkpoint(ckpt.string(), model, state, meta);
   };
-  train_classifier(model, state, data, processor, o, [&](const TrainProgress& p) {
+  const std::function<void(const TrainProgress&)> on_step = [&](const TrainProgress& p) {
     log.step(p.step, p.epoch + 1, p.loss, p.lr, p.grad_norm, p.batch,
              {static_cast<double>(p.correct) / static_cast<double>(p.batch)});
     const bool epoch_end = p.step % per_epoch == 0 || p.step == total;
@@ -279,7 +283,11 @@ int train_classify(const TrainArgs& a) {
       log.validation(p.epoch + 1, p.step, {{"top1", last_val.top1}, {"top5", last_val.top5}, {"loss", last_val.loss}});
     }
     if ((epoch_end || every) && p.step < total) save_checkpoint(p.epoch + 1);
-  });
+  };
+  if (a.freeze_encoder)
+    train_linear_probe(model, state, data, processor, o, on_step);
+  else
+    train_classifier(model, state, data, processor, o, on_step);
   log.finish();
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
@@ -310,7 +318,7 @@ int train_classify(const TrainArgs& a) {
        << "| pre-processing | " << processor.describe() << " |\n"
        << "| training data | " << data.source << " (" << data.size() << " samples) |\n"
        << "| augmentation | "
-       << (a.no_augment ? std::string("none")
+       << (!o.augment.enabled ? std::string(a.freeze_encoder ? "none (--freeze-encoder: a linear probe on cached features)" : "none")
                         : "affine (±" + fmt("%g", o.augment.rotate_degrees) + "°, ±" + fmt("%g", 100 * o.augment.scale) +
                               "% scale, shear ±" + fmt("%g", o.augment.shear) + ", ±" + fmt("%g", 100 * o.augment.translate) +
                               "% shift), brightness/contrast ±" + fmt("%g", 100 * o.augment.contrast) + "%, blur p=" +

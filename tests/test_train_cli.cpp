@@ -193,3 +193,21 @@ TEST_CASE("train: bad data is a one-line error naming it, before training", "[tr
     CHECK(r.err.find("--arch") != std::string::npos);
   }
 }
+
+TEST_CASE("train --freeze-encoder: only the classifier changes (a linear probe on cached features)", "[train_cli]") {
+  const fs::path init = model_folder("init4");
+  const fs::path out = scratch("probe") / "model";
+  const Run r = run_cli("train --init " + init.string() + " --data " + fixture("train/cli-step/images") + " --out " +
+                        out.string() + " --freeze-encoder --epochs 5 --batch 2 --lr 1e-2 --threads 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  const SafeTensors before = SafeTensors::open((init / "model.safetensors").string());
+  const SafeTensors after = SafeTensors::open((out / "model.safetensors").string());
+  for (const std::string& name : before.names()) {
+    const Tensor w = before.get(name), w1 = after.get(name);
+    bool same = true;
+    for (int64_t i = 0; i < w.numel(); ++i) same = same && w[i] == w1[i];
+    INFO(name);
+    CHECK(same == (name.rfind("classifier.", 0) != 0));
+  }
+}

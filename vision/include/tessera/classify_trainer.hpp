@@ -65,4 +65,14 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
                       const std::function<void(const TrainProgress&)>& on_step = {},
                       int64_t stop_before = 0);
 
+// --freeze-encoder: a linear probe. Every sample goes through the frozen encoder once (no
+// augmentation: the features are cached, [N, head input]) and only the classifier (weight and
+// bias) trains on them, with the same batches, schedule, optimiser and clipping as
+// train_classifier; every other weight stays bit-identical. Resumes from a checkpoint like
+// train_classifier (the features are recomputed). Not for a DeiT with teacher.
+void train_linear_probe(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
+                        const PreprocessConfig& processor, const ClassifierTrainOptions& options,
+                        const std::function<void(const TrainProgress&)>& on_step = {},
+                        int64_t stop_before = 0);
+
 }  // namespace tessera
