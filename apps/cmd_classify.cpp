@@ -21,7 +21,7 @@ void add_classify(CLI::App& app, Action& action) {
   static int threads = 0;
   static int64_t max_tokens = 0;
   static bool as_json = false;
-  cmd->add_option("--model", model_dir, "Model folder")->required();
+  cmd->add_option("--model", model_dir, "Model folder (default: the bundled digit classifier, assets/models/digits)");
   cmd->add_option("--top-k", k, "How many labels per image")->check(CLI::Range(1, 100000));
   cmd->add_option("--batch", batch, "Images per forward pass")->check(CLI::Range(1, 4096));
   cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
@@ -36,6 +36,7 @@ void add_classify(CLI::App& app, Action& action) {
     action = [] {
       apply_threads(threads);
       apply_max_tokens(max_tokens);
+      if (model_dir.empty()) model_dir = bundled_model("classify");
       auto model = load_model(model_dir);
       if (model->classifier.num_labels == 0)
         fail(model_dir + ": " + model->architecture + " has no classification head (try tessera infer)");

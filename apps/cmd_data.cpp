@@ -1,14 +1,21 @@
 // tessera data: makes data sets. `data scenes` draws detection / segmentation scenes from OpenCV's
 // handwritten digits (see vision/include/tessera/scenes.hpp and the README's "Digit scenes").
 #include <cstdio>
+#include <filesystem>
+
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 
 #include "commands.hpp"
+#include "tessera/atomic_file.hpp"
+#include "tessera/datasets.hpp"
+#include "tessera/error.hpp"
 #include "tessera/scenes.hpp"
 
 namespace tessera::cli {
 
 void add_data(CLI::App& app, Action& action) {
-  auto* cmd = app.add_subcommand("data", "Make data sets (digit scenes for detection and segmentation)");
+  auto* cmd = app.add_subcommand("data", "Make data sets (digit scenes for detection and segmentation; sample digit cells)");
   cmd->require_subcommand(1);
   auto* scenes = cmd->add_subcommand(
       "scenes", "Digit scenes from OpenCV's digits.png: DIR/images/*.png, DIR/masks/*.png, DIR/annotations.json (COCO)");
@@ -33,6 +40,40 @@ void add_data(CLI::App& app, Action& action) {
       std::printf("wrote %lld %s scenes (%lld digits, seed %llu) to %s: images/, masks/, annotations.json\n",
                   static_cast<long long>(summary.scenes), scene_split_name(s),
                   static_cast<long long>(summary.digits), static_cast<unsigned long long>(seed), out_dir.c_str());
+      return 0;
+    };
+  });
+
+  // Sample cells for the quick start: the first N cells of each digit in a split, enlarged.
+  auto* cells = cmd->add_subcommand(
+      "cells", "Cells of OpenCV's digits.png as PNGs: DIR/digit_<label>_<k>.png, the first --per-class of each digit");
+  static std::string cells_split = "test", cells_out;
+  static int64_t per_class = 1, scale = 3;
+  cells->add_option("--split", cells_split, "test (the tutorial test cells, right 50 columns) or train")
+      ->check(CLI::IsMember({"train", "test"}));
+  cells->add_option("--per-class", per_class, "Cells per digit")->check(CLI::Range(int64_t{1}, int64_t{250}));
+  cells->add_option("--scale", scale, "Enlargement (nearest neighbour)")->check(CLI::Range(int64_t{1}, int64_t{32}));
+  cells->add_option("--out", cells_out, "Output folder")->required();
+  cells->add_option("--digits-png", digits_png, "OpenCV's samples/data/digits.png");
+  cells->callback([&action] {
+    action = [] {
+      const ClassificationData d = opencv_digits(digits_png, cells_split);
+      std::filesystem::create_directories(cells_out);
+      std::vector<int64_t> written(d.classes.size(), 0);
+      for (size_t i = 0; i < d.size(); ++i) {
+        const int64_t label = d.labels[i];
+        if (written[label] >= per_class) continue;
+        cv::Mat big, bgr;
+        cv::resize(d.images[i], big, cv::Size(), static_cast<double>(scale), static_cast<double>(scale), cv::INTER_NEAREST);
+        std::vector<uchar> png;
+        check(cv::imencode(".png", big, png), cells_out + ": cannot encode a PNG");
+        const std::string path = (std::filesystem::path(cells_out) / ("digit_" + d.classes[label] + "_" +
+                                                                      std::to_string(written[label]) + ".png")).string();
+        write_file_atomic(path, png.data(), png.size());
+        ++written[label];
+      }
+      std::printf("wrote %lld cells per digit (%s split, %lldx) to %s\n", static_cast<long long>(per_class),
+                  cells_split.c_str(), static_cast<long long>(scale), cells_out.c_str());
       return 0;
     };
   });

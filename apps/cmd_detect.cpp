@@ -96,7 +96,7 @@ void add_detect(CLI::App& app, Action& action) {
   static int threads = 0;
   static int64_t batch = 1;
   static int64_t max_tokens = 0;
-  cmd->add_option("--model", model_dir, "Model folder (YolosForObjectDetection or vit-detr)")->required();
+  cmd->add_option("--model", model_dir, "Model folder (YolosForObjectDetection or vit-detr; default: the bundled digit detector)");
   cmd->add_option("--batch", batch, "Images per forward pass (images that pre-process to one size share it; "
                                     "results do not depend on it; 1 with --attention)")
       ->check(CLI::Range(int64_t{1}, int64_t{1024}));
@@ -122,6 +122,7 @@ void add_detect(CLI::App& app, Action& action) {
     action = [] {
       apply_threads(threads);
       apply_max_tokens(max_tokens);
+      if (model_dir.empty()) model_dir = bundled_model("detect");
       auto model = load_model(model_dir);
       require_detector(*model);
       PostProcessOptions o = opt;

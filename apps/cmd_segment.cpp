@@ -211,7 +211,8 @@ class Progress {
   clock::time_point start_, last_;
 };
 
-int run_segment(const Options& o) {
+int run_segment(const Options& given) {
+  Options o = given;
   apply_threads(o.threads);
   int shard_i = 0, shard_n = 1;
   {
@@ -222,6 +223,7 @@ int run_segment(const Options& o) {
       fail("--shard must be I/N with 0 <= I < N, got \"" + o.shard + "\"");
   }
   apply_max_tokens(o.max_tokens);
+  if (o.model_dir.empty()) o.model_dir = bundled_model("segment");
   auto model = load_model(o.model_dir);
   if (!model->segmentation) fail(o.model_dir + ": " + model->architecture + " is not a segmentation model");
   const int64_t n_cls = model->segmentation->num_classes;
@@ -483,7 +485,7 @@ int run_segment(const Options& o) {
 void add_segment(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("segment", "Per-pixel label maps for images and folders (batch export)");
   static Options o;
-  cmd->add_option("--model", o.model_dir, "Segmentation model folder")->required();
+  cmd->add_option("--model", o.model_dir, "Segmentation model folder (default: the bundled digit segmenter)");
   cmd->add_option("--out", o.out_dir, "Output folder (mirrors the input tree)")->required();
   cmd->add_option("inputs", o.inputs, "Images, folders (recursive) or @list.txt")->required();
   cmd->add_option("--batch", o.batch, "Images per forward pass (same-size images only)")->check(CLI::Range(1, 1024));

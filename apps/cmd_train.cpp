@@ -1,30 +1,43 @@
-// tessera train: trains a small ViT on OpenCV's handwritten digits and writes it as a Hugging Face
-// ViTForImageClassification folder. The folder is written beside --out, then loaded back through
-// the normal inference path (load_model, the folder's own processor, model_forward) and checked
-// against the trainer's own forward before it replaces --out: a published folder is a verified one.
+// tessera train: trains or fine-tunes the models the other commands run, on the training pass of
+// the inference model itself (vit_train.hpp). --task classify is here; detect and segment are in
+// train_detect.cpp and train_segment.cpp, on the same options (train_args.hpp).
+//
+// A run writes into --out as it goes: log.csv, val.csv, curves.png and checkpoint.safetensors
+// (weights, optimiser state, step: --resume continues from it bit for bit). At the end the model
+// folder is written beside --out, loaded back through the inference path (load_model, its own
+// processor, model_forward) and checked against the trainer's forward, then moved into --out with
+// a model card (README.md); the checkpoint is removed once the model is published.
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
-#include <unistd.h>
 
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
+#include <nlohmann/json.hpp>
 
 #include "commands.hpp"
+#include "tessera/atomic_file.hpp"
+#include "tessera/classify_trainer.hpp"
+#include "tessera/datasets.hpp"
 #include "tessera/error.hpp"
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
 #include "tessera/pipeline.hpp"
-#include "tessera/train.hpp"
+#include "tessera/vit_train.hpp"
+#include "train_args.hpp"
 
 namespace fs = std::filesystem;
 
 namespace tessera::cli {
 
 namespace {
+
+constexpr const char* kDefaultDigitsPng = "/usr/share/doc/opencv-doc/examples/data/digits.png";
 
 std::string cpu_name() {
   std::ifstream f("/proc/cpuinfo");
@@ -34,211 +47,358 @@ std::string cpu_name() {
   return "unknown CPU";
 }
 
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  check(static_cast<bool>(f), path + ": cannot read (a model folder to fine-tune needs its preprocessor_config.json)");
+  std::ostringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
 std::string fmt(const char* format, double x) {
   char buf[64];
   std::snprintf(buf, sizeof buf, format, x);
   return buf;
 }
 
-// Argmax of each row of logits [N, K].
-std::vector<int64_t> argmax_rows(const Tensor& logits) {
-  const int64_t N = logits.dim(0), K = logits.dim(1);
-  std::vector<int64_t> out(N);
-  for (int64_t i = 0; i < N; ++i) {
-    const float* row = logits.data() + i * K;
-    out[i] = std::max_element(row, row + K) - row;
+// The Hugging Face ViTImageProcessor of a model trained from scratch at size x size: bilinear
+// resize, /255, normalise with mean = std = 0.5 (what google/vit-* ship).
+std::string vit_processor_json(int64_t size) {
+  nlohmann::ordered_json j = {
+      {"image_processor_type", "ViTImageProcessor"},
+      {"do_resize", true},
+      {"size", {{"height", size}, {"width", size}}},
+      {"resample", 2},  // PIL.Image.BILINEAR
+      {"do_rescale", true},
+      {"rescale_factor", 1.0 / 255.0},
+      {"do_normalize", true},
+      {"image_mean", {0.5, 0.5, 0.5}},
+      {"image_std", {0.5, 0.5, 0.5}},
+  };
+  return j.dump(2) + "\n";
+}
+
+struct Accuracy {
+  double top1 = 0, top5 = 0, loss = 0;
+  int64_t n = 0;
+};
+
+// top-1 / top-5 and mean cross-entropy of the model on every sample (no augmentation), with the
+// training forward in batches of 64.
+Accuracy evaluate(const VitTrainModel& model, const ClassificationData& data, const PreprocessConfig& processor) {
+  Accuracy a;
+  VitTrainActivations acts;
+  const int64_t K = model.num_labels, chunk = 64;
+  int64_t top1 = 0, top5 = 0;
+  double loss = 0;
+  for (size_t lo = 0; lo < data.size(); lo += chunk) {
+    std::vector<size_t> idx;
+    for (size_t i = lo; i < std::min(data.size(), lo + chunk); ++i) idx.push_back(i);
+    std::vector<int64_t> labels;
+    const Tensor x = classification_batch(data, idx, processor, &labels);
+    const std::span<const float> z = vit_train_forward(model, x, acts);
+    for (size_t i = 0; i < idx.size(); ++i) {
+      const float* row = z.data() + i * K;
+      const float target = row[labels[i]];
+      int64_t above = 0;
+      double mx = row[0], sum = 0;
+      for (int64_t k = 0; k < K; ++k) above += row[k] > target, mx = std::max<double>(mx, row[k]);
+      for (int64_t k = 0; k < K; ++k) sum += std::exp(row[k] - mx);
+      loss += std::log(sum) + mx - target;
+      top1 += above == 0, top5 += above < 5;
+    }
   }
-  return out;
+  a.n = static_cast<int64_t>(data.size());
+  a.top1 = static_cast<double>(top1) / static_cast<double>(a.n);
+  a.top5 = static_cast<double>(top5) / static_cast<double>(a.n);
+  a.loss = loss / static_cast<double>(a.n);
+  return a;
+}
+
+// Loads the folder through the inference path and returns the largest |logit difference| from
+// the training forward over (up to) 64 samples; *agree counts equal argmaxes.
+double verify_export(const VitTrainModel& trained, const std::string& dir, const ClassificationData& data,
+                     int64_t* agree, int64_t* checked) {
+  auto model = load_model(dir);
+  const Preprocessor pre = model_preprocessor(*model);
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < std::min<size_t>(64, data.size()); ++i) idx.push_back(i * data.size() / std::min<size_t>(64, data.size()));
+  const Tensor x = classification_batch(data, idx, pre.config);
+  VitTrainActivations acts;
+  const std::span<const float> ours = vit_train_forward(trained, x, acts);
+  ModelWorkspace ws;
+  const Tensor z = output(model_forward(*model, x, ws), "logits");
+  const int64_t K = trained.num_labels;
+  check(z.numel() == static_cast<int64_t>(ours.size()), dir + ": the exported model gives logits of another shape");
+  double diff = 0;
+  *agree = 0, *checked = static_cast<int64_t>(idx.size());
+  for (size_t i = 0; i < idx.size(); ++i) {
+    const float* a = z.data() + i * K;
+    const float* b = ours.data() + i * K;
+    for (int64_t k = 0; k < K; ++k) diff = std::max(diff, static_cast<double>(std::abs(a[k] - b[k])));
+    *agree += (std::max_element(a, a + K) - a) == (std::max_element(b, b + K) - b);
+  }
+  return diff;
+}
+
+// Moves every file of `from` into `to` (each a rename, so each appears whole), then removes `from`.
+void publish_files(const fs::path& from, const fs::path& to) {
+  for (const auto& e : fs::directory_iterator(from)) {
+    std::error_code ec;
+    fs::rename(e.path(), to / e.path().filename(), ec);
+    check(!ec, (to / e.path().filename()).string() + ": cannot write (" + ec.message() + ")");
+  }
+  fs::remove_all(from);
+}
+
+int train_classify(const TrainArgs& a) {
+  using Clock = std::chrono::steady_clock;
+  const std::string digits_png = a.digits_png.empty() ? kDefaultDigitsPng : a.digits_png;
+  // Everything is read and checked before anything trains.
+  const ClassificationData data = load_classification_data(a.data, digits_png);
+  check(data.size() > 0, a.data + ": no samples");
+  ClassificationData val;
+  if (!a.val.empty()) {
+    val = load_classification_data(a.val, digits_png);
+    check(val.classes == data.classes, a.val + ": its classes differ from " + a.data + "'s");
+  }
+  verify_images(data);
+  if (!a.val.empty()) verify_images(val);
+  check(!(a.init.empty() == a.arch.empty()), "train: give exactly one of --init MODEL_DIR (fine-tune) and --arch PRESET (from scratch)");
+  const bool digits = a.data.rfind("digits", 0) == 0;
+
+  VitTrainModel model;
+  std::string processor_json;
+  if (!a.init.empty()) {
+    model = load_vit_train_model(a.init);
+    const fs::path pp = fs::path(a.init) / "preprocessor_config.json";
+    processor_json = read_text(pp.string());
+    std::vector<std::string> labels;
+    const nlohmann::json cfg = nlohmann::json::parse(model.config_json);
+    for (int64_t i = 0; i < model.num_labels; ++i) {
+      const auto it = cfg.contains("id2label") ? cfg["id2label"].find(std::to_string(i)) : cfg.end();
+      labels.push_back(cfg.contains("id2label") && it != cfg["id2label"].end() ? it->get<std::string>() : "");
+    }
+    if (labels != data.classes) {
+      std::fprintf(stderr, "note: %s's labels differ from %s's classes: a new classification head for %zu classes\n",
+                   a.init.c_str(), a.data.c_str(), data.classes.size());
+      replace_classifier(model, data.classes);
+    }
+  } else {
+    const int64_t size = a.image_size > 0 ? a.image_size : digits ? 20 : 224;
+    VitConfig c = vit_train_preset(a.arch, size);
+    if (a.patch_size > 0) c.patch_size = a.patch_size;
+    if (a.hidden_size > 0) c.hidden_size = a.hidden_size, c.intermediate_size = 4 * a.hidden_size;
+    if (a.layers > 0) c.num_hidden_layers = a.layers;
+    if (a.heads > 0) c.num_attention_heads = a.heads;
+    if (a.mlp > 0) c.intermediate_size = a.mlp;
+    check(size % c.patch_size == 0, "train: --image-size " + std::to_string(size) +
+                                        " is not a multiple of the patch size " + std::to_string(c.patch_size));
+    check(c.hidden_size % c.num_attention_heads == 0, "train: --hidden-size is not a multiple of --heads");
+    model = make_vit_train_model(c, data.classes, a.seed);
+    processor_json = vit_processor_json(size);
+  }
+  const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
+
+  ClassifierTrainOptions o;
+  o.batch = a.batch;
+  o.epochs = a.epochs > 0 ? a.epochs : (a.max_steps > 0 ? 0 : 1);
+  o.max_steps = a.max_steps;
+  if (o.epochs == 0) o.epochs = (a.max_steps + steps_per_epoch(data, o) - 1) / std::max<int64_t>(1, steps_per_epoch(data, o));
+  o.shuffle = !a.no_shuffle;
+  o.seed = a.seed;
+  o.warmup_steps = a.warmup;
+  o.min_lr = a.min_lr;
+  o.augment.enabled = !a.no_augment;
+  o.step.optimizer = a.optimizer == "sgd" ? Optimizer::Sgd : Optimizer::AdamW;
+  o.step.lr = static_cast<float>(a.lr);
+  o.step.weight_decay = static_cast<float>(a.weight_decay);
+  o.step.momentum = static_cast<float>(a.momentum);
+  o.step.clip_grad = static_cast<float>(a.clip_grad);
+  o.step.layer_decay = a.layer_decay;
+  o.step.label_smoothing = static_cast<float>(a.label_smoothing);
+  const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
+  if (a.freeze_encoder && !a.no_augment)
+    std::fprintf(stderr, "note: --freeze-encoder caches each image's features once, so no augmentation applies\n");
+  if (a.freeze_encoder) o.augment.enabled = false;
+
+  const fs::path out(a.out);
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  check(!ec, a.out + ": cannot create (" + ec.message() + ")");
+  const fs::path ckpt = out / "checkpoint.safetensors";
+  // What a checkpoint must agree on to be resumed.
+  const std::map<std::string, std::string> identity = {
+      {"task", "classify"}, {"data", a.data},      {"batch", std::to_string(a.batch)},
+      {"seed", std::to_string(a.seed)},            {"total_steps", std::to_string(total)},
+      {"optimizer", a.optimizer},                  {"augment", a.no_augment || a.freeze_encoder ? "0" : "1"},
+      {"freeze_encoder", a.freeze_encoder ? "1" : "0"}};
+  VitTrainState state;
+  if (a.resume && !fs::exists(ckpt))
+    std::fprintf(stderr, "note: %s: no checkpoint yet; starting from step 0\n", ckpt.string().c_str());
+  if (a.resume && fs::exists(ckpt)) {
+    const auto meta = load_train_checkpoint(ckpt.string(), model, state);
+    for (const auto& [k, v] : identity) {
+      const auto it = meta.find(k);
+      check(it != meta.end() && it->second == v,
+            ckpt.string() + ": was written by a run with another " + k + " (" +
+                (it == meta.end() ? std::string("none") : it->second) + ", this run: " + v + ")");
+    }
+    std::fprintf(stderr, "resuming %s at step %lld of %lld\n", ckpt.string().c_str(), (long long)state.step,
+                 (long long)total);
+  }
+
+  int64_t params = 0;
+  for (const TrainParam& p : model.params) params += p.numel();
+  const VitConfig& c = model.config;
+  std::printf("data: %s, %zu samples, %zu classes%s\n", data.source.c_str(), data.size(), data.classes.size(),
+              a.val.empty() ? "" : (", validation: " + val.source + ", " + std::to_string(val.size()) + " samples").c_str());
+  std::printf("model: %s, %lldx%lld patch %lld, D=%lld, %lld layers, %lld heads, MLP %lld: %lld parameters\n",
+              model.architecture.c_str(), (long long)c.image_height, (long long)c.image_width,
+              (long long)c.patch_size, (long long)c.hidden_size, (long long)c.num_hidden_layers,
+              (long long)c.num_attention_heads, (long long)c.intermediate_size, (long long)params);
+  std::printf("processor: %s\n", processor.describe().c_str());
+  std::printf("run: %lld steps (%lld per epoch, batch %lld), %s lr %g, warm-up %lld, weight decay %g, clip %g, "
+              "label smoothing %g, augmentation %s, %d threads\n",
+              (long long)total, (long long)per_epoch, (long long)a.batch, a.optimizer.c_str(), a.lr,
+              (long long)a.warmup, a.weight_decay, a.clip_grad, a.label_smoothing, o.augment.enabled ? "on" : "off",
+              num_threads());
+  std::fflush(stdout);
+
+  TrainLog log(a.out, total, state.step, {"train_acc"});
+  const auto t0 = Clock::now();
+  Accuracy last_val;
+  auto save_checkpoint = [&](int64_t epoch) {
+    auto meta = identity;
+    meta["epoch"] = std::to_string(epoch);
+    save_train_checkpoint(ckpt.string(), model, state, meta);
+  };
+  const std::function<void(const TrainProgress&)> on_step = [&](const TrainProgress& p) {
+    log.step(p.step, p.epoch + 1, p.loss, p.lr, p.grad_norm, p.batch,
+             {static_cast<double>(p.correct) / static_cast<double>(p.batch)});
+    const bool epoch_end = p.step % per_epoch == 0 || p.step == total;
+    const bool every = a.checkpoint_every > 0 && p.step % a.checkpoint_every == 0;
+    if (epoch_end && !a.val.empty()) {
+      last_val = evaluate(model, val, processor);
+      log.validation(p.epoch + 1, p.step, {{"top1", last_val.top1}, {"top5", last_val.top5}, {"loss", last_val.loss}});
+    }
+    if ((epoch_end || every) && p.step < total) save_checkpoint(p.epoch + 1);
+  };
+  if (a.freeze_encoder)
+    train_linear_probe(model, state, data, processor, o, on_step);
+  else
+    train_classifier(model, state, data, processor, o, on_step);
+  log.finish();
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+
+  // Publish: the folder beside --out, verified through the inference path, then moved in.
+  const fs::path tmp = out / (".export-" + std::to_string(::getpid()));
+  fs::remove_all(tmp, ec);
+  save_vit_train_model(model, tmp.string(), processor_json);
+  int64_t agree = 0, checked = 0;
+  const double diff = verify_export(model, tmp.string(), a.val.empty() ? data : val, &agree, &checked);
+  std::printf("export check: %lld of %lld predictions agree through load_model + model_forward, max |logit difference| %.2e\n",
+              (long long)agree, (long long)checked, diff);
+  if (!(diff < 1e-3)) {
+    fs::remove_all(tmp, ec);
+    fail(a.out + ": the exported folder does not reproduce the trainer's logits (max difference " + fmt("%.3g", diff) +
+         "); not publishing it (the checkpoint is kept)");
+  }
+  std::ostringstream card;
+  const double mib = static_cast<double>(fs::file_size(tmp / "model.safetensors")) / (1024.0 * 1024.0);
+  card << "# " << fs::path(a.out).filename().string() << ": a " << model.architecture << " trained by Tessera\n\n"
+       << "Trained by `tessera train --task classify`; a Hugging Face folder (`config.json`, `model.safetensors`, "
+          "`preprocessor_config.json`) that Tessera and transformers load as is.\n\n"
+       << "| | |\n|---|---|\n"
+       << "| architecture | " << c.image_height << "x" << c.image_width << " input, patch " << c.patch_size
+       << ", hidden " << c.hidden_size << ", " << c.num_hidden_layers << " layers, " << c.num_attention_heads
+       << " heads, MLP " << c.intermediate_size << " |\n"
+       << "| parameters | " << params << " (float32, " << fmt("%.2f", mib) << " MiB) |\n"
+       << "| labels | " << data.classes.size() << ": `" << data.classes.front() << "` … `" << data.classes.back() << "` |\n"
+       << "| pre-processing | " << processor.describe() << " |\n"
+       << "| training data | " << data.source << " (" << data.size() << " samples) |\n"
+       << "| augmentation | "
+       << (!o.augment.enabled ? std::string(a.freeze_encoder ? "none (--freeze-encoder: a linear probe on cached features)" : "none")
+                        : "affine (±" + fmt("%g", o.augment.rotate_degrees) + "°, ±" + fmt("%g", 100 * o.augment.scale) +
+                              "% scale, shear ±" + fmt("%g", o.augment.shear) + ", ±" + fmt("%g", 100 * o.augment.translate) +
+                              "% shift), brightness/contrast ±" + fmt("%g", 100 * o.augment.contrast) + "%, blur p=" +
+                              fmt("%g", o.augment.blur_probability))
+       << " |\n"
+       << "| optimisation | " << a.optimizer << ", lr " << a.lr << " (warm-up " << a.warmup << " steps, cosine), weight decay "
+       << a.weight_decay << ", clip " << a.clip_grad << ", label smoothing " << a.label_smoothing << ", batch " << a.batch
+       << ", " << total << " steps (" << o.epochs << " epochs), seed " << a.seed << " |\n";
+  if (!a.val.empty())
+    card << "| **validation** | **top-1 " << fmt("%.2f", 100 * last_val.top1) << "%**, top-5 " << fmt("%.2f", 100 * last_val.top5)
+         << "% on " << val.source << " (" << val.size() << " samples, never trained on) |\n";
+  card << "| training time | " << fmt("%.0f", seconds) << " s on " << num_threads() << " threads of " << cpu_name()
+       << (a.resume ? " (this last part of a resumed run)" : "") << " |\n\n"
+       << "`log.csv` holds every step, `val.csv` every validation, `curves.png` draws both.\n\n"
+       << "Command:\n\n```sh\n" << a.command_line << "\n```\n";
+  const std::string text = card.str();
+  write_file_atomic((tmp / "README.md").string(), text.data(), text.size());
+  publish_files(tmp, out);
+  fs::remove(ckpt, ec);
+  std::printf("wrote %s (%.0f s of training%s)\n", a.out.c_str(), seconds,
+              a.val.empty() ? "" : (", validation top-1 " + fmt("%.2f", 100 * last_val.top1) + "%").c_str());
+  return 0;
 }
 
 }  // namespace
 
 void add_train(CLI::App& app, Action& action) {
-  auto* cmd = app.add_subcommand("train", "Train a small ViT (OpenCV's handwritten digits) into a model folder");
-  static std::string data = "digits", digits_png = "/usr/share/doc/opencv-doc/examples/data/digits.png";
-  static std::string out_dir, samples_dir;
-  static TrainVitConfig cfg;
-  static TrainOptions opt;
-  static uint64_t split_seed = 0;
-  static int threads = 0;
-  static bool no_augment = false;
-  cmd->add_option("--data", data, "Data set (only 'digits': OpenCV's digits.png, 5000 20x20 cells)")
-      ->check(CLI::IsMember({"digits"}));
-  cmd->add_option("--digits-png", digits_png, "Path to OpenCV's samples/data/digits.png");
-  cmd->add_option("--out", out_dir, "Model folder to write (replaced if it exists)")->required();
-  cmd->add_option("--epochs", opt.epochs, "Passes over the training split")->check(CLI::Range(1, 100000));
-  cmd->add_option("--batch", opt.batch_size, "Minibatch size")->check(CLI::Range(1, 4096));
-  cmd->add_option("--lr", opt.learning_rate, "Peak learning rate (AdamW; warmup, then cosine)");
-  cmd->add_option("--weight-decay", opt.weight_decay, "AdamW weight decay (matrices only)");
-  cmd->add_option("--warmup", opt.warmup_epochs, "Warmup epochs");
-  cmd->add_option("--seed", opt.seed, "Seed of initialisation, shuffling and augmentation");
-  cmd->add_option("--split-seed", split_seed, "Seed of the stratified 90/10 train/hold-out split");
-  cmd->add_option("--image-size", cfg.image_size, "Model input size (digit cells are 20x20)");
-  cmd->add_option("--patch-size", cfg.patch_size, "Patch size");
-  cmd->add_option("--hidden-size", cfg.hidden_size, "Width D");
-  cmd->add_option("--layers", cfg.num_hidden_layers, "Transformer blocks");
-  cmd->add_option("--heads", cfg.num_attention_heads, "Attention heads");
-  cmd->add_option("--mlp", cfg.intermediate_size, "MLP width (intermediate_size)");
-  cmd->add_flag("--no-augment", no_augment, "Train on the cells as they are");
-  cmd->add_option("--samples", samples_dir,
-                  "Also write the first hold-out cell of each class, 3x enlarged, as DIR/digit_<label>.png");
-  cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
-  cmd->callback([&action] {
+  auto* cmd = app.add_subcommand("train", "Train or fine-tune a model (classify | detect | segment) into a model folder");
+  static TrainArgs a;
+  cmd->add_option("--task", a.task, "classify, detect or segment")->check(CLI::IsMember({"classify", "detect", "segment"}));
+  cmd->add_option("--data", a.data,
+                  "Training data. classify: an ImageFolder, or digits[:train|test] (OpenCV's digits.png); "
+                  "detect: a COCO instances JSON; segment: a folder with images/ and masks/")
+      ->required();
+  cmd->add_option("--val", a.val, "Validation data (same kinds as --data), evaluated after every epoch");
+  cmd->add_option("--out", a.out, "Model folder to write (also its log.csv, curves.png and checkpoint)")->required();
+  cmd->add_option("--init", a.init, "Fine-tune this model folder");
+  cmd->add_option("--arch", a.arch, "Train from scratch from a preset (classify: vit-ti16, vit-s16, vit-b16, vit-digits)");
+  cmd->add_option("--image-size", a.image_size, "Input size of an --arch model")->check(CLI::Range(1, 16384));
+  cmd->add_option("--patch-size", a.patch_size, "Patch size of an --arch model")->check(CLI::Range(1, 1024));
+  cmd->add_option("--hidden-size", a.hidden_size, "Width D of an --arch model")->check(CLI::Range(1, 65536));
+  cmd->add_option("--layers", a.layers, "Transformer blocks of an --arch model")->check(CLI::Range(1, 1024));
+  cmd->add_option("--heads", a.heads, "Attention heads of an --arch model")->check(CLI::Range(1, 1024));
+  cmd->add_option("--mlp", a.mlp, "MLP width of an --arch model")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--epochs", a.epochs, "Passes over the data")->check(CLI::Range(1, 1000000));
+  cmd->add_option("--max-steps", a.max_steps, "Stop after this many optimiser steps")->check(CLI::Range(1, 1000000000));
+  cmd->add_option("--batch", a.batch, "Batch size (the last partial batch of an epoch is dropped)")->check(CLI::Range(1, 65536));
+  cmd->add_option("--optimizer", a.optimizer, "adamw or sgd")->check(CLI::IsMember({"adamw", "sgd"}));
+  cmd->add_option("--lr", a.lr, "Peak learning rate (warm-up, then cosine)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--min-lr", a.min_lr, "Learning rate at the end of the cosine")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--weight-decay", a.weight_decay, "Weight decay (matrices only)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--momentum", a.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--warmup", a.warmup, "Linear warm-up steps")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--clip-grad", a.clip_grad, "Clip the global gradient norm to this (0: no clipping)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--label-smoothing", a.label_smoothing, "Label smoothing (classify)")->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--layer-decay", a.layer_decay, "Layer-wise lr decay for fine-tuning (1: off)")->check(CLI::Range(0.0, 1.0));
+  cmd->add_flag("--freeze-encoder", a.freeze_encoder, "Train the head only");
+  cmd->add_flag("--no-augment", a.no_augment, "Every image through the model's processor and nothing else");
+  cmd->add_flag("--no-shuffle", a.no_shuffle, "Batches in data order");
+  cmd->add_flag("--resume", a.resume, "Continue from --out/checkpoint.safetensors (bit-identical to an uninterrupted run)");
+  cmd->add_option("--checkpoint-every", a.checkpoint_every, "Steps between checkpoints (default: every epoch)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--seed", a.seed, "Seed of initialisation, shuffling and augmentation");
+  cmd->add_option("--digits-png", a.digits_png, "OpenCV's samples/data/digits.png (for --data digits)");
+  cmd->add_option("--threads", a.threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
+  cmd->callback([&action, cmd] {
+    // The command as given, for the model card.
+    std::ostringstream line;
+    line << "tessera train";
+    for (const auto* opt : cmd->get_options()) {
+      if (opt->count() == 0 || opt->get_name() == "--help") continue;
+      line << " " << opt->get_name();
+      if (opt->get_type_size() != 0)
+        for (const std::string& v : opt->results()) line << " " << v;
+    }
+    a.command_line = line.str();
     action = [] {
-      apply_threads(threads);
-      opt.augment = !no_augment;
-      cfg.num_labels = 10;
-      cfg.validate();
-      const std::vector<std::string> labels = {"0", "1", "2", "3", "4", "5", "6", "7", "8", "9"};
-      std::ostringstream command;
-      command << "tessera train --data " << data << " --out " << out_dir << " --epochs " << opt.epochs
-              << " --batch " << opt.batch_size << " --lr " << opt.learning_rate << " --weight-decay "
-              << opt.weight_decay << " --warmup " << opt.warmup_epochs << " --seed " << opt.seed
-              << " --split-seed " << split_seed << " --image-size " << cfg.image_size << " --patch-size "
-              << cfg.patch_size << " --hidden-size " << cfg.hidden_size << " --layers " << cfg.num_hidden_layers
-              << " --heads " << cfg.num_attention_heads << " --mlp " << cfg.intermediate_size
-              << (no_augment ? " --no-augment" : "");
-
-      const LabeledImages all = load_opencv_digits(digits_png);
-      const auto [train, test] = split_stratified(all, 0.1, split_seed);
-      const PreprocessConfig pre =
-          parse_preprocess_config(hf_vit_preprocessor_json(cfg), "generated preprocessor_config.json");
-      VitTrainer trainer(cfg, opt, pre);
-      std::printf("data: %s, %zu training / %zu hold-out cells (stratified, split seed %llu)\n",
-                  digits_png.c_str(), train.size(), test.size(), (unsigned long long)split_seed);
-      std::printf("model: ViT %lldx%lld patch %lld, D=%lld, %lld layers, %lld heads, MLP %lld: %lld parameters\n",
-                  (long long)cfg.image_size, (long long)cfg.image_size, (long long)cfg.patch_size,
-                  (long long)cfg.hidden_size, (long long)cfg.num_hidden_layers, (long long)cfg.num_attention_heads,
-                  (long long)cfg.intermediate_size, (long long)param_count(cfg));
-      std::printf("processor: %s\nthreads: %d\n", pre.describe().c_str(), num_threads());
-      std::fflush(stdout);
-
-      using clock = std::chrono::steady_clock;
-      const auto t0 = clock::now();
-      double holdout = 0;
-      for (int64_t e = 0; e < opt.epochs; ++e) {
-        const auto te = clock::now();
-        const EpochStats s = trainer.train_epoch(train, e);
-        holdout = trainer.accuracy(test);
-        std::printf("epoch %3lld/%lld  loss %.4f  train acc %.4f  hold-out acc %.4f  lr %.2e  %.1f s\n",
-                    (long long)e + 1, (long long)opt.epochs, s.loss, s.accuracy, holdout, s.learning_rate,
-                    std::chrono::duration<double>(clock::now() - te).count());
-        std::fflush(stdout);
-      }
-      const double train_seconds = std::chrono::duration<double>(clock::now() - t0).count();
-
-      // Write the folder beside --out, then verify it through the inference path.
-      const fs::path out(out_dir);
-      const fs::path tmp = fs::path(out.string() + ".tmp-" + std::to_string(::getpid()));
-      fs::remove_all(tmp);
-      fs::create_directories(tmp);
-      try {
-        write_hf_vit(tmp.string(), cfg, trainer.parameters(), labels);
-        double loaded_accuracy = 0, max_diff = 0;
-        int64_t disagree = 0;
-        {
-          auto model = load_model(tmp.string());
-          const Preprocessor folder_pre = model_preprocessor(*model);
-          const Tensor trainer_logits = trainer.logits(test.images);
-          const int64_t N = static_cast<int64_t>(test.size()), K = cfg.num_labels, chunk = 250;
-          Tensor logits({N, K});
-          ModelWorkspace ws;
-          for (int64_t lo = 0; lo < N; lo += chunk) {
-            const int64_t n = std::min(chunk, N - lo);
-            std::vector<Tensor> pixels(n);
-            for (int64_t i = 0; i < n; ++i) {
-              cv::Mat rgb;
-              cv::cvtColor(test.images[lo + i], rgb, cv::COLOR_GRAY2RGB);
-              pixels[i] = folder_pre.image(rgb);
-            }
-            Tensor x({n, pixels[0].dim(0), pixels[0].dim(1), pixels[0].dim(2)});
-            for (int64_t i = 0; i < n; ++i)
-              std::copy(pixels[i].data(), pixels[i].data() + pixels[i].numel(), x.data() + i * pixels[i].numel());
-            const Tensor z = output(model_forward(*model, x, ws), "logits");
-            std::copy(z.data(), z.data() + n * K, logits.data() + lo * K);
-          }
-          const auto loaded_pred = argmax_rows(logits), trainer_pred = argmax_rows(trainer_logits);
-          int64_t correct = 0;
-          for (int64_t i = 0; i < N; ++i) {
-            correct += loaded_pred[i] == test.labels[i];
-            disagree += loaded_pred[i] != trainer_pred[i];
-          }
-          for (int64_t i = 0; i < N * K; ++i)
-            max_diff = std::max(max_diff, static_cast<double>(std::abs(logits[i] - trainer_logits[i])));
-          loaded_accuracy = static_cast<double>(correct) / static_cast<double>(N);
-        }
-        std::printf("hold-out accuracy: trainer %.4f, through load_model + model_forward %.4f "
-                    "(max |logit difference| %.2e, %lld of %zu predictions differ)\n",
-                    holdout, loaded_accuracy, max_diff, (long long)disagree, test.size());
-        check(max_diff < 1e-3, "the exported folder does not reproduce the trainer's logits (max difference " +
-                                   fmt("%.3g", max_diff) + "); not publishing it");
-
-        std::ostringstream card;
-        const double mib = static_cast<double>(fs::file_size(tmp / "model.safetensors")) / (1024.0 * 1024.0);
-        card << "# Tessera default model: handwritten digits\n\n"
-             << "A small Vision Transformer trained from scratch by `tessera train` on OpenCV's handwritten "
-                "digits (`samples/data/digits.png`: 5000 cells of 20x20 pixels, white digits on black, 500 per "
-                "class). It is a standard Hugging Face `ViTForImageClassification` folder (`config.json`, "
-                "`model.safetensors`, `preprocessor_config.json`) that Tessera, and transformers, load as is.\n\n"
-             << "| | |\n|---|---|\n"
-             << "| architecture | ViT, " << cfg.image_size << "x" << cfg.image_size << " input, patch "
-             << cfg.patch_size << " (" << cfg.tokens() << " tokens), hidden " << cfg.hidden_size << ", "
-             << cfg.num_hidden_layers << " layers, " << cfg.num_attention_heads << " heads, MLP "
-             << cfg.intermediate_size << " |\n"
-             << "| parameters | " << param_count(cfg) << " (float32, " << fmt("%.2f", mib) << " MiB) |\n"
-             << "| labels | `0` … `9` |\n"
-             << "| pre-processing | " << pre.describe() << " (gray images become RGB with R = G = B) |\n"
-             << "| data | " << train.size() << " training cells, " << test.size()
-             << " hold-out cells (stratified 90/10 split, split seed " << split_seed << "), never trained on |\n"
-             << "| augmentation | " << (opt.augment ? "random affine (±2 px, ±12°, ±10% scale, shear), blur, contrast" : "none")
-             << " |\n"
-             << "| optimiser | AdamW, lr " << opt.learning_rate << " (warmup " << opt.warmup_epochs
-             << " epochs, cosine), weight decay " << opt.weight_decay << ", batch " << opt.batch_size << ", "
-             << opt.epochs << " epochs, seed " << opt.seed << " |\n"
-             << "| **hold-out accuracy** | **" << fmt("%.2f", 100 * holdout) << "%** by the trainer; "
-             << fmt("%.2f", 100 * loaded_accuracy)
-             << "% through `load_model` + the folder's processor + `model_forward` (max logit difference "
-             << fmt("%.1e", max_diff) << ") |\n"
-             << "| training time | " << fmt("%.0f", train_seconds) << " s on " << num_threads() << " threads of "
-             << cpu_name() << " |\n\n"
-             << "Reproduce it (bit for bit, for any thread count) with `scripts/train-default.sh`, which runs:\n\n"
-             << "```sh\n" << command.str() << "\n```\n\n"
-             << "## Limits\n\n"
-             << "- It knows ten classes, the digits 0–9, and nothing else: every image gets one of them. It does "
-                "not know ImageNet classes, letters, or \"no digit\".\n"
-             << "- It was trained on one data set: 20x20 handwritten digits, centred, white on black. Dark "
-                "digits on a light background (ink on paper) must be inverted first; photos need the digit\n"
-                "  cropped, roughly centred and filling most of the frame.\n"
-             << "- The hold-out cells come from the same sheet as the training cells, so the accuracy above is "
-                "an in-distribution number; expect less on other people's handwriting.\n";
-        {
-          std::ofstream f(tmp / "README.md", std::ios::binary | std::ios::trunc);
-          f << card.str();
-          f.close();
-          check(static_cast<bool>(f), (tmp / "README.md").string() + ": cannot write");
-        }
-        replace_folder(tmp.string(), out.string());
-      } catch (...) {
-        std::error_code ec;
-        fs::remove_all(tmp, ec);
-        throw;
-      }
-      std::printf("wrote %s (%.0f s of training)\n", out.string().c_str(), train_seconds);
-
-      if (!samples_dir.empty()) {
-        fs::create_directories(samples_dir);
-        for (int64_t c = 0; c < cfg.num_labels; ++c)
-          for (size_t i = 0; i < test.size(); ++i)
-            if (test.labels[i] == c) {
-              cv::Mat big;
-              cv::resize(test.images[i], big, cv::Size(), 3, 3, cv::INTER_NEAREST);
-              const std::string path = (fs::path(samples_dir) / ("digit_" + std::to_string(c) + ".png")).string();
-              check(cv::imwrite(path, big), path + ": cannot write");
-              std::printf("wrote %s (hold-out cell)\n", path.c_str());
-              break;
-            }
-      }
-      return 0;
+      apply_threads(a.threads);
+      if (a.task == "detect") return train_detect(a);
+      if (a.task == "segment") return train_segment(a);
+      return train_classify(a);
     };
   });
 }

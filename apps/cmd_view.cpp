@@ -588,7 +588,7 @@ void add_view(CLI::App& app, Action& action) {
   static float threshold = 0.5f;
   static int threads = 0;
   static bool no_labels = false, attention = false;
-  cmd->add_option("--model", model_dir, "Detector model folder");
+  cmd->add_option("--model", model_dir, "Detector model folder (default: the bundled digit detector)");
   cmd->add_option("--threshold", threshold, "Initial score threshold (a trackbar changes it)")
       ->check(CLI::Range(0.0, 0.99));
   cmd->add_option("--save-dir", save_dir, "Where the save key writes the current overlay (PNG)");
@@ -606,7 +606,7 @@ void add_view(CLI::App& app, Action& action) {
       if (!have_display())
         fail("no display (DISPLAY is not set): tessera view needs a window; to write annotated images "
              "instead, use tessera detect --model DIR --out DIR INPUT...");
-      if (model_dir.empty() && detections_json.empty()) fail("tessera view needs --model DIR (a detector)");
+      if (model_dir.empty() && detections_json.empty()) model_dir = bundled_model("detect");
       apply_threads(threads);
       Viewer v;
       if (!model_dir.empty()) {

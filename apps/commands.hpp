@@ -42,6 +42,12 @@ void write_attention_map(const Model& model, const PreprocessConfig& config, con
                          int64_t image, int64_t height, int64_t width, const std::string& image_path,
                          const std::string& out_path);
 
+// The bundled model of a task ("classify", "detect", "segment": assets/models/digits,
+// digits-detector, digits-segmenter), for a command run without --model: $TESSERA_MODELS/NAME,
+// else assets/models beside the build tree, else share/tessera/models of an install, else the
+// source tree's. Says on stderr which one it uses; an Error when none is there.
+std::string bundled_model(const std::string& task);
+
 // Applies --threads (0 = default: TESSERA_NUM_THREADS or every core).
 void apply_threads(int threads);
 

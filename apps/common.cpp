@@ -140,3 +140,29 @@ void apply_threads(int threads) {
 }
 
 }  // namespace tessera::cli
+
+namespace tessera::cli {
+
+std::string bundled_model(const std::string& task) {
+  const char* name = task == "detect" ? "digits-detector" : task == "segment" ? "digits-segmenter" : "digits";
+  std::vector<fs::path> roots;
+  if (const char* env = std::getenv("TESSERA_MODELS"); env && *env) roots.emplace_back(env);
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    roots.push_back(exe.parent_path().parent_path().parent_path() / "assets" / "models");  // build/apps/tessera
+    roots.push_back(exe.parent_path().parent_path() / "share" / "tessera" / "models");    // installed
+  }
+  roots.push_back(fs::path(TESSERA_SOURCE_ROOT) / "assets" / "models");
+  for (const fs::path& r : roots)
+    if (fs::is_regular_file(r / name / "config.json", ec)) {
+      const std::string dir = (r / name).lexically_normal().string();
+      std::fprintf(stderr, "tessera: no --model given; using the bundled %s model %s\n",
+                   task == "detect" ? "detection" : task == "segment" ? "segmentation" : "classification", dir.c_str());
+      return dir;
+    }
+  fail(std::string("no --model given and the bundled model '") + name + "' was not found (looked in $TESSERA_MODELS, " +
+       "assets/models beside the build, share/tessera/models); pass --model DIR");
+}
+
+}  // namespace tessera::cli

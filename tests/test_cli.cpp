@@ -636,3 +636,20 @@ TEST_CASE("tessera segment survives kill -9 at random moments: --resume ends byt
   std::printf("kill-resume: %d rounds, %d runs killed, every final tree byte-identical\n", rounds, kills);
   fs::remove_all(dir);
 }
+
+TEST_CASE("classify without --model uses the bundled classifier, and says which", "[cli]") {
+  const fs::path root = scratch() / "bundled";
+  fs::remove_all(root);
+  fs::create_directories(root / "digits");
+  for (const auto& e : fs::directory_iterator(fixture("conformance/vit-tiny-rand")))
+    if (e.is_regular_file()) fs::copy_file(e.path(), root / "digits" / e.path().filename());
+  const std::string image = fixture("conformance/vit-tiny-rand/cases/e2e/images/0_chelsea.png");
+  const Run r = run_cli_env("TESSERA_MODELS=" + root.string(), "classify --top-k 2 " + image);
+  INFO(r.err);
+  CHECK(r.code == 0);
+  CHECK(r.err.find("using the bundled classification model " + (root / "digits").string()) != std::string::npos);
+  // The same answer as naming the folder.
+  const Run named = run_cli("classify --top-k 2 --model " + (root / "digits").string() + " " + image);
+  CHECK(named.out == r.out);
+  fs::remove_all(root);
+}

@@ -2,9 +2,14 @@
 #include "tessera/classify_trainer.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <future>
 #include <numeric>
 #include <random>
 
+#include <opencv2/imgproc.hpp>
+
+#include "tessera/backward.hpp"
 #include "tessera/error.hpp"
 #include "tessera/optim.hpp"
 
@@ -38,6 +43,56 @@ std::vector<size_t> batch_indices(const ClassificationData& data, const Classifi
   return {order.begin() + first, order.begin() + first + o.batch};
 }
 
+cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed) {
+  check(rgb.depth() == CV_8U, "augment_image: 8-bit images only");
+  std::mt19937_64 rng(seed);
+  // Uniform draws from the raw 64-bit stream (std::uniform_real_distribution is not the same on
+  // every standard library).
+  auto uniform = [&](double lo, double hi) {
+    return lo + (hi - lo) * static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0);
+  };
+  const double angle = uniform(-o.rotate_degrees, o.rotate_degrees) * M_PI / 180.0;
+  const double scale = uniform(1 - o.scale, 1 + o.scale);
+  const double shear = uniform(-o.shear, o.shear);
+  const double tx = uniform(-o.translate, o.translate) * rgb.cols;
+  const double ty = uniform(-o.translate, o.translate) * rgb.rows;
+  const bool flip = o.hflip && uniform(0, 1) < 0.5;
+  const double gain = uniform(1 - o.contrast, 1 + o.contrast);
+  const double bias = uniform(-o.brightness, o.brightness) * 255.0;
+  const bool blur = uniform(0, 1) < o.blur_probability;
+  const double sigma = uniform(0.3, 0.9);
+  // dst = A·(src − c) + c + t about the centre c, A = scale · rotation · shear (· flip).
+  const double cx = (rgb.cols - 1) / 2.0, cy = (rgb.rows - 1) / 2.0;
+  const double ca = std::cos(angle) * scale, sa = std::sin(angle) * scale, f = flip ? -1.0 : 1.0;
+  const double a00 = ca * f, a01 = ca * shear - sa, a10 = sa * f, a11 = sa * shear + ca;
+  const cv::Matx23d m(a00, a01, cx + tx - a00 * cx - a01 * cy,  //
+                      a10, a11, cy + ty - a10 * cx - a11 * cy);
+  cv::Mat out;
+  cv::warpAffine(rgb, out, m, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
+  if (blur) cv::GaussianBlur(out, out, cv::Size(3, 3), sigma);
+  // Contrast about mid-grey, then brightness; saturating.
+  out.convertTo(out, -1, gain, bias + 127.5 * (1 - gain));
+  return out;
+}
+
+Tensor training_batch(const ClassificationData& data, const PreprocessConfig& processor,
+                      const ClassifierTrainOptions& o, int64_t step, std::vector<int64_t>* labels) {
+  const std::vector<size_t> indices = batch_indices(data, o, step);
+  if (!o.augment.enabled) return classification_batch(data, indices, processor, labels);
+  ClassificationData view;  // the batch's samples, augmented, as in-memory images
+  view.source = data.source;
+  view.classes = data.classes;
+  std::vector<size_t> order(indices.size());
+  for (size_t i = 0; i < indices.size(); ++i) {
+    const uint64_t seed = (o.seed * 0x9E3779B97F4A7C15ull) ^ (static_cast<uint64_t>(step) << 20) ^ i ^
+                          0xA0761D6478BD642Full;
+    view.images.push_back(augment_image(data.rgb(indices[i]), o.augment, seed));
+    view.labels.push_back(data.labels[indices[i]]);
+    order[i] = i;
+  }
+  return classification_batch(view, order, processor, labels);
+}
+
 void train_classifier(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
                       const PreprocessConfig& processor, const ClassifierTrainOptions& o,
                       const std::function<void(const TrainProgress&)>& on_step,
@@ -47,16 +102,118 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
           data.source + ": class " + std::to_string(label) + " but the model has " +
               std::to_string(model.num_labels) + " labels");
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
-  std::vector<int64_t> labels;
   const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  struct Batch {
+    Tensor pixels;
+    std::vector<int64_t> labels;
+  };
+  auto load = [&](int64_t s) {
+    Batch b;
+    b.pixels = training_batch(data, processor, o, s, &b.labels);
+    return b;
+  };
+  // Decoding and augmentation of batch s + 1 overlap the step on batch s.
+  std::future<Batch> next;
+  if (state.step < end) next = std::async(std::launch::async, load, state.step);
   while (state.step < end) {
     const int64_t s = state.step;
-    const Tensor pixels = classification_batch(data, batch_indices(data, o, s), processor, &labels);
+    Batch batch = next.get();
+    if (s + 1 < end) next = std::async(std::launch::async, load, s + 1);
+    const Tensor& pixels = batch.pixels;
+    const std::vector<int64_t>& labels = batch.labels;
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
     const TrainStepResult r = vit_train_step(model, state, pixels, labels, step);
     if (on_step)
       on_step({s + 1, total, s / per_epoch, r.loss, step.lr, r.grad_norm, r.correct, o.batch});
+  }
+}
+
+void train_linear_probe(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
+                        const PreprocessConfig& processor, const ClassifierTrainOptions& o,
+                        const std::function<void(const TrainProgress&)>& on_step, int64_t stop_before) {
+  check(!model.teacher, "--freeze-encoder: a DeiT with teacher has two heads; fine-tune it whole, or load it as "
+                        "DeiTForImageClassification");
+  for (int64_t label : data.labels)
+    check(label >= 0 && label < model.num_labels,
+          data.source + ": class " + std::to_string(label) + " but the model has " +
+              std::to_string(model.num_labels) + " labels");
+  const int64_t K = model.num_labels, N = static_cast<int64_t>(data.size());
+  const int64_t F = (model.class_mean ? 2 : 1) * model.config.hidden_size;
+  // The encoder runs once per sample: the classifier's input, cached.
+  std::vector<float> features(static_cast<size_t>(N * F));
+  {
+    VitTrainActivations acts;
+    for (int64_t lo = 0; lo < N; lo += 64) {
+      std::vector<size_t> idx;
+      for (int64_t i = lo; i < std::min(N, lo + 64); ++i) idx.push_back(static_cast<size_t>(i));
+      const Tensor x = classification_batch(data, idx, processor);
+      (void)vit_train_forward(model, x, acts);
+      std::copy_n(acts.head_in.data(), idx.size() * F, features.data() + lo * F);
+    }
+  }
+  const size_t n = model.weights.size();
+  if (state.grads.size() != n) state.grads.assign(n, 0.0f), state.m.assign(n, 0.0f), state.v.assign(n, 0.0f);
+  if (state.v.size() != n) state.v.assign(n, 0.0f);
+  VitTrainView w = bind_view(model, model.weights.data());
+  const size_t w_off = static_cast<size_t>(w.head_w - model.weights.data());
+  const size_t b_off = static_cast<size_t>(w.head_b - model.weights.data());
+  const size_t w_len = static_cast<size_t>(K * F), b_len = static_cast<size_t>(K);
+  const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
+  const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  std::vector<float> logits, dlogits;
+  std::vector<int64_t> labels;
+  while (state.step < end) {
+    const int64_t s = state.step;
+    const std::vector<size_t> idx = batch_indices(data, o, s);
+    const int64_t B = static_cast<int64_t>(idx.size());
+    labels.resize(B);
+    logits.assign(static_cast<size_t>(B * K), 0.0f);
+    dlogits.assign(static_cast<size_t>(B * K), 0.0f);
+    int64_t correct = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      labels[b] = data.labels[idx[b]];
+      const float* x = features.data() + idx[b] * F;
+      for (int64_t k = 0; k < K; ++k) {
+        double z = w.head_b[k];
+        for (int64_t f = 0; f < F; ++f) z += static_cast<double>(w.head_w[k * F + f]) * x[f];
+        logits[b * K + k] = static_cast<float>(z);
+      }
+      const float* row = logits.data() + b * K;
+      correct += std::max_element(row, row + K) - row == labels[b];
+    }
+    const double loss = cross_entropy_forward_backward(logits.data(), labels.data(), B, K, o.step.label_smoothing,
+                                                       dlogits.data());
+    std::span<float> g(state.grads);
+    std::fill(g.begin(), g.end(), 0.0f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t b = 0; b < B; ++b) {
+        const float d = dlogits[b * K + k];
+        const float* x = features.data() + idx[b] * F;
+        g[b_off + k] += d;
+        for (int64_t f = 0; f < F; ++f) g[w_off + k * F + f] += d * x[f];
+      }
+    const double norm = clip_grad_norm(g, o.step.clip_grad);  // only the head's entries are non-zero
+    const float lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
+    ++state.step;
+    std::span<float> weights(model.weights), m(state.m), v(state.v);
+    if (o.step.optimizer == Optimizer::AdamW) {
+      AdamWOptions a;
+      a.lr = lr, a.beta1 = o.step.beta1, a.beta2 = o.step.beta2, a.eps = o.step.eps;
+      a.weight_decay = o.step.weight_decay;
+      adamw_step(weights.subspan(w_off, w_len), g.subspan(w_off, w_len), m.subspan(w_off, w_len),
+                 v.subspan(w_off, w_len), state.step, a);
+      a.weight_decay = 0.0f;  // biases take no decay
+      adamw_step(weights.subspan(b_off, b_len), g.subspan(b_off, b_len), m.subspan(b_off, b_len),
+                 v.subspan(b_off, b_len), state.step, a);
+    } else {
+      const bool mom = o.step.momentum != 0.0f;
+      sgd_step(weights.subspan(w_off, w_len), g.subspan(w_off, w_len), mom ? m.subspan(w_off, w_len) : std::span<float>{},
+               lr, o.step.momentum, o.step.weight_decay, state.step == 1);
+      sgd_step(weights.subspan(b_off, b_len), g.subspan(b_off, b_len), mom ? m.subspan(b_off, b_len) : std::span<float>{},
+               lr, o.step.momentum, 0.0f, state.step == 1);
+    }
+    if (on_step) on_step({s + 1, total, s / per_epoch, loss, lr, norm, correct, B});
   }
 }
 

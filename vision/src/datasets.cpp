@@ -39,6 +39,21 @@ cv::Mat ClassificationData::rgb(size_t i) const {
   return out;
 }
 
+void verify_images(const ClassificationData& data) {
+  std::vector<std::string> errors(data.paths.size());
+  parallel_for(0, static_cast<int64_t>(data.paths.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      try {
+        (void)load_image_rgb(data.paths[i]);
+      } catch (const std::exception& e) {
+        errors[i] = e.what();
+      }
+    }
+  });
+  for (const std::string& e : errors)
+    if (!e.empty()) fail(e);
+}
+
 ClassificationData image_folder(const std::string& dir) {
   std::error_code ec;
   check(fs::is_directory(dir, ec), dir + ": not a folder (an ImageFolder has one sub-folder per class)");
@@ -68,9 +83,15 @@ ClassificationData image_folder(const std::string& dir) {
 ClassificationData opencv_digits(const std::string& png_path, const std::string& split) {
   check(split.empty() || split == "train" || split == "test",
         "digits:" + split + ": the split is 'train' (left 50 columns) or 'test' (right 50)");
-  const cv::Mat all = cv::imread(png_path, cv::IMREAD_GRAYSCALE);
-  check(!all.empty(), png_path + ": cannot read OpenCV's digits image (Debian: apt-get install "
-                                 "opencv-doc; or pass its path to samples/data/digits.png)");
+  // Through the hardened decoder (header size limits, one-line errors naming the file).
+  cv::Mat rgb;
+  try {
+    rgb = load_image_rgb(png_path);
+  } catch (const Error& e) {
+    fail(std::string(e.what()) + " (OpenCV's digits image: Debian's opencv-doc has it; or pass the path of samples/data/digits.png)");
+  }
+  cv::Mat all;
+  cv::extractChannel(rgb, all, 0);  // gray replicated to R, G, B: any channel is the gray
   check(all.cols == 2000 && all.rows == 1000,
         png_path + ": expected OpenCV's 2000x1000 digits.png, got " + std::to_string(all.cols) +
             "x" + std::to_string(all.rows));

@@ -13,6 +13,19 @@
 
 namespace tessera {
 
+// Training-time augmentation of one 8-bit RGB sample, before the model's processor: an affine
+// warp about the centre (rotation, scale, shear, translation as a fraction of the side; borders
+// replicated), an optional horizontal flip, brightness/contrast jitter and an occasional light
+// blur. Every draw comes from a generator seeded by `seed` alone, so a sample's augmentation
+// depends only on (run seed, step, position in the batch): any thread count, any resume point.
+struct AugmentOptions {
+  bool enabled = false;  // off unless asked for (tessera train turns it on; --no-augment keeps it off)
+  double rotate_degrees = 10, scale = 0.10, shear = 0.15, translate = 0.08;
+  bool hflip = false;  // off by default: digits and text are not mirror-symmetric
+  double brightness = 0.2, contrast = 0.2, blur_probability = 0.25;
+};
+cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& options, uint64_t seed);
+
 struct ClassifierTrainOptions {
   int64_t epochs = 1;
   int64_t max_steps = 0;  // > 0: stop after this many steps in all (else epochs decide)
@@ -22,7 +35,13 @@ struct ClassifierTrainOptions {
   int64_t warmup_steps = 0;  // linear warm-up, then cosine to min_lr (warmup_cosine_lr)
   double min_lr = 0.0;
   TrainStepOptions step;  // optimizer, peak lr (step.lr), weight decay, clipping, smoothing ...
+  AugmentOptions augment;  // augment.enabled false: every sample goes through the processor only
 };
+
+// The batch of step s as training sees it: the samples of batch_indices(s), augmented (when
+// enabled) with seeds from (seed, s, position), through the processor.
+Tensor training_batch(const ClassificationData& data, const PreprocessConfig& processor,
+                      const ClassifierTrainOptions& options, int64_t step, std::vector<int64_t>* labels);
 
 struct TrainProgress {
   int64_t step = 0, total = 0, epoch = 0;  // step counts from 1 here
@@ -37,12 +56,23 @@ std::vector<size_t> batch_indices(const ClassificationData& data, const Classifi
                                   int64_t step);
 
 // Runs steps state.step .. total_steps − 1 (all of them for a fresh state; the rest after a
-// restored checkpoint), calling on_step after each; `stop_before` > 0 stops earlier, at that step,
+// restored checkpoint), calling on_step after each (the next batch is decoded and augmented on
+// another thread meanwhile); `stop_before` > 0 stops earlier, at that step,
 // as a killed run would (the schedule stays the whole run's). Labels must be below the model's
 // num_labels.
 void train_classifier(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
                       const PreprocessConfig& processor, const ClassifierTrainOptions& options,
                       const std::function<void(const TrainProgress&)>& on_step = {},
                       int64_t stop_before = 0);
+
+// --freeze-encoder: a linear probe. Every sample goes through the frozen encoder once (no
+// augmentation: the features are cached, [N, head input]) and only the classifier (weight and
+// bias) trains on them, with the same batches, schedule, optimiser and clipping as
+// train_classifier; every other weight stays bit-identical. Resumes from a checkpoint like
+// train_classifier (the features are recomputed). Not for a DeiT with teacher.
+void train_linear_probe(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
+                        const PreprocessConfig& processor, const ClassifierTrainOptions& options,
+                        const std::function<void(const TrainProgress&)>& on_step = {},
+                        int64_t stop_before = 0);
 
 }  // namespace tessera

@@ -38,6 +38,10 @@ ClassificationData image_folder(const std::string& dir);
 // all 5000. Classes "0" … "9".
 ClassificationData opencv_digits(const std::string& png_path, const std::string& split = "");
 
+// Decodes every file sample once (in parallel) so that a corrupt, truncated or unreadable image is
+// an Error naming it (the first in path order) before training starts. In-memory data passes.
+void verify_images(const ClassificationData& data);
+
 // `--data`: "digits", "digits:train" or "digits:test" (read from digits_png), else an ImageFolder.
 ClassificationData load_classification_data(const std::string& spec, const std::string& digits_png);
 

@@ -1,0 +1,213 @@
+// `tessera train --task classify` end to end: one SGD step with lr 1 through the command line
+// leaves w − g (g from PyTorch, tests/reference/make_cli_train_fixture.py); a run killed with
+// SIGKILL at random moments and resumed ends byte-identical to an uninterrupted one, on another
+// thread count; the log, curves and model card are written; bad data is a one-line error before
+// anything trains.
+#include <catch2/catch.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include <opencv2/imgcodecs.hpp>
+
+#include "tessera/model.hpp"
+#include "tessera/safetensors.hpp"
+
+namespace fs = std::filesystem;
+using namespace tessera;
+
+namespace {
+
+struct Run {
+  int code;
+  std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+fs::path scratch(const std::string& name) {
+  const fs::path p = fs::temp_directory_path() / ("tessera_train_cli_" + std::to_string(::getpid())) / name;
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+std::string cli() {
+  const char* c = std::getenv("TESSERA_CLI");
+  REQUIRE(c != nullptr);
+  return c;
+}
+
+Run run_cli(const std::string& args) {
+  const fs::path dir = scratch("run");
+  const std::string cmd = cli() + " " + args + " >" + (dir / "out").string() + " 2>" + (dir / "err").string();
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
+}
+
+std::string fixture(const std::string& rel) { return (fs::path(TESSERA_FIXTURES) / rel).string(); }
+
+// The fixture ViT with the processor of the CLI fixture, as one model folder.
+fs::path model_folder(const std::string& name) {
+  const fs::path d = scratch(name);
+  for (const char* f : {"config.json", "model.safetensors"})
+    fs::copy_file(fixture(std::string("models/vit-p4-h48-noqkvbias-rand/") + f), d / f);
+  fs::copy_file(fixture("train/cli-step/preprocessor_config.json"), d / "preprocessor_config.json");
+  return d;
+}
+
+int count_lines(const std::string& s) {
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("train: one SGD step with lr 1 through the CLI leaves w - g (PyTorch)", "[train_cli]") {
+  const fs::path init = model_folder("init");
+  const fs::path out = scratch("sgd") / "model";
+  const Run r = run_cli("train --task classify --init " + init.string() + " --data " + fixture("train/cli-step/images") +
+                        " --out " + out.string() +
+                        " --optimizer sgd --lr 1 --warmup 0 --weight-decay 0 --clip-grad 0 --max-steps 1"
+                        " --no-shuffle --no-augment --batch 6 --threads 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  const SafeTensors before = SafeTensors::open((init / "model.safetensors").string());
+  const SafeTensors after = SafeTensors::open((out / "model.safetensors").string());
+  const SafeTensors expected = SafeTensors::open(fixture("train/cli-step/expected.safetensors"));
+  REQUIRE(after.names() == before.names());
+  int checked = 0;
+  for (const std::string& name : before.names()) {
+    const Tensor w = before.get(name), w1 = after.get(name), g = expected.get("grad." + name);
+    REQUIRE(w1.shape() == w.shape());
+    REQUIRE(g.numel() == w.numel());
+    // Relative error of the gradient the step applied: max |(w − w₁) − g| / max |g|.
+    double err = 0, scale = 0;
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      err = std::max(err, std::abs(static_cast<double>(w[i]) - w1[i] - g[i]));
+      scale = std::max(scale, std::abs(static_cast<double>(g[i])));
+    }
+    INFO(name << ": max error " << err << ", max |g| " << scale);
+    if (scale == 0)
+      CHECK(err == 0);
+    else
+      CHECK(err <= 1e-4 * scale + 1e-6 * [&] {  // + the float32 rounding of w − g itself
+              double m = 0;
+              for (int64_t i = 0; i < w.numel(); ++i) m = std::max(m, std::abs(static_cast<double>(w[i])));
+              return m;
+            }());
+    ++checked;
+  }
+  CHECK(checked == static_cast<int>(before.names().size()));
+  // The folder is complete, loads for inference and says what it is.
+  CHECK(fs::exists(out / "preprocessor_config.json"));
+  CHECK(fs::exists(out / "config.json"));
+  CHECK(fs::exists(out / "curves.png"));
+  CHECK(count_lines(slurp(out / "log.csv")) == 2);  // header + one step
+  CHECK(!fs::exists(out / "checkpoint.safetensors"));  // removed once the model is published
+  CHECK(slurp(out / "README.md").find("--optimizer sgd --lr 1") != std::string::npos);
+  CHECK_NOTHROW(load_model(out.string()));
+}
+
+TEST_CASE("train: killed at random moments and resumed, a run ends byte-identical (1 vs 2 threads)", "[train_cli]") {
+  const fs::path init = model_folder("init2");
+  const std::string args = " train --init " + init.string() + " --data " + fixture("train/cli-step/images") +
+                           " --val " + fixture("train/cli-step/images") +
+                           " --epochs 150 --batch 2 --lr 1e-3 --warmup 10 --checkpoint-every 7 --seed 3";
+  const fs::path ref = scratch("ref") / "model";
+  Run r = run_cli(args.substr(1) + " --threads 1 --out " + ref.string());
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  const std::string reference = slurp(ref / "model.safetensors");
+  REQUIRE(!reference.empty());
+
+  std::mt19937 rng(20261206);
+  std::uniform_int_distribution<int> delay_ms(20, 400);
+  int kills = 0;
+  const char* rounds_env = std::getenv("TESSERA_KILL_ROUNDS");
+  const int rounds = rounds_env ? std::max(1, std::atoi(rounds_env)) / 4 + 1 : 3;
+  for (int round = 0; round < rounds; ++round) {
+    const fs::path out = scratch("run" + std::to_string(round)) / "model";
+    for (int attempt = 0;; ++attempt) {
+      const std::string kill = attempt < 6 ? "timeout -s KILL " + std::to_string(delay_ms(rng) / 1000.0) + " " : "";
+      const int status = std::system((kill + cli() + args + " --threads 2 --resume --out " + out.string() +
+                                      " >/dev/null 2>&1").c_str());
+      if (WIFEXITED(status) && WEXITSTATUS(status) == 0) break;
+      REQUIRE(WIFEXITED(status));
+      REQUIRE(WEXITSTATUS(status) == 137);
+      ++kills;
+    }
+    INFO("round " << round);
+    CHECK(slurp(out / "model.safetensors") == reference);
+    // The log has every step once, whatever was killed.
+    CHECK(count_lines(slurp(out / "log.csv")) == 1 + 150 * 3);
+    CHECK(count_lines(slurp(out / "val.csv")) == 1 + 150);
+  }
+  CHECK(kills >= 1);
+  std::printf("train kill-resume: %d rounds, %d runs killed, every final model byte-identical\n", rounds, kills);
+}
+
+TEST_CASE("train: bad data is a one-line error naming it, before training", "[train_cli]") {
+  const fs::path init = model_folder("init3");
+  const fs::path dir = scratch("bad");
+  SECTION("empty folder") {
+    fs::create_directories(dir / "empty");
+    const Run r = run_cli("train --init " + init.string() + " --data " + (dir / "empty").string() + " --out " +
+                          (dir / "o").string());
+    CHECK(r.code != 0);
+    CHECK(count_lines(r.err) == 1);
+    CHECK(r.err.find((dir / "empty").string()) != std::string::npos);
+  }
+  SECTION("corrupt image") {
+    fs::create_directories(dir / "data" / "cat");
+    std::ofstream(dir / "data" / "cat" / "broken.png") << "not a png";
+    const Run r = run_cli("train --init " + init.string() + " --data " + (dir / "data").string() + " --out " +
+                          (dir / "o").string() + " --no-augment --batch 1");
+    CHECK(r.code != 0);
+    CHECK(r.err.find("broken.png") != std::string::npos);
+    CHECK(!fs::exists(dir / "o" / "model.safetensors"));
+  }
+  SECTION("missing digits.png") {
+    const Run r = run_cli("train --arch vit-digits --data digits:train --digits-png /nonexistent/digits.png --out " +
+                          (dir / "o").string());
+    CHECK(r.code != 0);
+    CHECK(count_lines(r.err) == 1);
+    CHECK(r.err.find("/nonexistent/digits.png") != std::string::npos);
+  }
+  SECTION("neither --init nor --arch") {
+    const Run r = run_cli("train --data " + fixture("train/cli-step/images") + " --out " + (dir / "o").string());
+    CHECK(r.code != 0);
+    CHECK(r.err.find("--arch") != std::string::npos);
+  }
+}
+
+TEST_CASE("train --freeze-encoder: only the classifier changes (a linear probe on cached features)", "[train_cli]") {
+  const fs::path init = model_folder("init4");
+  const fs::path out = scratch("probe") / "model";
+  const Run r = run_cli("train --init " + init.string() + " --data " + fixture("train/cli-step/images") + " --out " +
+                        out.string() + " --freeze-encoder --epochs 5 --batch 2 --lr 1e-2 --threads 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  const SafeTensors before = SafeTensors::open((init / "model.safetensors").string());
+  const SafeTensors after = SafeTensors::open((out / "model.safetensors").string());
+  for (const std::string& name : before.names()) {
+    const Tensor w = before.get(name), w1 = after.get(name);
+    bool same = true;
+    for (int64_t i = 0; i < w.numel(); ++i) same = same && w[i] == w1[i];
+    INFO(name);
+    CHECK(same == (name.rfind("classifier.", 0) != 0));
+  }
+}
