@@ -142,7 +142,26 @@ VitTrainModel make_yolos_train_model(const VitConfig& c, const std::vector<std::
     if (p.name == "vit.embeddings.position_embeddings") {
       const TrainParam& src = vit.param(p.name);  // [cls, grid]; then the detection rows
       std::copy_n(vit.weights.data() + src.offset, grid_rows * d, w);
-      trunc_normal(w + grid_rows * d, det * d, 0.02);
+      if (d % 4 == 0) {
+        // Each detection token's row: the grid table's sin-cos code of its own point on a
+        // rows x cols lattice over the image (4 x 5 for 20 tokens), so the queries start apart
+        // and each can learn its own region first, as anchors do.
+        const int64_t rows = std::max<int64_t>(1, static_cast<int64_t>(std::floor(std::sqrt(static_cast<double>(det)))));
+        const int64_t cols = (det + rows - 1) / rows, q = d / 4;
+        const double gh = static_cast<double>(m.config.grid_height()), gw = static_cast<double>(m.config.grid_width());
+        for (int64_t i = 0; i < det; ++i) {
+          const double y = (static_cast<double>(i / cols) + 0.5) * gh / static_cast<double>(rows) - 0.5;
+          const double x = (static_cast<double>(i % cols) + 0.5) * gw / static_cast<double>(cols) - 0.5;
+          float* row = w + (grid_rows + i) * d;
+          for (int64_t k = 0; k < q; ++k) {
+            const double om = std::pow(10000.0, -static_cast<double>(k) / static_cast<double>(q));
+            row[k] = static_cast<float>(std::sin(y * om)), row[q + k] = static_cast<float>(std::cos(y * om));
+            row[2 * q + k] = static_cast<float>(std::sin(x * om)), row[3 * q + k] = static_cast<float>(std::cos(x * om));
+          }
+        }
+      } else {
+        trunc_normal(w + grid_rows * d, det * d, 0.02);
+      }
     } else if (p.name == "vit.embeddings.detection_tokens") {
       trunc_normal(w, p.numel(), 0.02);
     } else if (p.name.starts_with("class_labels_classifier.") || p.name.starts_with("bbox_predictor.")) {

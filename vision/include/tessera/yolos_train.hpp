@@ -30,8 +30,10 @@ VitTrainModel load_yolos_train_model(const std::string& dir);
 // image_width its training size) for `labels` (label i is class id i; COCO category ids are the
 // label ids, so id 0 is usually "N/A" for data whose categories start at 1), deterministic for a
 // seed: the encoder as make_vit_train_model initialises it (Xavier-uniform matrices, LeCun-normal
-// patch projection, 2-D sin-cos position table for the grid), detection tokens and their position
-// rows truncated N(0, 0.02²) as the YOLOS paper, heads Xavier-uniform with zero biases.
+// patch projection, 2-D sin-cos position table for the grid), detection tokens truncated
+// N(0, 0.02²) as YOLOS, their position rows the grid's sin-cos code of points on a lattice over the
+// image (so the queries start apart, each with a region of its own, as anchors; N(0, 0.02²) when
+// hidden_size is not a multiple of 4), heads Xavier-uniform with zero biases.
 VitTrainModel make_yolos_train_model(const VitConfig& config, const std::vector<std::string>& labels,
                                      uint64_t seed);
 
