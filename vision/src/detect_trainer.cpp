@@ -10,6 +10,8 @@
 #include <opencv2/imgproc.hpp>
 
 #include "tessera/datasets.hpp"
+#include "tessera/detection.hpp"
+#include "tessera/pipeline.hpp"
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
 #include "tessera/metrics.hpp"
@@ -164,6 +166,38 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
       on_step(p);
     }
   }
+}
+
+CocoEvalResult evaluate_detector(const Model& model, const std::string& coco_json, int64_t limit) {
+  require_detector(model);
+  CocoDataset coco = load_coco_instances(coco_json);
+  if (limit > 0 && static_cast<int64_t>(coco.images.size()) > limit) coco.images.resize(static_cast<size_t>(limit));
+  for (const CocoCategory& c : coco.categories)
+    check(c.id < static_cast<int64_t>(model.labels.size()),
+          coco_json + ": category id " + std::to_string(c.id) + " is not a class of " + model.dir);
+  const Preprocessor pre = model_preprocessor(model);
+  ModelWorkspace ws;
+  PostProcessOptions o;
+  o.threshold = 0.0f;
+  o.top_k = 100;
+  std::vector<CocoObject> dets;
+  std::vector<int64_t> image_ids, category_ids;
+  for (const CocoImage& im : coco.images) {
+    const cv::Mat rgb = load_image_rgb(im.path);
+    const RawDetections raw = run_detector(model, pre, {rgb}, ws).at(0);
+    for (const Detection& d : post_process(raw, model.labels, o)) {
+      CocoObject obj;
+      obj.image_id = im.id;
+      obj.category_id = d.label;
+      obj.x = d.x0, obj.y = d.y0, obj.w = d.x1 - d.x0, obj.h = d.y1 - d.y0;
+      obj.area = obj.w * obj.h;
+      obj.score = d.score;
+      dets.push_back(obj);
+    }
+    image_ids.push_back(im.id);
+  }
+  for (const CocoCategory& c : coco.categories) category_ids.push_back(c.id);
+  return coco_evaluate(image_ids, category_ids, coco.annotations, dets);
 }
 
 }  // namespace tessera

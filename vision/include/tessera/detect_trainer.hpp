@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "tessera/metrics.hpp"
+#include "tessera/model.hpp"
 #include "tessera/preprocess.hpp"
 #include "tessera/set_loss.hpp"
 #include "tessera/vit_train.hpp"
@@ -77,5 +79,11 @@ Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& ind
 void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionData& data,
                     const PreprocessConfig& processor, const DetectorTrainOptions& options,
                     const std::function<void(const DetectorProgress&)>& on_step, int64_t stop_before = 0);
+
+// COCO box evaluation of an inference model (load_model) on a COCO instances file, as `tessera
+// eval` runs it: each image through the model's own processor, every slot's best real class
+// (threshold 0, at most 100 per image), COCOeval over the file's images and categories.
+// limit > 0: only the first `limit` images.
+CocoEvalResult evaluate_detector(const Model& model, const std::string& coco_json, int64_t limit = 0);
 
 }  // namespace tessera

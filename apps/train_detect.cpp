@@ -1,0 +1,236 @@
+// tessera train --task detect: trains a YolosForObjectDetection on a COCO instances JSON
+// (vision/include/tessera/detect_trainer.hpp) and publishes it as a Hugging Face folder that
+// `tessera detect` and `tessera eval` load as is.
+//
+// --arch yolos-ti | yolos-digits trains from scratch (--image-size S: S x S input; the preset's
+// overrides --patch-size, --hidden-size, --layers, --heads, --mlp apply), --init DIR fine-tunes a
+// YOLOS folder at its config's image size (or --image-size). Every image is resized to that one
+// fixed size (the processor written with the model says so), so every batch is one tensor.
+// The data's categories must be label ids of the model (COCO category id = label id, as DETR and
+// YOLOS). A run writes into --out as it goes: log.csv, curves.png and checkpoint.safetensors
+// (weights, optimiser state, step: --resume continues from it bit for bit), and with --val COCO
+// AP / AP50 / AP75 on that JSON after every epoch (val.csv, curves.png); at the end
+// config.json, model.safetensors, preprocessor_config.json and README.md (a model card).
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "tessera/detect_trainer.hpp"
+#include "tessera/error.hpp"
+#include "tessera/metrics.hpp"
+#include "tessera/model.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/preprocess.hpp"
+#include "tessera/yolos_train.hpp"
+#include "train_args.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera::cli {
+
+namespace {
+
+std::string fmt(const char* format, double x) {
+  char b[64];
+  std::snprintf(b, sizeof b, format, x);
+  return b;
+}
+
+// The model's labels as config.json's id2label gives them ("" where it has none).
+std::vector<std::string> model_labels(const VitTrainModel& model) {
+  const nlohmann::json cfg = nlohmann::json::parse(model.config_json);
+  std::vector<std::string> labels;
+  for (int64_t i = 0; i < model.num_labels; ++i) {
+    const bool has = cfg.contains("id2label") && cfg["id2label"].contains(std::to_string(i));
+    labels.push_back(has ? cfg["id2label"][std::to_string(i)].get<std::string>() : "");
+  }
+  return labels;
+}
+
+}  // namespace
+
+int train_detect(const TrainArgs& a) {
+  using Clock = std::chrono::steady_clock;
+  check(!(a.init.empty() == a.arch.empty()),
+        "train --task detect: give exactly one of --init MODEL_DIR (fine-tune a YOLOS folder) and --arch PRESET");
+  check(!a.freeze_encoder, "train --task detect: --freeze-encoder is not implemented for detection");
+  check(a.layer_decay == 1.0 || !a.init.empty(), "train: --layer-decay is for fine-tuning (--init)");
+  // Everything is read and checked before anything trains.
+  const DetectionData data = load_detection_data(a.data);
+  if (!a.val.empty()) load_coco_instances(a.val);  // checked before training, evaluated each epoch
+
+  VitTrainModel model;
+  int64_t height = 0, width = 0;
+  if (!a.init.empty()) {
+    model = load_yolos_train_model(a.init);
+    height = a.image_size > 0 ? a.image_size : model.config.image_height;
+    width = a.image_size > 0 ? a.image_size : model.config.image_width;
+    const std::vector<std::string> labels = model_labels(model);
+    for (size_t i = 0; i < data.labels.size(); ++i)
+      if (data.labels[i] != "N/A")
+        check(static_cast<int64_t>(i) < model.num_labels && labels[i] == data.labels[i],
+              a.data + ": category " + std::to_string(i) + " \"" + data.labels[i] + "\" is not label " +
+                  std::to_string(i) + " of " + a.init + " (a new detection head for other classes is not implemented yet)");
+  } else {
+    height = width = a.image_size > 0 ? a.image_size : (a.arch == "yolos-digits" ? 128 : 512);
+    VitConfig c = yolos_train_preset(a.arch, height, width);
+    if (a.patch_size > 0) c.patch_size = a.patch_size;
+    if (a.hidden_size > 0) c.hidden_size = a.hidden_size, c.intermediate_size = 3 * a.hidden_size;
+    if (a.layers > 0) c.num_hidden_layers = a.layers;
+    if (a.heads > 0) c.num_attention_heads = a.heads;
+    if (a.mlp > 0) c.intermediate_size = a.mlp;
+    check(height % c.patch_size == 0, "train: --image-size " + std::to_string(height) +
+                                          " is not a multiple of the patch size " + std::to_string(c.patch_size));
+    check(c.hidden_size % c.num_attention_heads == 0, "train: --hidden-size is not a multiple of --heads");
+    model = make_yolos_train_model(c, data.labels, a.seed);
+  }
+  check(height % model.config.patch_size == 0 && width % model.config.patch_size == 0,
+        "train: the image size " + std::to_string(height) + "x" + std::to_string(width) +
+            " is not a multiple of the patch size " + std::to_string(model.config.patch_size));
+  const std::string processor_json = yolos_preprocessor_json(height, width);
+  const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
+
+  DetectorTrainOptions o;
+  o.batch = a.batch;
+  o.max_steps = a.max_steps;
+  const int64_t per_epoch0 = detector_steps_per_epoch(data, o);
+  check(per_epoch0 > 0, a.data + ": " + std::to_string(data.size()) + " images make no batch of " + std::to_string(a.batch));
+  o.epochs = a.epochs > 0 ? a.epochs : (a.max_steps > 0 ? (a.max_steps + per_epoch0 - 1) / per_epoch0 : 1);
+  o.shuffle = !a.no_shuffle;
+  o.seed = a.seed;
+  o.warmup_steps = a.warmup;
+  o.min_lr = a.min_lr;
+  o.augment.enabled = !a.no_augment;
+  o.step.optimizer = a.optimizer == "sgd" ? Optimizer::Sgd : Optimizer::AdamW;
+  o.step.lr = static_cast<float>(a.lr);
+  o.step.weight_decay = static_cast<float>(a.weight_decay);
+  o.step.momentum = static_cast<float>(a.momentum);
+  o.step.clip_grad = static_cast<float>(a.clip_grad);
+  o.step.layer_decay = a.layer_decay;
+  const int64_t total = detector_total_steps(data, o), per_epoch = detector_steps_per_epoch(data, o);
+
+  const fs::path out(a.out);
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  check(!ec, a.out + ": cannot create (" + ec.message() + ")");
+  const fs::path ckpt = out / "checkpoint.safetensors";
+  const std::map<std::string, std::string> identity = {
+      {"task", "detect"}, {"data", a.data}, {"batch", std::to_string(a.batch)}, {"seed", std::to_string(a.seed)},
+      {"total_steps", std::to_string(total)}, {"optimizer", a.optimizer}, {"augment", a.no_augment ? "0" : "1"}};
+  VitTrainState state;
+  if (a.resume) {
+    check(fs::exists(ckpt), ckpt.string() + ": no checkpoint to resume (run without --resume to start)");
+    const auto meta = load_train_checkpoint(ckpt.string(), model, state);
+    for (const auto& [k, v] : identity) {
+      const auto it = meta.find(k);
+      check(it != meta.end() && it->second == v, ckpt.string() + ": was written by a run with another " + k + " (" +
+                                                     (it == meta.end() ? std::string("none") : it->second) +
+                                                     ", this run: " + v + ")");
+    }
+    std::fprintf(stderr, "resuming %s at step %lld of %lld\n", ckpt.string().c_str(), (long long)state.step,
+                 (long long)total);
+  }
+
+  int64_t params = 0, boxes = 0;
+  for (const TrainParam& p : model.params) params += p.numel();
+  for (const DetectionTarget& t : data.targets) boxes += static_cast<int64_t>(t.labels.size());
+  const VitConfig& c = model.config;
+  std::printf("data: %s, %zu images, %lld boxes, %zu label ids\n", data.source.c_str(), data.size(), (long long)boxes,
+              data.labels.size());
+  std::printf("model: %s, %lldx%lld patch %lld, D=%lld, %lld layers, %lld heads, MLP %lld, %lld detection tokens: "
+              "%lld parameters\n",
+              model.architecture.c_str(), (long long)c.image_height, (long long)c.image_width, (long long)c.patch_size,
+              (long long)c.hidden_size, (long long)c.num_hidden_layers, (long long)c.num_attention_heads,
+              (long long)c.intermediate_size, (long long)c.num_detection_tokens, (long long)params);
+  std::printf("processor: %s\n", processor.describe().c_str());
+  std::printf("run: %lld steps (%lld per epoch, batch %lld), %s lr %g, warm-up %lld, weight decay %g, clip %g, "
+              "augmentation %s, %d threads\n",
+              (long long)total, (long long)per_epoch, (long long)a.batch, a.optimizer.c_str(), a.lr, (long long)a.warmup,
+              a.weight_decay, a.clip_grad, a.no_augment ? "off" : "on", num_threads());
+  std::fflush(stdout);
+
+  TrainLog log(a.out, total, state.step, {"class_loss", "l1_loss", "giou_loss", "match_acc"});
+  const auto t0 = Clock::now();
+  CocoEvalResult last_val;
+  // Validation: the model as it would be published (a temporary folder through load_model), so
+  // the numbers are the ones `tessera eval` gives.
+  auto validate = [&](int64_t epoch, int64_t step) {
+    const fs::path dir = out / (".val-" + std::to_string(::getpid()));
+    save_vit_train_model(model, dir.string(), processor_json);
+    last_val = evaluate_detector(*load_model(dir.string()), a.val);
+    fs::remove_all(dir, ec);
+    log.validation(epoch, step, {{"AP", last_val.ap()}, {"AP50", last_val.ap50()}, {"AP75", last_val.ap75()}});
+  };
+  auto save_checkpoint = [&](int64_t epoch) {
+    auto meta = identity;
+    meta["epoch"] = std::to_string(epoch);
+    save_train_checkpoint(ckpt.string(), model, state, meta);
+  };
+  train_detector(model, state, data, processor, o, [&](const DetectorProgress& p) {
+    log.step(p.step, p.epoch + 1, p.loss, p.lr, p.grad_norm, p.batch,
+             {p.class_loss, p.l1_loss, p.giou_loss,
+              p.matched > 0 ? static_cast<double>(p.correct) / static_cast<double>(p.matched) : 0.0});
+    const bool epoch_end = p.step % per_epoch == 0 || p.step == total;
+    const bool every = a.checkpoint_every > 0 && p.step % a.checkpoint_every == 0;
+    if (epoch_end && !a.val.empty()) validate(p.epoch + 1, p.step);
+    if ((epoch_end || every) && p.step < total) save_checkpoint(p.epoch + 1);
+  });
+  log.finish();
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+
+  // Publish: written beside, then renamed in, file by file.
+  const fs::path tmp = out / (".export-" + std::to_string(::getpid()));
+  fs::remove_all(tmp, ec);
+  save_vit_train_model(model, tmp.string(), processor_json);
+  std::ostringstream card;
+  const double mib = static_cast<double>(fs::file_size(tmp / "model.safetensors")) / (1024.0 * 1024.0);
+  card << "# " << fs::path(a.out).filename().string() << ": a YolosForObjectDetection trained by Tessera\n\n"
+       << "Trained by `tessera train --task detect`; a Hugging Face folder (`config.json`, `model.safetensors`, "
+          "`preprocessor_config.json`) that Tessera and transformers load as is.\n\n"
+       << "| | |\n|---|---|\n"
+       << "| architecture | " << c.image_height << "x" << c.image_width << " input, patch " << c.patch_size << ", hidden "
+       << c.hidden_size << ", " << c.num_hidden_layers << " layers, " << c.num_attention_heads << " heads, MLP "
+       << c.intermediate_size << ", " << c.num_detection_tokens << " detection tokens |\n"
+       << "| parameters | " << params << " (float32, " << fmt("%.2f", mib) << " MiB) |\n"
+       << "| labels | " << model.num_labels << " ids (COCO category id = label id) |\n"
+       << "| pre-processing | " << processor.describe() << " |\n"
+       << "| training data | " << data.source << " (" << data.size() << " images, " << boxes << " boxes) |\n"
+       << "| augmentation | "
+       << (a.no_augment ? std::string("none")
+                        : "scale ±" + fmt("%g", 100 * o.augment.scale) + "%, shift up to " +
+                              fmt("%g", 100 * o.augment.translate) + "% (boxes kept inside)")
+       << " |\n"
+       << "| loss | Hungarian set loss: 1·CE (no-object weight 0.1) + 5·L1 + 2·GIoU |\n"
+       << "| optimisation | " << a.optimizer << ", lr " << a.lr << " (warm-up " << a.warmup << " steps, cosine), weight decay "
+       << a.weight_decay << ", clip " << a.clip_grad << ", batch " << a.batch << ", " << total << " steps (" << o.epochs
+       << " epochs), seed " << a.seed << " |\n"
+       << (a.val.empty() ? std::string()
+                         : "| **validation** | **AP " + fmt("%.4f", last_val.ap()) + "**, AP50 " + fmt("%.4f", last_val.ap50()) +
+                               ", AP75 " + fmt("%.4f", last_val.ap75()) + " on " + a.val + " (COCO box mAP, as `tessera eval`) |\n")
+       << "| training time | " << fmt("%.0f", seconds) << " s on " << num_threads() << " threads"
+       << (a.resume ? " (this last part of a resumed run)" : "") << " |\n\n"
+       << "`log.csv` holds every step, `curves.png` draws it. Evaluate with `tessera eval --model DIR --data "
+          "annotations.json`.\n\nCommand:\n\n```sh\n"
+       << a.command_line << "\n```\n";
+  {
+    std::ofstream f(tmp / "README.md", std::ios::binary);
+    f << card.str();
+    check(static_cast<bool>(f), (tmp / "README.md").string() + ": cannot write");
+  }
+  for (const char* name : {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}) {
+    fs::rename(tmp / name, out / name, ec);
+    check(!ec, (out / name).string() + ": cannot publish (" + ec.message() + ")");
+  }
+  fs::remove_all(tmp, ec);
+  fs::remove(ckpt, ec);
+  std::printf("wrote %s (%.0f s of training)\n", a.out.c_str(), seconds);
+  return 0;
+}
+
+}  // namespace tessera::cli
