@@ -13,7 +13,9 @@
 // config.json, model.safetensors, preprocessor_config.json and README.md (a model card).
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -35,6 +37,14 @@ namespace fs = std::filesystem;
 namespace tessera::cli {
 
 namespace {
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  check(static_cast<bool>(f), path + ": cannot read");
+  std::ostringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
 
 std::string fmt(const char* format, double x) {
   char b[64];
@@ -188,6 +198,32 @@ int train_detect(const TrainArgs& a) {
   const fs::path tmp = out / (".export-" + std::to_string(::getpid()));
   fs::remove_all(tmp, ec);
   save_vit_train_model(model, tmp.string(), processor_json);
+  {
+    // The published folder must give the trainer's outputs through the inference path: load_model
+    // + the processor it wrote + model_forward, on the first images of the data.
+    std::vector<size_t> first(static_cast<size_t>(std::min<int64_t>(4, static_cast<int64_t>(data.size()))));
+    for (size_t i = 0; i < first.size(); ++i) first[i] = i;
+    DetectorTrainOptions plain = o;
+    plain.augment.enabled = false;
+    const auto loaded = load_model(tmp.string());
+    const Tensor x = detection_batch(data, first, parse_preprocess_config(read_text_file((tmp / "preprocessor_config.json").string()), "exported"),
+                                     plain, 0, nullptr);
+    yolos_train_forward(model, x, state.acts);
+    ModelWorkspace ws;
+    const NamedTensors got = model_forward(*loaded, x, ws);
+    double diff = 0;
+    const Tensor& logits = output(got, "logits");
+    const Tensor& pred_boxes = output(got, "pred_boxes");
+    for (int64_t i = 0; i < logits.numel(); ++i) diff = std::max(diff, static_cast<double>(std::abs(logits[i] - state.acts.logits[i])));
+    for (int64_t i = 0; i < pred_boxes.numel(); ++i)
+      diff = std::max(diff, static_cast<double>(std::abs(pred_boxes[i] - state.acts.boxes[i])));
+    std::printf("export check: max |difference| of logits and boxes through load_model + model_forward %.2e\n", diff);
+    if (!(diff < 1e-3)) {
+      fs::remove_all(tmp, ec);
+      fail(a.out + ": the exported folder does not reproduce the trainer's outputs (max difference " + fmt("%.3g", diff) +
+           "); not publishing it (the checkpoint is kept)");
+    }
+  }
   std::ostringstream card;
   const double mib = static_cast<double>(fs::file_size(tmp / "model.safetensors")) / (1024.0 * 1024.0);
   card << "# " << fs::path(a.out).filename().string() << ": a YolosForObjectDetection trained by Tessera\n\n"
