@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <sys/wait.h>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -16,6 +18,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include "tessera/detect_trainer.hpp"
+#include "tessera/model.hpp"
 #include "tessera/yolos_train.hpp"
 
 using namespace tessera;
@@ -153,4 +156,32 @@ TEST_CASE("a resumed detection run is bit-identical to an uninterrupted one", "[
   CHECK(resumed.weights == whole.weights);
   CHECK(resumed_state.m == whole_state.m);
   CHECK(resumed_state.v == whole_state.v);
+}
+
+TEST_CASE("tessera train --task detect publishes a folder that load_model and eval read", "[detect_trainer][cli]") {
+  const char* cli = std::getenv("TESSERA_CLI");
+  REQUIRE(cli != nullptr);
+  TempDir tmp;
+  const std::string json = write_coco(tmp.path, 4, 32, 32);
+  const fs::path out = tmp.path / "model";
+  const std::string args = " train --task detect --data " + json + " --val " + json + " --out " + out.string() +
+                           " --arch yolos-digits --image-size 32 --hidden-size 32 --heads 2 --layers 1 --batch 2"
+                           " --epochs 2 --lr 1e-3 --seed 4 --threads 2";
+  const int status = std::system((std::string(cli) + args + " >" + (tmp.path / "log").string() + " 2>&1").c_str());
+  INFO(std::ifstream(tmp.path / "log").rdbuf());
+  REQUIRE(WIFEXITED(status));
+  REQUIRE(WEXITSTATUS(status) == 0);
+  for (const char* f : {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "log.csv", "val.csv"})
+    CHECK(fs::exists(out / f));
+  CHECK(!fs::exists(out / "checkpoint.safetensors"));
+  const auto model = load_model(out.string());
+  REQUIRE(model->detection);
+  CHECK(model->labels == std::vector<std::string>{"N/A", "a", "b"});
+  const CocoEvalResult r = evaluate_detector(*model, json);
+  CHECK(r.ap() >= 0.0);
+  // A bad data file is a one-line error before training.
+  const int bad = std::system((std::string(cli) + " train --task detect --data " + (tmp.path / "missing.json").string() +
+                               " --out " + (tmp.path / "bad").string() + " --arch yolos-digits >/dev/null 2>&1").c_str());
+  CHECK(WIFEXITED(bad));
+  CHECK(WEXITSTATUS(bad) != 0);
 }
