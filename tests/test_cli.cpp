@@ -653,3 +653,31 @@ TEST_CASE("classify without --model uses the bundled classifier, and says which"
   CHECK(named.out == r.out);
   fs::remove_all(root);
 }
+
+TEST_CASE("inputs: a quoted glob expands to its matches (sorted), one that matches nothing is reported", "[cli]") {
+  const fs::path dir = scratch() / "glob";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string src = fixture("conformance/vit-tiny-rand/cases/e2e/images/");
+  fs::copy_file(src + "0_chelsea.png", dir / "b.png");
+  fs::copy_file(src + "1_coffee.png", dir / "a.png");
+  const std::string vit = fixture("conformance/vit-tiny-rand");
+  const Run globbed = run_cli("classify --top-k 2 --model " + vit + " '" + (dir / "*.png").string() + "'");
+  const Run listed = run_cli("classify --top-k 2 --model " + vit + " " + (dir / "a.png").string() + " " +
+                             (dir / "b.png").string());
+  CHECK(globbed.code == 0);
+  CHECK(globbed.out == listed.out);
+  const Run none = run_cli("classify --model " + vit + " '" + (dir / "*.jpg").string() + "' " + (dir / "a.png").string());
+  CHECK(none.code == 1);  // one input failed, the other answered
+  CHECK(none.err.find("*.jpg") != std::string::npos);
+  // features takes the same input options (here --processor and --threads).
+  std::ofstream(dir / "processor.json") << R"({"image_processor_type": "ViTImageProcessor", "do_resize": true,
+    "size": {"height": 32, "width": 32}, "resample": 2, "do_rescale": true, "rescale_factor": 0.00392156862745098,
+    "do_normalize": true, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})";
+  const Run f = run_cli("features --model " + vit + " --processor " + (dir / "processor.json").string() + " --threads 1 --out " +
+                        (dir / "f.safetensors").string() + " '" + (dir / "*.png").string() + "'");
+  INFO(f.err);
+  CHECK(f.code == 0);
+  CHECK(fs::exists(dir / "f.safetensors"));
+  fs::remove_all(dir);
+}
