@@ -20,6 +20,7 @@
 #include <opencv2/imgproc.hpp>
 #include <opencv2/videoio.hpp>
 
+#include "cli_util.hpp"
 #include "tessera/safetensors.hpp"
 
 namespace fs = std::filesystem;
@@ -27,43 +28,20 @@ using namespace tessera;
 
 namespace {
 
-struct Run {
-  int code;
-  std::string out, err;
-};
+using Run = test::CliRun;
+using test::slurp;
 
+// This program's scratch folder (kept between calls: tests make sub-folders in it).
 fs::path scratch() {
-  fs::path p = fs::temp_directory_path() / ("tessera_cli_" + std::to_string(::getpid()));
+  const fs::path p = fs::temp_directory_path() / ("tessera_cli_" + std::to_string(::getpid()));
   fs::create_directories(p);
   return p;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-Run run_cli(const std::string& args) {
-  const char* cli = std::getenv("TESSERA_CLI");
-  REQUIRE(cli != nullptr);
-  fs::path dir = scratch();
-  std::string cmd = std::string(cli) + " " + args + " >" + (dir / "out").string() + " 2>" + (dir / "err").string();
-  int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
-}
+Run run_cli(const std::string& args) { return test::run_cli(args); }
 
 // run_cli with one more environment variable ("NAME=value") set for the command.
-Run run_cli_env(const std::string& assignment, const std::string& args) {
-  const char* cli = std::getenv("TESSERA_CLI");
-  REQUIRE(cli != nullptr);
-  fs::path dir = scratch();
-  std::string cmd = "env " + assignment + " " + std::string(cli) + " " + args + " >" + (dir / "out").string() +
-                    " 2>" + (dir / "err").string();
-  int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
-}
+Run run_cli_env(const std::string& assignment, const std::string& args) { return test::run_cli(args, "env " + assignment); }
 
 std::string fixture(const std::string& rel) { return (fs::path(TESSERA_FIXTURES) / rel).string(); }
 
