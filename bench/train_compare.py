@@ -412,6 +412,11 @@ def bench_model(args, name, threads_list, tmp):
     return results
 
 
+def num(x):
+    """Three significant digits at least (1.13, 23.3, 233)."""
+    return "%.3g" % x if abs(x) < 100 else "%.0f" % x
+
+
 def print_table(results, header):
     print(header)
     for res in results:
@@ -421,14 +426,14 @@ def print_table(results, header):
               "| PyTorch/Tessera CPU | RSS Tessera MiB | RSS PyTorch MiB | load (before → after) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for i, x in enumerate(res["rounds"]):
-            print("| %d | %s | %.1f | %.1f | %.2fx | %.2f | %.2f | %.2fx | %.0f | %.0f | %s → %s |"
-                  % (i + 1, "Tessera" if i % 2 == 0 else "PyTorch", x["tessera"]["images_per_s"],
-                     x["torch"]["images_per_s"], x["ratio"], x["tessera"]["cpu_ms_per_image"],
-                     x["torch"]["cpu_ms_per_image"], x["cpu_ratio"], x["tessera"]["rss_mib"], x["torch"]["rss_mib"],
+            print("| %d | %s | %s | %s | %.2fx | %s | %s | %.2fx | %.0f | %.0f | %s → %s |"
+                  % (i + 1, "Tessera" if i % 2 == 0 else "PyTorch", num(x["tessera"]["images_per_s"]),
+                     num(x["torch"]["images_per_s"]), x["ratio"], num(x["tessera"]["cpu_ms_per_image"]),
+                     num(x["torch"]["cpu_ms_per_image"]), x["cpu_ratio"], x["tessera"]["rss_mib"], x["torch"]["rss_mib"],
                      x["load_before"], x["load_after"]))
-        print("| **median** | | **%.1f** | **%.1f** | **%.2fx** | %.2f | %.2f | **%.2fx** | %.0f (peak) | %.0f (peak) | |"
-              % (res["median_tessera_images_per_s"], res["median_torch_images_per_s"], res["median_ratio"],
-                 res["median_tessera_cpu_ms_per_image"], res["median_torch_cpu_ms_per_image"], res["median_cpu_ratio"],
+        print("| **median** | | **%s** | **%s** | **%.2fx** | %s | %s | **%.2fx** | %.0f (peak) | %.0f (peak) | |"
+              % (num(res["median_tessera_images_per_s"]), num(res["median_torch_images_per_s"]), res["median_ratio"],
+                 num(res["median_tessera_cpu_ms_per_image"]), num(res["median_torch_cpu_ms_per_image"]), res["median_cpu_ratio"],
                  res["peak_rss_tessera_mib"], res["peak_rss_torch_mib"]))
         print("peak RSS up to the last step (before Tessera's export and its check): Tessera %.0f MiB, PyTorch %.0f MiB "
               "(%.2fx); whole process: %.0f vs %.0f MiB (%.2fx)"
@@ -449,6 +454,10 @@ def print_table(results, header):
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--torch-worker":
         return torch_worker(json.loads(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--table-from":  # the table of an earlier --json-out
+        doc = json.load(open(sys.argv[2]))
+        print("command: " + doc["command"])
+        return print_table(doc["results"], doc["header"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="digits", help="digits, vits or all")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (vits runs at the largest)")
