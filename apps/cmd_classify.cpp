@@ -15,34 +15,30 @@ namespace tessera::cli {
 
 void add_classify(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("classify", "Classify images: top-k labels with probabilities");
-  static std::string model_dir, processor, attention_out;
-  static std::vector<std::string> images;
-  static int64_t k = 5, batch = 1;
-  static int threads = 0;
-  static int64_t max_tokens = 0;
+  static InputOptions in;
+  static const InputOptionsHelp help{"classify", "Model folder (default: the bundled digit classifier, assets/models/digits)",
+                                     "", "Images per forward pass (same-shape images share it; results do not depend on it)"};
+  static std::string attention_out;
+  static int64_t k = 5;
   static bool as_json = false;
-  cmd->add_option("--model", model_dir, "Model folder (default: the bundled digit classifier, assets/models/digits)");
+  add_input_options(cmd, in, help);
   cmd->add_option("--top-k", k, "How many labels per image")->check(CLI::Range(1, 100000));
-  cmd->add_option("--batch", batch, "Images per forward pass")->check(CLI::Range(1, 4096));
-  cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
   cmd->add_flag("--json", as_json, "Print JSON instead of text (file names that are not UTF-8: see README, Reliability)");
-  add_max_tokens_option(cmd, max_tokens);
-  cmd->add_option("--processor", processor, "preprocessor_config.json to use instead of the folder's");
   cmd->add_option("--attention", attention_out,
                   "Also write the attention rollout from the class token over each image to OUT.png "
                   "(several images: OUT_<index>_<stem>.png)");
-  cmd->add_option("images", images, "Images, folders or @list.txt")->required();
   cmd->callback([&action] {
     action = [] {
-      apply_threads(threads);
-      apply_max_tokens(max_tokens);
-      if (model_dir.empty()) model_dir = bundled_model("classify");
+      apply_input_options(in, help);
+      const std::string& model_dir = in.model_dir;
+      const std::string& processor = in.processor;
+      const int64_t batch = in.batch;
       auto model = load_model(model_dir);
       if (model->classifier.num_labels == 0)
         fail(model_dir + ": " + model->architecture + " has no classification head (try tessera infer)");
       Preprocessor pre = processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(processor);
       pre.patch_size = model->encoder.config.patch_size;
-      std::vector<std::string> paths = expand_inputs(images);
+      std::vector<std::string> paths = expand_inputs(in.inputs);
       if (paths.empty()) fail("no images found in the given inputs");
       nlohmann::json results = nlohmann::json::array();
       int failed = 0;

@@ -90,16 +90,17 @@ bool all_numeric_stems(const std::vector<std::string>& paths) {
 
 void add_detect(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("detect", "Detect objects: boxes, labels and scores (YOLOS, DETR heads)");
-  static std::string model_dir, processor, out_dir, json_file, attention_out;
-  static std::vector<std::string> images, classes;
+  static InputOptions in;
+  static const InputOptionsHelp help{
+      "detect", "Model folder (YolosForObjectDetection or vit-detr; default: the bundled digit detector)",
+      "a video file (.mp4, .avi, ...) gives an annotated video and a JSON Lines file (one line per frame) under --out",
+      "Images per forward pass (images that pre-process to one size share it; results do not depend on it; 1 with "
+      "--attention)",
+      1024};
+  static std::string out_dir, json_file, attention_out;
+  static std::vector<std::string> classes;
   static PostProcessOptions opt;
-  static int threads = 0;
-  static int64_t batch = 1;
-  static int64_t max_tokens = 0;
-  cmd->add_option("--model", model_dir, "Model folder (YolosForObjectDetection or vit-detr; default: the bundled digit detector)");
-  cmd->add_option("--batch", batch, "Images per forward pass (images that pre-process to one size share it; "
-                                    "results do not depend on it; 1 with --attention)")
-      ->check(CLI::Range(int64_t{1}, int64_t{1024}));
+  add_input_options(cmd, in, help);
   cmd->add_option("--threshold", opt.threshold, "Keep detections with score > T (default 0.5)")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--top-k", opt.top_k, "Keep the k best per image (0 = all)")->check(CLI::Range(0, 100000));
@@ -108,21 +109,15 @@ void add_detect(CLI::App& app, Action& action) {
   cmd->add_option("--nms-iou", opt.nms_iou, "IoU above which --nms suppresses")->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--out", out_dir, "Folder for the annotated images (input names mirrored)");
   cmd->add_option("--json", json_file, "COCO results file (image_id, category_id, bbox x,y,w,h, score)");
-  cmd->add_option("--processor", processor, "preprocessor_config.json to use instead of the folder's");
-  cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
   cmd->add_option("--attention", attention_out,
                   "Also write the attention rollout from the detection tokens over each image to OUT.png "
                   "(several images: OUT_<index>_<stem>.png)");
-  add_max_tokens_option(cmd, max_tokens);
-  cmd->add_option("images", images,
-                  "Images, folders or @list.txt; a video file (.mp4, .avi, ...) gives an annotated video and a "
-                  "JSON Lines file (one line per frame) under --out")
-      ->required();
   cmd->callback([&action] {
     action = [] {
-      apply_threads(threads);
-      apply_max_tokens(max_tokens);
-      if (model_dir.empty()) model_dir = bundled_model("detect");
+      apply_input_options(in, help);
+      const std::string& model_dir = in.model_dir;
+      const std::string& processor = in.processor;
+      const int64_t batch = in.batch;
       auto model = load_model(model_dir);
       require_detector(*model);
       PostProcessOptions o = opt;
@@ -142,7 +137,7 @@ void add_detect(CLI::App& app, Action& action) {
       }
       Preprocessor pre = processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(processor);
       pre.patch_size = model->encoder.config.patch_size;
-      std::vector<std::string> paths = expand_inputs(images);
+      std::vector<std::string> paths = expand_inputs(in.inputs);
       if (paths.empty()) fail("no images found in the given inputs");
       const fs::path root = common_parent(paths);
       // --out names, decided before anything runs: two inputs that map to one name are reported

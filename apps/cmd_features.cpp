@@ -55,26 +55,27 @@ cv::Mat upsample_onto(const cv::Mat& grid, const PatchFeatures& f) {
 
 void add_features(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("features", "Patch features (safetensors) and their PCA pictures");
-  static std::string model_dir, out_file, pca_dir;
-  static std::vector<std::string> inputs;
+  static InputOptions in;
+  // Every image runs on its own (each keeps its own size and patch grid): no --batch.
+  static const InputOptionsHelp help{"", "Model folder (any ViT Tessera loads)", "", ""};
+  static std::string out_file, pca_dir;
   static double background = 0;
-  static int threads = 0;
-  cmd->add_option("--model", model_dir, "Model folder (any ViT Tessera loads)")->required();
-  cmd->add_option("inputs", inputs, "Images, folders (recursive) or @list.txt")->required();
+  add_input_options(cmd, in, help);
   cmd->add_option("--out", out_file, "Write the features here: features.<i> [gh, gw, D] per image (safetensors)");
   cmd->add_option("--pca", pca_dir, "Write <stem>_pca.png and <stem>_pca_overlay.jpg per image into this folder");
   cmd->add_option("--background", background,
                   "With --pca: tokens whose first component (normalised to [0, 1]) is below this are background "
                   "(black; colours from the foreground's own PCA). 0 = off")
       ->check(CLI::Range(0.0, 1.0));
-  cmd->add_option("--threads", threads, "Threads (default: TESSERA_NUM_THREADS, else every core)");
   cmd->callback([&action] {
     action = [] {
-      apply_threads(threads);
+      apply_input_options(in, help);
+      const std::string& model_dir = in.model_dir;
       if (out_file.empty() && pca_dir.empty()) fail("features: nothing to write (give --out FILE and/or --pca DIR)");
       const auto model = load_model(model_dir);
-      const Preprocessor pre = model_preprocessor(*model);
-      const std::vector<std::string> paths = expand_inputs(inputs);
+      Preprocessor pre = in.processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(in.processor);
+      pre.patch_size = model->encoder.config.patch_size;
+      const std::vector<std::string> paths = expand_inputs(in.inputs);
       if (paths.empty()) fail("no images found in the given inputs");
       ModelWorkspace ws;
       std::vector<PatchFeatures> features;

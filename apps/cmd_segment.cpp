@@ -42,15 +42,16 @@ namespace fs = std::filesystem;
 namespace tessera::cli {
 namespace {
 
-struct Options {
-  std::string model_dir, out_dir, processor, shard = "0/1", fractions;
-  std::vector<std::string> inputs;
-  int64_t batch = 4;
-  int threads = 0;
+// The shared input options (--model, inputs, --batch, --threads, --processor, --max-tokens) and
+// segment's own.
+struct Options : InputOptions {
+  std::string out_dir, shard = "0/1", fractions;
   bool color = false, overlay = false, resume = false, sliding = false;
   int64_t window = 0, stride = 0;
-  int64_t max_tokens = 0;
+  Options() { batch = 4; }
 };
+const InputOptionsHelp kSegmentInputs{"segment", "Segmentation model folder (default: the bundled digit segmenter)",
+                                      "", "Images per forward pass (same-size images only)", 1024};
 
 // One input: where it comes from and the relative output stem (mirrors the input tree).
 struct Input {
@@ -213,7 +214,6 @@ class Progress {
 
 int run_segment(const Options& given) {
   Options o = given;
-  apply_threads(o.threads);
   int shard_i = 0, shard_n = 1;
   {
     char slash = 0;
@@ -222,8 +222,7 @@ int run_segment(const Options& given) {
         shard_i >= shard_n || !in.eof())
       fail("--shard must be I/N with 0 <= I < N, got \"" + o.shard + "\"");
   }
-  apply_max_tokens(o.max_tokens);
-  if (o.model_dir.empty()) o.model_dir = bundled_model("segment");
+  apply_input_options(o, kSegmentInputs);
   auto model = load_model(o.model_dir);
   if (!model->segmentation) fail(o.model_dir + ": " + model->architecture + " is not a segmentation model");
   const int64_t n_cls = model->segmentation->num_classes;
@@ -485,12 +484,8 @@ int run_segment(const Options& given) {
 void add_segment(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("segment", "Per-pixel label maps for images and folders (batch export)");
   static Options o;
-  cmd->add_option("--model", o.model_dir, "Segmentation model folder (default: the bundled digit segmenter)");
+  add_input_options(cmd, o, kSegmentInputs);
   cmd->add_option("--out", o.out_dir, "Output folder (mirrors the input tree)")->required();
-  cmd->add_option("inputs", o.inputs, "Images, folders (recursive) or @list.txt")->required();
-  cmd->add_option("--batch", o.batch, "Images per forward pass (same-size images only)")->check(CLI::Range(1, 1024));
-  cmd->add_option("--threads", o.threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
-  cmd->add_option("--processor", o.processor, "preprocessor_config.json to use instead of the folder's");
   cmd->add_flag("--color", o.color, "Also write <stem>_color.png (a colour per class)");
   cmd->add_flag("--overlay", o.overlay, "Also write <stem>_overlay.jpg (blended, with a legend)");
   cmd->add_option("--fractions", o.fractions,
@@ -501,7 +496,6 @@ void add_segment(CLI::App& app, Action& action) {
   cmd->add_flag("--sliding-window", o.sliding, "Segmenter's sliding-window inference (large images)");
   cmd->add_option("--window", o.window, "Window size (default: config inference.window_size, else training size)");
   cmd->add_option("--stride", o.stride, "Window stride (default: config inference.window_stride, else 2/3 window)");
-  add_max_tokens_option(cmd, o.max_tokens);
   cmd->callback([&action] { action = [] { return run_segment(o); }; });
 }
 

@@ -26,9 +26,32 @@ void add_data(CLI::App& app, Action& action);
 void add_eval(CLI::App& app, Action& action);
 void add_features(CLI::App& app, Action& action);
 
-// Expands IMAGE arguments: files as given, folders to their images (recursively, sorted), and
-// @list.txt to the paths it lists (one per line, relative to the list's folder). Missing paths
-// are kept, so that they are reported per image rather than aborting the batch.
+// The options every command that runs a model over images declares the same way (classify,
+// detect, segment, features): --model (default: the task's bundled model), the inputs (files,
+// folders, @lists, globs), --batch, --threads, --processor and --max-tokens.
+struct InputOptions {
+  std::string model_dir, processor;
+  std::vector<std::string> inputs;
+  int64_t batch = 1;
+  int threads = 0;
+  int64_t max_tokens = 0;
+};
+struct InputOptionsHelp {
+  std::string task;    // "classify", "detect", "segment": --model defaults to its bundled model; "" requires --model
+  std::string model;   // what --model takes
+  std::string inputs;  // what the positional inputs may be (beyond the common kinds)
+  std::string batch;   // --batch's help, or "" for a command without it
+  int64_t max_batch = 4096;
+};
+void add_input_options(CLI::App* cmd, InputOptions& o, const InputOptionsHelp& help);
+// Applies --threads and --max-tokens, and fills in the bundled model when --model was not given.
+void apply_input_options(InputOptions& o, const InputOptionsHelp& help);
+
+// Expands IMAGE arguments: files as given, folders to their images (recursively, sorted),
+// @list.txt to the paths it lists (one per line, relative to the list's folder), and a glob
+// ('photos/*.jpg', quoted so the shell leaves it) that names no file to its matches, sorted.
+// Missing paths (and globs that match nothing) are kept, so that they are reported per image
+// rather than aborting the batch.
 std::vector<std::string> expand_inputs(const std::vector<std::string>& args);
 
 // --attention OUT.png: OUT itself for a single image, else OUT's stem + "_<index>_<image stem>"

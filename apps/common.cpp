@@ -1,3 +1,5 @@
+#include <glob.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -48,6 +50,22 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& args) {
       continue;
     }
     std::error_code ec;
+    if (arg.find_first_of("*?[") != std::string::npos && !fs::exists(arg, ec)) {
+      glob_t g{};
+      const int rc = ::glob(arg.c_str(), 0, nullptr, &g);
+      std::vector<std::string> found;
+      if (rc == 0)
+        for (size_t i = 0; i < g.gl_pathc; ++i) found.emplace_back(g.gl_pathv[i]);
+      ::globfree(&g);
+      if (found.empty()) {
+        out.push_back(arg);  // reported as missing, per image
+        continue;
+      }
+      std::sort(found.begin(), found.end());
+      const std::vector<std::string> expanded = expand_inputs(found);  // a glob may match folders
+      out.insert(out.end(), expanded.begin(), expanded.end());
+      continue;
+    }
     if (fs::is_directory(arg, ec)) {
       std::vector<std::string> found;
       for (auto it = fs::recursive_directory_iterator(arg, fs::directory_options::skip_permission_denied, ec);
@@ -163,6 +181,30 @@ std::string bundled_model(const std::string& task) {
     }
   fail(std::string("no --model given and the bundled model '") + name + "' was not found (looked in $TESSERA_MODELS, " +
        "assets/models beside the build, share/tessera/models); pass --model DIR");
+}
+
+}  // namespace tessera::cli
+
+namespace tessera::cli {
+
+void add_input_options(CLI::App* cmd, InputOptions& o, const InputOptionsHelp& help) {
+  auto* model = cmd->add_option("--model", o.model_dir, help.model);
+  if (help.task.empty()) model->required();
+  cmd->add_option("inputs", o.inputs,
+                  "Images, folders (recursive), @list.txt (one path per line) or quoted globs ('dir/*.png')" +
+                      (help.inputs.empty() ? std::string() : "; " + help.inputs))
+      ->required();
+  if (!help.batch.empty())
+    cmd->add_option("--batch", o.batch, help.batch)->check(CLI::Range(int64_t{1}, help.max_batch));
+  cmd->add_option("--threads", o.threads, "Threads (default: TESSERA_NUM_THREADS, else every core)");
+  cmd->add_option("--processor", o.processor, "preprocessor_config.json to use instead of the model folder's");
+  add_max_tokens_option(cmd, o.max_tokens);
+}
+
+void apply_input_options(InputOptions& o, const InputOptionsHelp& help) {
+  apply_threads(o.threads);
+  apply_max_tokens(o.max_tokens);
+  if (o.model_dir.empty() && !help.task.empty()) o.model_dir = bundled_model(help.task);
 }
 
 }  // namespace tessera::cli

@@ -24,6 +24,7 @@ struct TrainArgs {
   double momentum = 0.0;      // sgd
   double layer_decay = 1.0;   // layer-wise lr decay (fine-tuning); 1: off
   double min_lr = 0.0;        // the cosine's floor
+  double elastic = 0.0;       // elastic distortion strength (classify augmentation); 0: off
   int64_t warmup = 0;         // linear warm-up steps
   bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false;
   uint64_t seed = 0;

@@ -20,6 +20,7 @@
 #include <opencv2/imgproc.hpp>
 #include <opencv2/videoio.hpp>
 
+#include "cli_util.hpp"
 #include "tessera/safetensors.hpp"
 
 namespace fs = std::filesystem;
@@ -27,43 +28,20 @@ using namespace tessera;
 
 namespace {
 
-struct Run {
-  int code;
-  std::string out, err;
-};
+using Run = test::CliRun;
+using test::slurp;
 
+// This program's scratch folder (kept between calls: tests make sub-folders in it).
 fs::path scratch() {
-  fs::path p = fs::temp_directory_path() / ("tessera_cli_" + std::to_string(::getpid()));
+  const fs::path p = fs::temp_directory_path() / ("tessera_cli_" + std::to_string(::getpid()));
   fs::create_directories(p);
   return p;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-Run run_cli(const std::string& args) {
-  const char* cli = std::getenv("TESSERA_CLI");
-  REQUIRE(cli != nullptr);
-  fs::path dir = scratch();
-  std::string cmd = std::string(cli) + " " + args + " >" + (dir / "out").string() + " 2>" + (dir / "err").string();
-  int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
-}
+Run run_cli(const std::string& args) { return test::run_cli(args); }
 
 // run_cli with one more environment variable ("NAME=value") set for the command.
-Run run_cli_env(const std::string& assignment, const std::string& args) {
-  const char* cli = std::getenv("TESSERA_CLI");
-  REQUIRE(cli != nullptr);
-  fs::path dir = scratch();
-  std::string cmd = "env " + assignment + " " + std::string(cli) + " " + args + " >" + (dir / "out").string() +
-                    " 2>" + (dir / "err").string();
-  int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
-}
+Run run_cli_env(const std::string& assignment, const std::string& args) { return test::run_cli(args, "env " + assignment); }
 
 std::string fixture(const std::string& rel) { return (fs::path(TESSERA_FIXTURES) / rel).string(); }
 
@@ -652,4 +630,32 @@ TEST_CASE("classify without --model uses the bundled classifier, and says which"
   const Run named = run_cli("classify --top-k 2 --model " + (root / "digits").string() + " " + image);
   CHECK(named.out == r.out);
   fs::remove_all(root);
+}
+
+TEST_CASE("inputs: a quoted glob expands to its matches (sorted), one that matches nothing is reported", "[cli]") {
+  const fs::path dir = scratch() / "glob";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string src = fixture("conformance/vit-tiny-rand/cases/e2e/images/");
+  fs::copy_file(src + "0_chelsea.png", dir / "b.png");
+  fs::copy_file(src + "1_coffee.png", dir / "a.png");
+  const std::string vit = fixture("conformance/vit-tiny-rand");
+  const Run globbed = run_cli("classify --top-k 2 --model " + vit + " '" + (dir / "*.png").string() + "'");
+  const Run listed = run_cli("classify --top-k 2 --model " + vit + " " + (dir / "a.png").string() + " " +
+                             (dir / "b.png").string());
+  CHECK(globbed.code == 0);
+  CHECK(globbed.out == listed.out);
+  const Run none = run_cli("classify --model " + vit + " '" + (dir / "*.jpg").string() + "' " + (dir / "a.png").string());
+  CHECK(none.code == 1);  // one input failed, the other answered
+  CHECK(none.err.find("*.jpg") != std::string::npos);
+  // features takes the same input options (here --processor and --threads).
+  std::ofstream(dir / "processor.json") << R"({"image_processor_type": "ViTImageProcessor", "do_resize": true,
+    "size": {"height": 32, "width": 32}, "resample": 2, "do_rescale": true, "rescale_factor": 0.00392156862745098,
+    "do_normalize": true, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})";
+  const Run f = run_cli("features --model " + vit + " --processor " + (dir / "processor.json").string() + " --threads 1 --out " +
+                        (dir / "f.safetensors").string() + " '" + (dir / "*.png").string() + "'");
+  INFO(f.err);
+  CHECK(f.code == 0);
+  CHECK(fs::exists(dir / "f.safetensors"));
+  fs::remove_all(dir);
 }

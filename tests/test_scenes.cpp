@@ -13,6 +13,7 @@
 #include <set>
 #include <sstream>
 
+#include "cli_util.hpp"
 #include "tessera/error.hpp"
 #include "tessera/scenes.hpp"
 
@@ -27,12 +28,7 @@ const SceneSource& source(SceneSplit split) {
   return split == SceneSplit::Train ? train : test;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using test::slurp;
 
 bool same(const cv::Mat& a, const cv::Mat& b) {
   return a.size() == b.size() && a.type() == b.type() && cv::countNonZero(cv::Mat(a != b).reshape(1)) == 0;

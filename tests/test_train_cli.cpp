@@ -17,6 +17,7 @@
 
 #include <opencv2/imgcodecs.hpp>
 
+#include "cli_util.hpp"
 #include "tessera/model.hpp"
 #include "tessera/safetensors.hpp"
 
@@ -25,36 +26,16 @@ using namespace tessera;
 
 namespace {
 
-struct Run {
-  int code;
-  std::string out, err;
-};
+using Run = test::CliRun;
+using test::run_cli;
+using test::slurp;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-fs::path scratch(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("tessera_train_cli_" + std::to_string(::getpid())) / name;
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
+fs::path scratch(const std::string& name) { return test::scratch_dir("train_cli", name); }
 
 std::string cli() {
   const char* c = std::getenv("TESSERA_CLI");
   REQUIRE(c != nullptr);
   return c;
-}
-
-Run run_cli(const std::string& args) {
-  const fs::path dir = scratch("run");
-  const std::string cmd = cli() + " " + args + " >" + (dir / "out").string() + " 2>" + (dir / "err").string();
-  const int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
 }
 
 std::string fixture(const std::string& rel) { return (fs::path(TESSERA_FIXTURES) / rel).string(); }
@@ -138,7 +119,7 @@ TEST_CASE("train: killed at random moments and resumed, a run ends byte-identica
   std::uniform_int_distribution<int> delay_ms(20, 400);
   int kills = 0;
   const char* rounds_env = std::getenv("TESSERA_KILL_ROUNDS");
-  const int rounds = rounds_env ? std::max(1, std::atoi(rounds_env)) / 4 + 1 : 3;
+  const int rounds = rounds_env ? std::max(1, std::atoi(rounds_env)) / 4 + 1 : 4;
   for (int round = 0; round < rounds; ++round) {
     const fs::path out = scratch("run" + std::to_string(round)) / "model";
     for (int attempt = 0;; ++attempt) {

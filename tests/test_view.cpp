@@ -21,6 +21,7 @@
 #include <sstream>
 #include <thread>
 
+#include "cli_util.hpp"
 #include "tessera/attention_map.hpp"
 #include "tessera/draw.hpp"
 #include "tessera/text.hpp"
@@ -41,12 +42,7 @@ fs::path scratch(const std::string& sub) {
   return p;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using test::slurp;
 
 std::string fixture(const std::string& rel) { return (fs::path(TESSERA_FIXTURES) / rel).string(); }
 
@@ -69,20 +65,11 @@ int count_colour(const cv::Mat& img, const cv::Vec3b& c, cv::Rect where = {}) {
   return n;
 }
 
-struct Run {
-  int code;
-  std::string out, err;
-};
+using Run = test::CliRun;
 
+// The viewer under a time limit: a window that never closes fails the test instead of hanging it.
 Run run_cli(const std::string& args, const std::string& env = "") {
-  const char* cli = std::getenv("TESSERA_CLI");
-  REQUIRE(cli != nullptr);
-  static int counter = 0;
-  fs::path dir = scratch("run" + std::to_string(counter++));
-  std::string cmd = env + " timeout 120 " + std::string(cli) + " " + args + " >" + (dir / "out").string() + " 2>" +
-                    (dir / "err").string();
-  int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
+  return test::run_cli(args, (env.empty() ? "" : env + " ") + "timeout 120");
 }
 
 int lines(const std::string& s) {

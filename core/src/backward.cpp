@@ -49,18 +49,17 @@ void linear_backward(const float* x, const float* weight, const float* dy, int64
   check(M >= 0 && N > 0 && K > 0, "linear_backward: bad shape");
   if (M == 0) return;
   if (dx) {
-    // dx[M,K] += dy[M,N]·W[N,K]: a linear layer whose weight (in [out, in] layout) is Wᵀ [K,N].
-    std::vector<float> wt(static_cast<size_t>(N * K));
-    transpose(weight, N, K, wt.data());
-    const PackedLinear packed = pack_linear(wt.data(), nullptr, K, N);
+    // dx[M,K] += dy[M,N]·W[N,K]: a linear layer whose weight (in [out, in] layout) is Wᵀ [K,N],
+    // packed straight from W (its transpose).
+    const PackedLinear packed = pack_linear_transposed(weight, K, K, N);
     linear(dy, M, N, packed, dx, K, Activation::None, dx);
   }
   if (dweight) {
-    // dW[N,K] += dyᵀ[N,M]·x[M,K]: rows dyᵀ, a linear layer whose weight is xᵀ [K,M].
-    std::vector<float> dyt(static_cast<size_t>(N * M)), xt(static_cast<size_t>(K * M));
+    // dW[N,K] += dyᵀ[N,M]·x[M,K]: rows dyᵀ, a linear layer whose weight is xᵀ [K,M], packed
+    // straight from x.
+    std::vector<float> dyt(static_cast<size_t>(N * M));
     transpose(dy, M, N, dyt.data());
-    transpose(x, M, K, xt.data());
-    const PackedLinear packed = pack_linear(xt.data(), nullptr, K, M);
+    const PackedLinear packed = pack_linear_transposed(x, K, K, M);
     linear(dyt.data(), N, M, packed, dweight, K, Activation::None, dweight);
   }
   if (dbias) {

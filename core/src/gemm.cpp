@@ -552,6 +552,33 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
                       type, nullptr);
 }
 
+PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features) {
+  check(wt != nullptr, "pack_linear_transposed: weight pointer is null");
+  check(out_features >= 1 && in_features >= 1 && ldwt >= out_features,
+        "pack_linear_transposed: weight shape [" + std::to_string(out_features) + ", " +
+            std::to_string(in_features) + "] (row stride " + std::to_string(ldwt) + ")");
+  const int64_t N = out_features, K = in_features, panels = ceil_div(N, kNR);
+  PackedLinear p;
+  p.out_features = N;
+  p.in_features = K;
+  p.type = WeightType::F32;
+  auto packed = uninitialised_floats(static_cast<size_t>(panels * K * kNR), nullptr);
+  p.packed = std::shared_ptr<void>(packed, packed.get());
+  p.packed_bytes = static_cast<size_t>(panels * K * kNR) * sizeof(float);
+  // panel j, row i = W[j·32 .. j·32 + 31][i] = wt[i][j·32 ..]: 32 contiguous floats of row i.
+  parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t valid = std::min(kNR, N - j * kNR);
+      float* panel = packed.get() + j * K * kNR;
+      for (int64_t i = 0; i < K; ++i) {
+        std::memcpy(panel + i * kNR, wt + i * ldwt + j * kNR, static_cast<size_t>(valid) * sizeof(float));
+        if (valid < kNR) std::memset(panel + i * kNR + valid, 0, static_cast<size_t>(kNR - valid) * sizeof(float));
+      }
+    }
+  });
+  return p;
+}
+
 PackedLinear pack_linear(const WeightRows& rows, const float* bias, int64_t out_features,
                          int64_t in_features, WeightType type, WeightArena* arena) {
   check(static_cast<bool>(rows), "pack_linear: no weight rows");

@@ -61,6 +61,26 @@ cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed
   const double bias = uniform(-o.brightness, o.brightness) * 255.0;
   const bool blur = uniform(0, 1) < o.blur_probability;
   const double sigma = uniform(0.3, 0.9);
+  // The displacement field's noise comes from the same stream, after the scalar draws.
+  cv::Mat dx, dy;
+  if (o.elastic > 0) {
+    const int side = std::min(rgb.rows, rgb.cols);
+    dx.create(rgb.size(), CV_32F), dy.create(rgb.size(), CV_32F);
+    for (cv::Mat* d : {&dx, &dy})
+      for (int r = 0; r < d->rows; ++r)
+        for (int c = 0; c < d->cols; ++c) d->at<float>(r, c) = static_cast<float>(uniform(-1, 1));
+    const double s = 0.15 * side;
+    const int k = 2 * static_cast<int>(std::ceil(3 * s)) + 1;
+    for (cv::Mat* d : {&dx, &dy}) {
+      cv::GaussianBlur(*d, *d, cv::Size(k, k), s, s, cv::BORDER_REFLECT101);
+      // Normalised so the field's largest displacement is elastic·side (a smoothed uniform field's
+      // amplitude shrinks with σ; this keeps the strength independent of the image size).
+      double lo, hi;
+      cv::minMaxLoc(*d, &lo, &hi);
+      const double peak = std::max(std::abs(lo), std::abs(hi));
+      if (peak > 0) *d *= o.elastic * side / peak;
+    }
+  }
   // dst = A·(src − c) + c + t about the centre c, A = scale · rotation · shear (· flip).
   const double cx = (rgb.cols - 1) / 2.0, cy = (rgb.rows - 1) / 2.0;
   const double ca = std::cos(angle) * scale, sa = std::sin(angle) * scale, f = flip ? -1.0 : 1.0;
@@ -69,6 +89,16 @@ cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed
                       a10, a11, cy + ty - a10 * cx - a11 * cy);
   cv::Mat out;
   cv::warpAffine(rgb, out, m, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
+  if (o.elastic > 0) {
+    cv::Mat mapx(rgb.size(), CV_32F), mapy(rgb.size(), CV_32F);
+    for (int r = 0; r < rgb.rows; ++r)
+      for (int c = 0; c < rgb.cols; ++c)
+        mapx.at<float>(r, c) = static_cast<float>(c) + dx.at<float>(r, c),
+        mapy.at<float>(r, c) = static_cast<float>(r) + dy.at<float>(r, c);
+    cv::Mat warped;
+    cv::remap(out, warped, mapx, mapy, cv::INTER_LINEAR, cv::BORDER_REPLICATE);
+    out = warped;
+  }
   if (blur) cv::GaussianBlur(out, out, cv::Size(3, 3), sigma);
   // Contrast about mid-grey, then brightness; saturating.
   out.convertTo(out, -1, gain, bias + 127.5 * (1 - gain));

@@ -44,6 +44,12 @@ struct PackedLinear {
 PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
                          int64_t in_features, WeightType type = WeightType::F32);
 
+// The same fp32 packing of W [N,K], given Wᵀ instead: wt [K, N] row-major, rows ldwt >= N floats
+// apart. The packed panels are strips of wt's rows, so this is a copy, not a transpose: what the
+// backward's dX = dY·W (W as the weight of a [K, N] layer) and dW = dYᵀ·X (X [M, K] as the
+// weight's transpose) need. Bit-identical to pack_linear on the transposed matrix.
+PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features);
+
 // Memory for the packed weights of one model load. Pieces are cut one after another from
 // 2 MiB-aligned slabs that ask for transparent huge pages, so a model's weights fill whole huge
 // pages instead of each tensor ending in 4 KiB ones: a ViT-B's tails are ~9,000 small page

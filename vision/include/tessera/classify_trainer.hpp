@@ -23,6 +23,10 @@ struct AugmentOptions {
   double rotate_degrees = 10, scale = 0.10, shear = 0.15, translate = 0.08;
   bool hflip = false;  // off by default: digits and text are not mirror-symmetric
   double brightness = 0.2, contrast = 0.2, blur_probability = 0.25;
+  // Elastic distortion (Simard et al. 2003, the classic handwriting augmentation): a random
+  // displacement field, uniform in [-1, 1] per pixel, smoothed by a Gaussian of σ = 0.15·side and
+  // scaled by elastic·side pixels. 0: off.
+  double elastic = 0.0;
 };
 cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& options, uint64_t seed);
 

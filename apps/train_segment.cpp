@@ -1,0 +1,208 @@
+// tessera train --task segment: a Segmenter (linear decoder) trained on a folder of images/ and
+// masks/, from a preset (--arch segmenter-ti | segmenter-digits) or a Segmenter folder (--init),
+// written as a Segmenter folder that `tessera segment` and `tessera eval` load unchanged.
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+
+#include "commands.hpp"
+#include "tessera/datasets.hpp"
+#include "tessera/error.hpp"
+#include "tessera/image.hpp"
+#include "tessera/metrics.hpp"
+#include "tessera/pipeline.hpp"
+#include "tessera/segmentation.hpp"
+#include "tessera/segmenter_train.hpp"
+#include "train_args.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera::cli {
+
+namespace {
+
+// The data's classes: "background" + annotations.json's category names by id when the folder has
+// one (tessera data scenes writes it), else "0" … max label found in the masks.
+std::vector<std::string> segmentation_classes(const std::string& dir) {
+  const fs::path ann = fs::path(dir) / "annotations.json";
+  std::error_code ec;
+  if (fs::is_regular_file(ann, ec)) {
+    std::ifstream in(ann);
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    check(!j.is_discarded(), ann.string() + ": not valid JSON");
+    if (j.contains("categories") && j["categories"].is_array() && !j["categories"].empty()) {
+      std::map<int64_t, std::string> names;
+      for (const auto& c : j["categories"]) {
+        check(c.contains("id") && c["id"].is_number_integer() && c["id"].get<int64_t>() > 0 &&
+                  c["id"].get<int64_t>() < 255,
+              ann.string() + ": a category id must be an integer in 1..254");
+        names[c["id"].get<int64_t>()] = c.contains("name") && c["name"].is_string()
+                                            ? c["name"].get<std::string>()
+                                            : std::to_string(c["id"].get<int64_t>());
+      }
+      std::vector<std::string> labels(static_cast<size_t>(names.rbegin()->first + 1));
+      labels[0] = "background";
+      for (size_t i = 1; i < labels.size(); ++i) labels[i] = names.count(i) ? names[i] : std::to_string(i);
+      return labels;
+    }
+  }
+  int64_t top = 0;
+  for (const SegmentationPair& p : load_segmentation_folder(dir)) {
+    cv::Mat m = cv::imread(p.mask, cv::IMREAD_UNCHANGED), wide;
+    m.convertTo(wide, CV_32S);
+    cv::Mat valid = wide != 255;
+    double lo = 0, hi = 0;
+    if (cv::countNonZero(valid)) cv::minMaxLoc(wide, &lo, &hi, nullptr, nullptr, valid);
+    top = std::max(top, static_cast<int64_t>(hi));
+  }
+  std::vector<std::string> labels;
+  for (int64_t i = 0; i <= std::max<int64_t>(top, 1); ++i) labels.push_back(std::to_string(i));
+  return labels;
+}
+
+// Hugging Face ViTImageProcessor: resize to size x size (bilinear), rescale 1/255, normalise 0.5.
+std::string square_processor_json(int64_t size) {
+  const nlohmann::ordered_json j = {
+      {"image_processor_type", "ViTImageProcessor"},
+      {"do_resize", true},
+      {"size", {{"height", size}, {"width", size}}},
+      {"resample", 2},
+      {"do_rescale", true},
+      {"rescale_factor", 1.0 / 255.0},
+      {"do_normalize", true},
+      {"image_mean", {0.5, 0.5, 0.5}},
+      {"image_std", {0.5, 0.5, 0.5}},
+  };
+  return j.dump(2) + "\n";
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  check(static_cast<bool>(in), p.string() + ": cannot read");
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// mIoU of the folder `dir` as `tessera eval` computes it, on the model saved in `model_dir`.
+double validation_miou(const std::string& model_dir, const std::vector<SegmentationPair>& pairs) {
+  const auto model = load_model(model_dir);
+  SegmentationConfusion confusion(model->segmentation->num_classes);
+  const Preprocessor pre = model_preprocessor(*model);
+  ModelWorkspace ws;
+  for (const SegmentationPair& pair : pairs) {
+    const cv::Mat rgb = load_image_rgb(pair.image);
+    const cv::Mat truth = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
+    Tensor x = pre.image(rgb);
+    const Shape s = x.shape();
+    x = x.reshape({1, s[0], s[1], s[2]});
+    const SegmentationMasks m = segmentation_masks(*model, x, ws);
+    confusion.add(truth, segmentation_labels(m, 0, rgb.rows, rgb.cols), pair.mask);
+  }
+  return confusion.mean_iou();
+}
+
+}  // namespace
+
+int train_segment(const TrainArgs& args) {
+  apply_threads(args.threads);
+  check(!args.data.empty(), "train --task segment: --data FOLDER (images/ and masks/) is required");
+  check(!args.out.empty(), "train --task segment: --out DIR is required");
+  check(args.init.empty() != args.arch.empty(),
+        "train --task segment: give one of --init MODEL_DIR (a Segmenter folder) or --arch PRESET");
+  check(!args.freeze_encoder, "train --task segment: --freeze-encoder is not supported yet");
+  check(args.label_smoothing == 0, "train --task segment: --label-smoothing is not supported for segmentation");
+  SegmenterTrainModel model;
+  std::string processor_json;
+  if (!args.init.empty()) {
+    model = load_segmenter_train_model(args.init);
+    const fs::path pre = fs::path(args.init) / "preprocessor_config.json";
+    processor_json = fs::exists(pre) ? read_file(pre)
+                                     : square_processor_json(model.vit.config.image_height);
+  } else {
+    int64_t size = args.image_size > 0 ? args.image_size : args.arch == "segmenter-ti" ? 512 : 128;
+    VitConfig c = segmenter_train_preset(args.arch, size);
+    if (args.patch_size > 0) c.patch_size = args.patch_size;
+    if (args.hidden_size > 0) c.hidden_size = args.hidden_size;
+    if (args.layers > 0) c.num_hidden_layers = args.layers;
+    if (args.heads > 0) c.num_attention_heads = args.heads;
+    c.intermediate_size = args.mlp > 0 ? args.mlp : 4 * c.hidden_size;
+    check(c.hidden_size % c.num_attention_heads == 0 && size % c.patch_size == 0,
+          "--arch " + args.arch + ": hidden size must be a multiple of heads, image size of the patch size");
+    model = make_segmenter_train_model(c, segmentation_classes(args.data), args.seed);
+    processor_json = square_processor_json(size);
+  }
+  // Every label must be a class of the model (or 255): checked for every pair before training.
+  const std::vector<SegmentationPair> data = load_segmentation_folder(args.data, model.num_classes);
+  const PreprocessConfig processor = parse_preprocess_config(processor_json, args.out + "/preprocessor_config.json");
+  std::vector<SegmentationPair> val;
+  if (!args.val.empty()) val = load_segmentation_folder(args.val, model.num_classes);
+
+  SegmenterTrainOptions o;
+  o.epochs = args.epochs > 0 ? args.epochs : args.max_steps > 0 ? 0 : 1;
+  o.max_steps = args.max_steps;
+  o.batch = args.batch;
+  o.shuffle = !args.no_shuffle;
+  o.augment = !args.no_augment;
+  o.seed = args.seed;
+  o.warmup_steps = args.warmup;
+  o.min_lr = args.min_lr;
+  check(args.optimizer == "adamw" || args.optimizer == "sgd", "--optimizer must be adamw or sgd");
+  o.step.optimizer = args.optimizer == "sgd" ? Optimizer::Sgd : Optimizer::AdamW;
+  o.step.lr = static_cast<float>(args.lr);
+  o.step.weight_decay = static_cast<float>(args.weight_decay);
+  o.step.momentum = static_cast<float>(args.momentum);
+  o.step.clip_grad = static_cast<float>(args.clip_grad);
+  o.step.layer_decay = args.layer_decay;
+  const int64_t total = segmenter_total_steps(data.size(), o);
+  const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;
+
+  std::error_code ec;
+  fs::create_directories(args.out, ec);
+  check(!ec, args.out + ": cannot create (" + ec.message() + ")");
+  const std::string checkpoint = (fs::path(args.out) / "train_checkpoint.safetensors").string();
+  SegmenterTrainState state;
+  if (args.resume && fs::exists(checkpoint)) {
+    std::map<std::string, std::string> meta = load_train_checkpoint(checkpoint, model.vit, state.opt);
+    check(meta["seed"] == std::to_string(args.seed) && meta["total"] == std::to_string(total),
+          checkpoint + ": written by a run of another seed or length; --resume continues the same run");
+    std::fprintf(stderr, "resuming %s at step %lld of %lld\n", checkpoint.c_str(),
+                 static_cast<long long>(state.opt.step), static_cast<long long>(total));
+  }
+  const int64_t every = args.checkpoint_every > 0 ? args.checkpoint_every : per_epoch;
+  auto save_checkpoint = [&] {
+    save_train_checkpoint(checkpoint, model.vit, state.opt,
+                          {{"seed", std::to_string(args.seed)}, {"total", std::to_string(total)},
+                           {"task", "segment"}});
+  };
+
+  std::fprintf(stderr,
+               "train segment: %zu images, %lld classes, %lldx%lld input, patch %lld, D %lld, %lld layers, "
+               "%lld steps of %lld\n",
+               data.size(), static_cast<long long>(model.num_classes),
+               static_cast<long long>(model.vit.config.image_height),
+               static_cast<long long>(model.vit.config.image_width),
+               static_cast<long long>(model.vit.config.patch_size),
+               static_cast<long long>(model.vit.config.hidden_size),
+               static_cast<long long>(model.vit.config.num_hidden_layers), static_cast<long long>(total),
+               static_cast<long long>(o.batch));
+  TrainLog log(args.out, total, state.opt.step, {"pixel_accuracy"});
+  train_segmenter(model, state, data, processor, o, [&](const SegmenterProgress& p) {
+    log.step(p.step, p.epoch, p.loss, p.lr, p.grad_norm, p.batch, {p.pixel_accuracy});
+    const bool epoch_end = p.step % per_epoch == 0;
+    if (p.step % every == 0 || p.step == total) save_checkpoint();
+    if (epoch_end && !val.empty()) {
+      save_segmenter_train_model(model, args.out, processor_json);
+      log.validation(p.step / per_epoch, p.step, {{"mIoU", validation_miou(args.out, val)}});
+    }
+  });
+  save_segmenter_train_model(model, args.out, processor_json);
+  log.finish();
+  fs::remove(checkpoint, ec);  // the run is complete: the folder is the model
+  std::fprintf(stderr, "wrote %s\n", args.out.c_str());
+  return 0;
+}
+
+}  // namespace tessera::cli

@@ -1,0 +1,151 @@
+#pragma once
+// The training pass of a Segmenter (rstrudel/segmenter) with the linear decoder: the same
+// config.json and checkpoint names that load_model reads for inference (segmenter.cpp), trained
+// on the ViT training pass (vit_train.hpp) and written back in Segmenter's layout.
+//
+//   pixels [B, 3, H, W] ──encoder (vit_train_encoder_forward)──► x [B·T, D]
+//   ──drop the class token──► patch rows [B·N, D] ──encoder.norm──► decoder.head (D → K)
+//   ──► masks [B, K, H/p, W/p] ──bilinear ×p (align_corners=False)──► logits [B, K, H, W]
+//   ──per-pixel cross-entropy (ignore 255)──► loss
+//
+// The encoder lives in a VitTrainModel under Hugging Face ViT names (the flat buffer, optimiser,
+// and checkpoints of vit_train.hpp work unchanged); its classifier [K, D] is decoder.head. Names
+// map one to one, except that Segmenter's attn.qkv [3D, D] is HF's adjacent query, key, value.
+// Training runs at the config's image_size only: Segmenter resamples its position table
+// (bilinear resize_pos_embed) at other sizes, and that resampling has no backward here yet.
+// Supported: the linear decoder, an encoder without a distillation token; anything else is an
+// Error naming what is not supported.
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tessera/datasets.hpp"
+#include "tessera/preprocess.hpp"
+#include "tessera/tensor.hpp"
+#include "tessera/vit_train.hpp"
+
+namespace tessera {
+
+struct SegmenterTrainModel {
+  VitTrainModel vit;        // encoder (HF names) + classifier = decoder.head [K, D]
+  std::string config_json;  // Segmenter's config.json text (written back on save)
+  int64_t num_classes = 0;
+  std::vector<std::string> labels;  // id2label, one per class
+};
+
+// Reads a Segmenter folder (config.json model_type "segmenter" with the linear decoder and
+// Segmenter's own encoder, model.safetensors); every tensor checked by name and shape. The
+// pre-trained ImageNet head (encoder.head), if present, is not trained and not written back.
+SegmenterTrainModel load_segmenter_train_model(const std::string& dir);
+
+// A new Segmenter with the linear decoder over an encoder of `encoder` (image size, patch size,
+// hidden_size = d_model, layers, heads, intermediate_size = d_ff, layer_norm_eps) for `labels`,
+// initialised as make_vit_train_model does (decoder.head zero), deterministic for a seed.
+SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
+                                               const std::vector<std::string>& labels, uint64_t seed);
+
+// --arch presets at image_size x image_size: "segmenter-ti" (Segmenter's ViT-Ti/16: D 192, 12
+// layers, 3 heads, MLP 768, patch 16) and "segmenter-digits" (for small scenes: patch 4, D 96,
+// 6 layers, 3 heads, MLP 384). layer_norm_eps 1e-6 as timm's ViTs. Unknown: an Error listing them.
+VitConfig segmenter_train_preset(const std::string& arch, int64_t image_size);
+std::vector<std::string> segmenter_train_presets();
+
+// The model's parameters (or a buffer laid out as them: gradients, moments) under Segmenter's
+// names and shapes, e.g. "encoder.blocks.0.attn.qkv.weight" [3D, D], "decoder.head.weight" [K, D].
+std::vector<std::pair<std::string, Tensor>> segmenter_named_tensors(const SegmenterTrainModel& model,
+                                                                    std::span<const float> buffer);
+
+// Writes config.json (Segmenter's), model.safetensors (Segmenter's names) and, when given,
+// preprocessor_config.json. The folder loads in load_model / `tessera segment` unchanged.
+void save_segmenter_train_model(const SegmenterTrainModel& model, const std::string& dir,
+                                const std::string& preprocessor_json = "");
+
+// What the decoder keeps for its backward (the encoder's own activations are in `encoder`).
+struct SegmenterTrainActivations {
+  VitTrainActivations encoder;
+  std::vector<float> patches, normed, mean, rstd;  // patch rows [B·N, D], after the norm, [B·N]
+  std::vector<float> scores;                       // head output [B·N, K]
+  std::vector<float> masks;                        // [B, K, gh, gw]
+  Tensor logits;                                   // [B, K, H, W]
+  std::vector<float> dmasks, dscores, dnormed, dpatches;
+};
+
+// pixel_values [B, C, H, W] at the config's image size → acts.logits [B, K, H, W].
+const Tensor& segmenter_train_forward(const SegmenterTrainModel& model, const Tensor& pixel_values,
+                                      SegmenterTrainActivations& acts);
+// After the forward on the same acts: ADDS dLoss/dweight into grads (laid out as model.vit.params),
+// given dlogits [B, K, H, W].
+void segmenter_train_backward(const SegmenterTrainModel& model, SegmenterTrainActivations& acts,
+                              const Tensor& dlogits, std::span<float> grads);
+
+// Per-pixel cross-entropy (mean over pixels not labelled ignore_label, segmentation_loss.hpp) of
+// the batch: forward, loss, backward into grads (added). labels: B·H·W values.
+double segmenter_train_loss_and_grad(const SegmenterTrainModel& model, const Tensor& pixel_values,
+                                     const std::vector<int32_t>& labels,
+                                     SegmenterTrainActivations& acts, std::span<float> grads,
+                                     int32_t ignore_label = 255);
+
+// The optimiser state (vit_train.hpp's: its acts stay unused) and the decoder's activations.
+struct SegmenterTrainState {
+  VitTrainState opt;
+  SegmenterTrainActivations acts;
+};
+struct SegmenterStepResult {
+  double loss = 0, grad_norm = 0;
+  int64_t pixels = 0, correct = 0;  // labelled pixels, and those whose argmax is the label
+};
+// One optimiser step on one batch, as vit_train_step (zero, forward, loss, backward, clip, SGD or
+// AdamW with decay on matrices only). SGD, lr 1, momentum 0, no decay, no clip: w − g exactly.
+SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTrainState& state,
+                                         const Tensor& pixel_values,
+                                         const std::vector<int32_t>& labels,
+                                         const TrainStepOptions& options);
+
+// ------------------------------------------------------------------ the training loop
+
+// A segmentation folder (datasets.hpp) ready for batches: the pairs, and the processor that turns
+// an image into the model's input (its output size must be the model's image size).
+struct SegmenterTrainOptions {
+  int64_t epochs = 1;
+  int64_t max_steps = 0;  // > 0: stop after this many steps in all
+  int64_t batch = 8;      // the last partial batch of an epoch is dropped
+  bool shuffle = true;
+  bool augment = true;    // random scale / translate, the same for image and mask
+  uint64_t seed = 0;
+  int64_t warmup_steps = 0;
+  double min_lr = 0.0;
+  TrainStepOptions step;
+};
+
+struct SegmenterProgress {
+  int64_t step = 0, total = 0, epoch = 0;  // step from 1
+  double loss = 0, lr = 0, grad_norm = 0, pixel_accuracy = 0;
+  int64_t batch = 0;
+};
+
+int64_t segmenter_total_steps(size_t samples, const SegmenterTrainOptions& options);
+// The samples of step s (from 0): a seeded permutation of (seed, epoch), as classify_trainer.
+std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrainOptions& options,
+                                            int64_t step);
+
+// Image and label map of one sample through the processor (mask: nearest neighbour to the same
+// size), after the augmentation of (seed, step, index in batch) when `augment`: a random scale in
+// [0.8, 1.25] and translation of up to 10% of each side, one affine for both (bilinear for the
+// image, nearest for the mask, borders replicated). Fills pixels [3, H, W] and labels [H·W].
+void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor,
+                         bool augment, uint64_t augment_seed, float* pixels, int32_t* labels,
+                         int64_t height, int64_t width);
+
+// Runs steps state.opt.step .. total − 1 (the rest after a restored checkpoint), calling on_step
+// after each; stop_before > 0 stops at that step (the schedule stays the whole run's). Every
+// batch follows from (seed, step) alone, so a resumed run ends bit-identical.
+void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
+                     const std::vector<SegmentationPair>& data, const PreprocessConfig& processor,
+                     const SegmenterTrainOptions& options,
+                     const std::function<void(const SegmenterProgress&)>& on_step = {},
+                     int64_t stop_before = 0);
+
+}  // namespace tessera

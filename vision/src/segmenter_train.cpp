@@ -1,0 +1,496 @@
+// Segmenter's training pass (tessera/segmenter_train.hpp): the encoder on vit_train's pass, the
+// linear decoder's forward (segmenter.cpp's, over unpacked weights) and its backward beside it,
+// Segmenter's names on load and save, and the training loop.
+#include "tessera/segmenter_train.hpp"
+
+#include "model_internal.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <random>
+#include <set>
+
+#include "tessera/backward.hpp"
+#include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
+#include "tessera/image.hpp"
+#include "tessera/optim.hpp"
+#include "tessera/parallel.hpp"
+#include "tessera/safetensors.hpp"
+#include "tessera/segmentation_loss.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tessera {
+namespace {
+
+using detail::Config;
+
+// One Segmenter tensor and the HF-named parameters whose concatenation (in buffer order) it is.
+struct NameMap {
+  std::string name;
+  Shape shape;
+  std::vector<std::string> parts;
+};
+
+std::vector<NameMap> segmenter_names(const SegmenterTrainModel& m) {
+  const VitConfig& c = m.vit.config;
+  const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
+  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
+  const std::string e = "vit.embeddings.";
+  std::vector<NameMap> out = {
+      {"encoder.patch_embed.proj.weight", {d, c.num_channels, p, p}, {e + "patch_embeddings.projection.weight"}},
+      {"encoder.patch_embed.proj.bias", {d}, {e + "patch_embeddings.projection.bias"}},
+      {"encoder.cls_token", {1, 1, d}, {e + "cls_token"}},
+      {"encoder.pos_embed", {1, t, d}, {e + "position_embeddings"}},
+  };
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string s = "encoder.blocks." + std::to_string(i) + ".";
+    const std::string h = "vit.encoder.layer." + std::to_string(i) + ".";
+    const std::string a = h + "attention.attention.";
+    out.push_back({s + "norm1.weight", {d}, {h + "layernorm_before.weight"}});
+    out.push_back({s + "norm1.bias", {d}, {h + "layernorm_before.bias"}});
+    out.push_back({s + "attn.qkv.weight", {3 * d, d}, {a + "query.weight", a + "key.weight", a + "value.weight"}});
+    out.push_back({s + "attn.qkv.bias", {3 * d}, {a + "query.bias", a + "key.bias", a + "value.bias"}});
+    out.push_back({s + "attn.proj.weight", {d, d}, {h + "attention.output.dense.weight"}});
+    out.push_back({s + "attn.proj.bias", {d}, {h + "attention.output.dense.bias"}});
+    out.push_back({s + "norm2.weight", {d}, {h + "layernorm_after.weight"}});
+    out.push_back({s + "norm2.bias", {d}, {h + "layernorm_after.bias"}});
+    out.push_back({s + "mlp.fc1.weight", {f, d}, {h + "intermediate.dense.weight"}});
+    out.push_back({s + "mlp.fc1.bias", {f}, {h + "intermediate.dense.bias"}});
+    out.push_back({s + "mlp.fc2.weight", {d, f}, {h + "output.dense.weight"}});
+    out.push_back({s + "mlp.fc2.bias", {d}, {h + "output.dense.bias"}});
+  }
+  out.push_back({"encoder.norm.weight", {d}, {"vit.layernorm.weight"}});
+  out.push_back({"encoder.norm.bias", {d}, {"vit.layernorm.bias"}});
+  out.push_back({"decoder.head.weight", {m.num_classes, d}, {"classifier.weight"}});
+  out.push_back({"decoder.head.bias", {m.num_classes}, {"classifier.bias"}});
+  return out;
+}
+
+// The parts of one mapped tensor must be adjacent in the buffer: returns the first's offset.
+int64_t mapped_offset(const SegmenterTrainModel& m, const NameMap& n) {
+  int64_t offset = m.vit.param(n.parts.front()).offset, next = offset, total = 0;
+  for (const std::string& part : n.parts) {
+    const TrainParam& p = m.vit.param(part);
+    check(p.offset == next, "segmenter_train: '" + part + "' is not adjacent to the rest of " + n.name);
+    next += p.numel(), total += p.numel();
+  }
+  check(total == shape_numel(n.shape), "segmenter_train: " + n.name + " has another size than its parts");
+  return offset;
+}
+
+std::string segmenter_config_json(const VitConfig& c, const std::vector<std::string>& labels) {
+  nlohmann::ordered_json id2label = nlohmann::ordered_json::object();
+  for (size_t i = 0; i < labels.size(); ++i) id2label[std::to_string(i)] = labels[i];
+  // layer_norm_eps as the float's shortest decimal (1e-06, not 9.99999997e-07).
+  char eps[32];
+  for (int digits = 1; digits <= 9; ++digits) {
+    std::snprintf(eps, sizeof eps, "%.*g", digits, static_cast<double>(c.layer_norm_eps));
+    if (std::strtof(eps, nullptr) == c.layer_norm_eps) break;
+  }
+  const nlohmann::ordered_json j = {
+      {"architectures", {"Segmenter"}},
+      {"model_type", "segmenter"},
+      {"n_cls", labels.size()},
+      {"encoder",
+       {{"image_size", {c.image_height, c.image_width}},
+        {"patch_size", c.patch_size},
+        {"n_layers", c.num_hidden_layers},
+        {"d_model", c.hidden_size},
+        {"n_heads", c.num_attention_heads},
+        {"d_ff", c.intermediate_size},
+        {"distilled", false},
+        {"layer_norm_eps", std::strtod(eps, nullptr)}}},
+      {"decoder", {{"name", "linear"}}},
+      {"id2label", id2label},
+  };
+  return j.dump(2) + "\n";
+}
+
+void check_trainable(const VitConfig& c, const std::string& where) {
+  check(c.image_height == c.image_width,
+        where + ": Segmenter training needs a square image_size for now (got " +
+            std::to_string(c.image_height) + "x" + std::to_string(c.image_width) + ")");
+  check(c.image_height % c.patch_size == 0, where + ": image_size must be a multiple of patch_size");
+}
+
+void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
+
+Interpolation upsample() {
+  Interpolation how;
+  how.mode = InterpolationMode::Bilinear;
+  how.align_corners = false;
+  return how;
+}
+
+}  // namespace
+
+SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
+                                               const std::vector<std::string>& labels, uint64_t seed) {
+  check(!labels.empty(), "make_segmenter_train_model: no labels");
+  check_trainable(encoder, "make_segmenter_train_model");
+  VitConfig c = encoder;
+  c.qkv_bias = true;  // Segmenter's attn.qkv has a bias
+  SegmenterTrainModel m;
+  m.vit = make_vit_train_model(c, labels, seed);
+  m.num_classes = static_cast<int64_t>(labels.size());
+  m.labels = labels;
+  m.config_json = segmenter_config_json(m.vit.config, labels);
+  return m;
+}
+
+SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
+  const fs::path dir(dir_string);
+  const std::string config_file = (dir / "config.json").string();
+  const std::string text = detail::read_text(config_file);
+  const Config cfg{detail::parse_json(text, config_file), config_file};
+  check(cfg.string("model_type", "") == "segmenter",
+        config_file + ": not a Segmenter (model_type \"" + cfg.string("model_type", "") + "\")");
+  const Config enc = cfg.sub("encoder"), dec = cfg.sub("decoder");
+  check(!enc.has("backbone_config"),
+        config_file + ": training a Segmenter on a Hugging Face backbone is not supported yet "
+                      "(only Segmenter's own encoder)");
+  check(dec.string("name", "") == "linear",
+        config_file + ": training supports Segmenter's linear decoder only, got decoder \"" +
+            dec.string("name", "") + "\" (the mask transformer's backward is not written yet)");
+  check(!enc.boolean("distilled", false),
+        config_file + ": training a distilled Segmenter encoder is not supported yet");
+  VitConfig c;
+  auto [ih, iw] = enc.size2("image_size");
+  c.image_height = ih, c.image_width = iw;
+  c.patch_size = enc.positive("patch_size");
+  c.num_hidden_layers = enc.positive("n_layers");
+  c.hidden_size = enc.positive("d_model");
+  c.num_attention_heads = enc.positive("n_heads");
+  c.intermediate_size = enc.integer("d_ff", 4 * c.hidden_size);
+  c.layer_norm_eps = static_cast<float>(enc.number("layer_norm_eps", 1e-5));
+  c.num_channels = enc.integer("channels", 3);
+  c.qkv_bias = true;
+  check(c.hidden_size % c.num_attention_heads == 0, enc.file + ": d_model is not a multiple of n_heads");
+  check_trainable(c, config_file);
+  const int64_t n = cfg.positive("n_cls");
+  SegmenterTrainModel m;
+  m.labels = detail::labels_from(cfg.j, n, config_file);
+  m.vit = make_vit_train_model(c, m.labels, 0);
+  m.num_classes = n;
+  m.config_json = text;
+
+  const std::string file = (dir / "model.safetensors").string();
+  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
+  const SafeTensors st = SafeTensors::open(file);
+  std::set<std::string> used;
+  for (const NameMap& nm : segmenter_names(m)) {
+    check(st.contains(nm.name), file + ": missing tensor '" + nm.name + "' (expected shape " +
+                                    shape_str(nm.shape) + ")");
+    const TensorInfo& info = st.info(nm.name);
+    check(info.shape == nm.shape, file + ": tensor '" + nm.name + "' has shape " +
+                                      shape_str(info.shape) + ", expected " + shape_str(nm.shape));
+    st.read(nm.name, 0, shape_numel(nm.shape), m.vit.weights.data() + mapped_offset(m, nm));
+    used.insert(nm.name);
+  }
+  for (const std::string& t : st.names())
+    check(used.count(t) || t.rfind("encoder.head", 0) == 0,
+          file + ": unexpected tensor '" + t + "' for a Segmenter with the linear decoder "
+                 "(config and checkpoint disagree)");
+  return m;
+}
+
+std::vector<std::string> segmenter_train_presets() { return {"segmenter-ti", "segmenter-digits"}; }
+
+VitConfig segmenter_train_preset(const std::string& arch, int64_t image_size) {
+  VitConfig c;
+  c.image_height = c.image_width = image_size;
+  c.num_channels = 3;
+  c.qkv_bias = true;
+  c.layer_norm_eps = 1e-6f;
+  if (arch == "segmenter-ti") {
+    c.patch_size = 16, c.hidden_size = 192, c.num_hidden_layers = 12, c.num_attention_heads = 3;
+  } else if (arch == "segmenter-digits") {
+    c.patch_size = 4, c.hidden_size = 96, c.num_hidden_layers = 6, c.num_attention_heads = 3;
+  } else {
+    std::string known;
+    for (const std::string& p : segmenter_train_presets()) known += (known.empty() ? "" : ", ") + p;
+    fail("--arch " + arch + ": unknown Segmenter preset (known: " + known + ")");
+  }
+  c.intermediate_size = 4 * c.hidden_size;
+  check(image_size > 0 && image_size % c.patch_size == 0,
+        "--arch " + arch + ": image size " + std::to_string(image_size) +
+            " is not a positive multiple of the patch size " + std::to_string(c.patch_size));
+  return c;
+}
+
+std::vector<std::pair<std::string, Tensor>> segmenter_named_tensors(const SegmenterTrainModel& m,
+                                                                    std::span<const float> buffer) {
+  check(buffer.size() == m.vit.weights.size(), "segmenter_named_tensors: buffer of another size than the weights");
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const NameMap& nm : segmenter_names(m)) {
+    Tensor t(nm.shape);
+    std::copy_n(buffer.data() + mapped_offset(m, nm), t.numel(), t.data());
+    out.emplace_back(nm.name, std::move(t));
+  }
+  return out;
+}
+
+void save_segmenter_train_model(const SegmenterTrainModel& m, const std::string& dir_string,
+                                const std::string& preprocessor_json) {
+  const fs::path dir(dir_string);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  check(!ec, dir.string() + ": cannot create (" + ec.message() + ")");
+  save_safetensors((dir / "model.safetensors").string(), segmenter_named_tensors(m, m.vit.weights),
+                   {{"format", "pt"}});
+  auto write_text = [&](const std::string& name, const std::string& text) {
+    const fs::path path = dir / name, tmp = dir / (name + ".tmp");
+    {
+      std::ofstream out(tmp, std::ios::binary);
+      out << text;
+      check(static_cast<bool>(out), tmp.string() + ": cannot write");
+    }
+    fs::rename(tmp, path);
+  };
+  write_text("config.json", m.config_json);
+  if (!preprocessor_json.empty()) write_text("preprocessor_config.json", preprocessor_json);
+}
+
+const Tensor& segmenter_train_forward(const SegmenterTrainModel& m, const Tensor& pixel_values,
+                                      SegmenterTrainActivations& acts) {
+  const VitConfig& c = m.vit.config;
+  check(pixel_values.ndim() == 4 && pixel_values.dim(2) == c.image_height &&
+            pixel_values.dim(3) == c.image_width,
+        "Segmenter training takes pixel_values [batch, " + std::to_string(c.num_channels) + ", " +
+            std::to_string(c.image_height) + ", " + std::to_string(c.image_width) +
+            "] (the config's image_size; other sizes would resample the position table), got " +
+            shape_str(pixel_values.shape()));
+  vit_train_encoder_forward(m.vit, pixel_values, acts.encoder);
+  const int64_t B = pixel_values.dim(0), H = c.image_height, W = c.image_width, p = c.patch_size;
+  const int64_t gh = H / p, gw = W / p, N = gh * gw, pre = c.num_prefix_tokens(), T = pre + N;
+  const int64_t d = c.hidden_size, K = m.num_classes, R = B * N;
+  auto sized = [](std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) != n) v.assign(static_cast<size_t>(n), 0.0f);
+  };
+  sized(acts.patches, R * d), sized(acts.normed, R * d), sized(acts.mean, R), sized(acts.rstd, R);
+  sized(acts.scores, R * K), sized(acts.masks, B * K * N);
+  sized(acts.dmasks, B * K * N), sized(acts.dscores, R * K), sized(acts.dnormed, R * d),
+      sized(acts.dpatches, R * d);
+  if (acts.logits.shape() != Shape{B, K, H, W}) acts.logits = Tensor({B, K, H, W});
+
+  VitTrainView w = bind_view(m.vit, const_cast<float*>(m.vit.weights.data()));
+  // x[:, pre:] → encoder.norm → decoder.head
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(acts.patches.data() + b * N * d, acts.encoder.x_out.data() + (b * T + pre) * d,
+                sizeof(float) * N * d);
+  layer_norm_forward(acts.patches.data(), R, d, w.norm_w, w.norm_b, c.layer_norm_eps,
+                     acts.normed.data(), acts.mean.data(), acts.rstd.data());
+  const PackedLinear head = pack_linear(w.head_w, w.head_b, K, d);
+  linear(acts.normed.data(), R, d, head, acts.scores.data(), K);
+  // b (h w) k → b k h w, then bilinear to the input size (no padding: H, W are multiples of p).
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t k = 0; k < K; ++k)
+        acts.masks[(b * K + k) * N + i] = acts.scores[(b * N + i) * K + k];
+  for (int64_t b = 0; b < B; ++b)
+    interpolate_forward(upsample(), acts.masks.data() + b * K * N, K, gh, gw,
+                        acts.logits.data() + b * K * H * W, H, W);
+  return acts.logits;
+}
+
+void segmenter_train_backward(const SegmenterTrainModel& m, SegmenterTrainActivations& acts,
+                              const Tensor& dlogits, std::span<float> grads) {
+  check(grads.size() == m.vit.weights.size(), "segmenter_train_backward: gradient buffer size differs from the weights'");
+  check(dlogits.shape() == acts.logits.shape(), "segmenter_train_backward: dlogits " +
+                                                    shape_str(dlogits.shape()) + " for logits " +
+                                                    shape_str(acts.logits.shape()));
+  const VitConfig& c = m.vit.config;
+  const int64_t B = acts.logits.dim(0), H = c.image_height, W = c.image_width, p = c.patch_size;
+  const int64_t gh = H / p, gw = W / p, N = gh * gw, pre = c.num_prefix_tokens(), T = pre + N;
+  const int64_t d = c.hidden_size, K = m.num_classes, R = B * N;
+  VitTrainView w = bind_view(m.vit, const_cast<float*>(m.vit.weights.data()));
+  VitTrainView g = bind_view(m.vit, grads.data());
+  zero(acts.dmasks), zero(acts.dnormed), zero(acts.dpatches);
+  for (int64_t b = 0; b < B; ++b)
+    interpolate_backward(upsample(), dlogits.data() + b * K * H * W, K, gh, gw, H, W,
+                         acts.dmasks.data() + b * K * N);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t k = 0; k < K; ++k)
+        acts.dscores[(b * N + i) * K + k] = acts.dmasks[(b * K + k) * N + i];
+  linear_backward(acts.normed.data(), w.head_w, acts.dscores.data(), R, K, d, acts.dnormed.data(),
+                  g.head_w, g.head_b);
+  layer_norm_backward(acts.dnormed.data(), acts.patches.data(), acts.mean.data(), acts.rstd.data(),
+                      w.norm_w, R, d, acts.dpatches.data(), g.norm_w, g.norm_b);
+  // The class token's row gets no gradient from the decoder.
+  std::vector<float>& dx = acts.encoder.dx;
+  std::fill(dx.begin(), dx.end(), 0.0f);
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(dx.data() + (b * T + pre) * d, acts.dpatches.data() + b * N * d, sizeof(float) * N * d);
+  vit_train_encoder_backward(m.vit, acts.encoder, grads);
+}
+
+double segmenter_train_loss_and_grad(const SegmenterTrainModel& m, const Tensor& pixel_values,
+                                     const std::vector<int32_t>& labels,
+                                     SegmenterTrainActivations& acts, std::span<float> grads,
+                                     int32_t ignore_label) {
+  const Tensor& logits = segmenter_train_forward(m, pixel_values, acts);
+  Tensor dlogits(logits.shape());
+  const double loss = segmentation_cross_entropy(logits, labels, &dlogits, ignore_label);
+  segmenter_train_backward(m, acts, dlogits, grads);
+  return loss;
+}
+
+SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTrainState& state,
+                                         const Tensor& pixel_values,
+                                         const std::vector<int32_t>& labels,
+                                         const TrainStepOptions& o) {
+  VitTrainState& s = state.opt;
+  const size_t n = model.vit.weights.size();
+  if (s.grads.size() != n) {
+    s.grads.assign(n, 0.0f);
+    s.m.assign(n, 0.0f);
+  }
+  if (s.m.size() != n) s.m.assign(n, 0.0f);
+  if (o.optimizer == Optimizer::AdamW && s.v.size() != n) s.v.assign(n, 0.0f);
+  std::fill(s.grads.begin(), s.grads.end(), 0.0f);
+  SegmenterStepResult r;
+  r.loss = segmenter_train_loss_and_grad(model, pixel_values, labels, state.acts, s.grads);
+  // Pixel accuracy of this batch (before the step), for the log.
+  const Tensor& logits = state.acts.logits;
+  const int64_t B = logits.dim(0), K = logits.dim(1), HW = logits.dim(2) * logits.dim(3);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < HW; ++i) {
+      const int32_t label = labels[static_cast<size_t>(b * HW + i)];
+      if (label < 0 || label >= K) continue;
+      int64_t best = 0;
+      for (int64_t k = 1; k < K; ++k)
+        if (logits[(b * K + k) * HW + i] > logits[(b * K + best) * HW + i]) best = k;
+      ++r.pixels;
+      r.correct += best == label;
+    }
+  r.grad_norm = clip_grad_norm(s.grads, o.clip_grad);
+  ++s.step;
+  if (o.optimizer == Optimizer::AdamW) {
+    AdamWOptions a;
+    a.lr = o.lr, a.beta1 = o.beta1, a.beta2 = o.beta2, a.eps = o.eps, a.weight_decay = o.weight_decay;
+    vit_train_adamw_step(model.vit, s.grads, s.m, s.v, s.step, a, o.layer_decay);
+  } else {
+    std::span<float> w(model.vit.weights), g(s.grads), mom(s.m);
+    for (const TrainParam& p : model.vit.params) {
+      const size_t off = static_cast<size_t>(p.offset), len = static_cast<size_t>(p.numel());
+      sgd_step(w.subspan(off, len), g.subspan(off, len),
+               o.momentum != 0.0f ? mom.subspan(off, len) : std::span<float>{},
+               static_cast<float>(o.lr * vit_train_lr_scale(model.vit, p, o.layer_decay)), o.momentum,
+               p.decay ? o.weight_decay : 0.0f, s.step == 1);
+    }
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------ the loop
+
+int64_t segmenter_total_steps(size_t samples, const SegmenterTrainOptions& o) {
+  check(o.batch > 0, "train: the batch size must be positive");
+  const int64_t per_epoch = static_cast<int64_t>(samples) / o.batch;
+  check(per_epoch > 0, "train: " + std::to_string(samples) + " samples make no batch of " +
+                           std::to_string(o.batch));
+  const int64_t all = per_epoch * std::max<int64_t>(o.epochs, 0);
+  return o.max_steps > 0 ? (all > 0 ? std::min(all, o.max_steps) : o.max_steps) : all;
+}
+
+std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrainOptions& o, int64_t step) {
+  const int64_t per_epoch = static_cast<int64_t>(samples) / o.batch;
+  check(per_epoch > 0, "train: no full batch");
+  const int64_t epoch = step / per_epoch, first = (step % per_epoch) * o.batch;
+  std::vector<size_t> order(samples);
+  std::iota(order.begin(), order.end(), size_t{0});
+  if (o.shuffle) {
+    // Fisher-Yates on a mt19937_64 seeded by (seed, epoch), as classify_trainer.cpp.
+    std::mt19937_64 rng(o.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) + 1);
+    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
+  }
+  return {order.begin() + first, order.begin() + first + o.batch};
+}
+
+void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor, bool augment,
+                         uint64_t augment_seed, float* pixels, int32_t* labels, int64_t height,
+                         int64_t width) {
+  cv::Mat rgb = load_image_rgb(pair.image);
+  cv::Mat mask = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
+  check(!mask.empty() && mask.channels() == 1 && mask.size() == rgb.size(),
+        pair.mask + ": not a one-channel label map of its image's size");
+  if (augment) {
+    // Uniforms from the 53 high bits of a mt19937_64: the same on every platform.
+    std::mt19937_64 rng(augment_seed);
+    auto uniform = [&](double lo, double hi) {
+      return lo + (hi - lo) * static_cast<double>(rng() >> 11) * 0x1.0p-53;
+    };
+    const double s = std::exp(uniform(std::log(0.8), std::log(1.25)));
+    const double tx = uniform(-0.1, 0.1) * rgb.cols, ty = uniform(-0.1, 0.1) * rgb.rows;
+    const double cx = 0.5 * rgb.cols, cy = 0.5 * rgb.rows;
+    const cv::Matx23d a(s, 0, (1 - s) * cx + tx, 0, s, (1 - s) * cy + ty);
+    cv::Mat warped, warped_mask;
+    cv::warpAffine(rgb, warped, a, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
+    cv::warpAffine(mask, warped_mask, a, mask.size(), cv::INTER_NEAREST, cv::BORDER_REPLICATE);
+    rgb = warped, mask = warped_mask;
+  }
+  const cv::Mat resized = resize_and_crop(rgb, processor);
+  check(resized.rows == height && resized.cols == width,
+        pair.image + ": the processor makes " + std::to_string(resized.cols) + "x" +
+            std::to_string(resized.rows) + ", the model trains at " + std::to_string(width) + "x" +
+            std::to_string(height) + " (set the processor's size to the model's image_size)");
+  rgb_to_chw(resized, processor, pixels);
+  // The mask through the same geometry: nearest neighbour (pixel centres, as PIL's NEAREST) to the
+  // resized size, then the crop window (outside: ignore).
+  const cv::Size rs = processor.do_resize ? resize_output_size(rgb.size(), processor) : rgb.size();
+  cv::Mat mask_resized;
+  if (rs == mask.size()) mask_resized = mask;
+  else cv::resize(mask, mask_resized, rs, 0, 0, cv::INTER_NEAREST_EXACT);
+  const cv::Rect win = processor.do_center_crop ? crop_window(rs, processor) : cv::Rect({0, 0}, rs);
+  for (int64_t y = 0; y < height; ++y)
+    for (int64_t x = 0; x < width; ++x) {
+      const int sy = win.y + static_cast<int>(y), sx = win.x + static_cast<int>(x);
+      int32_t v = 255;
+      if (sy >= 0 && sy < rs.height && sx >= 0 && sx < rs.width)
+        v = mask_resized.depth() == CV_16U ? mask_resized.at<uint16_t>(sy, sx) : mask_resized.at<uint8_t>(sy, sx);
+      labels[y * width + x] = v;
+    }
+}
+
+void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
+                     const std::vector<SegmentationPair>& data, const PreprocessConfig& processor,
+                     const SegmenterTrainOptions& o,
+                     const std::function<void(const SegmenterProgress&)>& on_step, int64_t stop_before) {
+  const VitConfig& c = model.vit.config;
+  const int64_t H = c.image_height, W = c.image_width, C = c.num_channels;
+  const int64_t total = segmenter_total_steps(data.size(), o);
+  const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;
+  const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  Tensor pixels({o.batch, C, H, W});
+  std::vector<int32_t> labels(static_cast<size_t>(o.batch * H * W));
+  while (state.opt.step < end) {
+    const int64_t s = state.opt.step;
+    const std::vector<size_t> idx = segmenter_batch_indices(data.size(), o, s);
+    parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint64_t aug_seed = (o.seed * 0x9E3779B97F4A7C15ull) ^
+                                  (static_cast<uint64_t>(s) * 0xBF58476D1CE4E5B9ull + static_cast<uint64_t>(b) + 1);
+        segmentation_sample(data[idx[static_cast<size_t>(b)]], processor, o.augment, aug_seed,
+                            pixels.data() + b * C * H * W, labels.data() + b * H * W, H, W);
+      }
+    });
+    TrainStepOptions step = o.step;
+    step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
+    const SegmenterStepResult r = segmenter_train_step(model, state, pixels, labels, step);
+    if (on_step)
+      on_step({s + 1, total, s / per_epoch, r.loss, step.lr, r.grad_norm,
+               r.pixels ? static_cast<double>(r.correct) / static_cast<double>(r.pixels) : 0.0, o.batch});
+  }
+}
+
+}  // namespace tessera
