@@ -7,6 +7,12 @@
 #
 #   scripts/train-models.sh [all|samples|classifier|detector|segmenter]
 #
+# Bundled today: the digit classifier (assets/models/digits, 97.80% on the test cells). The
+# detector and segmenter recipes below do NOT reach issue 15's targets yet (from scratch, on a
+# shared 2-core machine, the YOLOS run stayed on the set loss's "mean box" plateau: AP50 0.0001;
+# the Segmenter runs learned ink vs background but not which digit: mIoU 0.09), so they train
+# into out/candidates/ and are evaluated there, never into assets/models/.
+#
 # Needs build/apps/tessera (scripts/build.sh). Scenes are drawn into out/data (TESSERA_DATA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +53,7 @@ samples() {
 classifier() {
   local out=assets/models/digits
   rm -rf "$out"
-  "$tessera" train --task classify --data digits:train --val digits:test --arch vit-digits \
+  "$tessera" train --task classify --data digits:train --val digits:test --arch vit-digits --layers 6 \
     --epochs 150 --batch 64 --lr 2e-3 --warmup 300 --label-smoothing 0.1 --elastic 0.12 --seed 0 \
     --out "$out" --threads "$threads"
   {
@@ -69,9 +75,39 @@ classifier() {
   } >> "$out/README.md"
 }
 
+scenes() {  # scenes SPLIT COUNT SEED: DIR of the scenes, drawn once
+  local dir="$data/$1-$2-seed$3"
+  [ -f "$dir/annotations.json" ] || "$tessera" data scenes --split "$1" --count "$2" --seed "$3" --out "$dir" --threads "$threads" >&2
+  echo "$dir"
+}
+
+detector() {  # a candidate: does not reach the targets yet (see the top of this file)
+  local train test out=out/candidates/digits-detector
+  train=$(scenes train 6000 1)
+  test=$(scenes test 500 0)
+  rm -rf "$out"
+  "$tessera" train --task detect --data "$train/annotations.json" --out "$out" \
+    --arch yolos-digits --image-size 128 --batch 8 --max-steps 3000 --lr 7e-4 --min-lr 1e-5 --warmup 150 \
+    --weight-decay 0.05 --clip-grad 1 --checkpoint-every 500 --seed 1 --threads "$threads"
+  accuracy_table "$out" "$test/annotations.json" mAP AP50 AP75
+}
+
+segmenter() {  # a candidate: does not reach the targets yet (see the top of this file)
+  local train test out=out/candidates/digits-segmenter
+  train=$(scenes train 4000 1)
+  test=$(scenes test 200 0)
+  rm -rf "$out"
+  "$tessera" train --task segment --data "$train" --arch segmenter-digits --image-size 128 --patch-size 8 \
+    --hidden-size 64 --layers 4 --heads 4 --batch 8 --epochs 5 --lr 8e-4 --warmup 100 --seed 1 \
+    --out "$out" --threads "$threads"
+  accuracy_table "$out" "$test" mIoU pixel_accuracy
+}
+
 case "$what" in
   all) samples; classifier ;;
   samples) samples ;;
   classifier) classifier ;;
+  detector) detector ;;
+  segmenter) segmenter ;;
   *) echo "usage: scripts/train-models.sh [all|samples|classifier|detector|segmenter]" >&2; exit 2 ;;
 esac
