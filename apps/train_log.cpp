@@ -114,7 +114,13 @@ void draw_panel(cv::Mat& img, cv::Rect box, const std::string& title, const std:
     if (pts.size() == 1) cv::circle(img, pts[0], 3, s.colour, cv::FILLED, cv::LINE_AA);
     if (pts.size() > 1) cv::polylines(img, pts, false, s.colour, s.thickness, cv::LINE_AA);
   }
-  int ly = box.y + 22;  // legend, top right inside the panel
+  // Legend, inside the panel on the right: at the top, unless the curves end in the upper half
+  // (accuracies climbing), then at the bottom.
+  bool ends_high = false;
+  for (const Series& s : series)
+    if (!s.points.empty() && std::isfinite(s.points.back().y))
+      ends_high = ends_high || (s.points.back().y - y0) / (y1 - y0) > 0.5;
+  int ly = ends_high ? box.y + box.height - 12 - 20 * (static_cast<int>(series.size()) - 1) : box.y + 22;
   for (const Series& s : series) {
     const int w = static_cast<int>(text_extent(s.name, 15).width);
     const int lx = box.x + box.width - w - 40;
