@@ -47,35 +47,10 @@ std::string cpu_name() {
   return "unknown CPU";
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  check(static_cast<bool>(f), path + ": cannot read (a model folder to fine-tune needs its preprocessor_config.json)");
-  std::ostringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
 std::string fmt(const char* format, double x) {
   char buf[64];
   std::snprintf(buf, sizeof buf, format, x);
   return buf;
-}
-
-// The Hugging Face ViTImageProcessor of a model trained from scratch at size x size: bilinear
-// resize, /255, normalise with mean = std = 0.5 (what google/vit-* ship).
-std::string vit_processor_json(int64_t size) {
-  nlohmann::ordered_json j = {
-      {"image_processor_type", "ViTImageProcessor"},
-      {"do_resize", true},
-      {"size", {{"height", size}, {"width", size}}},
-      {"resample", 2},  // PIL.Image.BILINEAR
-      {"do_rescale", true},
-      {"rescale_factor", 1.0 / 255.0},
-      {"do_normalize", true},
-      {"image_mean", {0.5, 0.5, 0.5}},
-      {"image_std", {0.5, 0.5, 0.5}},
-  };
-  return j.dump(2) + "\n";
 }
 
 struct Accuracy {
@@ -174,7 +149,7 @@ int train_classify(const TrainArgs& a) {
   if (!a.init.empty()) {
     model = load_vit_train_model(a.init);
     const fs::path pp = fs::path(a.init) / "preprocessor_config.json";
-    processor_json = read_text(pp.string());
+    processor_json = read_text_file(pp.string());
     std::vector<std::string> labels;
     const nlohmann::json cfg = nlohmann::json::parse(model.config_json);
     for (int64_t i = 0; i < model.num_labels; ++i) {
@@ -189,16 +164,9 @@ int train_classify(const TrainArgs& a) {
   } else {
     const int64_t size = a.image_size > 0 ? a.image_size : digits ? 20 : 224;
     VitConfig c = vit_train_preset(a.arch, size);
-    if (a.patch_size > 0) c.patch_size = a.patch_size;
-    if (a.hidden_size > 0) c.hidden_size = a.hidden_size, c.intermediate_size = 4 * a.hidden_size;
-    if (a.layers > 0) c.num_hidden_layers = a.layers;
-    if (a.heads > 0) c.num_attention_heads = a.heads;
-    if (a.mlp > 0) c.intermediate_size = a.mlp;
-    check(size % c.patch_size == 0, "train: --image-size " + std::to_string(size) +
-                                        " is not a multiple of the patch size " + std::to_string(c.patch_size));
-    check(c.hidden_size % c.num_attention_heads == 0, "train: --hidden-size is not a multiple of --heads");
+    apply_arch_options(c, a, 4);
     model = make_vit_train_model(c, data.classes, a.seed);
-    processor_json = vit_processor_json(size);
+    processor_json = square_vit_processor_json(size);
   }
   const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
 

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "tessera/vit.hpp"
+
 namespace tessera::cli {
 
 struct TrainArgs {
@@ -33,6 +35,16 @@ struct TrainArgs {
   std::string digits_png;        // digits.png for DATA "digits" (default: opencv-doc's)
   std::string command_line;      // the command as given, for the model card
 };
+
+// The file's text; an Error naming it when it cannot be read.
+std::string read_text_file(const std::string& path);
+// Hugging Face's ViTImageProcessor of a model trained from scratch at size x size: bilinear
+// resize, x/255, mean = std = 0.5 (what google/vit-* ship).
+std::string square_vit_processor_json(int64_t size);
+// The size options of an --arch preset (--patch-size, --hidden-size: the MLP then follows as
+// mlp_ratio·D unless --mlp is given, --layers, --heads, --mlp), checked: the image a multiple of
+// the patch, the width a multiple of the heads.
+void apply_arch_options(VitConfig& c, const TrainArgs& a, int64_t mlp_ratio);
 
 // The other tasks (same options; each returns the process exit code).
 int train_detect(const TrainArgs& args);

@@ -38,14 +38,6 @@ namespace tessera::cli {
 
 namespace {
 
-std::string read_text_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  check(static_cast<bool>(f), path + ": cannot read");
-  std::ostringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
 std::string fmt(const char* format, double x) {
   char b[64];
   std::snprintf(b, sizeof b, format, x);
@@ -90,14 +82,7 @@ int train_detect(const TrainArgs& a) {
   } else {
     height = width = a.image_size > 0 ? a.image_size : (a.arch == "yolos-digits" ? 128 : 512);
     VitConfig c = yolos_train_preset(a.arch, height, width);
-    if (a.patch_size > 0) c.patch_size = a.patch_size;
-    if (a.hidden_size > 0) c.hidden_size = a.hidden_size, c.intermediate_size = 3 * a.hidden_size;
-    if (a.layers > 0) c.num_hidden_layers = a.layers;
-    if (a.heads > 0) c.num_attention_heads = a.heads;
-    if (a.mlp > 0) c.intermediate_size = a.mlp;
-    check(height % c.patch_size == 0, "train: --image-size " + std::to_string(height) +
-                                          " is not a multiple of the patch size " + std::to_string(c.patch_size));
-    check(c.hidden_size % c.num_attention_heads == 0, "train: --hidden-size is not a multiple of --heads");
+    apply_arch_options(c, a, 3);
     model = make_yolos_train_model(c, data.labels, a.seed);
   }
   check(height % model.config.patch_size == 0 && width % model.config.patch_size == 0,

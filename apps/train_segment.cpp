@@ -65,27 +65,6 @@ std::vector<std::string> segmentation_classes(const std::string& dir) {
 }
 
 // Hugging Face ViTImageProcessor: resize to size x size (bilinear), rescale 1/255, normalise 0.5.
-std::string square_processor_json(int64_t size) {
-  const nlohmann::ordered_json j = {
-      {"image_processor_type", "ViTImageProcessor"},
-      {"do_resize", true},
-      {"size", {{"height", size}, {"width", size}}},
-      {"resample", 2},
-      {"do_rescale", true},
-      {"rescale_factor", 1.0 / 255.0},
-      {"do_normalize", true},
-      {"image_mean", {0.5, 0.5, 0.5}},
-      {"image_std", {0.5, 0.5, 0.5}},
-  };
-  return j.dump(2) + "\n";
-}
-
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  check(static_cast<bool>(in), p.string() + ": cannot read");
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
 // mIoU of the folder `dir` as `tessera eval` computes it, on the model saved in `model_dir`.
 double validation_miou(const std::string& model_dir, const std::vector<SegmentationPair>& pairs) {
   const auto model = load_model(model_dir);
@@ -119,20 +98,14 @@ int train_segment(const TrainArgs& args) {
   if (!args.init.empty()) {
     model = load_segmenter_train_model(args.init);
     const fs::path pre = fs::path(args.init) / "preprocessor_config.json";
-    processor_json = fs::exists(pre) ? read_file(pre)
-                                     : square_processor_json(model.vit.config.image_height);
+    processor_json = fs::exists(pre) ? read_text_file(pre.string())
+                                     : square_vit_processor_json(model.vit.config.image_height);
   } else {
     int64_t size = args.image_size > 0 ? args.image_size : args.arch == "segmenter-ti" ? 512 : 128;
     VitConfig c = segmenter_train_preset(args.arch, size);
-    if (args.patch_size > 0) c.patch_size = args.patch_size;
-    if (args.hidden_size > 0) c.hidden_size = args.hidden_size;
-    if (args.layers > 0) c.num_hidden_layers = args.layers;
-    if (args.heads > 0) c.num_attention_heads = args.heads;
-    c.intermediate_size = args.mlp > 0 ? args.mlp : 4 * c.hidden_size;
-    check(c.hidden_size % c.num_attention_heads == 0 && size % c.patch_size == 0,
-          "--arch " + args.arch + ": hidden size must be a multiple of heads, image size of the patch size");
+    apply_arch_options(c, args, 4);
     model = make_segmenter_train_model(c, segmentation_classes(args.data), args.seed);
-    processor_json = square_processor_json(size);
+    processor_json = square_vit_processor_json(size);
   }
   // Every label must be a class of the model (or 255): checked for every pair before training.
   const std::vector<SegmentationPair> data = load_segmentation_folder(args.data, model.num_classes);

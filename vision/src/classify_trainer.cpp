@@ -30,17 +30,7 @@ int64_t total_steps(const ClassificationData& data, const ClassifierTrainOptions
 
 std::vector<size_t> batch_indices(const ClassificationData& data, const ClassifierTrainOptions& o,
                                   int64_t step) {
-  const int64_t per_epoch = steps_per_epoch(data, o);
-  check(per_epoch > 0, data.source + ": no full batch");
-  const int64_t epoch = step / per_epoch, first = (step % per_epoch) * o.batch;
-  std::vector<size_t> order(data.size());
-  std::iota(order.begin(), order.end(), size_t{0});
-  if (o.shuffle) {
-    // Fisher-Yates on a mt19937_64 seeded by (seed, epoch): the same on every platform.
-    std::mt19937_64 rng(o.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) + 1);
-    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
-  }
-  return {order.begin() + first, order.begin() + first + o.batch};
+  return epoch_batch(data.size(), o.batch, o.shuffle, o.seed, step, data.source);
 }
 
 cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed) {

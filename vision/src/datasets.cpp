@@ -2,6 +2,8 @@
 #include "tessera/datasets.hpp"
 
 #include <algorithm>
+#include <random>
+#include <numeric>
 #include <cctype>
 #include <filesystem>
 
@@ -37,6 +39,21 @@ cv::Mat ClassificationData::rgb(size_t i) const {
   else
     out = m;
   return out;
+}
+
+std::vector<size_t> epoch_batch(size_t samples, int64_t batch, bool shuffle, uint64_t seed, int64_t step,
+                                const std::string& what) {
+  check(batch > 0, "train: the batch size must be positive");
+  const int64_t per_epoch = static_cast<int64_t>(samples) / batch;
+  check(per_epoch > 0, what + ": " + std::to_string(samples) + " samples make no batch of " + std::to_string(batch));
+  const int64_t epoch = step / per_epoch, first = (step % per_epoch) * batch;
+  std::vector<size_t> order(samples);
+  std::iota(order.begin(), order.end(), size_t{0});
+  if (shuffle) {
+    std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) + 1);
+    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
+  }
+  return {order.begin() + first, order.begin() + first + batch};
 }
 
 void verify_images(const ClassificationData& data) {

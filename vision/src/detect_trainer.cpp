@@ -56,16 +56,7 @@ int64_t detector_total_steps(const DetectionData& data, const DetectorTrainOptio
 }
 
 std::vector<size_t> detector_batch_indices(const DetectionData& data, const DetectorTrainOptions& o, int64_t step) {
-  const int64_t per_epoch = detector_steps_per_epoch(data, o);
-  check(per_epoch > 0, data.source + ": no full batch");
-  const int64_t epoch = step / per_epoch, first = (step % per_epoch) * o.batch;
-  std::vector<size_t> order(data.size());
-  std::iota(order.begin(), order.end(), size_t{0});
-  if (o.shuffle) {
-    std::mt19937_64 rng(o.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) + 1);
-    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
-  }
-  return {order.begin() + first, order.begin() + first + o.batch};
+  return epoch_batch(data.size(), o.batch, o.shuffle, o.seed, step, data.source);
 }
 
 namespace {

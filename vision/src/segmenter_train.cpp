@@ -404,17 +404,7 @@ int64_t segmenter_total_steps(size_t samples, const SegmenterTrainOptions& o) {
 }
 
 std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrainOptions& o, int64_t step) {
-  const int64_t per_epoch = static_cast<int64_t>(samples) / o.batch;
-  check(per_epoch > 0, "train: no full batch");
-  const int64_t epoch = step / per_epoch, first = (step % per_epoch) * o.batch;
-  std::vector<size_t> order(samples);
-  std::iota(order.begin(), order.end(), size_t{0});
-  if (o.shuffle) {
-    // Fisher-Yates on a mt19937_64 seeded by (seed, epoch), as classify_trainer.cpp.
-    std::mt19937_64 rng(o.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) + 1);
-    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
-  }
-  return {order.begin() + first, order.begin() + first + o.batch};
+  return epoch_batch(samples, o.batch, o.shuffle, o.seed, step, "train");
 }
 
 void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor, bool augment,

@@ -38,6 +38,16 @@ ClassificationData image_folder(const std::string& dir);
 // all 5000. Classes "0" … "9".
 ClassificationData opencv_digits(const std::string& png_path, const std::string& split = "");
 
+// The samples of training step `step` (from 0) over `samples` samples in batches of `batch`
+// (the last partial batch of an epoch dropped): batch step mod (samples / batch) of epoch
+// step / (samples / batch), the epoch's order a Fisher-Yates permutation from a mt19937_64 seeded
+// by (seed, epoch) when shuffling, else 0, 1, 2, ... The same on every platform, and a function of
+// the step alone, so a resumed run sees the batches an uninterrupted one would. Every trainer
+// (classify, detect, segment) draws its batches here. `what` names the data in the error when
+// no full batch fits.
+std::vector<size_t> epoch_batch(size_t samples, int64_t batch, bool shuffle, uint64_t seed, int64_t step,
+                                const std::string& what);
+
 // Decodes every file sample once (in parallel) so that a corrupt, truncated or unreadable image is
 // an Error naming it (the first in path order) before training starts. In-memory data passes.
 void verify_images(const ClassificationData& data);

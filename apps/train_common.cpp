@@ -1,0 +1,50 @@
+// What the three training tasks share beyond TrainLog (train_args.hpp): reading a text file, the
+// processor of a square from-scratch model, and the --arch size options.
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "tessera/error.hpp"
+#include "train_args.hpp"
+
+namespace tessera::cli {
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  check(static_cast<bool>(f), path + ": cannot read");
+  std::ostringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+std::string square_vit_processor_json(int64_t size) {
+  const nlohmann::ordered_json j = {
+      {"image_processor_type", "ViTImageProcessor"},
+      {"do_resize", true},
+      {"size", {{"height", size}, {"width", size}}},
+      {"resample", 2},  // PIL.Image.BILINEAR
+      {"do_rescale", true},
+      {"rescale_factor", 1.0 / 255.0},
+      {"do_normalize", true},
+      {"image_mean", {0.5, 0.5, 0.5}},
+      {"image_std", {0.5, 0.5, 0.5}},
+  };
+  return j.dump(2) + "\n";
+}
+
+void apply_arch_options(VitConfig& c, const TrainArgs& a, int64_t mlp_ratio) {
+  if (a.patch_size > 0) c.patch_size = a.patch_size;
+  if (a.hidden_size > 0) c.hidden_size = a.hidden_size, c.intermediate_size = mlp_ratio * a.hidden_size;
+  if (a.layers > 0) c.num_hidden_layers = a.layers;
+  if (a.heads > 0) c.num_attention_heads = a.heads;
+  if (a.mlp > 0) c.intermediate_size = a.mlp;
+  check(c.image_height % c.patch_size == 0 && c.image_width % c.patch_size == 0,
+        "train: the image size " + std::to_string(c.image_height) + "x" + std::to_string(c.image_width) +
+            " is not a multiple of the patch size " + std::to_string(c.patch_size));
+  check(c.hidden_size % c.num_attention_heads == 0,
+        "train: the hidden size " + std::to_string(c.hidden_size) + " is not a multiple of the head count " +
+            std::to_string(c.num_attention_heads));
+}
+
+}  // namespace tessera::cli
