@@ -17,6 +17,7 @@
 #include "commands.hpp"
 #include "tessera/atomic_file.hpp"
 #include "tessera/datasets.hpp"
+#include "tessera/detect_trainer.hpp"
 #include "tessera/detection.hpp"
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
@@ -84,43 +85,9 @@ nlohmann::json eval_classify(const Model& model, const std::string& data, const 
 }
 
 nlohmann::json eval_detect(const Model& model, const std::string& data, int64_t limit) {
-  require_detector(model);
   CocoDataset coco = load_coco_instances(data);
   if (limit > 0 && static_cast<int64_t>(coco.images.size()) > limit) coco.images.resize(static_cast<size_t>(limit));
-  for (const CocoCategory& c : coco.categories)
-    check(c.id < static_cast<int64_t>(model.labels.size()),
-          data + ": category id " + std::to_string(c.id) + " is not a class of " + model.dir + " (" +
-              std::to_string(model.labels.size()) + " labels)");
-  for (const CocoImage& im : coco.images) {
-    std::error_code ec;
-    check(fs::is_regular_file(im.path, ec), im.path + ": image listed in " + data + " not found");
-  }
-  const Preprocessor pre = model_preprocessor(model);
-  ModelWorkspace ws;
-  PostProcessOptions o;
-  o.threshold = 0.0f;  // every slot's best class, as COCO evaluation wants (maxDets 100)
-  o.top_k = 100;
-  std::vector<CocoObject> dets;
-  std::vector<int64_t> image_ids, category_ids;
-  for (const CocoImage& im : coco.images) {
-    const cv::Mat rgb = load_image_rgb(im.path);
-    check(rgb.cols == im.width && rgb.rows == im.height,
-          im.path + ": is " + std::to_string(rgb.cols) + "x" + std::to_string(rgb.rows) + ", " + data + " says " +
-              std::to_string(im.width) + "x" + std::to_string(im.height));
-    const RawDetections raw = run_detector(model, pre, {rgb}, ws).at(0);
-    for (const Detection& d : post_process(raw, model.labels, o)) {
-      CocoObject obj;
-      obj.image_id = im.id;
-      obj.category_id = d.label;
-      obj.x = d.x0, obj.y = d.y0, obj.w = d.x1 - d.x0, obj.h = d.y1 - d.y0;
-      obj.area = obj.w * obj.h;
-      obj.score = d.score;
-      dets.push_back(obj);
-    }
-    image_ids.push_back(im.id);
-  }
-  for (const CocoCategory& c : coco.categories) category_ids.push_back(c.id);
-  const CocoEvalResult r = coco_evaluate(image_ids, category_ids, coco.annotations, dets);
+  const CocoEvalResult r = evaluate_detector(model, coco, data);
   static const char* names[12] = {"AP",    "AP50",   "AP75",   "AP_small", "AP_medium", "AP_large",
                                   "AR1",   "AR10",   "AR100",  "AR_small", "AR_medium", "AR_large"};
   std::printf("COCO box mAP@[.5:.95] %s, AP50 %s, AP75 %s, AP small/medium/large %s / %s / %s (%zu images)\n",

@@ -160,12 +160,21 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
 }
 
 CocoEvalResult evaluate_detector(const Model& model, const std::string& coco_json, int64_t limit) {
-  require_detector(model);
   CocoDataset coco = load_coco_instances(coco_json);
   if (limit > 0 && static_cast<int64_t>(coco.images.size()) > limit) coco.images.resize(static_cast<size_t>(limit));
+  return evaluate_detector(model, coco, coco_json);
+}
+
+CocoEvalResult evaluate_detector(const Model& model, const CocoDataset& coco, const std::string& coco_json) {
+  require_detector(model);
   for (const CocoCategory& c : coco.categories)
     check(c.id < static_cast<int64_t>(model.labels.size()),
-          coco_json + ": category id " + std::to_string(c.id) + " is not a class of " + model.dir);
+          coco_json + ": category id " + std::to_string(c.id) + " is not a class of " + model.dir + " (" +
+              std::to_string(model.labels.size()) + " labels)");
+  for (const CocoImage& im : coco.images) {
+    std::error_code ec;
+    check(std::filesystem::is_regular_file(im.path, ec), im.path + ": image listed in " + coco_json + " not found");
+  }
   const Preprocessor pre = model_preprocessor(model);
   ModelWorkspace ws;
   PostProcessOptions o;
@@ -175,6 +184,9 @@ CocoEvalResult evaluate_detector(const Model& model, const std::string& coco_jso
   std::vector<int64_t> image_ids, category_ids;
   for (const CocoImage& im : coco.images) {
     const cv::Mat rgb = load_image_rgb(im.path);
+    check(rgb.cols == im.width && rgb.rows == im.height,
+          im.path + ": is " + std::to_string(rgb.cols) + "x" + std::to_string(rgb.rows) + ", " + coco_json + " says " +
+              std::to_string(im.width) + "x" + std::to_string(im.height));
     const RawDetections raw = run_detector(model, pre, {rgb}, ws).at(0);
     for (const Detection& d : post_process(raw, model.labels, o)) {
       CocoObject obj;

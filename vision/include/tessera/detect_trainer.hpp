@@ -84,6 +84,9 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
 // eval` runs it: each image through the model's own processor, every slot's best real class
 // (threshold 0, at most 100 per image), COCOeval over the file's images and categories.
 // limit > 0: only the first `limit` images.
+// Every image is checked first (present, and of the size the file says), as an Error naming it.
 CocoEvalResult evaluate_detector(const Model& model, const std::string& coco_json, int64_t limit = 0);
+// The same on a loaded file (`source` names it in errors), all of its images.
+CocoEvalResult evaluate_detector(const Model& model, const CocoDataset& coco, const std::string& source);
 
 }  // namespace tessera
