@@ -18,6 +18,7 @@
 #include <set>
 
 #include "tessera/backward.hpp"
+#include "tessera/atomic_file.hpp"
 #include "tessera/error.hpp"
 #include "tessera/gemm.hpp"
 #include "tessera/image.hpp"
@@ -248,13 +249,7 @@ void save_segmenter_train_model(const SegmenterTrainModel& m, const std::string&
   save_safetensors((dir / "model.safetensors").string(), segmenter_named_tensors(m, m.vit.weights),
                    {{"format", "pt"}});
   auto write_text = [&](const std::string& name, const std::string& text) {
-    const fs::path path = dir / name, tmp = dir / (name + ".tmp");
-    {
-      std::ofstream out(tmp, std::ios::binary);
-      out << text;
-      check(static_cast<bool>(out), tmp.string() + ": cannot write");
-    }
-    fs::rename(tmp, path);
+    write_file_atomic((dir / name).string(), text.data(), text.size());
   };
   write_text("config.json", m.config_json);
   if (!preprocessor_json.empty()) write_text("preprocessor_config.json", preprocessor_json);

@@ -16,6 +16,7 @@
 #include <random>
 
 #include "tessera/backward.hpp"
+#include "tessera/atomic_file.hpp"
 #include "tessera/error.hpp"
 #include "tessera/gemm.hpp"
 #include "tessera/parallel.hpp"
@@ -543,13 +544,7 @@ void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
   }
   save_safetensors((dir / "model.safetensors").string(), tensors, {{"format", "pt"}});
   auto write_text = [&](const std::string& name, const std::string& text) {
-    const fs::path path = dir / name, tmp = dir / (name + ".tmp");
-    {
-      std::ofstream out(tmp, std::ios::binary);
-      out << text;
-      check(static_cast<bool>(out), tmp.string() + ": cannot write");
-    }
-    fs::rename(tmp, path);
+    write_file_atomic((dir / name).string(), text.data(), text.size());
   };
   write_text("config.json", m.config_json);
   if (!preprocessor_json.empty()) write_text("preprocessor_config.json", preprocessor_json);
