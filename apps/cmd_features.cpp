@@ -56,8 +56,8 @@ cv::Mat upsample_onto(const cv::Mat& grid, const PatchFeatures& f) {
 void add_features(CLI::App& app, Action& action) {
   auto* cmd = app.add_subcommand("features", "Patch features (safetensors) and their PCA pictures");
   static InputOptions in;
-  // Every image runs on its own (each keeps its own size and patch grid): no --batch.
-  static const InputOptionsHelp help{"", "Model folder (any ViT Tessera loads)", "", ""};
+  static const InputOptionsHelp help{"", "Model folder (any ViT Tessera loads)", "",
+                                     "Images per forward pass (same-size neighbours share it; results do not depend on it)"};
   static std::string out_file, pca_dir;
   static double background = 0;
   add_input_options(cmd, in, help);
@@ -82,19 +82,48 @@ void add_features(CLI::App& app, Action& action) {
       std::vector<std::string> done;
       std::vector<cv::Mat> originals;
       int failed = 0;
-      for (const std::string& path : paths) {
-        try {
-          const cv::Mat rgb = load_image_rgb(path);
-          features.push_back(patch_features(*model, pre, rgb, ws));
-          done.push_back(path);
-          if (!pca_dir.empty()) originals.push_back(rgb);
-          const Tensor& t = features.back().tokens;
-          std::printf("%s: %lld x %lld patches x %lld features\n", path.c_str(), (long long)t.dim(0), (long long)t.dim(1),
-                      (long long)t.dim(2));
-        } catch (const std::exception& e) {
-          ++failed;
-          std::fprintf(stderr, "tessera: error: %s\n", e.what());
+      auto report = [&](const std::string& path, const cv::Mat& rgb, PatchFeatures f) {
+        const Tensor& t = f.tokens;
+        std::printf("%s: %lld x %lld patches x %lld features\n", path.c_str(), (long long)t.dim(0), (long long)t.dim(1),
+                    (long long)t.dim(2));
+        features.push_back(std::move(f));
+        done.push_back(path);
+        if (!pca_dir.empty()) originals.push_back(rgb);
+      };
+      auto failure = [&](const std::exception& e) {
+        ++failed;
+        std::fprintf(stderr, "tessera: error: %s\n", e.what());
+      };
+      // Up to --batch decoded images at a time; same-size neighbours share a forward pass.
+      for (size_t lo = 0; lo < paths.size(); lo += static_cast<size_t>(in.batch)) {
+        std::vector<std::string> names;
+        std::vector<cv::Mat> images;
+        for (size_t i = lo; i < std::min(paths.size(), lo + static_cast<size_t>(in.batch)); ++i) {
+          try {
+            const cv::Mat rgb = load_image_rgb(paths[i]);
+            pre.check_tokens(rgb.size(), paths[i]);
+            images.push_back(rgb);
+            names.push_back(paths[i]);
+          } catch (const std::exception& e) {
+            failure(e);
+          }
         }
+        if (images.empty()) continue;
+        std::vector<PatchFeatures> batch;
+        try {
+          batch = patch_features(*model, pre, images, ws);
+        } catch (const std::exception&) {
+          // One image at a time, so the error names the one that failed.
+          for (size_t i = 0; i < images.size(); ++i) {
+            try {
+              report(names[i], images[i], patch_features(*model, pre, images[i], ws));
+            } catch (const std::exception& e) {
+              failure(e);
+            }
+          }
+          continue;
+        }
+        for (size_t i = 0; i < images.size(); ++i) report(names[i], images[i], std::move(batch[i]));
       }
       if (!out_file.empty() && !features.empty()) {
         std::vector<std::pair<std::string, Tensor>> tensors;

@@ -657,5 +657,11 @@ TEST_CASE("inputs: a quoted glob expands to its matches (sorted), one that match
   INFO(f.err);
   CHECK(f.code == 0);
   CHECK(fs::exists(dir / "f.safetensors"));
+  // --batch: both images (one size after the processor) in one forward pass, the same features.
+  const Run fb = run_cli("features --model " + vit + " --processor " + (dir / "processor.json").string() +
+                         " --batch 2 --threads 2 --out " + (dir / "fb.safetensors").string() + " '" +
+                         (dir / "*.png").string() + "'");
+  CHECK(fb.code == 0);
+  CHECK(slurp(dir / "fb.safetensors") == slurp(dir / "f.safetensors"));
   fs::remove_all(dir);
 }

@@ -14,19 +14,35 @@
 namespace tessera {
 
 PatchFeatures patch_features(const Model& model, const Preprocessor& pre, const cv::Mat& rgb, ModelWorkspace& ws) {
+  return patch_features(model, pre, std::vector<cv::Mat>{rgb}, ws).at(0);
+}
+
+std::vector<PatchFeatures> patch_features(const Model& model, const Preprocessor& pre,
+                                          const std::vector<cv::Mat>& rgbs, ModelWorkspace& ws) {
   const VitConfig& c = model.encoder.config;
-  Tensor x = pre.image(rgb);
-  const int64_t H = x.dim(1), W = x.dim(2);
-  x = x.reshape({1, x.dim(0), H, W});
-  const Tensor hidden = vit_forward(model.encoder, x, ws.vit);
-  const int64_t gh = H / c.patch_size, gw = W / c.patch_size, D = hidden.dim(2);
-  check(hidden.dim(1) == c.num_prefix_tokens() + gh * gw + c.num_detection_tokens,
-        model.dir + ": the encoder's tokens do not match its patch grid");
-  PatchFeatures out;
-  out.tokens = Tensor({gh, gw, D});
-  std::copy_n(hidden.data() + c.num_prefix_tokens() * D, gh * gw * D, out.tokens.data());
-  out.original = rgb.size();
-  out.region = model_view_region(rgb.size(), pre.config, c.patch_size);
+  std::vector<Tensor> xs;
+  for (const cv::Mat& rgb : rgbs) xs.push_back(pre.image(rgb));
+  std::vector<PatchFeatures> out(rgbs.size());
+  for (size_t lo = 0; lo < xs.size();) {
+    size_t hi = lo + 1;  // a run of images of one pre-processed size
+    while (hi < xs.size() && xs[hi].shape() == xs[lo].shape()) ++hi;
+    const int64_t n = static_cast<int64_t>(hi - lo), C = xs[lo].dim(0), H = xs[lo].dim(1), W = xs[lo].dim(2);
+    Tensor x({n, C, H, W});
+    for (size_t i = lo; i < hi; ++i) std::copy_n(xs[i].data(), xs[i].numel(), x.data() + (i - lo) * xs[i].numel());
+    const Tensor hidden = vit_forward(model.encoder, x, ws.vit);
+    const int64_t gh = H / c.patch_size, gw = W / c.patch_size, T = hidden.dim(1), D = hidden.dim(2);
+    check(T == c.num_prefix_tokens() + gh * gw + c.num_detection_tokens,
+          model.dir + ": the encoder's tokens do not match its patch grid");
+    for (size_t i = lo; i < hi; ++i) {
+      PatchFeatures& f = out[i];
+      f.tokens = Tensor({gh, gw, D});
+      std::copy_n(hidden.data() + (static_cast<int64_t>(i - lo) * T + c.num_prefix_tokens()) * D, gh * gw * D,
+                  f.tokens.data());
+      f.original = rgbs[i].size();
+      f.region = model_view_region(rgbs[i].size(), pre.config, c.patch_size);
+    }
+    lo = hi;
+  }
   return out;
 }
 

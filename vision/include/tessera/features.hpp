@@ -23,6 +23,10 @@ struct PatchFeatures {
 // feature models, YOLOS and Segmenter). Prefix (class, distillation, register) and detection tokens
 // are dropped.
 PatchFeatures patch_features(const Model& model, const Preprocessor& pre, const cv::Mat& rgb, ModelWorkspace& ws);
+// The same for several images: consecutive images that pre-process to one size share a forward
+// pass; the results are those of one image at a time.
+std::vector<PatchFeatures> patch_features(const Model& model, const Preprocessor& pre,
+                                          const std::vector<cv::Mat>& rgbs, ModelWorkspace& ws);
 
 // Principal components of the rows of x [n, d] (n >= 2): the covariance (1 / (n - 1), in double)
 // diagonalised by Eigen's SelfAdjointEigenSolver. components [k, d], largest variance first, each
