@@ -22,22 +22,14 @@
 #include "tessera/parallel.hpp"
 #include "tessera/safetensors.hpp"
 
+#include "rel_err.hpp"
+
 using namespace tessera;
 
 namespace {
 
-constexpr double kTol = 1e-4;
-
-template <class A, class B>
-double rel_err(const A& got, const B& want) {
-  REQUIRE(got.size() == want.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    num = std::max(num, std::abs(static_cast<double>(got[i]) - static_cast<double>(want[i])));
-    den = std::max(den, std::abs(static_cast<double>(want[i])));
-  }
-  return den > 0 ? num / den : num;
-}
+using test::kTol;
+using test::rel_err;
 
 std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f, float shift = 0.0f) {
   std::mt19937_64 rng(seed);

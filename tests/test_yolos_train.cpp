@@ -17,24 +17,16 @@
 #include "tessera/safetensors.hpp"
 #include "tessera/yolos_train.hpp"
 
+#include "rel_err.hpp"
+
 using namespace tessera;
 
 namespace {
 
-constexpr double kTol = 1e-4;
+using test::kTol;
+using test::rel_err;
+using test::values;
 
-template <class A, class B>
-double rel_err(const A& got, const B& want) {
-  REQUIRE(got.size() == want.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    num = std::max(num, std::abs(static_cast<double>(got[i]) - static_cast<double>(want[i])));
-    den = std::max(den, std::abs(static_cast<double>(want[i])));
-  }
-  return den > 0 ? num / den : num;
-}
-
-std::vector<float> values(const Tensor& t) { return {t.data(), t.data() + t.numel()}; }
 std::string fixtures(const std::string& rel) { return std::string(TESSERA_FIXTURES) + "/" + rel; }
 const std::string kModel = "conformance/yolos-tiny-rand";
 
