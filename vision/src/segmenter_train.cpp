@@ -26,6 +26,7 @@
 #include "tessera/parallel.hpp"
 #include "tessera/safetensors.hpp"
 #include "tessera/segmentation_loss.hpp"
+#include "train_internal.hpp"
 
 namespace fs = std::filesystem;
 
@@ -91,12 +92,6 @@ int64_t mapped_offset(const SegmenterTrainModel& m, const NameMap& n) {
 std::string segmenter_config_json(const VitConfig& c, const std::vector<std::string>& labels) {
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object();
   for (size_t i = 0; i < labels.size(); ++i) id2label[std::to_string(i)] = labels[i];
-  // layer_norm_eps as the float's shortest decimal (1e-06, not 9.99999997e-07).
-  char eps[32];
-  for (int digits = 1; digits <= 9; ++digits) {
-    std::snprintf(eps, sizeof eps, "%.*g", digits, static_cast<double>(c.layer_norm_eps));
-    if (std::strtof(eps, nullptr) == c.layer_norm_eps) break;
-  }
   const nlohmann::ordered_json j = {
       {"architectures", {"Segmenter"}},
       {"model_type", "segmenter"},
@@ -109,7 +104,7 @@ std::string segmenter_config_json(const VitConfig& c, const std::vector<std::str
         {"n_heads", c.num_attention_heads},
         {"d_ff", c.intermediate_size},
         {"distilled", false},
-        {"layer_norm_eps", std::strtod(eps, nullptr)}}},
+        {"layer_norm_eps", detail::shortest(c.layer_norm_eps)}}},
       {"decoder", {{"name", "linear"}}},
       {"id2label", id2label},
   };

@@ -3,6 +3,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "tessera/vit_train.hpp"
 
 namespace tessera::detail {
@@ -11,5 +13,16 @@ namespace tessera::detail {
 // with its head: the classifier of num_labels classes, or with c.num_detection_tokens > 0 the
 // YOLOS detection tokens and heads (num_labels + 1 class outputs).
 std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels);
+
+// The double that prints as the float's shortest form (1e-06, not 9.999999974752427e-07).
+double shortest(float x);
+
+// config.json of a new Hugging Face encoder model, in transformers' key order: architectures,
+// model_type, image_size, the encoder's fields (patch_size … qkv_bias), then `head` (the model's
+// own fields), id2label / label2id of `labels`, `tail`, torch_dtype float32.
+nlohmann::ordered_json hf_train_config(const VitConfig& c, const std::string& architecture,
+                                       const std::string& model_type, const nlohmann::ordered_json& image_size,
+                                       const std::vector<std::string>& labels, const nlohmann::ordered_json& head,
+                                       const nlohmann::ordered_json& tail = nlohmann::ordered_json::object());
 
 }  // namespace tessera::detail

@@ -107,6 +107,49 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
 }  // namespace
 
 namespace detail {
+double shortest(float x) {
+  char buf[32];
+  for (int digits = 1; digits <= 9; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
+    if (std::strtof(buf, nullptr) == x) break;
+  }
+  return std::strtod(buf, nullptr);
+}
+
+nlohmann::ordered_json hf_train_config(const VitConfig& c, const std::string& architecture,
+                                       const std::string& model_type, const nlohmann::ordered_json& image_size,
+                                       const std::vector<std::string>& labels, const nlohmann::ordered_json& head,
+                                       const nlohmann::ordered_json& tail) {
+  nlohmann::ordered_json id2label = nlohmann::ordered_json::object(), label2id = nlohmann::ordered_json::object();
+  for (size_t i = 0; i < labels.size(); ++i) {
+    id2label[std::to_string(i)] = labels[i];
+    label2id[labels[i]] = i;
+  }
+  nlohmann::ordered_json j = {
+      {"architectures", {architecture}},
+      {"model_type", model_type},
+      {"image_size", image_size},
+      {"patch_size", c.patch_size},
+      {"num_channels", c.num_channels},
+      {"hidden_size", c.hidden_size},
+      {"num_hidden_layers", c.num_hidden_layers},
+      {"num_attention_heads", c.num_attention_heads},
+      {"intermediate_size", c.intermediate_size},
+      {"hidden_act", "gelu"},
+      {"hidden_dropout_prob", 0.0},
+      {"attention_probs_dropout_prob", 0.0},
+      {"initializer_range", 0.02},
+      {"layer_norm_eps", shortest(c.layer_norm_eps)},
+      {"qkv_bias", c.qkv_bias},
+  };
+  for (const auto& [key, value] : head.items()) j[key] = value;
+  j["id2label"] = id2label;
+  j["label2id"] = label2id;
+  for (const auto& [key, value] : tail.items()) j[key] = value;
+  j["torch_dtype"] = "float32";
+  return j;
+}
+
 std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels) {
   return vit_train_layout(c, base, num_labels, false, false);
 }
@@ -120,16 +163,6 @@ void linear_forward(const float* x, int64_t M, const float* w, const float* b, i
                     float* y) {
   const PackedLinear packed = pack_linear(w, b, N, K);
   linear(x, M, K, packed, y, N);
-}
-
-// The double that prints as the float's shortest form (1e-06, not 9.999999974752427e-07).
-double shortest(float x) {
-  char buf[32];
-  for (int digits = 1; digits <= 9; ++digits) {
-    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
-    if (std::strtof(buf, nullptr) == x) break;
-  }
-  return std::strtod(buf, nullptr);
 }
 
 // Layer scale: z = x·Wᵀ + b [M, D] (kept for the backward), out = residual + λ ⊙ z.
@@ -187,23 +220,17 @@ void position_embedding_forward(const VitTrainModel& m, int64_t height, int64_t 
   const int64_t pre = c.num_prefix_tokens();
   const float* table = m.weights.data() + m.param(m.base + "embeddings.position_embeddings").offset;
   Interpolation how;
-  if (m.detection) {  // YOLOS: rows [cls, grid, detection]; the grid resized to (nh, nw) always
-    const int64_t det = c.num_detection_tokens;
-    std::copy(table, table + pre * d, pos);
-    std::copy(table + (pre + g) * d, table + (pre + g + det) * d, pos + (pre + nh * nw) * d);
-    std::vector<float> chw(static_cast<size_t>(d * g)), resized(static_cast<size_t>(d * nh * nw));
-    for (int64_t i = 0; i < g; ++i)
-      for (int64_t k = 0; k < d; ++k) chw[k * g + i] = table[(pre + i) * d + k];
-    interpolate_forward(how, chw.data(), d, c.grid_height(), c.grid_width(), resized.data(), nh, nw);
-    for (int64_t i = 0; i < nh * nw; ++i)
-      for (int64_t k = 0; k < d; ++k) pos[(pre + i) * d + k] = resized[k * nh * nw + i];
-    return;
-  }
-  if (!hf_resample(c, height, width, how)) {
+  // YOLOS (rows [cls, grid, detection]) resizes the grid to (nh, nw) always; HF ViT only away from
+  // its training size.
+  if (!m.detection && !hf_resample(c, height, width, how)) {
     std::copy(table, table + (pre + g) * d, pos);
     return;
   }
   std::copy(table, table + pre * d, pos);
+  if (m.detection) {
+    const int64_t det = c.num_detection_tokens;
+    std::copy(table + (pre + g) * d, table + (pre + g + det) * d, pos + (pre + nh * nw) * d);
+  }
   // [N, D] → [D, gh, gw] → interpolate → [D, nh, nw] → [nh·nw, D]
   std::vector<float> chw(static_cast<size_t>(d * g)), resized(static_cast<size_t>(d * nh * nw));
   for (int64_t i = 0; i < g; ++i)
@@ -221,23 +248,15 @@ void position_embedding_backward(const VitTrainModel& m, int64_t height, int64_t
   const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
   const int64_t pre = c.num_prefix_tokens();
   Interpolation how;
-  if (m.detection) {  // YOLOS: the adjoint of the forward above
-    const int64_t det = c.num_detection_tokens;
-    for (int64_t k = 0; k < pre * d; ++k) dtable[k] += dpos[k];
-    for (int64_t k = 0; k < det * d; ++k) dtable[(pre + g) * d + k] += dpos[(pre + nh * nw) * d + k];
-    std::vector<float> dchw(static_cast<size_t>(d * nh * nw)), dgrid(static_cast<size_t>(d * g), 0.0f);
-    for (int64_t i = 0; i < nh * nw; ++i)
-      for (int64_t k = 0; k < d; ++k) dchw[k * nh * nw + i] = dpos[(pre + i) * d + k];
-    interpolate_backward(how, dchw.data(), d, c.grid_height(), c.grid_width(), nh, nw, dgrid.data());
-    for (int64_t i = 0; i < g; ++i)
-      for (int64_t k = 0; k < d; ++k) dtable[(pre + i) * d + k] += dgrid[k * g + i];
-    return;
-  }
-  if (!hf_resample(c, height, width, how)) {
+  if (!m.detection && !hf_resample(c, height, width, how)) {
     for (int64_t i = 0; i < (pre + g) * d; ++i) dtable[i] += dpos[i];
     return;
   }
   for (int64_t k = 0; k < pre * d; ++k) dtable[k] += dpos[k];
+  if (m.detection) {
+    const int64_t det = c.num_detection_tokens;
+    for (int64_t k = 0; k < det * d; ++k) dtable[(pre + g) * d + k] += dpos[(pre + nh * nw) * d + k];
+  }
   std::vector<float> dchw(static_cast<size_t>(d * nh * nw)), dgrid(static_cast<size_t>(d * g), 0.0f);
   for (int64_t i = 0; i < nh * nw; ++i)
     for (int64_t k = 0; k < d; ++k) dchw[k * nh * nw + i] = dpos[(pre + i) * d + k];
@@ -392,36 +411,11 @@ VitTrainModel make_vit_train_model(const VitConfig& c, const std::vector<std::st
   m.config.layer_scale = false;
   m.config.activation = MlpActivation::Gelu;
   m.num_labels = static_cast<int64_t>(labels.size());
-  nlohmann::ordered_json id2label = nlohmann::ordered_json::object(),
-                         label2id = nlohmann::ordered_json::object();
-  for (size_t i = 0; i < labels.size(); ++i) {
-    id2label[std::to_string(i)] = labels[i];
-    label2id[labels[i]] = i;
-  }
-  const nlohmann::ordered_json j = {
-      {"architectures", {"ViTForImageClassification"}},
-      {"model_type", "vit"},
-      {"image_size", c.image_height == c.image_width
-                         ? nlohmann::ordered_json(c.image_height)
-                         : nlohmann::ordered_json::array({c.image_height, c.image_width})},
-      {"patch_size", c.patch_size},
-      {"num_channels", c.num_channels},
-      {"hidden_size", c.hidden_size},
-      {"num_hidden_layers", c.num_hidden_layers},
-      {"num_attention_heads", c.num_attention_heads},
-      {"intermediate_size", c.intermediate_size},
-      {"hidden_act", "gelu"},
-      {"hidden_dropout_prob", 0.0},
-      {"attention_probs_dropout_prob", 0.0},
-      {"initializer_range", 0.02},
-      {"layer_norm_eps", shortest(c.layer_norm_eps)},
-      {"qkv_bias", c.qkv_bias},
-      {"encoder_stride", c.patch_size},
-      {"id2label", id2label},
-      {"label2id", label2id},
-      {"problem_type", "single_label_classification"},
-      {"torch_dtype", "float32"},
-  };
+  const nlohmann::ordered_json j = detail::hf_train_config(
+      c, "ViTForImageClassification", "vit",
+      c.image_height == c.image_width ? nlohmann::ordered_json(c.image_height)
+                                      : nlohmann::ordered_json::array({c.image_height, c.image_width}),
+      labels, {{"encoder_stride", c.patch_size}}, {{"problem_type", "single_label_classification"}});
   m.config_json = j.dump(2) + "\n";
   m.params = vit_train_layout(m.config, m.base, m.num_labels, false, false);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);

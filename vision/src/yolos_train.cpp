@@ -47,16 +47,6 @@ int64_t num_tokens(const VitTrainModel& m, const VitTrainActivations& acts) {
          c.num_detection_tokens;
 }
 
-// The double that prints as the float's shortest form (1e-06, not 9.999999974752427e-07).
-double shortest(float x) {
-  char buf[32];
-  for (int digits = 1; digits <= 9; ++digits) {
-    std::snprintf(buf, sizeof buf, "%.*g", digits, static_cast<double>(x));
-    if (std::strtof(buf, nullptr) == x) break;
-  }
-  return std::strtod(buf, nullptr);
-}
-
 }  // namespace
 
 VitTrainModel load_yolos_train_model(const std::string& dir_string) {
@@ -175,40 +165,17 @@ VitTrainModel make_yolos_train_model(const VitConfig& c, const std::vector<std::
       std::copy_n(vit.weights.data() + src.offset, p.numel(), w);
     }
   }
-  nlohmann::ordered_json id2label = nlohmann::ordered_json::object(), label2id = nlohmann::ordered_json::object();
-  for (size_t i = 0; i < labels.size(); ++i) {
-    id2label[std::to_string(i)] = labels[i];
-    label2id[labels[i]] = i;
-  }
-  const nlohmann::ordered_json j = {
-      {"architectures", {"YolosForObjectDetection"}},
-      {"model_type", "yolos"},
-      {"image_size", {c.image_height, c.image_width}},
-      {"patch_size", c.patch_size},
-      {"num_channels", c.num_channels},
-      {"hidden_size", c.hidden_size},
-      {"num_hidden_layers", c.num_hidden_layers},
-      {"num_attention_heads", c.num_attention_heads},
-      {"intermediate_size", c.intermediate_size},
-      {"hidden_act", "gelu"},
-      {"hidden_dropout_prob", 0.0},
-      {"attention_probs_dropout_prob", 0.0},
-      {"initializer_range", 0.02},
-      {"layer_norm_eps", shortest(c.layer_norm_eps)},
-      {"qkv_bias", c.qkv_bias},
-      {"num_detection_tokens", det},
-      {"use_mid_position_embeddings", false},
-      {"auxiliary_loss", false},
-      {"class_cost", 1},
-      {"bbox_cost", 5},
-      {"giou_cost", 2},
-      {"bbox_loss_coefficient", 5},
-      {"giou_loss_coefficient", 2},
-      {"eos_coefficient", 0.1},
-      {"id2label", id2label},
-      {"label2id", label2id},
-      {"torch_dtype", "float32"},
-  };
+  const nlohmann::ordered_json j = detail::hf_train_config(
+      c, "YolosForObjectDetection", "yolos", nlohmann::ordered_json::array({c.image_height, c.image_width}), labels,
+      {{"num_detection_tokens", det},
+       {"use_mid_position_embeddings", false},
+       {"auxiliary_loss", false},
+       {"class_cost", 1},
+       {"bbox_cost", 5},
+       {"giou_cost", 2},
+       {"bbox_loss_coefficient", 5},
+       {"giou_loss_coefficient", 2},
+       {"eos_coefficient", 0.1}});
   m.config_json = j.dump(2) + "\n";
   return m;
 }
