@@ -181,13 +181,7 @@ int train_classify(const TrainArgs& a) {
   o.min_lr = a.min_lr;
   o.augment.enabled = !a.no_augment;
   o.augment.elastic = a.elastic;
-  o.step.optimizer = a.optimizer == "sgd" ? Optimizer::Sgd : Optimizer::AdamW;
-  o.step.lr = static_cast<float>(a.lr);
-  o.step.weight_decay = static_cast<float>(a.weight_decay);
-  o.step.momentum = static_cast<float>(a.momentum);
-  o.step.clip_grad = static_cast<float>(a.clip_grad);
-  o.step.layer_decay = a.layer_decay;
-  o.step.label_smoothing = static_cast<float>(a.label_smoothing);
+  o.step = train_step_options(a);
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
   if (a.freeze_encoder && !a.no_augment)
     std::fprintf(stderr, "note: --freeze-encoder caches each image's features once, so no augmentation applies\n");

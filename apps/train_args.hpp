@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "tessera/vit.hpp"
+#include "tessera/vit_train.hpp"
 
 namespace tessera::cli {
 
@@ -45,6 +46,9 @@ std::string square_vit_processor_json(int64_t size);
 // mlp_ratio·D unless --mlp is given, --layers, --heads, --mlp), checked: the image a multiple of
 // the patch, the width a multiple of the heads.
 void apply_arch_options(VitConfig& c, const TrainArgs& a, int64_t mlp_ratio);
+// The optimiser step the options ask for (--optimizer, --lr, --weight-decay, --momentum,
+// --clip-grad, --layer-decay, --label-smoothing), the same for every task.
+TrainStepOptions train_step_options(const TrainArgs& a);
 
 // The other tasks (same options; each returns the process exit code).
 int train_detect(const TrainArgs& args);

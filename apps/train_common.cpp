@@ -33,6 +33,19 @@ std::string square_vit_processor_json(int64_t size) {
   return j.dump(2) + "\n";
 }
 
+TrainStepOptions train_step_options(const TrainArgs& a) {
+  check(a.optimizer == "adamw" || a.optimizer == "sgd", "--optimizer must be adamw or sgd, got " + a.optimizer);
+  TrainStepOptions s;
+  s.optimizer = a.optimizer == "sgd" ? Optimizer::Sgd : Optimizer::AdamW;
+  s.lr = static_cast<float>(a.lr);
+  s.weight_decay = static_cast<float>(a.weight_decay);
+  s.momentum = static_cast<float>(a.momentum);
+  s.clip_grad = static_cast<float>(a.clip_grad);
+  s.layer_decay = a.layer_decay;
+  s.label_smoothing = static_cast<float>(a.label_smoothing);
+  return s;
+}
+
 void apply_arch_options(VitConfig& c, const TrainArgs& a, int64_t mlp_ratio) {
   if (a.patch_size > 0) c.patch_size = a.patch_size;
   if (a.hidden_size > 0) c.hidden_size = a.hidden_size, c.intermediate_size = mlp_ratio * a.hidden_size;

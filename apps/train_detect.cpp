@@ -102,12 +102,7 @@ int train_detect(const TrainArgs& a) {
   o.warmup_steps = a.warmup;
   o.min_lr = a.min_lr;
   o.augment.enabled = !a.no_augment;
-  o.step.optimizer = a.optimizer == "sgd" ? Optimizer::Sgd : Optimizer::AdamW;
-  o.step.lr = static_cast<float>(a.lr);
-  o.step.weight_decay = static_cast<float>(a.weight_decay);
-  o.step.momentum = static_cast<float>(a.momentum);
-  o.step.clip_grad = static_cast<float>(a.clip_grad);
-  o.step.layer_decay = a.layer_decay;
+  o.step = train_step_options(a);
   const int64_t total = detector_total_steps(data, o), per_epoch = detector_steps_per_epoch(data, o);
 
   const fs::path out(a.out);

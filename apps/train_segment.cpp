@@ -122,20 +122,14 @@ int train_segment(const TrainArgs& args) {
   o.seed = args.seed;
   o.warmup_steps = args.warmup;
   o.min_lr = args.min_lr;
-  check(args.optimizer == "adamw" || args.optimizer == "sgd", "--optimizer must be adamw or sgd");
-  o.step.optimizer = args.optimizer == "sgd" ? Optimizer::Sgd : Optimizer::AdamW;
-  o.step.lr = static_cast<float>(args.lr);
-  o.step.weight_decay = static_cast<float>(args.weight_decay);
-  o.step.momentum = static_cast<float>(args.momentum);
-  o.step.clip_grad = static_cast<float>(args.clip_grad);
-  o.step.layer_decay = args.layer_decay;
+  o.step = train_step_options(args);  // --label-smoothing is refused above
   const int64_t total = segmenter_total_steps(data.size(), o);
   const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;
 
   std::error_code ec;
   fs::create_directories(args.out, ec);
   check(!ec, args.out + ": cannot create (" + ec.message() + ")");
-  const std::string checkpoint = (fs::path(args.out) / "train_checkpoint.safetensors").string();
+  const std::string checkpoint = (fs::path(args.out) / "checkpoint.safetensors").string();
   SegmenterTrainState state;
   if (args.resume && fs::exists(checkpoint)) {
     std::map<std::string, std::string> meta = load_train_checkpoint(checkpoint, model.vit, state.opt);
