@@ -118,12 +118,7 @@ nlohmann::json eval_segment(const Model& model, const std::string& data, int64_t
     const cv::Mat rgb = load_image_rgb(pair.image);
     const cv::Mat truth = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
     check(!truth.empty() && truth.size() == rgb.size(), pair.mask + ": changed while being read");
-    Tensor x = pre.image(rgb);
-    const Shape s = x.shape();
-    x = x.reshape({1, s[0], s[1], s[2]});
-    const SegmentationMasks m = segmentation_masks(model, x, ws);
-    const cv::Mat labels = segmentation_labels(m, 0, rgb.rows, rgb.cols);
-    confusion.add(truth, labels, pair.mask);
+    confusion.add(truth, segment_pixels(model, pre.image(rgb), rgb.rows, rgb.cols, ws), pair.mask);
   }
   const std::vector<double> iou = confusion.class_iou();
   std::printf("mIoU %s over %lld classes present, pixel accuracy %s (%zu images, %lld pixels)\n",

@@ -46,7 +46,8 @@ namespace {
 // segment's own.
 struct Options : InputOptions {
   std::string out_dir, shard = "0/1", fractions;
-  bool color = false, overlay = false, resume = false, sliding = false;
+  bool color = false, overlay = false, resume = false;
+  bool sliding = false, no_sliding = false;  // neither: as the model's config.json says
   int64_t window = 0, stride = 0;
   Options() { batch = 4; }
 };
@@ -232,17 +233,12 @@ int run_segment(const Options& given) {
     fail(pre.source + ": a center crop cannot be mapped back to the whole image; segmentation needs a "
          "processor that only resizes (or keeps the size)");
   int64_t window = o.window, stride = o.stride;
-  if (o.sliding) {
-    if (window == 0) {
-      try {  // config.json was parsed (depth-checked) by load_model; a wrong type is reported here
-        auto cfg = nlohmann::json::parse(model->config_json);
-        window = cfg.contains("inference") ? cfg["inference"].value("window_size", int64_t(0)) : 0;
-        if (stride == 0 && cfg.contains("inference")) stride = cfg["inference"].value("window_stride", int64_t(0));
-      } catch (const nlohmann::json::exception&) {
-        fail(o.model_dir + "/config.json: \"inference\" must be an object with integer window_size / window_stride");
-      }
-      if (window == 0) window = model->encoder.config.image_height;
-    }
+  // Sliding windows by default for a model whose config.json declares them (trained on crops).
+  const bool sliding = o.sliding || (!o.no_sliding && (model->segmentation->window_size > 0 || window > 0));
+  if (sliding) {
+    if (window == 0) window = model->segmentation->window_size;
+    if (window == 0) window = model->encoder.config.image_height;
+    if (stride == 0 && window == model->segmentation->window_size) stride = model->segmentation->window_stride;
     if (window <= 0 || stride < 0) fail("--window and --stride must be positive");
     if (stride == 0) stride = std::max<int64_t>(1, window * 2 / 3);
     // Every window runs window x window pixels: refused now, not after allocating it per image.
@@ -351,7 +347,7 @@ int run_segment(const Options& given) {
                       }
                       cv::Mat rgb = load_image_rgb(inputs[it.index].path);
                       it.original = rgb.size();
-                      if (!o.sliding) pre.check_tokens(rgb.size(), inputs[it.index].path);
+                      if (!sliding) pre.check_tokens(rgb.size(), inputs[it.index].path);
                       it.pixels = pre.image(rgb);
                       if (o.overlay) it.rgb = rgb;
                     } catch (const std::exception& e) {
@@ -369,7 +365,7 @@ int run_segment(const Options& given) {
                     if ((*b)[i].error.empty() && !(*b)[i].skipped) groups[(*b)[i].pixels.shape()].push_back(i);
                   for (const auto& [shape, members] : groups) {
                     try {
-                      if (o.sliding) {
+                      if (sliding) {
                         for (size_t i : members) {
                           Item& it = (*b)[i];
                           it.logits = segmentation_sliding_window(
@@ -406,7 +402,7 @@ int run_segment(const Options& given) {
                     if (!it.error.empty() || it.skipped) continue;
                     try {
                       const int oh = it.original.height, ow = it.original.width;
-                      cv::Mat labels = o.sliding ? segmentation_labels(it.logits, 0, oh, ow)
+                      cv::Mat labels = sliding ? segmentation_labels(it.logits, 0, oh, ow)
                                                  : segmentation_labels(it.masks, 0, oh, ow);
                       it.masks = {};
                       it.logits = Tensor();
@@ -493,7 +489,10 @@ void add_segment(CLI::App& app, Action& action) {
                   "with --shard I/N: FILE.shard-I-of-N.csv)");
   cmd->add_flag("--resume", o.resume, "Skip inputs whose requested outputs all exist");
   cmd->add_option("--shard", o.shard, "I/N: this worker's share (0 <= I < N), by a hash of the output path");
-  cmd->add_flag("--sliding-window", o.sliding, "Segmenter's sliding-window inference (large images)");
+  auto* on = cmd->add_flag("--sliding-window", o.sliding,
+                           "Segmenter's sliding-window inference (default: on when the model's config.json "
+                           "has an \"inference\" window, as a model trained on crops does)");
+  cmd->add_flag("--no-sliding-window", o.no_sliding, "One pass over the whole (pre-processed) image")->excludes(on);
   cmd->add_option("--window", o.window, "Window size (default: config inference.window_size, else training size)");
   cmd->add_option("--stride", o.stride, "Window stride (default: config inference.window_stride, else 2/3 window)");
   cmd->callback([&action] { action = [] { return run_segment(o); }; });

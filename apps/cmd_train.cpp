@@ -142,6 +142,7 @@ int train_classify(const TrainArgs& a) {
   verify_images(data);
   if (!a.val.empty()) verify_images(val);
   check(!(a.init.empty() == a.arch.empty()), "train: give exactly one of --init MODEL_DIR (fine-tune) and --arch PRESET (from scratch)");
+  check(!a.crops, "train --task classify: --crops is for segmentation");
   const bool digits = a.data.rfind("digits", 0) == 0;
 
   VitTrainModel model;
@@ -346,6 +347,9 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--elastic", a.elastic,
                   "Classify: elastic distortion, the largest displacement as a fraction of the side (e.g. 0.1); 0: off")
       ->check(CLI::Range(0.0, 0.5));
+  cmd->add_flag("--crops", a.crops,
+                "segment --arch: train on --image-size crops at the images' own resolution (Segmenter's "
+                "recipe); the model then segments with sliding windows of that size");
   cmd->add_flag("--no-augment", a.no_augment, "Every image through the model's processor and nothing else");
   cmd->add_flag("--no-shuffle", a.no_shuffle, "Batches in data order");
   cmd->add_flag("--resume", a.resume, "Continue from --out/checkpoint.safetensors (bit-identical to an uninterrupted run)");

@@ -30,6 +30,7 @@ struct TrainArgs {
   double elastic = 0.0;       // elastic distortion strength (classify augmentation); 0: off
   int64_t warmup = 0;         // linear warm-up steps
   bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false;
+  bool crops = false;  // segment --arch: train on image_size crops at the images' own resolution
   uint64_t seed = 0;
   int threads = 0;
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: once per epoch (and at the end)
@@ -42,6 +43,9 @@ std::string read_text_file(const std::string& path);
 // Hugging Face's ViTImageProcessor of a model trained from scratch at size x size: bilinear
 // resize, x/255, mean = std = 0.5 (what google/vit-* ship).
 std::string square_vit_processor_json(int64_t size);
+// The same without the resize (do_resize false): images keep their own size (a Segmenter trained
+// on crops runs sliding windows over the image as it is).
+std::string keep_size_processor_json(int64_t size);
 // The size options of an --arch preset (--patch-size, --hidden-size: the MLP then follows as
 // mlp_ratio·D unless --mlp is given, --layers, --heads, --mlp), checked: the image a multiple of
 // the patch, the width a multiple of the heads.

@@ -33,6 +33,12 @@ std::string square_vit_processor_json(int64_t size) {
   return j.dump(2) + "\n";
 }
 
+std::string keep_size_processor_json(int64_t size) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(square_vit_processor_json(size));
+  j["do_resize"] = false;
+  return j.dump(2) + "\n";
+}
+
 TrainStepOptions train_step_options(const TrainArgs& a) {
   check(a.optimizer == "adamw" || a.optimizer == "sgd", "--optimizer must be adamw or sgd, got " + a.optimizer);
   TrainStepOptions s;

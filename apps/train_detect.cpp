@@ -62,6 +62,10 @@ int train_detect(const TrainArgs& a) {
   check(!(a.init.empty() == a.arch.empty()),
         "train --task detect: give exactly one of --init MODEL_DIR (fine-tune a YOLOS folder) and --arch PRESET");
   check(!a.freeze_encoder, "train --task detect: --freeze-encoder is not implemented for detection");
+  check(a.label_smoothing == 0, "train --task detect: --label-smoothing is for classification (the set loss "
+                                "weights no-object by eos_coefficient instead)");
+  check(!a.crops, "train --task detect: --crops is for segmentation");
+  check(a.elastic == 0, "train --task detect: --elastic is for classification");
   check(a.layer_decay == 1.0 || !a.init.empty(), "train: --layer-decay is for fine-tuning (--init)");
   // Everything is read and checked before anything trains.
   const DetectionData data = load_detection_data(a.data);

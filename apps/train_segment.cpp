@@ -17,6 +17,7 @@
 #include "tessera/pipeline.hpp"
 #include "tessera/segmentation.hpp"
 #include "tessera/segmenter_train.hpp"
+#include "tessera/vit_train.hpp"
 #include "train_args.hpp"
 
 namespace fs = std::filesystem;
@@ -64,7 +65,17 @@ std::vector<std::string> segmentation_classes(const std::string& dir) {
   return labels;
 }
 
-// Hugging Face ViTImageProcessor: resize to size x size (bilinear), rescale 1/255, normalise 0.5.
+// --init: a Segmenter folder (fine-tuned as it is) or a ViT / DeiT classifier (its encoder).
+bool segmenter_init_is_vit(const std::string& dir) {
+  const std::string file = (fs::path(dir) / "config.json").string();
+  const nlohmann::json j = nlohmann::json::parse(read_text_file(file), nullptr, false);
+  check(j.is_object(), file + ": not valid JSON");
+  const std::string type = j.value("model_type", "");
+  check(type == "segmenter" || type == "vit" || type == "deit",
+        file + ": --init takes a Segmenter folder or a ViT / DeiT classifier, got model_type \"" + type + "\"");
+  return type != "segmenter";
+}
+
 // mIoU of the folder `dir` as `tessera eval` computes it, on the model saved in `model_dir`.
 double validation_miou(const std::string& model_dir, const std::vector<SegmentationPair>& pairs) {
   const auto model = load_model(model_dir);
@@ -74,11 +85,7 @@ double validation_miou(const std::string& model_dir, const std::vector<Segmentat
   for (const SegmentationPair& pair : pairs) {
     const cv::Mat rgb = load_image_rgb(pair.image);
     const cv::Mat truth = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
-    Tensor x = pre.image(rgb);
-    const Shape s = x.shape();
-    x = x.reshape({1, s[0], s[1], s[2]});
-    const SegmentationMasks m = segmentation_masks(*model, x, ws);
-    confusion.add(truth, segmentation_labels(m, 0, rgb.rows, rgb.cols), pair.mask);
+    confusion.add(truth, segment_pixels(*model, pre.image(rgb), rgb.rows, rgb.cols, ws), pair.mask);
   }
   return confusion.mean_iou();
 }
@@ -93,9 +100,23 @@ int train_segment(const TrainArgs& args) {
         "train --task segment: give one of --init MODEL_DIR (a Segmenter folder) or --arch PRESET");
   check(!args.freeze_encoder, "train --task segment: --freeze-encoder is not supported yet");
   check(args.label_smoothing == 0, "train --task segment: --label-smoothing is not supported for segmentation");
+  check(args.elastic == 0, "train --task segment: --elastic is for classification");
   SegmenterTrainModel model;
   std::string processor_json;
-  if (!args.init.empty()) {
+  const bool init_vit = !args.init.empty() && segmenter_init_is_vit(args.init);
+  if (init_vit) {
+    // Segmenter's recipe: the encoder of a pre-trained ViT classifier, a new decoder.
+    const VitTrainModel vit = load_vit_train_model(args.init);
+    const int64_t size = args.image_size > 0 ? args.image_size : vit.config.image_height;
+    model = segmenter_from_vit(vit, size, segmentation_classes(args.data), args.crops ? size : 0);
+    processor_json = args.crops ? keep_size_processor_json(size) : square_vit_processor_json(size);
+    std::fprintf(stderr, "train segment: the encoder starts from %s (%s), its classifier dropped\n",
+                 args.init.c_str(), vit.architecture.c_str());
+  } else if (!args.init.empty()) {
+    check(!args.crops, "train --task segment: --crops is for a new model (--arch, or --init a ViT classifier); "
+                       "a Segmenter folder keeps the way it was trained (its config.json's \"inference\" window)");
+    check(args.image_size == 0, "train --task segment: --image-size is for a new model; a Segmenter folder "
+                                "trains at its own size");
     model = load_segmenter_train_model(args.init);
     const fs::path pre = fs::path(args.init) / "preprocessor_config.json";
     processor_json = fs::exists(pre) ? read_text_file(pre.string())
@@ -104,8 +125,8 @@ int train_segment(const TrainArgs& args) {
     int64_t size = args.image_size > 0 ? args.image_size : args.arch == "segmenter-ti" ? 512 : 128;
     VitConfig c = segmenter_train_preset(args.arch, size);
     apply_arch_options(c, args, 4);
-    model = make_segmenter_train_model(c, segmentation_classes(args.data), args.seed);
-    processor_json = square_vit_processor_json(size);
+    model = make_segmenter_train_model(c, segmentation_classes(args.data), args.seed, args.crops ? size : 0);
+    processor_json = args.crops ? keep_size_processor_json(size) : square_vit_processor_json(size);
   }
   // Every label must be a class of the model (or 255): checked for every pair before training.
   const std::vector<SegmentationPair> data = load_segmentation_folder(args.data, model.num_classes);
@@ -146,11 +167,12 @@ int train_segment(const TrainArgs& args) {
   };
 
   std::fprintf(stderr,
-               "train segment: %zu images, %lld classes, %lldx%lld input, patch %lld, D %lld, %lld layers, "
+               "train segment: %zu images, %lld classes, %lldx%lld %s, patch %lld, D %lld, %lld layers, "
                "%lld steps of %lld\n",
                data.size(), static_cast<long long>(model.num_classes),
                static_cast<long long>(model.vit.config.image_height),
                static_cast<long long>(model.vit.config.image_width),
+               model.window_size > 0 ? "crops at the images' own resolution" : "input (images resized)",
                static_cast<long long>(model.vit.config.patch_size),
                static_cast<long long>(model.vit.config.hidden_size),
                static_cast<long long>(model.vit.config.num_hidden_layers), static_cast<long long>(total),

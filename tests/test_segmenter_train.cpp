@@ -219,3 +219,177 @@ TEST_CASE("segmentation_sample moves image and mask together", "[segmenter_train
   }
   fs::remove_all(data);
 }
+
+TEST_CASE("segmentation_sample crops windows at the image's own resolution", "[segmenter_train]") {
+  const fs::path data = temp_dir("crops");
+  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
+  // Every pixel a different colour (so a crop can be located exactly); class 1 on a 6x6 square.
+  cv::Mat img(50, 64, CV_8UC3), mask(50, 64, CV_8U, cv::Scalar(0));
+  for (int y = 0; y < img.rows; ++y)
+    for (int x = 0; x < img.cols; ++x) img.at<cv::Vec3b>(y, x) = cv::Vec3b(x * 4, y * 5, (x * 7 + y * 3) % 256);
+  cv::rectangle(mask, cv::Rect(40, 34, 6, 6), cv::Scalar(1), cv::FILLED);
+  cv::imwrite((data / "images" / "a.png").string(), img);
+  cv::imwrite((data / "masks" / "a.png").string(), mask);
+  const SegmentationPair pair{(data / "images" / "a.png").string(), (data / "masks" / "a.png").string()};
+  PreprocessConfig pre;  // keeps the size: x/255, no normalisation
+  pre.do_resize = false, pre.do_normalize = false, pre.height = pre.width = 32;
+  std::vector<float> px(3 * 32 * 32);
+  std::vector<int32_t> labels(32 * 32);
+
+  // Without augmentation: the centred 32x32 window, pixel for pixel.
+  segmentation_sample(pair, pre, false, 0, px.data(), labels.data(), 32, 32, 32);
+  const int x0 = (64 - 32) / 2, y0 = (50 - 32) / 2;
+  int wrong = 0;
+  for (int y = 0; y < 32; ++y)
+    for (int x = 0; x < 32; ++x) {
+      const cv::Vec3b rgb = img.at<cv::Vec3b>(y0 + y, x0 + x);  // written BGR, read back RGB
+      wrong += std::abs(px[(2 * 32 + y) * 32 + x] * 255.0f - rgb[0]) > 1e-3f;
+      wrong += labels[y * 32 + x] != mask.at<uint8_t>(y0 + y, x0 + x);
+    }
+  CHECK(wrong == 0);
+
+  // With augmentation: among up to 10 random windows, one that holds both classes (a random
+  // window misses the square about half the time); image and labels still agree.
+  for (uint64_t seed = 1; seed <= 8; ++seed) {
+    INFO("seed " << seed);
+    segmentation_sample(pair, pre, true, seed, px.data(), labels.data(), 32, 32, 32);
+    const int64_t square = std::count(labels.begin(), labels.end(), 1);
+    CHECK(square > 0);
+    CHECK(square <= 8 * 8);  // scaled by at most 1.25: the square stays at most 8x8
+  }
+
+  // A short side under the crop is enlarged first (segm resize), so the crop always fits.
+  std::vector<float> big(3 * 56 * 56);
+  std::vector<int32_t> big_labels(56 * 56);
+  segmentation_sample(pair, pre, false, 0, big.data(), big_labels.data(), 56, 56, 56);
+  CHECK(std::count(big_labels.begin(), big_labels.end(), 1) > 36);  // the square, enlarged 56/50
+  PreprocessConfig resizing = pre;
+  resizing.do_resize = true;
+  CHECK_THROWS_WITH(segmentation_sample(pair, resizing, false, 0, px.data(), labels.data(), 32, 32, 32),
+                    Catch::Contains("do_resize false"));
+  fs::remove_all(data);
+}
+
+TEST_CASE("A Segmenter trained on crops declares its window and segments with sliding windows",
+          "[segmenter_train]") {
+  VitConfig c = segmenter_train_preset("segmenter-digits", 16);
+  c.hidden_size = 24, c.num_hidden_layers = 2, c.intermediate_size = 48;
+  SegmenterTrainModel m = make_segmenter_train_model(c, {"background", "a", "b"}, 7, 16);
+  CHECK(m.window_size == 16);
+  CHECK_THROWS_WITH(make_segmenter_train_model(c, {"background", "a"}, 7, 24), Catch::Contains("image size"));
+  std::span<float> head = m.vit.view(std::span<float>(m.vit.weights), "classifier.weight");
+  for (size_t i = 0; i < head.size(); ++i) head[i] = 0.02f * static_cast<float>(i % 13) - 0.1f;
+  const fs::path dir = temp_dir("window");
+  save_segmenter_train_model(m, dir.string());
+  const auto model = load_model(dir.string());
+  REQUIRE(model->segmentation != nullptr);
+  CHECK(model->segmentation->window_size == 16);
+  CHECK(model->segmentation->window_stride == 10);  // 2/3 of the window
+  CHECK(load_segmenter_train_model(dir.string()).window_size == 16);
+  // segment_pixels is the sliding window of the config's size and stride.
+  Tensor px({3, 30, 44});
+  for (int64_t i = 0; i < px.numel(); ++i) px[i] = std::sin(0.11f * static_cast<float>(i)) * 0.9f;
+  ModelWorkspace ws;
+  const cv::Mat got = segment_pixels(*model, px, 30, 44, ws);
+  const cv::Mat want =
+      segmentation_labels(segmentation_sliding_window(*model, px.reshape({1, 3, 30, 44}), 16, 10, ws), 0, 30, 44);
+  CHECK(cv::countNonZero(got != want) == 0);
+  CHECK(cv::countNonZero(got) > 0);  // not a trivial all-background map
+  fs::remove_all(dir);
+}
+
+TEST_CASE("Segmenter training on crops: resumed run is bit-identical, the loss falls", "[segmenter_train]") {
+  const fs::path data = temp_dir("cropdata");
+  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
+  for (int i = 0; i < 8; ++i) {
+    cv::Mat img(36, 44, CV_8UC3, cv::Scalar(128, 128, 128)), mask(36, 44, CV_8U, cv::Scalar(0));
+    const int x = 4 + 3 * i, y = 2 + 2 * i;
+    cv::rectangle(img, cv::Rect(x, y, 8, 8), cv::Scalar(240, 240, 240), cv::FILLED);
+    cv::rectangle(mask, cv::Rect(x, y, 8, 8), cv::Scalar(1), cv::FILLED);
+    cv::circle(img, cv::Point(38 - 3 * i, 28 - i), 4, cv::Scalar(20, 20, 20), cv::FILLED);
+    cv::circle(mask, cv::Point(38 - 3 * i, 28 - i), 4, cv::Scalar(2), cv::FILLED);
+    const std::string stem = "s" + std::to_string(i);
+    cv::imwrite((data / "images" / (stem + ".png")).string(), img);
+    cv::imwrite((data / "masks" / (stem + ".png")).string(), mask);
+  }
+  const std::vector<SegmentationPair> pairs = load_segmentation_folder(data.string(), 3);
+  PreprocessConfig pre;
+  pre.do_resize = false, pre.height = pre.width = 16;
+  VitConfig c = segmenter_train_preset("segmenter-digits", 16);
+  c.hidden_size = 24, c.num_hidden_layers = 2, c.intermediate_size = 48;
+  SegmenterTrainOptions o;
+  o.epochs = 4, o.batch = 4, o.seed = 5, o.warmup_steps = 1;
+  o.step.lr = 3e-3f;
+  const SegmenterTrainModel init = make_segmenter_train_model(c, {"background", "square", "disc"}, 3, 16);
+  SegmenterTrainModel full = init;
+  SegmenterTrainState full_state;
+  std::vector<double> losses;
+  train_segmenter(full, full_state, pairs, pre, o, [&](const SegmenterProgress& p) { losses.push_back(p.loss); });
+  REQUIRE(losses.size() == 8);
+  CHECK(losses.back() < losses.front());
+  SegmenterTrainModel part = init;
+  SegmenterTrainState part_state;
+  train_segmenter(part, part_state, pairs, pre, o, {}, 5);
+  const std::string ckpt = (data / "ckpt.safetensors").string();
+  save_train_checkpoint(ckpt, part.vit, part_state.opt, {{"seed", "5"}});
+  SegmenterTrainModel resumed = init;
+  SegmenterTrainState resumed_state;
+  load_train_checkpoint(ckpt, resumed.vit, resumed_state.opt);
+  train_segmenter(resumed, resumed_state, pairs, pre, o);
+  CHECK(resumed.vit.weights == full.vit.weights);
+  fs::remove_all(data);
+}
+
+TEST_CASE("segmenter_from_vit: a ViT classifier's encoder, its position table resized bilinearly",
+          "[segmenter_train]") {
+  // A ViT without query/key/value biases (24x24, patch 4: a 6x6 grid), into a 40x40 Segmenter.
+  const VitTrainModel vit = load_vit_train_model(std::string(TESSERA_FIXTURES) + "/models/vit-p4-h48-noqkvbias-rand");
+  const SegmenterTrainModel m = segmenter_from_vit(vit, 40, {"background", "a", "b"}, 40);
+  CHECK(m.vit.config.image_height == 40);
+  CHECK(m.window_size == 40);
+  CHECK(m.num_classes == 3);
+  const auto src = [&](const std::string& n) { return vit.view(std::span<const float>(vit.weights), n); };
+  const auto dst = [&](const std::string& n) { return m.vit.view(std::span<const float>(m.vit.weights), n); };
+  for (const TrainParam& p : m.vit.params) {
+    INFO(p.name);
+    const std::span<const float> got = dst(p.name);
+    if (p.name == "vit.embeddings.position_embeddings" || p.name.rfind("classifier.", 0) == 0) continue;
+    if (p.name.find("attention.attention.") != std::string::npos && p.name.find(".bias") != std::string::npos) {
+      CHECK(std::all_of(got.begin(), got.end(), [](float v) { return v == 0.0f; }));  // absent upstream
+      continue;
+    }
+    const std::span<const float> want = src(p.name);
+    CHECK(std::equal(got.begin(), got.end(), want.begin(), want.end()));
+  }
+  const std::span<const float> head = dst("classifier.weight");
+  CHECK(std::all_of(head.begin(), head.end(), [](float v) { return v == 0.0f; }));
+  // Position table: the class row kept; the 6x6 grid resized to 10x10 as OpenCV's bilinear
+  // resize (half-pixel centres = align_corners False) does it, one channel at a time.
+  const std::span<const float> p0 = src("vit.embeddings.position_embeddings");
+  const std::span<const float> p1 = dst("vit.embeddings.position_embeddings");
+  const int64_t d = 48;
+  REQUIRE(p1.size() == static_cast<size_t>((1 + 100) * d));
+  CHECK(std::equal(p0.begin(), p0.begin() + d, p1.begin()));
+  double worst = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    cv::Mat grid(6, 6, CV_32F), big;
+    for (int t = 0; t < 36; ++t) grid.at<float>(t / 6, t % 6) = p0[(1 + t) * d + k];
+    cv::resize(grid, big, cv::Size(10, 10), 0, 0, cv::INTER_LINEAR);
+    for (int t = 0; t < 100; ++t)
+      worst = std::max(worst, std::abs(static_cast<double>(big.at<float>(t / 10, t % 10)) - p1[(1 + t) * d + k]));
+  }
+  CHECK(worst <= 1e-6);
+  // It saves as a Segmenter that load_model runs with sliding windows.
+  const fs::path dir = temp_dir("fromvit");
+  save_segmenter_train_model(m, dir.string());
+  const auto model = load_model(dir.string());
+  REQUIRE(model->segmentation != nullptr);
+  CHECK(model->segmentation->window_size == 40);
+  fs::remove_all(dir);
+  // What it cannot take: a teacher (distillation token), another image size than patches fit.
+  CHECK_THROWS_WITH(segmenter_from_vit(vit, 42, {"background", "a"}), Catch::Contains("multiple of the patch size"));
+  CHECK_THROWS_WITH(
+      segmenter_from_vit(load_vit_train_model(std::string(TESSERA_FIXTURES) + "/conformance/deit-tiny-distilled-rand"),
+                         32, {"background", "a"}),
+      Catch::Contains("distillation"));
+}

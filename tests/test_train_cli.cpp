@@ -15,9 +15,12 @@
 #include <random>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 
 #include "cli_util.hpp"
+#include "tessera/metrics.hpp"
 #include "tessera/model.hpp"
 #include "tessera/safetensors.hpp"
 
@@ -191,4 +194,65 @@ TEST_CASE("train --freeze-encoder: only the classifier changes (a linear probe o
     INFO(name);
     CHECK(same == (name.rfind("classifier.", 0) != 0));
   }
+}
+
+TEST_CASE("train --task segment --crops: a Segmenter that segment and eval run with sliding windows", "[train_cli]") {
+  // Light squares (class 1) and dark discs (class 2) on grey, 44x36 images and label maps.
+  const fs::path data = scratch("segdata");
+  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
+  for (int i = 0; i < 6; ++i) {
+    cv::Mat img(36, 44, CV_8UC3, cv::Scalar(128, 128, 128)), mask(36, 44, CV_8U, cv::Scalar(0));
+    cv::rectangle(img, cv::Rect(4 + 4 * i, 3 + 2 * i, 9, 9), cv::Scalar(240, 240, 240), cv::FILLED);
+    cv::rectangle(mask, cv::Rect(4 + 4 * i, 3 + 2 * i, 9, 9), cv::Scalar(1), cv::FILLED);
+    cv::circle(img, cv::Point(38 - 4 * i, 28 - i), 5, cv::Scalar(20, 20, 20), cv::FILLED);
+    cv::circle(mask, cv::Point(38 - 4 * i, 28 - i), 5, cv::Scalar(2), cv::FILLED);
+    cv::imwrite((data / "images" / ("s" + std::to_string(i) + ".png")).string(), img);
+    cv::imwrite((data / "masks" / ("s" + std::to_string(i) + ".png")).string(), mask);
+  }
+  const fs::path out = scratch("segcrops") / "model";
+  const Run r = run_cli("train --task segment --data " + data.string() + " --out " + out.string() +
+                        " --arch segmenter-digits --crops --image-size 16 --hidden-size 24 --layers 1 --heads 2"
+                        " --max-steps 6 --batch 2 --lr 3e-3 --threads 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  CHECK(r.err.find("16x16 crops at the images' own resolution") != std::string::npos);
+  const nlohmann::json cfg = nlohmann::json::parse(slurp(out / "config.json"));
+  CHECK(cfg["inference"]["window_size"] == 16);
+  CHECK(cfg["inference"]["window_stride"] == 10);
+  CHECK(nlohmann::json::parse(slurp(out / "preprocessor_config.json"))["do_resize"] == false);
+  CHECK_FALSE(fs::exists(out / "checkpoint.safetensors"));
+
+  // segment: sliding windows by default, the same label map as asked for explicitly; one pass
+  // over the whole image on request.
+  const fs::path image = data / "images" / "s2.png";
+  const fs::path a = scratch("seg-default"), b = scratch("seg-sliding"), c = scratch("seg-onepass");
+  for (const auto& [dir, flag] : {std::pair{a, ""}, {b, " --sliding-window --window 16 --stride 10"},
+                                  {c, " --no-sliding-window"}}) {
+    const Run s = run_cli("segment --model " + out.string() + " --out " + dir.string() + flag + " " + image.string());
+    INFO(flag << s.err);
+    REQUIRE(s.code == 0);
+  }
+  const cv::Mat la = cv::imread((a / "s2.png").string(), cv::IMREAD_UNCHANGED);
+  const cv::Mat lb = cv::imread((b / "s2.png").string(), cv::IMREAD_UNCHANGED);
+  const cv::Mat lc = cv::imread((c / "s2.png").string(), cv::IMREAD_UNCHANGED);
+  REQUIRE(la.size() == cv::Size(44, 36));
+  REQUIRE(lc.size() == la.size());
+  CHECK(cv::countNonZero(la != lb) == 0);
+  CHECK(run_cli("segment --model " + out.string() + " --out " + c.string() +
+                " --sliding-window --no-sliding-window " + image.string()).code != 0);
+
+  // eval measures what segment outputs, image for image.
+  const fs::path all = scratch("seg-all");
+  REQUIRE(run_cli("segment --model " + out.string() + " --out " + all.string() + " " + (data / "images").string()).code == 0);
+  SegmentationConfusion confusion(3);
+  for (int i = 0; i < 6; ++i) {
+    const std::string name = "s" + std::to_string(i) + ".png";
+    confusion.add(cv::imread((data / "masks" / name).string(), cv::IMREAD_UNCHANGED),
+                  cv::imread((all / name).string(), cv::IMREAD_UNCHANGED), name);
+  }
+  const fs::path json = scratch("segeval") / "e.json";
+  const Run e = run_cli("eval --model " + out.string() + " --data " + data.string() + " --json " + json.string());
+  INFO(e.err);
+  REQUIRE(e.code == 0);
+  CHECK(nlohmann::json::parse(slurp(json))["mIoU"].get<double>() == Approx(confusion.mean_iou()).epsilon(1e-12));
 }

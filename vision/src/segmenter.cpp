@@ -89,6 +89,13 @@ void load_segmenter(Model& m, const Config& cfg, Checkpoint& ck, WeightType type
   auto head = std::make_shared<SegmentationHead>();
   SegmentationHead& h = *head;
   h.num_classes = cfg.positive("n_cls");
+  if (cfg.has("inference")) {
+    const Config inf = cfg.sub("inference");
+    h.window_size = inf.positive("window_size");
+    h.window_stride = inf.integer("window_stride", std::max<int64_t>(1, h.window_size * 2 / 3));
+    check(h.window_stride > 0 && h.window_stride <= h.window_size,
+          inf.file + ": inference.window_stride must be in 1..window_size, got " + std::to_string(h.window_stride));
+  }
   const Config enc = cfg.sub("encoder");
   if (enc.has("backbone_config")) {
     // Another encoder Tessera loads, with its own key names under "encoder.".
@@ -452,6 +459,17 @@ Tensor segmentation_sliding_window(const Model& m, const Tensor& px, int64_t win
   for (int64_t k = 0; k < n; ++k)
     for (int64_t i = 0; i < H * W; ++i) sum[k * H * W + i] /= count[i];
   return sum;
+}
+
+cv::Mat segment_pixels(const Model& m, const Tensor& px, int out_height, int out_width, ModelWorkspace& ws) {
+  check(m.segmentation != nullptr, m.dir + ": not a segmentation model");
+  check(px.ndim() == 3, "segment_pixels takes one image [C, H, W], got " + shape_str(px.shape()));
+  const Tensor x = px.reshape({1, px.dim(0), px.dim(1), px.dim(2)});
+  const SegmentationHead& h = *m.segmentation;
+  if (h.window_size > 0)
+    return segmentation_labels(segmentation_sliding_window(m, x, h.window_size, h.window_stride, ws), 0,
+                               out_height, out_width);
+  return segmentation_labels(segmentation_masks(m, x, ws), 0, out_height, out_width);
 }
 
 }  // namespace tessera

@@ -22,6 +22,7 @@
 #include "tessera/error.hpp"
 #include "tessera/gemm.hpp"
 #include "tessera/image.hpp"
+#include "tessera/kernels.hpp"
 #include "tessera/optim.hpp"
 #include "tessera/parallel.hpp"
 #include "tessera/safetensors.hpp"
@@ -89,7 +90,7 @@ int64_t mapped_offset(const SegmenterTrainModel& m, const NameMap& n) {
   return offset;
 }
 
-std::string segmenter_config_json(const VitConfig& c, const std::vector<std::string>& labels) {
+std::string segmenter_config_json(const VitConfig& c, const std::vector<std::string>& labels, int64_t window) {
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object();
   for (size_t i = 0; i < labels.size(); ++i) id2label[std::to_string(i)] = labels[i];
   const nlohmann::ordered_json j = {
@@ -108,7 +109,9 @@ std::string segmenter_config_json(const VitConfig& c, const std::vector<std::str
       {"decoder", {{"name", "linear"}}},
       {"id2label", id2label},
   };
-  return j.dump(2) + "\n";
+  nlohmann::ordered_json out = j;
+  if (window > 0) out["inference"] = {{"window_size", window}, {"window_stride", std::max<int64_t>(1, window * 2 / 3)}};
+  return out.dump(2) + "\n";
 }
 
 void check_trainable(const VitConfig& c, const std::string& where) {
@@ -130,7 +133,8 @@ Interpolation upsample() {
 }  // namespace
 
 SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
-                                               const std::vector<std::string>& labels, uint64_t seed) {
+                                               const std::vector<std::string>& labels, uint64_t seed,
+                                               int64_t window_size) {
   check(!labels.empty(), "make_segmenter_train_model: no labels");
   check_trainable(encoder, "make_segmenter_train_model");
   VitConfig c = encoder;
@@ -139,7 +143,10 @@ SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
   m.vit = make_vit_train_model(c, labels, seed);
   m.num_classes = static_cast<int64_t>(labels.size());
   m.labels = labels;
-  m.config_json = segmenter_config_json(m.vit.config, labels);
+  check(window_size == 0 || (window_size == c.image_height && window_size == c.image_width),
+        "make_segmenter_train_model: a crop-trained model's window must be its image size");
+  m.window_size = window_size;
+  m.config_json = segmenter_config_json(m.vit.config, labels, window_size);
   return m;
 }
 
@@ -178,6 +185,12 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
   m.vit = make_vit_train_model(c, m.labels, 0);
   m.num_classes = n;
   m.config_json = text;
+  if (cfg.has("inference")) {
+    m.window_size = cfg.sub("inference").positive("window_size");
+    check(m.window_size == ih && m.window_size == iw,
+          config_file + ": inference.window_size " + std::to_string(m.window_size) +
+              " is not the encoder's image_size; training crops are image_size windows");
+  }
 
   const std::string file = (dir / "model.safetensors").string();
   check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
@@ -196,6 +209,52 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
     check(used.count(t) || t.rfind("encoder.head", 0) == 0,
           file + ": unexpected tensor '" + t + "' for a Segmenter with the linear decoder "
                  "(config and checkpoint disagree)");
+  return m;
+}
+
+SegmenterTrainModel segmenter_from_vit(const VitTrainModel& vit, int64_t image_size,
+                                       const std::vector<std::string>& labels, int64_t window_size) {
+  const VitConfig& from = vit.config;
+  const std::string what = "a Segmenter encoder from a " + vit.architecture;
+  check(!vit.teacher && !vit.class_mean && !vit.detection && from.num_distillation_tokens == 0 &&
+            from.num_register_tokens == 0 && !from.layer_scale && (vit.base == "vit." || vit.base == "deit."),
+        what + ": only a ViT or DeiT classifier without a distillation token can be one");
+  check(from.activation == MlpActivation::Gelu, what + ": Segmenter's MLP is exact GELU, this model's is not");
+  check(image_size > 0 && image_size % from.patch_size == 0,
+        what + ": image size " + std::to_string(image_size) + " is not a positive multiple of the patch size " +
+            std::to_string(from.patch_size));
+  VitConfig c = from;
+  c.image_height = c.image_width = image_size;
+  SegmenterTrainModel m = make_segmenter_train_model(c, labels, 0, window_size);
+  // Every encoder tensor by name (the prefix may differ), the position table resampled.
+  const std::string pos = "embeddings.position_embeddings";
+  for (const TrainParam& p : m.vit.params) {
+    if (p.name.rfind(m.vit.base, 0) != 0) continue;  // the classifier: stays zero
+    const std::string rest = p.name.substr(m.vit.base.size());
+    const bool present = std::any_of(vit.params.begin(), vit.params.end(),
+                                     [&](const TrainParam& q) { return q.name == vit.base + rest; });
+    if (!present) continue;  // query/key/value biases of a ViT without them (qkv_bias false): zero
+    const std::span<const float> src = vit.view(std::span<const float>(vit.weights), vit.base + rest);
+    const std::span<float> dst = m.vit.view(std::span<float>(m.vit.weights), p.name);
+    if (rest != pos) {
+      check(src.size() == dst.size(), what + ": " + rest + " has another size");
+      std::copy(src.begin(), src.end(), dst.begin());
+      continue;
+    }
+    const int64_t d = c.hidden_size, gh = from.grid_height(), gw = from.grid_width();
+    const int64_t nh = c.grid_height(), nw = c.grid_width();
+    std::copy_n(src.data(), d, dst.data());  // the class token's row
+    if (gh == nh && gw == nw) {
+      std::copy(src.begin() + d, src.end(), dst.begin() + d);
+      continue;
+    }
+    std::vector<float> grid(static_cast<size_t>(d * gh * gw)), out(static_cast<size_t>(d * nh * nw));
+    for (int64_t t = 0; t < gh * gw; ++t)
+      for (int64_t k = 0; k < d; ++k) grid[k * gh * gw + t] = src[(1 + t) * d + k];
+    interpolate_bilinear(grid.data(), d, gh, gw, out.data(), nh, nw, false);
+    for (int64_t t = 0; t < nh * nw; ++t)
+      for (int64_t k = 0; k < d; ++k) dst[(1 + t) * d + k] = out[k * nh * nw + t];
+  }
   return m;
 }
 
@@ -399,17 +458,63 @@ std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrain
 
 void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor, bool augment,
                          uint64_t augment_seed, float* pixels, int32_t* labels, int64_t height,
-                         int64_t width) {
+                         int64_t width, int64_t crop) {
   cv::Mat rgb = load_image_rgb(pair.image);
   cv::Mat mask = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
   check(!mask.empty() && mask.channels() == 1 && mask.size() == rgb.size(),
         pair.mask + ": not a one-channel label map of its image's size");
-  if (augment) {
-    // Uniforms from the 53 high bits of a mt19937_64: the same on every platform.
-    std::mt19937_64 rng(augment_seed);
-    auto uniform = [&](double lo, double hi) {
-      return lo + (hi - lo) * static_cast<double>(rng() >> 11) * 0x1.0p-53;
+  // Uniforms from the 53 high bits of a mt19937_64: the same on every platform.
+  std::mt19937_64 rng(augment_seed);
+  auto uniform = [&](double lo, double hi) {
+    return lo + (hi - lo) * static_cast<double>(rng() >> 11) * 0x1.0p-53;
+  };
+  if (crop > 0) {
+    check(height == crop && width == crop, "segmentation_sample: the crop must be the model's input size");
+    check(!processor.do_resize && !processor.do_center_crop,
+          "segmentation_sample: crops need a processor that keeps the image's size (do_resize false)");
+    auto scale_to = [&](double sw, double sh) {
+      const cv::Size to(std::max(1, static_cast<int>(std::lround(rgb.cols * sw))),
+                        std::max(1, static_cast<int>(std::lround(rgb.rows * sh))));
+      if (to == rgb.size()) return;
+      cv::Mat r, rm;
+      cv::resize(rgb, r, to, 0, 0, cv::INTER_LINEAR);
+      cv::resize(mask, rm, to, 0, 0, cv::INTER_NEAREST_EXACT);
+      rgb = r, mask = rm;
     };
+    if (augment) {
+      const double s = std::exp(uniform(std::log(0.8), std::log(1.25)));
+      scale_to(s, s);
+    }
+    if (std::min(rgb.rows, rgb.cols) < crop) {  // segm resize(): the short side becomes `crop`
+      const double s = static_cast<double>(crop) / std::min(rgb.rows, rgb.cols);
+      scale_to(s, s);
+    }
+    const int c = static_cast<int>(crop);
+    auto classes_in = [&](const cv::Rect& r) {
+      std::set<int> seen;
+      for (int y = r.y; y < r.y + r.height && seen.size() < 2; ++y)
+        for (int x = r.x; x < r.x + r.width; ++x) {
+          const int v = mask.depth() == CV_16U ? mask.at<uint16_t>(y, x) : mask.at<uint8_t>(y, x);
+          if (v != 255) seen.insert(v);
+          if (seen.size() >= 2) break;
+        }
+      return seen.size();
+    };
+    cv::Rect win((rgb.cols - c) / 2, (rgb.rows - c) / 2, c, c);
+    if (augment)
+      for (int attempt = 0; attempt < 10; ++attempt) {
+        win.x = static_cast<int>(uniform(0, rgb.cols - c + 1 - 1e-9));
+        win.y = static_cast<int>(uniform(0, rgb.rows - c + 1 - 1e-9));
+        if (classes_in(win) >= 2) break;
+      }
+    rgb_to_chw(rgb(win).clone(), processor, pixels);
+    for (int y = 0; y < c; ++y)
+      for (int x = 0; x < c; ++x)
+        labels[y * c + x] = mask.depth() == CV_16U ? mask.at<uint16_t>(win.y + y, win.x + x)
+                                                   : mask.at<uint8_t>(win.y + y, win.x + x);
+    return;
+  }
+  if (augment) {
     const double s = std::exp(uniform(std::log(0.8), std::log(1.25)));
     const double tx = uniform(-0.1, 0.1) * rgb.cols, ty = uniform(-0.1, 0.1) * rgb.rows;
     const double cx = 0.5 * rgb.cols, cy = 0.5 * rgb.rows;
@@ -461,7 +566,8 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
         const uint64_t aug_seed = (o.seed * 0x9E3779B97F4A7C15ull) ^
                                   (static_cast<uint64_t>(s) * 0xBF58476D1CE4E5B9ull + static_cast<uint64_t>(b) + 1);
         segmentation_sample(data[idx[static_cast<size_t>(b)]], processor, o.augment, aug_seed,
-                            pixels.data() + b * C * H * W, labels.data() + b * H * W, H, W);
+                            pixels.data() + b * C * H * W, labels.data() + b * H * W, H, W,
+                            model.window_size);
       }
     });
     TrainStepOptions step = o.step;

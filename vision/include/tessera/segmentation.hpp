@@ -30,6 +30,10 @@ struct SegmentationHead {
   int64_t num_classes = 0;       // n_cls
   int64_t encoder_dim = 0;       // d_encoder
   int64_t num_extra_tokens = 1;  // encoder tokens before the patches (cls, dist, registers)
+  // config.json "inference": {"window_size", "window_stride"} (Segmenter's inference_kwargs): the
+  // model segments with sliding windows of this size at the image's own resolution (what it was
+  // trained on: crops); 0 when absent (one pass at the processor's size).
+  int64_t window_size = 0, window_stride = 0;
 
   // DecoderLinear: head = Linear(d_encoder, n_cls).
   PackedLinear head;
@@ -86,5 +90,12 @@ cv::Mat segmentation_labels(const Tensor& logits, int64_t b, int out_height, int
 // size (H', W'); bring them to any size with segmentation_labels. batch = crops per forward pass.
 Tensor segmentation_sliding_window(const Model& model, const Tensor& pixel_values, int64_t window,
                                    int64_t stride, ModelWorkspace& ws, int64_t batch = 4);
+
+// The label map (out_height x out_width) of one pre-processed image [C, H, W] as the model's own
+// inference does it: sliding windows of the config's inference.window_size / window_stride when
+// it has them (a model trained on crops), else one pass over the whole input. What `tessera
+// segment` runs by default, `tessera eval` measures and training validates.
+cv::Mat segment_pixels(const Model& model, const Tensor& pixel_values, int out_height, int out_width,
+                       ModelWorkspace& ws);
 
 }  // namespace tessera

@@ -34,6 +34,10 @@ struct SegmenterTrainModel {
   std::string config_json;  // Segmenter's config.json text (written back on save)
   int64_t num_classes = 0;
   std::vector<std::string> labels;  // id2label, one per class
+  // > 0: trained on random window_size crops at the image's own resolution (Segmenter's recipe)
+  // and run with sliding windows of that size (config.json "inference", segmentation.hpp);
+  // 0: trained and run on the whole image resized to image_size.
+  int64_t window_size = 0;
 };
 
 // Reads a Segmenter folder (config.json model_type "segmenter" with the linear decoder and
@@ -44,8 +48,20 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir);
 // A new Segmenter with the linear decoder over an encoder of `encoder` (image size, patch size,
 // hidden_size = d_model, layers, heads, intermediate_size = d_ff, layer_norm_eps) for `labels`,
 // initialised as make_vit_train_model does (decoder.head zero), deterministic for a seed.
+// window_size > 0 (it must be the image size): a model trained on crops, whose config.json carries
+// "inference": {"window_size", "window_stride": 2/3 of it}.
 SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
-                                               const std::vector<std::string>& labels, uint64_t seed);
+                                               const std::vector<std::string>& labels, uint64_t seed,
+                                               int64_t window_size = 0);
+
+// Segmenter's own recipe, an encoder pre-trained as a classifier: a new Segmenter whose encoder
+// is `vit` (a ViTForImageClassification, or DeiT without a distillation token, as
+// load_vit_train_model reads it; GELU MLPs) at image_size x image_size, its position table
+// resized as Segmenter's resize_pos_embed does (bilinear, align_corners False, the class token's
+// row kept), the classifier dropped and decoder.head zero for `labels`. window_size as
+// make_segmenter_train_model.
+SegmenterTrainModel segmenter_from_vit(const VitTrainModel& vit, int64_t image_size,
+                                       const std::vector<std::string>& labels, int64_t window_size = 0);
 
 // --arch presets at image_size x image_size: "segmenter-ti" (Segmenter's ViT-Ti/16: D 192, 12
 // layers, 3 heads, MLP 768, patch 16) and "segmenter-digits" (for small scenes: patch 4, D 96,
@@ -135,9 +151,15 @@ std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrain
 // size), after the augmentation of (seed, step, index in batch) when `augment`: a random scale in
 // [0.8, 1.25] and translation of up to 10% of each side, one affine for both (bilinear for the
 // image, nearest for the mask, borders replicated). Fills pixels [3, H, W] and labels [H·W].
+//
+// crop > 0 (a model with a window, whose processor keeps the size): instead, the image at its own
+// resolution (when augmenting, scaled by a random factor in [0.8, 1.25]; enlarged, as segm
+// resize(), when its short side is under `crop`) and one crop x crop window of it: the first of up
+// to 10 random windows that holds at least two classes (so crops of bare background, which most
+// of a sparse scene is, rarely fill a batch), or the centred window without augmentation.
 void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor,
                          bool augment, uint64_t augment_seed, float* pixels, int32_t* labels,
-                         int64_t height, int64_t width);
+                         int64_t height, int64_t width, int64_t crop = 0);
 
 // Runs steps state.opt.step .. total − 1 (the rest after a restored checkpoint), calling on_step
 // after each; stop_before > 0 stops at that step (the schedule stays the whole run's). Every
