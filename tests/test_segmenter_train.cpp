@@ -146,8 +146,11 @@ TEST_CASE("Segmenter training refuses what it cannot train", "[segmenter_train]"
 }
 
 TEST_CASE("Segmenter training loop: resumed run is bit-identical, the loss falls", "[segmenter_train]") {
+  // Both ways of training: the whole image resized to 16x16, and 16x16 crops at its own size.
+  const bool crops = GENERATE(false, true);
+  INFO((crops ? "crops" : "whole images"));
   // A small data set: light squares (class 1) and dark discs (class 2) on grey, 40x32 images.
-  const fs::path data = temp_dir("data");
+  const fs::path data = temp_dir(crops ? "cropdata" : "data");
   fs::create_directories(data / "images"), fs::create_directories(data / "masks");
   for (int i = 0; i < 8; ++i) {
     cv::Mat img(32, 40, CV_8UC3, cv::Scalar(128, 128, 128)), mask(32, 40, CV_8U, cv::Scalar(0));
@@ -163,30 +166,32 @@ TEST_CASE("Segmenter training loop: resumed run is bit-identical, the loss falls
   const std::vector<SegmentationPair> pairs = load_segmentation_folder(data.string(), 3);
   PreprocessConfig pre;
   pre.height = pre.width = 16;
+  pre.do_resize = !crops;
   VitConfig c = segmenter_train_preset("segmenter-digits", 16);
   c.hidden_size = 24, c.num_hidden_layers = 2, c.intermediate_size = 48;
   SegmenterTrainOptions o;
-  o.epochs = 3, o.batch = 4, o.seed = 5, o.warmup_steps = 1;
+  o.epochs = 4, o.batch = 4, o.seed = 5, o.warmup_steps = 1;
   o.step.lr = 3e-3f;
-  const SegmenterTrainModel init = make_segmenter_train_model(c, {"background", "square", "disc"}, 3);
+  const SegmenterTrainModel init =
+      make_segmenter_train_model(c, {"background", "square", "disc"}, 3, crops ? 16 : 0);
 
   SegmenterTrainModel full = init;
   SegmenterTrainState full_state;
   std::vector<double> losses;
   train_segmenter(full, full_state, pairs, pre, o, [&](const SegmenterProgress& p) { losses.push_back(p.loss); });
-  REQUIRE(losses.size() == 6);
+  REQUIRE(losses.size() == 8);
   CHECK(losses.back() < losses.front());
 
-  // Killed after step 3, checkpointed, resumed in a fresh model.
+  // Killed after step 5, checkpointed, resumed in a fresh model.
   SegmenterTrainModel part = init;
   SegmenterTrainState part_state;
-  train_segmenter(part, part_state, pairs, pre, o, {}, 3);
+  train_segmenter(part, part_state, pairs, pre, o, {}, 5);
   const std::string ckpt = (data / "ckpt.safetensors").string();
   save_train_checkpoint(ckpt, part.vit, part_state.opt, {{"seed", "5"}});
   SegmenterTrainModel resumed = init;
   SegmenterTrainState resumed_state;
   load_train_checkpoint(ckpt, resumed.vit, resumed_state.opt);
-  CHECK(resumed_state.opt.step == 3);
+  CHECK(resumed_state.opt.step == 5);
   train_segmenter(resumed, resumed_state, pairs, pre, o);
   CHECK(resumed.vit.weights == full.vit.weights);
   fs::remove_all(data);
@@ -296,48 +301,6 @@ TEST_CASE("A Segmenter trained on crops declares its window and segments with sl
   CHECK(cv::countNonZero(got != want) == 0);
   CHECK(cv::countNonZero(got) > 0);  // not a trivial all-background map
   fs::remove_all(dir);
-}
-
-TEST_CASE("Segmenter training on crops: resumed run is bit-identical, the loss falls", "[segmenter_train]") {
-  const fs::path data = temp_dir("cropdata");
-  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
-  for (int i = 0; i < 8; ++i) {
-    cv::Mat img(36, 44, CV_8UC3, cv::Scalar(128, 128, 128)), mask(36, 44, CV_8U, cv::Scalar(0));
-    const int x = 4 + 3 * i, y = 2 + 2 * i;
-    cv::rectangle(img, cv::Rect(x, y, 8, 8), cv::Scalar(240, 240, 240), cv::FILLED);
-    cv::rectangle(mask, cv::Rect(x, y, 8, 8), cv::Scalar(1), cv::FILLED);
-    cv::circle(img, cv::Point(38 - 3 * i, 28 - i), 4, cv::Scalar(20, 20, 20), cv::FILLED);
-    cv::circle(mask, cv::Point(38 - 3 * i, 28 - i), 4, cv::Scalar(2), cv::FILLED);
-    const std::string stem = "s" + std::to_string(i);
-    cv::imwrite((data / "images" / (stem + ".png")).string(), img);
-    cv::imwrite((data / "masks" / (stem + ".png")).string(), mask);
-  }
-  const std::vector<SegmentationPair> pairs = load_segmentation_folder(data.string(), 3);
-  PreprocessConfig pre;
-  pre.do_resize = false, pre.height = pre.width = 16;
-  VitConfig c = segmenter_train_preset("segmenter-digits", 16);
-  c.hidden_size = 24, c.num_hidden_layers = 2, c.intermediate_size = 48;
-  SegmenterTrainOptions o;
-  o.epochs = 4, o.batch = 4, o.seed = 5, o.warmup_steps = 1;
-  o.step.lr = 3e-3f;
-  const SegmenterTrainModel init = make_segmenter_train_model(c, {"background", "square", "disc"}, 3, 16);
-  SegmenterTrainModel full = init;
-  SegmenterTrainState full_state;
-  std::vector<double> losses;
-  train_segmenter(full, full_state, pairs, pre, o, [&](const SegmenterProgress& p) { losses.push_back(p.loss); });
-  REQUIRE(losses.size() == 8);
-  CHECK(losses.back() < losses.front());
-  SegmenterTrainModel part = init;
-  SegmenterTrainState part_state;
-  train_segmenter(part, part_state, pairs, pre, o, {}, 5);
-  const std::string ckpt = (data / "ckpt.safetensors").string();
-  save_train_checkpoint(ckpt, part.vit, part_state.opt, {{"seed", "5"}});
-  SegmenterTrainModel resumed = init;
-  SegmenterTrainState resumed_state;
-  load_train_checkpoint(ckpt, resumed.vit, resumed_state.opt);
-  train_segmenter(resumed, resumed_state, pairs, pre, o);
-  CHECK(resumed.vit.weights == full.vit.weights);
-  fs::remove_all(data);
 }
 
 TEST_CASE("segmenter_from_vit: a ViT classifier's encoder, its position table resized bilinearly",
