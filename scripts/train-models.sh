@@ -10,7 +10,7 @@
 # Bundled today: the digit classifier (assets/models/digits, 97.80% on the test cells). The
 # detector and segmenter recipes below do NOT reach issue 15's targets yet (from scratch, on a
 # shared 2-core machine, the YOLOS run stayed on the set loss's "mean box" plateau: AP50 0.0001;
-# the Segmenter runs find the ink (background IoU 0.98) but not which digit: mIoU 0.13), so they train
+# the Segmenter runs find the ink (background IoU 0.98) but not which digit: mIoU 0.17), so they train
 # into out/candidates/ and are evaluated there, never into assets/models/.
 #
 # Needs build/apps/tessera (scripts/build.sh). Scenes are drawn into out/data (TESSERA_DATA).
@@ -98,7 +98,7 @@ segmenter() {  # a candidate: does not reach the targets yet (see the top of thi
   test=$(scenes test 200 0)
   rm -rf "$out"
   # 64x64 crops at the scenes' own resolution, sliding windows at inference; the encoder starts
-  # from the bundled digit classifier (12 minutes here: mIoU 0.13, background 0.98).
+  # from the bundled digit classifier (12 minutes here: mIoU 0.17, background 0.98).
   "$tessera" train --task segment --data "$train" --init assets/models/digits --crops --image-size 64 \
     --batch 8 --max-steps 3000 --lr 1e-3 --warmup 200 --min-lr 1e-5 --seed 1 \
     --out "$out" --threads "$threads"

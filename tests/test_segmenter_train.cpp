@@ -253,15 +253,36 @@ TEST_CASE("segmentation_sample crops windows at the image's own resolution", "[s
     }
   CHECK(wrong == 0);
 
-  // With augmentation: among up to 10 random windows, one that holds both classes (a random
-  // window misses the square about half the time); image and labels still agree.
-  for (uint64_t seed = 1; seed <= 8; ++seed) {
+  // With augmentation: the window is centred near a pixel of a class chosen uniformly, so the
+  // 6x6 square (1% of the image) is in about half the windows; it stays at most 8x8 (scale <= 1.25).
+  int with_square = 0;
+  for (uint64_t seed = 1; seed <= 40; ++seed) {
     INFO("seed " << seed);
     segmentation_sample(pair, pre, true, seed, px.data(), labels.data(), 32, 32, 32);
     const int64_t square = std::count(labels.begin(), labels.end(), 1);
-    CHECK(square > 0);
-    CHECK(square <= 8 * 8);  // scaled by at most 1.25: the square stays at most 8x8
+    with_square += square > 0;
+    CHECK(square <= 8 * 8);
   }
+  CHECK(with_square >= 16);
+  // A tiny object in a large image: a 3x3 mark in 200x160, which a uniformly placed 32x32 window
+  // would hold about 5% of the time.
+  cv::Mat wide(160, 200, CV_8UC3, cv::Scalar(90, 90, 90)), wide_mask(160, 200, CV_8U, cv::Scalar(0));
+  cv::rectangle(wide, cv::Rect(150, 120, 3, 3), cv::Scalar(250, 250, 250), cv::FILLED);
+  cv::rectangle(wide_mask, cv::Rect(150, 120, 3, 3), cv::Scalar(1), cv::FILLED);
+  cv::imwrite((data / "images" / "b.png").string(), wide);
+  cv::imwrite((data / "masks" / "b.png").string(), wide_mask);
+  const SegmentationPair tiny{(data / "images" / "b.png").string(), (data / "masks" / "b.png").string()};
+  int with_mark = 0;
+  for (uint64_t seed = 1; seed <= 40; ++seed) {
+    segmentation_sample(tiny, pre, true, seed, px.data(), labels.data(), 32, 32, 32);
+    const bool mark = std::count(labels.begin(), labels.end(), 1) > 0;
+    with_mark += mark;
+    // Where the label says mark, the picture is brighter than the background (the same window of
+    // both; the image is resampled bilinearly, the mask by nearest neighbour).
+    for (int i = 0; i < 32 * 32; ++i)
+      if (labels[i] == 1) CHECK(px[i] > 120.0f / 255.0f);
+  }
+  CHECK(with_mark >= 16);
 
   // A short side under the crop is enlarged first (segm resize), so the crop always fits.
   std::vector<float> big(3 * 56 * 56);

@@ -490,28 +490,39 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
       scale_to(s, s);
     }
     const int c = static_cast<int>(crop);
-    auto classes_in = [&](const cv::Rect& r) {
-      std::set<int> seen;
-      for (int y = r.y; y < r.y + r.height && seen.size() < 2; ++y)
-        for (int x = r.x; x < r.x + r.width; ++x) {
-          const int v = mask.depth() == CV_16U ? mask.at<uint16_t>(y, x) : mask.at<uint8_t>(y, x);
-          if (v != 255) seen.insert(v);
-          if (seen.size() >= 2) break;
-        }
-      return seen.size();
+    auto label_at = [&](int y, int x) -> int {
+      return mask.depth() == CV_16U ? mask.at<uint16_t>(y, x) : mask.at<uint8_t>(y, x);
     };
     cv::Rect win((rgb.cols - c) / 2, (rgb.rows - c) / 2, c, c);
-    if (augment)
-      for (int attempt = 0; attempt < 10; ++attempt) {
-        win.x = static_cast<int>(uniform(0, rgb.cols - c + 1 - 1e-9));
-        win.y = static_cast<int>(uniform(0, rgb.rows - c + 1 - 1e-9));
-        if (classes_in(win) >= 2) break;
+    if (augment) {
+      // Class-balanced centre: one class present in the image, chosen uniformly (not by area, so
+      // a digit's few ink pixels count as much as the background), one of its pixels uniformly;
+      // the window centred there, moved by up to a quarter of its size, kept inside the image.
+      std::vector<int64_t> count(mask.depth() == CV_16U ? 65536 : 256, 0);
+      for (int y = 0; y < mask.rows; ++y)
+        for (int x = 0; x < mask.cols; ++x) ++count[static_cast<size_t>(label_at(y, x))];
+      count[255] = 0;  // ignore
+      std::vector<int> present;
+      for (size_t v = 0; v < count.size(); ++v)
+        if (count[v] > 0) present.push_back(static_cast<int>(v));
+      int cy = rgb.rows / 2, cx = rgb.cols / 2;
+      if (!present.empty()) {
+        const int label = present[static_cast<size_t>(uniform(0, static_cast<double>(present.size()) - 1e-9))];
+        int64_t k = static_cast<int64_t>(uniform(0, static_cast<double>(count[static_cast<size_t>(label)]) - 1e-9));
+        for (int y = 0; y < mask.rows && k >= 0; ++y)
+          for (int x = 0; x < mask.cols && k >= 0; ++x)
+            if (label_at(y, x) == label && k-- == 0) cy = y, cx = x;
       }
+      const double jitter = 0.25 * c;
+      win.x = static_cast<int>(std::lround(cx - c / 2.0 + uniform(-jitter, jitter)));
+      win.y = static_cast<int>(std::lround(cy - c / 2.0 + uniform(-jitter, jitter)));
+      win.x = std::clamp(win.x, 0, rgb.cols - c);
+      win.y = std::clamp(win.y, 0, rgb.rows - c);
+    }
     rgb_to_chw(rgb(win).clone(), processor, pixels);
     for (int y = 0; y < c; ++y)
       for (int x = 0; x < c; ++x)
-        labels[y * c + x] = mask.depth() == CV_16U ? mask.at<uint16_t>(win.y + y, win.x + x)
-                                                   : mask.at<uint8_t>(win.y + y, win.x + x);
+        labels[y * c + x] = label_at(win.y + y, win.x + x);
     return;
   }
   if (augment) {

@@ -154,9 +154,10 @@ std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrain
 //
 // crop > 0 (a model with a window, whose processor keeps the size): instead, the image at its own
 // resolution (when augmenting, scaled by a random factor in [0.8, 1.25]; enlarged, as segm
-// resize(), when its short side is under `crop`) and one crop x crop window of it: the first of up
-// to 10 random windows that holds at least two classes (so crops of bare background, which most
-// of a sparse scene is, rarely fill a batch), or the centred window without augmentation.
+// resize(), when its short side is under `crop`) and one crop x crop window of it, centred (±crop/4)
+// on a random pixel of a class chosen uniformly among those in the image, so that a small object
+// (a digit's ink in a large scene) is as often the centre of a window as the background is, and
+// mostly whole in it; without augmentation the centred window.
 void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor,
                          bool augment, uint64_t augment_seed, float* pixels, int32_t* labels,
                          int64_t height, int64_t width, int64_t crop = 0);
