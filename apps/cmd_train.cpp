@@ -150,12 +150,17 @@ int train_classify(const TrainArgs& a) {
   if (!a.init.empty()) {
     model = load_vit_train_model(a.init);
     const fs::path pp = fs::path(a.init) / "preprocessor_config.json";
-    processor_json = read_text_file(pp.string());
+    // A timm folder carries its pre-processing in config.json's pretrained_cfg (kept as it is).
+    if (model.layout != "timm" || fs::exists(pp)) processor_json = read_text_file(pp.string());
     std::vector<std::string> labels;
     const nlohmann::json cfg = nlohmann::json::parse(model.config_json);
     for (int64_t i = 0; i < model.num_labels; ++i) {
       const auto it = cfg.contains("id2label") ? cfg["id2label"].find(std::to_string(i)) : cfg.end();
-      labels.push_back(cfg.contains("id2label") && it != cfg["id2label"].end() ? it->get<std::string>() : "");
+      const bool named = cfg.contains("label_names") && cfg["label_names"].is_array() &&
+                         i < static_cast<int64_t>(cfg["label_names"].size()) && cfg["label_names"][i].is_string();
+      labels.push_back(cfg.contains("id2label") && it != cfg["id2label"].end() ? it->get<std::string>()
+                       : named                                                  ? cfg["label_names"][i].get<std::string>()
+                                                                                : "");
     }
     if (labels != data.classes) {
       std::fprintf(stderr, "note: %s's labels differ from %s's classes: a new classification head for %zu classes\n",
@@ -169,7 +174,9 @@ int train_classify(const TrainArgs& a) {
     model = make_vit_train_model(c, data.classes, a.seed);
     processor_json = square_vit_processor_json(size);
   }
-  const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
+  const PreprocessConfig processor =
+      processor_json.empty() ? from_timm_pretrained_cfg(model.config_json, a.init + "/config.json (pretrained_cfg)")
+                             : parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
 
   ClassifierTrainOptions o;
   o.batch = a.batch;

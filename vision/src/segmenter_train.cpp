@@ -36,64 +36,21 @@ namespace {
 
 using detail::Config;
 
-// One Segmenter tensor and the HF-named parameters whose concatenation (in buffer order) it is.
-struct NameMap {
-  std::string name;
-  Shape shape;
-  std::vector<std::string> parts;
-};
+using detail::NameMap;
 
+// Segmenter's names are timm's under "encoder.", its linear decoder's head "decoder.head".
 std::vector<NameMap> segmenter_names(const SegmenterTrainModel& m) {
-  const VitConfig& c = m.vit.config;
-  const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
-  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
-  const std::string e = "vit.embeddings.";
-  std::vector<NameMap> out = {
-      {"encoder.patch_embed.proj.weight", {d, c.num_channels, p, p}, {e + "patch_embeddings.projection.weight"}},
-      {"encoder.patch_embed.proj.bias", {d}, {e + "patch_embeddings.projection.bias"}},
-      {"encoder.cls_token", {1, 1, d}, {e + "cls_token"}},
-      {"encoder.pos_embed", {1, t, d}, {e + "position_embeddings"}},
-  };
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string s = "encoder.blocks." + std::to_string(i) + ".";
-    const std::string h = "vit.encoder.layer." + std::to_string(i) + ".";
-    const std::string a = h + "attention.attention.";
-    out.push_back({s + "norm1.weight", {d}, {h + "layernorm_before.weight"}});
-    out.push_back({s + "norm1.bias", {d}, {h + "layernorm_before.bias"}});
-    out.push_back({s + "attn.qkv.weight", {3 * d, d}, {a + "query.weight", a + "key.weight", a + "value.weight"}});
-    out.push_back({s + "attn.qkv.bias", {3 * d}, {a + "query.bias", a + "key.bias", a + "value.bias"}});
-    out.push_back({s + "attn.proj.weight", {d, d}, {h + "attention.output.dense.weight"}});
-    out.push_back({s + "attn.proj.bias", {d}, {h + "attention.output.dense.bias"}});
-    out.push_back({s + "norm2.weight", {d}, {h + "layernorm_after.weight"}});
-    out.push_back({s + "norm2.bias", {d}, {h + "layernorm_after.bias"}});
-    out.push_back({s + "mlp.fc1.weight", {f, d}, {h + "intermediate.dense.weight"}});
-    out.push_back({s + "mlp.fc1.bias", {f}, {h + "intermediate.dense.bias"}});
-    out.push_back({s + "mlp.fc2.weight", {d, f}, {h + "output.dense.weight"}});
-    out.push_back({s + "mlp.fc2.bias", {d}, {h + "output.dense.bias"}});
-  }
-  out.push_back({"encoder.norm.weight", {d}, {"vit.layernorm.weight"}});
-  out.push_back({"encoder.norm.bias", {d}, {"vit.layernorm.bias"}});
-  out.push_back({"decoder.head.weight", {m.num_classes, d}, {"classifier.weight"}});
-  out.push_back({"decoder.head.bias", {m.num_classes}, {"classifier.bias"}});
-  return out;
+  return detail::timm_style_names(m.vit, "encoder.", "decoder.head");
 }
 
-// The parts of one mapped tensor must be adjacent in the buffer: returns the first's offset.
 int64_t mapped_offset(const SegmenterTrainModel& m, const NameMap& n) {
-  int64_t offset = m.vit.param(n.parts.front()).offset, next = offset, total = 0;
-  for (const std::string& part : n.parts) {
-    const TrainParam& p = m.vit.param(part);
-    check(p.offset == next, "segmenter_train: '" + part + "' is not adjacent to the rest of " + n.name);
-    next += p.numel(), total += p.numel();
-  }
-  check(total == shape_numel(n.shape), "segmenter_train: " + n.name + " has another size than its parts");
-  return offset;
+  return detail::mapped_offset(m.vit, n, "segmenter_train");
 }
 
 std::string segmenter_config_json(const VitConfig& c, const std::vector<std::string>& labels, int64_t window) {
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object();
   for (size_t i = 0; i < labels.size(); ++i) id2label[std::to_string(i)] = labels[i];
-  const nlohmann::ordered_json j = {
+  nlohmann::ordered_json j = {
       {"architectures", {"Segmenter"}},
       {"model_type", "segmenter"},
       {"n_cls", labels.size()},
@@ -109,9 +66,9 @@ std::string segmenter_config_json(const VitConfig& c, const std::vector<std::str
       {"decoder", {{"name", "linear"}}},
       {"id2label", id2label},
   };
-  nlohmann::ordered_json out = j;
-  if (window > 0) out["inference"] = {{"window_size", window}, {"window_stride", std::max<int64_t>(1, window * 2 / 3)}};
-  return out.dump(2) + "\n";
+  // Segmenter's inference_kwargs: a model trained on crops segments with sliding windows.
+  if (window > 0) j["inference"] = {{"window_size", window}, {"window_stride", std::max<int64_t>(1, window * 2 / 3)}};
+  return j.dump(2) + "\n";
 }
 
 void check_trainable(const VitConfig& c, const std::string& where) {

@@ -14,6 +14,24 @@ namespace tessera::detail {
 // YOLOS detection tokens and heads (num_labels + 1 class outputs).
 std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels);
 
+// One tensor of a fused-qkv checkpoint layout (timm, Segmenter) and the Hugging Face-named
+// training parameters whose concatenation in buffer order it is (attn.qkv = query, key, value).
+struct NameMap {
+  std::string name;
+  Shape shape;
+  std::vector<std::string> parts;
+};
+
+// timm's VisionTransformer names of `m`'s encoder under `prefix` ("" for timm, "encoder." for
+// Segmenter): patch_embed.proj, cls_token, pos_embed, blocks.N.{norm1, attn.qkv, attn.proj, norm2,
+// mlp.fc1, mlp.fc2}, norm; then its classifier [num_labels, D] as `head`.weight / .bias. For an
+// encoder with a class token only (no distillation, register or detection tokens), no LayerScale.
+std::vector<NameMap> timm_style_names(const VitTrainModel& m, const std::string& prefix, const std::string& head);
+
+// The buffer offset of a mapped tensor, whose parts must be adjacent in the buffer (an Error
+// naming `what` otherwise).
+int64_t mapped_offset(const VitTrainModel& m, const NameMap& n, const std::string& what);
+
 // The double that prints as the float's shortest form (1e-06, not 9.999999974752427e-07).
 double shortest(float x);
 

@@ -19,6 +19,7 @@
 #include "tessera/atomic_file.hpp"
 #include "tessera/error.hpp"
 #include "tessera/gemm.hpp"
+#include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
 #include "tessera/safetensors.hpp"
 
@@ -153,6 +154,56 @@ nlohmann::ordered_json hf_train_config(const VitConfig& c, const std::string& ar
 std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels) {
   return vit_train_layout(c, base, num_labels, false, false);
 }
+std::vector<NameMap> timm_style_names(const VitTrainModel& m, const std::string& prefix, const std::string& head) {
+  const VitConfig& c = m.config;
+  check(c.class_token && c.num_distillation_tokens == 0 && c.num_register_tokens == 0 &&
+            c.num_detection_tokens == 0 && !c.layer_scale && !m.class_mean && !m.teacher,
+        "timm_style_names: only an encoder with a class token and a classifier on it maps to timm's names");
+  const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
+  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
+  const std::string e = m.base + "embeddings.";
+  std::vector<NameMap> out = {
+      {prefix + "patch_embed.proj.weight", {d, c.num_channels, p, p}, {e + "patch_embeddings.projection.weight"}},
+      {prefix + "patch_embed.proj.bias", {d}, {e + "patch_embeddings.projection.bias"}},
+      {prefix + "cls_token", {1, 1, d}, {e + "cls_token"}},
+      {prefix + "pos_embed", {1, t, d}, {e + "position_embeddings"}},
+  };
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string s = prefix + "blocks." + std::to_string(i) + ".";
+    const std::string h = m.base + "encoder.layer." + std::to_string(i) + ".";
+    const std::string a = h + "attention.attention.";
+    out.push_back({s + "norm1.weight", {d}, {h + "layernorm_before.weight"}});
+    out.push_back({s + "norm1.bias", {d}, {h + "layernorm_before.bias"}});
+    out.push_back({s + "attn.qkv.weight", {3 * d, d}, {a + "query.weight", a + "key.weight", a + "value.weight"}});
+    if (c.qkv_bias)
+      out.push_back({s + "attn.qkv.bias", {3 * d}, {a + "query.bias", a + "key.bias", a + "value.bias"}});
+    out.push_back({s + "attn.proj.weight", {d, d}, {h + "attention.output.dense.weight"}});
+    out.push_back({s + "attn.proj.bias", {d}, {h + "attention.output.dense.bias"}});
+    out.push_back({s + "norm2.weight", {d}, {h + "layernorm_after.weight"}});
+    out.push_back({s + "norm2.bias", {d}, {h + "layernorm_after.bias"}});
+    out.push_back({s + "mlp.fc1.weight", {f, d}, {h + "intermediate.dense.weight"}});
+    out.push_back({s + "mlp.fc1.bias", {f}, {h + "intermediate.dense.bias"}});
+    out.push_back({s + "mlp.fc2.weight", {d, f}, {h + "output.dense.weight"}});
+    out.push_back({s + "mlp.fc2.bias", {d}, {h + "output.dense.bias"}});
+  }
+  out.push_back({prefix + "norm.weight", {d}, {m.base + "layernorm.weight"}});
+  out.push_back({prefix + "norm.bias", {d}, {m.base + "layernorm.bias"}});
+  out.push_back({head + ".weight", {m.num_labels, d}, {"classifier.weight"}});
+  out.push_back({head + ".bias", {m.num_labels}, {"classifier.bias"}});
+  return out;
+}
+
+int64_t mapped_offset(const VitTrainModel& m, const NameMap& n, const std::string& what) {
+  int64_t offset = m.param(n.parts.front()).offset, next = offset, total = 0;
+  for (const std::string& part : n.parts) {
+    const TrainParam& p = m.param(part);
+    check(p.offset == next, what + ": '" + part + "' is not adjacent to the rest of " + n.name);
+    next += p.numel(), total += p.numel();
+  }
+  check(total == shape_numel(n.shape), what + ": " + n.name + " has another size than its parts");
+  return offset;
+}
+
 }  // namespace detail
 
 namespace {
@@ -338,12 +389,49 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   return v;
 }
 
+namespace {
+
+// A timm VisionTransformer folder: its description from the inference loader (which checks the
+// config and every tensor), the weights through timm's names.
+VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& config_text) {
+  const std::string config_file = (dir / "config.json").string();
+  const auto inf = load_model(dir.string());
+  const VitConfig& c = inf->encoder.config;
+  const ClassifierWeights& h = inf->classifier;
+  const std::string what = config_file + " (" + inf->architecture + ")";
+  check(c.class_token && c.num_distillation_tokens == 0 && c.num_register_tokens == 0 && !c.layer_scale &&
+            !c.pre_norm && c.final_norm && c.prefix_has_pos_embed && c.activation == MlpActivation::Gelu,
+        what + ": training supports timm ViTs with a class token, a final norm and GELU, without "
+               "distillation / register tokens, LayerScale, norm_pre or no_embed_class");
+  check(h.timm_pool == "token" && h.fc_norm_weight.empty() && h.num_labels > 0,
+        what + ": training supports global_pool \"token\" with a head and no fc_norm");
+  check(c.image_height % c.patch_size == 0 && c.image_width % c.patch_size == 0,
+        what + ": the image size is not a multiple of the patch size");
+  VitTrainModel m = make_vit_train_model(c, inf->labels, 0);
+  m.architecture = inf->architecture;
+  m.layout = "timm";
+  m.config_json = config_text;
+  const std::string file = (dir / "model.safetensors").string();
+  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
+  const SafeTensors st = SafeTensors::open(file);
+  for (const detail::NameMap& n : detail::timm_style_names(m, "", "head")) {
+    check(st.contains(n.name), file + ": missing tensor '" + n.name + "'");
+    check(st.info(n.name).shape == n.shape, file + ": tensor '" + n.name + "' has shape " +
+                                                shape_str(st.info(n.name).shape) + ", expected " + shape_str(n.shape));
+    st.read(n.name, 0, shape_numel(n.shape), m.weights.data() + detail::mapped_offset(m, n, file));
+  }
+  return m;
+}
+
+}  // namespace
+
 VitTrainModel load_vit_train_model(const std::string& dir_string) {
   const fs::path dir(dir_string);
   const std::string config_file = (dir / "config.json").string();
   VitTrainModel m;
   m.config_json = detail::read_text(config_file);
   const Config cfg{detail::parse_json(m.config_json, config_file), config_file};
+  if (cfg.has("architecture") && cfg.has("pretrained_cfg")) return load_timm_train_model(dir, m.config_json);
   const std::string model_type = cfg.string("model_type", "");
   std::string arch;
   if (cfg.has("architectures") && cfg.j["architectures"].is_array() && !cfg.j["architectures"].empty() &&
@@ -354,8 +442,8 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
             (model_type == "deit" && arch == "DeiTForImageClassificationWithTeacher") ||
             (model_type == "dinov2" && arch == "Dinov2ForImageClassification"),
         config_file + ": training supports Hugging Face ViTForImageClassification, "
-                      "DeiTForImageClassification(WithTeacher) and Dinov2ForImageClassification "
-                      "so far, got "
+                      "DeiTForImageClassification(WithTeacher), Dinov2ForImageClassification and "
+                      "timm VisionTransformer folders so far, got "
                       "model_type \"" + model_type + "\", architecture \"" + arch + "\"");
   m.architecture = arch;
   m.base = model_type + ".";
@@ -484,8 +572,18 @@ void replace_classifier(VitTrainModel& m, const std::vector<std::string>& labels
     id2label[std::to_string(i)] = labels[i];
     label2id[labels[i]] = i;
   }
-  cfg["id2label"] = id2label;
-  cfg["label2id"] = label2id;
+  if (m.layout == "timm") {  // timm: num_classes (also in pretrained_cfg) and label_names
+    cfg["num_classes"] = k;
+    if (cfg.contains("pretrained_cfg") && cfg["pretrained_cfg"].is_object() &&
+        cfg["pretrained_cfg"].contains("num_classes"))
+      cfg["pretrained_cfg"]["num_classes"] = k;
+    cfg.erase("id2label");
+    cfg.erase("label2id");
+    cfg["label_names"] = labels;
+  } else {
+    cfg["id2label"] = id2label;
+    cfg["label2id"] = label2id;
+  }
   if (cfg.contains("num_labels")) cfg["num_labels"] = k;
   m.config_json = cfg.dump(2) + "\n";
   m.params = std::move(params);
@@ -531,10 +629,18 @@ void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
   fs::create_directories(dir, ec);
   check(!ec, dir.string() + ": cannot create (" + ec.message() + ")");
   std::vector<std::pair<std::string, Tensor>> tensors;
-  for (const TrainParam& p : m.params) {
-    Tensor t(p.shape);
-    std::copy_n(m.weights.data() + p.offset, p.numel(), t.data());
-    tensors.emplace_back(p.name, std::move(t));
+  if (m.layout == "timm") {
+    for (const detail::NameMap& n : detail::timm_style_names(m, "", "head")) {
+      Tensor t(n.shape);
+      std::copy_n(m.weights.data() + detail::mapped_offset(m, n, "save_vit_train_model"), t.numel(), t.data());
+      tensors.emplace_back(n.name, std::move(t));
+    }
+  } else {
+    for (const TrainParam& p : m.params) {
+      Tensor t(p.shape);
+      std::copy_n(m.weights.data() + p.offset, p.numel(), t.data());
+      tensors.emplace_back(p.name, std::move(t));
+    }
   }
   save_safetensors((dir / "model.safetensors").string(), tensors, {{"format", "pt"}});
   auto write_text = [&](const std::string& name, const std::string& text) {
@@ -545,8 +651,12 @@ void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
 }
 
 void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t h, int64_t w) {
-  if (batch == b && height == h && width == w) return;
   const VitConfig& c = model.config;
+  std::vector<int64_t> shape = {c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                                c.patch_size, c.num_channels, c.num_prefix_tokens(), c.num_detection_tokens,
+                                model.num_labels, model.teacher, model.class_mean, model.detection};
+  if (batch == b && height == h && width == w && model_shape == shape) return;
+  model_shape = std::move(shape);
   const int64_t np = (h / c.patch_size) * (w / c.patch_size);
   const int64_t t = c.num_prefix_tokens() + np + c.num_detection_tokens;
   const int64_t m = b * t;

@@ -57,6 +57,10 @@ struct VitTrainModel {
   // bbox_predictor (4), 3-layer MLPs, instead of a classifier (yolos_train.hpp).
   bool detection = false;
   std::string config_json;  // the folder's config.json text (written back on export)
+  // The checkpoint names the folder was read in and is written back in: "hf" (transformers) or
+  // "timm" (timm's VisionTransformer: blocks.N.attn.qkv …, head). Inside, parameters always
+  // carry the Hugging Face names below.
+  std::string layout = "hf";
   VitConfig config;
   int64_t num_labels = 0;
   std::vector<TrainParam> params;  // in buffer order; query/key/value weights (and biases) adjacent
@@ -94,7 +98,10 @@ struct VitTrainView {
 VitTrainView bind_view(const VitTrainModel& model, float* buffer);
 
 // Reads a ViTForImageClassification / DeiTForImageClassification folder (config.json + model.safetensors), every tensor checked
-// by name and shape as load_model does.
+// by name and shape as load_model does. Also a timm VisionTransformer folder (config.json with
+// architecture + pretrained_cfg, as load_model reads it) with a class token, the head on it
+// (global_pool "token", no fc_norm), a final norm, GELU and no LayerScale / register /
+// distillation tokens / norm_pre; anything else is an Error naming it.
 VitTrainModel load_vit_train_model(const std::string& dir);
 
 // A new ViTForImageClassification of `config` (its hidden_act, qkv_bias, layer_norm_eps ... as
@@ -124,11 +131,13 @@ std::vector<std::string> vit_train_presets();
 void save_vit_train_model(const VitTrainModel& model, const std::string& dir,
                           const std::string& preprocessor_json = "");
 
-// What the forward keeps for the backward, and the backward's scratch, for one batch size.
+// What the forward keeps for the backward, and the backward's scratch, for one batch size and one
+// model shape (resized when either changes, e.g. after replace_classifier).
 // T = prefix + patches (+ detection tokens for YOLOS); with model.detection the final-norm rows
 // (cls, cls_norm, ...) are the B·det detection tokens and `mlp` holds the heads' activations.
 struct VitTrainActivations {
   int64_t batch = -1, height = -1, width = -1;
+  std::vector<int64_t> model_shape;  // what the buffers were sized for (sizes, tokens, labels)
   std::vector<float> patches;  // [B·Np, C·p·p]
   std::vector<float> pos;      // [T, D] the position embedding at this size
   struct Layer {
