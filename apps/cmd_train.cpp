@@ -150,8 +150,9 @@ int train_classify(const TrainArgs& a) {
   if (!a.init.empty()) {
     model = load_vit_train_model(a.init);
     const fs::path pp = fs::path(a.init) / "preprocessor_config.json";
-    // A timm folder carries its pre-processing in config.json's pretrained_cfg (kept as it is).
-    if (model.layout != "timm" || fs::exists(pp)) processor_json = read_text_file(pp.string());
+    // timm and torchvision folders may carry no preprocessor_config.json: their pre-processing is
+    // then timm's pretrained_cfg / torchvision's defaults, as load_model reads them (kept as is).
+    if (model.layout == "hf" || fs::exists(pp)) processor_json = read_text_file(pp.string());
     std::vector<std::string> labels;
     const nlohmann::json cfg = nlohmann::json::parse(model.config_json);
     for (int64_t i = 0; i < model.num_labels; ++i) {
@@ -175,7 +176,7 @@ int train_classify(const TrainArgs& a) {
     processor_json = square_vit_processor_json(size);
   }
   const PreprocessConfig processor =
-      processor_json.empty() ? from_timm_pretrained_cfg(model.config_json, a.init + "/config.json (pretrained_cfg)")
+      processor_json.empty() ? model_preprocessor(*load_model(a.init)).config
                              : parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
 
   ClassifierTrainOptions o;

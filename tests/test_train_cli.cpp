@@ -257,24 +257,34 @@ TEST_CASE("train --task segment --crops: a Segmenter that segment and eval run w
   CHECK(nlohmann::json::parse(slurp(json))["mIoU"].get<double>() == Approx(confusion.mean_iou()).epsilon(1e-12));
 }
 
-TEST_CASE("train --init a timm folder: fine-tuned on new classes, written back as a timm folder", "[train_cli]") {
-  const fs::path out = scratch("timm") / "model";
-  const Run r = run_cli("train --init " + fixture("models/timm/vit_tiny_patch16_224-token-dynamic") + " --data " +
-                        fixture("train/cli-step/images") + " --out " + out.string() +
-                        " --max-steps 2 --batch 2 --threads 2");
-  INFO(r.out << r.err);
-  REQUIRE(r.code == 0);
-  const nlohmann::json cfg = nlohmann::json::parse(slurp(out / "config.json"));
-  CHECK(cfg.contains("architecture"));
-  CHECK(cfg["num_classes"] == 4);
-  CHECK(cfg["pretrained_cfg"]["num_classes"] == 4);
-  CHECK(cfg["label_names"] == nlohmann::json({"airplane", "automobile", "bird", "cat"}));
-  CHECK_FALSE(fs::exists(out / "preprocessor_config.json"));  // timm's processor is pretrained_cfg
-  const SafeTensors st = SafeTensors::open((out / "model.safetensors").string());
-  CHECK(st.contains("blocks.0.attn.qkv.weight"));
-  CHECK(st.contains("head.weight"));
-  CHECK_FALSE(st.contains("classifier.weight"));
-  const Run c = run_cli("classify --model " + out.string() + " " + fixture("train/cli-step/images/bird"));
-  INFO(c.err);
-  CHECK(c.code == 0);
+TEST_CASE("train --init a timm / torchvision folder: fine-tuned on new classes, written back in its family",
+          "[train_cli]") {
+  struct Family {
+    const char *dir, *name, *qkv, *head;
+  };
+  for (const Family& f : {Family{"models/timm/vit_tiny_patch16_224-token-dynamic", "timm", "blocks.0.attn.qkv.weight",
+                                 "head.weight"},
+                          Family{"models/tv-vit-rand", "torchvision",
+                                 "encoder.layers.encoder_layer_0.self_attention.in_proj_weight", "heads.head.weight"}}) {
+    INFO(f.name);
+    const fs::path out = scratch(f.name) / "model";
+    const Run r = run_cli("train --init " + fixture(f.dir) + " --data " + fixture("train/cli-step/images") + " --out " +
+                          out.string() + " --max-steps 2 --batch 2 --threads 2");
+    INFO(r.out << r.err);
+    REQUIRE(r.code == 0);
+    const nlohmann::json cfg = nlohmann::json::parse(slurp(out / "config.json"));
+    CHECK(cfg["num_classes"] == 4);
+    // No preprocessor_config.json: the processor stays timm's pretrained_cfg / torchvision's defaults.
+    CHECK_FALSE(fs::exists(out / "preprocessor_config.json"));
+    const SafeTensors st = SafeTensors::open((out / "model.safetensors").string());
+    CHECK(st.contains(f.qkv));
+    CHECK(st.contains(f.head));
+    CHECK_FALSE(st.contains("classifier.weight"));
+    const auto model = load_model(out.string());
+    CHECK(model->model_type == f.name);
+    CHECK(model->labels == std::vector<std::string>{"airplane", "automobile", "bird", "cat"});
+    const Run c = run_cli("classify --model " + out.string() + " " + fixture("train/cli-step/images/bird"));
+    INFO(c.err);
+    CHECK(c.code == 0);
+  }
 }

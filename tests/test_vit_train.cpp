@@ -472,55 +472,68 @@ TEST_CASE("--init on data of other classes: a new zero head, the rest of the mod
   }
 }
 
-TEST_CASE("a timm ViT trains in timm's layout and is written back as timm", "[vit_train]") {
-  const std::string from = fixtures("models/timm/vit_tiny_patch16_224-token-dynamic");
-  VitTrainModel model = load_vit_train_model(from);
-  CHECK(model.layout == "timm");
-  // The training forward gives the inference model's logits (which reproduce timm's own).
-  const auto inference = load_model(from);
-  Tensor pixels({2, 3, 32, 32});
-  for (int64_t i = 0; i < pixels.numel(); ++i) pixels[i] = std::sin(0.21f * static_cast<float>(i));
-  VitTrainActivations acts;
-  std::span<const float> logits = vit_train_forward(model, pixels, acts);
-  ModelWorkspace ws;
-  CHECK(rel_err(std::vector<float>(logits.begin(), logits.end()),
-                values(output(model_forward(*inference, pixels, ws), "logits"))) <= kTol);
+TEST_CASE("timm and torchvision ViTs train in their own layout and are written back in it", "[vit_train]") {
+  struct Family {
+    const char* dir;
+    const char* layout;
+    const char* qkv;  // the fused query/key/value weight of block 0, under the family's name
+  };
+  for (const Family& f : {Family{"models/timm/vit_tiny_patch16_224-token-dynamic", "timm", "blocks.0.attn.qkv.weight"},
+                          Family{"models/tv-vit-rand", "torchvision",
+                                 "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"}}) {
+    INFO(f.dir);
+    const std::string from = fixtures(f.dir);
+    VitTrainModel model = load_vit_train_model(from);
+    CHECK(model.layout == f.layout);
+    // The training forward gives the inference model's logits (which reproduce the family's own).
+    const auto inference = load_model(from);
+    Tensor pixels({2, 3, 32, 32});
+    for (int64_t i = 0; i < pixels.numel(); ++i) pixels[i] = std::sin(0.21f * static_cast<float>(i));
+    VitTrainActivations acts;
+    std::span<const float> logits = vit_train_forward(model, pixels, acts);
+    ModelWorkspace ws;
+    CHECK(rel_err(std::vector<float>(logits.begin(), logits.end()),
+                  values(output(model_forward(*inference, pixels, ws), "logits"))) <= kTol);
 
-  // Saved untrained, every tensor comes back under its timm name, bit for bit, and config.json as read.
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                                    ("tessera-vit-train-timm-" + std::to_string(::getpid()));
-  save_vit_train_model(model, dir.string());
-  const SafeTensors a = SafeTensors::open(from + "/model.safetensors");
-  const SafeTensors b = SafeTensors::open((dir / "model.safetensors").string());
-  CHECK(a.names() == b.names());
-  for (const std::string& name : a.names()) {
-    INFO(name);
-    const Tensor x = a.read(name), y = b.read(name);
-    REQUIRE(x.shape() == y.shape());
-    CHECK(std::equal(x.data(), x.data() + x.numel(), y.data()));
+    // Saved untrained: every tensor comes back under its own name, bit for bit; config.json as read.
+    const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                      ("tessera-vit-train-" + std::string(f.layout) + "-" + std::to_string(::getpid()));
+    save_vit_train_model(model, dir.string());
+    const SafeTensors a = SafeTensors::open(from + "/model.safetensors");
+    const SafeTensors b = SafeTensors::open((dir / "model.safetensors").string());
+    CHECK(a.names() == b.names());
+    CHECK(b.contains(f.qkv));
+    for (const std::string& name : a.names()) {
+      INFO(name);
+      const Tensor x = a.read(name), y = b.read(name);
+      REQUIRE(x.shape() == y.shape());
+      CHECK(std::equal(x.data(), x.data() + x.numel(), y.data()));
+    }
+    CHECK(test::slurp(dir / "config.json") == test::slurp(std::filesystem::path(from) / "config.json"));
+
+    // After a step and with new classes: still the family's folder, which load_model reads with
+    // the new labels and the trained model's logits.
+    std::vector<float> grads(model.weights.size(), 0.0f);
+    vit_train_loss_and_grad(model, pixels, {1, 4}, 0.0f, acts, grads);
+    sgd_step(model.weights, grads, {}, 0.5f);
+    replace_classifier(model, {"cat", "dog", "fox"});
+    std::span<float> head = model.view(std::span<float>(model.weights), "classifier.weight");
+    for (size_t i = 0; i < head.size(); ++i) head[i] = 0.01f * static_cast<float>(i % 7) - 0.03f;
+    logits = vit_train_forward(model, pixels, acts);
+    const std::vector<float> want(logits.begin(), logits.end());
+    save_vit_train_model(model, dir.string());
+    const auto loaded = load_model(dir.string());
+    CHECK(loaded->model_type == f.layout);
+    CHECK(loaded->labels == std::vector<std::string>{"cat", "dog", "fox"});
+    CHECK(rel_err(values(output(model_forward(*loaded, pixels, ws), "logits")), want) <= kTol);
+    CHECK(load_vit_train_model(dir.string()).weights == model.weights);
+    std::filesystem::remove_all(dir);
   }
-  CHECK(test::slurp(dir / "config.json") == test::slurp(std::filesystem::path(from) / "config.json"));
 
-  // After a step and with new classes: still a timm folder that load_model reads, labels included.
-  std::vector<float> grads(model.weights.size(), 0.0f);
-  vit_train_loss_and_grad(model, pixels, {1, 4}, 0.0f, acts, grads);
-  sgd_step(model.weights, grads, {}, 0.5f);
-  replace_classifier(model, {"cat", "dog", "fox"});
-  std::span<float> head = model.view(std::span<float>(model.weights), "classifier.weight");
-  for (size_t i = 0; i < head.size(); ++i) head[i] = 0.01f * static_cast<float>(i % 7) - 0.03f;
-  logits = vit_train_forward(model, pixels, acts);
-  const std::vector<float> want(logits.begin(), logits.end());
-  save_vit_train_model(model, dir.string());
-  const auto loaded = load_model(dir.string());
-  CHECK(loaded->model_type == "timm");
-  CHECK(loaded->labels == std::vector<std::string>{"cat", "dog", "fox"});
-  CHECK(rel_err(values(output(model_forward(*loaded, pixels, ws), "logits")), want) <= kTol);
-  CHECK(load_vit_train_model(dir.string()).weights == model.weights);
-  std::filesystem::remove_all(dir);
-
-  // timm variants the training pass does not have are named.
+  // Variants the training pass does not have are named.
   CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/timm/vit_small_patch16_224-noclass-avg")),
                     Catch::Contains("class token"));
   CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/timm/vit_base_patch14_reg4_dinov2-reg4")),
                     Catch::Contains("register"));
+  CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/tv-vit-repr-rand")), Catch::Contains("representation_size"));
 }

@@ -28,6 +28,12 @@ struct NameMap {
 // encoder with a class token only (no distillation, register or detection tokens), no LayerScale.
 std::vector<NameMap> timm_style_names(const VitTrainModel& m, const std::string& prefix, const std::string& head);
 
+// torchvision's VisionTransformer names of `m` (conv_proj, class_token, encoder.pos_embedding,
+// encoder.layers.encoder_layer_N.{ln_1, self_attention.in_proj_*, self_attention.out_proj, ln_2,
+// mlp.0 / mlp.3}, encoder.ln, heads.head) under `root` ("" or DataParallel's "module."), with the
+// legacy mlp.linear_1 / linear_2 keys when `legacy_mlp`.
+std::vector<NameMap> torchvision_names(const VitTrainModel& m, const std::string& root = "", bool legacy_mlp = false);
+
 // The buffer offset of a mapped tensor, whose parts must be adjacent in the buffer (an Error
 // naming `what` otherwise).
 int64_t mapped_offset(const VitTrainModel& m, const NameMap& n, const std::string& what);

@@ -154,43 +154,66 @@ nlohmann::ordered_json hf_train_config(const VitConfig& c, const std::string& ar
 std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels) {
   return vit_train_layout(c, base, num_labels, false, false);
 }
-std::vector<NameMap> timm_style_names(const VitTrainModel& m, const std::string& prefix, const std::string& head) {
+namespace {
+
+// One fused-qkv checkpoint layout: each tensor's name (".weight" / ".bias" appended, except the
+// qkv pair, spelled out); a block's names follow `block` + its index + ".".
+struct FusedLayout {
+  std::string patch, cls, pos, block, norm1, qkv_weight, qkv_bias, proj, norm2, fc1, fc2, final_norm, head;
+};
+
+std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
   const VitConfig& c = m.config;
   check(c.class_token && c.num_distillation_tokens == 0 && c.num_register_tokens == 0 &&
             c.num_detection_tokens == 0 && !c.layer_scale && !m.class_mean && !m.teacher,
-        "timm_style_names: only an encoder with a class token and a classifier on it maps to timm's names");
+        "fused_names: only an encoder with a class token and a classifier on it maps to timm / torchvision names");
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
   const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
   const std::string e = m.base + "embeddings.";
   std::vector<NameMap> out = {
-      {prefix + "patch_embed.proj.weight", {d, c.num_channels, p, p}, {e + "patch_embeddings.projection.weight"}},
-      {prefix + "patch_embed.proj.bias", {d}, {e + "patch_embeddings.projection.bias"}},
-      {prefix + "cls_token", {1, 1, d}, {e + "cls_token"}},
-      {prefix + "pos_embed", {1, t, d}, {e + "position_embeddings"}},
+      {n.patch + ".weight", {d, c.num_channels, p, p}, {e + "patch_embeddings.projection.weight"}},
+      {n.patch + ".bias", {d}, {e + "patch_embeddings.projection.bias"}},
+      {n.cls, {1, 1, d}, {e + "cls_token"}},
+      {n.pos, {1, t, d}, {e + "position_embeddings"}},
   };
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string s = prefix + "blocks." + std::to_string(i) + ".";
+    const std::string s = n.block + std::to_string(i) + ".";
     const std::string h = m.base + "encoder.layer." + std::to_string(i) + ".";
     const std::string a = h + "attention.attention.";
-    out.push_back({s + "norm1.weight", {d}, {h + "layernorm_before.weight"}});
-    out.push_back({s + "norm1.bias", {d}, {h + "layernorm_before.bias"}});
-    out.push_back({s + "attn.qkv.weight", {3 * d, d}, {a + "query.weight", a + "key.weight", a + "value.weight"}});
-    if (c.qkv_bias)
-      out.push_back({s + "attn.qkv.bias", {3 * d}, {a + "query.bias", a + "key.bias", a + "value.bias"}});
-    out.push_back({s + "attn.proj.weight", {d, d}, {h + "attention.output.dense.weight"}});
-    out.push_back({s + "attn.proj.bias", {d}, {h + "attention.output.dense.bias"}});
-    out.push_back({s + "norm2.weight", {d}, {h + "layernorm_after.weight"}});
-    out.push_back({s + "norm2.bias", {d}, {h + "layernorm_after.bias"}});
-    out.push_back({s + "mlp.fc1.weight", {f, d}, {h + "intermediate.dense.weight"}});
-    out.push_back({s + "mlp.fc1.bias", {f}, {h + "intermediate.dense.bias"}});
-    out.push_back({s + "mlp.fc2.weight", {d, f}, {h + "output.dense.weight"}});
-    out.push_back({s + "mlp.fc2.bias", {d}, {h + "output.dense.bias"}});
+    out.push_back({s + n.norm1 + ".weight", {d}, {h + "layernorm_before.weight"}});
+    out.push_back({s + n.norm1 + ".bias", {d}, {h + "layernorm_before.bias"}});
+    out.push_back({s + n.qkv_weight, {3 * d, d}, {a + "query.weight", a + "key.weight", a + "value.weight"}});
+    if (c.qkv_bias) out.push_back({s + n.qkv_bias, {3 * d}, {a + "query.bias", a + "key.bias", a + "value.bias"}});
+    out.push_back({s + n.proj + ".weight", {d, d}, {h + "attention.output.dense.weight"}});
+    out.push_back({s + n.proj + ".bias", {d}, {h + "attention.output.dense.bias"}});
+    out.push_back({s + n.norm2 + ".weight", {d}, {h + "layernorm_after.weight"}});
+    out.push_back({s + n.norm2 + ".bias", {d}, {h + "layernorm_after.bias"}});
+    out.push_back({s + n.fc1 + ".weight", {f, d}, {h + "intermediate.dense.weight"}});
+    out.push_back({s + n.fc1 + ".bias", {f}, {h + "intermediate.dense.bias"}});
+    out.push_back({s + n.fc2 + ".weight", {d, f}, {h + "output.dense.weight"}});
+    out.push_back({s + n.fc2 + ".bias", {d}, {h + "output.dense.bias"}});
   }
-  out.push_back({prefix + "norm.weight", {d}, {m.base + "layernorm.weight"}});
-  out.push_back({prefix + "norm.bias", {d}, {m.base + "layernorm.bias"}});
-  out.push_back({head + ".weight", {m.num_labels, d}, {"classifier.weight"}});
-  out.push_back({head + ".bias", {m.num_labels}, {"classifier.bias"}});
+  out.push_back({n.final_norm + ".weight", {d}, {m.base + "layernorm.weight"}});
+  out.push_back({n.final_norm + ".bias", {d}, {m.base + "layernorm.bias"}});
+  out.push_back({n.head + ".weight", {m.num_labels, d}, {"classifier.weight"}});
+  out.push_back({n.head + ".bias", {m.num_labels}, {"classifier.bias"}});
   return out;
+}
+
+}  // namespace
+
+std::vector<NameMap> timm_style_names(const VitTrainModel& m, const std::string& prefix, const std::string& head) {
+  return fused_names(m, {prefix + "patch_embed.proj", prefix + "cls_token", prefix + "pos_embed", prefix + "blocks.",
+                         "norm1", "attn.qkv.weight", "attn.qkv.bias", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2",
+                         prefix + "norm", head});
+}
+
+std::vector<NameMap> torchvision_names(const VitTrainModel& m, const std::string& root, bool legacy_mlp) {
+  return fused_names(m, {root + "conv_proj", root + "class_token", root + "encoder.pos_embedding",
+                         root + "encoder.layers.encoder_layer_", "ln_1", "self_attention.in_proj_weight",
+                         "self_attention.in_proj_bias", "self_attention.out_proj", "ln_2",
+                         legacy_mlp ? "mlp.linear_1" : "mlp.0", legacy_mlp ? "mlp.linear_2" : "mlp.3",
+                         root + "encoder.ln", root + "heads.head"});
 }
 
 int64_t mapped_offset(const VitTrainModel& m, const NameMap& n, const std::string& what) {
@@ -423,6 +446,31 @@ VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& conf
   return m;
 }
 
+// A torchvision VisionTransformer folder, likewise (a "module." prefix and the legacy MLP names
+// are read; the folder is written back with today's names, without the prefix).
+VitTrainModel load_torchvision_train_model(const fs::path& dir, const std::string& config_text) {
+  const std::string config_file = (dir / "config.json").string();
+  const auto inf = load_model(dir.string());
+  check(!inf->classifier.has_pooler,
+        config_file + ": training a torchvision ViT with representation_size (heads.pre_logits) is not supported yet");
+  VitTrainModel m = make_vit_train_model(inf->encoder.config, inf->labels, 0);
+  m.architecture = inf->architecture;
+  m.layout = "torchvision";
+  m.config_json = config_text;
+  const std::string file = (dir / "model.safetensors").string();
+  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
+  const SafeTensors st = SafeTensors::open(file);
+  const std::string root = st.contains("class_token") ? "" : "module.";
+  const bool legacy = st.contains(root + "encoder.layers.encoder_layer_0.mlp.linear_1.weight");
+  for (const detail::NameMap& n : detail::torchvision_names(m, root, legacy)) {
+    check(st.contains(n.name), file + ": missing tensor '" + n.name + "'");
+    check(st.info(n.name).shape == n.shape, file + ": tensor '" + n.name + "' has shape " +
+                                                shape_str(st.info(n.name).shape) + ", expected " + shape_str(n.shape));
+    st.read(n.name, 0, shape_numel(n.shape), m.weights.data() + detail::mapped_offset(m, n, file));
+  }
+  return m;
+}
+
 }  // namespace
 
 VitTrainModel load_vit_train_model(const std::string& dir_string) {
@@ -432,6 +480,9 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
   m.config_json = detail::read_text(config_file);
   const Config cfg{detail::parse_json(m.config_json, config_file), config_file};
   if (cfg.has("architecture") && cfg.has("pretrained_cfg")) return load_timm_train_model(dir, m.config_json);
+  if (cfg.has("architectures") && cfg.j["architectures"].is_array() && !cfg.j["architectures"].empty() &&
+      cfg.j["architectures"][0] == "torchvision.VisionTransformer")
+    return load_torchvision_train_model(dir, m.config_json);
   const std::string model_type = cfg.string("model_type", "");
   std::string arch;
   if (cfg.has("architectures") && cfg.j["architectures"].is_array() && !cfg.j["architectures"].empty() &&
@@ -585,6 +636,7 @@ void replace_classifier(VitTrainModel& m, const std::vector<std::string>& labels
     cfg["label2id"] = label2id;
   }
   if (cfg.contains("num_labels")) cfg["num_labels"] = k;
+  if (m.layout == "torchvision") cfg["num_classes"] = k;
   m.config_json = cfg.dump(2) + "\n";
   m.params = std::move(params);
   m.weights = std::move(weights);
@@ -629,8 +681,9 @@ void save_vit_train_model(const VitTrainModel& m, const std::string& dir_string,
   fs::create_directories(dir, ec);
   check(!ec, dir.string() + ": cannot create (" + ec.message() + ")");
   std::vector<std::pair<std::string, Tensor>> tensors;
-  if (m.layout == "timm") {
-    for (const detail::NameMap& n : detail::timm_style_names(m, "", "head")) {
+  if (m.layout == "timm" || m.layout == "torchvision") {
+    for (const detail::NameMap& n : m.layout == "timm" ? detail::timm_style_names(m, "", "head")
+                                                       : detail::torchvision_names(m)) {
       Tensor t(n.shape);
       std::copy_n(m.weights.data() + detail::mapped_offset(m, n, "save_vit_train_model"), t.numel(), t.data());
       tensors.emplace_back(n.name, std::move(t));

@@ -57,9 +57,10 @@ struct VitTrainModel {
   // bbox_predictor (4), 3-layer MLPs, instead of a classifier (yolos_train.hpp).
   bool detection = false;
   std::string config_json;  // the folder's config.json text (written back on export)
-  // The checkpoint names the folder was read in and is written back in: "hf" (transformers) or
-  // "timm" (timm's VisionTransformer: blocks.N.attn.qkv …, head). Inside, parameters always
-  // carry the Hugging Face names below.
+  // The checkpoint names the folder was read in and is written back in: "hf" (transformers),
+  // "timm" (timm's VisionTransformer: blocks.N.attn.qkv …, head) or "torchvision" (conv_proj,
+  // encoder.layers.encoder_layer_N …, heads.head). Inside, parameters always carry the Hugging
+  // Face names below.
   std::string layout = "hf";
   VitConfig config;
   int64_t num_labels = 0;
@@ -101,7 +102,8 @@ VitTrainView bind_view(const VitTrainModel& model, float* buffer);
 // by name and shape as load_model does. Also a timm VisionTransformer folder (config.json with
 // architecture + pretrained_cfg, as load_model reads it) with a class token, the head on it
 // (global_pool "token", no fc_norm), a final norm, GELU and no LayerScale / register /
-// distillation tokens / norm_pre; anything else is an Error naming it.
+// distillation tokens / norm_pre; and a torchvision VisionTransformer folder without
+// representation_size. Anything else is an Error naming it.
 VitTrainModel load_vit_train_model(const std::string& dir);
 
 // A new ViTForImageClassification of `config` (its hidden_act, qkv_bias, layer_norm_eps ... as
