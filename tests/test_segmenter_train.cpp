@@ -60,6 +60,15 @@ fs::path temp_dir(const std::string& name) {
   return p;
 }
 
+// Writes IMAGE and MASK as DIR/images/NAME.png and DIR/masks/NAME.png: one pair.
+SegmentationPair write_pair(const fs::path& dir, const std::string& name, const cv::Mat& image, const cv::Mat& mask) {
+  fs::create_directories(dir / "images"), fs::create_directories(dir / "masks");
+  const fs::path i = dir / "images" / (name + ".png"), m = dir / "masks" / (name + ".png");
+  cv::imwrite(i.string(), image);
+  cv::imwrite(m.string(), mask);
+  return {i.string(), m.string()};
+}
+
 }  // namespace
 
 TEST_CASE("Segmenter training gradient matches PyTorch autograd", "[segmenter_train]") {
@@ -151,7 +160,6 @@ TEST_CASE("Segmenter training loop: resumed run is bit-identical, the loss falls
   INFO((crops ? "crops" : "whole images"));
   // A small data set: light squares (class 1) and dark discs (class 2) on grey, 40x32 images.
   const fs::path data = temp_dir(crops ? "cropdata" : "data");
-  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
   for (int i = 0; i < 8; ++i) {
     cv::Mat img(32, 40, CV_8UC3, cv::Scalar(128, 128, 128)), mask(32, 40, CV_8U, cv::Scalar(0));
     const int x = 4 + 3 * i, y = 2 + 2 * i;
@@ -159,9 +167,7 @@ TEST_CASE("Segmenter training loop: resumed run is bit-identical, the loss falls
     cv::rectangle(mask, cv::Rect(x, y, 10, 10), cv::Scalar(1), cv::FILLED);
     cv::circle(img, cv::Point(36 - 3 * i, 26 - i), 5, cv::Scalar(20, 20, 20), cv::FILLED);
     cv::circle(mask, cv::Point(36 - 3 * i, 26 - i), 5, cv::Scalar(2), cv::FILLED);
-    const std::string stem = "s" + std::to_string(i);
-    cv::imwrite((data / "images" / (stem + ".png")).string(), img);
-    cv::imwrite((data / "masks" / (stem + ".png")).string(), mask);
+    write_pair(data, "s" + std::to_string(i), img, mask);
   }
   const std::vector<SegmentationPair> pairs = load_segmentation_folder(data.string(), 3);
   PreprocessConfig pre;
@@ -199,13 +205,10 @@ TEST_CASE("Segmenter training loop: resumed run is bit-identical, the loss falls
 
 TEST_CASE("segmentation_sample moves image and mask together", "[segmenter_train]") {
   const fs::path data = temp_dir("sample");
-  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
   cv::Mat img(48, 48, CV_8UC3, cv::Scalar(0, 0, 0)), mask(48, 48, CV_8U, cv::Scalar(0));
   cv::rectangle(img, cv::Rect(16, 12, 14, 20), cv::Scalar(255, 255, 255), cv::FILLED);
   cv::rectangle(mask, cv::Rect(16, 12, 14, 20), cv::Scalar(1), cv::FILLED);
-  cv::imwrite((data / "images" / "a.png").string(), img);
-  cv::imwrite((data / "masks" / "a.png").string(), mask);
-  const SegmentationPair pair{(data / "images" / "a.png").string(), (data / "masks" / "a.png").string()};
+  const SegmentationPair pair = write_pair(data, "a", img, mask);
   PreprocessConfig pre;
   pre.height = pre.width = 24;
   for (uint64_t seed : {0ull, 1ull, 2ull, 99ull}) {
@@ -227,15 +230,12 @@ TEST_CASE("segmentation_sample moves image and mask together", "[segmenter_train
 
 TEST_CASE("segmentation_sample crops windows at the image's own resolution", "[segmenter_train]") {
   const fs::path data = temp_dir("crops");
-  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
   // Every pixel a different colour (so a crop can be located exactly); class 1 on a 6x6 square.
   cv::Mat img(50, 64, CV_8UC3), mask(50, 64, CV_8U, cv::Scalar(0));
   for (int y = 0; y < img.rows; ++y)
     for (int x = 0; x < img.cols; ++x) img.at<cv::Vec3b>(y, x) = cv::Vec3b(x * 4, y * 5, (x * 7 + y * 3) % 256);
   cv::rectangle(mask, cv::Rect(40, 34, 6, 6), cv::Scalar(1), cv::FILLED);
-  cv::imwrite((data / "images" / "a.png").string(), img);
-  cv::imwrite((data / "masks" / "a.png").string(), mask);
-  const SegmentationPair pair{(data / "images" / "a.png").string(), (data / "masks" / "a.png").string()};
+  const SegmentationPair pair = write_pair(data, "a", img, mask);
   PreprocessConfig pre;  // keeps the size: x/255, no normalisation
   pre.do_resize = false, pre.do_normalize = false, pre.height = pre.width = 32;
   std::vector<float> px(3 * 32 * 32);
@@ -269,9 +269,7 @@ TEST_CASE("segmentation_sample crops windows at the image's own resolution", "[s
   cv::Mat wide(160, 200, CV_8UC3, cv::Scalar(90, 90, 90)), wide_mask(160, 200, CV_8U, cv::Scalar(0));
   cv::rectangle(wide, cv::Rect(150, 120, 3, 3), cv::Scalar(250, 250, 250), cv::FILLED);
   cv::rectangle(wide_mask, cv::Rect(150, 120, 3, 3), cv::Scalar(1), cv::FILLED);
-  cv::imwrite((data / "images" / "b.png").string(), wide);
-  cv::imwrite((data / "masks" / "b.png").string(), wide_mask);
-  const SegmentationPair tiny{(data / "images" / "b.png").string(), (data / "masks" / "b.png").string()};
+  const SegmentationPair tiny = write_pair(data, "b", wide, wide_mask);
   int with_mark = 0;
   for (uint64_t seed = 1; seed <= 40; ++seed) {
     segmentation_sample(tiny, pre, true, seed, px.data(), labels.data(), 32, 32, 32);

@@ -414,6 +414,22 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
 
 namespace {
 
+SafeTensors open_single_checkpoint(const fs::path& dir) {
+  const std::string file = (dir / "model.safetensors").string();
+  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
+  return SafeTensors::open(file);
+}
+
+// Every mapped tensor of the checkpoint into m's buffer, each checked by name and shape.
+void read_mapped(VitTrainModel& m, const SafeTensors& st, const std::vector<detail::NameMap>& names) {
+  for (const detail::NameMap& n : names) {
+    check(st.contains(n.name), st.path() + ": missing tensor '" + n.name + "'");
+    check(st.info(n.name).shape == n.shape, st.path() + ": tensor '" + n.name + "' has shape " +
+                                                shape_str(st.info(n.name).shape) + ", expected " + shape_str(n.shape));
+    st.read(n.name, 0, shape_numel(n.shape), m.weights.data() + detail::mapped_offset(m, n, st.path()));
+  }
+}
+
 // A timm VisionTransformer folder: its description from the inference loader (which checks the
 // config and every tensor), the weights through timm's names.
 VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& config_text) {
@@ -434,15 +450,8 @@ VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& conf
   m.architecture = inf->architecture;
   m.layout = "timm";
   m.config_json = config_text;
-  const std::string file = (dir / "model.safetensors").string();
-  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
-  const SafeTensors st = SafeTensors::open(file);
-  for (const detail::NameMap& n : detail::timm_style_names(m, "", "head")) {
-    check(st.contains(n.name), file + ": missing tensor '" + n.name + "'");
-    check(st.info(n.name).shape == n.shape, file + ": tensor '" + n.name + "' has shape " +
-                                                shape_str(st.info(n.name).shape) + ", expected " + shape_str(n.shape));
-    st.read(n.name, 0, shape_numel(n.shape), m.weights.data() + detail::mapped_offset(m, n, file));
-  }
+  const SafeTensors st = open_single_checkpoint(dir);
+  read_mapped(m, st, detail::timm_style_names(m, "", "head"));
   return m;
 }
 
@@ -457,17 +466,10 @@ VitTrainModel load_torchvision_train_model(const fs::path& dir, const std::strin
   m.architecture = inf->architecture;
   m.layout = "torchvision";
   m.config_json = config_text;
-  const std::string file = (dir / "model.safetensors").string();
-  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
-  const SafeTensors st = SafeTensors::open(file);
+  const SafeTensors st = open_single_checkpoint(dir);
   const std::string root = st.contains("class_token") ? "" : "module.";
   const bool legacy = st.contains(root + "encoder.layers.encoder_layer_0.mlp.linear_1.weight");
-  for (const detail::NameMap& n : detail::torchvision_names(m, root, legacy)) {
-    check(st.contains(n.name), file + ": missing tensor '" + n.name + "'");
-    check(st.info(n.name).shape == n.shape, file + ": tensor '" + n.name + "' has shape " +
-                                                shape_str(st.info(n.name).shape) + ", expected " + shape_str(n.shape));
-    st.read(n.name, 0, shape_numel(n.shape), m.weights.data() + detail::mapped_offset(m, n, file));
-  }
+  read_mapped(m, st, detail::torchvision_names(m, root, legacy));
   return m;
 }
 
