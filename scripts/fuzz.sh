@@ -31,7 +31,10 @@ for t in "${targets[@]}"; do
     -jobs="$jobs" -workers="$jobs" -artifact_prefix="../artifacts/$t-") >"$log" 2>&1
   rc=$?
   set -e
-  execs=$(cat "$log" "$run"/fuzz-*.log 2>/dev/null | grep "stat::number_of_executed_units" | awk '{s += $2} END {print s + 0}')
+  # With -jobs the workers' logs (fuzz-<n>.log) hold the counts, and the main log repeats them:
+  # count one or the other, not both.
+  if ls "$run"/fuzz-*.log >/dev/null 2>&1; then stats=("$run"/fuzz-*.log); else stats=("$log"); fi
+  execs=$(cat "${stats[@]}" | grep "stat::number_of_executed_units" | awk '{s += $2} END {print s + 0}')
   echo "$t: exit $rc, $execs executions in ${seconds}s x $jobs job(s), corpus $(ls "build-fuzz/corpus/$t" | wc -l) inputs (log: $log)"
 done
 ls build-fuzz/artifacts 2>/dev/null | sed 's/^/artifact: /' || true
