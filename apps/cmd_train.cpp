@@ -282,8 +282,15 @@ int train_classify(const TrainArgs& a) {
   std::ostringstream card;
   const double mib = static_cast<double>(fs::file_size(tmp / "model.safetensors")) / (1024.0 * 1024.0);
   card << "# " << fs::path(a.out).filename().string() << ": a " << model.architecture << " trained by Tessera\n\n"
-       << "Trained by `tessera train --task classify`; a Hugging Face folder (`config.json`, `model.safetensors`, "
-          "`preprocessor_config.json`) that Tessera and transformers load as is.\n\n"
+       << "Trained by `tessera train --task classify`; "
+       << (model.layout == "timm" ? "a timm folder (`config.json` with its `pretrained_cfg`, `model.safetensors` "
+                                    "under timm's names), as it was read."
+           : model.layout == "torchvision"
+               ? "a torchvision VisionTransformer folder (`config.json`, `model.safetensors` under torchvision's "
+                 "names), as it was read."
+               : "a Hugging Face folder (`config.json`, `model.safetensors`, `preprocessor_config.json`) that "
+                 "Tessera and transformers load as is.")
+       << "\n\n"
        << "| | |\n|---|---|\n"
        << "| architecture | " << c.image_height << "x" << c.image_width << " input, patch " << c.patch_size
        << ", hidden " << c.hidden_size << ", " << c.num_hidden_layers << " layers, " << c.num_attention_heads
