@@ -339,7 +339,8 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--val", a.val, "Validation data (same kinds as --data), evaluated after every epoch");
   cmd->add_option("--out", a.out, "Model folder to write (also its log.csv, curves.png and checkpoint)")->required();
   cmd->add_option("--init", a.init, "Fine-tune this model folder");
-  cmd->add_option("--arch", a.arch, "Train from scratch from a preset (classify: vit-ti16, vit-s16, vit-b16, vit-digits)");
+  cmd->add_option("--arch", a.arch, "Train from scratch from a preset (classify: vit-ti16, vit-s16, vit-b16, vit-digits; detect: yolos-ti, "
+                  "yolos-digits, detr-digits; segment: segmenter-ti, segmenter-digits)");
   cmd->add_option("--image-size", a.image_size, "Input size of an --arch model")->check(CLI::Range(1, 16384));
   cmd->add_option("--patch-size", a.patch_size, "Patch size of an --arch model")->check(CLI::Range(1, 1024));
   cmd->add_option("--hidden-size", a.hidden_size, "Width D of an --arch model")->check(CLI::Range(1, 65536));
@@ -365,6 +366,9 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_flag("--crops", a.crops,
                 "segment --arch: train on --image-size crops at the images' own resolution (Segmenter's "
                 "recipe); the model then segments with sliding windows of that size");
+  cmd->add_option("--queries", a.queries, "detect, a new DETR head: object queries")->check(CLI::Range(1, 10000));
+  cmd->add_option("--decoder-layers", a.decoder_layers, "detect, a new DETR head: decoder layers")->check(CLI::Range(1, 64));
+  cmd->add_flag("--no-aux-loss", a.no_aux_loss, "detect, a new DETR head: the set loss on the last decoder layer only");
   cmd->add_flag("--no-augment", a.no_augment, "Every image through the model's processor and nothing else");
   cmd->add_flag("--no-shuffle", a.no_shuffle, "Batches in data order");
   cmd->add_flag("--resume", a.resume, "Continue from --out/checkpoint.safetensors (bit-identical to an uninterrupted run)");

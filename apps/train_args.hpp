@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "tessera/vit.hpp"
+#include "tessera/detr_train.hpp"
 #include "tessera/vit_train.hpp"
 
 namespace tessera::cli {
@@ -31,6 +32,10 @@ struct TrainArgs {
   int64_t warmup = 0;         // linear warm-up steps
   bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false;
   bool crops = false;  // segment --arch: train on image_size crops at the images' own resolution
+  // detect, a new DETR head (--arch detr-digits, or --init a ViT classifier): its queries and
+  // decoder layers (0: the preset's), auxiliary loss on unless --no-aux-loss.
+  int64_t queries = 0, decoder_layers = 0;
+  bool no_aux_loss = false;
   uint64_t seed = 0;
   int threads = 0;
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: once per epoch (and at the end)
@@ -50,6 +55,11 @@ std::string keep_size_processor_json(int64_t size);
 // mlp_ratio·D unless --mlp is given, --layers, --heads, --mlp), checked: the image a multiple of
 // the patch, the width a multiple of the heads.
 void apply_arch_options(VitConfig& c, const TrainArgs& a, int64_t mlp_ratio);
+// config.json's model_type of a model folder ("" when it has none); an Error naming the file when
+// it cannot be read or is not a JSON object.
+std::string folder_model_type(const std::string& dir);
+// --queries, --decoder-layers, --no-aux-loss applied to a new DETR head.
+void apply_detr_options(DetrHeadConfig& head, const TrainArgs& a);
 // The optimiser step the options ask for (--optimizer, --lr, --weight-decay, --momentum,
 // --clip-grad, --layer-decay, --label-smoothing), the same for every task.
 TrainStepOptions train_step_options(const TrainArgs& a);

@@ -1,10 +1,12 @@
 // What the three training tasks share beyond TrainLog (train_args.hpp): reading a text file, the
 // processor of a square from-scratch model, and the --arch size options.
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "tessera/detr_train.hpp"
 #include "tessera/error.hpp"
 #include "train_args.hpp"
 
@@ -50,6 +52,20 @@ TrainStepOptions train_step_options(const TrainArgs& a) {
   s.layer_decay = a.layer_decay;
   s.label_smoothing = static_cast<float>(a.label_smoothing);
   return s;
+}
+
+std::string folder_model_type(const std::string& dir) {
+  const std::string file = (std::filesystem::path(dir) / "config.json").string();
+  const nlohmann::json j = nlohmann::json::parse(read_text_file(file), nullptr, false);
+  check(j.is_object(), file + ": not a JSON object");
+  const auto it = j.find("model_type");
+  return it != j.end() && it->is_string() ? it->get<std::string>() : "";
+}
+
+void apply_detr_options(DetrHeadConfig& head, const TrainArgs& a) {
+  if (a.queries > 0) head.queries = a.queries;
+  if (a.decoder_layers > 0) head.layers = a.decoder_layers;
+  if (a.no_aux_loss) head.auxiliary_loss = false;
 }
 
 void apply_arch_options(VitConfig& c, const TrainArgs& a, int64_t mlp_ratio) {

@@ -1,11 +1,13 @@
-// tessera train --task detect: trains a YolosForObjectDetection on a COCO instances JSON
-// (vision/include/tessera/detect_trainer.hpp) and publishes it as a Hugging Face folder that
-// `tessera detect` and `tessera eval` load as is.
+// tessera train --task detect: trains a YolosForObjectDetection or a ViT + DETR decoder head
+// (vit-detr) on a COCO instances JSON (vision/include/tessera/detect_trainer.hpp) and publishes it
+// as a folder that `tessera detect` and `tessera eval` load as is.
 //
-// --arch yolos-ti | yolos-digits trains from scratch (--image-size S: S x S input; the preset's
-// overrides --patch-size, --hidden-size, --layers, --heads, --mlp apply), --init DIR fine-tunes a
-// YOLOS folder at its config's image size (or --image-size). Every image is resized to that one
-// fixed size (the processor written with the model says so), so every batch is one tensor.
+// --arch yolos-ti | yolos-digits | detr-digits trains from scratch (--image-size S: S x S input;
+// the preset's overrides --patch-size, --hidden-size, --layers, --heads, --mlp apply; a DETR head's
+// --queries, --decoder-layers, --no-aux-loss), --init DIR fine-tunes a YOLOS or vit-detr folder at
+// its config's image size (or --image-size), or puts a new DETR head on a ViT / DeiT classifier's
+// encoder. Every image is resized to that one fixed size (the processor written with the model
+// says so), so every batch is one tensor.
 // The data's categories must be label ids of the model (COCO category id = label id, as DETR and
 // YOLOS). A run writes into --out as it goes: log.csv, curves.png and checkpoint.safetensors
 // (weights, optimiser state, step: --resume continues from it bit for bit), and with --val COCO
@@ -29,6 +31,7 @@
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
 #include "tessera/preprocess.hpp"
+#include "tessera/detr_train.hpp"
 #include "tessera/yolos_train.hpp"
 #include "train_args.hpp"
 
@@ -60,7 +63,12 @@ std::vector<std::string> model_labels(const VitTrainModel& model) {
 int train_detect(const TrainArgs& a) {
   using Clock = std::chrono::steady_clock;
   check(!(a.init.empty() == a.arch.empty()),
-        "train --task detect: give exactly one of --init MODEL_DIR (fine-tune a YOLOS folder) and --arch PRESET");
+        "train --task detect: give exactly one of --init MODEL_DIR (a YOLOS or vit-detr folder, or a ViT "
+        "classifier for a new DETR head) and --arch PRESET");
+  check((a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss) || a.arch == "detr-digits" ||
+            (!a.init.empty() && (folder_model_type(a.init) == "vit" || folder_model_type(a.init) == "deit")),
+        "train --task detect: --queries, --decoder-layers and --no-aux-loss shape a new DETR head "
+        "(--arch detr-digits, or --init a ViT classifier)");
   check(!a.freeze_encoder, "train --task detect: --freeze-encoder is not implemented for detection");
   check(a.label_smoothing == 0, "train --task detect: --label-smoothing is for classification (the set loss "
                                 "weights no-object by eos_coefficient instead)");
@@ -73,8 +81,22 @@ int train_detect(const TrainArgs& a) {
 
   VitTrainModel model;
   int64_t height = 0, width = 0;
-  if (!a.init.empty()) {
-    model = load_yolos_train_model(a.init);
+  const std::vector<std::string> detr_presets = detr_train_presets();
+  const bool detr_arch = std::find(detr_presets.begin(), detr_presets.end(), a.arch) != detr_presets.end();
+  // --init with a ViT / DeiT classifier and --arch detr-digits: a new DETR head on that encoder.
+  const std::string init_type = a.init.empty() ? "" : folder_model_type(a.init);
+  if (!a.init.empty() && (init_type == "vit" || init_type == "deit")) {
+    const VitTrainModel vit = load_vit_train_model(a.init);
+    height = width = a.image_size > 0 ? a.image_size : 128;
+    DetrHeadConfig head;
+    detr_train_preset("detr-digits", height, height, &head);
+    apply_detr_options(head, a);
+    model = detr_from_vit(vit, head, data.labels, height, width, a.seed);
+  } else if (!a.init.empty()) {
+    check(init_type == "vit-detr" || init_type == "yolos",
+          (fs::path(a.init) / "config.json").string() + ": --init takes a YOLOS or vit-detr folder, or a ViT / DeiT "
+          "classifier (a new DETR head on its encoder), got model_type \"" + init_type + "\"");
+    model = init_type == "vit-detr" ? load_detr_train_model(a.init) : load_yolos_train_model(a.init);
     height = a.image_size > 0 ? a.image_size : model.config.image_height;
     width = a.image_size > 0 ? a.image_size : model.config.image_width;
     const std::vector<std::string> labels = model_labels(model);
@@ -83,6 +105,13 @@ int train_detect(const TrainArgs& a) {
         check(static_cast<int64_t>(i) < model.num_labels && labels[i] == data.labels[i],
               a.data + ": category " + std::to_string(i) + " \"" + data.labels[i] + "\" is not label " +
                   std::to_string(i) + " of " + a.init + " (a new detection head for other classes is not implemented yet)");
+  } else if (detr_arch) {
+    height = width = a.image_size > 0 ? a.image_size : 128;
+    DetrHeadConfig head;
+    VitConfig c = detr_train_preset(a.arch, height, width, &head);
+    apply_arch_options(c, a, 3);
+    apply_detr_options(head, a);
+    model = make_detr_train_model(c, head, data.labels, a.seed);
   } else {
     height = width = a.image_size > 0 ? a.image_size : (a.arch == "yolos-digits" ? 128 : 512);
     VitConfig c = yolos_train_preset(a.arch, height, width);
@@ -92,7 +121,8 @@ int train_detect(const TrainArgs& a) {
   check(height % model.config.patch_size == 0 && width % model.config.patch_size == 0,
         "train: the image size " + std::to_string(height) + "x" + std::to_string(width) +
             " is not a multiple of the patch size " + std::to_string(model.config.patch_size));
-  const std::string processor_json = yolos_preprocessor_json(height, width);
+  const std::string processor_json =
+      model.is_detr() ? detr_preprocessor_json(height, width) : yolos_preprocessor_json(height, width);
   const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
 
   DetectorTrainOptions o;
@@ -135,13 +165,18 @@ int train_detect(const TrainArgs& a) {
   for (const TrainParam& p : model.params) params += p.numel();
   for (const DetectionTarget& t : data.targets) boxes += static_cast<int64_t>(t.labels.size());
   const VitConfig& c = model.config;
+  const DetrHeadShape& dh = model.detr;
+  const std::string head_text =
+      model.is_detr() ? "; DETR decoder: d_model " + std::to_string(dh.d_model) + ", " + std::to_string(dh.queries) +
+                            " queries, " + std::to_string(dh.layers) + " layers, " + std::to_string(dh.heads) +
+                            " heads, FFN " + std::to_string(dh.ffn) + (dh.auxiliary_loss ? ", auxiliary loss" : "")
+                      : ", " + std::to_string(c.num_detection_tokens) + " detection tokens";
   std::printf("data: %s, %zu images, %lld boxes, %zu label ids\n", data.source.c_str(), data.size(), (long long)boxes,
               data.labels.size());
-  std::printf("model: %s, %lldx%lld patch %lld, D=%lld, %lld layers, %lld heads, MLP %lld, %lld detection tokens: "
-              "%lld parameters\n",
+  std::printf("model: %s, %lldx%lld patch %lld, D=%lld, %lld layers, %lld heads, MLP %lld%s: %lld parameters\n",
               model.architecture.c_str(), (long long)c.image_height, (long long)c.image_width, (long long)c.patch_size,
               (long long)c.hidden_size, (long long)c.num_hidden_layers, (long long)c.num_attention_heads,
-              (long long)c.intermediate_size, (long long)c.num_detection_tokens, (long long)params);
+              (long long)c.intermediate_size, head_text.c_str(), (long long)params);
   std::printf("processor: %s\n", processor.describe().c_str());
   std::printf("run: %lld steps (%lld per epoch, batch %lld), %s lr %g, warm-up %lld, weight decay %g, clip %g, "
               "augmentation %s, %d threads\n",
@@ -192,15 +227,24 @@ int train_detect(const TrainArgs& a) {
     const auto loaded = load_model(tmp.string());
     const Tensor x = detection_batch(data, first, parse_preprocess_config(read_text_file((tmp / "preprocessor_config.json").string()), "exported"),
                                      plain, 0, nullptr);
-    yolos_train_forward(model, x, state.acts);
+    const std::vector<float>* want_logits = &state.acts.logits;
+    const std::vector<float>* want_boxes = &state.acts.boxes;
+    DetrTrainActivations detr_acts;
+    if (model.is_detr()) {
+      detr_train_forward(model, x, detr_acts);
+      want_logits = &detr_acts.heads.back().logits, want_boxes = &detr_acts.heads.back().boxes;
+    } else {
+      yolos_train_forward(model, x, state.acts);
+    }
     ModelWorkspace ws;
     const NamedTensors got = model_forward(*loaded, x, ws);
     double diff = 0;
     const Tensor& logits = output(got, "logits");
     const Tensor& pred_boxes = output(got, "pred_boxes");
-    for (int64_t i = 0; i < logits.numel(); ++i) diff = std::max(diff, static_cast<double>(std::abs(logits[i] - state.acts.logits[i])));
+    for (int64_t i = 0; i < logits.numel(); ++i)
+      diff = std::max(diff, static_cast<double>(std::abs(logits[i] - (*want_logits)[static_cast<size_t>(i)])));
     for (int64_t i = 0; i < pred_boxes.numel(); ++i)
-      diff = std::max(diff, static_cast<double>(std::abs(pred_boxes[i] - state.acts.boxes[i])));
+      diff = std::max(diff, static_cast<double>(std::abs(pred_boxes[i] - (*want_boxes)[static_cast<size_t>(i)])));
     std::printf("export check: max |difference| of logits and boxes through load_model + model_forward %.2e\n", diff);
     if (!(diff < 1e-3)) {
       fs::remove_all(tmp, ec);
@@ -210,13 +254,17 @@ int train_detect(const TrainArgs& a) {
   }
   std::ostringstream card;
   const double mib = static_cast<double>(fs::file_size(tmp / "model.safetensors")) / (1024.0 * 1024.0);
-  card << "# " << fs::path(a.out).filename().string() << ": a YolosForObjectDetection trained by Tessera\n\n"
-       << "Trained by `tessera train --task detect`; a Hugging Face folder (`config.json`, `model.safetensors`, "
-          "`preprocessor_config.json`) that Tessera and transformers load as is.\n\n"
+  card << "# " << fs::path(a.out).filename().string() << ": a " << model.architecture << " trained by Tessera\n\n"
+       << "Trained by `tessera train --task detect`; "
+       << (model.is_detr() ? "a Tessera vit-detr folder (Hugging Face ViT backbone and DETR decoder names and config "
+                             "fields: `config.json`, `model.safetensors`, `preprocessor_config.json`) that `tessera "
+                             "detect`, `view` and `eval` load as is.\n\n"
+                           : "a Hugging Face folder (`config.json`, `model.safetensors`, `preprocessor_config.json`) "
+                             "that Tessera and transformers load as is.\n\n")
        << "| | |\n|---|---|\n"
-       << "| architecture | " << c.image_height << "x" << c.image_width << " input, patch " << c.patch_size << ", hidden "
-       << c.hidden_size << ", " << c.num_hidden_layers << " layers, " << c.num_attention_heads << " heads, MLP "
-       << c.intermediate_size << ", " << c.num_detection_tokens << " detection tokens |\n"
+       << "| architecture | " << c.image_height << "x" << c.image_width << " input, ViT patch " << c.patch_size
+       << ", hidden " << c.hidden_size << ", " << c.num_hidden_layers << " layers, " << c.num_attention_heads
+       << " heads, MLP " << c.intermediate_size << head_text << " |\n"
        << "| parameters | " << params << " (float32, " << fmt("%.2f", mib) << " MiB) |\n"
        << "| labels | " << model.num_labels << " ids (COCO category id = label id) |\n"
        << "| pre-processing | " << processor.describe() << " |\n"

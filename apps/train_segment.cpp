@@ -68,9 +68,7 @@ std::vector<std::string> segmentation_classes(const std::string& dir) {
 // --init: a Segmenter folder (fine-tuned as it is) or a ViT / DeiT classifier (its encoder).
 bool segmenter_init_is_vit(const std::string& dir) {
   const std::string file = (fs::path(dir) / "config.json").string();
-  const nlohmann::json j = nlohmann::json::parse(read_text_file(file), nullptr, false);
-  check(j.is_object(), file + ": not valid JSON");
-  const std::string type = j.value("model_type", "");
+  const std::string type = folder_model_type(dir);
   check(type == "segmenter" || type == "vit" || type == "deit",
         file + ": --init takes a Segmenter folder or a ViT / DeiT classifier, got model_type \"" + type + "\"");
   return type != "segmenter";

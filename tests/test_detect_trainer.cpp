@@ -11,6 +11,7 @@
 #include <fstream>
 #include <string>
 #include <unistd.h>
+#include <tuple>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -18,6 +19,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include "tessera/detect_trainer.hpp"
+#include "tessera/detection.hpp"
 #include "tessera/model.hpp"
 #include "tessera/yolos_train.hpp"
 
@@ -184,4 +186,49 @@ TEST_CASE("tessera train --task detect publishes a folder that load_model and ev
                                " --out " + (tmp.path / "bad").string() + " --arch yolos-digits >/dev/null 2>&1").c_str());
   CHECK(WIFEXITED(bad));
   CHECK(WEXITSTATUS(bad) != 0);
+}
+
+TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT classifier", "[detect_trainer][cli]") {
+  const char* cli = std::getenv("TESSERA_CLI");
+  REQUIRE(cli != nullptr);
+  TempDir tmp;
+  const std::string json = write_coco(tmp.path, 4, 32, 32);
+  auto run = [&](const std::string& args) {
+    const int status = std::system((std::string(cli) + " train --task detect --data " + json + args + " >" +
+                                    (tmp.path / "log").string() + " 2>&1").c_str());
+    std::ifstream f(tmp.path / "log");
+    const std::string log((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    return std::make_pair(WIFEXITED(status) ? WEXITSTATUS(status) : -1, log);
+  };
+  // From scratch: the preset, shrunk, with the head's own options; the folder is a vit-detr one.
+  const fs::path out = tmp.path / "detr";
+  auto [code, log] = run(" --out " + out.string() + " --arch detr-digits --image-size 32 --hidden-size 32 --heads 2"
+                         " --layers 1 --queries 4 --decoder-layers 2 --batch 2 --epochs 2 --lr 1e-3 --seed 4 --threads 2");
+  INFO(log);
+  REQUIRE(code == 0);
+  CHECK(log.find("4 queries, 2 layers") != std::string::npos);
+  CHECK(log.find("auxiliary loss") != std::string::npos);
+  const auto model = load_model(out.string());
+  REQUIRE(model->detection);
+  CHECK(model->architecture == "VitDetrForObjectDetection");
+  CHECK(model->labels == std::vector<std::string>{"N/A", "a", "b"});
+  CHECK(evaluate_detector(*model, json).ap() >= 0.0);
+  // Fine-tuning that folder continues it (same head), and a ViT classifier gets a new head.
+  const fs::path again = tmp.path / "again";
+  std::tie(code, log) = run(" --out " + again.string() + " --init " + out.string() + " --batch 2 --max-steps 1 --threads 1");
+  CHECK(code == 0);
+  CHECK(load_model(again.string())->detection);
+  const std::string vit = std::string(TESSERA_FIXTURES) + "/conformance/vit-tiny-rand";
+  const fs::path on_vit = tmp.path / "on-vit";
+  std::tie(code, log) = run(" --out " + on_vit.string() + " --init " + vit + " --image-size 32 --queries 3"
+                            " --no-aux-loss --batch 2 --max-steps 2 --threads 1");
+  CHECK(code == 0);
+  const auto m2 = load_model(on_vit.string());
+  REQUIRE(m2->detection);
+  CHECK(m2->detection->num_slots == 3);
+  CHECK(!m2->detection->norm_every_layer);
+  // The head's options belong to a new DETR head only.
+  std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --arch yolos-digits --queries 5");
+  CHECK(code != 0);
+  CHECK(log.find("new DETR head") != std::string::npos);
 }

@@ -148,15 +148,24 @@ def vit_detr_forward(cfg, sd, pixel_values):
     qpos = sd["model.query_position_embeddings.weight"].unsqueeze(0).repeat(B, 1, 1)
     x = torch.zeros_like(qpos)
     ln = lambda t, n: F.layer_norm(t, (D,), sd[n + ".weight"], sd[n + ".bias"], eps)
+    aux = cfg.get("auxiliary_loss", False)
+    intermediate = []
     for i in range(cfg["decoder_layers"]):
         l = f"model.decoder.layers.{i}."
         x = ln(x + detr_attention(x, qpos, None, None, sd, l + "self_attn.", heads), l + "self_attn_layer_norm")
         x = ln(x + detr_attention(x, qpos, mem, pos, sd, l + "encoder_attn.", heads), l + "encoder_attn_layer_norm")
         y = mm.linear(F.relu(mm.linear(x, sd, l + "fc1")), sd, l + "fc2")
         x = ln(x + y, l + "final_layer_norm")
+        if aux:  # DetrDecoder: with auxiliary_loss every layer's output goes through the decoder norm
+            x = ln(x, "model.decoder.layernorm")
+            intermediate.append(x)
     x = ln(x, "model.decoder.layernorm")
-    return {"logits": mm.linear(x, sd, "class_labels_classifier"),
-            "pred_boxes": mlp_head(x, sd, "bbox_predictor.", 3).sigmoid(), "last_hidden_state": x}
+    out = {"logits": mm.linear(x, sd, "class_labels_classifier"),
+           "pred_boxes": mlp_head(x, sd, "bbox_predictor.", 3).sigmoid(), "last_hidden_state": x}
+    if aux:  # DetrForObjectDetection: the heads on the intermediate states; all but the last are auxiliary
+        out["auxiliary"] = [(mm.linear(h, sd, "class_labels_classifier"),
+                             mlp_head(h, sd, "bbox_predictor.", 3).sigmoid()) for h in intermediate[:-1]]
+    return out
 
 
 def vit_detr_shapes(cfg, conv_projection):

@@ -17,6 +17,7 @@
 #include "tessera/metrics.hpp"
 #include "tessera/optim.hpp"
 #include "tessera/parallel.hpp"
+#include "tessera/detr_train.hpp"
 #include "tessera/yolos_train.hpp"
 
 namespace fs = std::filesystem;
@@ -145,7 +146,8 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
     SetLossResult detail;
-    const TrainStepResult r = yolos_train_step(model, state, pixels, targets, step, &detail);
+    const TrainStepResult r = model.is_detr() ? detr_train_step(model, state, pixels, targets, step, &detail)
+                                               : yolos_train_step(model, state, pixels, targets, step, &detail);
     if (on_step) {
       DetectorProgress p;
       p.step = s + 1, p.total = total, p.epoch = s / per_epoch;

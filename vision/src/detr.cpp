@@ -100,6 +100,7 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
         ck.file + ": has more decoder layers than decoder_layers = " + std::to_string(L));
   h.decoder_norm_weight = ck.get("model.decoder.layernorm.weight", {D});
   h.decoder_norm_bias = ck.get("model.decoder.layernorm.bias", {D});
+  h.norm_every_layer = cfg.boolean("auxiliary_loss", false);
 
   const Shape& cs = ck.shape("class_labels_classifier.weight");
   check(cs.size() == 2 && cs[0] >= 2 && cs[1] == D,
@@ -181,6 +182,8 @@ void detr_decode(const DetectionHead& h, const float* encoder, int64_t B, int64_
     linear(x, M, D, l.fc1, w.ffn.data(), F, Activation::Relu);
     linear(w.ffn.data(), M, F, l.fc2, x, D, Activation::None, x);
     layer_norm(x, M, D, D, l.final_norm_weight.data(), l.final_norm_bias.data(), h.decoder_eps, x, D);
+    if (h.norm_every_layer)  // DetrDecoder with auxiliary_loss: hidden_states = self.layernorm(hidden_states)
+      layer_norm(x, M, D, D, h.decoder_norm_weight.data(), h.decoder_norm_bias.data(), h.decoder_eps, x, D);
   }
   layer_norm(x, M, D, D, h.decoder_norm_weight.data(), h.decoder_norm_bias.data(), h.decoder_eps, x, D);
 }

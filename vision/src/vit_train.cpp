@@ -389,7 +389,9 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   }
   v.norm_w = at(m.base + "layernorm.weight");
   v.norm_b = at(m.base + "layernorm.bias");
-  if (m.detection) {
+  if (m.is_detr()) {  // detr_train.cpp binds the decoder head itself
+    v.head_w = v.head_b = v.head2_w = v.head2_b = nullptr;
+  } else if (m.detection) {
     v.det_tokens = at(e + "detection_tokens");
     v.head_w = v.head_b = v.head2_w = v.head2_b = nullptr;
     for (int i = 0; i < 3; ++i) {

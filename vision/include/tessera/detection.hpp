@@ -56,6 +56,10 @@ struct DetectionHead {
   Tensor query_pos;               // [num_slots, d_model] learned query position embeddings
   std::vector<DetrDecoderLayer> layers;
   Tensor decoder_norm_weight, decoder_norm_bias;
+  // config auxiliary_loss: Hugging Face's DetrDecoder then applies its final layer norm after
+  // every layer (the normed output is the next layer's input and the auxiliary heads' input), and
+  // once more at the end, in inference too.
+  bool norm_every_layer = false;
 };
 
 // DETR's DetrSinePositionEmbedding(d_model / 2, normalize=True, scale 2π) of an all-ones mask

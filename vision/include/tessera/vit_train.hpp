@@ -24,6 +24,7 @@
 // (PosResample::SizeBicubic, as yolos.cpp loads it), and the two MLP heads replace the classifier.
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -41,6 +42,14 @@ struct TrainParam {
   int64_t offset = 0;  // elements from the start of the buffer
   bool decay = false;  // weight decay applies: matrices; not biases, norms, tokens, position embeddings
   int64_t numel() const { return shape_numel(shape); }
+};
+
+// The DETR decoder head of a "vit-detr" folder (detr_train.hpp); layers == 0: none.
+struct DetrHeadShape {
+  int64_t d_model = 0, queries = 0, layers = 0, heads = 0, ffn = 0;
+  float eps = 1e-5f;
+  bool conv_projection = false;  // input_projection stored as a 1x1 convolution [D, denc, 1, 1]
+  bool auxiliary_loss = false;   // the set loss on every decoder layer (and its norm after each)
 };
 
 struct VitTrainModel {
@@ -62,6 +71,10 @@ struct VitTrainModel {
   // encoder.layers.encoder_layer_N …, heads.head). Inside, parameters always carry the Hugging
   // Face names below.
   std::string layout = "hf";
+  // VitDetrForObjectDetection (detr_train.hpp): the encoder's final norm on every token, its patch
+  // tokens through input_projection into the DETR decoder and its heads, instead of a classifier.
+  DetrHeadShape detr;
+  bool is_detr() const { return detr.layers > 0; }
   VitConfig config;
   int64_t num_labels = 0;
   std::vector<TrainParam> params;  // in buffer order; query/key/value weights (and biases) adjacent
@@ -227,10 +240,12 @@ struct TrainStepOptions {
   float label_smoothing = 0.0f;
 };
 // The optimiser's state and the step's buffers, laid out as the model's weights.
+struct DetrTrainActivations;  // detr_train.hpp
 struct VitTrainState {
   int64_t step = 0;  // steps taken
   std::vector<float> grads, m, v;  // v unused by SGD; m is SGD's momentum buffer
   VitTrainActivations acts;
+  std::shared_ptr<DetrTrainActivations> detr_acts;  // a DETR head's, made by its first step
 };
 struct TrainStepResult {
   double loss = 0;       // the batch's mean loss, before the step
