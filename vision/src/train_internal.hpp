@@ -9,6 +9,22 @@
 
 namespace tessera::detail {
 
+// One pre-norm transformer block as HF ViTLayer / timm Block compute it (Segmenter's encoder and
+// mask-transformer decoder blocks too), on B images of T tokens of width dim:
+//   x_mid = x + attn_out(attention(qkv(LN₁ x)));  next = x_mid + fc2(gelu(fc1(LN₂ x_mid)))
+// (with DINOv2's layer scale λ₁, λ₂ on the branches when lw.ls1 / ls2 are set).
+struct BlockDims {
+  int64_t batch, tokens, dim, mlp, heads;
+  float eps;
+};
+// a.x holds the input; every other field of `a` is written (sized by the caller); the output
+// goes to `next` [B·T, dim].
+void vit_block_forward(const VitTrainLayerView& lw, const BlockDims& s, VitTrainActivations::Layer& a, float* next);
+// scratch.dx holds dL/dnext on entry and dL/dx on exit; the block's gradients are ADDED into lg.
+// Uses scratch.da, dh, dln, dctx, dqkv (and dz with layer scale), sized for the block.
+void vit_block_backward(const VitTrainLayerView& lw, const VitTrainLayerView& lg, const BlockDims& s,
+                        VitTrainActivations::Layer& a, VitTrainActivations& scratch);
+
 // The checkpoint names and shapes, in buffer order, of an encoder of `c` under `base` ("vit.")
 // with its head: the classifier of num_labels classes, or with c.num_detection_tokens > 0 the
 // YOLOS detection tokens and heads (num_labels + 1 class outputs).

@@ -341,6 +341,64 @@ void position_embedding_backward(const VitTrainModel& m, int64_t height, int64_t
 
 }  // namespace
 
+namespace detail {
+
+void vit_block_forward(const VitTrainLayerView& lw, const BlockDims& s, VitTrainActivations::Layer& a, float* next) {
+  const int64_t B = s.batch, T = s.tokens, d = s.dim, f = s.mlp, heads = s.heads, hd = d / heads, M = B * T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  layer_norm_forward(a.x.data(), M, d, lw.norm1_w, lw.norm1_b, s.eps, a.ln1.data(), a.mean1.data(), a.rstd1.data());
+  linear_forward(a.ln1.data(), M, lw.qkv_w, lw.qkv_b, 3 * d, d, a.qkv.data());
+  const float* qkv = a.qkv.data();
+  attention_forward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
+                    {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d}, scale, a.lse.data());
+  // x_mid = x + attn_out(ctx)  (DINOv2: x + λ₁ ⊙ attn_out(ctx))
+  const PackedLinear out_proj = pack_linear(lw.attn_out_w, lw.attn_out_b, d, d);
+  if (lw.ls1)
+    add_scaled(a.x.data(), out_proj, a.ctx.data(), M, d, lw.ls1, a.z1.data(), a.x_mid.data());
+  else
+    linear(a.ctx.data(), M, d, out_proj, a.x_mid.data(), d, Activation::None, a.x.data());
+  layer_norm_forward(a.x_mid.data(), M, d, lw.norm2_w, lw.norm2_b, s.eps, a.ln2.data(), a.mean2.data(),
+                     a.rstd2.data());
+  linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, f, d, a.h.data());
+  gelu_forward(a.h.data(), a.a.data(), M * f);
+  const PackedLinear fc2 = pack_linear(lw.fc2_w, lw.fc2_b, d, f);
+  if (lw.ls2)
+    add_scaled(a.x_mid.data(), fc2, a.a.data(), M, f, lw.ls2, a.z2.data(), next);
+  else
+    linear(a.a.data(), M, f, fc2, next, d, Activation::None, a.x_mid.data());
+}
+
+void vit_block_backward(const VitTrainLayerView& lw, const VitTrainLayerView& lg, const BlockDims& s,
+                        VitTrainActivations::Layer& a, VitTrainActivations& acts) {
+  const int64_t B = s.batch, T = s.tokens, d = s.dim, f = s.mlp, heads = s.heads, hd = d / heads, M = B * T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  // dx holds dL/dx_{l+1}; x_{l+1} = x_mid + fc2(gelu(fc1(LN₂ x_mid))).
+  zero(acts.da), zero(acts.dh), zero(acts.dln);
+  const float* dbranch = acts.dx.data();  // DINOv2: through λ₂ first
+  if (lw.ls2) dbranch = scale_backward(acts.dx.data(), a.z2.data(), lw.ls2, M, d, acts.dz.data(), lg.ls2);
+  linear_backward(a.a.data(), lw.fc2_w, dbranch, M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
+  gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
+  linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, f, d, acts.dln.data(), lg.fc1_w, lg.fc1_b);
+  layer_norm_backward(acts.dln.data(), a.x_mid.data(), a.mean2.data(), a.rstd2.data(), lw.norm2_w, M, d,
+                      acts.dx.data(), lg.norm2_w, lg.norm2_b);
+  // dx holds dL/dx_mid; x_mid = x + attn_out(attention(qkv(LN₁ x))).
+  zero(acts.dctx), zero(acts.dqkv), zero(acts.dln);
+  dbranch = acts.dx.data();
+  if (lw.ls1) dbranch = scale_backward(acts.dx.data(), a.z1.data(), lw.ls1, M, d, acts.dz.data(), lg.ls1);
+  linear_backward(a.ctx.data(), lw.attn_out_w, dbranch, M, d, d, acts.dctx.data(), lg.attn_out_w, lg.attn_out_b);
+  const float* qkv = a.qkv.data();
+  float* dqkv = acts.dqkv.data();
+  attention_backward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
+                     {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d}, {acts.dctx.data(), T * d, d},
+                     a.lse.data(), scale, {dqkv, T * 3 * d, 3 * d}, {dqkv + d, T * 3 * d, 3 * d},
+                     {dqkv + 2 * d, T * 3 * d, 3 * d});
+  linear_backward(a.ln1.data(), lw.qkv_w, dqkv, M, 3 * d, d, acts.dln.data(), lg.qkv_w, lg.qkv_b);
+  layer_norm_backward(acts.dln.data(), a.x.data(), a.mean1.data(), a.rstd1.data(), lw.norm1_w, M, d,
+                      acts.dx.data(), lg.norm1_w, lg.norm1_b);
+}
+
+}  // namespace detail
+
 const TrainParam& VitTrainModel::param(const std::string& name) const {
   for (const TrainParam& p : params)
     if (p.name == name) return p;
@@ -759,9 +817,9 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
          shape_str(pixel_values.shape()));
   const int64_t B = pixel_values.dim(0), H = pixel_values.dim(2), W = pixel_values.dim(3);
   const int64_t p = c.patch_size, C = c.num_channels, d = c.hidden_size, f = c.intermediate_size;
-  const int64_t heads = c.num_attention_heads, hd = c.head_dim();
+  const int64_t heads = c.num_attention_heads;
   const int64_t pre = c.num_prefix_tokens(), det = c.num_detection_tokens;
-  const int64_t nh = H / p, nw = W / p, np = nh * nw, T = pre + np + det, M = B * T;
+  const int64_t nh = H / p, nw = W / p, np = nh * nw, T = pre + np + det;
   const int64_t kp = C * p * p;
   acts.resize(model, B, H, W);
   position_embedding_forward(model, H, W, acts.pos.data());
@@ -794,32 +852,10 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
     for (int64_t i = 0; i < T * d; ++i) xb[i] += acts.pos[i];
   }
 
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps};
   for (size_t li = 0; li < acts.layers.size(); ++li) {
-    VitTrainActivations::Layer& a = acts.layers[li];
-    const VitTrainLayerView& lw = w.layers[li];
     float* next = li + 1 < acts.layers.size() ? acts.layers[li + 1].x.data() : acts.x_out.data();
-    layer_norm_forward(a.x.data(), M, d, lw.norm1_w, lw.norm1_b, c.layer_norm_eps, a.ln1.data(),
-                       a.mean1.data(), a.rstd1.data());
-    linear_forward(a.ln1.data(), M, lw.qkv_w, lw.qkv_b, 3 * d, d, a.qkv.data());
-    const float* qkv = a.qkv.data();
-    attention_forward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
-                      {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d}, scale, a.lse.data());
-    // x_mid = x + attn_out(ctx)  (DINOv2: x + λ₁ ⊙ attn_out(ctx))
-    const PackedLinear out_proj = pack_linear(lw.attn_out_w, lw.attn_out_b, d, d);
-    if (lw.ls1)
-      add_scaled(a.x.data(), out_proj, a.ctx.data(), M, d, lw.ls1, a.z1.data(), a.x_mid.data());
-    else
-      linear(a.ctx.data(), M, d, out_proj, a.x_mid.data(), d, Activation::None, a.x.data());
-    layer_norm_forward(a.x_mid.data(), M, d, lw.norm2_w, lw.norm2_b, c.layer_norm_eps,
-                       a.ln2.data(), a.mean2.data(), a.rstd2.data());
-    linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, f, d, a.h.data());
-    gelu_forward(a.h.data(), a.a.data(), M * f);
-    const PackedLinear fc2 = pack_linear(lw.fc2_w, lw.fc2_b, d, f);
-    if (lw.ls2)
-      add_scaled(a.x_mid.data(), fc2, a.a.data(), M, f, lw.ls2, a.z2.data(), next);
-    else
-      linear(a.a.data(), M, f, fc2, next, d, Activation::None, a.x_mid.data());
+    detail::vit_block_forward(w.layers[li], dims, acts.layers[li], next);
   }
 }
 
@@ -924,45 +960,15 @@ void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations&
   check(acts.batch > 0, "vit_train_encoder_backward: run the forward first");
   const VitConfig& c = model.config;
   const int64_t B = acts.batch, d = c.hidden_size, f = c.intermediate_size;
-  const int64_t heads = c.num_attention_heads, hd = c.head_dim();
+  const int64_t heads = c.num_attention_heads;
   const int64_t pre = c.num_prefix_tokens(), det = c.num_detection_tokens;
   const int64_t np = (acts.height / c.patch_size) * (acts.width / c.patch_size), T = pre + np + det;
-  const int64_t M = B * T;
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
   VitTrainView g = bind_view(model, grads.data());
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  for (size_t li = acts.layers.size(); li-- > 0;) {
-    VitTrainActivations::Layer& a = acts.layers[li];
-    const VitTrainLayerView& lw = w.layers[li];
-    const VitTrainLayerView& lg = g.layers[li];
-    // dx holds dL/dx_{l+1}; x_{l+1} = x_mid + fc2(gelu(fc1(LN₂ x_mid))).
-    zero(acts.da), zero(acts.dh), zero(acts.dln);
-    const float* dbranch = acts.dx.data();  // DINOv2: through λ₂ first
-    if (lw.ls2) dbranch = scale_backward(acts.dx.data(), a.z2.data(), lw.ls2, M, d, acts.dz.data(), lg.ls2);
-    linear_backward(a.a.data(), lw.fc2_w, dbranch, M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
-    gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
-    linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, f, d, acts.dln.data(), lg.fc1_w,
-                    lg.fc1_b);
-    layer_norm_backward(acts.dln.data(), a.x_mid.data(), a.mean2.data(), a.rstd2.data(), lw.norm2_w,
-                        M, d, acts.dx.data(), lg.norm2_w, lg.norm2_b);
-    // dx holds dL/dx_mid; x_mid = x + attn_out(attention(qkv(LN₁ x))).
-    zero(acts.dctx), zero(acts.dqkv), zero(acts.dln);
-    dbranch = acts.dx.data();
-    if (lw.ls1) dbranch = scale_backward(acts.dx.data(), a.z1.data(), lw.ls1, M, d, acts.dz.data(), lg.ls1);
-    linear_backward(a.ctx.data(), lw.attn_out_w, dbranch, M, d, d, acts.dctx.data(),
-                    lg.attn_out_w, lg.attn_out_b);
-    const float* qkv = a.qkv.data();
-    float* dqkv = acts.dqkv.data();
-    attention_backward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
-                       {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d},
-                       {acts.dctx.data(), T * d, d}, a.lse.data(), scale,
-                       {dqkv, T * 3 * d, 3 * d}, {dqkv + d, T * 3 * d, 3 * d},
-                       {dqkv + 2 * d, T * 3 * d, 3 * d});
-    linear_backward(a.ln1.data(), lw.qkv_w, dqkv, M, 3 * d, d, acts.dln.data(), lg.qkv_w, lg.qkv_b);
-    layer_norm_backward(acts.dln.data(), a.x.data(), a.mean1.data(), a.rstd1.data(), lw.norm1_w, M,
-                        d, acts.dx.data(), lg.norm1_w, lg.norm1_b);
-  }
+  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps};
+  for (size_t li = acts.layers.size(); li-- > 0;)
+    detail::vit_block_backward(w.layers[li], g.layers[li], dims, acts.layers[li], acts);
 
   // Embeddings: x₀[b] = [cls, patch rows] + pos. Sums over the batch run in image order.
   const float* dx = acts.dx.data();
