@@ -143,6 +143,9 @@ int train_classify(const TrainArgs& a) {
   if (!a.val.empty()) verify_images(val);
   check(!(a.init.empty() == a.arch.empty()), "train: give exactly one of --init MODEL_DIR (fine-tune) and --arch PRESET (from scratch)");
   check(!a.crops, "train --task classify: --crops is for segmentation");
+  check(a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss && a.decoder == "linear",
+        "train --task classify: --queries, --decoder-layers, --no-aux-loss and --decoder shape detection and "
+        "segmentation heads");
   const bool digits = a.data.rfind("digits", 0) == 0;
 
   VitTrainModel model;
@@ -367,7 +370,10 @@ void add_train(CLI::App& app, Action& action) {
                 "segment --arch: train on --image-size crops at the images' own resolution (Segmenter's "
                 "recipe); the model then segments with sliding windows of that size");
   cmd->add_option("--queries", a.queries, "detect, a new DETR head: object queries")->check(CLI::Range(1, 10000));
-  cmd->add_option("--decoder-layers", a.decoder_layers, "detect, a new DETR head: decoder layers")->check(CLI::Range(1, 64));
+  cmd->add_option("--decoder-layers", a.decoder_layers,
+                  "A new DETR head's decoder layers (detect) or mask transformer's blocks (segment)")->check(CLI::Range(1, 64));
+  cmd->add_option("--decoder", a.decoder, "segment, a new Segmenter: linear or mask_transformer")
+      ->check(CLI::IsMember({"linear", "mask_transformer"}));
   cmd->add_flag("--no-aux-loss", a.no_aux_loss, "detect, a new DETR head: the set loss on the last decoder layer only");
   cmd->add_flag("--no-augment", a.no_augment, "Every image through the model's processor and nothing else");
   cmd->add_flag("--no-shuffle", a.no_shuffle, "Batches in data order");

@@ -36,6 +36,9 @@ struct TrainArgs {
   // decoder layers (0: the preset's), auxiliary loss on unless --no-aux-loss.
   int64_t queries = 0, decoder_layers = 0;
   bool no_aux_loss = false;
+  // segment, a new Segmenter (--arch, or --init a ViT classifier): "linear" or "mask_transformer"
+  // (Segmenter's: 2 blocks of width D, D/64 heads, MLP 4D; --decoder-layers changes the blocks).
+  std::string decoder = "linear";
   uint64_t seed = 0;
   int threads = 0;
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: once per epoch (and at the end)

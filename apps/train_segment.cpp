@@ -102,11 +102,28 @@ int train_segment(const TrainArgs& args) {
   SegmenterTrainModel model;
   std::string processor_json;
   const bool init_vit = !args.init.empty() && segmenter_init_is_vit(args.init);
+  check((args.decoder == "linear" && args.decoder_layers == 0) || args.init.empty() || init_vit,
+        "train --task segment: --decoder and --decoder-layers shape a new Segmenter (--arch, or --init a ViT "
+        "classifier); a Segmenter folder keeps its decoder");
+  check(args.queries == 0 && !args.no_aux_loss, "train --task segment: --queries and --no-aux-loss are for a DETR head");
+  // The mask transformer as Segmenter's factory makes it for an encoder of width D.
+  auto mask_shape = [&](int64_t d) {
+    MaskDecoderShape s;
+    if (args.decoder != "mask_transformer") {
+      check(args.decoder_layers == 0, "train --task segment: --decoder-layers is for --decoder mask_transformer");
+      return s;
+    }
+    s.layers = args.decoder_layers > 0 ? args.decoder_layers : 2;
+    s.d_model = d, s.heads = std::max<int64_t>(1, d / 64), s.d_ff = 4 * d;
+    if (d % s.heads != 0) s.heads = 1;
+    return s;
+  };
   if (init_vit) {
     // Segmenter's recipe: the encoder of a pre-trained ViT classifier, a new decoder.
     const VitTrainModel vit = load_vit_train_model(args.init);
     const int64_t size = args.image_size > 0 ? args.image_size : vit.config.image_height;
-    model = segmenter_from_vit(vit, size, segmentation_classes(args.data), args.crops ? size : 0);
+    model = segmenter_from_vit(vit, size, segmentation_classes(args.data), args.crops ? size : 0,
+                               mask_shape(vit.config.hidden_size));
     processor_json = args.crops ? keep_size_processor_json(size) : square_vit_processor_json(size);
     std::fprintf(stderr, "train segment: the encoder starts from %s (%s), its classifier dropped\n",
                  args.init.c_str(), vit.architecture.c_str());
@@ -123,7 +140,8 @@ int train_segment(const TrainArgs& args) {
     int64_t size = args.image_size > 0 ? args.image_size : args.arch == "segmenter-ti" ? 512 : 128;
     VitConfig c = segmenter_train_preset(args.arch, size);
     apply_arch_options(c, args, 4);
-    model = make_segmenter_train_model(c, segmentation_classes(args.data), args.seed, args.crops ? size : 0);
+    model = make_segmenter_train_model(c, segmentation_classes(args.data), args.seed, args.crops ? size : 0,
+                                       mask_shape(c.hidden_size));
     processor_json = args.crops ? keep_size_processor_json(size) : square_vit_processor_json(size);
   }
   // Every label must be a class of the model (or 255): checked for every pair before training.

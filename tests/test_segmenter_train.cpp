@@ -45,8 +45,9 @@ struct Batch {
   Tensor pixels;
   std::vector<int32_t> labels;
 };
-Batch fixture_batch() {
-  const SafeTensors st = SafeTensors::open(fixture("batch.safetensors"));
+// The linear decoder's fixture ("") or the mask transformer's ("mask/").
+Batch fixture_batch(const std::string& dir = "") {
+  const SafeTensors st = SafeTensors::open(fixture(dir + "batch.safetensors"));
   Batch b{st.read("pixel_values"), {}};
   const Tensor labels = st.read("labels");
   for (int64_t i = 0; i < labels.numel(); ++i) b.labels.push_back(static_cast<int32_t>(labels[i]));
@@ -72,9 +73,12 @@ SegmentationPair write_pair(const fs::path& dir, const std::string& name, const 
 }  // namespace
 
 TEST_CASE("Segmenter training gradient matches PyTorch autograd", "[segmenter_train]") {
-  const SegmenterTrainModel model = load_segmenter_train_model(fixture("model"));
-  const Batch batch = fixture_batch();
-  const SafeTensors want = SafeTensors::open(fixture("expected.safetensors"));
+  const std::string dir = GENERATE(std::string(""), std::string("mask/"));
+  INFO("fixture " << (dir.empty() ? "linear decoder" : "mask transformer"));
+  const SegmenterTrainModel model = load_segmenter_train_model(fixture(dir + "model"));
+  CHECK((model.mask.layers > 0) == !dir.empty());
+  const Batch batch = fixture_batch(dir);
+  const SafeTensors want = SafeTensors::open(fixture(dir + "expected.safetensors"));
   SegmenterTrainActivations acts;
   std::vector<float> grads(model.vit.weights.size(), 0.0f);
   const double loss = segmenter_train_loss_and_grad(model, batch.pixels, batch.labels, acts, grads);
@@ -94,8 +98,9 @@ TEST_CASE("Segmenter training gradient matches PyTorch autograd", "[segmenter_tr
 }
 
 TEST_CASE("Segmenter: one SGD step at lr 1 leaves w - g", "[segmenter_train]") {
-  SegmenterTrainModel model = load_segmenter_train_model(fixture("model"));
-  const Batch batch = fixture_batch();
+  const std::string dir = GENERATE(std::string(""), std::string("mask/"));
+  SegmenterTrainModel model = load_segmenter_train_model(fixture(dir + "model"));
+  const Batch batch = fixture_batch(dir);
   SegmenterTrainActivations acts;
   std::vector<float> g(model.vit.weights.size(), 0.0f);
   segmenter_train_loss_and_grad(model, batch.pixels, batch.labels, acts, g);
@@ -119,9 +124,16 @@ TEST_CASE("A saved Segmenter reloads through load_model with the training forwar
   // A zero head would make the comparison trivial: give it values.
   std::span<float> head = fresh.vit.view(std::span<float>(fresh.vit.weights), "classifier.weight");
   for (size_t i = 0; i < head.size(); ++i) head[i] = 0.01f * static_cast<float>(i % 17) - 0.08f;
+  // A new one with the mask transformer (its own initialisation, nothing zero to hide behind).
+  MaskDecoderShape mask;
+  mask.layers = 2, mask.d_model = 16, mask.heads = 2, mask.d_ff = 32;
+  const SegmenterTrainModel fresh_mask = make_segmenter_train_model(c, {"background", "a", "b"}, 8, 0, mask);
+  CHECK(fresh_mask.config_json.find("mask_transformer") != std::string::npos);
   const SegmenterTrainModel loaded = load_segmenter_train_model(fixture("model"));
+  const SegmenterTrainModel loaded_mask = load_segmenter_train_model(fixture("mask/model"));
   int index = 0;
-  for (const SegmenterTrainModel* m : std::vector<const SegmenterTrainModel*>{&loaded, &fresh}) {
+  for (const SegmenterTrainModel* m :
+       std::vector<const SegmenterTrainModel*>{&loaded, &fresh, &loaded_mask, &fresh_mask}) {
     INFO("model " << index);
     const fs::path dir = temp_dir("save" + std::to_string(index++));
     save_segmenter_train_model(*m, dir.string());
@@ -149,8 +161,10 @@ TEST_CASE("Segmenter training refuses what it cannot train", "[segmenter_train]"
   SegmenterTrainActivations acts;
   CHECK_THROWS_WITH(segmenter_train_forward(model, Tensor({1, 3, 24, 24}), acts),
                     Catch::Contains("image_size"));
-  CHECK_THROWS_WITH(load_segmenter_train_model(std::string(TESSERA_FIXTURES) + "/conformance/segmenter-mask-rand"),
-                    Catch::Contains("linear decoder"));
+  CHECK_THROWS_WITH(load_segmenter_train_model(std::string(TESSERA_FIXTURES) + "/models/segmenter-mask-distilled-rand"),
+                    Catch::Contains("distilled"));
+  // Segmenter's own random mask-transformer folder (made by its code) loads for training.
+  CHECK(load_segmenter_train_model(std::string(TESSERA_FIXTURES) + "/conformance/segmenter-mask-rand").mask.layers > 0);
   CHECK_THROWS_WITH(segmenter_train_preset("segmenter-huge", 64), Catch::Contains("segmenter-ti"));
 }
 

@@ -23,6 +23,7 @@
 #include "tessera/metrics.hpp"
 #include "tessera/model.hpp"
 #include "tessera/safetensors.hpp"
+#include "tessera/segmentation.hpp"
 
 namespace fs = std::filesystem;
 using namespace tessera;
@@ -255,6 +256,39 @@ TEST_CASE("train --task segment --crops: a Segmenter that segment and eval run w
   INFO(e.err);
   REQUIRE(e.code == 0);
   CHECK(nlohmann::json::parse(slurp(json))["mIoU"].get<double>() == Approx(confusion.mean_iou()).epsilon(1e-12));
+}
+
+TEST_CASE("train --task segment --decoder mask_transformer: Segmenter's mask transformer, new and fine-tuned",
+          "[train_cli]") {
+  const fs::path data = scratch("segmask");
+  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
+  for (int i = 0; i < 4; ++i) {
+    cv::Mat img(16, 16, CV_8UC3, cv::Scalar(128, 128, 128)), mask(16, 16, CV_8U, cv::Scalar(0));
+    cv::rectangle(img, cv::Rect(2 + i, 3, 6, 6), cv::Scalar(240, 240, 240), cv::FILLED);
+    cv::rectangle(mask, cv::Rect(2 + i, 3, 6, 6), cv::Scalar(1), cv::FILLED);
+    cv::imwrite((data / "images" / ("m" + std::to_string(i) + ".png")).string(), img);
+    cv::imwrite((data / "masks" / ("m" + std::to_string(i) + ".png")).string(), mask);
+  }
+  const fs::path out = scratch("segmask-model") / "model";
+  const Run r = run_cli("train --task segment --data " + data.string() + " --out " + out.string() +
+                        " --arch segmenter-digits --image-size 16 --hidden-size 24 --layers 1 --heads 2"
+                        " --decoder mask_transformer --decoder-layers 1 --max-steps 3 --batch 2 --threads 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  const nlohmann::json cfg = nlohmann::json::parse(slurp(out / "config.json"));
+  CHECK(cfg["decoder"]["name"] == "mask_transformer");
+  CHECK(cfg["decoder"]["n_layers"] == 1);
+  CHECK(cfg["decoder"]["d_model"] == 24);
+  const auto model = load_model(out.string());
+  REQUIRE(model->segmentation != nullptr);
+  // It fine-tunes as it is; its decoder cannot be changed there.
+  const fs::path again = scratch("segmask-again") / "model";
+  CHECK(run_cli("train --task segment --data " + data.string() + " --out " + again.string() + " --init " +
+                out.string() + " --max-steps 1 --batch 2 --threads 1").code == 0);
+  const Run bad = run_cli("train --task segment --data " + data.string() + " --out " + again.string() + " --init " +
+                          out.string() + " --decoder linear --decoder-layers 2 --max-steps 1");
+  CHECK(bad.code != 0);
+  CHECK(bad.err.find("keeps its decoder") != std::string::npos);
 }
 
 TEST_CASE("train --init a timm / torchvision folder: fine-tuned on new classes, written back in its family",

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Segmenter training fixture: the gradient of one batch's per-pixel cross-entropy through a tiny
-random Segmenter with the linear decoder, by PyTorch autograd on the Segmenter port that
+"""Segmenter training fixtures: the gradient of one batch's per-pixel cross-entropy through a tiny
+random Segmenter with the linear decoder (OUT) and with the mask transformer (OUT/mask), by PyTorch autograd on the Segmenter port that
 make_segmenter_fixtures.py validates against the upstream conformance outputs (rstrudel/segmenter
-segm/model/{segmenter,vit,decoder,blocks}.py: DecoderLinear, VisionTransformer, Block).
+segm/model/{segmenter,vit,decoder,blocks}.py: DecoderLinear, MaskTransformer, VisionTransformer, Block).
 
     /usr/bin/python3 tests/reference/make_segmenter_train_fixture.py --out tests/fixtures/segmenter_train
 
@@ -24,33 +24,42 @@ from make_model_fixtures import save_safetensors, write_model  # noqa: E402
 from make_segmenter_fixtures import random_sd, segm_config, segmenter_forward  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.set_grad_enabled(True)
-    torch.set_num_threads(1)
+def write_case(out, decoder, seed):
     cfg = segm_config(4, {"image_size": [16, 16], "patch_size": 4, "n_layers": 2, "d_model": 16, "n_heads": 2,
-                          "d_ff": 32, "distilled": False, "layer_norm_eps": 1e-6}, {"name": "linear"})
-    sd = random_sd(cfg, 31)
+                          "d_ff": 32, "distilled": False, "layer_norm_eps": 1e-6}, decoder)
+    sd = random_sd(cfg, seed)
     sd = {k: v for k, v in sd.items() if not k.startswith("encoder.head")}  # unused ImageNet head
     # Weights in double for the reference gradient, stored as float32 (the fixture's exact values).
     sd = {k: v.to(torch.float32) for k, v in sd.items()}
     params = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in sd.items()}
-    gen = torch.Generator().manual_seed(32)
+    gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn((2, 3, 16, 16), generator=gen)
     labels = torch.randint(0, 4, (2, 16, 16), generator=gen)
     labels[torch.rand((2, 16, 16), generator=gen) < 0.2] = 255
     logits = segmenter_forward(cfg, params, x.to(torch.float64))
     loss = F.cross_entropy(logits, labels, ignore_index=255)
     loss.backward()
-    d = write_model(args.out, "model", cfg, sd)
-    save_safetensors(os.path.join(args.out, "batch.safetensors"),
+    os.makedirs(out, exist_ok=True)
+    d = write_model(out, "model", cfg, sd)
+    save_safetensors(os.path.join(out, "batch.safetensors"),
                      {"pixel_values": x, "labels": labels.to(torch.float32)})
     expected = {"loss": loss.detach().reshape(1), "logits": logits.detach()}
     expected.update({"grad." + k: p.grad for k, p in params.items()})
-    save_safetensors(os.path.join(args.out, "expected.safetensors"), expected)
+    save_safetensors(os.path.join(out, "expected.safetensors"), expected)
     print(f"wrote {d} and the batch; loss {loss.item():.6f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_grad_enabled(True)
+    torch.set_num_threads(1)
+    write_case(args.out, {"name": "linear"}, 31)
+    # The mask transformer (segm/model/decoder.py MaskTransformer): d_model 24 != the encoder's 16,
+    # 2 blocks of 3 heads.
+    write_case(os.path.join(args.out, "mask"), {"name": "mask_transformer", "n_layers": 2, "n_heads": 3,
+                                               "d_model": 24, "d_ff": 48, "layer_norm_eps": 1e-5}, 41)
 
 
 if __name__ == "__main__":

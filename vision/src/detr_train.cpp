@@ -223,6 +223,7 @@ VitTrainModel load_detr_train_model(const std::string& dir_string) {
   check(cfg.string("activation_function", "relu") == "relu", config_file + ": activation_function must be relu");
   check(cfg.string("position_embedding_type", "sine") == "sine", config_file + ": position_embedding_type must be sine");
   m.architecture = "VitDetrForObjectDetection";
+  m.headless = true;
   m.base = bmt + ".";
   m.config = detail::hf_vit_config(bb, bmt);
   check(m.config.activation == MlpActivation::Gelu, config_file + ": training supports hidden_act gelu only");
@@ -290,6 +291,7 @@ VitTrainModel detr_from_vit(const VitTrainModel& vit, const DetrHeadConfig& head
                              std::to_string(height) + "x" + std::to_string(width));
   VitTrainModel m;
   m.architecture = "VitDetrForObjectDetection";
+  m.headless = true;
   m.base = "vit.";
   m.config = vit.config;
   m.config.image_height = height, m.config.image_width = width;  // the table is resized to it below

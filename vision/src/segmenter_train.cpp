@@ -38,16 +38,78 @@ using detail::Config;
 
 using detail::NameMap;
 
-// Segmenter's names are timm's under "encoder.", its linear decoder's head "decoder.head".
+// Segmenter's names are timm's under "encoder.", its linear decoder's head "decoder.head"; the
+// mask transformer's parameters carry their Segmenter names already.
 std::vector<NameMap> segmenter_names(const SegmenterTrainModel& m) {
-  return detail::timm_style_names(m.vit, "encoder.", "decoder.head");
+  std::vector<NameMap> out = detail::timm_style_names(m.vit, "encoder.", "decoder.head");
+  if (m.mask.layers == 0) return out;
+  out.resize(out.size() - 2);  // no decoder.head
+  for (const TrainParam& p : m.vit.params)
+    if (p.name.starts_with("decoder.")) out.push_back({p.name, p.shape, {p.name}});
+  return out;
+}
+
+std::string block_name(int64_t i, const std::string& rest) { return "decoder.blocks." + std::to_string(i) + "." + rest; }
+
+// The classifier dropped and the mask transformer's parameters appended (zero), in buffer order.
+void add_mask_decoder(VitTrainModel& v, const MaskDecoderShape& s, int64_t n) {
+  check(s.layers > 0 && s.d_model > 0 && s.heads > 0 && s.d_ff > 0 && s.d_model % s.heads == 0,
+        "the mask transformer needs positive n_layers, d_model, n_heads, d_ff with d_model a multiple of n_heads");
+  while (!v.params.empty() && v.params.back().name.starts_with("classifier.")) v.params.pop_back();
+  int64_t offset = v.params.back().offset + v.params.back().numel();
+  auto add = [&](const std::string& name, Shape shape, bool decay) {
+    TrainParam tp{name, std::move(shape), offset, decay};
+    offset += tp.numel();
+    v.params.push_back(std::move(tp));
+  };
+  const int64_t dm = s.d_model, f = s.d_ff, de = v.config.hidden_size;
+  add("decoder.proj_dec.weight", {dm, de}, true);
+  add("decoder.proj_dec.bias", {dm}, false);
+  add("decoder.cls_emb", {1, n, dm}, false);
+  for (int64_t i = 0; i < s.layers; ++i) {
+    add(block_name(i, "norm1.weight"), {dm}, false);
+    add(block_name(i, "norm1.bias"), {dm}, false);
+    add(block_name(i, "attn.qkv.weight"), {3 * dm, dm}, true);
+    add(block_name(i, "attn.qkv.bias"), {3 * dm}, false);
+    add(block_name(i, "attn.proj.weight"), {dm, dm}, true);
+    add(block_name(i, "attn.proj.bias"), {dm}, false);
+    add(block_name(i, "norm2.weight"), {dm}, false);
+    add(block_name(i, "norm2.bias"), {dm}, false);
+    add(block_name(i, "mlp.fc1.weight"), {f, dm}, true);
+    add(block_name(i, "mlp.fc1.bias"), {f}, false);
+    add(block_name(i, "mlp.fc2.weight"), {dm, f}, true);
+    add(block_name(i, "mlp.fc2.bias"), {dm}, false);
+  }
+  add("decoder.decoder_norm.weight", {dm}, false);
+  add("decoder.decoder_norm.bias", {dm}, false);
+  add("decoder.proj_patch", {dm, dm}, true);
+  add("decoder.proj_classes", {dm, dm}, true);
+  add("decoder.mask_norm.weight", {n}, false);
+  add("decoder.mask_norm.bias", {n}, false);
+  v.weights.resize(static_cast<size_t>(offset), 0.0f);
+  v.headless = true;
+}
+
+// Block i of the mask transformer as the training pass's block view.
+VitTrainLayerView mask_block_view(const VitTrainModel& v, float* buffer, int64_t i) {
+  auto at = [&](const std::string& rest) { return buffer + v.param(block_name(i, rest)).offset; };
+  VitTrainLayerView l{};
+  l.norm1_w = at("norm1.weight"), l.norm1_b = at("norm1.bias");
+  l.qkv_w = at("attn.qkv.weight"), l.qkv_b = at("attn.qkv.bias");
+  l.attn_out_w = at("attn.proj.weight"), l.attn_out_b = at("attn.proj.bias");
+  l.norm2_w = at("norm2.weight"), l.norm2_b = at("norm2.bias");
+  l.fc1_w = at("mlp.fc1.weight"), l.fc1_b = at("mlp.fc1.bias");
+  l.fc2_w = at("mlp.fc2.weight"), l.fc2_b = at("mlp.fc2.bias");
+  l.ls1 = l.ls2 = nullptr;
+  return l;
 }
 
 int64_t mapped_offset(const SegmenterTrainModel& m, const NameMap& n) {
   return detail::mapped_offset(m.vit, n, "segmenter_train");
 }
 
-std::string segmenter_config_json(const VitConfig& c, const std::vector<std::string>& labels, int64_t window) {
+std::string segmenter_config_json(const VitConfig& c, const std::vector<std::string>& labels, int64_t window,
+                                  const MaskDecoderShape& mask) {
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object();
   for (size_t i = 0; i < labels.size(); ++i) id2label[std::to_string(i)] = labels[i];
   nlohmann::ordered_json j = {
@@ -66,6 +128,13 @@ std::string segmenter_config_json(const VitConfig& c, const std::vector<std::str
       {"decoder", {{"name", "linear"}}},
       {"id2label", id2label},
   };
+  if (mask.layers > 0)
+    j["decoder"] = {{"name", "mask_transformer"},
+                    {"n_layers", mask.layers},
+                    {"d_model", mask.d_model},
+                    {"n_heads", mask.heads},
+                    {"d_ff", mask.d_ff},
+                    {"layer_norm_eps", detail::shortest(mask.eps)}};
   // Segmenter's inference_kwargs: a model trained on crops segments with sliding windows.
   if (window > 0) j["inference"] = {{"window_size", window}, {"window_stride", std::max<int64_t>(1, window * 2 / 3)}};
   return j.dump(2) + "\n";
@@ -91,7 +160,7 @@ Interpolation upsample() {
 
 SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
                                                const std::vector<std::string>& labels, uint64_t seed,
-                                               int64_t window_size) {
+                                               int64_t window_size, const MaskDecoderShape& mask) {
   check(!labels.empty(), "make_segmenter_train_model: no labels");
   check_trainable(encoder, "make_segmenter_train_model");
   VitConfig c = encoder;
@@ -103,7 +172,36 @@ SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
   check(window_size == 0 || (window_size == c.image_height && window_size == c.image_width),
         "make_segmenter_train_model: a crop-trained model's window must be its image size");
   m.window_size = window_size;
-  m.config_json = segmenter_config_json(m.vit.config, labels, window_size);
+  if (mask.layers > 0) {
+    m.mask = mask;
+    add_mask_decoder(m.vit, mask, m.num_classes);
+    // Segmenter's init_weights: trunc_normal(0.02) linear weights and cls_emb, zero biases, unit
+    // norms; proj_patch / proj_classes d_model^-0.5 · randn.
+    std::mt19937_64 rng(seed ^ 0x4d41534bull);  // "MASK"
+    std::normal_distribution<double> normal(0.0, 1.0);
+    for (const TrainParam& p : m.vit.params) {
+      if (!p.name.starts_with("decoder.")) continue;
+      float* w = m.vit.weights.data() + p.offset;
+      const bool proj = p.name == "decoder.proj_patch" || p.name == "decoder.proj_classes";
+      if (proj) {
+        const double scale = 1.0 / std::sqrt(static_cast<double>(mask.d_model));
+        for (int64_t i = 0; i < p.numel(); ++i) w[i] = static_cast<float>(scale * normal(rng));
+      } else if (p.decay || p.name == "decoder.cls_emb") {
+        for (int64_t i = 0; i < p.numel(); ++i) {
+          double z;
+          do z = normal(rng);
+          while (std::abs(z) > 2.0);
+          w[i] = static_cast<float>(0.02 * z);
+        }
+      } else {
+        std::fill_n(w, p.numel(), p.name.ends_with("norm1.weight") || p.name.ends_with("norm2.weight") ||
+                                          p.name.ends_with("_norm.weight")
+                                      ? 1.0f
+                                      : 0.0f);
+      }
+    }
+  }
+  m.config_json = segmenter_config_json(m.vit.config, labels, window_size, mask);
   return m;
 }
 
@@ -118,9 +216,16 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
   check(!enc.has("backbone_config"),
         config_file + ": training a Segmenter on a Hugging Face backbone is not supported yet "
                       "(only Segmenter's own encoder)");
-  check(dec.string("name", "") == "linear",
-        config_file + ": training supports Segmenter's linear decoder only, got decoder \"" +
-            dec.string("name", "") + "\" (the mask transformer's backward is not written yet)");
+  const std::string decoder = dec.string("name", "");
+  check(decoder == "linear" || decoder == "mask_transformer",
+        config_file + ": decoder \"" + decoder + "\" is not one training supports (linear, mask_transformer)");
+  MaskDecoderShape mask;
+  if (decoder == "mask_transformer") {
+    mask.layers = dec.positive("n_layers"), mask.d_model = dec.positive("d_model");
+    mask.heads = dec.positive("n_heads"), mask.d_ff = dec.positive("d_ff");
+    mask.eps = static_cast<float>(dec.number("layer_norm_eps", 1e-5));
+    check(mask.d_model % mask.heads == 0, dec.file + ": d_model is not a multiple of n_heads");
+  }
   check(!enc.boolean("distilled", false),
         config_file + ": training a distilled Segmenter encoder is not supported yet");
   VitConfig c;
@@ -141,6 +246,10 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
   m.labels = detail::labels_from(cfg.j, n, config_file);
   m.vit = make_vit_train_model(c, m.labels, 0);
   m.num_classes = n;
+  if (mask.layers > 0) {
+    m.mask = mask;
+    add_mask_decoder(m.vit, mask, n);
+  }
   m.config_json = text;
   if (cfg.has("inference")) {
     m.window_size = cfg.sub("inference").positive("window_size");
@@ -164,13 +273,14 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
   }
   for (const std::string& t : st.names())
     check(used.count(t) || t.rfind("encoder.head", 0) == 0,
-          file + ": unexpected tensor '" + t + "' for a Segmenter with the linear decoder "
-                 "(config and checkpoint disagree)");
+          file + ": unexpected tensor '" + t + "' for a Segmenter with the " + decoder +
+              " decoder (config and checkpoint disagree)");
   return m;
 }
 
 SegmenterTrainModel segmenter_from_vit(const VitTrainModel& vit, int64_t image_size,
-                                       const std::vector<std::string>& labels, int64_t window_size) {
+                                       const std::vector<std::string>& labels, int64_t window_size,
+                                       const MaskDecoderShape& mask) {
   const VitConfig& from = vit.config;
   const std::string what = "a Segmenter encoder from a " + vit.architecture;
   check(!vit.teacher && !vit.class_mean && !vit.detection && from.num_distillation_tokens == 0 &&
@@ -182,7 +292,7 @@ SegmenterTrainModel segmenter_from_vit(const VitTrainModel& vit, int64_t image_s
             std::to_string(from.patch_size));
   VitConfig c = from;
   c.image_height = c.image_width = image_size;
-  SegmenterTrainModel m = make_segmenter_train_model(c, labels, 0, window_size);
+  SegmenterTrainModel m = make_segmenter_train_model(c, labels, 0, window_size, mask);
   // Every encoder tensor by name (the prefix may differ), the position table resampled.
   const std::string pos = "embeddings.position_embeddings";
   for (const TrainParam& p : m.vit.params) {
@@ -266,6 +376,156 @@ void save_segmenter_train_model(const SegmenterTrainModel& m, const std::string&
   if (!preprocessor_json.empty()) write_text("preprocessor_config.json", preprocessor_json);
 }
 
+namespace {
+
+// dm x dm matrix transposed into `out`.
+void transpose_square(const float* in, int64_t n, std::vector<float>& out) {
+  out.resize(static_cast<size_t>(n * n));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) out[j * n + i] = in[i * n + j];
+}
+
+// acts.normed [B·N, de] → acts.scores [B·N, K] through the mask transformer.
+void mask_decoder_forward(const SegmenterTrainModel& m, SegmenterTrainActivations& acts, int64_t B, int64_t N) {
+  const MaskDecoderShape& s = m.mask;
+  const VitTrainModel& v = m.vit;
+  const int64_t dm = s.d_model, K = m.num_classes, de = v.config.hidden_size, T2 = N + K, M2 = B * T2, R = B * N;
+  float* wb = const_cast<float*>(v.weights.data());
+  auto at = [&](const std::string& name) { return wb + v.param(name).offset; };
+  auto sized = [](std::vector<float>& x, int64_t n) {
+    if (static_cast<int64_t>(x.size()) != n) x.assign(static_cast<size_t>(n), 0.0f);
+  };
+  VitTrainActivations& dec = acts.decoder;
+  if (dec.layers.size() != static_cast<size_t>(s.layers) || dec.batch != B || dec.height != N) {
+    dec.layers.assign(static_cast<size_t>(s.layers), {});
+    for (auto& l : dec.layers) {
+      for (auto* x : {&l.x, &l.ln1, &l.ctx, &l.x_mid, &l.ln2}) sized(*x, M2 * dm);
+      for (auto* x : {&l.mean1, &l.rstd1, &l.mean2, &l.rstd2}) sized(*x, M2);
+      sized(l.qkv, M2 * 3 * dm), sized(l.lse, B * s.heads * T2), sized(l.h, M2 * s.d_ff), sized(l.a, M2 * s.d_ff);
+    }
+    sized(dec.dx, M2 * dm), sized(dec.dln, M2 * dm), sized(dec.dctx, M2 * dm), sized(dec.dqkv, M2 * 3 * dm);
+    sized(dec.da, M2 * s.d_ff), sized(dec.dh, M2 * s.d_ff);
+    dec.batch = B, dec.height = N;  // what the buffers are sized for
+  }
+  for (auto* x : {&acts.z, &acts.zn, &acts.dz}) sized(*x, M2 * dm);
+  sized(acts.zmean, M2), sized(acts.zrstd, M2);
+  sized(acts.pfeat, R * dm), sized(acts.dpfeat, R * dm), sized(acts.pnorm, R);
+  sized(acts.cfeat, B * K * dm), sized(acts.dcfeat, B * K * dm), sized(acts.cnorm, B * K);
+  sized(acts.cos, R * K), sized(acts.dcos, R * K), sized(acts.smean, R), sized(acts.srstd, R);
+
+  // [proj_dec(patches), cls_emb] per image
+  float* x0 = dec.layers[0].x.data();
+  const float* cls_emb = at("decoder.cls_emb");
+  const PackedLinear proj_dec = pack_linear(at("decoder.proj_dec.weight"), at("decoder.proj_dec.bias"), dm, de);
+  for (int64_t b = 0; b < B; ++b) {
+    linear(acts.normed.data() + b * N * de, N, de, proj_dec, x0 + b * T2 * dm, dm);
+    std::memcpy(x0 + (b * T2 + N) * dm, cls_emb, sizeof(float) * K * dm);
+  }
+  const detail::BlockDims dims{B, T2, dm, s.d_ff, s.heads, s.eps};
+  for (int64_t i = 0; i < s.layers; ++i) {
+    float* next = i + 1 < s.layers ? dec.layers[static_cast<size_t>(i + 1)].x.data() : acts.z.data();
+    detail::vit_block_forward(mask_block_view(v, wb, i), dims, dec.layers[static_cast<size_t>(i)], next);
+  }
+  layer_norm_forward(acts.z.data(), M2, dm, at("decoder.decoder_norm.weight"), at("decoder.decoder_norm.bias"), s.eps,
+                     acts.zn.data(), acts.zmean.data(), acts.zrstd.data());
+  // x @ P is a Linear with weight Pᵀ.
+  transpose_square(at("decoder.proj_patch"), dm, acts.proj_patch_t);
+  transpose_square(at("decoder.proj_classes"), dm, acts.proj_classes_t);
+  const PackedLinear pp = pack_linear(acts.proj_patch_t.data(), nullptr, dm, dm);
+  const PackedLinear pc = pack_linear(acts.proj_classes_t.data(), nullptr, dm, dm);
+  for (int64_t b = 0; b < B; ++b) {
+    linear(acts.zn.data() + b * T2 * dm, N, dm, pp, acts.pfeat.data() + b * N * dm, dm);
+    linear(acts.zn.data() + (b * T2 + N) * dm, K, dm, pc, acts.cfeat.data() + b * K * dm, dm);
+  }
+  // x / ‖x‖ per row (no epsilon, as Segmenter divides by the norm)
+  auto normalize = [&](std::vector<float>& x, std::vector<float>& norms, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = x.data() + r * dm;
+      double ss = 0;
+      for (int64_t k = 0; k < dm; ++k) ss += static_cast<double>(row[k]) * row[k];
+      const float nrm = static_cast<float>(std::sqrt(ss));
+      norms[static_cast<size_t>(r)] = nrm;
+      for (int64_t k = 0; k < dm; ++k) row[k] /= nrm;
+    }
+  };
+  normalize(acts.pfeat, acts.pnorm, R);
+  normalize(acts.cfeat, acts.cnorm, B * K);
+  for (int64_t b = 0; b < B; ++b) {
+    const PackedLinear classes = pack_linear(acts.cfeat.data() + b * K * dm, nullptr, K, dm);
+    linear(acts.pfeat.data() + b * N * dm, N, dm, classes, acts.cos.data() + b * N * K, K);
+  }
+  layer_norm_forward(acts.cos.data(), R, K, at("decoder.mask_norm.weight"), at("decoder.mask_norm.bias"), s.eps,
+                     acts.scores.data(), acts.smean.data(), acts.srstd.data());
+}
+
+// acts.dscores [B·N, K] → the decoder's gradients (added into grads) and acts.dnormed (added).
+void mask_decoder_backward(const SegmenterTrainModel& m, SegmenterTrainActivations& acts, int64_t B, int64_t N,
+                           std::span<float> grads) {
+  const MaskDecoderShape& s = m.mask;
+  const VitTrainModel& v = m.vit;
+  const int64_t dm = s.d_model, K = m.num_classes, de = v.config.hidden_size, T2 = N + K, M2 = B * T2, R = B * N;
+  float* wb = const_cast<float*>(v.weights.data());
+  auto at = [&](const std::string& name) { return wb + v.param(name).offset; };
+  auto grad = [&](const std::string& name) { return grads.data() + v.param(name).offset; };
+  zero(acts.dcos);
+  layer_norm_backward(acts.dscores.data(), acts.cos.data(), acts.smean.data(), acts.srstd.data(),
+                      at("decoder.mask_norm.weight"), R, K, acts.dcos.data(), grad("decoder.mask_norm.weight"),
+                      grad("decoder.mask_norm.bias"));
+  // cos_b = p̂_b · ĉ_bᵀ
+  zero(acts.dpfeat), zero(acts.dcfeat);
+  for (int64_t b = 0; b < B; ++b)
+    linear_backward(acts.pfeat.data() + b * N * dm, acts.cfeat.data() + b * K * dm, acts.dcos.data() + b * N * K, N,
+                    K, dm, acts.dpfeat.data() + b * N * dm, acts.dcfeat.data() + b * K * dm, nullptr);
+  // ŷ = x/‖x‖:  dx = (dŷ − ŷ·(ŷ·dŷ)) / ‖x‖, in place
+  auto normalize_backward = [&](const std::vector<float>& y, const std::vector<float>& norms, std::vector<float>& d,
+                                int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* yr = y.data() + r * dm;
+      float* dr = d.data() + r * dm;
+      double dot = 0;
+      for (int64_t k = 0; k < dm; ++k) dot += static_cast<double>(yr[k]) * dr[k];
+      const float inv = 1.0f / norms[static_cast<size_t>(r)];
+      for (int64_t k = 0; k < dm; ++k) dr[k] = (dr[k] - yr[k] * static_cast<float>(dot)) * inv;
+    }
+  };
+  normalize_backward(acts.pfeat, acts.pnorm, acts.dpfeat, R);
+  normalize_backward(acts.cfeat, acts.cnorm, acts.dcfeat, B * K);
+  // features = zn rows · P: dzn += dfeat · Pᵀ, dP += znᵀ · dfeat (through the transposed copy)
+  zero(acts.dz);
+  auto project_backward = [&](const std::vector<float>& pt, const std::vector<float>& dfeat, int64_t first,
+                              int64_t rows, const std::string& name) {
+    acts.dproj_t.assign(static_cast<size_t>(dm * dm), 0.0f);
+    for (int64_t b = 0; b < B; ++b)
+      linear_backward(acts.zn.data() + (b * T2 + first) * dm, pt.data(), dfeat.data() + b * rows * dm, rows, dm, dm,
+                      acts.dz.data() + (b * T2 + first) * dm, acts.dproj_t.data(), nullptr);
+    float* g = grad(name);
+    for (int64_t i = 0; i < dm; ++i)
+      for (int64_t j = 0; j < dm; ++j) g[i * dm + j] += acts.dproj_t[j * dm + i];
+  };
+  project_backward(acts.proj_patch_t, acts.dpfeat, 0, N, "decoder.proj_patch");
+  project_backward(acts.proj_classes_t, acts.dcfeat, N, K, "decoder.proj_classes");
+  VitTrainActivations& dec = acts.decoder;
+  zero(dec.dx);
+  layer_norm_backward(acts.dz.data(), acts.z.data(), acts.zmean.data(), acts.zrstd.data(),
+                      at("decoder.decoder_norm.weight"), M2, dm, dec.dx.data(), grad("decoder.decoder_norm.weight"),
+                      grad("decoder.decoder_norm.bias"));
+  const detail::BlockDims dims{B, T2, dm, s.d_ff, s.heads, s.eps};
+  for (int64_t i = s.layers - 1; i >= 0; --i)
+    detail::vit_block_backward(mask_block_view(v, wb, i), mask_block_view(v, grads.data(), i), dims,
+                               dec.layers[static_cast<size_t>(i)], dec);
+  // dec.dx: d loss / d [proj_dec(patches), cls_emb]
+  float* gcls = grad("decoder.cls_emb");
+  for (int64_t b = 0; b < B; ++b) {
+    const float* rows = dec.dx.data() + (b * T2 + N) * dm;
+    for (int64_t i = 0; i < K * dm; ++i) gcls[i] += rows[i];
+    linear_backward(acts.normed.data() + b * N * de, at("decoder.proj_dec.weight"), dec.dx.data() + b * T2 * dm, N,
+                    dm, de, acts.dnormed.data() + b * N * de, grad("decoder.proj_dec.weight"),
+                    grad("decoder.proj_dec.bias"));
+  }
+}
+
+}  // namespace
+
 const Tensor& segmenter_train_forward(const SegmenterTrainModel& m, const Tensor& pixel_values,
                                       SegmenterTrainActivations& acts) {
   const VitConfig& c = m.vit.config;
@@ -295,8 +555,12 @@ const Tensor& segmenter_train_forward(const SegmenterTrainModel& m, const Tensor
                 sizeof(float) * N * d);
   layer_norm_forward(acts.patches.data(), R, d, w.norm_w, w.norm_b, c.layer_norm_eps,
                      acts.normed.data(), acts.mean.data(), acts.rstd.data());
-  const PackedLinear head = pack_linear(w.head_w, w.head_b, K, d);
-  linear(acts.normed.data(), R, d, head, acts.scores.data(), K);
+  if (m.mask.layers > 0) {
+    mask_decoder_forward(m, acts, B, N);
+  } else {
+    const PackedLinear head = pack_linear(w.head_w, w.head_b, K, d);
+    linear(acts.normed.data(), R, d, head, acts.scores.data(), K);
+  }
   // b (h w) k → b k h w, then bilinear to the input size (no padding: H, W are multiples of p).
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < N; ++i)
@@ -328,8 +592,11 @@ void segmenter_train_backward(const SegmenterTrainModel& m, SegmenterTrainActiva
     for (int64_t i = 0; i < N; ++i)
       for (int64_t k = 0; k < K; ++k)
         acts.dscores[(b * N + i) * K + k] = acts.dmasks[(b * K + k) * N + i];
-  linear_backward(acts.normed.data(), w.head_w, acts.dscores.data(), R, K, d, acts.dnormed.data(),
-                  g.head_w, g.head_b);
+  if (m.mask.layers > 0)
+    mask_decoder_backward(m, acts, B, N, grads);
+  else
+    linear_backward(acts.normed.data(), w.head_w, acts.dscores.data(), R, K, d, acts.dnormed.data(),
+                    g.head_w, g.head_b);
   layer_norm_backward(acts.dnormed.data(), acts.patches.data(), acts.mean.data(), acts.rstd.data(),
                       w.norm_w, R, d, acts.dpatches.data(), g.norm_w, g.norm_b);
   // The class token's row gets no gradient from the decoder.

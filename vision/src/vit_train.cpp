@@ -447,7 +447,7 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   }
   v.norm_w = at(m.base + "layernorm.weight");
   v.norm_b = at(m.base + "layernorm.bias");
-  if (m.is_detr()) {  // detr_train.cpp binds the decoder head itself
+  if (m.headless) {  // the head's own pass binds its parameters
     v.head_w = v.head_b = v.head2_w = v.head2_b = nullptr;
   } else if (m.detection) {
     v.det_tokens = at(e + "detection_tokens");

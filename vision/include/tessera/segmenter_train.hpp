@@ -1,10 +1,13 @@
 #pragma once
-// The training pass of a Segmenter (rstrudel/segmenter) with the linear decoder: the same
+// The training pass of a Segmenter (rstrudel/segmenter), linear or mask-transformer decoder: the same
 // config.json and checkpoint names that load_model reads for inference (segmenter.cpp), trained
 // on the ViT training pass (vit_train.hpp) and written back in Segmenter's layout.
 //
 //   pixels [B, 3, H, W] ──encoder (vit_train_encoder_forward)──► x [B·T, D]
 //   ──drop the class token──► patch rows [B·N, D] ──encoder.norm──► decoder.head (D → K)
+//       or the mask transformer: proj_dec (D → dm), [patches, cls_emb] through its blocks,
+//       decoder_norm, patches·proj_patch and classes·proj_classes L2-normalised, their cosines
+//       [N, K] through mask_norm
 //   ──► masks [B, K, H/p, W/p] ──bilinear ×p (align_corners=False)──► logits [B, K, H, W]
 //   ──per-pixel cross-entropy (ignore 255)──► loss
 //
@@ -13,8 +16,8 @@
 // map one to one, except that Segmenter's attn.qkv [3D, D] is HF's adjacent query, key, value.
 // Training runs at the config's image_size only: Segmenter resamples its position table
 // (bilinear resize_pos_embed) at other sizes, and that resampling has no backward here yet.
-// Supported: the linear decoder, an encoder without a distillation token; anything else is an
-// Error naming what is not supported.
+// Supported: the linear decoder and the mask transformer, an encoder without a distillation
+// token; anything else is an Error naming what is not supported.
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -29,8 +32,19 @@
 
 namespace tessera {
 
+// Segmenter's MaskTransformer decoder (segm/model/decoder.py); layers == 0: the linear decoder.
+struct MaskDecoderShape {
+  int64_t layers = 0, d_model = 0, heads = 0, d_ff = 0;
+  float eps = 1e-5f;  // its blocks', decoder_norm's and mask_norm's
+};
+
 struct SegmenterTrainModel {
-  VitTrainModel vit;        // encoder (HF names) + classifier = decoder.head [K, D]
+  // encoder (HF names) + classifier = decoder.head [K, D] for the linear decoder; with the mask
+  // transformer the classifier is dropped (vit.headless) and its parameters follow under Segmenter's
+  // own names (decoder.proj_dec, decoder.cls_emb, decoder.blocks.N.…, decoder.decoder_norm,
+  // decoder.proj_patch, decoder.proj_classes, decoder.mask_norm).
+  VitTrainModel vit;
+  MaskDecoderShape mask;
   std::string config_json;  // Segmenter's config.json text (written back on save)
   int64_t num_classes = 0;
   std::vector<std::string> labels;  // id2label, one per class
@@ -40,8 +54,8 @@ struct SegmenterTrainModel {
   int64_t window_size = 0;
 };
 
-// Reads a Segmenter folder (config.json model_type "segmenter" with the linear decoder and
-// Segmenter's own encoder, model.safetensors); every tensor checked by name and shape. The
+// Reads a Segmenter folder (config.json model_type "segmenter" with the linear decoder or the
+// mask transformer and Segmenter's own encoder, model.safetensors); every tensor checked by name and shape. The
 // pre-trained ImageNet head (encoder.head), if present, is not trained and not written back.
 SegmenterTrainModel load_segmenter_train_model(const std::string& dir);
 
@@ -50,9 +64,12 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir);
 // initialised as make_vit_train_model does (decoder.head zero), deterministic for a seed.
 // window_size > 0 (it must be the image size): a model trained on crops, whose config.json carries
 // "inference": {"window_size", "window_stride": 2/3 of it}.
+// mask.layers > 0: the mask-transformer decoder instead, initialised as Segmenter does (linear
+// weights truncated N(0, 0.02²), biases 0, norms 1, cls_emb truncated N(0, 0.02²), proj_patch and
+// proj_classes d_model^-0.5·N(0, 1)).
 SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
                                                const std::vector<std::string>& labels, uint64_t seed,
-                                               int64_t window_size = 0);
+                                               int64_t window_size = 0, const MaskDecoderShape& mask = {});
 
 // Segmenter's own recipe, an encoder pre-trained as a classifier: a new Segmenter whose encoder
 // is `vit` (a ViTForImageClassification, or DeiT without a distillation token, as
@@ -61,7 +78,8 @@ SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
 // row kept), the classifier dropped and decoder.head zero for `labels`. window_size as
 // make_segmenter_train_model.
 SegmenterTrainModel segmenter_from_vit(const VitTrainModel& vit, int64_t image_size,
-                                       const std::vector<std::string>& labels, int64_t window_size = 0);
+                                       const std::vector<std::string>& labels, int64_t window_size = 0,
+                                       const MaskDecoderShape& mask = {});
 
 // --arch presets at image_size x image_size: "segmenter-ti" (Segmenter's ViT-Ti/16: D 192, 12
 // layers, 3 heads, MLP 768, patch 16) and "segmenter-digits" (for small scenes: patch 4, D 96,
@@ -82,6 +100,13 @@ void save_segmenter_train_model(const SegmenterTrainModel& model, const std::str
 // What the decoder keeps for its backward (the encoder's own activations are in `encoder`).
 struct SegmenterTrainActivations {
   VitTrainActivations encoder;
+  // The mask transformer: its blocks' activations and scratch (decoder.layers, .dx ...) over
+  // [B·(N + K), d_model]; z after the blocks, zn after decoder_norm; the projected and normalised
+  // patch and class features [B·N, dm] / [B·K, dm] with their norms; the cosine scores [B·N, K]
+  // before mask_norm with its mean and rstd.
+  VitTrainActivations decoder;
+  std::vector<float> z, zn, zmean, zrstd, proj_patch_t, proj_classes_t, pfeat, cfeat, pnorm, cnorm, cos, smean, srstd;
+  std::vector<float> dz, dpfeat, dcfeat, dcos, dproj_t;
   std::vector<float> patches, normed, mean, rstd;  // patch rows [B·N, D], after the norm, [B·N]
   std::vector<float> scores;                       // head output [B·N, K]
   std::vector<float> masks;                        // [B, K, gh, gw]

@@ -75,6 +75,9 @@ struct VitTrainModel {
   // tokens through input_projection into the DETR decoder and its heads, instead of a classifier.
   DetrHeadShape detr;
   bool is_detr() const { return detr.layers > 0; }
+  // The head's parameters follow the encoder's but are bound by the head's own pass (the DETR
+  // head, Segmenter's mask transformer): bind_view leaves head_w / head_b null.
+  bool headless = false;
   VitConfig config;
   int64_t num_labels = 0;
   std::vector<TrainParam> params;  // in buffer order; query/key/value weights (and biases) adjacent
