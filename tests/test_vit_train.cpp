@@ -44,6 +44,8 @@ const Case kCases[] = {
     {"models/deit-nodistill-rand", "deit-nodistill-step"},
     // Dinov2ForImageClassification: layer scale, the head on [class token, mean of the patches].
     {"models/dinov2-cls-rand", "dinov2-cls-step"},
+    // ... with SwiGLU MLPs (use_swiglu_ffn), at 42x28 (the position grid interpolated).
+    {"models/dinov2-swiglu-cls-rand", "dinov2-swiglu-cls-step"},
 };
 
 std::string fixtures(const std::string& rel) { return std::string(TESSERA_FIXTURES) + "/" + rel; }
@@ -175,7 +177,7 @@ TEST_CASE("training refuses what it cannot train yet, naming it", "[vit_train]")
 }
 
 TEST_CASE("a trained model is written as the folder it was read from", "[vit_train]") {
-  for (const char* from : {"conformance/vit-tiny-rand", "models/dinov2-cls-rand"}) {
+  for (const char* from : {"conformance/vit-tiny-rand", "models/dinov2-cls-rand", "models/dinov2-swiglu-cls-rand"}) {
     INFO(from);
     VitTrainModel model = load_vit_train_model(fixtures(from));
     const SafeTensors st = SafeTensors::open(fixtures("train/vit-tiny-step.safetensors"));

@@ -33,7 +33,22 @@ CASES = [
     ("conformance/vit-tiny-rand", "vit-tiny-48x40-step", 2, 1303, "1d+pos", (48, 40)),
     ("models/deit-nodistill-rand", "deit-nodistill-step", 2, 1304, "1d+pos", None),
     ("models/dinov2-cls-rand", "dinov2-cls-step", 2, 1305, "1d+pos", None),
+    # SwiGLU MLPs (use_swiglu_ffn, as dinov2-giant), at another size (42x28: the grid interpolated)
+    ("models/dinov2-swiglu-cls-rand", "dinov2-swiglu-cls-step", 2, 1306, "all", (42, 28)),
 ]
+
+
+def swiglu_classifier(out=os.path.join(FIXTURES, "models")):
+    """models/dinov2-swiglu-cls-rand: a Dinov2ForImageClassification with SwiGLU MLPs (a training
+    fixture: no classifier folder of the inference fixtures has them), with an inference case."""
+    cfg = mm.hf_config("dinov2", "Dinov2ForImageClassification", num_labels=4, hidden_size=24, num_attention_heads=2,
+                       num_hidden_layers=2, patch_size=7, image_size=28, use_swiglu_ffn=True, mlp_ratio=4)
+    sd = mm.random_state_dict(mm.hf_shapes(cfg), 207)
+    d = mm.write_model(out, "dinov2-swiglu-cls-rand", cfg, sd)
+    with torch.no_grad():
+        x = mm.random_pixels(2071, 2, 28, 28)
+        mm.write_case(d, "native", x, mm.hf_forward(cfg, sd, x), "2 random images 28x28 (SwiGLU MLPs)",
+                      "port of transformers 4.40.2 (validated by make_model_fixtures.py --check)")
 
 
 def exact_grad(name, v):
@@ -130,6 +145,7 @@ def distillation_step(folder="conformance/deit-tiny-distilled-rand", name="deit-
 
 
 if __name__ == "__main__":
+    swiglu_classifier()
     distillation_step()
     adamw_curve()
     main()

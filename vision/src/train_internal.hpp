@@ -16,6 +16,7 @@ namespace tessera::detail {
 struct BlockDims {
   int64_t batch, tokens, dim, mlp, heads;
   float eps;
+  bool swiglu = false;  // DINOv2's SwiGLU MLP: fc1 gives [a, b] of `mlp` each, silu(a)·b into fc2
 };
 // a.x holds the input; every other field of `a` is written (sized by the caller); the output
 // goes to `next` [B·T, dim].

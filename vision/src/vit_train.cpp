@@ -35,6 +35,7 @@ struct LayerNames {
   const char *norm1, *norm2, *fc1, *fc2;
 };
 LayerNames layer_names(const VitConfig& c) {
+  if (c.activation == MlpActivation::SwiGlu) return {"norm1", "norm2", "mlp.weights_in", "mlp.weights_out"};
   if (c.layer_scale) return {"norm1", "norm2", "mlp.fc1", "mlp.fc2"};
   return {"layernorm_before", "layernorm_after", "intermediate.dense", "output.dense"};
 }
@@ -75,8 +76,9 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
     if (c.layer_scale) add(l + "layer_scale1.lambda1", {d}, false);
     add(l + n.norm2 + ".weight", {d}, false);
     add(l + n.norm2 + ".bias", {d}, false);
-    add(l + n.fc1 + ".weight", {f, d}, true);
-    add(l + n.fc1 + ".bias", {f}, false);
+    const int64_t f1 = c.activation == MlpActivation::SwiGlu ? 2 * f : f;  // SwiGLU: [a, b] of F each
+    add(l + n.fc1 + ".weight", {f1, d}, true);
+    add(l + n.fc1 + ".bias", {f1}, false);
     add(l + n.fc2 + ".weight", {d, f}, true);
     add(l + n.fc2 + ".bias", {d}, false);
     if (c.layer_scale) add(l + "layer_scale2.lambda1", {d}, false);
@@ -359,8 +361,13 @@ void vit_block_forward(const VitTrainLayerView& lw, const BlockDims& s, VitTrain
     linear(a.ctx.data(), M, d, out_proj, a.x_mid.data(), d, Activation::None, a.x.data());
   layer_norm_forward(a.x_mid.data(), M, d, lw.norm2_w, lw.norm2_b, s.eps, a.ln2.data(), a.mean2.data(),
                      a.rstd2.data());
-  linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, f, d, a.h.data());
-  gelu_forward(a.h.data(), a.a.data(), M * f);
+  if (s.swiglu) {
+    linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, 2 * f, d, a.h.data());
+    swiglu_forward(a.h.data(), a.a.data(), M, f);
+  } else {
+    linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, f, d, a.h.data());
+    gelu_forward(a.h.data(), a.a.data(), M * f);
+  }
   const PackedLinear fc2 = pack_linear(lw.fc2_w, lw.fc2_b, d, f);
   if (lw.ls2)
     add_scaled(a.x_mid.data(), fc2, a.a.data(), M, f, lw.ls2, a.z2.data(), next);
@@ -377,8 +384,12 @@ void vit_block_backward(const VitTrainLayerView& lw, const VitTrainLayerView& lg
   const float* dbranch = acts.dx.data();  // DINOv2: through λ₂ first
   if (lw.ls2) dbranch = scale_backward(acts.dx.data(), a.z2.data(), lw.ls2, M, d, acts.dz.data(), lg.ls2);
   linear_backward(a.a.data(), lw.fc2_w, dbranch, M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
-  gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
-  linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, f, d, acts.dln.data(), lg.fc1_w, lg.fc1_b);
+  if (s.swiglu)
+    swiglu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M, f);
+  else
+    gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
+  linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, s.swiglu ? 2 * f : f, d, acts.dln.data(), lg.fc1_w,
+                  lg.fc1_b);
   layer_norm_backward(acts.dln.data(), a.x_mid.data(), a.mean2.data(), a.rstd2.data(), lw.norm2_w, M, d,
                       acts.dx.data(), lg.norm2_w, lg.norm2_b);
   // dx holds dL/dx_mid; x_mid = x + attn_out(attention(qkv(LN₁ x))).
@@ -563,9 +574,8 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
   m.class_mean = arch == "Dinov2ForImageClassification";
   m.teacher = arch == "DeiTForImageClassificationWithTeacher";
   m.config = detail::hf_vit_config(cfg, model_type);
-  check(m.config.activation == MlpActivation::Gelu,
-        config_file + ": training does not support use_swiglu_ffn yet (the SwiGLU kernel is there; "
-                      "no classifier fixture uses it)");
+  check(m.config.activation == MlpActivation::Gelu || m.config.activation == MlpActivation::SwiGlu,
+        config_file + ": training supports exact GELU and DINOv2's SwiGLU MLPs (hidden_act \"gelu\")");
   check(m.config.image_height % m.config.patch_size == 0 &&
             m.config.image_width % m.config.patch_size == 0,
         config_file + ": image_size is not a multiple of patch_size");
@@ -778,6 +788,7 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
   const int64_t d = c.hidden_size, f = c.intermediate_size, heads = c.num_attention_heads;
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
   auto sized = [](std::vector<float>& v, int64_t n) { v.assign(static_cast<size_t>(n), 0.0f); };
+  const int64_t f1 = c.activation == MlpActivation::SwiGlu ? 2 * f : f;  // the MLP's first layer's outputs
   batch = b, height = h, width = w;
   sized(patches, b * np * kp);
   sized(pos, t * d);
@@ -786,7 +797,7 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
     sized(l.x, m * d), sized(l.ln1, m * d), sized(l.mean1, m), sized(l.rstd1, m);
     sized(l.qkv, m * 3 * d), sized(l.ctx, m * d), sized(l.lse, b * heads * t);
     sized(l.x_mid, m * d), sized(l.ln2, m * d), sized(l.mean2, m), sized(l.rstd2, m);
-    sized(l.h, m * f), sized(l.a, m * f);
+    sized(l.h, m * f1), sized(l.a, m * f);
     if (c.layer_scale) sized(l.z1, m * d), sized(l.z2, m * d);
   }
   // Final-norm rows: the class tokens, or with a teacher head the class then the distillation
@@ -800,7 +811,7 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
   sized(logits, model.detection ? det_rows * (model.num_labels + 1) : b * model.num_labels);
   sized(head_logits, model.teacher ? 2 * b * model.num_labels : 0);
   sized(dx, m * d), sized(dln, m * d), sized(dqkv, m * 3 * d), sized(dctx, m * d);
-  sized(dh, m * f), sized(da, m * f), sized(dcls, rows * d), sized(dcls_norm, rows * d);
+  sized(dh, m * f1), sized(da, m * f), sized(dcls, rows * d), sized(dcls_norm, rows * d);
   sized(dhead_in, model.detection ? 0 : (model.teacher ? 2 : 1) * b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
   const int64_t mlp = model.detection ? det_rows * d : 0;
   sized(class1, mlp), sized(class2, mlp), sized(box1, mlp), sized(box2, mlp);
@@ -852,7 +863,7 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
     for (int64_t i = 0; i < T * d; ++i) xb[i] += acts.pos[i];
   }
 
-  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps};
+  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps, c.activation == MlpActivation::SwiGlu};
   for (size_t li = 0; li < acts.layers.size(); ++li) {
     float* next = li + 1 < acts.layers.size() ? acts.layers[li + 1].x.data() : acts.x_out.data();
     detail::vit_block_forward(w.layers[li], dims, acts.layers[li], next);
@@ -966,7 +977,7 @@ void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations&
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
   VitTrainView g = bind_view(model, grads.data());
-  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps};
+  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps, c.activation == MlpActivation::SwiGlu};
   for (size_t li = acts.layers.size(); li-- > 0;)
     detail::vit_block_backward(w.layers[li], g.layers[li], dims, acts.layers[li], acts);
 
