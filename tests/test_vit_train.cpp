@@ -537,5 +537,43 @@ TEST_CASE("timm and torchvision ViTs train in their own layout and are written b
                     Catch::Contains("class token"));
   CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/timm/vit_base_patch14_reg4_dinov2-reg4")),
                     Catch::Contains("register"));
-  CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/tv-vit-repr-rand")), Catch::Contains("representation_size"));
+}
+
+TEST_CASE("torchvision's representation layer trains: gradients of torchvision's own model", "[vit_train]") {
+  // tv-vit-repr-rand: heads.pre_logits [40, 48], tanh, heads.head [5, 40]. The reference is
+  // torchvision.models.VisionTransformer itself, float64 autograd (make_train_fixtures.py).
+  const std::string from = fixtures("models/tv-vit-repr-rand");
+  VitTrainModel model = load_vit_train_model(from);
+  CHECK(model.representation_size == 40);
+  const SafeTensors st = SafeTensors::open(fixtures("train/tv-vit-repr-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  std::vector<int64_t> labels;
+  for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+  VitTrainActivations acts;
+  std::vector<float> grads(model.weights.size(), 0.0f);
+  const double loss = vit_train_loss_and_grad(model, pixels, labels, 0.0f, acts, grads);
+  CHECK(std::abs(loss - st.read("loss")[0]) <= kTol * std::abs(st.read("loss")[0]));
+  CHECK(rel_err(acts.logits, values(st.read("logits"))) <= kTol);
+  // The gradient buffer written in torchvision's layout names every tensor as torchvision does.
+  VitTrainModel as_grads = model;
+  as_grads.weights = grads;
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("tessera-tv-repr-" + std::to_string(::getpid()));
+  save_vit_train_model(as_grads, dir.string());
+  const SafeTensors g = SafeTensors::open((dir / "model.safetensors").string());
+  int64_t compared = 0;
+  for (const std::string& name : g.names()) {
+    INFO(name);
+    REQUIRE(st.contains("grad." + name));
+    CHECK(rel_err(values(g.read(name)), values(st.read("grad." + name))) <= kTol);
+    ++compared;
+  }
+  CHECK(compared == 4 + 12 * 2 + 2 + 4);  // embeddings, 2 blocks, encoder.ln, pre_logits + head
+  std::filesystem::remove_all(dir);
+  // New classes keep the representation layer's shape; the folder reloads with the new head.
+  replace_classifier(model, {"a", "b"});
+  CHECK(model.param("classifier.weight").shape == Shape{2, 40});
+  save_vit_train_model(model, dir.string());
+  CHECK(load_model(dir.string())->labels == std::vector<std::string>{"a", "b"});
+  std::filesystem::remove_all(dir);
 }

@@ -144,7 +144,38 @@ def distillation_step(folder="conformance/deit-tiny-distilled-rand", name="deit-
     print(path, os.path.getsize(path), "bytes, loss", float(loss))
 
 
+def torchvision_representation_step(folder="models/tv-vit-repr-rand", name="tv-vit-repr-step", batch=3, seed=1307):
+    """One batch's gradient through torchvision's own VisionTransformer (representation_size 40:
+    heads.pre_logits, tanh, heads.head), float64 autograd, under torchvision's names."""
+    import torchvision
+    d = os.path.join(FIXTURES, folder)
+    cfg = mm.json.load(open(os.path.join(d, "config.json")))
+    kw = {k: cfg[k] for k in ("image_size", "patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim",
+                              "num_classes", "representation_size")}
+    model = torchvision.models.VisionTransformer(**kw)
+    model.load_state_dict(mm.load_safetensors(os.path.join(d, "model.safetensors")))
+    model = model.double().train()  # dropout is 0: train and eval compute the same
+    pixels = mm.random_pixels(seed, batch, cfg["image_size"], cfg["image_size"])
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, cfg["num_classes"], (batch,), generator=gen)
+    logits = model(pixels.double())
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    tensors = {"pixel_values": pixels, "labels": labels.float(), "logits": logits.detach(), "loss": loss.detach().reshape(1)}
+    for k, p in sorted(model.named_parameters()):
+        g = p.grad
+        if k.endswith("self_attention.in_proj_bias"):  # the key third's gradient is 0 in exact arithmetic
+            g = g.clone()
+            g[cfg["hidden_dim"]:2 * cfg["hidden_dim"]] = 0
+        tensors["grad." + k] = g
+    path = os.path.join(OUT_DIR, name + ".safetensors")
+    mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy",
+                                        "upstream": f"torchvision {torchvision.__version__} VisionTransformer"})
+    print(path, os.path.getsize(path), "bytes, loss", float(loss))
+
+
 if __name__ == "__main__":
+    torchvision_representation_step()
     swiglu_classifier()
     distillation_step()
     adamw_curve()

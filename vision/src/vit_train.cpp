@@ -44,7 +44,7 @@ LayerNames layer_names(const VitConfig& c) {
 // adjacent (one [3D, D] GEMM weight), then their biases (one [3D] bias).
 std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& base,
                                          int64_t num_labels, bool class_mean, bool mask_token,
-                                         bool teacher = false) {
+                                         bool teacher = false, int64_t representation = 0) {
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
   const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width() + c.num_detection_tokens;
   std::vector<TrainParam> out;
@@ -102,7 +102,11 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
     add("distillation_classifier.bias", {num_labels}, false);
     return out;
   }
-  add("classifier.weight", {num_labels, class_mean ? 2 * d : d}, true);
+  if (representation > 0) {  // torchvision's heads.pre_logits (then tanh)
+    add("pre_logits.weight", {representation, d}, true);
+    add("pre_logits.bias", {representation}, false);
+  }
+  add("classifier.weight", {num_labels, representation > 0 ? representation : class_mean ? 2 * d : d}, true);
   add("classifier.bias", {num_labels}, false);
   return out;
 }
@@ -162,6 +166,7 @@ namespace {
 // qkv pair, spelled out); a block's names follow `block` + its index + ".".
 struct FusedLayout {
   std::string patch, cls, pos, block, norm1, qkv_weight, qkv_bias, proj, norm2, fc1, fc2, final_norm, head;
+  std::string pre_logits = "";  // torchvision's representation layer, when the model has one
 };
 
 std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
@@ -197,7 +202,13 @@ std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
   }
   out.push_back({n.final_norm + ".weight", {d}, {m.base + "layernorm.weight"}});
   out.push_back({n.final_norm + ".bias", {d}, {m.base + "layernorm.bias"}});
-  out.push_back({n.head + ".weight", {m.num_labels, d}, {"classifier.weight"}});
+  const int64_t rep = m.representation_size;
+  if (rep > 0) {
+    check(!n.pre_logits.empty(), "fused_names: this layout has no representation layer");
+    out.push_back({n.pre_logits + ".weight", {rep, d}, {"pre_logits.weight"}});
+    out.push_back({n.pre_logits + ".bias", {rep}, {"pre_logits.bias"}});
+  }
+  out.push_back({n.head + ".weight", {m.num_labels, rep > 0 ? rep : d}, {"classifier.weight"}});
   out.push_back({n.head + ".bias", {m.num_labels}, {"classifier.bias"}});
   return out;
 }
@@ -215,7 +226,7 @@ std::vector<NameMap> torchvision_names(const VitTrainModel& m, const std::string
                          root + "encoder.layers.encoder_layer_", "ln_1", "self_attention.in_proj_weight",
                          "self_attention.in_proj_bias", "self_attention.out_proj", "ln_2",
                          legacy_mlp ? "mlp.linear_1" : "mlp.0", legacy_mlp ? "mlp.linear_2" : "mlp.3",
-                         root + "encoder.ln", root + "heads.head"});
+                         root + "encoder.ln", root + "heads.head", root + "heads.pre_logits"});
 }
 
 int64_t mapped_offset(const VitTrainModel& m, const NameMap& n, const std::string& what) {
@@ -479,6 +490,7 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
     v.head_w = at("classifier.weight");
     v.head_b = at("classifier.bias");
     v.head2_w = v.head2_b = nullptr;
+    if (m.representation_size > 0) v.pre_w = at("pre_logits.weight"), v.pre_b = at("pre_logits.bias");
   }
   return v;
 }
@@ -531,9 +543,12 @@ VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& conf
 VitTrainModel load_torchvision_train_model(const fs::path& dir, const std::string& config_text) {
   const std::string config_file = (dir / "config.json").string();
   const auto inf = load_model(dir.string());
-  check(!inf->classifier.has_pooler,
-        config_file + ": training a torchvision ViT with representation_size (heads.pre_logits) is not supported yet");
   VitTrainModel m = make_vit_train_model(inf->encoder.config, inf->labels, 0);
+  if (inf->classifier.has_pooler) {  // representation_size: heads.pre_logits, tanh, then the head
+    m.representation_size = inf->classifier.pooler.out_features;
+    m.params = vit_train_layout(m.config, m.base, m.num_labels, false, false, false, m.representation_size);
+    m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
+  }
   m.architecture = inf->architecture;
   m.layout = "torchvision";
   m.config_json = config_text;
@@ -680,10 +695,10 @@ void replace_classifier(VitTrainModel& m, const std::vector<std::string>& labels
       m.config.layer_scale && std::any_of(m.params.begin(), m.params.end(), [&](const TrainParam& p) {
         return p.name == m.base + "embeddings.mask_token";
       }),
-      m.teacher);
+      m.teacher, m.representation_size);
   std::vector<float> weights(static_cast<size_t>(params.back().offset + params.back().numel()), 0.0f);
   for (const TrainParam& p : params) {
-    const bool head = p.name.find("classifier.") != std::string::npos;
+    const bool head = p.name.find("classifier.") != std::string::npos || p.name.starts_with("pre_logits.");
     if (head) continue;  // zero
     const TrainParam& old = m.param(p.name);
     std::copy_n(m.weights.data() + old.offset, old.numel(), weights.data() + p.offset);
@@ -779,7 +794,8 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
   const VitConfig& c = model.config;
   std::vector<int64_t> shape = {c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
                                 c.patch_size, c.num_channels, c.num_prefix_tokens(), c.num_detection_tokens,
-                                model.num_labels, model.teacher, model.class_mean, model.detection};
+                                model.num_labels, model.teacher, model.class_mean, model.detection,
+                                model.representation_size};
   if (batch == b && height == h && width == w && model_shape == shape) return;
   model_shape = std::move(shape);
   const int64_t np = (h / c.patch_size) * (w / c.patch_size);
@@ -810,6 +826,7 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
   sized(head_in, model.detection ? 0 : (model.teacher ? 2 : 1) * b * head);
   sized(logits, model.detection ? det_rows * (model.num_labels + 1) : b * model.num_labels);
   sized(head_logits, model.teacher ? 2 * b * model.num_labels : 0);
+  sized(pre, b * model.representation_size), sized(dpre, b * model.representation_size);
   sized(dx, m * d), sized(dln, m * d), sized(dqkv, m * 3 * d), sized(dctx, m * d);
   sized(dh, m * f1), sized(da, m * f), sized(dcls, rows * d), sized(dcls_norm, rows * d);
   sized(dhead_in, model.detection ? 0 : (model.teacher ? 2 : 1) * b * head), sized(dembedded, b * np * d), sized(dz, c.layer_scale ? m * d : 0);
@@ -907,6 +924,13 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
     }
   }
   const int64_t head = (model.class_mean ? 2 : 1) * d, K = model.num_labels;
+  if (model.representation_size > 0) {  // torchvision: head(tanh(pre_logits(x)))
+    const int64_t rep = model.representation_size;
+    linear_forward(acts.head_in.data(), B, w.pre_w, w.pre_b, rep, d, acts.pre.data());
+    for (float& x : acts.pre) x = std::tanh(x);
+    linear_forward(acts.pre.data(), B, w.head_w, w.head_b, K, rep, acts.logits.data());
+    return acts.logits;
+  }
   if (!model.teacher) {
     linear_forward(acts.head_in.data(), B, w.head_w, w.head_b, K, head, acts.logits.data());
     return acts.logits;
@@ -934,8 +958,16 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
   // Classifier and final norm (class-token rows, or every row with class_mean).
   const int64_t head = (model.class_mean ? 2 : 1) * d;
   zero(acts.dhead_in), zero(acts.dcls_norm), zero(acts.dcls), zero(acts.dx);
-  linear_backward(acts.head_in.data(), w.head_w, dlogits, B, K, head, acts.dhead_in.data(),
-                  g.head_w, g.head_b);
+  if (model.representation_size > 0) {
+    const int64_t rep = model.representation_size;
+    zero(acts.dpre);
+    linear_backward(acts.pre.data(), w.head_w, dlogits, B, K, rep, acts.dpre.data(), g.head_w, g.head_b);
+    for (size_t i = 0; i < acts.pre.size(); ++i) acts.dpre[i] *= 1.0f - acts.pre[i] * acts.pre[i];  // tanh'
+    linear_backward(acts.head_in.data(), w.pre_w, acts.dpre.data(), B, rep, d, acts.dhead_in.data(), g.pre_w,
+                    g.pre_b);
+  } else {
+    linear_backward(acts.head_in.data(), w.head_w, dlogits, B, K, head, acts.dhead_in.data(), g.head_w, g.head_b);
+  }
   if (model.teacher)
     linear_backward(acts.head_in.data() + B * d, w.head2_w, dlogits + B * K, B, K, d,
                     acts.dhead_in.data() + B * d, g.head2_w, g.head2_b);

@@ -61,6 +61,10 @@ struct VitTrainModel {
   // DeiTForImageClassificationWithTeacher: cls_classifier on h[:, 0], distillation_classifier on
   // h[:, 1], logits their mean; it trains on the hard-distillation loss.
   bool teacher = false;
+  // torchvision's representation_size: the class token's feature goes through heads.pre_logits
+  // (internally "pre_logits": [representation_size, D]) and tanh before the classifier
+  // [K, representation_size]. 0: none.
+  int64_t representation_size = 0;
   // YolosForObjectDetection: config.num_detection_tokens tokens after the patches, the final norm
   // on them and the heads class_labels_classifier (num_labels + 1 outputs, no-object last) and
   // bbox_predictor (4), 3-layer MLPs, instead of a classifier (yolos_train.hpp).
@@ -107,6 +111,7 @@ struct VitTrainView {
   float *norm_w, *norm_b;        // final layernorm [D]
   float *head_w, *head_b;        // classifier [K, D], [K] (with a teacher head: cls_classifier)
   float *head2_w, *head2_b;      // distillation_classifier [K, D], [K], or null
+  float *pre_w = nullptr, *pre_b = nullptr;  // torchvision's pre_logits [rep, D], [rep], or null
   // YOLOS (else null / empty): detection tokens [det, D]; per MLP layer i the weight and bias of
   // class_labels_classifier.layers.i ([D, D], last [K + 1, D]) and bbox_predictor.layers.i (last [4, D]).
   float* det_tokens = nullptr;
@@ -118,8 +123,8 @@ VitTrainView bind_view(const VitTrainModel& model, float* buffer);
 // by name and shape as load_model does. Also a timm VisionTransformer folder (config.json with
 // architecture + pretrained_cfg, as load_model reads it) with a class token, the head on it
 // (global_pool "token", no fc_norm), a final norm, GELU and no LayerScale / register /
-// distillation tokens / norm_pre; and a torchvision VisionTransformer folder without
-// representation_size. Anything else is an Error naming it.
+// distillation tokens / norm_pre; and a torchvision VisionTransformer folder (with or without
+// representation_size). Anything else is an Error naming it.
 VitTrainModel load_vit_train_model(const std::string& dir);
 
 // A new ViTForImageClassification of `config` (its hidden_act, qkv_bias, layer_norm_eps ... as
@@ -170,6 +175,7 @@ struct VitTrainActivations {
   std::vector<float> cls, cls_norm, mean_f, rstd_f, head_in;
   std::vector<float> logits;   // [B, K]
   std::vector<float> head_logits;  // with a teacher head: class head's [B, K], then distillation head's
+  std::vector<float> pre, dpre;    // torchvision's representation layer after tanh [B, rep], its gradient
   // backward scratch
   std::vector<float> dx, dln, dqkv, dctx, dh, da, dcls, dcls_norm, dhead_in, dembedded, dz;
   // YOLOS heads: post-ReLU hidden layers of class_labels_classifier (class1, class2) and
