@@ -174,7 +174,67 @@ def torchvision_representation_step(folder="models/tv-vit-repr-rand", name="tv-v
     print(path, os.path.getsize(path), "bytes, loss", float(loss))
 
 
+def timm_steps():
+    """timm heads and tokens the training pass has beyond a plain ViT, each one batch's gradient by
+    float64 autograd through make_model_fixtures.py's timm port (validated against timm's own outputs),
+    under timm's names:
+      - timm-noclass-avg-step: models/timm/vit_small_patch16_224-noclass-avg (no class token,
+        global_pool avg, fc_norm, no qkv bias; 24x40);
+      - timm-reg4-step: a new models/timm/vit_small_patch14_reg4_dinov2-cls (1 class + 4 register
+        tokens, no_embed_class, LayerScale, token pooling, a 5-class head, dynamic_img_size) at
+        70x56, the 3x3 position grid resampled to 5x4 (bicubic, antialias) and back;
+      - timm-avg-nofcnorm-step: a new models/timm/vit_tiny_patch16_224-avg-nofcnorm (class token,
+        global_pool avg with fc_norm False: the final norm on every token, then the mean)."""
+    up = "port of timm 1.0 VisionTransformer (validated by make_model_fixtures.py --check)"
+    models = os.path.join(FIXTURES, "models")
+    new = [("vit_small_patch14_reg4_dinov2-cls", "vit_base_patch14_reg4_dinov2", 5,
+            dict(img_size=42, embed_dim=48, depth=2, num_heads=4, dynamic_img_size=True), 308, (2, 42, 42)),
+           ("vit_tiny_patch16_224-avg-nofcnorm", "vit_tiny_patch16_224", 4,
+            dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, global_pool="avg", fc_norm=False),
+            309, (2, 32, 32))]
+    for name, arch, ncls, margs, seed, (b, h, w) in new:
+        config = mm.timm_config(arch, ncls, margs, "test", mm.IMAGENET_MEAN, mm.IMAGENET_STD, 1.0, "head")
+        a = mm.timm_resolve(config)
+        sd = mm.random_state_dict(mm.timm_shapes(a), seed)
+        if a["init_values"]:  # LayerScale near 1, not timm's 1e-5, so the branches matter in the check
+            for k in sd:
+                if k.endswith(".gamma"):
+                    sd[k] = 1.0 + 0.1 * sd[k]
+        d = mm.write_model(models, os.path.join("timm", name), config, sd)
+        with torch.no_grad():
+            x = mm.random_pixels(seed * 10, b, h, w)
+            mm.write_case(d, "native", x, mm.timm_forward(config, sd, x), f"{b} random images {h}x{w}", up)
+    for folder, name, seed, (b, h, w) in (("models/timm/vit_small_patch16_224-noclass-avg", "timm-noclass-avg-step",
+                                           1308, (3, 24, 40)),
+                                          ("models/timm/vit_small_patch14_reg4_dinov2-cls", "timm-reg4-step", 1309,
+                                           (2, 70, 56)),
+                                          ("models/timm/vit_tiny_patch16_224-avg-nofcnorm", "timm-avg-nofcnorm-step",
+                                           1310, (2, 32, 32))):
+        d = os.path.join(FIXTURES, folder)
+        config = mm.json.load(open(os.path.join(d, "config.json")))
+        sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(d, "model.safetensors")).items()}
+        pixels = mm.random_pixels(seed, b, h, w)
+        gen = torch.Generator().manual_seed(seed + 1)
+        labels = torch.randint(0, config["num_classes"], (b,), generator=gen)
+        logits = mm.timm_forward(config, sd, pixels.double())["logits"]
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        tensors = {"pixel_values": pixels, "labels": labels.float(), "logits": logits.detach(),
+                   "loss": loss.detach().reshape(1)}
+        D = config["num_features"]
+        for k, v in sorted(sd.items()):
+            g = v.grad if v.grad is not None else torch.zeros_like(v)
+            if k.endswith("attn.qkv.bias"):  # the key third: 0 in exact arithmetic
+                g = g.clone()
+                g[D:2 * D] = 0
+            tensors["grad." + k] = g
+        path = os.path.join(OUT_DIR, name + ".safetensors")
+        mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy", "upstream": up})
+        print(path, os.path.getsize(path), "bytes, loss", float(loss))
+
+
 if __name__ == "__main__":
+    timm_steps()
     torchvision_representation_step()
     swiglu_classifier()
     distillation_step()

@@ -46,7 +46,9 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
                                          int64_t num_labels, bool class_mean, bool mask_token,
                                          bool teacher = false, int64_t representation = 0) {
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
-  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width() + c.num_detection_tokens;
+  // The table's rows: the prefix tokens' (unless timm's no_embed_class), the grid, YOLOS's tokens.
+  const int64_t t = (c.prefix_has_pos_embed ? c.num_prefix_tokens() : 0) + c.grid_height() * c.grid_width() +
+                    c.num_detection_tokens;
   std::vector<TrainParam> out;
   int64_t offset = 0;
   auto add = [&](const std::string& name, Shape shape, bool decay) {
@@ -55,7 +57,8 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
     out.push_back(std::move(tp));
   };
   const std::string e = base + "embeddings.";
-  add(e + "cls_token", {1, 1, d}, false);
+  if (c.class_token) add(e + "cls_token", {1, 1, d}, false);
+  if (c.num_register_tokens) add(e + "register_tokens", {1, c.num_register_tokens, d}, false);
   if (c.num_detection_tokens) add(e + "detection_tokens", {1, c.num_detection_tokens, d}, false);
   if (c.num_distillation_tokens) add(e + "distillation_token", {1, 1, d}, false);
   if (mask_token) add(e + "mask_token", {1, d}, false);  // DINOv2's, unused here; kept for export
@@ -167,41 +170,51 @@ namespace {
 struct FusedLayout {
   std::string patch, cls, pos, block, norm1, qkv_weight, qkv_bias, proj, norm2, fc1, fc2, final_norm, head;
   std::string pre_logits = "";  // torchvision's representation layer, when the model has one
+  // timm only: register tokens, LayerScale (blocks.N.ls1.gamma / ls2.gamma), fc_norm, no class token
+  bool timm = false;
+  std::string reg = "reg_token";
 };
 
 std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
   const VitConfig& c = m.config;
-  check(c.class_token && c.num_distillation_tokens == 0 && c.num_register_tokens == 0 &&
-            c.num_detection_tokens == 0 && !c.layer_scale && !m.class_mean && !m.teacher,
-        "fused_names: only an encoder with a class token and a classifier on it maps to timm / torchvision names");
+  check(c.num_distillation_tokens == 0 && c.num_detection_tokens == 0 && !m.class_mean && !m.teacher &&
+            (n.timm || (c.class_token && c.num_register_tokens == 0 && !c.layer_scale && !m.pool_avg && !m.fc_norm)),
+        "fused_names: only an encoder with a classifier on its class token (or, for timm, on the mean of its "
+        "patches) maps to timm / torchvision names");
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
-  const int64_t t = c.num_prefix_tokens() + c.grid_height() * c.grid_width();
+  const int64_t t = (c.prefix_has_pos_embed ? c.num_prefix_tokens() : 0) + c.grid_height() * c.grid_width();
   const std::string e = m.base + "embeddings.";
   std::vector<NameMap> out = {
       {n.patch + ".weight", {d, c.num_channels, p, p}, {e + "patch_embeddings.projection.weight"}},
       {n.patch + ".bias", {d}, {e + "patch_embeddings.projection.bias"}},
-      {n.cls, {1, 1, d}, {e + "cls_token"}},
-      {n.pos, {1, t, d}, {e + "position_embeddings"}},
   };
+  if (c.class_token) out.push_back({n.cls, {1, 1, d}, {e + "cls_token"}});
+  if (c.num_register_tokens) out.push_back({n.reg, {1, c.num_register_tokens, d}, {e + "register_tokens"}});
+  out.push_back({n.pos, {1, t, d}, {e + "position_embeddings"}});
+  const LayerNames ln = layer_names(c);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string s = n.block + std::to_string(i) + ".";
     const std::string h = m.base + "encoder.layer." + std::to_string(i) + ".";
     const std::string a = h + "attention.attention.";
-    out.push_back({s + n.norm1 + ".weight", {d}, {h + "layernorm_before.weight"}});
-    out.push_back({s + n.norm1 + ".bias", {d}, {h + "layernorm_before.bias"}});
+    out.push_back({s + n.norm1 + ".weight", {d}, {h + ln.norm1 + ".weight"}});
+    out.push_back({s + n.norm1 + ".bias", {d}, {h + ln.norm1 + ".bias"}});
     out.push_back({s + n.qkv_weight, {3 * d, d}, {a + "query.weight", a + "key.weight", a + "value.weight"}});
     if (c.qkv_bias) out.push_back({s + n.qkv_bias, {3 * d}, {a + "query.bias", a + "key.bias", a + "value.bias"}});
     out.push_back({s + n.proj + ".weight", {d, d}, {h + "attention.output.dense.weight"}});
     out.push_back({s + n.proj + ".bias", {d}, {h + "attention.output.dense.bias"}});
-    out.push_back({s + n.norm2 + ".weight", {d}, {h + "layernorm_after.weight"}});
-    out.push_back({s + n.norm2 + ".bias", {d}, {h + "layernorm_after.bias"}});
-    out.push_back({s + n.fc1 + ".weight", {f, d}, {h + "intermediate.dense.weight"}});
-    out.push_back({s + n.fc1 + ".bias", {f}, {h + "intermediate.dense.bias"}});
-    out.push_back({s + n.fc2 + ".weight", {d, f}, {h + "output.dense.weight"}});
-    out.push_back({s + n.fc2 + ".bias", {d}, {h + "output.dense.bias"}});
+    if (c.layer_scale) out.push_back({s + "ls1.gamma", {d}, {h + "layer_scale1.lambda1"}});
+    out.push_back({s + n.norm2 + ".weight", {d}, {h + ln.norm2 + ".weight"}});
+    out.push_back({s + n.norm2 + ".bias", {d}, {h + ln.norm2 + ".bias"}});
+    out.push_back({s + n.fc1 + ".weight", {f, d}, {h + ln.fc1 + ".weight"}});
+    out.push_back({s + n.fc1 + ".bias", {f}, {h + ln.fc1 + ".bias"}});
+    out.push_back({s + n.fc2 + ".weight", {d, f}, {h + ln.fc2 + ".weight"}});
+    out.push_back({s + n.fc2 + ".bias", {d}, {h + ln.fc2 + ".bias"}});
+    if (c.layer_scale) out.push_back({s + "ls2.gamma", {d}, {h + "layer_scale2.lambda1"}});
   }
-  out.push_back({n.final_norm + ".weight", {d}, {m.base + "layernorm.weight"}});
-  out.push_back({n.final_norm + ".bias", {d}, {m.base + "layernorm.bias"}});
+  // timm with fc_norm has no final norm; the one norm of the training pass is then fc_norm.
+  const std::string norm = m.fc_norm ? "fc_norm" : n.final_norm;
+  out.push_back({norm + ".weight", {d}, {m.base + "layernorm.weight"}});
+  out.push_back({norm + ".bias", {d}, {m.base + "layernorm.bias"}});
   const int64_t rep = m.representation_size;
   if (rep > 0) {
     check(!n.pre_logits.empty(), "fused_names: this layout has no representation layer");
@@ -216,9 +229,12 @@ std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
 }  // namespace
 
 std::vector<NameMap> timm_style_names(const VitTrainModel& m, const std::string& prefix, const std::string& head) {
-  return fused_names(m, {prefix + "patch_embed.proj", prefix + "cls_token", prefix + "pos_embed", prefix + "blocks.",
-                         "norm1", "attn.qkv.weight", "attn.qkv.bias", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2",
-                         prefix + "norm", head});
+  FusedLayout n{prefix + "patch_embed.proj", prefix + "cls_token", prefix + "pos_embed", prefix + "blocks.",
+                "norm1", "attn.qkv.weight", "attn.qkv.bias", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2",
+                prefix + "norm", head};
+  n.timm = true;
+  n.reg = prefix + "reg_token";
+  return fused_names(m, n);
 }
 
 std::vector<NameMap> torchvision_names(const VitTrainModel& m, const std::string& root, bool legacy_mlp) {
@@ -299,57 +315,87 @@ bool hf_resample(const VitConfig& c, int64_t height, int64_t width, Interpolatio
   return true;
 }
 
-// pos [T, D] for a height x width input: the class token's row, then the (resampled) grid.
+// The position grid's resampling at height x width, as inference does it (vit.cpp resample_grid,
+// by c.pos_resample), or false when the table is used as it is. YOLOS (model.detection) resizes
+// by size always.
+bool train_resample(const VitTrainModel& m, int64_t height, int64_t width, Interpolation& how) {
+  const VitConfig& c = m.config;
+  const int64_t gh = c.grid_height(), gw = c.grid_width();
+  const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  if (m.detection) return true;  // Bicubic by size (how's defaults)
+  switch (c.pos_resample) {
+    case PosResample::None:
+      check(gh == nh && gw == nw, "this model takes " + std::to_string(c.image_height) + "x" +
+                                      std::to_string(c.image_width) + " inputs only, got " + std::to_string(height) +
+                                      "x" + std::to_string(width));
+      return false;
+    case PosResample::HfScaleBicubic:
+      return hf_resample(c, height, width, how);
+    case PosResample::SizeBicubic:
+      return !(gh == nh && gw == nw);
+    case PosResample::TimmAntialias:
+      how.mode = InterpolationMode::BicubicAntialias;
+      return !(gh == nh && gw == nw);
+    case PosResample::SizeBilinear:
+      how.mode = InterpolationMode::Bilinear;
+      return nh * nw != gh * gw;
+  }
+  return false;
+}
+
+// pos [T, D] for a height x width input: the prefix tokens' rows (zero when the table has none,
+// timm's no_embed_class), then the (resampled) grid, then YOLOS's detection rows.
 void position_embedding_forward(const VitTrainModel& m, int64_t height, int64_t width, float* pos) {
   const VitConfig& c = m.config;
   const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
   const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
-  const int64_t pre = c.num_prefix_tokens();
+  const int64_t pre = c.num_prefix_tokens(), pre_rows = c.prefix_has_pos_embed ? pre : 0;
   const float* table = m.weights.data() + m.param(m.base + "embeddings.position_embeddings").offset;
-  Interpolation how;
-  // YOLOS (rows [cls, grid, detection]) resizes the grid to (nh, nw) always; HF ViT only away from
-  // its training size.
-  if (!m.detection && !hf_resample(c, height, width, how)) {
-    std::copy(table, table + (pre + g) * d, pos);
-    return;
-  }
-  std::copy(table, table + pre * d, pos);
+  std::fill(pos, pos + pre * d, 0.0f);
+  std::copy(table, table + pre_rows * d, pos);
+  const float* grid = table + pre_rows * d;
   if (m.detection) {
     const int64_t det = c.num_detection_tokens;
-    std::copy(table + (pre + g) * d, table + (pre + g + det) * d, pos + (pre + nh * nw) * d);
+    std::copy(grid + g * d, grid + (g + det) * d, pos + (pre + nh * nw) * d);
+  }
+  Interpolation how;
+  if (!train_resample(m, height, width, how)) {
+    std::copy(grid, grid + g * d, pos + pre * d);
+    return;
   }
   // [N, D] → [D, gh, gw] → interpolate → [D, nh, nw] → [nh·nw, D]
   std::vector<float> chw(static_cast<size_t>(d * g)), resized(static_cast<size_t>(d * nh * nw));
   for (int64_t i = 0; i < g; ++i)
-    for (int64_t k = 0; k < d; ++k) chw[k * g + i] = table[(pre + i) * d + k];
+    for (int64_t k = 0; k < d; ++k) chw[k * g + i] = grid[i * d + k];
   interpolate_forward(how, chw.data(), d, c.grid_height(), c.grid_width(), resized.data(), nh, nw);
   for (int64_t i = 0; i < nh * nw; ++i)
     for (int64_t k = 0; k < d; ++k) pos[(pre + i) * d + k] = resized[k * nh * nw + i];
 }
 
-// dtable [1 + N, D] += the position table's share of dpos [T, D].
+// dtable += the position table's share of dpos [T, D].
 void position_embedding_backward(const VitTrainModel& m, int64_t height, int64_t width,
                                  const float* dpos, float* dtable) {
   const VitConfig& c = m.config;
   const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
   const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
-  const int64_t pre = c.num_prefix_tokens();
-  Interpolation how;
-  if (!m.detection && !hf_resample(c, height, width, how)) {
-    for (int64_t i = 0; i < (pre + g) * d; ++i) dtable[i] += dpos[i];
-    return;
-  }
-  for (int64_t k = 0; k < pre * d; ++k) dtable[k] += dpos[k];
+  const int64_t pre = c.num_prefix_tokens(), pre_rows = c.prefix_has_pos_embed ? pre : 0;
+  for (int64_t k = 0; k < pre_rows * d; ++k) dtable[k] += dpos[k];
+  float* dgrid_table = dtable + pre_rows * d;
   if (m.detection) {
     const int64_t det = c.num_detection_tokens;
-    for (int64_t k = 0; k < det * d; ++k) dtable[(pre + g) * d + k] += dpos[(pre + nh * nw) * d + k];
+    for (int64_t k = 0; k < det * d; ++k) dgrid_table[g * d + k] += dpos[(pre + nh * nw) * d + k];
+  }
+  Interpolation how;
+  if (!train_resample(m, height, width, how)) {
+    for (int64_t i = 0; i < g * d; ++i) dgrid_table[i] += dpos[pre * d + i];
+    return;
   }
   std::vector<float> dchw(static_cast<size_t>(d * nh * nw)), dgrid(static_cast<size_t>(d * g), 0.0f);
   for (int64_t i = 0; i < nh * nw; ++i)
     for (int64_t k = 0; k < d; ++k) dchw[k * nh * nw + i] = dpos[(pre + i) * d + k];
   interpolate_backward(how, dchw.data(), d, c.grid_height(), c.grid_width(), nh, nw, dgrid.data());
   for (int64_t i = 0; i < g; ++i)
-    for (int64_t k = 0; k < d; ++k) dtable[(pre + i) * d + k] += dgrid[k * g + i];
+    for (int64_t k = 0; k < d; ++k) dgrid_table[i * d + k] += dgrid[k * g + i];
 }
 
 }  // namespace
@@ -442,8 +488,9 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   auto at = [&](const std::string& name) { return buffer + m.param(name).offset; };
   VitTrainView v{};
   const std::string e = m.base + "embeddings.";
-  v.cls_token = at(e + "cls_token");
+  v.cls_token = m.config.class_token ? at(e + "cls_token") : nullptr;
   v.dist_token = m.config.num_distillation_tokens ? at(e + "distillation_token") : nullptr;
+  v.reg_tokens = m.config.num_register_tokens ? at(e + "register_tokens") : nullptr;
   v.pos_embed = at(e + "position_embeddings");
   v.patch_w = at(e + "patch_embeddings.projection.weight");
   v.patch_b = at(e + "patch_embeddings.projection.bias");
@@ -521,18 +568,27 @@ VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& conf
   const VitConfig& c = inf->encoder.config;
   const ClassifierWeights& h = inf->classifier;
   const std::string what = config_file + " (" + inf->architecture + ")";
-  check(c.class_token && c.num_distillation_tokens == 0 && c.num_register_tokens == 0 && !c.layer_scale &&
-            !c.pre_norm && c.final_norm && c.prefix_has_pos_embed && c.activation == MlpActivation::Gelu,
-        what + ": training supports timm ViTs with a class token, a final norm and GELU, without "
-               "distillation / register tokens, LayerScale, norm_pre or no_embed_class");
-  check(h.timm_pool == "token" && h.fc_norm_weight.empty() && h.num_labels > 0,
-        what + ": training supports global_pool \"token\" with a head and no fc_norm");
+  check(c.num_distillation_tokens == 0 && !c.pre_norm && c.activation == MlpActivation::Gelu,
+        what + ": training supports timm ViTs with GELU MLPs, without a distillation token (timm's distilled "
+               "DeiT) or norm_pre (CLIP towers)");
+  check((h.timm_pool == "token" && c.class_token) || h.timm_pool == "avg",
+        what + ": training supports global_pool \"token\" (on a class token) or \"avg\"");
+  check(h.num_labels > 0, what + ": the model has no classification head (num_classes 0) to train");
+  check(c.final_norm == h.fc_norm_weight.empty(),
+        what + ": a model with both a final norm and fc_norm, or neither, is not one timm makes");
   check(c.image_height % c.patch_size == 0 && c.image_width % c.patch_size == 0,
         what + ": the image size is not a multiple of the patch size");
-  VitTrainModel m = make_vit_train_model(c, inf->labels, 0);
+  VitTrainModel m;
   m.architecture = inf->architecture;
   m.layout = "timm";
   m.config_json = config_text;
+  m.config = c;
+  m.base = "vit.";
+  m.num_labels = h.num_labels;
+  m.pool_avg = h.timm_pool == "avg";
+  m.fc_norm = !h.fc_norm_weight.empty();
+  m.params = vit_train_layout(m.config, m.base, m.num_labels, false, false);
+  m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
   const SafeTensors st = open_single_checkpoint(dir);
   read_mapped(m, st, detail::timm_style_names(m, "", "head"));
   return m;
@@ -795,7 +851,8 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
   std::vector<int64_t> shape = {c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
                                 c.patch_size, c.num_channels, c.num_prefix_tokens(), c.num_detection_tokens,
                                 model.num_labels, model.teacher, model.class_mean, model.detection,
-                                model.representation_size};
+                                model.representation_size, model.pool_avg, model.fc_norm,
+                                c.num_register_tokens, c.class_token};
   if (batch == b && height == h && width == w && model_shape == shape) return;
   model_shape = std::move(shape);
   const int64_t np = (h / c.patch_size) * (w / c.patch_size);
@@ -819,7 +876,10 @@ void VitTrainActivations::resize(const VitTrainModel& model, int64_t b, int64_t 
   // Final-norm rows: the class tokens, or with a teacher head the class then the distillation
   // tokens ([2B, D]), or every token (class_mean).
   const int64_t det_rows = b * c.num_detection_tokens;
-  const int64_t rows = model.detection ? det_rows : model.class_mean ? m : model.teacher ? 2 * b : b;
+  const int64_t rows = model.detection                                    ? det_rows
+                       : model.class_mean || (model.pool_avg && !model.fc_norm) ? m
+                       : model.teacher                                        ? 2 * b
+                                                                              : b;
   const int64_t head = (model.class_mean ? 2 : 1) * d;
   sized(x_out, m * d);
   sized(cls, rows * d), sized(cls_norm, rows * d), sized(mean_f, rows), sized(rstd_f, rows);
@@ -873,8 +933,11 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
   float* x0 = acts.layers.empty() ? acts.x_out.data() : acts.layers[0].x.data();
   for (int64_t b = 0; b < B; ++b) {
     float* xb = x0 + b * T * d;
-    std::memcpy(xb, w.cls_token, sizeof(float) * d);
-    if (w.dist_token) std::memcpy(xb + d, w.dist_token, sizeof(float) * d);
+    // Prefix: [class token], [distillation token], [register tokens] (timm: cls, reg).
+    int64_t row = 0;
+    if (w.cls_token) std::memcpy(xb + d * row++, w.cls_token, sizeof(float) * d);
+    if (w.dist_token) std::memcpy(xb + d * row++, w.dist_token, sizeof(float) * d);
+    if (w.reg_tokens) std::memcpy(xb + d * row, w.reg_tokens, sizeof(float) * c.num_register_tokens * d);
     std::memcpy(xb + pre * d, embedded.data() + b * np * d, sizeof(float) * np * d);
     if (det) std::memcpy(xb + (pre + np) * d, w.det_tokens, sizeof(float) * det * d);
     for (int64_t i = 0; i < T * d; ++i) xb[i] += acts.pos[i];
@@ -897,7 +960,30 @@ std::span<const float> vit_train_forward(const VitTrainModel& model, const Tenso
   const int64_t T = c.num_prefix_tokens() + (acts.height / c.patch_size) * (acts.width / c.patch_size);
   const int64_t M = B * T;
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
-  if (!model.class_mean) {
+  const int64_t pre = c.num_prefix_tokens(), np = T - pre;
+  if (model.pool_avg && model.fc_norm) {
+    // timm "avg" + fc_norm: fc_norm(mean of the patch tokens).
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < d; ++k) {
+        double sum = 0;
+        for (int64_t t = pre; t < T; ++t) sum += acts.x_out[(b * T + t) * d + k];
+        acts.cls[b * d + k] = static_cast<float>(sum / static_cast<double>(np));
+      }
+    layer_norm_forward(acts.cls.data(), B, d, w.norm_w, w.norm_b, c.layer_norm_eps, acts.cls_norm.data(),
+                       acts.mean_f.data(), acts.rstd_f.data());
+    std::copy(acts.cls_norm.begin(), acts.cls_norm.end(), acts.head_in.begin());
+  } else if (model.pool_avg) {
+    // timm "avg" without fc_norm: the mean of the normed patch tokens.
+    std::copy(acts.x_out.begin(), acts.x_out.end(), acts.cls.begin());
+    layer_norm_forward(acts.cls.data(), M, d, w.norm_w, w.norm_b, c.layer_norm_eps, acts.cls_norm.data(),
+                       acts.mean_f.data(), acts.rstd_f.data());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < d; ++k) {
+        double sum = 0;
+        for (int64_t t = pre; t < T; ++t) sum += acts.cls_norm[(b * T + t) * d + k];
+        acts.head_in[b * d + k] = static_cast<float>(sum / static_cast<double>(np));
+      }
+  } else if (!model.class_mean) {
     // Only the class (and distillation) tokens reach the heads: the final norm runs on those rows.
     const int64_t heads_n = model.teacher ? 2 : 1;
     for (int64_t j = 0; j < heads_n; ++j)
@@ -971,7 +1057,22 @@ void vit_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
   if (model.teacher)
     linear_backward(acts.head_in.data() + B * d, w.head2_w, dlogits + B * K, B, K, d,
                     acts.dhead_in.data() + B * d, g.head2_w, g.head2_b);
-  if (!model.class_mean) {
+  const int64_t pre = c.num_prefix_tokens(), np = T - pre;
+  if (model.pool_avg && model.fc_norm) {
+    layer_norm_backward(acts.dhead_in.data(), acts.cls.data(), acts.mean_f.data(), acts.rstd_f.data(), w.norm_w, B, d,
+                        acts.dcls.data(), g.norm_w, g.norm_b);
+    const float inv = 1.0f / static_cast<float>(np);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = pre; t < T; ++t)
+        for (int64_t k = 0; k < d; ++k) acts.dx[(b * T + t) * d + k] = acts.dcls[b * d + k] * inv;
+  } else if (model.pool_avg) {
+    const float inv = 1.0f / static_cast<float>(np);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = pre; t < T; ++t)
+        for (int64_t k = 0; k < d; ++k) acts.dcls_norm[(b * T + t) * d + k] = acts.dhead_in[b * d + k] * inv;
+    layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(), acts.rstd_f.data(), w.norm_w, M, d,
+                        acts.dx.data(), g.norm_w, g.norm_b);
+  } else if (!model.class_mean) {
     const int64_t heads_n = model.teacher ? 2 : 1;
     std::copy(acts.dhead_in.begin(), acts.dhead_in.end(), acts.dcls_norm.begin());
     layer_norm_backward(acts.dcls_norm.data(), acts.cls.data(), acts.mean_f.data(),
@@ -1022,11 +1123,15 @@ void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations&
         for (int64_t k = 0; k < d; ++k) dpos[t * d + k] += dx[(b * T + t) * d + k];
   });
   position_embedding_backward(model, acts.height, acts.width, dpos.data(), g.pos_embed);
-  for (int64_t b = 0; b < B; ++b)
+  const int64_t dist_row = g.cls_token ? 1 : 0, reg_row = dist_row + (g.dist_token ? 1 : 0);
+  for (int64_t b = 0; b < B; ++b) {
     for (int64_t k = 0; k < d; ++k) {
-      g.cls_token[k] += dx[b * T * d + k];
-      if (g.dist_token) g.dist_token[k] += dx[(b * T + 1) * d + k];
+      if (g.cls_token) g.cls_token[k] += dx[b * T * d + k];
+      if (g.dist_token) g.dist_token[k] += dx[(b * T + dist_row) * d + k];
     }
+    if (g.reg_tokens)
+      for (int64_t k = 0; k < c.num_register_tokens * d; ++k) g.reg_tokens[k] += dx[(b * T + reg_row) * d + k];
+  }
   for (int64_t b = 0; b < B; ++b)  // YOLOS's detection tokens, images in order
     for (int64_t k = 0; k < det * d; ++k) g.det_tokens[k] += dx[(b * T + pre + np) * d + k];
   for (int64_t b = 0; b < B; ++b)

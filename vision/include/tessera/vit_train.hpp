@@ -65,6 +65,12 @@ struct VitTrainModel {
   // (internally "pre_logits": [representation_size, D]) and tanh before the classifier
   // [K, representation_size]. 0: none.
   int64_t representation_size = 0;
+  // timm global_pool "avg": the classifier reads the mean of the patch tokens (the final norm on
+  // every token first), or with fc_norm the norm on that mean (the model's "layernorm" parameters
+  // are then timm's fc_norm; timm has no final norm then). With "token" pooling fc_norm is the
+  // norm on the class token, the same computation as a final norm.
+  bool pool_avg = false;
+  bool fc_norm = false;
   // YolosForObjectDetection: config.num_detection_tokens tokens after the patches, the final norm
   // on them and the heads class_labels_classifier (num_labels + 1 outputs, no-object last) and
   // bbox_predictor (4), 3-layer MLPs, instead of a classifier (yolos_train.hpp).
@@ -104,7 +110,9 @@ struct VitTrainLayerView {
   float *ls1, *ls2;            // DINOv2 layer scale [D] (attention, MLP branch), or null
 };
 struct VitTrainView {
-  float *cls_token, *dist_token;  // [D]; the distillation token (DeiT) or null
+  float *cls_token, *dist_token;  // [D]; the class token (null without one: timm class_token False),
+                                  // the distillation token (DeiT) or null
+  float* reg_tokens = nullptr;    // timm's register tokens [registers, D], or null
   float *pos_embed;               // [prefix + N (+ detection tokens), D]
   float *patch_w, *patch_b;      // [D, C·p·p] (the convolution [D, C, p, p]), [D]
   std::vector<VitTrainLayerView> layers;
@@ -121,9 +129,9 @@ VitTrainView bind_view(const VitTrainModel& model, float* buffer);
 
 // Reads a ViTForImageClassification / DeiTForImageClassification folder (config.json + model.safetensors), every tensor checked
 // by name and shape as load_model does. Also a timm VisionTransformer folder (config.json with
-// architecture + pretrained_cfg, as load_model reads it) with a class token, the head on it
-// (global_pool "token", no fc_norm), a final norm, GELU and no LayerScale / register /
-// distillation tokens / norm_pre; and a torchvision VisionTransformer folder (with or without
+// architecture + pretrained_cfg, as load_model reads it) with a head, global_pool "token" or
+// "avg", with or without a class token, fc_norm, register tokens (no_embed_class or not) and
+// LayerScale, GELU; not distilled, not norm_pre (CLIP); and a torchvision VisionTransformer folder (with or without
 // representation_size). Anything else is an Error naming it.
 VitTrainModel load_vit_train_model(const std::string& dir);
 
