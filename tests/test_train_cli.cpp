@@ -59,7 +59,64 @@ int count_lines(const std::string& s) {
   return n;
 }
 
+// A model folder's weights before and after one SGD step at lr 1 against the reference gradient
+// (expected: grad.<name> for every tensor): the relative error of the gradient the step applied,
+// max |(w − w₁) − g| / max |g|, at most 1e-4 (+ the float32 rounding of w − g itself).
+void check_sgd_step(const fs::path& before_dir, const fs::path& after_dir, const std::string& expected_file) {
+  const SafeTensors before = SafeTensors::open((before_dir / "model.safetensors").string());
+  const SafeTensors after = SafeTensors::open((after_dir / "model.safetensors").string());
+  const SafeTensors expected = SafeTensors::open(expected_file);
+  REQUIRE(after.names() == before.names());
+  int checked = 0;
+  for (const std::string& name : before.names()) {
+    const Tensor w = before.get(name), w1 = after.get(name), g = expected.get("grad." + name);
+    REQUIRE(w1.shape() == w.shape());
+    REQUIRE(g.numel() == w.numel());
+    double err = 0, scale = 0, wmax = 0;
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      err = std::max(err, std::abs(static_cast<double>(w[i]) - w1[i] - g[i]));
+      scale = std::max(scale, std::abs(static_cast<double>(g[i])));
+      wmax = std::max(wmax, std::abs(static_cast<double>(w[i])));
+    }
+    INFO(name << ": max error " << err << ", max |g| " << scale);
+    if (scale == 0)
+      CHECK(err <= 1e-6 * wmax);  // a zero gradient leaves w (up to the rounding of w − 0·noise)
+    else
+      CHECK(err <= 1e-4 * scale + 1e-6 * wmax);
+    ++checked;
+  }
+  CHECK(checked == static_cast<int>(before.names().size()));
+}
+
 }  // namespace
+
+TEST_CASE("train --task detect: one SGD step with lr 1 of a DETR head with auxiliary loss leaves w - g (PyTorch)",
+          "[train_cli]") {
+  const fs::path init = fixture("models/detr-vit-aux-rand");
+  const fs::path out = scratch("sgd-detr") / "model";
+  const Run r = run_cli("train --task detect --init " + init.string() + " --data " +
+                        fixture("train/cli-detr-step/annotations.json") + " --out " + out.string() +
+                        " --optimizer sgd --lr 1 --warmup 0 --weight-decay 0 --clip-grad 0 --max-steps 1"
+                        " --no-shuffle --no-augment --batch 4 --threads 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  check_sgd_step(init, out, fixture("train/cli-detr-step/expected.safetensors"));
+  CHECK_NOTHROW(load_model(out.string()));
+}
+
+TEST_CASE("train --task segment: one SGD step with lr 1 of a mask-transformer Segmenter leaves w - g (PyTorch)",
+          "[train_cli]") {
+  const fs::path init = fixture("segmenter_train/mask/model");
+  const fs::path out = scratch("sgd-segmenter") / "model";
+  const Run r = run_cli("train --task segment --init " + init.string() + " --data " +
+                        fixture("train/cli-segmenter-step") + " --out " + out.string() +
+                        " --optimizer sgd --lr 1 --warmup 0 --weight-decay 0 --clip-grad 0 --max-steps 1"
+                        " --no-shuffle --no-augment --batch 4 --threads 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  check_sgd_step(init, out, fixture("train/cli-segmenter-step/expected.safetensors"));
+  CHECK_NOTHROW(load_model(out.string()));
+}
 
 TEST_CASE("train: one SGD step with lr 1 through the CLI leaves w - g (PyTorch)", "[train_cli]") {
   const fs::path init = model_folder("init");
