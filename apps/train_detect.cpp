@@ -119,7 +119,10 @@ int train_detect(const TrainArgs& a) {
     apply_arch_options(c, a, 3);
     model = make_yolos_train_model(c, data.labels, a.seed);
   }
-  check(height % model.config.patch_size == 0 && width % model.config.patch_size == 0,
+  // A size of one's own choosing must be a multiple of the patch; a folder's own config size is
+  // taken as it is (the patch grid floors it, as the convolution does upstream, e.g. 56x88 at 16).
+  const bool own_size = !a.init.empty() && a.image_size == 0 && !model.is_detr();
+  check(own_size || (height % model.config.patch_size == 0 && width % model.config.patch_size == 0),
         "train: the image size " + std::to_string(height) + "x" + std::to_string(width) +
             " is not a multiple of the patch size " + std::to_string(model.config.patch_size));
   const std::string processor_json =

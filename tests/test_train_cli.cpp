@@ -90,32 +90,32 @@ void check_sgd_step(const fs::path& before_dir, const fs::path& after_dir, const
 
 }  // namespace
 
-TEST_CASE("train --task detect: one SGD step with lr 1 of a DETR head with auxiliary loss leaves w - g (PyTorch)",
-          "[train_cli]") {
-  const fs::path init = fixture("models/detr-vit-aux-rand");
-  const fs::path out = scratch("sgd-detr") / "model";
-  const Run r = run_cli("train --task detect --init " + init.string() + " --data " +
-                        fixture("train/cli-detr-step/annotations.json") + " --out " + out.string() +
-                        " --optimizer sgd --lr 1 --warmup 0 --weight-decay 0 --clip-grad 0 --max-steps 1"
-                        " --no-shuffle --no-augment --batch 4 --threads 2");
-  INFO(r.out << r.err);
-  REQUIRE(r.code == 0);
-  check_sgd_step(init, out, fixture("train/cli-detr-step/expected.safetensors"));
-  CHECK_NOTHROW(load_model(out.string()));
-}
-
-TEST_CASE("train --task segment: one SGD step with lr 1 of a mask-transformer Segmenter leaves w - g (PyTorch)",
-          "[train_cli]") {
-  const fs::path init = fixture("segmenter_train/mask/model");
-  const fs::path out = scratch("sgd-segmenter") / "model";
-  const Run r = run_cli("train --task segment --init " + init.string() + " --data " +
-                        fixture("train/cli-segmenter-step") + " --out " + out.string() +
-                        " --optimizer sgd --lr 1 --warmup 0 --weight-decay 0 --clip-grad 0 --max-steps 1"
-                        " --no-shuffle --no-augment --batch 4 --threads 2");
-  INFO(r.out << r.err);
-  REQUIRE(r.code == 0);
-  check_sgd_step(init, out, fixture("train/cli-segmenter-step/expected.safetensors"));
-  CHECK_NOTHROW(load_model(out.string()));
+TEST_CASE("train --task detect|segment: one SGD step with lr 1 of each head leaves w - g (PyTorch)", "[train_cli]") {
+  // make_cli_head_fixtures.py: the DETR head with auxiliary loss, transformers' own random YOLOS,
+  // and Segmenter with the mask transformer and with the linear decoder.
+  struct Case {
+    const char* task;
+    const char* model;
+    const char* data;  // under tests/fixtures/train
+    const char* dir;
+  };
+  for (const Case& c : {Case{"detect", "models/detr-vit-aux-rand", "cli-detr-step/annotations.json", "cli-detr-step"},
+                        Case{"detect", "conformance/yolos-tiny-rand", "cli-yolos-step/annotations.json", "cli-yolos-step"},
+                        Case{"segment", "segmenter_train/mask/model", "cli-segmenter-mask-step", "cli-segmenter-mask-step"},
+                        Case{"segment", "segmenter_train/model", "cli-segmenter-linear-step",
+                             "cli-segmenter-linear-step"}}) {
+    INFO(c.model);
+    const fs::path init = fixture(c.model);
+    const fs::path out = scratch(std::string("sgd-") + c.dir) / "model";
+    const Run r = run_cli(std::string("train --task ") + c.task + " --init " + init.string() + " --data " +
+                          fixture(std::string("train/") + c.data) + " --out " + out.string() +
+                          " --optimizer sgd --lr 1 --warmup 0 --weight-decay 0 --clip-grad 0 --max-steps 1"
+                          " --no-shuffle --no-augment --batch 4 --threads 2");
+    INFO(r.out << r.err);
+    REQUIRE(r.code == 0);
+    check_sgd_step(init, out, fixture(std::string("train/") + c.dir + "/expected.safetensors"));
+    CHECK_NOTHROW(load_model(out.string()));
+  }
 }
 
 TEST_CASE("train: one SGD step with lr 1 through the CLI leaves w - g (PyTorch)", "[train_cli]") {

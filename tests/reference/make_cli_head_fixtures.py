@@ -10,10 +10,13 @@ tests/fixtures/train/cli-detr-step/   4 random 64x64 PNGs, annotations.json (COC
     ViTModel + transformers 4.36 DetrDecoder, float64 from the float32 weights, the images as the
     DetrImageProcessor written by `tessera train` makes them (no resize at 64x64, x/255, ImageNet
     mean and std), the targets as the processors make them (normalised centre boxes).
-tests/fixtures/train/cli-segmenter-step/   4 random 16x16 PNGs with label maps (classes 0..3, some
-    255) and expected.safetensors: grad.<name> of the per-pixel cross-entropy (ignore 255)
-    through the Segmenter port with the mask transformer (segmenter_train/mask/model), the images
-    as ViTImageProcessor with mean = std = 0.5 makes them.
+tests/fixtures/train/cli-yolos-step/   the same for conformance/yolos-tiny-rand (transformers' own
+    random YOLOS) at its 56x88, through the YolosForObjectDetection port.
+tests/fixtures/train/cli-segmenter-{mask,linear}-step/   4 random 16x16 PNGs with label maps
+    (classes 0..3, some 255) and expected.safetensors: grad.<name> of the per-pixel cross-entropy
+    (ignore 255) through the Segmenter port with the mask transformer (segmenter_train/mask/model)
+    or the linear decoder (segmenter_train/model), the images as ViTImageProcessor with mean = std
+    = 0.5 makes them.
 
     /usr/bin/python3 tests/reference/make_cli_head_fixtures.py
 """
@@ -52,61 +55,65 @@ def exact(k, g, D=None):
     return g
 
 
-def detr():
-    src = os.path.join(FIXTURES, "models", "detr-vit-aux-rand")
-    out = os.path.join(FIXTURES, "train", "cli-detr-step")
+def detection(kind):
+    """kind "detr": models/detr-vit-aux-rand at 64x64 (auxiliary loss: every decoder layer);
+    kind "yolos": conformance/yolos-tiny-rand (transformers' own random YOLOS) at its 56x88."""
+    src = os.path.join(FIXTURES, *(("models", "detr-vit-aux-rand") if kind == "detr" else ("conformance", "yolos-tiny-rand")))
+    out = os.path.join(FIXTURES, "train", f"cli-{kind}-step")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.join(out, "images"))
     cfg = json.load(open(os.path.join(src, "config.json")))
-    gen = torch.Generator().manual_seed(1501)
+    H, W = (64, 64) if kind == "detr" else tuple(cfg["image_size"])
+    num_labels = cfg.get("num_labels", len(cfg["id2label"]))
+    gen = torch.Generator().manual_seed(1501 if kind == "detr" else 1503)
     images, annotations, paths, targets = [], [], [], []
     for i in range(4):
-        rgb = torch.randint(0, 256, (64, 64, 3), generator=gen, dtype=torch.uint8).numpy()
+        rgb = torch.randint(0, 256, (H, W, 3), generator=gen, dtype=torch.uint8).numpy()
         name = f"im{i}.png"
         Image.fromarray(rgb).save(os.path.join(out, "images", name))
         paths.append(os.path.join(out, "images", name))
-        images.append({"id": i + 1, "file_name": "images/" + name, "width": 64, "height": 64})
+        images.append({"id": i + 1, "file_name": "images/" + name, "width": W, "height": H})
         labels, boxes = [], []
         for k in range([2, 1, 3, 0][i]):
-            x, y = int(torch.randint(0, 40, (1,), generator=gen)), int(torch.randint(0, 40, (1,), generator=gen))
+            x, y = int(torch.randint(0, W - 24, (1,), generator=gen)), int(torch.randint(0, H - 24, (1,), generator=gen))
             w, h = int(torch.randint(6, 24, (1,), generator=gen)), int(torch.randint(6, 24, (1,), generator=gen))
-            c = int(torch.randint(0, 3, (1,), generator=gen))
+            c = int(torch.randint(0, num_labels, (1,), generator=gen))
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c, "bbox": [x, y, w, h],
                                 "area": w * h, "iscrowd": 0})
             labels.append(c)
-            boxes.append([(x + w / 2) / 64, (y + h / 2) / 64, w / 64, h / 64])
+            boxes.append([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H])
         targets.append({"class_labels": torch.tensor(labels, dtype=torch.int64),
                         "boxes": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)})
     coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": i, "name": cfg["id2label"][str(i)]} for i in range(cfg["num_labels"])]}
+            "categories": [{"id": i, "name": cfg["id2label"][str(i)]} for i in range(num_labels)]}
     json.dump(coco, open(os.path.join(out, "annotations.json"), "w"), indent=1)
     x = pixels_of(paths, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(src, "model.safetensors")).items()}
-    o = md.vit_detr_forward(cfg, sd, x)
+    o = md.vit_detr_forward(cfg, sd, x) if kind == "detr" else md.yolos_forward(cfg, sd, x)
     num_boxes = max(float(len(annotations)), 1.0)
     torch.set_default_dtype(torch.float64)
     loss = 0
-    for logits, boxes in o["auxiliary"] + [(o["logits"], o["pred_boxes"])]:
-        ce, l1, giou, _ = ms.layer_loss(logits, boxes, targets, cfg["num_labels"], cfg["eos_coefficient"], num_boxes)
-        loss = loss + ce + cfg["bbox_loss_coefficient"] * l1 + cfg["giou_loss_coefficient"] * giou
+    for logits, boxes in o.get("auxiliary", []) + [(o["logits"], o["pred_boxes"])]:
+        ce, l1, giou, _ = ms.layer_loss(logits, boxes, targets, num_labels, cfg.get("eos_coefficient", 0.1), num_boxes)
+        loss = loss + ce + cfg.get("bbox_loss_coefficient", 5) * l1 + cfg.get("giou_loss_coefficient", 2) * giou
     torch.set_default_dtype(torch.float32)
     loss.backward()
     tensors = {"loss": loss.detach().reshape(1)}
     for k, v in sorted(sd.items()):
-        tensors["grad." + k] = exact(k, v.grad)
-    mm.save_safetensors(os.path.join(out, "expected.safetensors"), tensors,
-                        {"model": "models/detr-vit-aux-rand", "batch": "4"})
+        tensors["grad." + k] = exact(k, v.grad) if v.grad is not None else torch.zeros_like(v)
+    mm.save_safetensors(os.path.join(out, "expected.safetensors"), tensors, {"model": os.path.relpath(src, FIXTURES), "batch": "4"})
     print(out, "loss", float(loss))
 
 
-def segmenter():
-    src = os.path.join(FIXTURES, "segmenter_train", "mask", "model")
-    out = os.path.join(FIXTURES, "train", "cli-segmenter-step")
+def segmenter(kind):
+    """kind "mask": segmenter_train/mask/model; "linear": segmenter_train/model."""
+    src = os.path.join(FIXTURES, "segmenter_train", *(("mask", "model") if kind == "mask" else ("model",)))
+    out = os.path.join(FIXTURES, "train", f"cli-segmenter-{kind}-step")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.join(out, "images"))
     os.makedirs(os.path.join(out, "masks"))
     cfg = json.load(open(os.path.join(src, "config.json")))
-    gen = torch.Generator().manual_seed(1502)
+    gen = torch.Generator().manual_seed(1502 if kind == "mask" else 1504)
     paths, labels = [], []
     for i in range(4):
         rgb = torch.randint(0, 256, (16, 16, 3), generator=gen, dtype=torch.uint8).numpy()
@@ -127,14 +134,17 @@ def segmenter():
         g = v.grad
         if k.startswith("encoder.") and k.endswith("attn.qkv.bias"):
             g = exact(k, g, D)
-        elif k.startswith("decoder.") and k.endswith("attn.qkv.bias"):
+        elif k.startswith("decoder.") and k.endswith("attn.qkv.bias") and kind == "mask":
             g = exact(k, g, cfg["decoder"]["d_model"])
         tensors["grad." + k] = g if g is not None else torch.zeros_like(v)
     mm.save_safetensors(os.path.join(out, "expected.safetensors"), tensors,
-                        {"model": "segmenter_train/mask/model", "batch": "4"})
+                        {"model": os.path.relpath(src, FIXTURES), "batch": "4"})
     print(out, "loss", float(loss))
 
 
 if __name__ == "__main__":
-    detr()
-    segmenter()
+    shutil.rmtree(os.path.join(FIXTURES, "train", "cli-segmenter-step"), ignore_errors=True)  # its old name
+    detection("detr")
+    detection("yolos")
+    segmenter("mask")
+    segmenter("linear")
