@@ -93,6 +93,34 @@ TEST_CASE("YOLOS gradients match PyTorch autograd through the set loss", "[yolos
   }
 }
 
+TEST_CASE("YOLOS with mid position embeddings trains: outputs and gradients match", "[yolos_train]") {
+  // models/yolos-mid-rand (use_mid_position_embeddings, 3 layers: 2 mid tables) at 64x48, its 3x5
+  // grid and both mid tables resampled to 4x3 (make_yolos_train_fixtures.py MID_CASES).
+  const std::string folder = fixtures("models/yolos-mid-rand");
+  const VitTrainModel model = load_yolos_train_model(folder);
+  CHECK(model.config.mid_position_embeddings);
+  const SafeTensors st = SafeTensors::open(fixtures("train/yolos-mid-64x48-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  const auto targets = read_targets(st, pixels.dim(0));
+  VitTrainActivations acts;
+  std::vector<float> grads(model.weights.size(), 0.0f);
+  const double loss = yolos_train_loss_and_grad(model, pixels, targets, acts, grads);
+  CHECK(std::abs(loss - st.read("loss")[0]) <= kTol * std::abs(st.read("loss")[0]));
+  CHECK(rel_err(acts.logits, values(st.read("logits"))) <= kTol);
+  const auto inference = load_model(folder);
+  ModelWorkspace ws;
+  CHECK(rel_err(acts.boxes, values(output(model_forward(*inference, pixels, ws), "pred_boxes"))) <= kTol);
+  int64_t compared = 0;
+  for (const TrainParam& p : model.params) {
+    if (!st.contains("grad." + p.name)) continue;
+    INFO(p.name);
+    CHECK(rel_err(model.view(std::span<const float>(grads), p.name), values(st.read("grad." + p.name))) <= kTol);
+    ++compared;
+  }
+  CHECK(st.contains("grad.vit.encoder.mid_position_embeddings"));
+  CHECK(compared >= 30);
+}
+
 TEST_CASE("a YOLOS SGD step with lr 1 leaves w - g", "[yolos_train]") {
   VitTrainModel model = load_yolos_train_model(fixtures(kModel));
   const std::vector<float> before = model.weights;

@@ -34,15 +34,25 @@ CASES = [
     # gradient goes back through that; an image without targets (every query no-object).
     ("yolos-tiny-64x64-step", 3, 1502, [2, 0, 4], (64, 64), "1d+pos"),
 ]
+# use_mid_position_embeddings (as yolos-small / base): models/yolos-mid-rand at 64x48 (its 3x5
+# grid and both mid tables resampled to 4x3).
+MID_CASES = [("yolos-mid-64x48-step", 2, 1503, [2, 3], (64, 48), "1d+pos")]
 
 
 def main():
     os.makedirs(OUT_DIR, exist_ok=True)
-    folder = "conformance/yolos-tiny-rand"
+    for folder, cases in (("conformance/yolos-tiny-rand", CASES), ("models/yolos-mid-rand", MID_CASES)):
+        run(folder, cases)
+
+
+def run(folder, cases):
     d = os.path.join(FIXTURES, folder)
     cfg = mm.json.load(open(os.path.join(d, "config.json")))
+    cfg.setdefault("eos_coefficient", 0.1)  # YolosConfig's defaults where the folder has none
+    cfg.setdefault("bbox_loss_coefficient", 5)
+    cfg.setdefault("giou_loss_coefficient", 2)
     num_labels = len(cfg["id2label"])
-    for name, batch, seed, counts, hw, keep in CASES:
+    for name, batch, seed, counts, hw, keep in cases:
         sd = {k: v.double().requires_grad_(True)
               for k, v in mm.load_safetensors(os.path.join(d, "model.safetensors")).items()}
         pixels = mm.random_pixels(seed, batch, *hw)
@@ -69,7 +79,8 @@ def main():
                 tensors[f"target_boxes.{i}"] = t["boxes"].float()
         for k, v in sorted(sd.items()):
             if keep == "all" or v.dim() == 1 or k.endswith("position_embeddings") or k.endswith("_token") \
-                    or k.endswith("_tokens") or k.endswith("layers.2.weight"):
+                    or k.endswith("_tokens") or k.endswith("layers.2.weight") \
+                    or k.endswith("mid_position_embeddings"):
                 tensors["grad." + k] = md.mm.torch.zeros_like(v) if v.grad is None or \
                     k.endswith("attention.attention.key.bias") else v.grad.float()
         path = os.path.join(OUT_DIR, name + ".safetensors")

@@ -63,6 +63,8 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
   if (c.num_distillation_tokens) add(e + "distillation_token", {1, 1, d}, false);
   if (mask_token) add(e + "mask_token", {1, d}, false);  // DINOv2's, unused here; kept for export
   add(e + "position_embeddings", {1, t, d}, false);
+  if (c.mid_position_embeddings)  // YOLOS: one table per block but the last
+    add(base + "encoder.mid_position_embeddings", {c.num_hidden_layers - 1, 1, t, d}, false);
   add(e + "patch_embeddings.projection.weight", {d, c.num_channels, p, p}, true);
   add(e + "patch_embeddings.projection.bias", {d}, false);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
@@ -345,12 +347,13 @@ bool train_resample(const VitTrainModel& m, int64_t height, int64_t width, Inter
 
 // pos [T, D] for a height x width input: the prefix tokens' rows (zero when the table has none,
 // timm's no_embed_class), then the (resampled) grid, then YOLOS's detection rows.
-void position_embedding_forward(const VitTrainModel& m, int64_t height, int64_t width, float* pos) {
+// `table` [prefix rows, grid, detection rows]: the position embeddings or one of YOLOS's mid tables.
+void position_embedding_forward(const VitTrainModel& m, const float* table, int64_t height, int64_t width,
+                                float* pos) {
   const VitConfig& c = m.config;
   const int64_t d = c.hidden_size, g = c.grid_height() * c.grid_width();
   const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
   const int64_t pre = c.num_prefix_tokens(), pre_rows = c.prefix_has_pos_embed ? pre : 0;
-  const float* table = m.weights.data() + m.param(m.base + "embeddings.position_embeddings").offset;
   std::fill(pos, pos + pre * d, 0.0f);
   std::copy(table, table + pre_rows * d, pos);
   const float* grid = table + pre_rows * d;
@@ -910,7 +913,21 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
   const int64_t nh = H / p, nw = W / p, np = nh * nw, T = pre + np + det;
   const int64_t kp = C * p * p;
   acts.resize(model, B, H, W);
-  position_embedding_forward(model, H, W, acts.pos.data());
+  position_embedding_forward(model, model.weights.data() + model.param(model.base + "embeddings.position_embeddings").offset,
+                             H, W, acts.pos.data());
+  // YOLOS's mid position embeddings (use_mid_position_embeddings): one table per block but the
+  // last, resampled as the first, added to that block's output.
+  const int64_t mids = model.config.mid_position_embeddings ? model.config.num_hidden_layers - 1 : 0;
+  acts.mid_pos.resize(static_cast<size_t>(mids));
+  if (mids > 0) {
+    const TrainParam& mp = model.param(model.base + "encoder.mid_position_embeddings");
+    const int64_t rows = mp.numel() / mids;
+    for (int64_t i = 0; i < mids; ++i) {
+      acts.mid_pos[static_cast<size_t>(i)].resize(acts.pos.size());
+      position_embedding_forward(model, model.weights.data() + mp.offset + i * rows, H, W,
+                                 acts.mid_pos[static_cast<size_t>(i)].data());
+    }
+  }
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
 
   // Patch embedding: im2col (columns c, ky, kx as the convolution weight), one GEMM.
@@ -947,6 +964,11 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
   for (size_t li = 0; li < acts.layers.size(); ++li) {
     float* next = li + 1 < acts.layers.size() ? acts.layers[li + 1].x.data() : acts.x_out.data();
     detail::vit_block_forward(w.layers[li], dims, acts.layers[li], next);
+    if (li < acts.mid_pos.size()) {
+      const float* mid = acts.mid_pos[li].data();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < T * d; ++i) next[b * T * d + i] += mid[i];
+    }
   }
 }
 
@@ -1111,8 +1133,20 @@ void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations&
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
   VitTrainView g = bind_view(model, grads.data());
   const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps, c.activation == MlpActivation::SwiGlu};
-  for (size_t li = acts.layers.size(); li-- > 0;)
+  const TrainParam* mid_param = acts.mid_pos.empty() ? nullptr : &model.param(model.base + "encoder.mid_position_embeddings");
+  std::vector<float> dmid;
+  for (size_t li = acts.layers.size(); li-- > 0;) {
+    if (li < acts.mid_pos.size()) {
+      // x_{l+1} = block(x_l) + mid_l: mid_l's gradient is Σ_b dx_{l+1}, back through its resampling.
+      dmid.assign(static_cast<size_t>(T * d), 0.0f);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < T * d; ++i) dmid[i] += acts.dx[b * T * d + i];
+      const int64_t rows = mid_param->numel() / static_cast<int64_t>(acts.mid_pos.size());
+      position_embedding_backward(model, acts.height, acts.width, dmid.data(),
+                                  grads.data() + mid_param->offset + static_cast<int64_t>(li) * rows);
+    }
     detail::vit_block_backward(w.layers[li], g.layers[li], dims, acts.layers[li], acts);
+  }
 
   // Embeddings: x₀[b] = [cls, patch rows] + pos. Sums over the batch run in image order.
   const float* dx = acts.dx.data();

@@ -62,8 +62,6 @@ VitTrainModel load_yolos_train_model(const std::string& dir_string) {
   check(cfg.string("model_type", "") == "yolos" && arch == "YolosForObjectDetection",
         config_file + ": YOLOS training reads model_type \"yolos\", YolosForObjectDetection, got model_type \"" +
             cfg.string("model_type", "") + "\", architecture \"" + arch + "\"");
-  check(!cfg.boolean("use_mid_position_embeddings", false),
-        config_file + ": use_mid_position_embeddings is not supported by training yet");
   check(!cfg.boolean("auxiliary_loss", false),
         config_file + ": auxiliary_loss does not apply to YOLOS (it has no decoder layers); set it false");
   m.architecture = arch;
@@ -72,6 +70,9 @@ VitTrainModel load_yolos_train_model(const std::string& dir_string) {
   m.config = detail::hf_vit_config(cfg, "yolos");
   m.config.num_detection_tokens = cfg.positive("num_detection_tokens");
   m.config.pos_resample = PosResample::SizeBicubic;
+  m.config.mid_position_embeddings = cfg.boolean("use_mid_position_embeddings", false);
+  check(!m.config.mid_position_embeddings || m.config.num_hidden_layers >= 2,
+        config_file + ": use_mid_position_embeddings needs at least 2 layers");
   check(m.config.activation == MlpActivation::Gelu, config_file + ": training supports hidden_act gelu only");
 
   const std::string file = (dir / "model.safetensors").string();

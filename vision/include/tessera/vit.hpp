@@ -48,6 +48,9 @@ struct VitConfig {
   bool pre_norm = false;     // CLIP-style norm_pre after the position embedding
   bool layer_scale = false;  // DINOv2 / timm LayerScale (folded into the projections at load)
   bool final_norm = true;    // timm with fc_norm has no final norm
+  // YOLOS use_mid_position_embeddings (the training pass reads it; inference keeps the tables in
+  // VitWeights::mid_pos_embed).
+  bool mid_position_embeddings = false;
   MlpActivation activation = MlpActivation::Gelu;
   PosResample pos_resample = PosResample::HfScaleBicubic;
 

@@ -171,6 +171,7 @@ struct VitTrainActivations {
   std::vector<int64_t> model_shape;  // what the buffers were sized for (sizes, tokens, labels)
   std::vector<float> patches;  // [B·Np, C·p·p]
   std::vector<float> pos;      // [T, D] the position embedding at this size
+  std::vector<std::vector<float>> mid_pos;  // YOLOS's mid position embeddings at this size, [T, D] each
   struct Layer {
     std::vector<float> x, ln1, mean1, rstd1, qkv, ctx, lse, x_mid, ln2, mean2, rstd2, h, a;
     std::vector<float> z1, z2;  // layer scale: the branches before λ [M, D] (else empty)

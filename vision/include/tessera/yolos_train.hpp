@@ -8,8 +8,10 @@
 //   ──bbox_predictor: Linear·ReLU·Linear·ReLU·Linear·sigmoid──► boxes [B·det, 4] (cx, cy, w, h)
 //
 // The loss is set_loss.hpp's Hungarian set loss with the config's costs and coefficients
-// (class 1, eos_coefficient, bbox_loss_coefficient, giou_loss_coefficient). Not supported (an Error
-// on load): use_mid_position_embeddings and auxiliary_loss true. A model is saved as the
+// (class 1, eos_coefficient, bbox_loss_coefficient, giou_loss_coefficient). With
+// use_mid_position_embeddings (yolos-small / base) one more table per block but the last is added
+// to that block's output, resampled as the first (vit.encoder.mid_position_embeddings). Not
+// supported (an Error on load): auxiliary_loss true (YOLOS has no decoder layers). A model is saved as the
 // Hugging Face folder it was read from (save_vit_train_model), which load_model and
 // `tessera detect` read unchanged.
 #include <cstdint>
