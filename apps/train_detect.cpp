@@ -69,7 +69,7 @@ int train_detect(const TrainArgs& a) {
             (!a.init.empty() && (folder_model_type(a.init) == "vit" || folder_model_type(a.init) == "deit")),
         "train --task detect: --queries, --decoder-layers and --no-aux-loss shape a new DETR head "
         "(--arch detr-digits, or --init a ViT classifier)");
-  check(!a.freeze_encoder, "train --task detect: --freeze-encoder is not implemented for detection");
+
   check(a.label_smoothing == 0, "train --task detect: --label-smoothing is for classification (the set loss "
                                 "weights no-object by eos_coefficient instead)");
   check(!a.crops, "train --task detect: --crops is for segmentation");
@@ -119,6 +119,11 @@ int train_detect(const TrainArgs& a) {
     apply_arch_options(c, a, 3);
     model = make_yolos_train_model(c, data.labels, a.seed);
   }
+  if (a.freeze_encoder) {
+    check(model.is_detr(), "train --task detect: --freeze-encoder trains a DETR head on a frozen encoder; a YOLOS "
+                           "model's detection tokens are part of its encoder");
+    model.frozen_encoder = true;
+  }
   // A size of one's own choosing must be a multiple of the patch; a folder's own config size is
   // taken as it is (the patch grid floors it, as the convolution does upstream, e.g. 56x88 at 16).
   const bool own_size = !a.init.empty() && a.image_size == 0 && !model.is_detr();
@@ -150,7 +155,8 @@ int train_detect(const TrainArgs& a) {
   const fs::path ckpt = out / "checkpoint.safetensors";
   const std::map<std::string, std::string> identity = {
       {"task", "detect"}, {"data", a.data}, {"batch", std::to_string(a.batch)}, {"seed", std::to_string(a.seed)},
-      {"total_steps", std::to_string(total)}, {"optimizer", a.optimizer}, {"augment", a.no_augment ? "0" : "1"}};
+      {"total_steps", std::to_string(total)}, {"optimizer", a.optimizer}, {"augment", a.no_augment ? "0" : "1"},
+      {"freeze_encoder", a.freeze_encoder ? "1" : "0"}};
   VitTrainState state;
   if (a.resume) {
     check(fs::exists(ckpt), ckpt.string() + ": no checkpoint to resume (run without --resume to start)");
@@ -278,7 +284,9 @@ int train_detect(const TrainArgs& a) {
                         : "scale ±" + fmt("%g", 100 * o.augment.scale) + "%, shift up to " +
                               fmt("%g", 100 * o.augment.translate) + "% (boxes kept inside)")
        << " |\n"
-       << "| loss | Hungarian set loss: 1·CE (no-object weight 0.1) + 5·L1 + 2·GIoU |\n"
+       << "| loss | Hungarian set loss: 1·CE (no-object weight 0.1) + 5·L1 + 2·GIoU"
+       << (model.is_detr() && dh.auxiliary_loss ? " on every decoder layer" : "") << " |\n"
+       << (a.freeze_encoder ? "| encoder | frozen (`--freeze-encoder`): the DETR head trained alone |\n" : "")
        << "| optimisation | " << a.optimizer << ", lr " << a.lr << " (warm-up " << a.warmup << " steps, cosine), weight decay "
        << a.weight_decay << ", clip " << a.clip_grad << ", batch " << a.batch << ", " << total << " steps (" << o.epochs
        << " epochs), seed " << a.seed << " |\n"

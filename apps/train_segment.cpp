@@ -96,7 +96,6 @@ int train_segment(const TrainArgs& args) {
   check(!args.out.empty(), "train --task segment: --out DIR is required");
   check(args.init.empty() != args.arch.empty(),
         "train --task segment: give one of --init MODEL_DIR (a Segmenter folder) or --arch PRESET");
-  check(!args.freeze_encoder, "train --task segment: --freeze-encoder is not supported yet");
   check(args.label_smoothing == 0, "train --task segment: --label-smoothing is not supported for segmentation");
   check(args.elastic == 0, "train --task segment: --elastic is for classification");
   SegmenterTrainModel model;
@@ -144,6 +143,7 @@ int train_segment(const TrainArgs& args) {
                                        mask_shape(c.hidden_size));
     processor_json = args.crops ? keep_size_processor_json(size) : square_vit_processor_json(size);
   }
+  model.vit.frozen_encoder = args.freeze_encoder;  // the decoder (and the linear head) only
   // Every label must be a class of the model (or 255): checked for every pair before training.
   const std::vector<SegmentationPair> data = load_segmentation_folder(args.data, model.num_classes);
   const PreprocessConfig processor = parse_preprocess_config(processor_json, args.out + "/preprocessor_config.json");
@@ -170,8 +170,9 @@ int train_segment(const TrainArgs& args) {
   SegmenterTrainState state;
   if (args.resume && fs::exists(checkpoint)) {
     std::map<std::string, std::string> meta = load_train_checkpoint(checkpoint, model.vit, state.opt);
-    check(meta["seed"] == std::to_string(args.seed) && meta["total"] == std::to_string(total),
-          checkpoint + ": written by a run of another seed or length; --resume continues the same run");
+    check(meta["seed"] == std::to_string(args.seed) && meta["total"] == std::to_string(total) &&
+              meta["freeze_encoder"] == (args.freeze_encoder ? "1" : "0"),
+          checkpoint + ": written by a run of another seed, length or --freeze-encoder; --resume continues the same run");
     std::fprintf(stderr, "resuming %s at step %lld of %lld\n", checkpoint.c_str(),
                  static_cast<long long>(state.opt.step), static_cast<long long>(total));
   }
@@ -179,7 +180,7 @@ int train_segment(const TrainArgs& args) {
   auto save_checkpoint = [&] {
     save_train_checkpoint(checkpoint, model.vit, state.opt,
                           {{"seed", std::to_string(args.seed)}, {"total", std::to_string(total)},
-                           {"task", "segment"}});
+                           {"task", "segment"}, {"freeze_encoder", args.freeze_encoder ? "1" : "0"}});
   };
 
   std::fprintf(stderr,

@@ -589,8 +589,9 @@ void detr_train_backward(const VitTrainModel& model, DetrTrainActivations& acts,
   // memory = input_projection(LN_enc(patch rows)); memory_pos = memory + sine.
   for (int64_t i = 0; i < R * D; ++i) acts.dmem[i] += acts.dmem_pos[i];
   zero(acts.denc_norm);
-  linear_backward(acts.enc_norm.data(), w.proj_w, acts.dmem.data(), R, D, denc, acts.denc_norm.data(), g.proj_w,
-                  g.proj_b);
+  linear_backward(acts.enc_norm.data(), w.proj_w, acts.dmem.data(), R, D, denc,
+                  model.frozen_encoder ? nullptr : acts.denc_norm.data(), g.proj_w, g.proj_b);
+  if (model.frozen_encoder) return;  // --freeze-encoder: the head's gradients only
   zero(acts.denc_rows);
   layer_norm_backward(acts.denc_norm.data(), acts.enc_rows.data(), acts.enc_mean.data(), acts.enc_rstd.data(),
                       ev.norm_w, R, denc, acts.denc_rows.data(), eg.norm_w, eg.norm_b);

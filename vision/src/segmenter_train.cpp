@@ -597,6 +597,7 @@ void segmenter_train_backward(const SegmenterTrainModel& m, SegmenterTrainActiva
   else
     linear_backward(acts.normed.data(), w.head_w, acts.dscores.data(), R, K, d, acts.dnormed.data(),
                     g.head_w, g.head_b);
+  if (m.vit.frozen_encoder) return;  // --freeze-encoder: the head's gradients only (encoder.norm is the encoder's)
   layer_norm_backward(acts.dnormed.data(), acts.patches.data(), acts.mean.data(), acts.rstd.data(),
                       w.norm_w, R, d, acts.dpatches.data(), g.norm_w, g.norm_b);
   // The class token's row gets no gradient from the decoder.
@@ -655,6 +656,7 @@ SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTr
   } else {
     std::span<float> w(model.vit.weights), g(s.grads), mom(s.m);
     for (const TrainParam& p : model.vit.params) {
+      if (model.vit.is_frozen(p)) continue;
       const size_t off = static_cast<size_t>(p.offset), len = static_cast<size_t>(p.numel());
       sgd_step(w.subspan(off, len), g.subspan(off, len),
                o.momentum != 0.0f ? mom.subspan(off, len) : std::span<float>{},

@@ -1237,6 +1237,7 @@ void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, st
   no_decay.weight_decay = 0.0f;
   std::span<float> w(model.weights);
   for (const TrainParam& p : model.params) {
+    if (model.is_frozen(p)) continue;
     const size_t o = static_cast<size_t>(p.offset), n = static_cast<size_t>(p.numel());
     AdamWOptions po = p.decay ? options : no_decay;
     po.lr = static_cast<float>(options.lr * vit_train_lr_scale(model, p, layer_decay));
@@ -1287,6 +1288,7 @@ double vit_train_apply_gradients(VitTrainModel& model, VitTrainState& state, con
   } else {
     std::span<float> w(model.weights), g(state.grads), m(state.m);
     for (const TrainParam& p : model.params) {
+      if (model.is_frozen(p)) continue;
       const size_t off = static_cast<size_t>(p.offset), len = static_cast<size_t>(p.numel());
       sgd_step(w.subspan(off, len), g.subspan(off, len),
                o.momentum != 0.0f ? m.subspan(off, len) : std::span<float>{},

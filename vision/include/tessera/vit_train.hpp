@@ -88,6 +88,11 @@ struct VitTrainModel {
   // The head's parameters follow the encoder's but are bound by the head's own pass (the DETR
   // head, Segmenter's mask transformer): bind_view leaves head_w / head_b null.
   bool headless = false;
+  // --freeze-encoder for a head with its own pass (the DETR head, Segmenter's decoders): the
+  // encoder's parameters (those under `base`) keep their values, its backward is skipped, and
+  // only the head trains.
+  bool frozen_encoder = false;
+  bool is_frozen(const TrainParam& p) const { return frozen_encoder && p.name.rfind(base, 0) == 0; }
   VitConfig config;
   int64_t num_labels = 0;
   std::vector<TrainParam> params;  // in buffer order; query/key/value weights (and biases) adjacent
