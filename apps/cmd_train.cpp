@@ -164,7 +164,7 @@ int train_classify(const TrainArgs& a) {
                          i < static_cast<int64_t>(cfg["label_names"].size()) && cfg["label_names"][i].is_string();
       labels.push_back(cfg.contains("id2label") && it != cfg["id2label"].end() ? it->get<std::string>()
                        : named                                                  ? cfg["label_names"][i].get<std::string>()
-                                                                                : "");
+                                                                                : "LABEL_" + std::to_string(i));  // as load_model names them
     }
     if (labels != data.classes) {
       std::fprintf(stderr, "note: %s's labels differ from %s's classes: a new classification head for %zu classes\n",

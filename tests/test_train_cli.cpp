@@ -90,27 +90,41 @@ void check_sgd_step(const fs::path& before_dir, const fs::path& after_dir, const
 
 }  // namespace
 
-TEST_CASE("train --task detect|segment: one SGD step with lr 1 of each head leaves w - g (PyTorch)", "[train_cli]") {
-  // make_cli_head_fixtures.py: the DETR head with auxiliary loss, transformers' own random YOLOS,
-  // and Segmenter with the mask transformer and with the linear decoder.
+TEST_CASE("train: one SGD step with lr 1 of each family and head leaves w - g (PyTorch)", "[train_cli]") {
+  // make_cli_head_fixtures.py: a DINOv2 classifier, a timm ViT with register tokens and LayerScale,
+  // the DETR head with auxiliary loss, transformers' own random YOLOS, and Segmenter with the mask
+  // transformer and with the linear decoder.
   struct Case {
     const char* task;
     const char* model;
     const char* data;  // under tests/fixtures/train
     const char* dir;
+    int batch;  // every image of the fixture: one step over all of them
   };
-  for (const Case& c : {Case{"detect", "models/detr-vit-aux-rand", "cli-detr-step/annotations.json", "cli-detr-step"},
-                        Case{"detect", "conformance/yolos-tiny-rand", "cli-yolos-step/annotations.json", "cli-yolos-step"},
-                        Case{"segment", "segmenter_train/mask/model", "cli-segmenter-mask-step", "cli-segmenter-mask-step"},
+  for (const Case& c : {Case{"classify", "models/dinov2-cls-rand", "cli-dinov2-step/images", "cli-dinov2-step", 6},
+                        Case{"classify", "models/timm/vit_small_patch14_reg4_dinov2-cls", "cli-timm-step/images",
+                             "cli-timm-step", 5},
+                        Case{"detect", "models/detr-vit-aux-rand", "cli-detr-step/annotations.json", "cli-detr-step", 4},
+                        Case{"detect", "conformance/yolos-tiny-rand", "cli-yolos-step/annotations.json", "cli-yolos-step",
+                             4},
+                        Case{"segment", "segmenter_train/mask/model", "cli-segmenter-mask-step", "cli-segmenter-mask-step",
+                             4},
                         Case{"segment", "segmenter_train/model", "cli-segmenter-linear-step",
-                             "cli-segmenter-linear-step"}}) {
+                             "cli-segmenter-linear-step", 4}}) {
     INFO(c.model);
-    const fs::path init = fixture(c.model);
+    fs::path init = fixture(c.model);
+    const fs::path processor = fixture(std::string("train/") + c.dir + "/preprocessor_config.json");
+    if (fs::exists(processor)) {  // the model folder with the fixture's processor beside it
+      const fs::path d = scratch(std::string("init-") + c.dir);
+      for (const char* f : {"config.json", "model.safetensors"}) fs::copy_file(init / f, d / f);
+      fs::copy_file(processor, d / "preprocessor_config.json");
+      init = d;
+    }
     const fs::path out = scratch(std::string("sgd-") + c.dir) / "model";
     const Run r = run_cli(std::string("train --task ") + c.task + " --init " + init.string() + " --data " +
                           fixture(std::string("train/") + c.data) + " --out " + out.string() +
                           " --optimizer sgd --lr 1 --warmup 0 --weight-decay 0 --clip-grad 0 --max-steps 1"
-                          " --no-shuffle --no-augment --batch 4 --threads 2");
+                          " --no-shuffle --no-augment --batch " + std::to_string(c.batch) + " --threads 2");
     INFO(r.out << r.err);
     REQUIRE(r.code == 0);
     check_sgd_step(init, out, fixture(std::string("train/") + c.dir + "/expected.safetensors"));

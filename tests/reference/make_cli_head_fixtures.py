@@ -12,6 +12,10 @@ tests/fixtures/train/cli-detr-step/   4 random 64x64 PNGs, annotations.json (COC
     mean and std), the targets as the processors make them (normalised centre boxes).
 tests/fixtures/train/cli-yolos-step/   the same for conformance/yolos-tiny-rand (transformers' own
     random YOLOS) at its 56x88, through the YolosForObjectDetection port.
+tests/fixtures/train/cli-{dinov2,timm}-step/   an ImageFolder (one image per class) for a DINOv2
+    classifier (with a preprocessor_config.json) and a timm ViT with register tokens and LayerScale
+    (its pretrained_cfg as the processor), and the mean cross-entropy's gradient through the
+    transformers / timm ports.
 tests/fixtures/train/cli-segmenter-{mask,linear}-step/   4 random 16x16 PNGs with label maps
     (classes 0..3, some 255) and expected.safetensors: grad.<name> of the per-pixel cross-entropy
     (ignore 255) through the Segmenter port with the mask transformer (segmenter_train/mask/model)
@@ -142,7 +146,59 @@ def segmenter(kind):
     print(out, "loss", float(loss))
 
 
+def classifier(kind):
+    """kind "dinov2": models/dinov2-cls-rand (32x32, 6 classes) with a ViTImageProcessor (mean = std
+    = 0.5) written beside the images; kind "timm": models/timm/vit_small_patch14_reg4_dinov2-cls
+    (42x42, register tokens, LayerScale; its pretrained_cfg: crop_pct 1, ImageNet mean / std, so
+    42x42 images pass unresized). One image per class in an ImageFolder; the gradient of the mean
+    cross-entropy through the transformers / timm ports."""
+    src = os.path.join(FIXTURES, "models", *(("dinov2-cls-rand",) if kind == "dinov2" else
+                                             ("timm", "vit_small_patch14_reg4_dinov2-cls")))
+    out = os.path.join(FIXTURES, "train", f"cli-{kind}-step")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    if kind == "dinov2":
+        size, mean, std = cfg["image_size"], [0.5] * 3, [0.5] * 3
+        classes = [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]
+        json.dump({"image_processor_type": "ViTImageProcessor", "do_resize": True,
+                   "size": {"height": size, "width": size}, "resample": 2, "do_rescale": True,
+                   "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std},
+                  open(os.path.join(out, "preprocessor_config.json"), "w"), indent=2)
+    else:
+        size, mean, std = cfg["pretrained_cfg"]["input_size"][-1], mm.IMAGENET_MEAN, mm.IMAGENET_STD
+        classes = [f"LABEL_{i}" for i in range(cfg["num_classes"])]
+    gen = torch.Generator().manual_seed(1505 if kind == "dinov2" else 1506)
+    paths, labels = [], []
+    for label, name in sorted(enumerate(classes), key=lambda t: t[1]):  # ImageFolder order: names sorted
+        os.makedirs(os.path.join(out, "images", name))
+        rgb = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8).numpy()
+        path = os.path.join(out, "images", name, "img0.png")
+        Image.fromarray(rgb).save(path)
+        paths.append(path)
+        labels.append(label)
+    x = pixels_of(paths, mean, std)
+    sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(src, "model.safetensors")).items()}
+    logits = mm.hf_forward(cfg, sd, x)["logits"] if kind == "dinov2" else mm.timm_forward(cfg, sd, x)["logits"]
+    loss = F.cross_entropy(logits, torch.tensor(labels))
+    loss.backward()
+    D = cfg["hidden_size"] if kind == "dinov2" else cfg["num_features"]
+    tensors = {"loss": loss.detach().reshape(1)}
+    for k, v in sorted(sd.items()):
+        g = v.grad if v.grad is not None else torch.zeros_like(v)
+        if k.endswith("attention.attention.key.bias"):
+            g = torch.zeros_like(v)
+        elif k.endswith("attn.qkv.bias"):
+            g = exact(k, g, D)
+        tensors["grad." + k] = g
+    mm.save_safetensors(os.path.join(out, "expected.safetensors"), tensors,
+                        {"model": os.path.relpath(src, FIXTURES), "batch": str(len(paths))})
+    print(out, "loss", float(loss))
+
+
 if __name__ == "__main__":
+    classifier("dinov2")
+    classifier("timm")
     shutil.rmtree(os.path.join(FIXTURES, "train", "cli-segmenter-step"), ignore_errors=True)  # its old name
     detection("detr")
     detection("yolos")
