@@ -2,6 +2,7 @@
 #include "tessera/detect_trainer.hpp"
 
 #include <algorithm>
+#include <future>
 #include <cmath>
 #include <filesystem>
 #include <numeric>
@@ -139,10 +140,25 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
                                                         " labels");
   const int64_t total = detector_total_steps(data, o), per_epoch = detector_steps_per_epoch(data, o);
   const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
-  std::vector<DetectionTarget> targets;
+  struct Batch {
+    Tensor pixels;
+    std::vector<DetectionTarget> targets;
+  };
+  // Every batch follows from (seed, step) alone: decoding and augmentation of batch s + 1 overlap
+  // the step on batch s.
+  auto load = [&](int64_t s) {
+    Batch b;
+    b.pixels = detection_batch(data, detector_batch_indices(data, o, s), processor, o, s, &b.targets);
+    return b;
+  };
+  std::future<Batch> next;
+  if (state.step < end) next = std::async(std::launch::async, load, state.step);
   while (state.step < end) {
     const int64_t s = state.step;
-    const Tensor pixels = detection_batch(data, detector_batch_indices(data, o, s), processor, o, s, &targets);
+    const Batch batch = next.get();
+    if (s + 1 < end) next = std::async(std::launch::async, load, s + 1);
+    const Tensor& pixels = batch.pixels;
+    const std::vector<DetectionTarget>& targets = batch.targets;
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
     SetLossResult detail;

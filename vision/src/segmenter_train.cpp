@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <opencv2/imgcodecs.hpp>
@@ -793,20 +794,34 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
   const int64_t total = segmenter_total_steps(data.size(), o);
   const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;
   const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
-  Tensor pixels({o.batch, C, H, W});
-  std::vector<int32_t> labels(static_cast<size_t>(o.batch * H * W));
-  while (state.opt.step < end) {
-    const int64_t s = state.opt.step;
+  struct Batch {
+    Tensor pixels;
+    std::vector<int32_t> labels;
+  };
+  // Every batch follows from (seed, step) alone, so it can be made ahead of its step.
+  auto load = [&](int64_t s) {
+    Batch batch{Tensor({o.batch, C, H, W}), std::vector<int32_t>(static_cast<size_t>(o.batch * H * W))};
     const std::vector<size_t> idx = segmenter_batch_indices(data.size(), o, s);
     parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const uint64_t aug_seed = (o.seed * 0x9E3779B97F4A7C15ull) ^
                                   (static_cast<uint64_t>(s) * 0xBF58476D1CE4E5B9ull + static_cast<uint64_t>(b) + 1);
         segmentation_sample(data[idx[static_cast<size_t>(b)]], processor, o.augment, aug_seed,
-                            pixels.data() + b * C * H * W, labels.data() + b * H * W, H, W,
+                            batch.pixels.data() + b * C * H * W, batch.labels.data() + b * H * W, H, W,
                             model.window_size);
       }
     });
+    return batch;
+  };
+  // Decoding and augmentation of batch s + 1 overlap the step on batch s.
+  std::future<Batch> next;
+  if (state.opt.step < end) next = std::async(std::launch::async, load, state.opt.step);
+  while (state.opt.step < end) {
+    const int64_t s = state.opt.step;
+    const Batch batch = next.get();
+    if (s + 1 < end) next = std::async(std::launch::async, load, s + 1);
+    const Tensor& pixels = batch.pixels;
+    const std::vector<int32_t>& labels = batch.labels;
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
     const SegmenterStepResult r = segmenter_train_step(model, state, pixels, labels, step);
