@@ -13,6 +13,8 @@
 #include <sstream>
 #include <string>
 
+#include "tessera/safetensors.hpp"
+
 namespace tessera::test {
 
 inline std::string slurp(const std::filesystem::path& p) {
@@ -48,6 +50,31 @@ inline CliRun run_cli(const std::string& args, const std::string& env = "") {
   CliRun r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
   std::filesystem::remove_all(dir);
   return r;
+}
+
+// --freeze-encoder's promise, between a model folder and the one trained from it: every tensor
+// whose name starts with `encoder_prefix` is bit-identical (checked here); returns how many of
+// those there were and how many of the others changed.
+struct FrozenCount {
+  int same = 0, changed = 0;
+};
+inline FrozenCount check_frozen(const std::filesystem::path& before, const std::filesystem::path& after,
+                                const std::string& encoder_prefix) {
+  const SafeTensors a = SafeTensors::open((before / "model.safetensors").string());
+  const SafeTensors b = SafeTensors::open((after / "model.safetensors").string());
+  FrozenCount n;
+  for (const std::string& name : a.names()) {
+    const Tensor x = a.read(name), y = b.read(name);
+    const bool equal = std::equal(x.data(), x.data() + x.numel(), y.data());
+    if (name.rfind(encoder_prefix, 0) == 0) {
+      INFO(name);
+      CHECK(equal);
+      ++n.same;
+    } else {
+      n.changed += !equal;
+    }
+  }
+  return n;
 }
 
 }  // namespace tessera::test

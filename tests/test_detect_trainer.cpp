@@ -18,6 +18,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "cli_util.hpp"
 #include "tessera/detect_trainer.hpp"
 #include "tessera/detection.hpp"
 #include "tessera/model.hpp"
@@ -233,24 +234,9 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
   std::tie(code, log) = run(" --out " + frozen.string() + " --init " + out.string() +
                             " --freeze-encoder --batch 2 --max-steps 2 --lr 1e-2 --threads 1");
   REQUIRE(code == 0);
-  {
-    const SafeTensors a = SafeTensors::open((out / "model.safetensors").string());
-    const SafeTensors b = SafeTensors::open((frozen / "model.safetensors").string());
-    int64_t same = 0, changed = 0;
-    for (const std::string& name : a.names()) {
-      const Tensor x = a.read(name), y = b.read(name);
-      const bool equal = std::equal(x.data(), x.data() + x.numel(), y.data());
-      if (name.rfind("vit.", 0) == 0) {
-        INFO(name);
-        CHECK(equal);
-        ++same;
-      } else {
-        changed += !equal;
-      }
-    }
-    CHECK(same > 10);
-    CHECK(changed > 10);
-  }
+  const test::FrozenCount frozen_count = test::check_frozen(out, frozen, "vit.");
+  CHECK(frozen_count.same > 10);
+  CHECK(frozen_count.changed > 10);
   CHECK(run(" --out " + (tmp.path / "bad").string() + " --arch yolos-digits --image-size 32 --freeze-encoder").first != 0);
   // The head's options belong to a new DETR head only.
   std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --arch yolos-digits --queries 5");

@@ -360,24 +360,9 @@ TEST_CASE("train --task segment --decoder mask_transformer: Segmenter's mask tra
   const fs::path frozen = scratch("segmask-frozen") / "model";
   REQUIRE(run_cli("train --task segment --data " + data.string() + " --out " + frozen.string() + " --init " +
                   out.string() + " --freeze-encoder --max-steps 2 --batch 2 --lr 1e-2 --threads 1").code == 0);
-  {
-    const SafeTensors a = SafeTensors::open((out / "model.safetensors").string());
-    const SafeTensors b = SafeTensors::open((frozen / "model.safetensors").string());
-    int same = 0, changed = 0;
-    for (const std::string& name : a.names()) {
-      const Tensor x = a.read(name), y = b.read(name);
-      const bool equal = std::equal(x.data(), x.data() + x.numel(), y.data());
-      if (name.rfind("encoder.", 0) == 0) {
-        INFO(name);
-        CHECK(equal);
-        ++same;
-      } else {
-        changed += !equal;
-      }
-    }
-    CHECK(same > 10);
-    CHECK(changed > 5);
-  }
+  const test::FrozenCount frozen_count = test::check_frozen(out, frozen, "encoder.");
+  CHECK(frozen_count.same > 10);
+  CHECK(frozen_count.changed > 5);
   const Run bad = run_cli("train --task segment --data " + data.string() + " --out " + again.string() + " --init " +
                           out.string() + " --decoder linear --decoder-layers 2 --max-steps 1");
   CHECK(bad.code != 0);

@@ -25,18 +25,9 @@ namespace {
 
 using detail::Config;
 
-// y[M,N] = x[M,K]·W[N,K]ᵀ + b (packed per call: the weights change every step).
-void linear_forward(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K, float* y) {
-  const PackedLinear packed = pack_linear(w, b, N, K);
-  linear(x, M, K, packed, y, N);
-}
-void relu(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::max(x[i], 0.0f);
-}
-void relu_backward(const float* y, float* dy, int64_t n) {  // dy ← dy ⊙ [y > 0]
-  for (int64_t i = 0; i < n; ++i)
-    if (!(y[i] > 0.0f)) dy[i] = 0.0f;
-}
+using detail::relu_backward;
+const auto& linear_forward = detail::train_linear;
+const auto& relu = detail::relu_inplace;
 void sized(std::vector<float>& v, int64_t n) { v.assign(static_cast<size_t>(n), 0.0f); }
 void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
 // out[b·rows·D + i] = x[b·rows·D + i] + add[i] for each of B blocks of rows·D.
@@ -349,35 +340,10 @@ VitConfig detr_train_preset(const std::string& arch, int64_t height, int64_t wid
 }
 
 std::string detr_preprocessor_json(int64_t height, int64_t width) {
-  const nlohmann::ordered_json j = {
-      {"image_processor_type", "DetrImageProcessor"},
-      {"do_resize", true},
-      {"size", {{"height", height}, {"width", width}}},
-      {"resample", 2},
-      {"do_rescale", true},
-      {"rescale_factor", 1.0 / 255.0},
-      {"do_normalize", true},
-      {"image_mean", {0.485, 0.456, 0.406}},
-      {"image_std", {0.229, 0.224, 0.225}},
-      {"do_pad", false},
-      {"format", "coco_detection"},
-  };
-  return j.dump(2) + "\n";
+  return detail::fixed_size_detection_processor_json("DetrImageProcessor", height, width);
 }
 
-SetLossConfig detr_set_loss_config(const VitTrainModel& model) {
-  const auto j = nlohmann::json::parse(model.config_json);
-  auto get = [&](const char* key, double fallback) {
-    return j.contains(key) && j[key].is_number() ? j[key].get<double>() : fallback;
-  };
-  SetLossConfig s;
-  s.class_cost = get("class_cost", 1), s.bbox_cost = get("bbox_cost", 5), s.giou_cost = get("giou_cost", 2);
-  s.eos_coefficient = get("eos_coefficient", 0.1);
-  s.class_loss_coefficient = 1;  // DetrForObjectDetection: weight_dict["loss_ce"] = 1
-  s.bbox_loss_coefficient = get("bbox_loss_coefficient", 5);
-  s.giou_loss_coefficient = get("giou_loss_coefficient", 2);
-  return s;
-}
+SetLossConfig detr_set_loss_config(const VitTrainModel& model) { return detail::set_loss_config_from(model.config_json); }
 
 void detr_train_forward(const VitTrainModel& model, const Tensor& pixel_values, DetrTrainActivations& acts) {
   check(model.is_detr(), "detr_train_forward: not a vit-detr model");

@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tessera/gemm.hpp"
+#include "tessera/set_loss.hpp"
 #include "tessera/vit_train.hpp"
 
 namespace tessera::detail {
@@ -65,5 +67,26 @@ nlohmann::ordered_json hf_train_config(const VitConfig& c, const std::string& ar
                                        const std::string& model_type, const nlohmann::ordered_json& image_size,
                                        const std::vector<std::string>& labels, const nlohmann::ordered_json& head,
                                        const nlohmann::ordered_json& tail = nlohmann::ordered_json::object());
+
+// What the detection heads share: a processor of `type` (YolosImageProcessor, DetrImageProcessor)
+// that resizes every image to exactly height x width (bilinear), rescales, normalises with
+// ImageNet's mean and std, no padding; and the set-loss configuration a config.json gives
+// (DetrConfig / YolosConfig defaults where absent; the class loss weighs 1 in both).
+std::string fixed_size_detection_processor_json(const std::string& type, int64_t height, int64_t width);
+SetLossConfig set_loss_config_from(const std::string& config_json);
+
+// y[M,N] = x[M,K]·W[N,K]ᵀ + b, packed per call (the weights change every step).
+inline void train_linear(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K, float* y) {
+  const PackedLinear packed = pack_linear(w, b, N, K);
+  linear(x, M, K, packed, y, N);
+}
+inline void relu_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+// dy ← dy ⊙ [y > 0] (y the ReLU's output).
+inline void relu_backward(const float* y, float* dy, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!(y[i] > 0.0f)) dy[i] = 0.0f;
+}
 
 }  // namespace tessera::detail

@@ -264,11 +264,7 @@ namespace {
 
 // y[M,N] = x[M,K]·W[N,K]ᵀ + b on the packed GEMM. Weights change every step, so they are packed
 // for each call (a fraction of the GEMM's own cost at training batch sizes).
-void linear_forward(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K,
-                    float* y) {
-  const PackedLinear packed = pack_linear(w, b, N, K);
-  linear(x, M, K, packed, y, N);
-}
+const auto& linear_forward = detail::train_linear;
 
 // Layer scale: z = x·Wᵀ + b [M, D] (kept for the backward), out = residual + λ ⊙ z.
 void add_scaled(const float* residual, const PackedLinear& w, const float* x, int64_t M, int64_t K,

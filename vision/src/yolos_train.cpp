@@ -24,20 +24,9 @@ namespace {
 
 using detail::Config;
 
-// y[M,N] = x[M,K]·W[N,K]ᵀ + b (packed per call: the weights change every step).
-void linear_forward(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K, float* y) {
-  const PackedLinear packed = pack_linear(w, b, N, K);
-  linear(x, M, K, packed, y, N);
-}
-
-void relu(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::max(x[i], 0.0f);
-}
-// dy ← dy ⊙ [y > 0] (y the ReLU's output).
-void relu_backward(const float* y, float* dy, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!(y[i] > 0.0f)) dy[i] = 0.0f;
-}
+using detail::relu_backward;
+const auto& linear_forward = detail::train_linear;
+const auto& relu = detail::relu_inplace;
 
 void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
 
@@ -206,9 +195,11 @@ VitConfig yolos_train_preset(const std::string& arch, int64_t height, int64_t wi
   return c;
 }
 
-std::string yolos_preprocessor_json(int64_t height, int64_t width) {
+namespace detail {
+
+std::string fixed_size_detection_processor_json(const std::string& type, int64_t height, int64_t width) {
   const nlohmann::ordered_json j = {
-      {"image_processor_type", "YolosImageProcessor"},
+      {"image_processor_type", type},
       {"do_resize", true},
       {"size", {{"height", height}, {"width", width}}},
       {"resample", 2},
@@ -223,19 +214,27 @@ std::string yolos_preprocessor_json(int64_t height, int64_t width) {
   return j.dump(2) + "\n";
 }
 
-SetLossConfig yolos_set_loss_config(const VitTrainModel& model) {
-  const auto j = nlohmann::json::parse(model.config_json);
+SetLossConfig set_loss_config_from(const std::string& config_json) {
+  const auto j = nlohmann::json::parse(config_json);
   auto get = [&](const char* key, double fallback) {
     return j.contains(key) && j[key].is_number() ? j[key].get<double>() : fallback;
   };
   SetLossConfig s;
   s.class_cost = get("class_cost", 1), s.bbox_cost = get("bbox_cost", 5), s.giou_cost = get("giou_cost", 2);
   s.eos_coefficient = get("eos_coefficient", 0.1);
-  s.class_loss_coefficient = 1;  // YolosForObjectDetection: weight_dict["loss_ce"] = 1
+  s.class_loss_coefficient = 1;  // Yolos/DetrForObjectDetection: weight_dict["loss_ce"] = 1
   s.bbox_loss_coefficient = get("bbox_loss_coefficient", 5);
   s.giou_loss_coefficient = get("giou_loss_coefficient", 2);
   return s;
 }
+
+}  // namespace detail
+
+std::string yolos_preprocessor_json(int64_t height, int64_t width) {
+  return detail::fixed_size_detection_processor_json("YolosImageProcessor", height, width);
+}
+
+SetLossConfig yolos_set_loss_config(const VitTrainModel& model) { return detail::set_loss_config_from(model.config_json); }
 
 void yolos_train_forward(const VitTrainModel& model, const Tensor& pixel_values, VitTrainActivations& acts) {
   check(model.detection, "yolos_train_forward: not a YolosForObjectDetection model");
