@@ -268,6 +268,40 @@ TEST_CASE("train --freeze-encoder: only the classifier changes (a linear probe o
   }
 }
 
+TEST_CASE("train --freeze-encoder on a Dinov2Model: a linear probe, written as Dinov2ForImageClassification",
+          "[train_cli]") {
+  // The common case: a features-only DINOv2 folder, a new head on [class token, mean of the patches].
+  const fs::path init = scratch("dinov2-base");
+  for (const char* f : {"config.json", "model.safetensors"})
+    fs::copy_file(fixture(std::string("conformance/dinov2-small-rand/") + f), init / f);
+  std::ofstream(init / "preprocessor_config.json")
+      << R"({"image_processor_type": "BitImageProcessor", "do_resize": true, "size": {"height": 56, "width": 56},
+            "resample": 3, "do_center_crop": false, "do_rescale": true, "rescale_factor": 0.00392156862745098,
+            "do_normalize": true, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]})";
+  const fs::path out = scratch("dinov2-probe") / "model";
+  const Run r = run_cli("train --init " + init.string() + " --data " + fixture("train/cli-step/images") + " --out " +
+                        out.string() + " --freeze-encoder --epochs 3 --batch 2 --lr 1e-2 --threads 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  CHECK(r.err.find("a new classification head") != std::string::npos);
+  const auto model = load_model(out.string());
+  CHECK(model->architecture == "Dinov2ForImageClassification");
+  CHECK(model->labels.size() == 4);
+  // The encoder is the base model's, bit for bit, under the classifier's "dinov2." names.
+  const SafeTensors before = SafeTensors::open((init / "model.safetensors").string());
+  const SafeTensors after = SafeTensors::open((out / "model.safetensors").string());
+  int compared = 0;
+  for (const std::string& name : before.names()) {
+    INFO(name);
+    REQUIRE(after.contains("dinov2." + name));
+    const Tensor w = before.get(name), w1 = after.get("dinov2." + name);
+    CHECK(std::equal(w.data(), w.data() + w.numel(), w1.data()));
+    ++compared;
+  }
+  CHECK(compared > 10);
+  CHECK(after.contains("classifier.weight"));
+}
+
 TEST_CASE("train --task segment --crops: a Segmenter that segment and eval run with sliding windows", "[train_cli]") {
   // Light squares (class 1) and dark discs (class 2) on grey, 44x36 images and label maps.
   const fs::path data = scratch("segdata");

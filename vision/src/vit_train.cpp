@@ -631,14 +631,21 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
   if (cfg.has("architectures") && cfg.j["architectures"].is_array() && !cfg.j["architectures"].empty() &&
       cfg.j["architectures"][0].is_string())
     arch = cfg.j["architectures"][0].get<std::string>();
-  check((model_type == "vit" && arch == "ViTForImageClassification") ||
+  // A base model (features only: ViTModel, DeiTModel, Dinov2Model, e.g. facebook/dinov2-small)
+  // trains as its ForImageClassification with no labels yet: replace_classifier gives it its head
+  // (a linear probe with --freeze-encoder is the common case). ViTModel's pooler is not part of
+  // ViTForImageClassification and is not read.
+  const bool base_model = (model_type == "vit" && arch == "ViTModel") || (model_type == "deit" && arch == "DeiTModel") ||
+                          (model_type == "dinov2" && arch == "Dinov2Model");
+  check(base_model || (model_type == "vit" && arch == "ViTForImageClassification") ||
             (model_type == "deit" && arch == "DeiTForImageClassification") ||
             (model_type == "deit" && arch == "DeiTForImageClassificationWithTeacher") ||
             (model_type == "dinov2" && arch == "Dinov2ForImageClassification"),
-        config_file + ": training supports Hugging Face ViTForImageClassification, "
-                      "DeiTForImageClassification(WithTeacher), Dinov2ForImageClassification and "
-                      "timm VisionTransformer folders so far, got "
+        config_file + ": training supports Hugging Face ViT / DeiT / Dinov2 models (ViTModel, "
+                      "ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
+                      "Dinov2ForImageClassification) and timm / torchvision VisionTransformer folders so far, got "
                       "model_type \"" + model_type + "\", architecture \"" + arch + "\"");
+  if (base_model) arch = arch.substr(0, arch.size() - 5) + "ForImageClassification";  // ...Model → ...ForImageClassification
   m.architecture = arch;
   m.base = model_type + ".";
   m.class_mean = arch == "Dinov2ForImageClassification";
@@ -654,27 +661,39 @@ VitTrainModel load_vit_train_model(const std::string& dir_string) {
   check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
   const SafeTensors st = SafeTensors::open(file);
   const std::string head_name = m.teacher ? "cls_classifier.weight" : "classifier.weight";
-  check(st.contains(head_name), file + ": missing tensor '" + head_name + "'");
-  const Shape& head = st.info(head_name).shape;
   const int64_t head_in = (m.class_mean ? 2 : 1) * m.config.hidden_size;
-  check(head.size() == 2 && head[1] == head_in,
-        file + ": tensor '" + head_name + "' has shape " + shape_str(head) +
-            ", expected [num_labels, " + std::to_string(head_in) + "]");
-  m.num_labels = head[0];
+  if (base_model) {
+    check(!st.contains(head_name), file + ": a base model (" + cfg.j["architectures"][0].get<std::string>() +
+                                       ") with a '" + head_name + "' tensor: config.json and checkpoint disagree");
+    m.num_labels = 0;  // no head yet
+  } else {
+    check(st.contains(head_name), file + ": missing tensor '" + head_name + "'");
+    const Shape& head = st.info(head_name).shape;
+    check(head.size() == 2 && head[1] == head_in,
+          file + ": tensor '" + head_name + "' has shape " + shape_str(head) +
+              ", expected [num_labels, " + std::to_string(head_in) + "]");
+    m.num_labels = head[0];
+  }
+  // A base model's checkpoint names carry no "vit." / "dinov2." prefix (transformers saves the
+  // bare model); its classifier's are the same names under the prefix.
+  const std::string stored_base = base_model && !st.contains(m.base + "embeddings.patch_embeddings.projection.weight")
+                                      ? ""
+                                      : m.base;
   m.params = vit_train_layout(m.config, m.base, m.num_labels, m.class_mean,
-                              m.config.layer_scale && st.contains(m.base + "embeddings.mask_token"),
+                              m.config.layer_scale && st.contains(stored_base + "embeddings.mask_token"),
                               m.teacher);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
   for (const TrainParam& p : m.params) {
-    check(st.contains(p.name), file + ": missing tensor '" + p.name + "' (expected shape " +
-                                   shape_str(p.shape) + ")");
-    const TensorInfo& info = st.info(p.name);
-    check(info.shape == p.shape, file + ": tensor '" + p.name + "' has shape " +
+    if (p.numel() == 0) continue;  // a base model's empty head
+    const std::string name = p.name.rfind(m.base, 0) == 0 ? stored_base + p.name.substr(m.base.size()) : p.name;
+    check(st.contains(name), file + ": missing tensor '" + name + "' (expected shape " + shape_str(p.shape) + ")");
+    const TensorInfo& info = st.info(name);
+    check(info.shape == p.shape, file + ": tensor '" + name + "' has shape " +
                                      shape_str(info.shape) + ", expected " + shape_str(p.shape));
-    st.read(p.name, 0, p.numel(), m.weights.data() + p.offset);
+    st.read(name, 0, p.numel(), m.weights.data() + p.offset);
   }
-  const std::string next = m.base + "encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".";
-  check(!st.contains(next + "layernorm_before.weight"),
+  const std::string next = stored_base + "encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".";
+  check(!st.contains(next + layer_names(m.config).norm1 + ".weight"),
         file + ": has more layers than num_hidden_layers = " + std::to_string(m.config.num_hidden_layers));
   return m;
 }
@@ -778,6 +797,7 @@ void replace_classifier(VitTrainModel& m, const std::vector<std::string>& labels
     cfg["label2id"] = label2id;
   }
   if (cfg.contains("num_labels")) cfg["num_labels"] = k;
+  if (m.layout == "hf") cfg["architectures"] = {m.architecture};  // a base model becomes its classifier
   if (m.layout == "torchvision") cfg["num_classes"] = k;
   m.config_json = cfg.dump(2) + "\n";
   m.params = std::move(params);
