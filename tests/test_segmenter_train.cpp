@@ -73,10 +73,17 @@ SegmentationPair write_pair(const fs::path& dir, const std::string& name, const 
 }  // namespace
 
 TEST_CASE("Segmenter training gradient matches PyTorch autograd", "[segmenter_train]") {
-  const std::string dir = GENERATE(std::string(""), std::string("mask/"));
-  INFO("fixture " << (dir.empty() ? "linear decoder" : "mask transformer"));
-  const SegmenterTrainModel model = load_segmenter_train_model(fixture(dir + "model"));
+  // The linear decoder, the mask transformer, and the mask transformer on a Hugging Face DINOv2
+  // backbone (the inference fixture models/segmenter-dinov2-mask-rand: transformers' names under
+  // encoder., LayerScale, mask_token).
+  const std::string dir = GENERATE(std::string(""), std::string("mask/"), std::string("dinov2-mask/"));
+  INFO("fixture " << (dir.empty() ? std::string("linear decoder") : dir));
+  const std::string folder = dir == "dinov2-mask/"
+                                 ? std::string(TESSERA_FIXTURES) + "/models/segmenter-dinov2-mask-rand"
+                                 : fixture(dir + "model");
+  const SegmenterTrainModel model = load_segmenter_train_model(folder);
   CHECK((model.mask.layers > 0) == !dir.empty());
+  CHECK(model.hf_backbone == (dir == "dinov2-mask/"));
   const Batch batch = fixture_batch(dir);
   const SafeTensors want = SafeTensors::open(fixture(dir + "expected.safetensors"));
   SegmenterTrainActivations acts;
@@ -131,9 +138,11 @@ TEST_CASE("A saved Segmenter reloads through load_model with the training forwar
   CHECK(fresh_mask.config_json.find("mask_transformer") != std::string::npos);
   const SegmenterTrainModel loaded = load_segmenter_train_model(fixture("model"));
   const SegmenterTrainModel loaded_mask = load_segmenter_train_model(fixture("mask/model"));
+  const SegmenterTrainModel on_dinov2 =
+      load_segmenter_train_model(std::string(TESSERA_FIXTURES) + "/models/segmenter-dinov2-linear-rand");
   int index = 0;
   for (const SegmenterTrainModel* m :
-       std::vector<const SegmenterTrainModel*>{&loaded, &fresh, &loaded_mask, &fresh_mask}) {
+       std::vector<const SegmenterTrainModel*>{&loaded, &fresh, &loaded_mask, &fresh_mask, &on_dinov2}) {
     INFO("model " << index);
     const fs::path dir = temp_dir("save" + std::to_string(index++));
     save_segmenter_train_model(*m, dir.string());

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from make_model_fixtures import save_safetensors, write_model  # noqa: E402
+import json  # noqa: E402
+from make_model_fixtures import load_safetensors, save_safetensors, write_model  # noqa: E402
 from make_segmenter_fixtures import random_sd, segm_config, segmenter_forward  # noqa: E402
 
 
@@ -49,6 +50,30 @@ def write_case(out, decoder, seed):
     print(f"wrote {d} and the batch; loss {loss.item():.6f}")
 
 
+def existing_model_case(out, folder, seed, size):
+    """The gradient of a batch through a Segmenter fixture folder as it is (OUT/batch.safetensors and
+    OUT/expected.safetensors; the model stays where it is)."""
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    sd32 = load_safetensors(os.path.join(folder, "model.safetensors"))
+    params = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in sd32.items()}
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, 3, size, size), generator=gen)
+    labels = torch.randint(0, cfg["n_cls"], (2, size, size), generator=gen)
+    labels[torch.rand((2, size, size), generator=gen) < 0.2] = 255
+    logits = segmenter_forward(cfg, params, x.to(torch.float64))
+    loss = F.cross_entropy(logits, labels, ignore_index=255)
+    loss.backward()
+    os.makedirs(out, exist_ok=True)
+    save_safetensors(os.path.join(out, "batch.safetensors"), {"pixel_values": x, "labels": labels.to(torch.float32)})
+    expected = {"loss": loss.detach().reshape(1), "logits": logits.detach()}
+    # 0 where the gradient is 0 in exact arithmetic: an unused tensor (DINOv2's mask_token) and the
+    # key bias (softmax ignores a shift shared by a query's scores), whose float64 value is round-off.
+    expected.update({"grad." + k: (torch.zeros_like(p) if p.grad is None or k.endswith("attention.key.bias") else p.grad)
+                     for k, p in params.items()})
+    save_safetensors(os.path.join(out, "expected.safetensors"), expected)
+    print(f"wrote {out} for {folder}; loss {loss.item():.6f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -60,6 +85,11 @@ def main():
     # 2 blocks of 3 heads.
     write_case(os.path.join(args.out, "mask"), {"name": "mask_transformer", "n_layers": 2, "n_heads": 3,
                                                "d_model": 24, "d_ff": 48, "layer_norm_eps": 1e-5}, 41)
+    # A Hugging Face DINOv2 backbone (transformers' names under encoder.; LayerScale, mask_token)
+    # with the mask transformer: the inference fixture models/segmenter-dinov2-mask-rand at 42x42.
+    existing_model_case(os.path.join(args.out, "dinov2-mask"),
+                        os.path.join(os.path.dirname(os.path.abspath(args.out)), "models", "segmenter-dinov2-mask-rand"),
+                        51, 42)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@
 #include <opencv2/imgproc.hpp>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "tessera/backward.hpp"
 #include "tessera/atomic_file.hpp"
@@ -42,6 +43,15 @@ using detail::NameMap;
 // Segmenter's names are timm's under "encoder.", its linear decoder's head "decoder.head"; the
 // mask transformer's parameters carry their Segmenter names already.
 std::vector<NameMap> segmenter_names(const SegmenterTrainModel& m) {
+  if (m.hf_backbone) {  // a Hugging Face encoder keeps its names under "encoder."
+    std::vector<NameMap> out;
+    for (const TrainParam& p : m.vit.params) {
+      if (p.name == "classifier.weight") out.push_back({"decoder.head.weight", p.shape, {p.name}});
+      else if (p.name == "classifier.bias") out.push_back({"decoder.head.bias", p.shape, {p.name}});
+      else out.push_back({p.name, p.shape, {p.name}});
+    }
+    return out;
+  }
   std::vector<NameMap> out = detail::timm_style_names(m.vit, "encoder.", "decoder.head");
   if (m.mask.layers == 0) return out;
   out.resize(out.size() - 2);  // no decoder.head
@@ -214,9 +224,6 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
   check(cfg.string("model_type", "") == "segmenter",
         config_file + ": not a Segmenter (model_type \"" + cfg.string("model_type", "") + "\")");
   const Config enc = cfg.sub("encoder"), dec = cfg.sub("decoder");
-  check(!enc.has("backbone_config"),
-        config_file + ": training a Segmenter on a Hugging Face backbone is not supported yet "
-                      "(only Segmenter's own encoder)");
   const std::string decoder = dec.string("name", "");
   check(decoder == "linear" || decoder == "mask_transformer",
         config_file + ": decoder \"" + decoder + "\" is not one training supports (linear, mask_transformer)");
@@ -227,26 +234,51 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
     mask.eps = static_cast<float>(dec.number("layer_norm_eps", 1e-5));
     check(mask.d_model % mask.heads == 0, dec.file + ": d_model is not a multiple of n_heads");
   }
-  check(!enc.boolean("distilled", false),
-        config_file + ": training a distilled Segmenter encoder is not supported yet");
-  VitConfig c;
-  auto [ih, iw] = enc.size2("image_size");
-  c.image_height = ih, c.image_width = iw;
-  c.patch_size = enc.positive("patch_size");
-  c.num_hidden_layers = enc.positive("n_layers");
-  c.hidden_size = enc.positive("d_model");
-  c.num_attention_heads = enc.positive("n_heads");
-  c.intermediate_size = enc.integer("d_ff", 4 * c.hidden_size);
-  c.layer_norm_eps = static_cast<float>(enc.number("layer_norm_eps", 1e-5));
-  c.num_channels = enc.integer("channels", 3);
-  c.qkv_bias = true;
-  check(c.hidden_size % c.num_attention_heads == 0, enc.file + ": d_model is not a multiple of n_heads");
-  check_trainable(c, config_file);
+  const std::string file = (dir / "model.safetensors").string();
+  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
+  const SafeTensors st = SafeTensors::open(file);
   const int64_t n = cfg.positive("n_cls");
   SegmenterTrainModel m;
   m.labels = detail::labels_from(cfg.j, n, config_file);
-  m.vit = make_vit_train_model(c, m.labels, 0);
   m.num_classes = n;
+  int64_t ih = 0, iw = 0;
+  if (enc.has("backbone_config")) {
+    // A Hugging Face encoder (ViT, DeiT, DINOv2) under "encoder.", with its own names: the
+    // training pass's encoder with base "encoder.", every tensor under its checkpoint name.
+    const Config bb = enc.sub("backbone_config");
+    const std::string mt = bb.string("model_type", "");
+    check(mt == "vit" || mt == "deit" || mt == "dinov2",
+          bb.file + ": model_type \"" + mt + "\" is not a Segmenter backbone training supports (vit, deit, dinov2)");
+    VitConfig c = detail::hf_vit_config(bb, mt);
+    check(c.activation == MlpActivation::Gelu || c.activation == MlpActivation::SwiGlu,
+          bb.file + ": training supports exact GELU and DINOv2's SwiGLU MLPs");
+    check_trainable(c, config_file);
+    ih = c.image_height, iw = c.image_width;
+    m.hf_backbone = true;
+    m.vit.architecture = "Segmenter";
+    m.vit.base = "encoder.";
+    m.vit.config = c;
+    m.vit.num_labels = n;
+    m.vit.params = detail::vit_train_params(c, m.vit.base, n, c.layer_scale && st.contains("encoder.embeddings.mask_token"));
+    m.vit.weights.assign(static_cast<size_t>(m.vit.params.back().offset + m.vit.params.back().numel()), 0.0f);
+  } else {
+    check(!enc.boolean("distilled", false),
+          config_file + ": training a distilled Segmenter encoder is not supported yet");
+    VitConfig c;
+    std::tie(ih, iw) = enc.size2("image_size");
+    c.image_height = ih, c.image_width = iw;
+    c.patch_size = enc.positive("patch_size");
+    c.num_hidden_layers = enc.positive("n_layers");
+    c.hidden_size = enc.positive("d_model");
+    c.num_attention_heads = enc.positive("n_heads");
+    c.intermediate_size = enc.integer("d_ff", 4 * c.hidden_size);
+    c.layer_norm_eps = static_cast<float>(enc.number("layer_norm_eps", 1e-5));
+    c.num_channels = enc.integer("channels", 3);
+    c.qkv_bias = true;
+    check(c.hidden_size % c.num_attention_heads == 0, enc.file + ": d_model is not a multiple of n_heads");
+    check_trainable(c, config_file);
+    m.vit = make_vit_train_model(c, m.labels, 0);
+  }
   if (mask.layers > 0) {
     m.mask = mask;
     add_mask_decoder(m.vit, mask, n);
@@ -259,9 +291,6 @@ SegmenterTrainModel load_segmenter_train_model(const std::string& dir_string) {
               " is not the encoder's image_size; training crops are image_size windows");
   }
 
-  const std::string file = (dir / "model.safetensors").string();
-  check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
-  const SafeTensors st = SafeTensors::open(file);
   std::set<std::string> used;
   for (const NameMap& nm : segmenter_names(m)) {
     check(st.contains(nm.name), file + ": missing tensor '" + nm.name + "' (expected shape " +

@@ -31,7 +31,9 @@ void vit_block_backward(const VitTrainLayerView& lw, const VitTrainLayerView& lg
 // The checkpoint names and shapes, in buffer order, of an encoder of `c` under `base` ("vit.")
 // with its head: the classifier of num_labels classes, or with c.num_detection_tokens > 0 the
 // YOLOS detection tokens and heads (num_labels + 1 class outputs).
-std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels);
+// mask_token: DINOv2's (unused by the pass, kept so that a folder is written back whole).
+std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels,
+                                         bool mask_token = false);
 
 // One tensor of a fused-qkv checkpoint layout (timm, Segmenter) and the Hugging Face-named
 // training parameters whose concatenation in buffer order it is (attn.qkv = query, key, value).

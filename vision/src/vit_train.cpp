@@ -162,8 +162,9 @@ nlohmann::ordered_json hf_train_config(const VitConfig& c, const std::string& ar
   return j;
 }
 
-std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels) {
-  return vit_train_layout(c, base, num_labels, false, false);
+std::vector<TrainParam> vit_train_params(const VitConfig& c, const std::string& base, int64_t num_labels,
+                                         bool mask_token) {
+  return vit_train_layout(c, base, num_labels, false, mask_token);
 }
 namespace {
 

@@ -16,8 +16,9 @@
 // map one to one, except that Segmenter's attn.qkv [3D, D] is HF's adjacent query, key, value.
 // Training runs at the config's image_size only: Segmenter resamples its position table
 // (bilinear resize_pos_embed) at other sizes, and that resampling has no backward here yet.
-// Supported: the linear decoder and the mask transformer, an encoder without a distillation
-// token; anything else is an Error naming what is not supported.
+// Supported: the linear decoder and the mask transformer, on Segmenter's own encoder without a
+// distillation token or on a Hugging Face ViT / DeiT / DINOv2 backbone (encoder.backbone_config);
+// anything else is an Error naming what is not supported.
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -45,6 +46,9 @@ struct SegmenterTrainModel {
   // decoder.proj_patch, decoder.proj_classes, decoder.mask_norm).
   VitTrainModel vit;
   MaskDecoderShape mask;
+  // encoder.backbone_config: a Hugging Face ViT / DeiT / DINOv2 encoder whose tensors keep their
+  // own names under "encoder." (vit.base is "encoder."); else Segmenter's own (timm-named) encoder.
+  bool hf_backbone = false;
   std::string config_json;  // Segmenter's config.json text (written back on save)
   int64_t num_classes = 0;
   std::vector<std::string> labels;  // id2label, one per class
