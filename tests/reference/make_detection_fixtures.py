@@ -138,11 +138,13 @@ def vit_detr_forward(cfg, sd, pixel_values):
     B, _, H, W = pixel_values.shape
     isz = bb["image_size"]
     interp = (H, W) != (isz, isz)  # ViTModel(..., interpolate_pos_encoding=True) at another size
-    h = mm.hf_backbone(dict(bb, architectures=["ViTModel"]), sd, "vit.", pixel_values, "vit", interp)
+    fam = bb.get("model_type", "vit")  # the backbone's family: its names live under "<model_type>."
+    h = mm.hf_backbone(dict(bb, architectures=["ViTModel"]), sd, fam + ".", pixel_values, fam, interp)
     p = bb["patch_size"]
     gh, gw = H // p, W // p
     w = sd["input_projection.weight"]
-    mem = F.linear(h[:, 1:], w.reshape(w.shape[0], -1), sd["input_projection.bias"])  # patch tokens, no CLS
+    prefix_tokens = 2 if fam == "deit" else 1
+    mem = F.linear(h[:, prefix_tokens:], w.reshape(w.shape[0], -1), sd["input_projection.bias"])  # patch tokens
     D, heads, eps = cfg["d_model"], cfg["decoder_attention_heads"], cfg.get("decoder_layer_norm_eps", 1e-5)
     pos = detr_sine(B, gh, gw, D)
     qpos = sd["model.query_position_embeddings.weight"].unsqueeze(0).repeat(B, 1, 1)
@@ -170,7 +172,8 @@ def vit_detr_forward(cfg, sd, pixel_values):
 
 def vit_detr_shapes(cfg, conv_projection):
     bb = cfg["backbone_config"]
-    shapes = {"vit." + k: v for k, v in mm.hf_shapes(dict(bb, architectures=["ViTModel"])).items()
+    fam = bb.get("model_type", "vit")
+    shapes = {fam + "." + k: v for k, v in mm.hf_shapes(dict(bb, architectures=["ViTModel"])).items()
               if not k.startswith("pooler")}
     D, Denc, F_ = cfg["d_model"], bb["hidden_size"], cfg["decoder_ffn_dim"]
     shapes["input_projection.weight"] = (D, Denc, 1, 1) if conv_projection else (D, Denc)

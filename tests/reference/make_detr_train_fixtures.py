@@ -46,12 +46,20 @@ AUX_CONFIG = {
     "giou_cost": 2, "bbox_loss_coefficient": 5, "giou_loss_coefficient": 2, "eos_coefficient": 0.1,
     "num_labels": 3, "id2label": {str(i): f"class_{i}" for i in range(3)}}
 
+DINOV2_CONFIG = dict(AUX_CONFIG, backbone_config={
+    "model_type": "dinov2", "image_size": 42, "patch_size": 7, "num_channels": 3, "hidden_size": 48,
+    "num_hidden_layers": 2, "num_attention_heads": 3, "mlp_ratio": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+    "layerscale_value": 1.0, "use_swiglu_ffn": False, "qkv_bias": True}, d_model=32, num_queries=5, decoder_layers=2)
+
 CASES = [
     # (output name, model folder, batch, seed, targets per image, input size)
     ("detr-vit-step", "conformance/detr-vit-rand", 2, 1601, [3, 1], (64, 64)),
     # auxiliary loss on, another size (the 4x4 position grid interpolated to 3x5, bicubic), an
     # image without targets
     ("detr-vit-aux-step", "models/detr-vit-aux-rand", 3, 1602, [2, 0, 4], (48, 80)),
+    # a DINOv2 backbone (LayerScale, mask_token; DINOv2 always interpolates: 56x35 is an 8x5 grid
+    # from the 6x6 table), auxiliary loss on
+    ("detr-dinov2-step", "models/detr-dinov2-rand", 2, 1603, [1, 3], (56, 35)),
 ]
 
 
@@ -64,6 +72,17 @@ def write_aux_model():
         out.pop("auxiliary")
         mm.write_case(d, "native", x, out, "2 random images 64x64 (auxiliary_loss: the decoder norm after every layer)",
                       md.UPSTREAM_DETR)
+    # The DETR head on a DINOv2 backbone (transformers' Dinov2Model names under "dinov2.").
+    sd = mm.random_state_dict(md.vit_detr_shapes(DINOV2_CONFIG, False), seed=323)
+    for k in sd:  # LayerScale near 1 (not 1e-5) so that the branches matter in the checks
+        if k.endswith("lambda1"):
+            sd[k] = 1.0 + 0.1 * sd[k]
+    d = mm.write_model(os.path.join(FIXTURES, "models"), "detr-dinov2-rand", DINOV2_CONFIG, sd)
+    with torch.no_grad():
+        x = mm.random_pixels(324, 2, 42, 42)
+        out = md.vit_detr_forward(DINOV2_CONFIG, sd, x)
+        out.pop("auxiliary")
+        mm.write_case(d, "native", x, out, "2 random images 42x42: a DETR head on a DINOv2 backbone", md.UPSTREAM_DETR)
 
 
 def main():

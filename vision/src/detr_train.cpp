@@ -88,8 +88,8 @@ DetrView bind_detr(const VitTrainModel& m, float* buffer) {
 
 // The encoder's parameters (its classifier dropped), then the head's, in buffer order.
 std::vector<TrainParam> detr_params(const VitConfig& c, const std::string& base, const DetrHeadShape& h,
-                                    int64_t num_labels) {
-  std::vector<TrainParam> out = detail::vit_train_params(c, base, 1);
+                                    int64_t num_labels, bool mask_token = false) {
+  std::vector<TrainParam> out = detail::vit_train_params(c, base, 1, mask_token);
   while (!out.empty() && out.back().name.starts_with("classifier.")) out.pop_back();
   int64_t offset = out.back().offset + out.back().numel();
   auto add = [&](const std::string& name, Shape shape, bool decay) {
@@ -209,15 +209,16 @@ VitTrainModel load_detr_train_model(const std::string& dir_string) {
         config_file + ": DETR head training reads model_type \"vit-detr\", got \"" + cfg.string("model_type", "") + "\"");
   const Config bb = cfg.sub("backbone_config");
   const std::string bmt = bb.string("model_type", "vit");
-  check(bmt == "vit" || bmt == "deit",
-        bb.file + ": training a DETR head supports ViT and DeiT backbones, not \"" + bmt + "\" yet");
+  check(bmt == "vit" || bmt == "deit" || bmt == "dinov2",
+        bb.file + ": training a DETR head supports ViT, DeiT and DINOv2 backbones, not \"" + bmt + "\"");
   check(cfg.string("activation_function", "relu") == "relu", config_file + ": activation_function must be relu");
   check(cfg.string("position_embedding_type", "sine") == "sine", config_file + ": position_embedding_type must be sine");
   m.architecture = "VitDetrForObjectDetection";
   m.headless = true;
   m.base = bmt + ".";
   m.config = detail::hf_vit_config(bb, bmt);
-  check(m.config.activation == MlpActivation::Gelu, config_file + ": training supports hidden_act gelu only");
+  check(m.config.activation == MlpActivation::Gelu || m.config.activation == MlpActivation::SwiGlu,
+        config_file + ": training supports exact GELU and DINOv2's SwiGLU MLPs");
   check(m.config.num_distillation_tokens == 0 || bmt == "deit", config_file + ": unexpected distillation token");
   DetrHeadShape& h = m.detr;
   h.d_model = cfg.positive("d_model"), h.queries = cfg.positive("num_queries");
@@ -242,7 +243,8 @@ VitTrainModel load_detr_train_model(const std::string& dir_string) {
     check(cfg.integer("num_labels") == m.num_labels,
           config_file + ": num_labels " + std::to_string(cfg.integer("num_labels")) +
               " but class_labels_classifier.weight has " + std::to_string(cs[0]) + " rows (num_labels + 1)");
-  m.params = detr_params(m.config, m.base, h, m.num_labels);
+  m.params = detr_params(m.config, m.base, h, m.num_labels,
+                         m.config.layer_scale && st.contains(m.base + "embeddings.mask_token"));
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
   for (const TrainParam& p : m.params) {
     check(st.contains(p.name), file + ": missing tensor '" + p.name + "' (expected shape " + shape_str(p.shape) + ")");
@@ -253,7 +255,7 @@ VitTrainModel load_detr_train_model(const std::string& dir_string) {
   }
   check(!st.contains("model.decoder.layers." + std::to_string(h.layers) + ".fc1.weight"),
         file + ": has more decoder layers than decoder_layers = " + std::to_string(h.layers));
-  check(!st.contains(m.base + "encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".layernorm_before.weight"),
+  check(!st.contains(m.base + "encoder.layer." + std::to_string(m.config.num_hidden_layers) + ".attention.output.dense.weight"),
         file + ": has more encoder layers than num_hidden_layers = " + std::to_string(m.config.num_hidden_layers));
   return m;
 }

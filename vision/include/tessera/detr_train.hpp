@@ -25,7 +25,7 @@
 
 namespace tessera {
 
-// Reads a vit-detr folder (config.json with a ViT or DeiT backbone_config, model.safetensors);
+// Reads a vit-detr folder (config.json with a ViT, DeiT or DINOv2 backbone_config, model.safetensors);
 // every tensor checked by name and shape. Anything training does not support is an Error naming it.
 VitTrainModel load_detr_train_model(const std::string& dir);
 
