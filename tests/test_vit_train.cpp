@@ -554,8 +554,6 @@ TEST_CASE("timm and torchvision ViTs train in their own layout and are written b
   // Variants the training pass does not have are named.
   CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/timm/vit_base_patch14_reg4_dinov2-reg4")),
                     Catch::Contains("no classification head"));
-  CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/timm/vit_base_patch16_clip_224-clip")),
-                    Catch::Contains("norm_pre"));
   CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/timm/deit_tiny_distilled_patch16_224-distilled")),
                     Catch::Contains("distillation token"));
 }
@@ -570,7 +568,10 @@ TEST_CASE("timm heads and tokens train: gradients through the timm port", "[vit_
   for (const Case& k : {Case{"models/timm/vit_small_patch16_224-noclass-avg", "timm-noclass-avg-step", 2 + 1 + 2 * 11 + 4},
                         Case{"models/timm/vit_small_patch14_reg4_dinov2-cls", "timm-reg4-step", 2 + 3 + 2 * 14 + 4},
                         Case{"models/timm/vit_tiny_patch16_224-avg-nofcnorm", "timm-avg-nofcnorm-step",
-                             2 + 2 + 2 * 12 + 4}}) {
+                             2 + 2 + 2 * 12 + 4},
+                        // CLIP: no patch bias, norm_pre, QuickGELU
+                        Case{"models/timm/vit_base_patch16_clip_quickgelu_224-quickgelu", "timm-clip-quickgelu-step",
+                             1 + 2 + 2 + 2 * 12 + 4}}) {
     INFO(k.model);
     const std::string from = fixtures(k.model);
     const VitTrainModel model = load_vit_train_model(from);

@@ -77,6 +77,12 @@ def write_aux_model():
     for k in sd:  # LayerScale near 1 (not 1e-5) so that the branches matter in the checks
         if k.endswith("lambda1"):
             sd[k] = 1.0 + 0.1 * sd[k]
+    # Query position embeddings of unit scale, as DETR initialises them (nn.Embedding: N(0, 1)). With
+    # the generator's small values every query looks alike after the first layer, the decoder's
+    # self-attention is near-uniform, and its queries' and keys' gradients (~1e-3 of the others')
+    # would measure fp32 rounding rather than the pass.
+    q = sd["model.query_position_embeddings.weight"]
+    sd["model.query_position_embeddings.weight"] = q / q.std()
     d = mm.write_model(os.path.join(FIXTURES, "models"), "detr-dinov2-rand", DINOV2_CONFIG, sd)
     with torch.no_grad():
         x = mm.random_pixels(324, 2, 42, 42)

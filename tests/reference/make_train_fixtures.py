@@ -184,7 +184,9 @@ def timm_steps():
         tokens, no_embed_class, LayerScale, token pooling, a 5-class head, dynamic_img_size) at
         70x56, the 3x3 position grid resampled to 5x4 (bicubic, antialias) and back;
       - timm-avg-nofcnorm-step: a new models/timm/vit_tiny_patch16_224-avg-nofcnorm (class token,
-        global_pool avg with fc_norm False: the final norm on every token, then the mean)."""
+        global_pool avg with fc_norm False: the final norm on every token, then the mean);
+      - timm-clip-quickgelu-step: models/timm/vit_base_patch16_clip_quickgelu_224-quickgelu (a CLIP
+        tower: norm_pre, QuickGELU, no patch bias)."""
     up = "port of timm 1.0 VisionTransformer (validated by make_model_fixtures.py --check)"
     models = os.path.join(FIXTURES, "models")
     new = [("vit_small_patch14_reg4_dinov2-cls", "vit_base_patch14_reg4_dinov2", 5,
@@ -209,7 +211,10 @@ def timm_steps():
                                           ("models/timm/vit_small_patch14_reg4_dinov2-cls", "timm-reg4-step", 1309,
                                            (2, 70, 56)),
                                           ("models/timm/vit_tiny_patch16_224-avg-nofcnorm", "timm-avg-nofcnorm-step",
-                                           1310, (2, 32, 32))):
+                                           1310, (2, 32, 32)),
+                                          # a CLIP tower: norm_pre, QuickGELU, no patch bias, LayerNorm eps 1e-5
+                                          ("models/timm/vit_base_patch16_clip_quickgelu_224-quickgelu",
+                                           "timm-clip-quickgelu-step", 1311, (2, 32, 32))):
         d = os.path.join(FIXTURES, folder)
         config = mm.json.load(open(os.path.join(d, "config.json")))
         sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(d, "model.safetensors")).items()}

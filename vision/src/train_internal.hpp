@@ -19,6 +19,7 @@ struct BlockDims {
   int64_t batch, tokens, dim, mlp, heads;
   float eps;
   bool swiglu = false;  // DINOv2's SwiGLU MLP: fc1 gives [a, b] of `mlp` each, silu(a)·b into fc2
+  bool quick_gelu = false;  // CLIP's x·σ(1.702x) instead of exact GELU
 };
 // a.x holds the input; every other field of `a` is written (sized by the caller); the output
 // goes to `next` [B·T, dim].

@@ -66,7 +66,11 @@ std::vector<TrainParam> vit_train_layout(const VitConfig& c, const std::string& 
   if (c.mid_position_embeddings)  // YOLOS: one table per block but the last
     add(base + "encoder.mid_position_embeddings", {c.num_hidden_layers - 1, 1, t, d}, false);
   add(e + "patch_embeddings.projection.weight", {d, c.num_channels, p, p}, true);
-  add(e + "patch_embeddings.projection.bias", {d}, false);
+  if (c.patch_bias) add(e + "patch_embeddings.projection.bias", {d}, false);
+  if (c.pre_norm) {  // timm's norm_pre (CLIP towers), after the position embedding
+    add(base + "pre_layernorm.weight", {d}, false);
+    add(base + "pre_layernorm.bias", {d}, false);
+  }
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string l = base + "encoder.layer." + std::to_string(i) + ".";
     const std::string a = l + "attention.attention.";
@@ -189,11 +193,16 @@ std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
   const std::string e = m.base + "embeddings.";
   std::vector<NameMap> out = {
       {n.patch + ".weight", {d, c.num_channels, p, p}, {e + "patch_embeddings.projection.weight"}},
-      {n.patch + ".bias", {d}, {e + "patch_embeddings.projection.bias"}},
   };
+  if (c.patch_bias) out.push_back({n.patch + ".bias", {d}, {e + "patch_embeddings.projection.bias"}});
   if (c.class_token) out.push_back({n.cls, {1, 1, d}, {e + "cls_token"}});
   if (c.num_register_tokens) out.push_back({n.reg, {1, c.num_register_tokens, d}, {e + "register_tokens"}});
   out.push_back({n.pos, {1, t, d}, {e + "position_embeddings"}});
+  if (c.pre_norm) {
+    check(n.timm, "fused_names: norm_pre is timm's");
+    out.push_back({"norm_pre.weight", {d}, {m.base + "pre_layernorm.weight"}});
+    out.push_back({"norm_pre.bias", {d}, {m.base + "pre_layernorm.bias"}});
+  }
   const LayerNames ln = layer_names(c);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string s = n.block + std::to_string(i) + ".";
@@ -423,7 +432,10 @@ void vit_block_forward(const VitTrainLayerView& lw, const BlockDims& s, VitTrain
     swiglu_forward(a.h.data(), a.a.data(), M, f);
   } else {
     linear_forward(a.ln2.data(), M, lw.fc1_w, lw.fc1_b, f, d, a.h.data());
-    gelu_forward(a.h.data(), a.a.data(), M * f);
+    if (s.quick_gelu)
+      quick_gelu_forward(a.h.data(), a.a.data(), M * f);
+    else
+      gelu_forward(a.h.data(), a.a.data(), M * f);
   }
   const PackedLinear fc2 = pack_linear(lw.fc2_w, lw.fc2_b, d, f);
   if (lw.ls2)
@@ -443,6 +455,8 @@ void vit_block_backward(const VitTrainLayerView& lw, const VitTrainLayerView& lg
   linear_backward(a.a.data(), lw.fc2_w, dbranch, M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
   if (s.swiglu)
     swiglu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M, f);
+  else if (s.quick_gelu)
+    quick_gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
   else
     gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
   linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, s.swiglu ? 2 * f : f, d, acts.dln.data(), lg.fc1_w,
@@ -493,7 +507,8 @@ VitTrainView bind_view(const VitTrainModel& m, float* buffer) {
   v.reg_tokens = m.config.num_register_tokens ? at(e + "register_tokens") : nullptr;
   v.pos_embed = at(e + "position_embeddings");
   v.patch_w = at(e + "patch_embeddings.projection.weight");
-  v.patch_b = at(e + "patch_embeddings.projection.bias");
+  v.patch_b = m.config.patch_bias ? at(e + "patch_embeddings.projection.bias") : nullptr;
+  if (m.config.pre_norm) v.pre_norm_w = at(m.base + "pre_layernorm.weight"), v.pre_norm_b = at(m.base + "pre_layernorm.bias");
   for (int64_t i = 0; i < m.config.num_hidden_layers; ++i) {
     const std::string l = m.base + "encoder.layer." + std::to_string(i) + ".";
     const LayerNames n = layer_names(m.config);
@@ -568,9 +583,10 @@ VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& conf
   const VitConfig& c = inf->encoder.config;
   const ClassifierWeights& h = inf->classifier;
   const std::string what = config_file + " (" + inf->architecture + ")";
-  check(c.num_distillation_tokens == 0 && !c.pre_norm && c.activation == MlpActivation::Gelu,
-        what + ": training supports timm ViTs with GELU MLPs, without a distillation token (timm's distilled "
-               "DeiT) or norm_pre (CLIP towers)");
+  check(c.num_distillation_tokens == 0 &&
+            (c.activation == MlpActivation::Gelu || c.activation == MlpActivation::QuickGelu),
+        what + ": training supports timm ViTs with GELU or QuickGELU MLPs, without a distillation token (timm's "
+               "distilled DeiT)");
   check((h.timm_pool == "token" && c.class_token) || h.timm_pool == "avg",
         what + ": training supports global_pool \"token\" (on a class token) or \"avg\"");
   check(h.num_labels > 0, what + ": the model has no classification head (num_classes 0) to train");
@@ -587,9 +603,10 @@ VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& conf
   m.num_labels = h.num_labels;
   m.pool_avg = h.timm_pool == "avg";
   m.fc_norm = !h.fc_norm_weight.empty();
+  const SafeTensors st = open_single_checkpoint(dir);
+  m.config.patch_bias = st.contains("patch_embed.proj.bias");  // CLIP towers have none
   m.params = vit_train_layout(m.config, m.base, m.num_labels, false, false);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
-  const SafeTensors st = open_single_checkpoint(dir);
   read_mapped(m, st, detail::timm_style_names(m, "", "head"));
   return m;
 }
@@ -965,8 +982,13 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
   std::vector<float>& embedded = acts.dembedded;  // free until the backward
   linear_forward(acts.patches.data(), B * np, w.patch_w, w.patch_b, d, kp, embedded.data());
   float* x0 = acts.layers.empty() ? acts.x_out.data() : acts.layers[0].x.data();
+  if (c.pre_norm) {  // the embeddings go to x_pre; norm_pre of it is x₀
+    acts.x_pre.resize(static_cast<size_t>(B * T * d));
+    acts.mean_pre.resize(static_cast<size_t>(B * T)), acts.rstd_pre.resize(static_cast<size_t>(B * T));
+  }
+  float* emb = c.pre_norm ? acts.x_pre.data() : x0;
   for (int64_t b = 0; b < B; ++b) {
-    float* xb = x0 + b * T * d;
+    float* xb = emb + b * T * d;
     // Prefix: [class token], [distillation token], [register tokens] (timm: cls, reg).
     int64_t row = 0;
     if (w.cls_token) std::memcpy(xb + d * row++, w.cls_token, sizeof(float) * d);
@@ -976,8 +998,12 @@ void vit_train_encoder_forward(const VitTrainModel& model, const Tensor& pixel_v
     if (det) std::memcpy(xb + (pre + np) * d, w.det_tokens, sizeof(float) * det * d);
     for (int64_t i = 0; i < T * d; ++i) xb[i] += acts.pos[i];
   }
+  if (c.pre_norm)
+    layer_norm_forward(acts.x_pre.data(), B * T, d, w.pre_norm_w, w.pre_norm_b, c.layer_norm_eps, x0,
+                       acts.mean_pre.data(), acts.rstd_pre.data());
 
-  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps, c.activation == MlpActivation::SwiGlu};
+  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps, c.activation == MlpActivation::SwiGlu,
+                               c.activation == MlpActivation::QuickGelu};
   for (size_t li = 0; li < acts.layers.size(); ++li) {
     float* next = li + 1 < acts.layers.size() ? acts.layers[li + 1].x.data() : acts.x_out.data();
     detail::vit_block_forward(w.layers[li], dims, acts.layers[li], next);
@@ -1149,7 +1175,8 @@ void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations&
   const int64_t kp = c.num_channels * c.patch_size * c.patch_size;
   VitTrainView w = bind_view(model, const_cast<float*>(model.weights.data()));
   VitTrainView g = bind_view(model, grads.data());
-  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps, c.activation == MlpActivation::SwiGlu};
+  const detail::BlockDims dims{B, T, d, f, heads, c.layer_norm_eps, c.activation == MlpActivation::SwiGlu,
+                               c.activation == MlpActivation::QuickGelu};
   const TrainParam* mid_param = acts.mid_pos.empty() ? nullptr : &model.param(model.base + "encoder.mid_position_embeddings");
   std::vector<float> dmid;
   for (size_t li = acts.layers.size(); li-- > 0;) {
@@ -1165,6 +1192,12 @@ void vit_train_encoder_backward(const VitTrainModel& model, VitTrainActivations&
     detail::vit_block_backward(w.layers[li], g.layers[li], dims, acts.layers[li], acts);
   }
 
+  if (c.pre_norm) {  // x₀ = norm_pre(embeddings): dx becomes the embeddings' gradient
+    std::vector<float> demb(acts.dx.size(), 0.0f);
+    layer_norm_backward(acts.dx.data(), acts.x_pre.data(), acts.mean_pre.data(), acts.rstd_pre.data(), w.pre_norm_w,
+                        B * T, d, demb.data(), g.pre_norm_w, g.pre_norm_b);
+    acts.dx = std::move(demb);
+  }
   // Embeddings: x₀[b] = [cls, patch rows] + pos. Sums over the batch run in image order.
   const float* dx = acts.dx.data();
   std::vector<float> dpos(static_cast<size_t>(T * d), 0.0f);

@@ -51,6 +51,8 @@ struct VitConfig {
   // YOLOS use_mid_position_embeddings (the training pass reads it; inference keeps the tables in
   // VitWeights::mid_pos_embed).
   bool mid_position_embeddings = false;
+  // The patch projection has a bias (timm's CLIP towers have none; the training pass reads it).
+  bool patch_bias = true;
   MlpActivation activation = MlpActivation::Gelu;
   PosResample pos_resample = PosResample::HfScaleBicubic;
 

@@ -118,6 +118,7 @@ struct VitTrainView {
   float *cls_token, *dist_token;  // [D]; the class token (null without one: timm class_token False),
                                   // the distillation token (DeiT) or null
   float* reg_tokens = nullptr;    // timm's register tokens [registers, D], or null
+  float *pre_norm_w = nullptr, *pre_norm_b = nullptr;  // timm's norm_pre (CLIP) [D], or null
   float *pos_embed;               // [prefix + N (+ detection tokens), D]
   float *patch_w, *patch_b;      // [D, C·p·p] (the convolution [D, C, p, p]), [D]
   std::vector<VitTrainLayerView> layers;
@@ -177,6 +178,7 @@ struct VitTrainActivations {
   std::vector<float> patches;  // [B·Np, C·p·p]
   std::vector<float> pos;      // [T, D] the position embedding at this size
   std::vector<std::vector<float>> mid_pos;  // YOLOS's mid position embeddings at this size, [T, D] each
+  std::vector<float> x_pre, mean_pre, rstd_pre;  // timm's norm_pre: its input [M, D], mean and rstd [M]
   struct Layer {
     std::vector<float> x, ln1, mean1, rstd1, qkv, ctx, lse, x_mid, ln2, mean2, rstd2, h, a;
     std::vector<float> z1, z2;  // layer scale: the branches before λ [M, D] (else empty)
