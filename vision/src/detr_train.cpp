@@ -607,13 +607,8 @@ TrainStepResult detr_train_step(VitTrainModel& model, VitTrainState& state, cons
   SetLossResult r;
   TrainStepResult out;
   out.loss = detr_train_loss_and_grad(model, pixel_values, targets, *state.detr_acts, state.grads, &r);
-  const int64_t Q = model.detr.queries, K1 = model.num_labels + 1;
-  const auto& logits = state.detr_acts->heads.back().logits;
-  for (size_t b = 0; b < r.layers.back().matches.size(); ++b)
-    for (const auto& [q, t] : r.layers.back().matches[b]) {
-      const float* row = logits.data() + (static_cast<int64_t>(b) * Q + q) * K1;
-      out.correct += std::max_element(row, row + K1 - 1) - row == targets[b].labels[static_cast<size_t>(t)];
-    }
+  out.correct = detail::matched_correct(r, state.detr_acts->heads.back().logits.data(), model.detr.queries,
+                                        model.num_labels + 1, targets);
   out.grad_norm = vit_train_apply_gradients(model, state, o);
   if (detail) *detail = std::move(r);
   return out;

@@ -1,5 +1,6 @@
 #pragma once
 // What the training passes share inside the library (vit_train.cpp, yolos_train.cpp).
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -77,6 +78,19 @@ nlohmann::ordered_json hf_train_config(const VitConfig& c, const std::string& ar
 // (DetrConfig / YolosConfig defaults where absent; the class loss weighs 1 in both).
 std::string fixed_size_detection_processor_json(const std::string& type, int64_t height, int64_t width);
 SetLossConfig set_loss_config_from(const std::string& config_json);
+
+// The matched queries (the model's output, matches' last layer) whose best real class (no-object
+// excluded) is their target's; logits [B·slots, K + 1].
+inline int64_t matched_correct(const SetLossResult& r, const float* logits, int64_t slots, int64_t k1,
+                               const std::vector<DetectionTarget>& targets) {
+  int64_t correct = 0;
+  for (size_t b = 0; b < r.layers.back().matches.size(); ++b)
+    for (const auto& [q, t] : r.layers.back().matches[b]) {
+      const float* row = logits + (static_cast<int64_t>(b) * slots + q) * k1;
+      correct += std::max_element(row, row + k1 - 1) - row == targets[b].labels[static_cast<size_t>(t)];
+    }
+  return correct;
+}
 
 // y[M,N] = x[M,K]·W[N,K]ᵀ + b, packed per call (the weights change every step).
 inline void train_linear(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K, float* y) {

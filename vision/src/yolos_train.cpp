@@ -320,12 +320,8 @@ TrainStepResult yolos_train_step(VitTrainModel& model, VitTrainState& state, con
   SetLossResult r;
   TrainStepResult out;
   out.loss = yolos_train_loss_and_grad(model, pixel_values, targets, state.acts, state.grads, &r);
-  const int64_t S = model.config.num_detection_tokens, K1 = model.num_labels + 1;
-  for (size_t b = 0; b < r.layers.back().matches.size(); ++b)
-    for (const auto& [q, t] : r.layers.back().matches[b]) {
-      const float* row = state.acts.logits.data() + (static_cast<int64_t>(b) * S + q) * K1;
-      out.correct += std::max_element(row, row + K1 - 1) - row == targets[b].labels[static_cast<size_t>(t)];
-    }
+  out.correct = detail::matched_correct(r, state.acts.logits.data(), model.config.num_detection_tokens,
+                                        model.num_labels + 1, targets);
   out.grad_norm = vit_train_apply_gradients(model, state, o);
   if (detail) *detail = std::move(r);
   return out;
