@@ -193,6 +193,7 @@ int train_classify(const TrainArgs& a) {
   o.min_lr = a.min_lr;
   o.augment.enabled = !a.no_augment;
   o.augment.elastic = a.elastic;
+  o.augment.hflip = a.hflip;
   o.step = train_step_options(a);
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
   if (a.freeze_encoder && !a.no_augment)
@@ -209,7 +210,7 @@ int train_classify(const TrainArgs& a) {
       {"task", "classify"}, {"data", a.data},      {"batch", std::to_string(a.batch)},
       {"seed", std::to_string(a.seed)},            {"total_steps", std::to_string(total)},
       {"optimizer", a.optimizer},                  {"augment", a.no_augment || a.freeze_encoder ? "0" : "1"},
-      {"elastic", fmt("%g", a.elastic)},
+      {"elastic", fmt("%g", a.elastic)},          {"hflip", a.hflip ? "1" : "0"},
       {"freeze_encoder", a.freeze_encoder ? "1" : "0"}};
   VitTrainState state;
   if (a.resume && !fs::exists(ckpt))
@@ -306,7 +307,7 @@ int train_classify(const TrainArgs& a) {
        << (!o.augment.enabled ? std::string(a.freeze_encoder ? "none (--freeze-encoder: a linear probe on cached features)" : "none")
                         : "affine (±" + fmt("%g", o.augment.rotate_degrees) + "°, ±" + fmt("%g", 100 * o.augment.scale) +
                               "% scale, shear ±" + fmt("%g", o.augment.shear) + ", ±" + fmt("%g", 100 * o.augment.translate) +
-                              "% shift), brightness/contrast ±" + fmt("%g", 100 * o.augment.contrast) + "%, blur p=" +
+                              "% shift)" + (o.augment.hflip ? ", horizontal flip" : "") + ", brightness/contrast ±" + fmt("%g", 100 * o.augment.contrast) + "%, blur p=" +
                               fmt("%g", o.augment.blur_probability) +
                               (o.augment.elastic > 0 ? ", elastic distortion " + fmt("%g", o.augment.elastic) : ""))
        << " |\n"
@@ -376,6 +377,9 @@ void add_train(CLI::App& app, Action& action) {
       ->check(CLI::IsMember({"linear", "mask_transformer"}));
   cmd->add_flag("--no-aux-loss", a.no_aux_loss, "detect, a new DETR head: the set loss on the last decoder layer only");
   cmd->add_flag("--no-augment", a.no_augment, "Every image through the model's processor and nothing else");
+  cmd->add_flag("--hflip", a.hflip,
+                "Augmentation flips half the images horizontally (with their boxes or masks); off by default, "
+                "as digits and text are not mirror-symmetric");
   cmd->add_flag("--no-shuffle", a.no_shuffle, "Batches in data order");
   cmd->add_flag("--resume", a.resume, "Continue from --out/checkpoint.safetensors (bit-identical to an uninterrupted run)");
   cmd->add_option("--checkpoint-every", a.checkpoint_every, "Steps between checkpoints (default: every epoch)")->check(CLI::NonNegativeNumber);

@@ -30,7 +30,7 @@ struct TrainArgs {
   double min_lr = 0.0;        // the cosine's floor
   double elastic = 0.0;       // elastic distortion strength (classify augmentation); 0: off
   int64_t warmup = 0;         // linear warm-up steps
-  bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false;
+  bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false, hflip = false;
   bool crops = false;  // segment --arch: train on image_size crops at the images' own resolution
   // detect, a new DETR head (--arch detr-digits, or --init a ViT classifier): its queries and
   // decoder layers (0: the preset's), auxiliary loss on unless --no-aux-loss.

@@ -145,8 +145,16 @@ int train_detect(const TrainArgs& a) {
   o.warmup_steps = a.warmup;
   o.min_lr = a.min_lr;
   o.augment.enabled = !a.no_augment;
+  o.augment.hflip = a.hflip;
   o.step = train_step_options(a);
   const int64_t total = detector_total_steps(data, o), per_epoch = detector_steps_per_epoch(data, o);
+  if (a.freeze_encoder && o.augment.enabled)
+    std::fprintf(stderr, "note: --freeze-encoder with augmentation runs the frozen encoder on every augmented batch; "
+                         "with --no-augment it encodes each image once and trains the head on the cached features\n");
+  const bool cached = detector_caches_features(model, data, processor, o);
+  if (a.freeze_encoder && !o.augment.enabled && !cached)
+    std::fprintf(stderr, "note: the features of %zu images would not fit the cache (8 GiB): the frozen encoder runs "
+                         "on every batch\n", data.size());
 
   const fs::path out(a.out);
   std::error_code ec;
@@ -156,7 +164,7 @@ int train_detect(const TrainArgs& a) {
   const std::map<std::string, std::string> identity = {
       {"task", "detect"}, {"data", a.data}, {"batch", std::to_string(a.batch)}, {"seed", std::to_string(a.seed)},
       {"total_steps", std::to_string(total)}, {"optimizer", a.optimizer}, {"augment", a.no_augment ? "0" : "1"},
-      {"freeze_encoder", a.freeze_encoder ? "1" : "0"}};
+      {"freeze_encoder", a.freeze_encoder ? "1" : "0"}, {"hflip", a.hflip ? "1" : "0"}};
   VitTrainState state;
   if (a.resume) {
     check(fs::exists(ckpt), ckpt.string() + ": no checkpoint to resume (run without --resume to start)");
@@ -192,6 +200,10 @@ int train_detect(const TrainArgs& a) {
               "augmentation %s, %d threads\n",
               (long long)total, (long long)per_epoch, (long long)a.batch, a.optimizer.c_str(), a.lr, (long long)a.warmup,
               a.weight_decay, a.clip_grad, a.no_augment ? "off" : "on", num_threads());
+  if (cached)
+    std::printf("frozen encoder: each image encoded once, %.1f MiB of cached features\n",
+                static_cast<double>(data.size()) * static_cast<double>((height / c.patch_size) * (width / c.patch_size) *
+                                                                       c.hidden_size) * 4.0 / (1024.0 * 1024.0));
   std::fflush(stdout);
 
   TrainLog log(a.out, total, state.step, {"class_loss", "l1_loss", "giou_loss", "match_acc"});
@@ -282,7 +294,9 @@ int train_detect(const TrainArgs& a) {
        << "| augmentation | "
        << (a.no_augment ? std::string("none")
                         : "scale ±" + fmt("%g", 100 * o.augment.scale) + "%, shift up to " +
-                              fmt("%g", 100 * o.augment.translate) + "% (boxes kept inside)")
+                              fmt("%g", 100 * o.augment.translate) + "% (boxes kept inside)" +
+                              (o.augment.hflip ? ", horizontal flip" : "") + ", brightness/contrast ±" +
+                              fmt("%g", 100 * o.augment.contrast) + "%")
        << " |\n"
        << "| loss | Hungarian set loss: 1·CE (no-object weight 0.1) + 5·L1 + 2·GIoU"
        << (model.is_detr() && dh.auxiliary_loss ? " on every decoder layer" : "") << " |\n"

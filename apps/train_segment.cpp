@@ -156,12 +156,26 @@ int train_segment(const TrainArgs& args) {
   o.batch = args.batch;
   o.shuffle = !args.no_shuffle;
   o.augment = !args.no_augment;
+  o.hflip = args.hflip;
   o.seed = args.seed;
   o.warmup_steps = args.warmup;
   o.min_lr = args.min_lr;
   o.step = train_step_options(args);  // --label-smoothing is refused above
   const int64_t total = segmenter_total_steps(data.size(), o);
   const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;
+  if (args.freeze_encoder && o.augment)
+    std::fprintf(stderr, "note: --freeze-encoder with augmentation runs the frozen encoder on every augmented batch; "
+                         "with --no-augment it encodes each image once and trains the decoder on the cached features\n");
+  if (segmenter_caches_features(model, data.size(), o)) {
+    const VitConfig& vc = model.vit.config;
+    std::fprintf(stderr, "frozen encoder: each image encoded once, %.1f MiB of cached features\n",
+                 static_cast<double>(data.size()) *
+                     static_cast<double>((vc.image_height / vc.patch_size) * (vc.image_width / vc.patch_size) *
+                                         vc.hidden_size) * 4.0 / (1024.0 * 1024.0));
+  } else if (args.freeze_encoder && !o.augment) {
+    std::fprintf(stderr, "note: the features of %zu images would not fit the cache (8 GiB): the frozen encoder runs "
+                         "on every batch\n", data.size());
+  }
 
   std::error_code ec;
   fs::create_directories(args.out, ec);

@@ -21,6 +21,7 @@
 #include "cli_util.hpp"
 #include "tessera/detect_trainer.hpp"
 #include "tessera/detection.hpp"
+#include "tessera/detr_train.hpp"
 #include "tessera/model.hpp"
 #include "tessera/safetensors.hpp"
 #include "tessera/yolos_train.hpp"
@@ -86,10 +87,24 @@ TEST_CASE("augmented boxes follow the augmented pixels", "[detect_trainer]") {
   DetectorTrainOptions o;
   o.batch = 1, o.seed = 5;
   o.augment.scale = 0.3, o.augment.translate = 0.3;
+  o.augment.hflip = GENERATE(false, true);  // the boxes are off-centre: a flip must move them
+  INFO("hflip " << o.augment.hflip);
+  int mirrored = 0;
   for (int64_t step = 0; step < 6; ++step) {
-    std::vector<DetectionTarget> targets;
+    std::vector<DetectionTarget> targets, unflipped;
     const Tensor x = detection_batch(data, {static_cast<size_t>(step)}, processor, o, step, &targets);
     REQUIRE(targets.size() == 1);
+    // The geometry is drawn before the flip: the same seed without flips gives the same boxes or
+    // their mirror images.
+    DetectorTrainOptions no_flip = o;
+    no_flip.augment.hflip = false;
+    detection_batch(data, {static_cast<size_t>(step)}, processor, no_flip, step, &unflipped);
+    REQUIRE(unflipped[0].boxes.size() == targets[0].boxes.size());
+    bool mirror = false;
+    for (size_t k = 0; k < targets[0].boxes.size(); ++k)
+      mirror |= std::abs(targets[0].boxes[k][0] - (1.0f - unflipped[0].boxes[k][0])) < 1e-5f &&
+                std::abs(targets[0].boxes[k][0] - unflipped[0].boxes[k][0]) > 1e-3f;
+    mirrored += mirror;
     // Every box must cover light pixels (channel 0 normalised above 0) and its border ring none
     // beyond a pixel of interpolation.
     for (const auto& b : targets[0].boxes) {
@@ -112,6 +127,9 @@ TEST_CASE("augmented boxes follow the augmented pixels", "[detect_trainer]") {
         CHECK(covered);
       }
   }
+  // Half the images flip: with 6 of them, none flipping would be a 1-in-64 draw (this seed flips some).
+  if (o.augment.hflip) CHECK(mirrored > 0);
+  else CHECK(mirrored == 0);
 }
 
 TEST_CASE("one SGD step of lr 1 over the data leaves w - g", "[detect_trainer]") {
@@ -160,6 +178,46 @@ TEST_CASE("a resumed detection run is bit-identical to an uninterrupted one", "[
   CHECK(resumed.weights == whole.weights);
   CHECK(resumed_state.m == whole_state.m);
   CHECK(resumed_state.v == whole_state.v);
+}
+
+TEST_CASE("a DETR head on a frozen encoder trains alike from cached features", "[detect_trainer]") {
+  // --freeze-encoder without augmentation encodes each image once; the run must be the one that
+  // encodes every batch again: same losses, same weights, bit for bit (the encoder's rows do not
+  // depend on which images share its batch).
+  TempDir tmp;
+  const DetectionData data = load_detection_data(write_coco(tmp.path, 6, 32, 32));
+  const PreprocessConfig processor = parse_preprocess_config(detr_preprocessor_json(32, 32), "test");
+  VitConfig c = detr_train_preset("detr-digits", 32, 32, nullptr);
+  c.hidden_size = 32, c.num_attention_heads = 2, c.num_hidden_layers = 1, c.intermediate_size = 64;
+  DetrHeadConfig head;
+  head.d_model = 16, head.queries = 4, head.layers = 2, head.heads = 2, head.ffn = 32;
+  VitTrainModel cached = make_detr_train_model(c, head, data.labels, 3);
+  cached.frozen_encoder = true;
+  VitTrainModel uncached = cached;
+  const VitTrainModel before = cached;
+  DetectorTrainOptions o;
+  o.batch = 2, o.epochs = 2, o.seed = 5, o.warmup_steps = 1, o.augment.enabled = false;
+  o.step.lr = 1e-2f, o.step.weight_decay = 0.05f, o.step.clip_grad = 1.0f;
+  CHECK(detector_caches_features(cached, data, processor, o));
+  std::vector<double> a, b;
+  VitTrainState sa, sb;
+  train_detector(cached, sa, data, processor, o, [&](const DetectorProgress& p) { a.push_back(p.loss); });
+  o.cache_features = false;
+  CHECK(!detector_caches_features(uncached, data, processor, o));
+  train_detector(uncached, sb, data, processor, o, [&](const DetectorProgress& p) { b.push_back(p.loss); });
+  CHECK(a.size() == 6);
+  CHECK(a == b);
+  CHECK(cached.weights == uncached.weights);
+  CHECK(cached.weights != before.weights);
+  // Only the head moved.
+  for (const TrainParam& p : cached.params)
+    if (cached.is_frozen(p))
+      for (int64_t i = 0; i < p.numel(); ++i) REQUIRE(cached.weights[p.offset + i] == before.weights[p.offset + i]);
+  // With augmentation, or a limit the cache does not fit, every batch is encoded again.
+  o.cache_features = true, o.cache_limit_bytes = 10;
+  CHECK(!detector_caches_features(cached, data, processor, o));
+  o.cache_limit_bytes = 1e9, o.augment.enabled = true;
+  CHECK(!detector_caches_features(cached, data, processor, o));
 }
 
 TEST_CASE("tessera train --task detect publishes a folder that load_model and eval read", "[detect_trainer][cli]") {

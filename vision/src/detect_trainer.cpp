@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <numeric>
 #include <random>
+#include <tuple>
+#include <utility>
 
 #include <opencv2/imgproc.hpp>
 
@@ -85,14 +87,21 @@ cv::Mat augment(const cv::Mat& rgb, DetectionTarget& t, const DetectionAugment& 
   };
   const double tx = shift(x0, x1, cx, W), ty = shift(y0, y1, cy, H);
   const cv::Matx23d m(s, 0, (1 - s) * cx + tx, 0, s, (1 - s) * cy + ty);
+  // Drawn after the geometry's draws, so the geometry of a seed does not depend on them.
+  const bool flip = a.hflip && u(rng) < 0.5;
+  const double gain = 1.0 + a.contrast * (2 * u(rng) - 1), bias = a.brightness * (2 * u(rng) - 1) * 255.0;
   cv::Mat out;
   cv::warpAffine(rgb, out, m, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
+  if (flip) cv::flip(out, out, 1);
+  // Contrast about mid-grey, then brightness; saturating (as the classifier's augmentation).
+  out.convertTo(out, -1, gain, bias + 127.5 * (1 - gain));
   for (auto& b : t.boxes) {
     const double bx = (s * (b[0] * W - cx) + cx + tx) / W, by = (s * (b[1] * H - cy) + cy + ty) / H;
     double bw = s * b[2], bh = s * b[3];
     // Clip to the image (rounding can push an edge box past it by a hair).
     double l = std::max(0.0, bx - bw / 2), r = std::min(1.0, bx + bw / 2);
     double tp = std::max(0.0, by - bh / 2), bt = std::min(1.0, by + bh / 2);
+    if (flip) std::tie(l, r) = std::make_pair(1.0 - r, 1.0 - l);
     b = {static_cast<float>((l + r) / 2), static_cast<float>((tp + bt) / 2), static_cast<float>(r - l),
          static_cast<float>(bt - tp)};
   }
@@ -130,6 +139,30 @@ Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& ind
   return out;
 }
 
+bool detector_caches_features(const VitTrainModel& model, const DetectionData& data, const PreprocessConfig& processor,
+                               const DetectorTrainOptions& o) {
+  if (!model.is_detr() || !model.frozen_encoder || o.augment.enabled || !o.cache_features) return false;
+  const int64_t per_image = (processor.height / model.config.patch_size) * (processor.width / model.config.patch_size) *
+                            model.config.hidden_size;
+  return static_cast<double>(per_image) * 4.0 * static_cast<double>(data.size()) <= o.cache_limit_bytes;
+}
+
+namespace {
+
+DetectorProgress detector_progress(int64_t s, int64_t total, int64_t per_epoch, double lr, const TrainStepResult& r,
+                                   const SetLossResult& detail, int64_t batch) {
+  DetectorProgress p;
+  p.step = s + 1, p.total = total, p.epoch = s / per_epoch;
+  p.loss = r.loss, p.lr = lr, p.grad_norm = r.grad_norm;
+  p.class_loss = detail.layers.back().class_loss, p.l1_loss = detail.layers.back().l1_loss;
+  p.giou_loss = detail.layers.back().giou_loss;
+  for (const auto& m : detail.layers.back().matches) p.matched += static_cast<int64_t>(m.size());
+  p.correct = r.correct, p.batch = batch;
+  return p;
+}
+
+}  // namespace
+
 void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionData& data,
                     const PreprocessConfig& processor, const DetectorTrainOptions& o,
                     const std::function<void(const DetectorProgress&)>& on_step, int64_t stop_before) {
@@ -140,6 +173,40 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
                                                         " labels");
   const int64_t total = detector_total_steps(data, o), per_epoch = detector_steps_per_epoch(data, o);
   const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  if (state.step < end && detector_caches_features(model, data, processor, o)) {
+    // --freeze-encoder without augmentation: every image through the frozen encoder once, in file
+    // order; each step then gathers its images' rows and trains the head alone.
+    const int64_t gh = processor.height / model.config.patch_size, gw = processor.width / model.config.patch_size;
+    const int64_t per_image = gh * gw * model.config.hidden_size, n = static_cast<int64_t>(data.size());
+    std::vector<float> cache(static_cast<size_t>(n * per_image));
+    DetrTrainActivations encode_acts;
+    DetectorTrainOptions plain = o;
+    plain.augment.enabled = false;
+    for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
+      std::vector<size_t> idx;
+      for (int64_t i = i0; i < std::min(n, i0 + o.batch); ++i) idx.push_back(static_cast<size_t>(i));
+      const Tensor x = detection_batch(data, idx, processor, plain, 0, nullptr);
+      detr_encode_features(model, x, encode_acts, cache.data() + i0 * per_image);
+    }
+    std::vector<float> features(static_cast<size_t>(o.batch * per_image));
+    while (state.step < end) {
+      const int64_t s = state.step;
+      const std::vector<size_t> idx = detector_batch_indices(data, o, s);
+      std::vector<DetectionTarget> targets;
+      for (size_t i = 0; i < idx.size(); ++i) {
+        std::copy_n(cache.data() + static_cast<int64_t>(idx[i]) * per_image, per_image,
+                    features.data() + static_cast<int64_t>(i) * per_image);
+        targets.push_back(data.targets[idx[i]]);
+      }
+      TrainStepOptions step = o.step;
+      step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
+      SetLossResult detail;
+      const TrainStepResult r = detr_train_step_features(model, state, features.data(),
+                                                         static_cast<int64_t>(idx.size()), gh, gw, targets, step, &detail);
+      if (on_step) on_step(detector_progress(s, total, per_epoch, step.lr, r, detail, o.batch));
+    }
+    return;
+  }
   struct Batch {
     Tensor pixels;
     std::vector<DetectionTarget> targets;
@@ -164,16 +231,7 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
     SetLossResult detail;
     const TrainStepResult r = model.is_detr() ? detr_train_step(model, state, pixels, targets, step, &detail)
                                                : yolos_train_step(model, state, pixels, targets, step, &detail);
-    if (on_step) {
-      DetectorProgress p;
-      p.step = s + 1, p.total = total, p.epoch = s / per_epoch;
-      p.loss = r.loss, p.lr = step.lr, p.grad_norm = r.grad_norm;
-      p.class_loss = detail.layers.back().class_loss, p.l1_loss = detail.layers.back().l1_loss;
-      p.giou_loss = detail.layers.back().giou_loss;
-      for (const auto& m : detail.layers.back().matches) p.matched += static_cast<int64_t>(m.size());
-      p.correct = r.correct, p.batch = o.batch;
-      on_step(p);
-    }
+    if (on_step) on_step(detector_progress(s, total, per_epoch, step.lr, r, detail, o.batch));
   }
 }
 

@@ -347,15 +347,14 @@ std::string detr_preprocessor_json(int64_t height, int64_t width) {
 
 SetLossConfig detr_set_loss_config(const VitTrainModel& model) { return detail::set_loss_config_from(model.config_json); }
 
-void detr_train_forward(const VitTrainModel& model, const Tensor& pixel_values, DetrTrainActivations& acts) {
-  check(model.is_detr(), "detr_train_forward: not a vit-detr model");
+namespace {
+
+// Sizes the head's activations for a batch of B images on a gh x gw patch grid.
+void size_head(const VitTrainModel& model, int64_t B, int64_t gh, int64_t gw, DetrTrainActivations& acts) {
   const VitConfig& c = model.config;
   const DetrHeadShape& hs = model.detr;
-  vit_train_encoder_forward(model, pixel_values, acts.encoder);
-  VitTrainActivations& e = acts.encoder;
-  const int64_t B = e.batch, gh = e.height / c.patch_size, gw = e.width / c.patch_size, N = gh * gw;
-  const int64_t pre = c.num_prefix_tokens(), T = pre + N, denc = c.hidden_size;
-  const int64_t D = hs.d_model, Q = hs.queries, F = hs.ffn, H = hs.heads, hd = D / H, M = B * Q, R = B * N;
+  const int64_t N = gh * gw, denc = c.hidden_size;
+  const int64_t D = hs.d_model, Q = hs.queries, F = hs.ffn, H = hs.heads, M = B * Q, R = B * N;
   const int64_t K1 = model.num_labels + 1;
   const int64_t outputs = hs.auxiliary_loss ? hs.layers : 1;
   if (acts.batch != B || acts.grid_h != gh || acts.grid_w != gw ||
@@ -383,13 +382,16 @@ void detr_train_forward(const VitTrainModel& model, const Tensor& pixel_values, 
     sized(acts.dhidden, M * F), sized(acts.dmem, R * D), sized(acts.dmem_pos, R * D), sized(acts.dck, R * D);
     sized(acts.dcv, R * D), sized(acts.denc_norm, R * denc), sized(acts.denc_rows, R * denc);
   }
-  const VitTrainView ev = bind_view(model, const_cast<float*>(model.weights.data()));
+}
+
+// The head on acts.enc_norm (the encoder's normed patch rows, [B·N, denc]) → acts.heads.
+void head_forward(const VitTrainModel& model, DetrTrainActivations& acts) {
+  const DetrHeadShape& hs = model.detr;
+  const int64_t B = acts.batch, N = acts.grid_h * acts.grid_w, denc = model.config.hidden_size;
+  const int64_t D = hs.d_model, Q = hs.queries, F = hs.ffn, H = hs.heads, hd = D / H, M = B * Q, R = B * N;
+  const int64_t K1 = model.num_labels + 1;
+  const int64_t outputs = hs.auxiliary_loss ? hs.layers : 1;
   const DetrView w = bind_detr(model, const_cast<float*>(model.weights.data()));
-  // The encoder's final norm (HF ViTModel's layernorm) on the patch rows; the prefix is dropped.
-  for (int64_t b = 0; b < B; ++b)
-    std::memcpy(acts.enc_rows.data() + b * N * denc, e.x_out.data() + (b * T + pre) * denc, sizeof(float) * N * denc);
-  layer_norm_forward(acts.enc_rows.data(), R, denc, ev.norm_w, ev.norm_b, c.layer_norm_eps, acts.enc_norm.data(),
-                     acts.enc_mean.data(), acts.enc_rstd.data());
   linear_forward(acts.enc_norm.data(), R, w.proj_w, w.proj_b, D, denc, acts.memory.data());
   add_rows(acts.memory.data(), acts.pos.data(), B, N * D, acts.memory_pos.data());
 
@@ -448,11 +450,59 @@ void detr_train_forward(const VitTrainModel& model, const Tensor& pixel_values, 
   }
 }
 
+}  // namespace
+
+void detr_train_forward(const VitTrainModel& model, const Tensor& pixel_values, DetrTrainActivations& acts) {
+  check(model.is_detr(), "detr_train_forward: not a vit-detr model");
+  const VitConfig& c = model.config;
+  vit_train_encoder_forward(model, pixel_values, acts.encoder);
+  const VitTrainActivations& e = acts.encoder;
+  const int64_t B = e.batch, gh = e.height / c.patch_size, gw = e.width / c.patch_size, N = gh * gw;
+  const int64_t pre = c.num_prefix_tokens(), T = pre + N, denc = c.hidden_size, R = B * N;
+  size_head(model, B, gh, gw, acts);
+  const VitTrainView ev = bind_view(model, const_cast<float*>(model.weights.data()));
+  // The encoder's final norm (HF ViTModel's layernorm) on the patch rows; the prefix is dropped.
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(acts.enc_rows.data() + b * N * denc, e.x_out.data() + (b * T + pre) * denc, sizeof(float) * N * denc);
+  layer_norm_forward(acts.enc_rows.data(), R, denc, ev.norm_w, ev.norm_b, c.layer_norm_eps, acts.enc_norm.data(),
+                     acts.enc_mean.data(), acts.enc_rstd.data());
+  acts.from_features = false;
+  head_forward(model, acts);
+}
+
+void detr_encode_features(const VitTrainModel& model, const Tensor& pixel_values, DetrTrainActivations& acts,
+                          float* features) {
+  check(model.is_detr(), "detr_encode_features: not a vit-detr model");
+  const VitConfig& c = model.config;
+  vit_train_encoder_forward(model, pixel_values, acts.encoder);
+  const VitTrainActivations& e = acts.encoder;
+  const int64_t B = e.batch, N = (e.height / c.patch_size) * (e.width / c.patch_size);
+  const int64_t pre = c.num_prefix_tokens(), T = pre + N, denc = c.hidden_size, R = B * N;
+  std::vector<float> rows(static_cast<size_t>(R * denc)), mean(static_cast<size_t>(R)), rstd(static_cast<size_t>(R));
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(rows.data() + b * N * denc, e.x_out.data() + (b * T + pre) * denc, sizeof(float) * N * denc);
+  const VitTrainView ev = bind_view(model, const_cast<float*>(model.weights.data()));
+  layer_norm_forward(rows.data(), R, denc, ev.norm_w, ev.norm_b, c.layer_norm_eps, features, mean.data(), rstd.data());
+}
+
+void detr_train_forward_features(const VitTrainModel& model, const float* features, int64_t batch, int64_t grid_h,
+                                 int64_t grid_w, DetrTrainActivations& acts) {
+  check(model.is_detr() && model.frozen_encoder,
+        "detr_train_forward_features: the head alone trains on cached features (a vit-detr model, frozen encoder)");
+  check(batch > 0 && grid_h > 0 && grid_w > 0, "detr_train_forward_features: empty batch");
+  size_head(model, batch, grid_h, grid_w, acts);
+  std::copy_n(features, batch * grid_h * grid_w * model.config.hidden_size, acts.enc_norm.begin());
+  acts.from_features = true;
+  head_forward(model, acts);
+}
+
 void detr_train_backward(const VitTrainModel& model, DetrTrainActivations& acts,
                          const std::vector<const float*>& dlogits, const std::vector<const float*>& dboxes,
                          std::span<float> grads) {
   check(grads.size() == model.weights.size(), "detr_train_backward: gradient buffer size differs from the weights'");
   check(acts.batch > 0 && model.is_detr(), "detr_train_backward: run detr_train_forward first");
+  check(!acts.from_features || model.frozen_encoder,
+        "detr_train_backward: a forward from cached features has no encoder activations to go back through");
   const VitConfig& c = model.config;
   const DetrHeadShape& hs = model.detr;
   VitTrainActivations& e = acts.encoder;
@@ -569,10 +619,11 @@ void detr_train_backward(const VitTrainModel& model, DetrTrainActivations& acts,
   vit_train_encoder_backward(model, e, grads);
 }
 
-double detr_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
-                                const std::vector<DetectionTarget>& targets, DetrTrainActivations& acts,
-                                std::span<float> grads, SetLossResult* detail) {
-  detr_train_forward(model, pixel_values, acts);
+namespace {
+
+// The set loss on the heads of a forward already run, and the backward into grads.
+double loss_and_grad_after_forward(const VitTrainModel& model, const std::vector<DetectionTarget>& targets,
+                                   DetrTrainActivations& acts, std::span<float> grads, SetLossResult* detail) {
   const int64_t B = acts.batch, Q = model.detr.queries, K1 = model.num_labels + 1;
   check(static_cast<int64_t>(targets.size()) == B, "detr_train_loss_and_grad: " + std::to_string(targets.size()) +
                                                        " targets for a batch of " + std::to_string(B));
@@ -597,21 +648,49 @@ double detr_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_
   return loss;
 }
 
-TrainStepResult detr_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
-                                const std::vector<DetectionTarget>& targets, const TrainStepOptions& o,
-                                SetLossResult* detail) {
-  const size_t n = model.weights.size();
-  if (state.grads.size() != n) state.grads.assign(n, 0.0f);
-  std::fill(state.grads.begin(), state.grads.end(), 0.0f);
-  if (!state.detr_acts) state.detr_acts = std::make_shared<DetrTrainActivations>();
+TrainStepResult step_after_forward(VitTrainModel& model, VitTrainState& state, const std::vector<DetectionTarget>& targets,
+                                   const TrainStepOptions& o, SetLossResult* detail) {
   SetLossResult r;
   TrainStepResult out;
-  out.loss = detr_train_loss_and_grad(model, pixel_values, targets, *state.detr_acts, state.grads, &r);
+  out.loss = loss_and_grad_after_forward(model, targets, *state.detr_acts, state.grads, &r);
   out.correct = detail::matched_correct(r, state.detr_acts->heads.back().logits.data(), model.detr.queries,
                                         model.num_labels + 1, targets);
   out.grad_norm = vit_train_apply_gradients(model, state, o);
   if (detail) *detail = std::move(r);
   return out;
+}
+
+void prepare_step(const VitTrainModel& model, VitTrainState& state) {
+  const size_t n = model.weights.size();
+  if (state.grads.size() != n) state.grads.assign(n, 0.0f);
+  std::fill(state.grads.begin(), state.grads.end(), 0.0f);
+  if (!state.detr_acts) state.detr_acts = std::make_shared<DetrTrainActivations>();
+}
+
+}  // namespace
+
+double detr_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
+                                const std::vector<DetectionTarget>& targets, DetrTrainActivations& acts,
+                                std::span<float> grads, SetLossResult* detail) {
+  detr_train_forward(model, pixel_values, acts);
+  return loss_and_grad_after_forward(model, targets, acts, grads, detail);
+}
+
+TrainStepResult detr_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
+                                const std::vector<DetectionTarget>& targets, const TrainStepOptions& o,
+                                SetLossResult* detail) {
+  prepare_step(model, state);
+  detr_train_forward(model, pixel_values, *state.detr_acts);
+  return step_after_forward(model, state, targets, o, detail);
+}
+
+TrainStepResult detr_train_step_features(VitTrainModel& model, VitTrainState& state, const float* features,
+                                         int64_t batch, int64_t grid_h, int64_t grid_w,
+                                         const std::vector<DetectionTarget>& targets, const TrainStepOptions& o,
+                                         SetLossResult* detail) {
+  prepare_step(model, state);
+  detr_train_forward_features(model, features, batch, grid_h, grid_w, *state.detr_acts);
+  return step_after_forward(model, state, targets, o, detail);
 }
 
 }  // namespace tessera

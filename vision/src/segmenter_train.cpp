@@ -556,6 +556,26 @@ void mask_decoder_backward(const SegmenterTrainModel& m, SegmenterTrainActivatio
 
 }  // namespace
 
+namespace {
+
+void size_decoder(const SegmenterTrainModel& m, int64_t B, SegmenterTrainActivations& acts) {
+  const VitConfig& c = m.vit.config;
+  const int64_t H = c.image_height, W = c.image_width, p = c.patch_size;
+  const int64_t N = (H / p) * (W / p), d = c.hidden_size, K = m.num_classes, R = B * N;
+  auto sized = [](std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) != n) v.assign(static_cast<size_t>(n), 0.0f);
+  };
+  sized(acts.patches, R * d), sized(acts.normed, R * d), sized(acts.mean, R), sized(acts.rstd, R);
+  sized(acts.scores, R * K), sized(acts.masks, B * K * N);
+  sized(acts.dmasks, B * K * N), sized(acts.dscores, R * K), sized(acts.dnormed, R * d),
+      sized(acts.dpatches, R * d);
+  if (acts.logits.shape() != Shape{B, K, H, W}) acts.logits = Tensor({B, K, H, W});
+}
+
+const Tensor& decoder_forward(const SegmenterTrainModel& m, int64_t B, SegmenterTrainActivations& acts);
+
+}  // namespace
+
 const Tensor& segmenter_train_forward(const SegmenterTrainModel& m, const Tensor& pixel_values,
                                       SegmenterTrainActivations& acts) {
   const VitConfig& c = m.vit.config;
@@ -566,18 +586,10 @@ const Tensor& segmenter_train_forward(const SegmenterTrainModel& m, const Tensor
             "] (the config's image_size; other sizes would resample the position table), got " +
             shape_str(pixel_values.shape()));
   vit_train_encoder_forward(m.vit, pixel_values, acts.encoder);
-  const int64_t B = pixel_values.dim(0), H = c.image_height, W = c.image_width, p = c.patch_size;
-  const int64_t gh = H / p, gw = W / p, N = gh * gw, pre = c.num_prefix_tokens(), T = pre + N;
-  const int64_t d = c.hidden_size, K = m.num_classes, R = B * N;
-  auto sized = [](std::vector<float>& v, int64_t n) {
-    if (static_cast<int64_t>(v.size()) != n) v.assign(static_cast<size_t>(n), 0.0f);
-  };
-  sized(acts.patches, R * d), sized(acts.normed, R * d), sized(acts.mean, R), sized(acts.rstd, R);
-  sized(acts.scores, R * K), sized(acts.masks, B * K * N);
-  sized(acts.dmasks, B * K * N), sized(acts.dscores, R * K), sized(acts.dnormed, R * d),
-      sized(acts.dpatches, R * d);
-  if (acts.logits.shape() != Shape{B, K, H, W}) acts.logits = Tensor({B, K, H, W});
-
+  const int64_t B = pixel_values.dim(0), p = c.patch_size;
+  const int64_t N = (c.image_height / p) * (c.image_width / p), pre = c.num_prefix_tokens(), T = pre + N;
+  const int64_t d = c.hidden_size, R = B * N;
+  size_decoder(m, B, acts);
   VitTrainView w = bind_view(m.vit, const_cast<float*>(m.vit.weights.data()));
   // x[:, pre:] → encoder.norm → decoder.head
   for (int64_t b = 0; b < B; ++b)
@@ -585,6 +597,46 @@ const Tensor& segmenter_train_forward(const SegmenterTrainModel& m, const Tensor
                 sizeof(float) * N * d);
   layer_norm_forward(acts.patches.data(), R, d, w.norm_w, w.norm_b, c.layer_norm_eps,
                      acts.normed.data(), acts.mean.data(), acts.rstd.data());
+  acts.from_features = false;
+  return decoder_forward(m, B, acts);
+}
+
+void segmenter_encode_features(const SegmenterTrainModel& m, const Tensor& pixel_values,
+                               SegmenterTrainActivations& acts, float* features) {
+  const VitConfig& c = m.vit.config;
+  check(pixel_values.ndim() == 4 && pixel_values.dim(2) == c.image_height && pixel_values.dim(3) == c.image_width,
+        "segmenter_encode_features: pixel_values of another size than the config's, " + shape_str(pixel_values.shape()));
+  vit_train_encoder_forward(m.vit, pixel_values, acts.encoder);
+  const int64_t B = pixel_values.dim(0), p = c.patch_size;
+  const int64_t N = (c.image_height / p) * (c.image_width / p), pre = c.num_prefix_tokens(), T = pre + N;
+  const int64_t d = c.hidden_size, R = B * N;
+  std::vector<float> rows(static_cast<size_t>(R * d)), mean(static_cast<size_t>(R)), rstd(static_cast<size_t>(R));
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(rows.data() + b * N * d, acts.encoder.x_out.data() + (b * T + pre) * d, sizeof(float) * N * d);
+  VitTrainView w = bind_view(m.vit, const_cast<float*>(m.vit.weights.data()));
+  layer_norm_forward(rows.data(), R, d, w.norm_w, w.norm_b, c.layer_norm_eps, features, mean.data(), rstd.data());
+}
+
+const Tensor& segmenter_train_forward_features(const SegmenterTrainModel& m, const float* features, int64_t batch,
+                                               SegmenterTrainActivations& acts) {
+  check(m.vit.frozen_encoder && batch > 0,
+        "segmenter_train_forward_features: the decoder alone trains on cached features (a frozen encoder)");
+  const VitConfig& c = m.vit.config;
+  const int64_t N = (c.image_height / c.patch_size) * (c.image_width / c.patch_size);
+  size_decoder(m, batch, acts);
+  std::copy_n(features, batch * N * c.hidden_size, acts.normed.begin());
+  acts.from_features = true;
+  return decoder_forward(m, batch, acts);
+}
+
+namespace {
+
+const Tensor& decoder_forward(const SegmenterTrainModel& m, int64_t B, SegmenterTrainActivations& acts) {
+  const VitConfig& c = m.vit.config;
+  const int64_t H = c.image_height, W = c.image_width, p = c.patch_size;
+  const int64_t gh = H / p, gw = W / p, N = gh * gw;
+  const int64_t d = c.hidden_size, K = m.num_classes, R = B * N;
+  VitTrainView w = bind_view(m.vit, const_cast<float*>(m.vit.weights.data()));
   if (m.mask.layers > 0) {
     mask_decoder_forward(m, acts, B, N);
   } else {
@@ -601,6 +653,8 @@ const Tensor& segmenter_train_forward(const SegmenterTrainModel& m, const Tensor
                         acts.logits.data() + b * K * H * W, H, W);
   return acts.logits;
 }
+
+}  // namespace
 
 void segmenter_train_backward(const SegmenterTrainModel& m, SegmenterTrainActivations& acts,
                               const Tensor& dlogits, std::span<float> grads) {
@@ -628,6 +682,7 @@ void segmenter_train_backward(const SegmenterTrainModel& m, SegmenterTrainActiva
     linear_backward(acts.normed.data(), w.head_w, acts.dscores.data(), R, K, d, acts.dnormed.data(),
                     g.head_w, g.head_b);
   if (m.vit.frozen_encoder) return;  // --freeze-encoder: the head's gradients only (encoder.norm is the encoder's)
+  check(!acts.from_features, "segmenter_train_backward: a forward from cached features has no encoder activations");
   layer_norm_backward(acts.dnormed.data(), acts.patches.data(), acts.mean.data(), acts.rstd.data(),
                       w.norm_w, R, d, acts.dpatches.data(), g.norm_w, g.norm_b);
   // The class token's row gets no gradient from the decoder.
@@ -649,10 +704,35 @@ double segmenter_train_loss_and_grad(const SegmenterTrainModel& m, const Tensor&
   return loss;
 }
 
+namespace {
+
+// One step on a batch whose forward `forward` runs (from pixels or from cached features).
+SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& state, const std::vector<int32_t>& labels,
+                              const TrainStepOptions& o, const std::function<const Tensor&()>& forward);
+
+}  // namespace
+
 SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTrainState& state,
                                          const Tensor& pixel_values,
                                          const std::vector<int32_t>& labels,
                                          const TrainStepOptions& o) {
+  return step_with(model, state, labels, o, [&]() -> const Tensor& {
+    return segmenter_train_forward(model, pixel_values, state.acts);
+  });
+}
+
+SegmenterStepResult segmenter_train_step_features(SegmenterTrainModel& model, SegmenterTrainState& state,
+                                                  const float* features, int64_t batch,
+                                                  const std::vector<int32_t>& labels, const TrainStepOptions& o) {
+  return step_with(model, state, labels, o, [&]() -> const Tensor& {
+    return segmenter_train_forward_features(model, features, batch, state.acts);
+  });
+}
+
+namespace {
+
+SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& state, const std::vector<int32_t>& labels,
+                              const TrainStepOptions& o, const std::function<const Tensor&()>& forward) {
   VitTrainState& s = state.opt;
   const size_t n = model.vit.weights.size();
   if (s.grads.size() != n) {
@@ -663,7 +743,12 @@ SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTr
   if (o.optimizer == Optimizer::AdamW && s.v.size() != n) s.v.assign(n, 0.0f);
   std::fill(s.grads.begin(), s.grads.end(), 0.0f);
   SegmenterStepResult r;
-  r.loss = segmenter_train_loss_and_grad(model, pixel_values, labels, state.acts, s.grads);
+  {
+    const Tensor& logits = forward();
+    Tensor dlogits(logits.shape());
+    r.loss = segmentation_cross_entropy(logits, labels, &dlogits, 255);
+    segmenter_train_backward(model, state.acts, dlogits, s.grads);
+  }
   // Pixel accuracy of this batch (before the step), for the log.
   const Tensor& logits = state.acts.logits;
   const int64_t B = logits.dim(0), K = logits.dim(1), HW = logits.dim(2) * logits.dim(3);
@@ -697,6 +782,8 @@ SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTr
   return r;
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------ the loop
 
 int64_t segmenter_total_steps(size_t samples, const SegmenterTrainOptions& o) {
@@ -714,7 +801,7 @@ std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrain
 
 void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor, bool augment,
                          uint64_t augment_seed, float* pixels, int32_t* labels, int64_t height,
-                         int64_t width, int64_t crop) {
+                         int64_t width, int64_t crop, bool hflip) {
   cv::Mat rgb = load_image_rgb(pair.image);
   cv::Mat mask = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
   check(!mask.empty() && mask.channels() == 1 && mask.size() == rgb.size(),
@@ -723,6 +810,20 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
   std::mt19937_64 rng(augment_seed);
   auto uniform = [&](double lo, double hi) {
     return lo + (hi - lo) * static_cast<double>(rng() >> 11) * 0x1.0p-53;
+  };
+  // After the geometry (its draws first): a horizontal flip of half the samples (hflip), and
+  // contrast about mid-grey ×[0.8, 1.2] then brightness ±0.2·255, saturating.
+  auto photometric = [&](cv::Mat& image, cv::Mat& label_map) {
+    const bool flip = hflip && uniform(0, 1) < 0.5;
+    const double gain = uniform(0.8, 1.2), bias = uniform(-0.2, 0.2) * 255.0;
+    if (flip) {
+      cv::Mat fi, fm;
+      cv::flip(image, fi, 1), cv::flip(label_map, fm, 1);
+      image = fi, label_map = fm;
+    }
+    cv::Mat out;
+    image.convertTo(out, -1, gain, bias + 127.5 * (1 - gain));
+    image = out;
   };
   if (crop > 0) {
     check(height == crop && width == crop, "segmentation_sample: the crop must be the model's input size");
@@ -775,10 +876,12 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
       win.x = std::clamp(win.x, 0, rgb.cols - c);
       win.y = std::clamp(win.y, 0, rgb.rows - c);
     }
-    rgb_to_chw(rgb(win).clone(), processor, pixels);
+    cv::Mat window = rgb(win).clone(), window_mask = mask(win).clone();
+    if (augment) photometric(window, window_mask);
+    rgb_to_chw(window, processor, pixels);
     for (int y = 0; y < c; ++y)
       for (int x = 0; x < c; ++x)
-        labels[y * c + x] = label_at(win.y + y, win.x + x);
+        labels[y * c + x] = window_mask.depth() == CV_16U ? window_mask.at<uint16_t>(y, x) : window_mask.at<uint8_t>(y, x);
     return;
   }
   if (augment) {
@@ -790,6 +893,7 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
     cv::warpAffine(rgb, warped, a, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
     cv::warpAffine(mask, warped_mask, a, mask.size(), cv::INTER_NEAREST, cv::BORDER_REPLICATE);
     rgb = warped, mask = warped_mask;
+    photometric(rgb, mask);
   }
   const cv::Mat resized = resize_and_crop(rgb, processor);
   check(resized.rows == height && resized.cols == width,
@@ -814,6 +918,14 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
     }
 }
 
+bool segmenter_caches_features(const SegmenterTrainModel& model, size_t samples, const SegmenterTrainOptions& o) {
+  if (!model.vit.frozen_encoder || o.augment || !o.cache_features) return false;
+  const VitConfig& c = model.vit.config;
+  const double per = static_cast<double>((c.image_height / c.patch_size) * (c.image_width / c.patch_size) * c.hidden_size +
+                                         c.image_height * c.image_width);
+  return per * 4.0 * static_cast<double>(samples) <= o.cache_limit_bytes;
+}
+
 void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
                      const std::vector<SegmentationPair>& data, const PreprocessConfig& processor,
                      const SegmenterTrainOptions& o,
@@ -823,6 +935,43 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
   const int64_t total = segmenter_total_steps(data.size(), o);
   const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;
   const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  if (state.opt.step < end && segmenter_caches_features(model, data.size(), o)) {
+    // --freeze-encoder without augmentation: each sample (deterministic without augmentation)
+    // through the frozen encoder once, in file order; each step gathers its samples' rows.
+    const int64_t N = (H / c.patch_size) * (W / c.patch_size), per = N * c.hidden_size;
+    const int64_t n = static_cast<int64_t>(data.size());
+    std::vector<float> cache(static_cast<size_t>(n * per));
+    std::vector<int32_t> label_cache(static_cast<size_t>(n * H * W));
+    SegmenterTrainActivations encode_acts;
+    for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
+      const int64_t nb = std::min(n - i0, o.batch);
+      Tensor pixels({nb, C, H, W});
+      parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          segmentation_sample(data[static_cast<size_t>(i0 + b)], processor, false, 0, pixels.data() + b * C * H * W,
+                              label_cache.data() + (i0 + b) * H * W, H, W, model.window_size);
+      });
+      segmenter_encode_features(model, pixels, encode_acts, cache.data() + i0 * per);
+    }
+    std::vector<float> features(static_cast<size_t>(o.batch * per));
+    std::vector<int32_t> labels(static_cast<size_t>(o.batch * H * W));
+    while (state.opt.step < end) {
+      const int64_t s = state.opt.step;
+      const std::vector<size_t> idx = segmenter_batch_indices(data.size(), o, s);
+      for (size_t b = 0; b < idx.size(); ++b) {
+        const int64_t k = static_cast<int64_t>(idx[b]), bi = static_cast<int64_t>(b);
+        std::copy_n(cache.data() + k * per, per, features.data() + bi * per);
+        std::copy_n(label_cache.data() + k * H * W, H * W, labels.data() + bi * H * W);
+      }
+      TrainStepOptions step = o.step;
+      step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
+      const SegmenterStepResult r = segmenter_train_step_features(model, state, features.data(), o.batch, labels, step);
+      if (on_step)
+        on_step({s + 1, total, s / per_epoch, r.loss, step.lr, r.grad_norm,
+                 r.pixels ? static_cast<double>(r.correct) / static_cast<double>(r.pixels) : 0.0, o.batch});
+    }
+    return;
+  }
   struct Batch {
     Tensor pixels;
     std::vector<int32_t> labels;
@@ -837,7 +986,7 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
                                   (static_cast<uint64_t>(s) * 0xBF58476D1CE4E5B9ull + static_cast<uint64_t>(b) + 1);
         segmentation_sample(data[idx[static_cast<size_t>(b)]], processor, o.augment, aug_seed,
                             batch.pixels.data() + b * C * H * W, batch.labels.data() + b * H * W, H, W,
-                            model.window_size);
+                            model.window_size, o.hflip);
       }
     });
     return batch;

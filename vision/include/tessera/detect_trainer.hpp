@@ -36,9 +36,14 @@ DetectionData load_detection_data(const std::string& coco_json);
 // (seed, step, position in the batch): scaled by a factor in [1 − scale, 1 + scale] about its centre
 // (smaller when the boxes would not fit) and shifted by up to `translate` of its size, as far as
 // every box stays inside the image; uncovered borders replicate the edge. Boxes move with it.
+// Then, with hflip, a horizontal flip of half the images (boxes mirrored; off by default: digits
+// and text are not mirror-symmetric), and colour jitter: contrast about mid-grey by a factor in
+// [1 − contrast, 1 + contrast], brightness by ±brightness·255, saturating.
 struct DetectionAugment {
   bool enabled = true;
   double scale = 0.25, translate = 0.2;
+  bool hflip = false;
+  double brightness = 0.2, contrast = 0.2;
 };
 
 struct DetectorTrainOptions {
@@ -51,6 +56,10 @@ struct DetectorTrainOptions {
   double min_lr = 0.0;
   DetectionAugment augment;
   TrainStepOptions step;  // optimizer, peak lr, weight decay, clipping
+  // A DETR head on a frozen encoder without augmentation encodes each image once and trains on
+  // the cached features (the same steps, the encoder's forward not repeated) when they fit here.
+  bool cache_features = true;
+  double cache_limit_bytes = 8.0 * (1ull << 30);
 };
 
 struct DetectorProgress {
@@ -73,6 +82,10 @@ std::vector<size_t> detector_batch_indices(const DetectionData& data, const Dete
 Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& indices,
                        const PreprocessConfig& processor, const DetectorTrainOptions& options, int64_t step,
                        std::vector<DetectionTarget>* targets);
+
+// Whether train_detector trains on cached encoder features (see DetectorTrainOptions).
+bool detector_caches_features(const VitTrainModel& model, const DetectionData& data, const PreprocessConfig& processor,
+                              const DetectorTrainOptions& options);
 
 // Runs steps state.step .. total − 1 (the rest after a restored checkpoint: bit-identical to an
 // uninterrupted run), calling on_step after each; stop_before > 0 stops at that step.

@@ -67,6 +67,7 @@ struct DetrTrainActivations {
   VitTrainActivations encoder;
   int64_t batch = -1, grid_h = -1, grid_w = -1;
   std::vector<float> enc_rows, enc_norm, enc_mean, enc_rstd;  // patch rows [B·N, denc], [B·N]
+  bool from_features = false;  // run by detr_train_forward_features: acts.encoder is not this batch's
   std::vector<float> memory, memory_pos, pos;                 // [B·N, D]; pos [N, D]
   struct Layer {
     // s1, s2, s3: the sums before each post-norm; x1, x2, x3 after it
@@ -90,6 +91,17 @@ struct DetrTrainActivations {
 
 // pixel_values [B, C, H, W] → acts.heads (the last one is the model's logits / pred_boxes).
 void detr_train_forward(const VitTrainModel& model, const Tensor& pixel_values, DetrTrainActivations& acts);
+
+// --freeze-encoder's feature cache. With the encoder frozen, the head reads only the encoder's
+// final norm on the patch rows, so each image can be encoded once:
+// detr_encode_features writes that [B, N, denc] block (N = the patch grid) to features;
+// detr_train_forward_features runs the head alone from such a block (a model whose encoder is
+// frozen; the backward then stops at input_projection, as it does after detr_train_forward).
+// The outputs are the same as detr_train_forward's on the same pixels.
+void detr_encode_features(const VitTrainModel& model, const Tensor& pixel_values, DetrTrainActivations& acts,
+                          float* features);
+void detr_train_forward_features(const VitTrainModel& model, const float* features, int64_t batch, int64_t grid_h,
+                                 int64_t grid_w, DetrTrainActivations& acts);
 // After the forward on the same acts: ADDS dLoss/dweight into grads given, per supervised output,
 // dlogits [B·Q, K + 1] and dboxes [B·Q, 4] (after the sigmoid).
 void detr_train_backward(const VitTrainModel& model, DetrTrainActivations& acts,
@@ -105,5 +117,11 @@ double detr_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_
 TrainStepResult detr_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,
                                 const std::vector<DetectionTarget>& targets, const TrainStepOptions& options,
                                 SetLossResult* detail = nullptr);
+
+// detr_train_step from cached features (detr_encode_features) of a frozen-encoder model.
+TrainStepResult detr_train_step_features(VitTrainModel& model, VitTrainState& state, const float* features,
+                                         int64_t batch, int64_t grid_h, int64_t grid_w,
+                                         const std::vector<DetectionTarget>& targets, const TrainStepOptions& options,
+                                         SetLossResult* detail = nullptr);
 
 }  // namespace tessera

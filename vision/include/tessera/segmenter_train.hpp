@@ -116,11 +116,21 @@ struct SegmenterTrainActivations {
   std::vector<float> masks;                        // [B, K, gh, gw]
   Tensor logits;                                   // [B, K, H, W]
   std::vector<float> dmasks, dscores, dnormed, dpatches;
+  bool from_features = false;  // run by segmenter_train_forward_features: `encoder` is not this batch's
 };
 
 // pixel_values [B, C, H, W] at the config's image size → acts.logits [B, K, H, W].
 const Tensor& segmenter_train_forward(const SegmenterTrainModel& model, const Tensor& pixel_values,
                                       SegmenterTrainActivations& acts);
+// --freeze-encoder's feature cache. With the encoder frozen, the decoder reads only the encoder's
+// final norm on the patch rows: segmenter_encode_features writes that [B, N, D] block;
+// segmenter_train_forward_features runs the decoder alone from it (a frozen-encoder model; the
+// backward then stops at the decoder, as it does after segmenter_train_forward). The logits are
+// the same as segmenter_train_forward's on the same pixels.
+void segmenter_encode_features(const SegmenterTrainModel& model, const Tensor& pixel_values,
+                               SegmenterTrainActivations& acts, float* features);
+const Tensor& segmenter_train_forward_features(const SegmenterTrainModel& model, const float* features,
+                                               int64_t batch, SegmenterTrainActivations& acts);
 // After the forward on the same acts: ADDS dLoss/dweight into grads (laid out as model.vit.params),
 // given dlogits [B, K, H, W].
 void segmenter_train_backward(const SegmenterTrainModel& model, SegmenterTrainActivations& acts,
@@ -148,6 +158,10 @@ SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTr
                                          const Tensor& pixel_values,
                                          const std::vector<int32_t>& labels,
                                          const TrainStepOptions& options);
+// The same step from cached features (segmenter_encode_features) of a frozen-encoder model.
+SegmenterStepResult segmenter_train_step_features(SegmenterTrainModel& model, SegmenterTrainState& state,
+                                                  const float* features, int64_t batch,
+                                                  const std::vector<int32_t>& labels, const TrainStepOptions& options);
 
 // ------------------------------------------------------------------ the training loop
 
@@ -158,11 +172,16 @@ struct SegmenterTrainOptions {
   int64_t max_steps = 0;  // > 0: stop after this many steps in all
   int64_t batch = 8;      // the last partial batch of an epoch is dropped
   bool shuffle = true;
-  bool augment = true;    // random scale / translate, the same for image and mask
+  bool augment = true;    // random scale / translate, the same for image and mask; colour jitter
+  bool hflip = false;     // with augment: flip half the samples (off: digits are not mirror-symmetric)
   uint64_t seed = 0;
   int64_t warmup_steps = 0;
   double min_lr = 0.0;
   TrainStepOptions step;
+  // A frozen encoder without augmentation encodes each sample once and the decoder trains on the
+  // cached features (the same steps) when features and label maps fit here.
+  bool cache_features = true;
+  double cache_limit_bytes = 8.0 * (1ull << 30);
 };
 
 struct SegmenterProgress {
@@ -187,9 +206,14 @@ std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrain
 // on a random pixel of a class chosen uniformly among those in the image, so that a small object
 // (a digit's ink in a large scene) is as often the centre of a window as the background is, and
 // mostly whole in it; without augmentation the centred window.
+// Augmentation then jitters the colours (contrast about mid-grey ×[0.8, 1.2], brightness
+// ±0.2·255, saturating) and with hflip flips half the samples, image and mask together.
 void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor,
                          bool augment, uint64_t augment_seed, float* pixels, int32_t* labels,
-                         int64_t height, int64_t width, int64_t crop = 0);
+                         int64_t height, int64_t width, int64_t crop = 0, bool hflip = false);
+
+// Whether train_segmenter trains on cached encoder features (see SegmenterTrainOptions).
+bool segmenter_caches_features(const SegmenterTrainModel& model, size_t samples, const SegmenterTrainOptions& options);
 
 // Runs steps state.opt.step .. total − 1 (the rest after a restored checkpoint), calling on_step
 // after each; stop_before > 0 stops at that step (the schedule stays the whole run's). Every
