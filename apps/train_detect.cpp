@@ -5,8 +5,8 @@
 // --arch yolos-ti | yolos-digits | detr-digits trains from scratch (--image-size S: S x S input;
 // the preset's overrides --patch-size, --hidden-size, --layers, --heads, --mlp apply; a DETR head's
 // --queries, --decoder-layers, --no-aux-loss), --init DIR fine-tunes a YOLOS or vit-detr folder at
-// its config's image size (or --image-size), or puts a new DETR head on a ViT / DeiT classifier's
-// encoder. Every image is resized to that one fixed size (the processor written with the model
+// its config's image size (or --image-size), or puts a new DETR head on a ViT / DeiT / DINOv2
+// classifier's encoder. Every image is resized to that one fixed size (the processor written with the model
 // says so), so every batch is one tensor.
 // The data's categories must be label ids of the model (COCO category id = label id, as DETR and
 // YOLOS). A run writes into --out as it goes: log.csv, curves.png and checkpoint.safetensors
@@ -60,15 +60,24 @@ std::vector<std::string> model_labels(const VitTrainModel& model) {
 
 }  // namespace
 
+namespace {
+
+// A classifier folder whose encoder a new DETR head can sit on.
+bool is_classifier_type(const std::string& model_type) {
+  return model_type == "vit" || model_type == "deit" || model_type == "dinov2";
+}
+
+}  // namespace
+
 int train_detect(const TrainArgs& a) {
   using Clock = std::chrono::steady_clock;
   check(!(a.init.empty() == a.arch.empty()),
         "train --task detect: give exactly one of --init MODEL_DIR (a YOLOS or vit-detr folder, or a ViT "
         "classifier for a new DETR head) and --arch PRESET");
   check((a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss) || a.arch == "detr-digits" ||
-            (!a.init.empty() && (folder_model_type(a.init) == "vit" || folder_model_type(a.init) == "deit")),
+            (!a.init.empty() && is_classifier_type(folder_model_type(a.init))),
         "train --task detect: --queries, --decoder-layers and --no-aux-loss shape a new DETR head "
-        "(--arch detr-digits, or --init a ViT classifier)");
+        "(--arch detr-digits, or --init a ViT, DeiT or DINOv2 classifier)");
 
   check(a.label_smoothing == 0, "train --task detect: --label-smoothing is for classification (the set loss "
                                 "weights no-object by eos_coefficient instead)");
@@ -86,7 +95,7 @@ int train_detect(const TrainArgs& a) {
   const bool detr_arch = std::find(detr_presets.begin(), detr_presets.end(), a.arch) != detr_presets.end();
   // --init with a ViT / DeiT classifier and --arch detr-digits: a new DETR head on that encoder.
   const std::string init_type = a.init.empty() ? "" : folder_model_type(a.init);
-  if (!a.init.empty() && (init_type == "vit" || init_type == "deit")) {
+  if (!a.init.empty() && is_classifier_type(init_type)) {
     const VitTrainModel vit = load_vit_train_model(a.init);
     height = width = a.image_size > 0 ? a.image_size : 128;
     DetrHeadConfig head;
@@ -95,8 +104,8 @@ int train_detect(const TrainArgs& a) {
     model = detr_from_vit(vit, head, data.labels, height, width, a.seed);
   } else if (!a.init.empty()) {
     check(init_type == "vit-detr" || init_type == "yolos",
-          (fs::path(a.init) / "config.json").string() + ": --init takes a YOLOS or vit-detr folder, or a ViT / DeiT "
-          "classifier (a new DETR head on its encoder), got model_type \"" + init_type + "\"");
+          (fs::path(a.init) / "config.json").string() + ": --init takes a YOLOS or vit-detr folder, or a ViT, DeiT "
+          "or DINOv2 classifier (a new DETR head on its encoder), got model_type \"" + init_type + "\"");
     model = init_type == "vit-detr" ? load_detr_train_model(a.init) : load_yolos_train_model(a.init);
     height = a.image_size > 0 ? a.image_size : model.config.image_height;
     width = a.image_size > 0 ? a.image_size : model.config.image_width;

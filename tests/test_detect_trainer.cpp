@@ -287,6 +287,17 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
   REQUIRE(m2->detection);
   CHECK(m2->detection->num_slots == 3);
   CHECK(!m2->detection->norm_every_layer);
+  // A DINOv2 classifier's encoder under a new head: a vit-detr folder with a DINOv2 backbone.
+  const fs::path on_dino = tmp.path / "on-dino";
+  std::tie(code, log) = run(" --out " + on_dino.string() + " --init " + std::string(TESSERA_FIXTURES) +
+                            "/models/dinov2-cls-rand --image-size 32 --queries 3 --batch 2 --max-steps 2 --threads 1");
+  CHECK(code == 0);
+  const auto m3 = load_model(on_dino.string());
+  REQUIRE(m3->detection);
+  CHECK(m3->detection->num_slots == 3);
+  std::ifstream dino_config(on_dino / "config.json");
+  const std::string dino_json((std::istreambuf_iterator<char>(dino_config)), std::istreambuf_iterator<char>());
+  CHECK(dino_json.find("\"model_type\": \"dinov2\"") != std::string::npos);
   // --freeze-encoder: the DETR head trains, every encoder tensor keeps its value.
   const fs::path frozen = tmp.path / "frozen";
   std::tie(code, log) = run(" --out " + frozen.string() + " --init " + out.string() +

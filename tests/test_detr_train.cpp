@@ -189,5 +189,48 @@ TEST_CASE("a DETR head on a pre-trained ViT classifier keeps its encoder", "[det
   CHECK_THROWS_WITH(detr_from_vit(vit, head, {"x"}, size, size + vit.config.patch_size, 3),
                     Catch::Contains("square"));
   CHECK_THROWS_WITH(load_detr_train_model(fixtures("conformance/vit-tiny-rand")), Catch::Contains("vit-detr"));
+
+  // A DINOv2 classifier (layer scale, mask token): its whole encoder kept, the position table too
+  // (DINOv2 interpolates at every size, in training and at inference); the folder written is a
+  // vit-detr one with the classifier's own Dinov2Config that load_model runs alike.
+  for (const char* name : {"models/dinov2-cls-rand", "models/dinov2-swiglu-cls-rand"}) {
+    INFO(name);
+    const VitTrainModel dino = load_vit_train_model(fixtures(name));
+    const int64_t dsize = dino.config.patch_size * (dino.config.grid_height() + 2);
+    VitTrainModel d = detr_from_vit(dino, head, {"N/A", "x", "y"}, dsize, dsize, 5);
+    CHECK(d.base == "dinov2.");
+    int64_t kept = 0;
+    for (const TrainParam& p : dino.params) {
+      if (!p.name.starts_with("dinov2.")) continue;
+      INFO(p.name);
+      const auto a = dino.view(std::span<const float>(dino.weights), p.name);
+      const auto b = d.view(std::span<const float>(d.weights), p.name);
+      CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+      ++kept;
+    }
+    CHECK(kept > 10);
+    Tensor px({2, 3, dsize, dsize});
+    for (int64_t i = 0; i < px.numel(); ++i) px[i] = static_cast<float>(std::sin(0.23 * i));
+    std::vector<DetectionTarget> targets(2);
+    targets[0].labels = {1}, targets[0].boxes = {{0.4f, 0.5f, 0.3f, 0.2f}};
+    targets[1].labels = {2, 1}, targets[1].boxes = {{0.6f, 0.3f, 0.2f, 0.3f}, {0.3f, 0.7f, 0.2f, 0.2f}};
+    VitTrainState state;
+    TrainStepOptions o;
+    o.lr = 1e-3f;
+    for (int s = 0; s < 2; ++s) detr_train_step(d, state, px, targets, o);
+    const std::string dir = (std::filesystem::temp_directory_path() /
+                             ("tessera-detr-dinov2-" + std::to_string(::getpid()))).string();
+    save_vit_train_model(d, dir, detr_preprocessor_json(dsize, dsize));
+    const auto inference = load_model(dir);
+    REQUIRE(inference->detection);
+    DetrTrainActivations acts;
+    detr_train_forward(d, px, acts);
+    ModelWorkspace ws;
+    const NamedTensors out = model_forward(*inference, px, ws);
+    CHECK(rel_err(acts.heads.back().logits, values(output(out, "logits"))) <= kTol);
+    CHECK(rel_err(acts.heads.back().boxes, values(output(out, "pred_boxes"))) <= kTol);
+    CHECK(load_detr_train_model(dir).weights == d.weights);
+    std::filesystem::remove_all(dir);
+  }
   CHECK_THROWS_WITH(detr_train_preset("detr-huge", 64, 64, nullptr), Catch::Contains("unknown DETR preset"));
 }

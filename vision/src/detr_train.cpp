@@ -139,12 +139,16 @@ void check_head(const DetrHeadShape& h, const std::string& where) {
   check(h.d_model % 4 == 0, where + ": DETR's sine position embedding needs d_model divisible by 4");
 }
 
-nlohmann::ordered_json detr_config(const VitTrainModel& m, const std::vector<std::string>& labels) {
+// backbone: the backbone_config to write (empty: a ViTModel's, from m.config).
+nlohmann::ordered_json detr_config(const VitTrainModel& m, const std::vector<std::string>& labels,
+                                   nlohmann::ordered_json bb = {}) {
   const VitConfig& c = m.config;
   const DetrHeadShape& h = m.detr;
-  nlohmann::ordered_json bb = detail::hf_train_config(c, "ViTModel", "vit", c.image_height, labels, {});
-  if (c.image_height != c.image_width) bb["image_size"] = {c.image_height, c.image_width};
-  for (const char* drop : {"architectures", "id2label", "label2id", "torch_dtype"}) bb.erase(drop);
+  if (bb.is_null()) {
+    bb = detail::hf_train_config(c, "ViTModel", "vit", c.image_height, labels, {});
+    if (c.image_height != c.image_width) bb["image_size"] = {c.image_height, c.image_width};
+  }
+  for (const char* drop : {"architectures", "id2label", "label2id", "torch_dtype", "problem_type"}) bb.erase(drop);
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object(), label2id = nlohmann::ordered_json::object();
   for (size_t i = 0; i < labels.size(); ++i) {
     id2label[std::to_string(i)] = labels[i];
@@ -272,11 +276,12 @@ VitTrainModel make_detr_train_model(const VitConfig& encoder, const DetrHeadConf
 VitTrainModel detr_from_vit(const VitTrainModel& vit, const DetrHeadConfig& head,
                             const std::vector<std::string>& labels, int64_t height, int64_t width, uint64_t seed) {
   check(!labels.empty(), "detr_from_vit: no labels");
-  check(!vit.teacher && !vit.class_mean && !vit.detection && !vit.is_detr() && vit.layout == "hf" &&
+  const bool dinov2 = vit.base == "dinov2.";
+  check(!vit.teacher && !vit.detection && !vit.is_detr() && vit.layout == "hf" &&
             vit.config.num_distillation_tokens == 0 && vit.config.num_register_tokens == 0 &&
-            !vit.config.layer_scale && (vit.base == "vit." || vit.base == "deit."),
-        "a DETR head on a " + vit.architecture + ": only a Hugging Face ViT or DeiT classifier without a "
-        "distillation token can be its encoder");
+            (dinov2 || (!vit.class_mean && !vit.config.layer_scale && (vit.base == "vit." || vit.base == "deit."))),
+        "a DETR head on a " + vit.architecture + ": only a Hugging Face ViT, DeiT (without a distillation "
+        "token) or DINOv2 classifier can be its encoder");
   check(height > 0 && width > 0 && height % vit.config.patch_size == 0 && width % vit.config.patch_size == 0,
         "a DETR head: image size " + std::to_string(height) + "x" + std::to_string(width) +
             " is not a positive multiple of the patch size " + std::to_string(vit.config.patch_size));
@@ -285,21 +290,26 @@ VitTrainModel detr_from_vit(const VitTrainModel& vit, const DetrHeadConfig& head
   VitTrainModel m;
   m.architecture = "VitDetrForObjectDetection";
   m.headless = true;
-  m.base = "vit.";
+  m.base = dinov2 ? "dinov2." : "vit.";
   m.config = vit.config;
-  m.config.image_height = height, m.config.image_width = width;  // the table is resized to it below
+  // A ViT / DeiT table is resized to the new size below (the backbone's image_size becomes it); a
+  // DINOv2 backbone keeps its table and image_size and interpolates at every size, as upstream.
+  if (!dinov2) m.config.image_height = height, m.config.image_width = width;
   m.detr.d_model = head.d_model, m.detr.queries = head.queries, m.detr.layers = head.layers;
   m.detr.heads = head.heads, m.detr.ffn = head.ffn, m.detr.auxiliary_loss = head.auxiliary_loss;
   check_head(m.detr, "a DETR head");
   m.num_labels = static_cast<int64_t>(labels.size());
-  m.params = detr_params(m.config, m.base, m.detr, m.num_labels);
+  const bool mask_token = std::any_of(vit.params.begin(), vit.params.end(), [&](const TrainParam& p) {
+    return p.name == vit.base + "embeddings.mask_token";
+  });
+  m.params = detr_params(m.config, m.base, m.detr, m.num_labels, mask_token);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
   for (const TrainParam& p : m.params) {  // the encoder, by name (a DeiT's "deit." becomes "vit.")
     if (!p.name.starts_with(m.base)) continue;
     const std::string from = vit.base + p.name.substr(m.base.size());
     const auto src = vit.view(std::span<const float>(vit.weights), from);
     float* dst = m.weights.data() + p.offset;
-    if (p.name == m.base + "embeddings.position_embeddings") {
+    if (p.name == m.base + "embeddings.position_embeddings" && !dinov2) {
       // [prefix, grid] at the classifier's grid → the new grid: bicubic (align_corners False,
       // by size), the prefix rows kept; training at this size then uses the table as it is.
       const VitConfig& from_c = vit.config;
@@ -321,7 +331,13 @@ VitTrainModel detr_from_vit(const VitTrainModel& vit, const DetrHeadConfig& head
     std::copy(src.begin(), src.end(), dst);
   }
   init_head(m, seed);
-  m.config_json = detr_config(m, labels).dump(2) + "\n";
+  nlohmann::ordered_json backbone;
+  if (dinov2) {  // the classifier's own Dinov2Config (layer scale, SwiGLU, MLP ratio ...), head fields dropped
+    backbone = nlohmann::ordered_json::parse(vit.config_json);
+    for (const char* drop : {"id2label", "label2id", "apply_layernorm", "out_features", "out_indices", "stage_names"})
+      backbone.erase(drop);
+  }
+  m.config_json = detr_config(m, labels, backbone).dump(2) + "\n";
   return m;
 }
 
