@@ -196,6 +196,19 @@ int train_classify(const TrainArgs& a) {
   o.augment.hflip = a.hflip;
   o.step = train_step_options(a);
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
+  std::shared_ptr<const Model> teacher;
+  if (!a.teacher.empty()) {
+    check(model.teacher, "train: --teacher is for a DeiT with a distillation head (DeiTForImageClassificationWithTeacher, "
+                         "--init); " + model.architecture + " has none");
+    teacher = load_model(a.teacher);
+    check(teacher->labels == data.classes,
+          a.teacher + ": the teacher's labels differ from " + a.data + "'s classes (it must be a classifier of the "
+          "same classes, in the same order)");
+    o.teacher = teacher.get();
+  } else if (model.teacher && !a.freeze_encoder) {
+    std::fprintf(stderr, "note: %s has a distillation head and no --teacher is given: the head learns the true labels\n",
+                 model.architecture.c_str());
+  }
   if (a.freeze_encoder && !a.no_augment)
     std::fprintf(stderr, "note: --freeze-encoder caches each image's features once, so no augmentation applies\n");
   if (a.freeze_encoder) o.augment.enabled = false;
@@ -211,6 +224,7 @@ int train_classify(const TrainArgs& a) {
       {"seed", std::to_string(a.seed)},            {"total_steps", std::to_string(total)},
       {"optimizer", a.optimizer},                  {"augment", a.no_augment || a.freeze_encoder ? "0" : "1"},
       {"elastic", fmt("%g", a.elastic)},          {"hflip", a.hflip ? "1" : "0"},
+      {"teacher", a.teacher},
       {"freeze_encoder", a.freeze_encoder ? "1" : "0"}};
   VitTrainState state;
   if (a.resume && !fs::exists(ckpt))
@@ -314,6 +328,10 @@ int train_classify(const TrainArgs& a) {
        << "| optimisation | " << a.optimizer << ", lr " << a.lr << " (warm-up " << a.warmup << " steps, cosine), weight decay "
        << a.weight_decay << ", clip " << a.clip_grad << ", label smoothing " << a.label_smoothing << ", batch " << a.batch
        << ", " << total << " steps (" << o.epochs << " epochs), seed " << a.seed << " |\n";
+  if (model.teacher)
+    card << "| distillation | DeiT's hard distillation: ½·CE(class head, label) + ½·CE(distillation head, "
+         << (a.teacher.empty() ? std::string("the true label: no teacher given") : "the argmax of the teacher " + a.teacher)
+         << ") |\n";
   if (!a.val.empty())
     card << "| **validation** | **top-1 " << fmt("%.2f", 100 * last_val.top1) << "%**, top-5 " << fmt("%.2f", 100 * last_val.top5)
          << "% on " << val.source << " (" << val.size() << " samples, never trained on) |\n";
@@ -343,6 +361,9 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--val", a.val, "Validation data (same kinds as --data), evaluated after every epoch");
   cmd->add_option("--out", a.out, "Model folder to write (also its log.csv, curves.png and checkpoint)")->required();
   cmd->add_option("--init", a.init, "Fine-tune this model folder");
+  cmd->add_option("--teacher", a.teacher,
+                  "classify, a DeiT with teacher (--init): the classifier folder whose labels its distillation head "
+                  "learns (DeiT's hard distillation); without it, the true labels");
   cmd->add_option("--arch", a.arch, "Train from scratch from a preset (classify: vit-ti16, vit-s16, vit-b16, vit-digits; detect: yolos-ti, "
                   "yolos-digits, detr-digits; segment: segmenter-ti, segmenter-digits)");
   cmd->add_option("--image-size", a.image_size, "Input size of an --arch model")->check(CLI::Range(1, 16384));

@@ -18,6 +18,7 @@ struct TrainArgs {
   std::string task = "classify";  // classify | detect | segment
   std::string data, val, out;     // DATA and --val as the task reads them; --out: the model folder
   std::string init;               // --init MODEL_DIR: fine-tune this folder
+  std::string teacher;            // --teacher MODEL_DIR: a DeiT with teacher's hard-distillation teacher
   std::string arch;               // --arch PRESET: train from scratch
   // Preset overrides (0: the preset's own value, or the data's natural size for image_size).
   int64_t image_size = 0, patch_size = 0, hidden_size = 0, layers = 0, heads = 0, mlp = 0;

@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include "tessera/classify_trainer.hpp"
+#include "tessera/pipeline.hpp"
+#include <cmath>
 #include "tessera/parallel.hpp"
 
 using namespace tessera;
@@ -132,4 +134,71 @@ TEST_CASE("trainer: labels beyond the model's head are an error naming the data"
   VitTrainState state;
   CHECK_THROWS_WITH(train_classifier(model, state, data, processor(), ClassifierTrainOptions{}),
                     Catch::Contains("class 10 but the model has 10 labels"));
+}
+
+TEST_CASE("trainer: a DeiT with teacher steps on the hard-distillation loss with a teacher's labels", "[trainer]") {
+  // DeiT's ½·CE(class head, y) + ½·CE(distillation head, teacher's argmax): the teacher, another
+  // classifier folder, runs on the same images through its own processor. One SGD step of lr 1
+  // over the folder must leave w − g, g from the distillation loss with the teacher's labels
+  // worked out here on the image files through the inference pipeline.
+  Folder f;
+  const ClassificationData data = image_folder(f.path.string());
+  const std::string processor_json =
+      R"({"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}})";
+  // The teacher: the conformance ViT with a new head of random weights for the folder's classes.
+  VitTrainModel teacher_train = load_vit_train_model(model_dir());
+  replace_classifier(teacher_train, data.classes);
+  for (const TrainParam& p : teacher_train.params)
+    if (p.name.starts_with("classifier."))
+      for (int64_t i = 0; i < p.numel(); ++i)
+        teacher_train.weights[static_cast<size_t>(p.offset + i)] = static_cast<float>(std::sin(1.7 * i + 0.3));
+  const fs::path teacher_dir = f.path.parent_path() / ("tessera-teacher-" + std::to_string(::getpid()));
+  save_vit_train_model(teacher_train, teacher_dir.string(), processor_json);
+  const auto teacher = load_model(teacher_dir.string());
+  std::vector<std::string> paths;
+  for (size_t i = 0; i < data.size(); ++i) paths.push_back(data.paths[i]);
+  ModelWorkspace ws;
+  const NamedTensors out = model_forward(*teacher, model_preprocessor(*teacher).batch(paths), ws);
+  std::vector<int64_t> teacher_labels;
+  for (const auto& row : top_k(output(out, "logits"), teacher->labels, 1)) teacher_labels.push_back(row[0].label);
+  CHECK(teacher_labels != data.labels);  // the teacher disagrees somewhere, so the test can tell
+
+  const std::string student_dir = std::string(TESSERA_FIXTURES) + "/conformance/deit-tiny-distilled-rand";
+  VitTrainModel student = load_vit_train_model(student_dir);
+  REQUIRE(student.teacher);
+  replace_classifier(student, data.classes);
+  const VitTrainModel fresh = student;
+  ClassifierTrainOptions o;
+  o.max_steps = 1, o.batch = static_cast<int64_t>(data.size()), o.shuffle = false;
+  o.step.optimizer = Optimizer::Sgd, o.step.lr = 1.0f, o.step.weight_decay = 0, o.step.clip_grad = 0;
+  o.teacher = teacher.get();
+  CHECK(teacher_batch_labels(data, o, 0, *teacher) == teacher_labels);
+  VitTrainState state;
+  double seen_loss = 0;
+  train_classifier(student, state, data, processor(), o, [&](const TrainProgress& p) { seen_loss = p.loss; });
+  std::vector<size_t> all(data.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  std::vector<int64_t> labels;
+  const Tensor pixels = classification_batch(data, all, processor(), &labels);
+  std::vector<float> g(fresh.weights.size(), 0.0f);
+  VitTrainActivations acts;
+  const double loss = vit_train_distillation_loss_and_grad(fresh, pixels, labels, teacher_labels, 0.0f, acts, g);
+  CHECK(seen_loss == loss);
+  for (size_t i = 0; i < g.size(); ++i) REQUIRE(student.weights[i] == fresh.weights[i] - g[i]);
+
+  // Without a teacher the distillation head learns the true labels.
+  VitTrainModel plain = fresh;
+  VitTrainState plain_state;
+  o.teacher = nullptr;
+  train_classifier(plain, plain_state, data, processor(), o, {});
+  std::fill(g.begin(), g.end(), 0.0f);
+  vit_train_distillation_loss_and_grad(fresh, pixels, labels, labels, 0.0f, acts, g);
+  for (size_t i = 0; i < g.size(); ++i) REQUIRE(plain.weights[i] == fresh.weights[i] - g[i]);
+  // A teacher is for a model with a distillation head, of the student's classes.
+  VitTrainModel vit = load_vit_train_model(model_dir());
+  replace_classifier(vit, data.classes);
+  o.teacher = teacher.get();
+  VitTrainState vit_state;
+  CHECK_THROWS_WITH(train_classifier(vit, vit_state, data, processor(), o, {}), Catch::Contains("distillation head"));
+  fs::remove_all(teacher_dir);
 }

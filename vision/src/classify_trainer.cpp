@@ -1,5 +1,6 @@
 // The classification training loop (tessera/classify_trainer.hpp).
 #include "tessera/classify_trainer.hpp"
+#include "tessera/pipeline.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -95,23 +96,65 @@ cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed
   return out;
 }
 
+namespace {
+
+// The batch of step s as in-memory images (augmented when enabled), in batch order.
+ClassificationData augmented_view(const ClassificationData& data, const ClassifierTrainOptions& o, int64_t step);
+
+}  // namespace
+
 Tensor training_batch(const ClassificationData& data, const PreprocessConfig& processor,
                       const ClassifierTrainOptions& o, int64_t step, std::vector<int64_t>* labels) {
   const std::vector<size_t> indices = batch_indices(data, o, step);
   if (!o.augment.enabled) return classification_batch(data, indices, processor, labels);
+  const ClassificationData view = augmented_view(data, o, step);
+  std::vector<size_t> order(view.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  return classification_batch(view, order, processor, labels);
+}
+
+std::vector<int64_t> teacher_batch_labels(const ClassificationData& data, const ClassifierTrainOptions& o,
+                                          int64_t step, const Model& teacher) {
+  const std::vector<size_t> indices = batch_indices(data, o, step);
+  const PreprocessConfig pre = model_preprocessor(teacher).config;
+  Tensor x;
+  if (o.augment.enabled) {
+    const ClassificationData view = augmented_view(data, o, step);
+    std::vector<size_t> order(view.size());
+    std::iota(order.begin(), order.end(), size_t{0});
+    x = classification_batch(view, order, pre);
+  } else {
+    x = classification_batch(data, indices, pre);
+  }
+  ModelWorkspace ws;
+  const NamedTensors out = model_forward(teacher, x, ws);
+  const Tensor& logits = output(out, "logits");
+  const int64_t B = logits.dim(0), K = logits.dim(1);
+  std::vector<int64_t> labels(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = logits.data() + b * K;
+    labels[static_cast<size_t>(b)] = std::max_element(row, row + K) - row;
+  }
+  return labels;
+}
+
+namespace {
+
+ClassificationData augmented_view(const ClassificationData& data, const ClassifierTrainOptions& o, int64_t step) {
+  const std::vector<size_t> indices = batch_indices(data, o, step);
   ClassificationData view;  // the batch's samples, augmented, as in-memory images
   view.source = data.source;
   view.classes = data.classes;
-  std::vector<size_t> order(indices.size());
   for (size_t i = 0; i < indices.size(); ++i) {
     const uint64_t seed = (o.seed * 0x9E3779B97F4A7C15ull) ^ (static_cast<uint64_t>(step) << 20) ^ i ^
                           0xA0761D6478BD642Full;
     view.images.push_back(augment_image(data.rgb(indices[i]), o.augment, seed));
     view.labels.push_back(data.labels[indices[i]]);
-    order[i] = i;
   }
-  return classification_batch(view, order, processor, labels);
+  return view;
 }
+
+}  // namespace
 
 void train_classifier(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
                       const PreprocessConfig& processor, const ClassifierTrainOptions& o,
@@ -123,13 +166,19 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
               std::to_string(model.num_labels) + " labels");
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
   const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  check(!o.teacher || model.teacher, "a teacher is for a DeiT with a distillation head (DeiTForImageClassificationWithTeacher)");
+  if (o.teacher)
+    check(static_cast<int64_t>(o.teacher->labels.size()) == model.num_labels,
+          o.teacher->dir + ": the teacher has " + std::to_string(o.teacher->labels.size()) + " labels, the student " +
+              std::to_string(model.num_labels));
   struct Batch {
     Tensor pixels;
-    std::vector<int64_t> labels;
+    std::vector<int64_t> labels, teacher_labels;
   };
   auto load = [&](int64_t s) {
     Batch b;
     b.pixels = training_batch(data, processor, o, s, &b.labels);
+    if (model.teacher) b.teacher_labels = o.teacher ? teacher_batch_labels(data, o, s, *o.teacher) : b.labels;
     return b;
   };
   // Decoding and augmentation of batch s + 1 overlap the step on batch s.
@@ -143,7 +192,8 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
     const std::vector<int64_t>& labels = batch.labels;
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
-    const TrainStepResult r = vit_train_step(model, state, pixels, labels, step);
+    const TrainStepResult r =
+        vit_train_step(model, state, pixels, labels, step, model.teacher ? &batch.teacher_labels : nullptr);
     if (on_step)
       on_step({s + 1, total, s / per_epoch, r.loss, step.lr, r.grad_norm, r.correct, o.batch});
   }

@@ -8,6 +8,7 @@
 #include <functional>
 
 #include "tessera/datasets.hpp"
+#include "tessera/model.hpp"
 #include "tessera/preprocess.hpp"
 #include "tessera/vit_train.hpp"
 
@@ -40,7 +41,18 @@ struct ClassifierTrainOptions {
   double min_lr = 0.0;
   TrainStepOptions step;  // optimizer, peak lr (step.lr), weight decay, clipping, smoothing ...
   AugmentOptions augment;  // augment.enabled false: every sample goes through the processor only
+  // A DeiT with teacher (DeiTForImageClassificationWithTeacher) trains on DeiT's hard-distillation
+  // loss, ½·CE(class head, label) + ½·CE(distillation head, the teacher's label): the teacher's
+  // label is the argmax of this classifier (any folder load_model reads, with the data's classes
+  // as its labels) on the same augmented image through its own processor. Without one, the
+  // distillation head learns the true labels (a teacher that is always right).
+  const Model* teacher = nullptr;
 };
+
+// The teacher's labels for the batch of step s (training_batch's samples, augmented alike):
+// the argmax of `teacher` on each through its own processor.
+std::vector<int64_t> teacher_batch_labels(const ClassificationData& data, const ClassifierTrainOptions& options,
+                                          int64_t step, const Model& teacher);
 
 // The batch of step s as training sees it: the samples of batch_indices(s), augmented (when
 // enabled) with seeds from (seed, s, position), through the processor.
