@@ -554,8 +554,48 @@ TEST_CASE("timm and torchvision ViTs train in their own layout and are written b
   // Variants the training pass does not have are named.
   CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/timm/vit_base_patch14_reg4_dinov2-reg4")),
                     Catch::Contains("no classification head"));
-  CHECK_THROWS_WITH(load_vit_train_model(fixtures("models/timm/deit_tiny_distilled_patch16_224-distilled")),
-                    Catch::Contains("distillation token"));
+}
+
+TEST_CASE("timm's distilled DeiT trains on the hard-distillation loss: gradients through the timm port", "[vit_train]") {
+  // VisionTransformerDistilled: cls_token, dist_token, head on the class token, head_dist on the
+  // distillation token, (head + head_dist) / 2 at inference. The loss: ½·CE(head, labels, label
+  // smoothing 0.1) + ½·CE(head_dist, teacher labels), DeiT's DistillationLoss "hard"
+  // (make_train_fixtures.py timm_distillation_step, float64 autograd through the timm port).
+  const std::string from = fixtures("models/timm/deit_tiny_distilled_patch16_224-distilled");
+  const VitTrainModel model = load_vit_train_model(from);
+  CHECK(model.layout == "timm");
+  CHECK(model.teacher);
+  const SafeTensors st = SafeTensors::open(fixtures("train/timm-distilled-step.safetensors"));
+  const Tensor pixels = st.read("pixel_values");
+  std::vector<int64_t> labels, teacher;
+  for (float l : values(st.read("labels"))) labels.push_back(static_cast<int64_t>(l));
+  for (float l : values(st.read("teacher_labels"))) teacher.push_back(static_cast<int64_t>(l));
+  VitTrainActivations acts;
+  std::vector<float> grads(model.weights.size(), 0.0f);
+  const double loss = vit_train_distillation_loss_and_grad(model, pixels, labels, teacher, 0.1f, acts, grads);
+  CHECK(std::abs(loss - st.read("loss")[0]) <= kTol * std::abs(st.read("loss")[0]));
+  CHECK(rel_err(acts.logits, values(st.read("logits"))) <= kTol);
+  const auto inference = load_model(from);
+  ModelWorkspace ws;
+  CHECK(rel_err(acts.logits, values(output(model_forward(*inference, pixels, ws), "logits"))) <= kTol);
+  // Every gradient, written under timm's names by the same export that writes the model.
+  VitTrainModel as_grads = model;
+  as_grads.weights = grads;
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("tessera-timm-distilled-grad-" + std::to_string(::getpid()));
+  save_vit_train_model(as_grads, dir.string());
+  const SafeTensors g = SafeTensors::open((dir / "model.safetensors").string());
+  int64_t compared = 0;
+  for (const std::string& name : g.names()) {
+    INFO(name);
+    REQUIRE(st.contains("grad." + name));
+    CHECK(rel_err(values(g.read(name)), values(st.read("grad." + name))) <= kTol);
+    ++compared;
+  }
+  CHECK(compared == static_cast<int64_t>(st.names().size()) - 5);  // every tensor of the checkpoint
+  CHECK(g.contains("dist_token"));
+  CHECK(g.contains("head_dist.weight"));
+  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("timm heads and tokens train: gradients through the timm port", "[vit_train]") {

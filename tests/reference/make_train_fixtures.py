@@ -144,6 +144,46 @@ def distillation_step(folder="conformance/deit-tiny-distilled-rand", name="deit-
     print(path, os.path.getsize(path), "bytes, loss", float(loss))
 
 
+def timm_distillation_step(folder="models/timm/deit_tiny_distilled_patch16_224-distilled",
+                           name="timm-distilled-step", batch=2, seed=1312, label_smoothing=0.1):
+    """timm's distilled DeiT (VisionTransformerDistilled) on DeiT's hard-distillation loss, as DeiT's
+    DistillationLoss (distillation_type "hard") computes it with the model in distilled training:
+    0.5 * CE(head(x[:, 0]), labels, label_smoothing) + 0.5 * CE(head_dist(x[:, 1]), teacher_labels),
+    x the final-normed tokens of make_model_fixtures.py's timm port; float64 autograd, timm's names.
+    The logits stored are the eval output, (head + head_dist) / 2."""
+    d = os.path.join(FIXTURES, folder)
+    config = mm.json.load(open(os.path.join(d, "config.json")))
+    sd = {k: v.double().requires_grad_(True) for k, v in mm.load_safetensors(os.path.join(d, "model.safetensors")).items()}
+    size = config["pretrained_cfg"]["input_size"][1]
+    pixels = mm.random_pixels(seed, batch, size, size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, config["num_classes"], (batch,), generator=gen)
+    teacher = torch.randint(0, config["num_classes"], (batch,), generator=gen)
+    out = mm.timm_forward(config, sd, pixels.double())
+    feats = out["features"]
+    cls_logits = F.linear(feats[:, 0], sd["head.weight"], sd["head.bias"])
+    dist_logits = F.linear(feats[:, 1], sd["head_dist.weight"], sd["head_dist.bias"])
+    assert torch.allclose((cls_logits + dist_logits) / 2, out["logits"])
+    loss = 0.5 * F.cross_entropy(cls_logits, labels, label_smoothing=label_smoothing) + \
+        0.5 * F.cross_entropy(dist_logits, teacher)
+    loss.backward()
+    tensors = {"pixel_values": pixels, "labels": labels.float(), "teacher_labels": teacher.float(),
+               "logits": out["logits"].detach(), "loss": loss.detach().reshape(1)}
+    D = config["num_features"]
+    for k, v in sorted(sd.items()):
+        g = v.grad if v.grad is not None else torch.zeros_like(v)
+        if k.endswith("attn.qkv.bias"):  # the key third: 0 in exact arithmetic
+            g = g.clone()
+            g[D:2 * D] = 0
+        tensors["grad." + k] = g
+    path = os.path.join(OUT_DIR, name + ".safetensors")
+    mm.save_safetensors(path, tensors, {"model": folder, "loss": "hard distillation",
+                                        "label_smoothing": str(label_smoothing),
+                                        "upstream": "port of timm 1.0 VisionTransformerDistilled (validated by "
+                                                    "make_model_fixtures.py --check); DeiT's DistillationLoss"})
+    print(path, os.path.getsize(path), "bytes, loss", float(loss))
+
+
 def torchvision_representation_step(folder="models/tv-vit-repr-rand", name="tv-vit-repr-step", batch=3, seed=1307):
     """One batch's gradient through torchvision's own VisionTransformer (representation_size 40:
     heads.pre_logits, tanh, heads.head), float64 autograd, under torchvision's names."""
@@ -239,7 +279,11 @@ def timm_steps():
 
 
 if __name__ == "__main__":
+    if len(mm.sys.argv) > 1 and mm.sys.argv[1] == "--only-timm-distilled":
+        timm_distillation_step()
+        raise SystemExit
     timm_steps()
+    timm_distillation_step()
     torchvision_representation_step()
     swiglu_classifier()
     distillation_step()

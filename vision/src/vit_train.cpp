@@ -180,14 +180,19 @@ struct FusedLayout {
   // timm only: register tokens, LayerScale (blocks.N.ls1.gamma / ls2.gamma), fc_norm, no class token
   bool timm = false;
   std::string reg = "reg_token";
+  std::string dist = "dist_token";
 };
 
 std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
   const VitConfig& c = m.config;
-  check(c.num_distillation_tokens == 0 && c.num_detection_tokens == 0 && !m.class_mean && !m.teacher &&
+  // timm's distilled DeiT (VisionTransformerDistilled): dist_token and head_dist, trained as the
+  // DeiT with teacher it is (cls_classifier = head, distillation_classifier = head_dist).
+  const bool distilled = n.timm && m.teacher && c.num_distillation_tokens == 1 && c.class_token && !m.pool_avg;
+  check((c.num_distillation_tokens == 0 || distilled) && c.num_detection_tokens == 0 && !m.class_mean &&
+            (!m.teacher || distilled) &&
             (n.timm || (c.class_token && c.num_register_tokens == 0 && !c.layer_scale && !m.pool_avg && !m.fc_norm)),
         "fused_names: only an encoder with a classifier on its class token (or, for timm, on the mean of its "
-        "patches) maps to timm / torchvision names");
+        "patches, or timm's distilled DeiT) maps to timm / torchvision names");
   const int64_t d = c.hidden_size, f = c.intermediate_size, p = c.patch_size;
   const int64_t t = (c.prefix_has_pos_embed ? c.num_prefix_tokens() : 0) + c.grid_height() * c.grid_width();
   const std::string e = m.base + "embeddings.";
@@ -196,6 +201,7 @@ std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
   };
   if (c.patch_bias) out.push_back({n.patch + ".bias", {d}, {e + "patch_embeddings.projection.bias"}});
   if (c.class_token) out.push_back({n.cls, {1, 1, d}, {e + "cls_token"}});
+  if (distilled) out.push_back({n.dist, {1, 1, d}, {e + "distillation_token"}});
   if (c.num_register_tokens) out.push_back({n.reg, {1, c.num_register_tokens, d}, {e + "register_tokens"}});
   out.push_back({n.pos, {1, t, d}, {e + "position_embeddings"}});
   if (c.pre_norm) {
@@ -233,6 +239,13 @@ std::vector<NameMap> fused_names(const VitTrainModel& m, const FusedLayout& n) {
     out.push_back({n.pre_logits + ".weight", {rep, d}, {"pre_logits.weight"}});
     out.push_back({n.pre_logits + ".bias", {rep}, {"pre_logits.bias"}});
   }
+  if (distilled) {
+    out.push_back({n.head + ".weight", {m.num_labels, d}, {"cls_classifier.weight"}});
+    out.push_back({n.head + ".bias", {m.num_labels}, {"cls_classifier.bias"}});
+    out.push_back({n.head + "_dist.weight", {m.num_labels, d}, {"distillation_classifier.weight"}});
+    out.push_back({n.head + "_dist.bias", {m.num_labels}, {"distillation_classifier.bias"}});
+    return out;
+  }
   out.push_back({n.head + ".weight", {m.num_labels, rep > 0 ? rep : d}, {"classifier.weight"}});
   out.push_back({n.head + ".bias", {m.num_labels}, {"classifier.bias"}});
   return out;
@@ -246,6 +259,7 @@ std::vector<NameMap> timm_style_names(const VitTrainModel& m, const std::string&
                 prefix + "norm", head};
   n.timm = true;
   n.reg = prefix + "reg_token";
+  n.dist = prefix + "dist_token";
   return fused_names(m, n);
 }
 
@@ -583,11 +597,9 @@ VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& conf
   const VitConfig& c = inf->encoder.config;
   const ClassifierWeights& h = inf->classifier;
   const std::string what = config_file + " (" + inf->architecture + ")";
-  check(c.num_distillation_tokens == 0 &&
-            (c.activation == MlpActivation::Gelu || c.activation == MlpActivation::QuickGelu),
-        what + ": training supports timm ViTs with GELU or QuickGELU MLPs, without a distillation token (timm's "
-               "distilled DeiT)");
-  check((h.timm_pool == "token" && c.class_token) || h.timm_pool == "avg",
+  check(c.num_distillation_tokens <= 1 && (c.activation == MlpActivation::Gelu || c.activation == MlpActivation::QuickGelu),
+        what + ": training supports timm ViTs with GELU or QuickGELU MLPs");
+  check((h.timm_pool == "token" && c.class_token) || (h.timm_pool == "avg" && c.num_distillation_tokens == 0),
         what + ": training supports global_pool \"token\" (on a class token) or \"avg\"");
   check(h.num_labels > 0, what + ": the model has no classification head (num_classes 0) to train");
   check(c.final_norm == h.fc_norm_weight.empty(),
@@ -603,9 +615,13 @@ VitTrainModel load_timm_train_model(const fs::path& dir, const std::string& conf
   m.num_labels = h.num_labels;
   m.pool_avg = h.timm_pool == "avg";
   m.fc_norm = !h.fc_norm_weight.empty();
+  // timm's distilled DeiT: its two heads are DeiT with teacher's (logits their mean, as timm's eval
+  // forward), so it trains on the hard-distillation loss (a --teacher's labels, or the true ones).
+  m.teacher = c.num_distillation_tokens == 1;
+  check(!m.teacher || !m.fc_norm, what + ": a distilled DeiT with fc_norm is not one timm makes");
   const SafeTensors st = open_single_checkpoint(dir);
   m.config.patch_bias = st.contains("patch_embed.proj.bias");  // CLIP towers have none
-  m.params = vit_train_layout(m.config, m.base, m.num_labels, false, false);
+  m.params = vit_train_layout(m.config, m.base, m.num_labels, false, false, m.teacher);
   m.weights.assign(static_cast<size_t>(m.params.back().offset + m.params.back().numel()), 0.0f);
   read_mapped(m, st, detail::timm_style_names(m, "", "head"));
   return m;
