@@ -193,6 +193,8 @@ int train_classify(const TrainArgs& a) {
   o.min_lr = a.min_lr;
   o.augment.enabled = !a.no_augment;
   o.augment.elastic = a.elastic;
+  check(a.rrc >= 0 && a.rrc <= 1, "train: --random-resized-crop takes the smallest area fraction, in (0, 1]");
+  o.augment.rrc_min_scale = a.rrc;
   o.augment.hflip = a.hflip;
   o.step = train_step_options(a);
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
@@ -224,6 +226,7 @@ int train_classify(const TrainArgs& a) {
       {"seed", std::to_string(a.seed)},            {"total_steps", std::to_string(total)},
       {"optimizer", a.optimizer},                  {"augment", a.no_augment || a.freeze_encoder ? "0" : "1"},
       {"elastic", fmt("%g", a.elastic)},          {"hflip", a.hflip ? "1" : "0"},
+      {"random_resized_crop", fmt("%g", a.rrc)},
       {"teacher", a.teacher},
       {"freeze_encoder", a.freeze_encoder ? "1" : "0"}};
   VitTrainState state;
@@ -319,7 +322,10 @@ int train_classify(const TrainArgs& a) {
        << "| training data | " << data.source << " (" << data.size() << " samples) |\n"
        << "| augmentation | "
        << (!o.augment.enabled ? std::string(a.freeze_encoder ? "none (--freeze-encoder: a linear probe on cached features)" : "none")
-                        : "affine (±" + fmt("%g", o.augment.rotate_degrees) + "°, ±" + fmt("%g", 100 * o.augment.scale) +
+                        : (o.augment.rrc_min_scale > 0 ? "random resized crop (area " + fmt("%g", o.augment.rrc_min_scale) +
+                                                                  "-1, aspect 3/4-4/3) instead of the affine warp; "
+                                                            : std::string()) +
+                          "affine (±" + fmt("%g", o.augment.rotate_degrees) + "°, ±" + fmt("%g", 100 * o.augment.scale) +
                               "% scale, shear ±" + fmt("%g", o.augment.shear) + ", ±" + fmt("%g", 100 * o.augment.translate) +
                               "% shift)" + (o.augment.hflip ? ", horizontal flip" : "") + ", brightness/contrast ±" + fmt("%g", 100 * o.augment.contrast) + "%, blur p=" +
                               fmt("%g", o.augment.blur_probability) +
@@ -385,6 +391,9 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--label-smoothing", a.label_smoothing, "Label smoothing (classify)")->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--layer-decay", a.layer_decay, "Layer-wise lr decay for fine-tuning (1: off)")->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--freeze-encoder", a.freeze_encoder, "Train the head only");
+  cmd->add_option("--random-resized-crop", a.rrc,
+                  "classify: a random resized crop (area fraction in [S, 1], aspect 3/4 to 4/3, as torchvision's "
+                  "RandomResizedCrop) instead of the affine warp, e.g. 0.08 for ImageNet-style fine-tuning; 0: off");
   cmd->add_option("--elastic", a.elastic,
                   "Classify: elastic distortion, the largest displacement as a fraction of the side (e.g. 0.1); 0: off")
       ->check(CLI::Range(0.0, 0.5));

@@ -30,6 +30,7 @@ struct TrainArgs {
   double layer_decay = 1.0;   // layer-wise lr decay (fine-tuning); 1: off
   double min_lr = 0.0;        // the cosine's floor
   double elastic = 0.0;       // elastic distortion strength (classify augmentation); 0: off
+  double rrc = 0.0;           // classify: random resized crop's smallest area fraction; 0: off
   int64_t warmup = 0;         // linear warm-up steps
   bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false, hflip = false;
   bool crops = false;  // segment --arch: train on image_size crops at the images' own resolution

@@ -84,6 +84,7 @@ int train_detect(const TrainArgs& a) {
   check(!a.crops, "train --task detect: --crops is for segmentation");
   check(a.decoder == "linear", "train --task detect: --decoder is for segmentation (Segmenter's decoder)");
   check(a.teacher.empty(), "train --task detect: --teacher is for classification (a DeiT with teacher)");
+  check(a.rrc == 0, "train --task detect: --random-resized-crop is for classification");
   check(a.elastic == 0, "train --task detect: --elastic is for classification");
   check(a.layer_decay == 1.0 || !a.init.empty(), "train: --layer-decay is for fine-tuning (--init)");
   // Everything is read and checked before anything trains.

@@ -202,3 +202,42 @@ TEST_CASE("trainer: a DeiT with teacher steps on the hard-distillation loss with
   CHECK_THROWS_WITH(train_classifier(vit, vit_state, data, processor(), o, {}), Catch::Contains("distillation head"));
   fs::remove_all(teacher_dir);
 }
+
+TEST_CASE("augmentation: a random resized crop stretches a crop of the image over it, flips with it", "[trainer]") {
+  // Pixel (x, y) holds x·4 in red and y·4 in green: a crop stretched over the image keeps red
+  // non-decreasing along rows (non-increasing when flipped) and green down columns, and spans
+  // less than the whole range when the crop is smaller than the image.
+  cv::Mat img(64, 64, CV_8UC3);
+  for (int y = 0; y < 64; ++y)
+    for (int x = 0; x < 64; ++x) img.at<cv::Vec3b>(y, x) = cv::Vec3b(static_cast<uchar>(x * 4), static_cast<uchar>(y * 4), 0);
+  AugmentOptions o;
+  o.enabled = true, o.brightness = o.contrast = 0, o.blur_probability = 0, o.rrc_min_scale = 0.08;
+  int cropped = 0;
+  for (const bool hflip : {false, true}) {
+    o.hflip = hflip;
+    int flipped = 0;
+    for (uint64_t seed = 1; seed <= 20; ++seed) {
+      INFO("seed " << seed << ", hflip " << hflip);
+      const cv::Mat out = augment_image(img, o, seed);
+      REQUIRE(out.size() == img.size());
+      const int left = out.at<cv::Vec3b>(32, 0)[0], right = out.at<cv::Vec3b>(32, 63)[0];
+      const bool mirror = left > right;
+      flipped += mirror;
+      CHECK((hflip || !mirror));
+      bool monotone = true;
+      for (int y = 0; y < 64; ++y)
+        for (int x = 1; x < 64; ++x) {
+          const int a = out.at<cv::Vec3b>(y, x - 1)[0], b = out.at<cv::Vec3b>(y, x)[0];
+          monotone = monotone && (mirror ? b <= a : b >= a);
+        }
+      for (int x = 0; x < 64; ++x)
+        for (int y = 1; y < 64; ++y) monotone = monotone && out.at<cv::Vec3b>(y, x)[1] >= out.at<cv::Vec3b>(y - 1, x)[1];
+      CHECK(monotone);
+      const int span = std::abs(left - right), vspan = out.at<cv::Vec3b>(63, 32)[1] - out.at<cv::Vec3b>(0, 32)[1];
+      cropped += span < 200 || vspan < 200;
+      CHECK(span > 0);
+    }
+    if (hflip) CHECK(flipped > 0);
+  }
+  CHECK(cropped >= 15);  // area fraction in [0.08, 1]: most crops span well under the whole (28 of 40 here)
+}

@@ -52,6 +52,28 @@ cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed
   const double bias = uniform(-o.brightness, o.brightness) * 255.0;
   const bool blur = uniform(0, 1) < o.blur_probability;
   const double sigma = uniform(0.3, 0.9);
+  // Random resized crop (torchvision's RandomResizedCrop, scale [rrc_min_scale, 1], ratio
+  // [3/4, 4/3] log-uniform, 10 tries, then the central crop of the clamped ratio), drawn after
+  // the scalar draws so that a run without it keeps its stream.
+  cv::Rect2d crop(0, 0, rgb.cols, rgb.rows);
+  if (o.rrc_min_scale > 0) {
+    const double W = rgb.cols, H = rgb.rows, area = W * H;
+    const double lr0 = std::log(3.0 / 4.0), lr1 = std::log(4.0 / 3.0);
+    bool found = false;
+    for (int attempt = 0; attempt < 10 && !found; ++attempt) {
+      const double target = area * uniform(o.rrc_min_scale, 1.0);
+      const double ratio = std::exp(uniform(lr0, lr1));
+      const double w = std::round(std::sqrt(target * ratio)), h = std::round(std::sqrt(target / ratio));
+      const double x = std::floor(uniform(0, 1) * (W - w + 1)), y = std::floor(uniform(0, 1) * (H - h + 1));
+      if (w > 0 && h > 0 && w <= W && h <= H) crop = cv::Rect2d(x, y, w, h), found = true;
+    }
+    if (!found) {
+      const double r = W / H;
+      const double w = r < 3.0 / 4.0 ? W : r > 4.0 / 3.0 ? std::round(H * 4.0 / 3.0) : W;
+      const double h = r < 3.0 / 4.0 ? std::round(W * 4.0 / 3.0) : r > 4.0 / 3.0 ? H : H;
+      crop = cv::Rect2d(std::floor((W - w) / 2), std::floor((H - h) / 2), w, h);
+    }
+  }
   // The displacement field's noise comes from the same stream, after the scalar draws.
   cv::Mat dx, dy;
   if (o.elastic > 0) {
@@ -76,8 +98,15 @@ cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed
   const double cx = (rgb.cols - 1) / 2.0, cy = (rgb.rows - 1) / 2.0;
   const double ca = std::cos(angle) * scale, sa = std::sin(angle) * scale, f = flip ? -1.0 : 1.0;
   const double a00 = ca * f, a01 = ca * shear - sa, a10 = sa * f, a11 = sa * shear + ca;
-  const cv::Matx23d m(a00, a01, cx + tx - a00 * cx - a01 * cy,  //
-                      a10, a11, cy + ty - a10 * cx - a11 * cy);
+  cv::Matx23d m(a00, a01, cx + tx - a00 * cx - a01 * cy,  //
+                a10, a11, cy + ty - a10 * cx - a11 * cy);
+  if (o.rrc_min_scale > 0) {
+    // The crop stretched over the whole image (pixel edges to pixel edges) instead of the affine
+    // warp, mirrored with the flip.
+    const double sx = rgb.cols / crop.width, sy = rgb.rows / crop.height;
+    const double ox = 0.5 * sx - 0.5 - sx * crop.x, oy = 0.5 * sy - 0.5 - sy * crop.y;  // dst = s·src + o
+    m = flip ? cv::Matx23d(-sx, 0, rgb.cols - 1 - ox, 0, sy, oy) : cv::Matx23d(sx, 0, ox, 0, sy, oy);
+  }
   cv::Mat out;
   cv::warpAffine(rgb, out, m, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
   if (o.elastic > 0) {

@@ -28,6 +28,10 @@ struct AugmentOptions {
   // displacement field, uniform in [-1, 1] per pixel, smoothed by a Gaussian of σ = 0.15·side and
   // scaled by elastic·side pixels. 0: off.
   double elastic = 0.0;
+  // > 0: a random resized crop (torchvision's RandomResizedCrop: area fraction in
+  // [rrc_min_scale, 1], aspect ratio in [3/4, 4/3]) stretched back over the image replaces the
+  // affine warp (the usual ImageNet-style fine-tuning augmentation, e.g. 0.08). 0: off.
+  double rrc_min_scale = 0.0;
 };
 cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& options, uint64_t seed);
 
