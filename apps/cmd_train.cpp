@@ -29,6 +29,7 @@
 #include "tessera/parallel.hpp"
 #include "tessera/pipeline.hpp"
 #include "tessera/vit_train.hpp"
+#include "mpi.hpp"
 #include "train_args.hpp"
 
 namespace fs = std::filesystem;
@@ -197,6 +198,15 @@ int train_classify(const TrainArgs& a) {
   o.augment.rrc_min_scale = a.rrc;
   o.augment.hflip = a.hflip;
   o.step = train_step_options(a);
+  // Data-parallel (mpirun / srun): this rank's slice of every global batch, gradients averaged.
+  Communicator* comm = mpi_world();
+  if (comm) {
+    check(!a.freeze_encoder, "train: --freeze-encoder's linear probe runs on one process (not under mpirun)");
+    check(a.batch % comm->size() == 0, "train: --batch " + std::to_string(a.batch) + " is the global batch and must "
+                                       "split evenly over the " + std::to_string(comm->size()) + " MPI ranks");
+    o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
+  }
+  const bool lead = !comm || comm->rank() == 0;  // rank 0 alone prints, logs, checkpoints and publishes
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
   std::shared_ptr<const Model> teacher;
   if (!a.teacher.empty()) {
@@ -244,9 +254,16 @@ int train_classify(const TrainArgs& a) {
                  (long long)total);
   }
 
+  if (!lead) {  // a worker rank: the same steps on its slice, nothing written
+    train_classifier(model, state, data, processor, o, {});
+    return 0;
+  }
   int64_t params = 0;
   for (const TrainParam& p : model.params) params += p.numel();
   const VitConfig& c = model.config;
+  if (comm)
+    std::printf("data-parallel: %d MPI ranks, %lld images of each batch of %lld per rank\n", comm->size(),
+                (long long)(a.batch / comm->size()), (long long)a.batch);
   std::printf("data: %s, %zu samples, %zu classes%s\n", data.source.c_str(), data.size(), data.classes.size(),
               a.val.empty() ? "" : (", validation: " + val.source + ", " + std::to_string(val.size()) + " samples").c_str());
   std::printf("model: %s, %lldx%lld patch %lld, D=%lld, %lld layers, %lld heads, MLP %lld: %lld parameters\n",
@@ -429,6 +446,13 @@ void add_train(CLI::App& app, Action& action) {
     a.command_line = line.str();
     action = [] {
       apply_threads(a.threads);
+      check(mpi_launched_size() <= 1 || mpi_built(),
+            "train: launched as " + std::to_string(mpi_launched_size()) + " MPI ranks, but this tessera was built "
+            "without MPI (install libopenmpi-dev and rebuild; TESSERA_MPI is on by default): every rank would "
+            "train alone and write the same files");
+      check(!mpi_world() || a.task == "classify",
+            "train --task " + a.task + ": data-parallel runs (mpirun) train classifiers so far; run detection and "
+            "segmentation training as one process");
       if (a.task == "detect") return train_detect(a);
       if (a.task == "segment") return train_segment(a);
       return train_classify(a);

@@ -5,11 +5,14 @@
 #include <new>
 
 #include "commands.hpp"
+#include "mpi.hpp"
 #include "tessera/error.hpp"
 #include "tessera/text.hpp"
 #include "tessera/version.hpp"
 
 int main(int argc, char** argv) {
+  // Under mpirun / srun (and built with MPI): MPI_Init now, MPI_Finalize when main returns.
+  tessera::cli::MpiSession mpi(&argc, &argv);
   CLI::App app{"Tessera: vision Transformers on the CPU"};
   app.set_version_flag("--version", std::string("tessera ") + tessera::version());
   app.require_subcommand(1);
@@ -50,5 +53,7 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tessera: error: %s\n", e.what());
   }
+  std::fflush(stderr);
+  tessera::cli::mpi_abort(1);  // one rank failing ends the job rather than leaving the others waiting
   return 1;
 }

@@ -3,6 +3,7 @@
 #include "tessera/pipeline.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <future>
 #include <numeric>
@@ -127,14 +128,30 @@ cv::Mat augment_image(const cv::Mat& rgb, const AugmentOptions& o, uint64_t seed
 
 namespace {
 
-// The batch of step s as in-memory images (augmented when enabled), in batch order.
+// The batch of step s as in-memory images (augmented when enabled), in batch order: this rank's
+// slice of it (o.shard of o.shards), each sample augmented by its position in the whole batch.
 ClassificationData augmented_view(const ClassificationData& data, const ClassifierTrainOptions& o, int64_t step);
+
+// This rank's positions [lo, hi) of a global batch.
+std::pair<size_t, size_t> shard_range(const ClassifierTrainOptions& o, size_t batch) {
+  check(o.shards >= 1 && o.shard >= 0 && o.shard < o.shards && batch % static_cast<size_t>(o.shards) == 0,
+        "train: the batch of " + std::to_string(batch) + " does not split evenly over " + std::to_string(o.shards) +
+            " ranks");
+  const size_t per = batch / static_cast<size_t>(o.shards);
+  return {per * static_cast<size_t>(o.shard), per * static_cast<size_t>(o.shard + 1)};
+}
+
+std::vector<size_t> shard_indices(const ClassificationData& data, const ClassifierTrainOptions& o, int64_t step) {
+  const std::vector<size_t> all = batch_indices(data, o, step);
+  const auto [lo, hi] = shard_range(o, all.size());
+  return std::vector<size_t>(all.begin() + static_cast<std::ptrdiff_t>(lo), all.begin() + static_cast<std::ptrdiff_t>(hi));
+}
 
 }  // namespace
 
 Tensor training_batch(const ClassificationData& data, const PreprocessConfig& processor,
                       const ClassifierTrainOptions& o, int64_t step, std::vector<int64_t>* labels) {
-  const std::vector<size_t> indices = batch_indices(data, o, step);
+  const std::vector<size_t> indices = shard_indices(data, o, step);
   if (!o.augment.enabled) return classification_batch(data, indices, processor, labels);
   const ClassificationData view = augmented_view(data, o, step);
   std::vector<size_t> order(view.size());
@@ -144,7 +161,7 @@ Tensor training_batch(const ClassificationData& data, const PreprocessConfig& pr
 
 std::vector<int64_t> teacher_batch_labels(const ClassificationData& data, const ClassifierTrainOptions& o,
                                           int64_t step, const Model& teacher) {
-  const std::vector<size_t> indices = batch_indices(data, o, step);
+  const std::vector<size_t> indices = shard_indices(data, o, step);
   const PreprocessConfig pre = model_preprocessor(teacher).config;
   Tensor x;
   if (o.augment.enabled) {
@@ -171,10 +188,11 @@ namespace {
 
 ClassificationData augmented_view(const ClassificationData& data, const ClassifierTrainOptions& o, int64_t step) {
   const std::vector<size_t> indices = batch_indices(data, o, step);
+  const auto [lo, hi] = shard_range(o, indices.size());
   ClassificationData view;  // the batch's samples, augmented, as in-memory images
   view.source = data.source;
   view.classes = data.classes;
-  for (size_t i = 0; i < indices.size(); ++i) {
+  for (size_t i = lo; i < hi; ++i) {
     const uint64_t seed = (o.seed * 0x9E3779B97F4A7C15ull) ^ (static_cast<uint64_t>(step) << 20) ^ i ^
                           0xA0761D6478BD642Full;
     view.images.push_back(augment_image(data.rgb(indices[i]), o.augment, seed));
@@ -223,8 +241,14 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
     const TrainStepResult r =
         vit_train_step(model, state, pixels, labels, step, model.teacher ? &batch.teacher_labels : nullptr);
+    double loss = r.loss, correct = static_cast<double>(r.correct);
+    if (o.step.comm && o.step.comm->size() > 1) {  // the global batch's loss and count, for the log
+      std::array<double, 2> both = {loss, correct};
+      o.step.comm->allreduce_sum(both);
+      loss = both[0] / o.step.comm->size(), correct = both[1];
+    }
     if (on_step)
-      on_step({s + 1, total, s / per_epoch, r.loss, step.lr, r.grad_norm, r.correct, o.batch});
+      on_step({s + 1, total, s / per_epoch, loss, step.lr, r.grad_norm, static_cast<int64_t>(correct), o.batch});
   }
 }
 

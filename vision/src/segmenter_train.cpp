@@ -762,6 +762,7 @@ SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& s
       ++r.pixels;
       r.correct += best == label;
     }
+  allreduce_mean(o.comm, s.grads);  // data-parallel: the global batch's gradient on every rank
   r.grad_norm = clip_grad_norm(s.grads, o.clip_grad);
   ++s.step;
   if (o.optimizer == Optimizer::AdamW) {

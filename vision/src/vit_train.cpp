@@ -1345,6 +1345,7 @@ double vit_train_apply_gradients(VitTrainModel& model, VitTrainState& state, con
   check(state.grads.size() == n, "vit_train_apply_gradients: gradients of another size than the weights");
   if (state.m.size() != n) state.m.assign(n, 0.0f);
   if (o.optimizer == Optimizer::AdamW && state.v.size() != n) state.v.assign(n, 0.0f);
+  allreduce_mean(o.comm, state.grads);  // data-parallel: the global batch's gradient on every rank
   const double grad_norm = clip_grad_norm(state.grads, o.clip_grad);
   ++state.step;
   if (o.optimizer == Optimizer::AdamW) {

@@ -51,6 +51,11 @@ struct ClassifierTrainOptions {
   // as its labels) on the same augmented image through its own processor. Without one, the
   // distillation head learns the true labels (a teacher that is always right).
   const Model* teacher = nullptr;
+  // Data-parallel training (step.comm): this process is rank `shard` of `shards` and takes
+  // positions [shard·B/shards, (shard + 1)·B/shards) of every global batch of `batch` (B must be a
+  // multiple of shards), each augmented as in a one-process run; the gradients are averaged over
+  // the ranks by the step, and the progress reports the global batch's loss and count.
+  int shard = 0, shards = 1;
 };
 
 // The teacher's labels for the batch of step s (training_batch's samples, augmented alike):

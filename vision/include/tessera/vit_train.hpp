@@ -22,6 +22,7 @@
 // detection tokens follow the patches, x₀ = [cls, patches, detection tokens] + pos, the table's
 // rows [cls, grid, detection] with the grid resized bicubically to the input's grid
 // (PosResample::SizeBicubic, as yolos.cpp loads it), and the two MLP heads replace the classifier.
+#include "tessera/communicator.hpp"
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -263,6 +264,10 @@ struct TrainStepOptions {
   float clip_grad = 0.0f;                            // max global norm; 0: no clipping
   double layer_decay = 1.0;                          // layer-wise lr decay; 1: off
   float label_smoothing = 0.0f;
+  // Data-parallel training: each rank computes the gradient of its own slice of the global batch;
+  // before clipping and the optimiser the gradients are averaged over the ranks (summed in rank
+  // order, so every rank takes the same step). nullptr: one process.
+  Communicator* comm = nullptr;
 };
 // The optimiser's state and the step's buffers, laid out as the model's weights.
 struct DetrTrainActivations;  // detr_train.hpp
