@@ -7,6 +7,7 @@ packages=(
   xvfb xauth imagemagick xdotool
   fonts-dejavu-core  # DejaVu Sans: the font of every label, legend and caption
   opencv-doc  # digits.png and the sample photos: training data, digit scenes, their tests
+  openmpi-bin libopenmpi-dev  # data-parallel tessera train (mpirun); the build uses MPI when present
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -109,14 +109,14 @@ TEST_CASE("a rank killed mid-run fails the job; --resume finishes it as if unint
   const char* cli = std::getenv("TESSERA_CLI");
   REQUIRE(cli != nullptr);
   const std::string args = std::string(" train --task classify --data digits:train --arch vit-digits --batch 32") +
-                           " --max-steps 300 --checkpoint-every 10 --lr 1e-3 --seed 5 --threads 1";
+                           " --layers 4 --max-steps 100 --checkpoint-every 10 --lr 1e-3 --seed 5 --threads 1";
   const std::string killed = (dir / "killed").string();
   // Start the job, wait for its first checkpoint, kill -9 one rank (the newest tessera process).
   const fs::path script = dir / "kill.sh";
   std::ofstream(script) << mpirun(2) << " " << cli << args << " --out " << killed << " >" << (dir / "log").string()
                         << " 2>&1 &\njob=$!\n"
                         << "for i in $(seq 600); do [ -f " << killed << "/checkpoint.safetensors ] && break; sleep 0.05; done\n"
-                        << "pkill -9 -n -f 'tessera train --task classify --data digits:train --arch vit-digits --batch 32'\n"
+                        << "pkill -9 -n -f 'tessera train --task classify --data digits:train --arch vit-digits --batch 32 --layers 4'\n"
                         << "wait $job\necho $? >" << (dir / "code").string() << "\n";
   REQUIRE(std::system(("bash " + script.string()).c_str()) == 0);
   const std::string log = test::slurp(dir / "log");
