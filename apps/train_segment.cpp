@@ -18,6 +18,7 @@
 #include "tessera/segmentation.hpp"
 #include "tessera/segmenter_train.hpp"
 #include "tessera/vit_train.hpp"
+#include "mpi.hpp"
 #include "train_args.hpp"
 
 namespace fs = std::filesystem;
@@ -163,6 +164,15 @@ int train_segment(const TrainArgs& args) {
   o.warmup_steps = args.warmup;
   o.min_lr = args.min_lr;
   o.step = train_step_options(args);  // --label-smoothing is refused above
+  // Data-parallel (mpirun / srun): this rank's slice of every global batch, gradients averaged.
+  Communicator* comm = mpi_world();
+  if (comm) {
+    check(!args.freeze_encoder, "train: --freeze-encoder runs on one process (not under mpirun)");
+    check(args.batch % comm->size() == 0, "train: --batch " + std::to_string(args.batch) + " is the global batch "
+                                          "and must split evenly over the " + std::to_string(comm->size()) + " MPI ranks");
+    o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
+  }
+  const bool lead = !comm || comm->rank() == 0;  // rank 0 alone logs, checkpoints and publishes
   const int64_t total = segmenter_total_steps(data.size(), o);
   const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;
   if (args.freeze_encoder && o.augment)
@@ -192,6 +202,13 @@ int train_segment(const TrainArgs& args) {
     std::fprintf(stderr, "resuming %s at step %lld of %lld\n", checkpoint.c_str(),
                  static_cast<long long>(state.opt.step), static_cast<long long>(total));
   }
+  if (!lead) {  // a worker rank: the same steps on its slice, nothing written
+    train_segmenter(model, state, data, processor, o);
+    return 0;
+  }
+  if (comm)
+    std::fprintf(stderr, "data-parallel: %d MPI ranks, %lld images of each batch of %lld per rank\n", comm->size(),
+                 static_cast<long long>(args.batch / comm->size()), static_cast<long long>(args.batch));
   const int64_t every = args.checkpoint_every > 0 ? args.checkpoint_every : per_epoch;
   auto save_checkpoint = [&] {
     save_train_checkpoint(checkpoint, model.vit, state.opt,

@@ -6,6 +6,7 @@
 #include "model_internal.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -936,6 +937,12 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
   const int64_t total = segmenter_total_steps(data.size(), o);
   const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;
   const int64_t end = stop_before > 0 ? std::min(stop_before, total) : total;
+  check(o.shards >= 1 && o.shard >= 0 && o.shard < o.shards && o.batch % o.shards == 0,
+        "train: the batch of " + std::to_string(o.batch) + " does not split evenly over " + std::to_string(o.shards) +
+            " ranks");
+  const int64_t lo = o.batch / o.shards * o.shard, nb = o.batch / o.shards;  // this rank's positions
+  check(o.shards == 1 || !segmenter_caches_features(model, data.size(), o),
+        "train: cached frozen-encoder features are for one process");
   if (state.opt.step < end && segmenter_caches_features(model, data.size(), o)) {
     // --freeze-encoder without augmentation: each sample (deterministic without augmentation)
     // through the frozen encoder once, in file order; each step gathers its samples' rows.
@@ -979,14 +986,15 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
   };
   // Every batch follows from (seed, step) alone, so it can be made ahead of its step.
   auto load = [&](int64_t s) {
-    Batch batch{Tensor({o.batch, C, H, W}), std::vector<int32_t>(static_cast<size_t>(o.batch * H * W))};
+    Batch batch{Tensor({nb, C, H, W}), std::vector<int32_t>(static_cast<size_t>(nb * H * W))};
     const std::vector<size_t> idx = segmenter_batch_indices(data.size(), o, s);
-    parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+    parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = lo + i;  // the position in the global batch: its augmentation's seed
         const uint64_t aug_seed = (o.seed * 0x9E3779B97F4A7C15ull) ^
                                   (static_cast<uint64_t>(s) * 0xBF58476D1CE4E5B9ull + static_cast<uint64_t>(b) + 1);
         segmentation_sample(data[idx[static_cast<size_t>(b)]], processor, o.augment, aug_seed,
-                            batch.pixels.data() + b * C * H * W, batch.labels.data() + b * H * W, H, W,
+                            batch.pixels.data() + i * C * H * W, batch.labels.data() + i * H * W, H, W,
                             model.window_size, o.hflip);
       }
     });
@@ -1004,9 +1012,14 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
     const SegmenterStepResult r = segmenter_train_step(model, state, pixels, labels, step);
+    double loss = r.loss, correct = static_cast<double>(r.correct), pixels_n = static_cast<double>(r.pixels);
+    if (o.step.comm && o.step.comm->size() > 1) {  // the global batch's loss and accuracy, for the log
+      std::array<double, 3> v = {loss, correct, pixels_n};
+      o.step.comm->allreduce_sum(v);
+      loss = v[0] / o.step.comm->size(), correct = v[1], pixels_n = v[2];
+    }
     if (on_step)
-      on_step({s + 1, total, s / per_epoch, r.loss, step.lr, r.grad_norm,
-               r.pixels ? static_cast<double>(r.correct) / static_cast<double>(r.pixels) : 0.0, o.batch});
+      on_step({s + 1, total, s / per_epoch, loss, step.lr, r.grad_norm, pixels_n > 0 ? correct / pixels_n : 0.0, o.batch});
   }
 }
 

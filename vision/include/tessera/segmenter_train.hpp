@@ -182,6 +182,12 @@ struct SegmenterTrainOptions {
   // cached features (the same steps) when features and label maps fit here.
   bool cache_features = true;
   double cache_limit_bytes = 8.0 * (1ull << 30);
+  // Data-parallel training (step.comm): rank `shard` of `shards` takes positions
+  // [shard·B/shards, (shard + 1)·B/shards) of every global batch, each augmented as in a
+  // one-process run; the step averages the ranks' gradients (each its slice's mean over valid
+  // pixels: the one-process mean when every slice has as many valid pixels, e.g. crops without
+  // ignored pixels), and the progress reports the global batch's loss and pixel accuracy.
+  int shard = 0, shards = 1;
 };
 
 struct SegmenterProgress {
