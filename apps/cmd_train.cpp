@@ -450,9 +450,6 @@ void add_train(CLI::App& app, Action& action) {
             "train: launched as " + std::to_string(mpi_launched_size()) + " MPI ranks, but this tessera was built "
             "without MPI (install libopenmpi-dev and rebuild; TESSERA_MPI is on by default): every rank would "
             "train alone and write the same files");
-      check(!mpi_world() || a.task != "detect",
-            "train --task detect: data-parallel runs (mpirun) train classifiers and segmenters so far; run "
-            "detection training as one process");
       if (a.task == "detect") return train_detect(a);
       if (a.task == "segment") return train_segment(a);
       return train_classify(a);

@@ -41,6 +41,17 @@ void allreduce_in_rank_order(std::span<T> values, MPI_Datatype type) {
     const int count = static_cast<int>(n);
     if (rank == 0) {
       for (int r = 1; r < size; ++r) {  // ((r0 + r1) + r2) ...: one order, every run
+        // Ranks out of step (one in another collective) must fail, not write past a buffer.
+        MPI_Status status;
+        MPI_Probe(r, 7, MPI_COMM_WORLD, &status);
+        int got = 0;
+        MPI_Get_count(&status, type, &got);
+        if (got != count) {
+          std::fprintf(stderr, "tessera: error: MPI rank %d sent %d values where rank 0 sums %d: the ranks are out of "
+                               "step\n", r, got, count);
+          std::fflush(stderr);
+          MPI_Abort(MPI_COMM_WORLD, 1);
+        }
         MPI_Recv(incoming.data(), count, type, r, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
         for (size_t i = 0; i < n; ++i) values[off + i] += incoming[i];
       }

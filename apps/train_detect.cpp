@@ -33,6 +33,7 @@
 #include "tessera/preprocess.hpp"
 #include "tessera/detr_train.hpp"
 #include "tessera/yolos_train.hpp"
+#include "mpi.hpp"
 #include "train_args.hpp"
 
 namespace fs = std::filesystem;
@@ -158,6 +159,15 @@ int train_detect(const TrainArgs& a) {
   o.augment.enabled = !a.no_augment;
   o.augment.hflip = a.hflip;
   o.step = train_step_options(a);
+  // Data-parallel (mpirun / srun): this rank's slice of every global batch, gradients averaged.
+  Communicator* comm = mpi_world();
+  if (comm) {
+    check(!a.freeze_encoder, "train: --freeze-encoder runs on one process (not under mpirun)");
+    check(a.batch % comm->size() == 0, "train: --batch " + std::to_string(a.batch) + " is the global batch and must "
+                                       "split evenly over the " + std::to_string(comm->size()) + " MPI ranks");
+    o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
+  }
+  const bool lead = !comm || comm->rank() == 0;  // rank 0 alone prints, logs, checkpoints and publishes
   const int64_t total = detector_total_steps(data, o), per_epoch = detector_steps_per_epoch(data, o);
   if (a.freeze_encoder && o.augment.enabled)
     std::fprintf(stderr, "note: --freeze-encoder with augmentation runs the frozen encoder on every augmented batch; "
@@ -190,6 +200,13 @@ int train_detect(const TrainArgs& a) {
                  (long long)total);
   }
 
+  if (!lead) {  // a worker rank: the same steps on its slice, nothing written
+    train_detector(model, state, data, processor, o, {});
+    return 0;
+  }
+  if (comm)
+    std::printf("data-parallel: %d MPI ranks, %lld images of each batch of %lld per rank\n", comm->size(),
+                (long long)(a.batch / comm->size()), (long long)a.batch);
   int64_t params = 0, boxes = 0;
   for (const TrainParam& p : model.params) params += p.numel();
   for (const DetectionTarget& t : data.targets) boxes += static_cast<int64_t>(t.labels.size());

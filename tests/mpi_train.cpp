@@ -11,6 +11,10 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
 #include "cli_util.hpp"
 #include "tessera/safetensors.hpp"
 
@@ -158,10 +162,47 @@ TEST_CASE("mpirun -np 2 tessera train --task segment takes the steps of one proc
   REQUIRE(a.size() == 12);
   REQUIRE(b.size() == 12);
   for (size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i][2] - b[i][2]) <= 1e-4 * std::abs(a[i][2]));
-  // Detection does not shard yet: a one-line error, not two runs writing one folder.
-  const test::CliRun det = test::run_cli(" train --task detect --data " + (dir / "data" / "annotations.json").string() +
-                                         " --arch detr-digits --out " + (dir / "det").string(), mpirun(2));
-  CHECK(det.code != 0);
-  CHECK(det.err.find("as one process") != std::string::npos);
+  fs::remove_all(dir.parent_path());
+}
+
+TEST_CASE("mpirun -np 2 tessera train --task detect takes the steps of one process", "[mpi]") {
+  // A DETR head with auxiliary loss on images of two boxes each: as DETR's distributed
+  // SetCriterion, each rank divides the box terms by the global box count / ranks, and since every
+  // slice has as many boxes, the ranks' class terms (weighted means) average to the batch's too.
+  const fs::path dir = test::scratch_dir("mpi", "detect");
+  nlohmann::json coco = {{"images", nlohmann::json::array()}, {"annotations", nlohmann::json::array()},
+                         {"categories", {{{"id", 1}, {"name", "a"}}, {{"id", 2}, {"name", "b"}}}}};
+  int ann = 1;
+  for (int i = 0; i < 8; ++i) {
+    cv::Mat img(32, 32, CV_8UC3, cv::Scalar(30, 30, 30));
+    const std::string name = "im" + std::to_string(i) + ".png";
+    coco["images"].push_back({{"id", i + 1}, {"file_name", name}, {"width", 32}, {"height", 32}});
+    for (int k = 0; k < 2; ++k) {
+      const int w = 5 + (i * 3 + k) % 6, h = 6 + (i + 2 * k) % 5, x = 2 + k * 16 + i % 6, y = 3 + (i * 5 + k * 7) % 14;
+      cv::rectangle(img, cv::Rect(x, y, w, h), cv::Scalar(220, 200 - 100 * k, 230), cv::FILLED);
+      coco["annotations"].push_back({{"id", ann++}, {"image_id", i + 1}, {"category_id", 1 + (i + k) % 2},
+                                     {"bbox", {x, y, w, h}}, {"area", w * h}, {"iscrowd", 0}});
+    }
+    REQUIRE(cv::imwrite((dir / name).string(), img));
+  }
+  std::ofstream(dir / "annotations.json") << coco.dump();
+  const std::string args = " train --task detect --data " + (dir / "annotations.json").string() +
+                           " --arch detr-digits --image-size 32 --hidden-size 32 --heads 2 --layers 1 --queries 4"
+                           " --decoder-layers 2 --batch 4 --max-steps 10 --optimizer sgd --momentum 0.9 --lr 0.02"
+                           " --seed 6 --threads 1";
+  const test::CliRun one = test::run_cli(args + " --out " + (dir / "one").string());
+  INFO(one.out << one.err);
+  REQUIRE(one.code == 0);
+  const test::CliRun two = test::run_cli(args + " --out " + (dir / "two").string(), mpirun(2));
+  INFO(two.out << two.err);
+  REQUIRE(two.code == 0);
+  CHECK(two.out.find("data-parallel: 2 MPI ranks, 2 images of each batch of 4 per rank") != std::string::npos);
+  int tensors = 0;
+  CHECK(max_weight_difference(dir / "one", dir / "two", &tensors) <= 1e-5);
+  CHECK(tensors > 40);
+  const auto a = read_log(dir / "one"), b = read_log(dir / "two");
+  REQUIRE(a.size() == 10);
+  REQUIRE(b.size() == 10);
+  for (size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i][2] - b[i][2]) <= 1e-4 * std::abs(a[i][2]));
   fs::remove_all(dir.parent_path());
 }

@@ -2,6 +2,7 @@
 #include "tessera/detect_trainer.hpp"
 
 #include <algorithm>
+#include <array>
 #include <future>
 #include <cmath>
 #include <filesystem>
@@ -112,7 +113,7 @@ cv::Mat augment(const cv::Mat& rgb, DetectionTarget& t, const DetectionAugment& 
 
 Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& indices,
                        const PreprocessConfig& processor, const DetectorTrainOptions& o, int64_t step,
-                       std::vector<DetectionTarget>* targets) {
+                       std::vector<DetectionTarget>* targets, int64_t first_position) {
   check(processor.resize_rule == ResizeRule::exact && processor.do_resize,
         "detection training resizes every image of a batch to one size: the processor must have size "
         "{\"height\", \"width\"} (yolos_preprocessor_json)");
@@ -127,7 +128,7 @@ Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& ind
       t[i] = data.targets[k];
       if (o.augment.enabled) {
         std::mt19937_64 rng(o.seed * 0x9E3779B97F4A7C15ull ^ (static_cast<uint64_t>(step) * 0xBF58476D1CE4E5B9ull) ^
-                            (static_cast<uint64_t>(i) + 0x94D049BB133111EBull));
+                            (static_cast<uint64_t>(first_position + i) + 0x94D049BB133111EBull));
         rgb = augment(rgb, t[i], o.augment, rng);
       }
       const Tensor x = preprocess(rgb, processor);
@@ -213,25 +214,54 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
   };
   // Every batch follows from (seed, step) alone: decoding and augmentation of batch s + 1 overlap
   // the step on batch s.
+  // Data-parallel: this rank's positions of each global batch, and DETR's box normaliser.
+  check(o.shards >= 1 && o.shard >= 0 && o.shard < o.shards && o.batch % o.shards == 0,
+        "train: the batch of " + std::to_string(o.batch) + " does not split evenly over " + std::to_string(o.shards) +
+            " ranks");
+  check(o.shards == 1 || !detector_caches_features(model, data, processor, o),
+        "train: cached frozen-encoder features are for one process");
+  const int64_t lo = o.batch / o.shards * o.shard, nb = o.batch / o.shards;
+  struct Loaded {
+    Tensor pixels;
+    std::vector<DetectionTarget> targets;
+    double box_normaliser = 0;
+  };
   auto load = [&](int64_t s) {
-    Batch b;
-    b.pixels = detection_batch(data, detector_batch_indices(data, o, s), processor, o, s, &b.targets);
+    Loaded b;
+    const std::vector<size_t> all = detector_batch_indices(data, o, s);
+    const std::vector<size_t> mine(all.begin() + lo, all.begin() + lo + nb);
+    b.pixels = detection_batch(data, mine, processor, o, s, &b.targets, lo);
+    if (o.shards > 1) {
+      int64_t boxes = 0;  // the global batch's (augmentation keeps every box)
+      for (size_t k : all) boxes += static_cast<int64_t>(data.targets[k].labels.size());
+      b.box_normaliser = std::max(static_cast<double>(boxes) / o.shards, 1.0);
+    }
     return b;
   };
-  std::future<Batch> next;
+  std::future<Loaded> next;
   if (state.step < end) next = std::async(std::launch::async, load, state.step);
   while (state.step < end) {
     const int64_t s = state.step;
-    const Batch batch = next.get();
+    const Loaded batch = next.get();
     if (s + 1 < end) next = std::async(std::launch::async, load, s + 1);
     const Tensor& pixels = batch.pixels;
     const std::vector<DetectionTarget>& targets = batch.targets;
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
+    step.box_normaliser = batch.box_normaliser;
     SetLossResult detail;
     const TrainStepResult r = model.is_detr() ? detr_train_step(model, state, pixels, targets, step, &detail)
                                                : yolos_train_step(model, state, pixels, targets, step, &detail);
-    if (on_step) on_step(detector_progress(s, total, per_epoch, step.lr, r, detail, o.batch));
+    DetectorProgress p = detector_progress(s, total, per_epoch, step.lr, r, detail, o.batch);
+    if (o.step.comm && o.step.comm->size() > 1) {  // the global batch's loss, terms and counts (every rank)
+      std::array<double, 6> v = {p.loss, p.class_loss, p.l1_loss, p.giou_loss, static_cast<double>(p.matched),
+                                 static_cast<double>(p.correct)};
+      o.step.comm->allreduce_sum(v);
+      const double n = o.step.comm->size();
+      p.loss = v[0] / n, p.class_loss = v[1] / n, p.l1_loss = v[2] / n, p.giou_loss = v[3] / n;
+      p.matched = static_cast<int64_t>(v[4]), p.correct = static_cast<int64_t>(v[5]);
+    }
+    if (on_step) on_step(p);
   }
 }
 

@@ -639,7 +639,8 @@ namespace {
 
 // The set loss on the heads of a forward already run, and the backward into grads.
 double loss_and_grad_after_forward(const VitTrainModel& model, const std::vector<DetectionTarget>& targets,
-                                   DetrTrainActivations& acts, std::span<float> grads, SetLossResult* detail) {
+                                   DetrTrainActivations& acts, std::span<float> grads, SetLossResult* detail,
+                                   double num_boxes = 0) {
   const int64_t B = acts.batch, Q = model.detr.queries, K1 = model.num_labels + 1;
   check(static_cast<int64_t>(targets.size()) == B, "detr_train_loss_and_grad: " + std::to_string(targets.size()) +
                                                        " targets for a batch of " + std::to_string(B));
@@ -655,7 +656,9 @@ double loss_and_grad_after_forward(const VitTrainModel& model, const std::vector
   std::vector<Tensor*> dlp, dbp;
   for (size_t o = 0; o < outputs; ++o) lp.push_back(&logits[o]), bp.push_back(&boxes[o]), dlp.push_back(&dlogits[o]),
                                        dbp.push_back(&dboxes[o]);
-  SetLossResult r = set_loss(lp, bp, targets, detr_set_loss_config(model), dlp, dbp);
+  SetLossConfig cfg = detr_set_loss_config(model);
+  cfg.num_boxes = num_boxes;
+  SetLossResult r = set_loss(lp, bp, targets, cfg, dlp, dbp);
   std::vector<const float*> dl, db;
   for (size_t o = 0; o < outputs; ++o) dl.push_back(dlogits[o].data()), db.push_back(dboxes[o].data());
   detr_train_backward(model, acts, dl, db, grads);
@@ -668,7 +671,7 @@ TrainStepResult step_after_forward(VitTrainModel& model, VitTrainState& state, c
                                    const TrainStepOptions& o, SetLossResult* detail) {
   SetLossResult r;
   TrainStepResult out;
-  out.loss = loss_and_grad_after_forward(model, targets, *state.detr_acts, state.grads, &r);
+  out.loss = loss_and_grad_after_forward(model, targets, *state.detr_acts, state.grads, &r, o.box_normaliser);
   out.correct = detail::matched_correct(r, state.detr_acts->heads.back().logits.data(), model.detr.queries,
                                         model.num_labels + 1, targets);
   out.grad_norm = vit_train_apply_gradients(model, state, o);

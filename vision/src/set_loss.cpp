@@ -122,7 +122,7 @@ SetLossResult set_loss(const std::vector<const Tensor*>& logits, const std::vect
       check(l >= 0 && l < C, "set loss: target label " + std::to_string(l) + " is not one of the " + std::to_string(C) + " classes");
     total_boxes += static_cast<int64_t>(t.labels.size());
   }
-  const double num_boxes = std::max<double>(static_cast<double>(total_boxes), 1.0);
+  const double num_boxes = cfg.num_boxes > 0 ? cfg.num_boxes : std::max<double>(static_cast<double>(total_boxes), 1.0);
   SetLossResult result;
   for (size_t layer = 0; layer < logits.size(); ++layer) {
     const Tensor& z = *logits[layer];

@@ -296,7 +296,7 @@ void yolos_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
 
 double yolos_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
                                  const std::vector<DetectionTarget>& targets, VitTrainActivations& acts,
-                                 std::span<float> grads, SetLossResult* detail) {
+                                 std::span<float> grads, SetLossResult* detail, double num_boxes) {
   yolos_train_forward(model, pixel_values, acts);
   const int64_t B = acts.batch, S = model.config.num_detection_tokens, K1 = model.num_labels + 1;
   check(static_cast<int64_t>(targets.size()) == B, "yolos_train_loss_and_grad: " + std::to_string(targets.size()) +
@@ -304,7 +304,9 @@ double yolos_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel
   Tensor logits({B, S, K1}), boxes({B, S, 4}), dlogits({B, S, K1}), dboxes({B, S, 4});
   std::copy(acts.logits.begin(), acts.logits.end(), logits.data());
   std::copy(acts.boxes.begin(), acts.boxes.end(), boxes.data());
-  SetLossResult r = set_loss({&logits}, {&boxes}, targets, yolos_set_loss_config(model), {&dlogits}, {&dboxes});
+  SetLossConfig cfg = yolos_set_loss_config(model);
+  cfg.num_boxes = num_boxes;
+  SetLossResult r = set_loss({&logits}, {&boxes}, targets, cfg, {&dlogits}, {&dboxes});
   yolos_train_backward(model, acts, dlogits.data(), dboxes.data(), grads);
   const double loss = r.loss;
   if (detail) *detail = std::move(r);
@@ -319,7 +321,7 @@ TrainStepResult yolos_train_step(VitTrainModel& model, VitTrainState& state, con
   std::fill(state.grads.begin(), state.grads.end(), 0.0f);
   SetLossResult r;
   TrainStepResult out;
-  out.loss = yolos_train_loss_and_grad(model, pixel_values, targets, state.acts, state.grads, &r);
+  out.loss = yolos_train_loss_and_grad(model, pixel_values, targets, state.acts, state.grads, &r, o.box_normaliser);
   out.correct = detail::matched_correct(r, state.acts.logits.data(), model.config.num_detection_tokens,
                                         model.num_labels + 1, targets);
   out.grad_norm = vit_train_apply_gradients(model, state, o);

@@ -60,6 +60,12 @@ struct DetectorTrainOptions {
   // the cached features (the same steps, the encoder's forward not repeated) when they fit here.
   bool cache_features = true;
   double cache_limit_bytes = 8.0 * (1ull << 30);
+  // Data-parallel training (step.comm): rank `shard` of `shards` takes positions
+  // [shard·B/shards, (shard + 1)·B/shards) of every global batch, each augmented as in a
+  // one-process run. As DETR's distributed SetCriterion: the box terms are divided by the global
+  // batch's box count / ranks (so the averaged box gradients are the global batch's), the class
+  // term is each rank's own weighted mean, and the step averages the ranks' gradients.
+  int shard = 0, shards = 1;
 };
 
 struct DetectorProgress {
@@ -76,12 +82,13 @@ int64_t detector_total_steps(const DetectionData& data, const DetectorTrainOptio
 std::vector<size_t> detector_batch_indices(const DetectionData& data, const DetectorTrainOptions& options,
                                            int64_t step);
 
-// The images at `indices` (augmented for step `step` when options.augment.enabled) through the
-// processor into [B, 3, H, W], their targets into *targets. Error if the processor does not make
+// The images at `indices` (augmented for step `step` when options.augment.enabled; the i-th by
+// its position first_position + i in the global batch) through the processor into [B, 3, H, W],
+// their targets into *targets. Error if the processor does not make
 // one size for all (see above).
 Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& indices,
                        const PreprocessConfig& processor, const DetectorTrainOptions& options, int64_t step,
-                       std::vector<DetectionTarget>* targets);
+                       std::vector<DetectionTarget>* targets, int64_t first_position = 0);
 
 // Whether train_detector trains on cached encoder features (see DetectorTrainOptions).
 bool detector_caches_features(const VitTrainModel& model, const DetectionData& data, const PreprocessConfig& processor,

@@ -26,6 +26,10 @@ struct SetLossConfig {  // DetrConfig / YolosConfig defaults
   double class_cost = 1, bbox_cost = 5, giou_cost = 2;
   double eos_coefficient = 0.1;
   double class_loss_coefficient = 1, bbox_loss_coefficient = 5, giou_loss_coefficient = 2;
+  // > 0: the box terms' divisor instead of this batch's box count. Data-parallel training passes
+  // the global batch's count / ranks, as DETR's SetCriterion all-reduces num_boxes, so that the
+  // ranks' averaged box gradients are the global batch's.
+  double num_boxes = 0;
 };
 
 struct DetectionTarget {

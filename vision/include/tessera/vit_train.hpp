@@ -268,6 +268,9 @@ struct TrainStepOptions {
   // before clipping and the optimiser the gradients are averaged over the ranks (summed in rank
   // order, so every rank takes the same step). nullptr: one process.
   Communicator* comm = nullptr;
+  // Detection (DETR / YOLOS set loss): > 0 divides the box terms by this instead of the batch's
+  // box count (SetLossConfig::num_boxes; the data-parallel loop's global count / ranks).
+  double box_normaliser = 0;
 };
 // The optimiser's state and the step's buffers, laid out as the model's weights.
 struct DetrTrainActivations;  // detr_train.hpp

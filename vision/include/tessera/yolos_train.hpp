@@ -62,10 +62,11 @@ void yolos_train_backward(const VitTrainModel& model, VitTrainActivations& acts,
                           const float* dboxes, std::span<float> grads);
 
 // Forward, set loss over the batch (one target per image), backward into grads (added). The
-// loss's terms and matches go to *detail when given.
+// loss's terms and matches go to *detail when given. num_boxes > 0: the box terms' divisor
+// (SetLossConfig::num_boxes), else the batch's box count.
 double yolos_train_loss_and_grad(const VitTrainModel& model, const Tensor& pixel_values,
                                  const std::vector<DetectionTarget>& targets, VitTrainActivations& acts,
-                                 std::span<float> grads, SetLossResult* detail = nullptr);
+                                 std::span<float> grads, SetLossResult* detail = nullptr, double num_boxes = 0);
 
 // One optimiser step on one batch: zero the gradients, yolos_train_loss_and_grad, then
 // vit_train_apply_gradients (clipping, SGD or AdamW; label_smoothing is not used). With SGD, lr 1,
