@@ -172,6 +172,17 @@ int train_classify(const TrainArgs& a) {
                    a.init.c_str(), a.data.c_str(), data.classes.size());
       replace_classifier(model, data.classes);
     }
+    if (a.image_size > 0 && (a.image_size != model.config.image_height || a.image_size != model.config.image_width)) {
+      // Fine-tuning at another resolution: the table resized once, the processor retargeted.
+      check(a.freeze_encoder == false, "train: --image-size with --freeze-encoder would probe features the encoder "
+                                       "never made at that size; fine-tune it whole, or keep its size");
+      std::fprintf(stderr, "note: fine-tuning %s at %lldx%lld (trained at %lldx%lld): its position table resized once "
+                           "(bicubic) and its processor's size set to it\n",
+                   a.init.c_str(), (long long)a.image_size, (long long)a.image_size,
+                   (long long)model.config.image_height, (long long)model.config.image_width);
+      resize_position_table(model, a.image_size, a.image_size);
+      processor_json = resized_processor_json(processor_json, a.image_size, (fs::path(a.init) / "preprocessor_config.json").string());
+    }
   } else {
     const int64_t size = a.image_size > 0 ? a.image_size : digits ? 20 : 224;
     VitConfig c = vit_train_preset(a.arch, size);
@@ -297,10 +308,14 @@ int train_classify(const TrainArgs& a) {
     }
     if ((epoch_end || every) && p.step < total) save_checkpoint(p.epoch + 1);
   };
-  if (a.freeze_encoder)
-    train_linear_probe(model, state, data, processor, o, on_step);
-  else
+  if (a.freeze_encoder) {
+    double encode_seconds = 0;
+    train_linear_probe(model, state, data, processor, o, on_step, 0, &encode_seconds);
+    std::printf("frozen encoder: %zu images encoded once in %.1f s (%.1f images/s)\n", data.size(), encode_seconds,
+                static_cast<double>(data.size()) / std::max(encode_seconds, 1e-9));
+  } else {
     train_classifier(model, state, data, processor, o, on_step);
+  }
   log.finish();
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
@@ -389,7 +404,9 @@ void add_train(CLI::App& app, Action& action) {
                   "learns (DeiT's hard distillation); without it, the true labels");
   cmd->add_option("--arch", a.arch, "Train from scratch from a preset (classify: vit-ti16, vit-s16, vit-b16, vit-digits; detect: yolos-ti, "
                   "yolos-digits, detr-digits; segment: segmenter-ti, segmenter-digits)");
-  cmd->add_option("--image-size", a.image_size, "Input size of an --arch model")->check(CLI::Range(1, 16384));
+  cmd->add_option("--image-size", a.image_size,
+                  "Input size of an --arch model; with --init, fine-tune at this size (classify: the position "
+                  "table resized once, the processor retargeted)")->check(CLI::Range(1, 16384));
   cmd->add_option("--patch-size", a.patch_size, "Patch size of an --arch model")->check(CLI::Range(1, 1024));
   cmd->add_option("--hidden-size", a.hidden_size, "Width D of an --arch model")->check(CLI::Range(1, 65536));
   cmd->add_option("--layers", a.layers, "Transformer blocks of an --arch model")->check(CLI::Range(1, 1024));

@@ -53,6 +53,10 @@ std::string read_text_file(const std::string& path);
 // Hugging Face's ViTImageProcessor of a model trained from scratch at size x size: bilinear
 // resize, x/255, mean = std = 0.5 (what google/vit-* ship).
 std::string square_vit_processor_json(int64_t size);
+// A Hugging Face preprocessor_config.json retargeted to size x size (fine-tuning at another
+// resolution): size {"height", "width"} becomes it; with a crop, crop_size becomes it and
+// size.shortest_edge keeps its ratio to the crop (256/224 stays 256/224). Other rules are an Error.
+std::string resized_processor_json(const std::string& json, int64_t size, const std::string& where);
 // The same without the resize (do_resize false): images keep their own size (a Segmenter trained
 // on crops runs sliding windows over the image as it is).
 std::string keep_size_processor_json(int64_t size);

@@ -82,4 +82,23 @@ void apply_arch_options(VitConfig& c, const TrainArgs& a, int64_t mlp_ratio) {
             std::to_string(c.num_attention_heads));
 }
 
+std::string resized_processor_json(const std::string& json, int64_t size, const std::string& where) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(json);
+  const bool crop = j.value("do_center_crop", false) && j.contains("crop_size");
+  if (crop) {
+    const nlohmann::ordered_json& c = j["crop_size"];
+    const int64_t old = c.is_object() ? c.value("height", int64_t{0}) : c.is_number() ? c.get<int64_t>() : 0;
+    check(old > 0 && j.contains("size") && j["size"].is_object() && j["size"].contains("shortest_edge"),
+          where + ": --image-size retargets a crop of size {\"shortest_edge\"}, crop_size {\"height\", \"width\"}");
+    const int64_t edge = j["size"]["shortest_edge"].get<int64_t>();
+    j["size"]["shortest_edge"] = static_cast<int64_t>(std::llround(static_cast<double>(edge) * size / old));
+    j["crop_size"] = {{"height", size}, {"width", size}};
+  } else {
+    check(j.contains("size") && j["size"].is_object() && j["size"].contains("height") && j["size"].contains("width"),
+          where + ": --image-size retargets a processor that resizes to size {\"height\", \"width\"} or crops");
+    j["size"] = {{"height", size}, {"width", size}};
+  }
+  return j.dump(2) + "\n";
+}
+
 }  // namespace tessera::cli

@@ -685,3 +685,58 @@ TEST_CASE("torchvision's representation layer trains: gradients of torchvision's
   CHECK(load_model(dir.string())->labels == std::vector<std::string>{"a", "b"});
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("fine-tuning at another size resizes the position table once, bicubic by size", "[vit_train]") {
+  // vit-tiny-rand: 32x32, patch 8, a 4x4 grid. Its grid rows set to a known function of the
+  // patch position, then resized to 8x8 and compared with bicubic worked out here; the class row
+  // is kept.
+  VitTrainModel m = load_vit_train_model(fixtures("conformance/vit-tiny-rand"));
+  const int64_t d = m.config.hidden_size, pre = m.config.num_prefix_tokens();
+  REQUIRE(m.config.grid_height() == 4);
+  const TrainParam& p = m.param("vit.embeddings.position_embeddings");
+  float* t = m.weights.data() + p.offset;
+  for (int64_t y = 0; y < 4; ++y)
+    for (int64_t x = 0; x < 4; ++x)
+      for (int64_t k = 0; k < d; ++k) t[(pre + y * 4 + x) * d + k] = static_cast<float>(0.5 * y - 0.25 * x + 0.01 * k);
+  const std::vector<float> cls(t, t + pre * d);
+  const auto patch_view = m.view(std::span<const float>(m.weights), "vit.embeddings.patch_embeddings.projection.weight");
+  const std::vector<float> patch_weight(patch_view.begin(), patch_view.end());
+  resize_position_table(m, 64, 64);
+  CHECK(m.config.image_height == 64);
+  const TrainParam& q = m.param("vit.embeddings.position_embeddings");
+  CHECK(q.shape == Shape{1, pre + 64, d});
+  const float* r = m.weights.data() + q.offset;
+  CHECK(std::equal(cls.begin(), cls.end(), r));
+  // The reference: PyTorch's upsample_bicubic2d (cubic convolution, A = −0.75, align_corners
+  // False, source = (i + 0.5)·in/out − 0.5, taps clamped to the grid), in double here.
+  auto cubic = [](double t, int tap) {
+    const double A = -0.75, x = tap == 0 ? 1 + t : tap == 1 ? t : tap == 2 ? 1 - t : 2 - t;
+    return x <= 1 ? ((A + 2) * x - (A + 3)) * x * x + 1 : ((A * x - 5 * A) * x + 8 * A) * x - 4 * A;
+  };
+  auto at = [&](int64_t yy, int64_t xx, int64_t k) {
+    yy = std::clamp<int64_t>(yy, 0, 3), xx = std::clamp<int64_t>(xx, 0, 3);
+    return 0.5 * yy - 0.25 * xx + 0.01 * k;
+  };
+  int checked = 0;
+  for (int64_t y = 0; y < 8; ++y)
+    for (int64_t x = 0; x < 8; ++x) {
+      const double sy = (y + 0.5) * 0.5 - 0.5, sx = (x + 0.5) * 0.5 - 0.5;
+      const int64_t y0 = static_cast<int64_t>(std::floor(sy)), x0 = static_cast<int64_t>(std::floor(sx));
+      const double ty = sy - y0, tx = sx - x0;
+      for (int64_t k = 0; k < d; ++k) {
+        double want = 0;
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) want += cubic(ty, i) * cubic(tx, j) * at(y0 - 1 + i, x0 - 1 + j, k);
+        REQUIRE(std::abs(r[(pre + y * 8 + x) * d + k] - want) <= 1e-5);
+      }
+      ++checked;
+    }
+  CHECK(checked == 64);
+  // Every other tensor is where it was, and config.json says the new size.
+  const auto pw = m.view(std::span<const float>(m.weights), "vit.embeddings.patch_embeddings.projection.weight");
+  CHECK(std::equal(patch_weight.begin(), patch_weight.end(), pw.begin(), pw.end()));
+  CHECK(m.config_json.find("\"image_size\": 64") != std::string::npos);
+  CHECK_THROWS_WITH(resize_position_table(m, 60, 60), Catch::Contains("multiple of the patch size"));
+  VitTrainModel timm = load_vit_train_model(fixtures("models/timm/vit_tiny_patch16_224-avg-nofcnorm"));
+  CHECK_THROWS_WITH(resize_position_table(timm, 64, 64), Catch::Contains("trains at its own size"));
+}

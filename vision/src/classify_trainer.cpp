@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <future>
 #include <numeric>
@@ -254,7 +255,7 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
 
 void train_linear_probe(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
                         const PreprocessConfig& processor, const ClassifierTrainOptions& o,
-                        const std::function<void(const TrainProgress&)>& on_step, int64_t stop_before) {
+                        const std::function<void(const TrainProgress&)>& on_step, int64_t stop_before, double* encode_seconds) {
   check(!model.teacher, "--freeze-encoder: a DeiT with teacher has two heads; fine-tune it whole, or load it as "
                         "DeiTForImageClassification");
   for (int64_t label : data.labels)
@@ -265,6 +266,7 @@ void train_linear_probe(VitTrainModel& model, VitTrainState& state, const Classi
   const int64_t F = (model.class_mean ? 2 : 1) * model.config.hidden_size;
   // The encoder runs once per sample: the classifier's input, cached.
   std::vector<float> features(static_cast<size_t>(N * F));
+  const auto encode_start = std::chrono::steady_clock::now();
   {
     VitTrainActivations acts;
     for (int64_t lo = 0; lo < N; lo += 64) {
@@ -275,6 +277,8 @@ void train_linear_probe(VitTrainModel& model, VitTrainState& state, const Classi
       std::copy_n(acts.head_in.data(), idx.size() * F, features.data() + lo * F);
     }
   }
+  if (encode_seconds)
+    *encode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - encode_start).count();
   const size_t n = model.weights.size();
   if (state.grads.size() != n) state.grads.assign(n, 0.0f), state.m.assign(n, 0.0f), state.v.assign(n, 0.0f);
   if (state.v.size() != n) state.v.assign(n, 0.0f);

@@ -839,6 +839,50 @@ void replace_classifier(VitTrainModel& m, const std::vector<std::string>& labels
   m.num_labels = k;
 }
 
+void resize_position_table(VitTrainModel& m, int64_t height, int64_t width) {
+  VitConfig& c = m.config;
+  check(m.layout == "hf" && !m.detection && !m.is_detr() && c.num_register_tokens == 0 && c.prefix_has_pos_embed,
+        "fine-tuning at another size resizes the position table of a Hugging Face ViT, DeiT or DINOv2 classifier; " +
+            m.architecture + " (" + m.layout + " layout) trains at its own size");
+  check(height > 0 && width > 0 && height % c.patch_size == 0 && width % c.patch_size == 0,
+        "--image-size " + std::to_string(height) + "x" + std::to_string(width) + " is not a multiple of the patch size " +
+            std::to_string(c.patch_size));
+  if (height == c.image_height && width == c.image_width) return;
+  const TrainParam& p = m.param(m.base + "embeddings.position_embeddings");
+  const int64_t d = c.hidden_size, pre = c.num_prefix_tokens(), gh = c.grid_height(), gw = c.grid_width();
+  const int64_t nh = height / c.patch_size, nw = width / c.patch_size;
+  const float* src = m.weights.data() + p.offset;
+  std::vector<float> table(static_cast<size_t>((pre + nh * nw) * d));
+  std::copy_n(src, pre * d, table.data());
+  std::vector<float> chw(static_cast<size_t>(d * gh * gw)), out(static_cast<size_t>(d * nh * nw));
+  for (int64_t i = 0; i < gh * gw; ++i)
+    for (int64_t k = 0; k < d; ++k) chw[static_cast<size_t>(k * gh * gw + i)] = src[(pre + i) * d + k];
+  Interpolation how;
+  how.mode = InterpolationMode::Bicubic;
+  interpolate_forward(how, chw.data(), d, gh, gw, out.data(), nh, nw);
+  for (int64_t i = 0; i < nh * nw; ++i)
+    for (int64_t k = 0; k < d; ++k) table[static_cast<size_t>((pre + i) * d + k)] = out[static_cast<size_t>(k * nh * nw + i)];
+  // The new layout: every tensor where it was, the table of its new length.
+  c.image_height = height, c.image_width = width;
+  std::vector<TrainParam> params = m.params;
+  int64_t offset = 0;
+  for (TrainParam& q : params) {
+    if (q.name == p.name) q.shape = {1, pre + nh * nw, d};
+    q.offset = offset;
+    offset += q.numel();
+  }
+  std::vector<float> weights(static_cast<size_t>(offset));
+  for (size_t i = 0; i < params.size(); ++i) {
+    const float* from = params[i].name == p.name ? table.data() : m.weights.data() + m.params[i].offset;
+    std::copy_n(from, params[i].numel(), weights.data() + params[i].offset);
+  }
+  m.params = std::move(params);
+  m.weights = std::move(weights);
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(m.config_json);
+  cfg["image_size"] = height == width ? nlohmann::ordered_json(height) : nlohmann::ordered_json::array({height, width});
+  m.config_json = cfg.dump(2) + "\n";
+}
+
 std::vector<std::string> vit_train_presets() { return {"vit-ti16", "vit-s16", "vit-b16", "vit-digits"}; }
 
 VitConfig vit_train_preset(const std::string& arch, int64_t image_size) {

@@ -94,10 +94,11 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
 // augmentation: the features are cached, [N, head input]) and only the classifier (weight and
 // bias) trains on them, with the same batches, schedule, optimiser and clipping as
 // train_classifier; every other weight stays bit-identical. Resumes from a checkpoint like
-// train_classifier (the features are recomputed). Not for a DeiT with teacher.
+// train_classifier (the features are recomputed). Not for a DeiT with teacher. *encode_seconds
+// (when given): the wall time of the encoding pass.
 void train_linear_probe(VitTrainModel& model, VitTrainState& state, const ClassificationData& data,
                         const PreprocessConfig& processor, const ClassifierTrainOptions& options,
                         const std::function<void(const TrainProgress&)>& on_step = {},
-                        int64_t stop_before = 0);
+                        int64_t stop_before = 0, double* encode_seconds = nullptr);
 
 }  // namespace tessera

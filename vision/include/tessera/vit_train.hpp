@@ -156,6 +156,13 @@ VitTrainModel make_vit_train_model(const VitConfig& config, const std::vector<st
 // earlier layout no longer fits (start a new VitTrainState).
 void replace_classifier(VitTrainModel& model, const std::vector<std::string>& labels);
 
+// Fine-tuning at another resolution: the position table of a Hugging Face ViT / DeiT / DINOv2
+// classifier resized once to the grid of height x width (the grid rows bicubic, align_corners
+// False, by size, as DeiT and timm resize a table for fine-tuning at 384; the class and
+// distillation rows kept), and config.json's image_size set to it, so the written folder runs at
+// that size in transformers without interpolate_pos_encoding. Both must be multiples of the patch.
+void resize_position_table(VitTrainModel& model, int64_t height, int64_t width);
+
 // The architecture of an --arch preset at image_size x image_size: "vit-ti16", "vit-s16",
 // "vit-b16" (the ViT/DeiT sizes: D 192/384/768, 12 layers, 3/6/12 heads, MLP 4D, patch 16,
 // layer_norm_eps 1e-12 as Hugging Face's configs) and "vit-digits" (the toy trainer's small model:
