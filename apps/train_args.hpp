@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "tessera/communicator.hpp"
 #include "tessera/vit.hpp"
 #include "tessera/detr_train.hpp"
 #include "tessera/vit_train.hpp"
@@ -53,6 +54,10 @@ std::string read_text_file(const std::string& path);
 // Hugging Face's ViTImageProcessor of a model trained from scratch at size x size: bilinear
 // resize, x/255, mean = std = 0.5 (what google/vit-* ship).
 std::string square_vit_processor_json(int64_t size);
+// Data-parallel training under mpirun / srun: the MPI world (nullptr for one process) after the
+// checks every task shares (no --freeze-encoder, a global --batch that splits over the ranks).
+Communicator* data_parallel_world(const TrainArgs& a);
+
 // A Hugging Face preprocessor_config.json retargeted to size x size (fine-tuning at another
 // resolution): size {"height", "width"} becomes it; with a crop, crop_size becomes it and
 // size.shortest_edge keeps its ratio to the crop (256/224 stays 256/224). Other rules are an Error.

@@ -1,5 +1,6 @@
 // What the three training tasks share beyond TrainLog (train_args.hpp): reading a text file, the
 // processor of a square from-scratch model, and the --arch size options.
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -8,6 +9,7 @@
 
 #include "tessera/detr_train.hpp"
 #include "tessera/error.hpp"
+#include "mpi.hpp"
 #include "train_args.hpp"
 
 namespace tessera::cli {
@@ -99,6 +101,15 @@ std::string resized_processor_json(const std::string& json, int64_t size, const 
     j["size"] = {{"height", size}, {"width", size}};
   }
   return j.dump(2) + "\n";
+}
+
+Communicator* data_parallel_world(const TrainArgs& a) {
+  Communicator* comm = mpi_world();
+  if (!comm) return nullptr;
+  check(!a.freeze_encoder, "train: --freeze-encoder runs on one process (not under mpirun)");
+  check(a.batch % comm->size() == 0, "train: --batch " + std::to_string(a.batch) + " is the global batch and must "
+                                     "split evenly over the " + std::to_string(comm->size()) + " MPI ranks");
+  return comm;
 }
 
 }  // namespace tessera::cli

@@ -160,13 +160,8 @@ int train_detect(const TrainArgs& a) {
   o.augment.hflip = a.hflip;
   o.step = train_step_options(a);
   // Data-parallel (mpirun / srun): this rank's slice of every global batch, gradients averaged.
-  Communicator* comm = mpi_world();
-  if (comm) {
-    check(!a.freeze_encoder, "train: --freeze-encoder runs on one process (not under mpirun)");
-    check(a.batch % comm->size() == 0, "train: --batch " + std::to_string(a.batch) + " is the global batch and must "
-                                       "split evenly over the " + std::to_string(comm->size()) + " MPI ranks");
-    o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
-  }
+  Communicator* comm = data_parallel_world(a);
+  if (comm) o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
   const bool lead = !comm || comm->rank() == 0;  // rank 0 alone prints, logs, checkpoints and publishes
   const int64_t total = detector_total_steps(data, o), per_epoch = detector_steps_per_epoch(data, o);
   if (a.freeze_encoder && o.augment.enabled)

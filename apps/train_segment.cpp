@@ -165,13 +165,8 @@ int train_segment(const TrainArgs& args) {
   o.min_lr = args.min_lr;
   o.step = train_step_options(args);  // --label-smoothing is refused above
   // Data-parallel (mpirun / srun): this rank's slice of every global batch, gradients averaged.
-  Communicator* comm = mpi_world();
-  if (comm) {
-    check(!args.freeze_encoder, "train: --freeze-encoder runs on one process (not under mpirun)");
-    check(args.batch % comm->size() == 0, "train: --batch " + std::to_string(args.batch) + " is the global batch "
-                                          "and must split evenly over the " + std::to_string(comm->size()) + " MPI ranks");
-    o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
-  }
+  Communicator* comm = data_parallel_world(args);
+  if (comm) o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
   const bool lead = !comm || comm->rank() == 0;  // rank 0 alone logs, checkpoints and publishes
   const int64_t total = segmenter_total_steps(data.size(), o);
   const int64_t per_epoch = static_cast<int64_t>(data.size()) / o.batch;

@@ -60,6 +60,26 @@ std::vector<std::vector<double>> read_log(const fs::path& dir) {
   return rows;
 }
 
+// `args` run as one process into dir/one and on two ranks into dir/two: both succeed, the two-rank
+// run says how it split the batch (`split_line` on stdout or stderr), every weight agrees to 1e-5
+// and the loss of each of the `steps` steps to 1e-4. Returns the number of tensors compared.
+int check_two_ranks_match_one(const std::string& args, const fs::path& dir, size_t steps, const std::string& split_line) {
+  const test::CliRun one = test::run_cli(args + " --out " + (dir / "one").string());
+  INFO(one.out << one.err);
+  REQUIRE(one.code == 0);
+  const test::CliRun two = test::run_cli(args + " --out " + (dir / "two").string(), mpirun(2));
+  INFO(two.out << two.err);
+  REQUIRE(two.code == 0);
+  CHECK((two.out + two.err).find(split_line) != std::string::npos);
+  int tensors = 0;
+  CHECK(max_weight_difference(dir / "one", dir / "two", &tensors) <= 1e-5);
+  const auto a = read_log(dir / "one"), b = read_log(dir / "two");
+  REQUIRE(a.size() == steps);
+  REQUIRE(b.size() == steps);
+  for (size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i][2] - b[i][2]) <= 1e-4 * std::abs(a[i][2]));
+  return tensors;
+}
+
 }  // namespace
 
 TEST_CASE("mpirun -np 2 tessera train takes the steps of one process", "[mpi]") {
@@ -148,20 +168,7 @@ TEST_CASE("mpirun -np 2 tessera train --task segment takes the steps of one proc
   const std::string args = " train --task segment --data " + (dir / "data").string() +
                            " --arch segmenter-digits --crops --image-size 32 --layers 2 --batch 4 --max-steps 12"
                            " --optimizer sgd --momentum 0.9 --lr 0.05 --seed 2 --threads 1";
-  const test::CliRun one = test::run_cli(args + " --out " + (dir / "one").string());
-  INFO(one.out << one.err);
-  REQUIRE(one.code == 0);
-  const test::CliRun two = test::run_cli(args + " --out " + (dir / "two").string(), mpirun(2));
-  INFO(two.out << two.err);
-  REQUIRE(two.code == 0);
-  CHECK(two.err.find("data-parallel: 2 MPI ranks, 2 images of each batch of 4 per rank") != std::string::npos);
-  int tensors = 0;
-  CHECK(max_weight_difference(dir / "one", dir / "two", &tensors) <= 1e-5);
-  CHECK(tensors > 20);
-  const auto a = read_log(dir / "one"), b = read_log(dir / "two");
-  REQUIRE(a.size() == 12);
-  REQUIRE(b.size() == 12);
-  for (size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i][2] - b[i][2]) <= 1e-4 * std::abs(a[i][2]));
+  CHECK(check_two_ranks_match_one(args, dir, 12, "data-parallel: 2 MPI ranks, 2 images of each batch of 4 per rank") > 20);
   fs::remove_all(dir.parent_path());
 }
 
@@ -190,19 +197,6 @@ TEST_CASE("mpirun -np 2 tessera train --task detect takes the steps of one proce
                            " --arch detr-digits --image-size 32 --hidden-size 32 --heads 2 --layers 1 --queries 4"
                            " --decoder-layers 2 --batch 4 --max-steps 10 --optimizer sgd --momentum 0.9 --lr 0.02"
                            " --seed 6 --threads 1";
-  const test::CliRun one = test::run_cli(args + " --out " + (dir / "one").string());
-  INFO(one.out << one.err);
-  REQUIRE(one.code == 0);
-  const test::CliRun two = test::run_cli(args + " --out " + (dir / "two").string(), mpirun(2));
-  INFO(two.out << two.err);
-  REQUIRE(two.code == 0);
-  CHECK(two.out.find("data-parallel: 2 MPI ranks, 2 images of each batch of 4 per rank") != std::string::npos);
-  int tensors = 0;
-  CHECK(max_weight_difference(dir / "one", dir / "two", &tensors) <= 1e-5);
-  CHECK(tensors > 40);
-  const auto a = read_log(dir / "one"), b = read_log(dir / "two");
-  REQUIRE(a.size() == 10);
-  REQUIRE(b.size() == 10);
-  for (size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i][2] - b[i][2]) <= 1e-4 * std::abs(a[i][2]));
+  CHECK(check_two_ranks_match_one(args, dir, 10, "data-parallel: 2 MPI ranks, 2 images of each batch of 4 per rank") > 40);
   fs::remove_all(dir.parent_path());
 }

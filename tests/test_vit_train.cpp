@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <unistd.h>
 #include <string>
 #include <vector>
@@ -398,6 +399,31 @@ TEST_CASE("layer-wise lr decay scales each layer's step by decay^(L + 1 − laye
   }
 }
 
+// The gradient buffer written as the model's own checkpoint (save_vit_train_model: timm's or
+// torchvision's names for those layouts) against the fixture's "grad.NAME" tensors, each to kTol;
+// returns how many tensors were compared (every one the export writes must be in the fixture).
+// `check_names` may look at the written names before the folder goes.
+int64_t check_exported_grads(const VitTrainModel& model, const std::vector<float>& grads, const SafeTensors& st,
+                             const std::string& tag,
+                             const std::function<void(const SafeTensors&)>& check_names = {}) {
+  VitTrainModel as_grads = model;
+  as_grads.weights = grads;
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("tessera-" + tag + "-grad-" + std::to_string(::getpid()));
+  save_vit_train_model(as_grads, dir.string());
+  const SafeTensors g = SafeTensors::open((dir / "model.safetensors").string());
+  int64_t compared = 0;
+  for (const std::string& name : g.names()) {
+    INFO(name);
+    REQUIRE(st.contains("grad." + name));
+    CHECK(rel_err(values(g.read(name)), values(st.read("grad." + name))) <= kTol);
+    ++compared;
+  }
+  if (check_names) check_names(g);
+  std::filesystem::remove_all(dir);
+  return compared;
+}
+
 TEST_CASE("DeiT with teacher: the hard-distillation loss's step matches PyTorch", "[vit_train]") {
   // ½·CE(cls head, labels, label smoothing 0.1) + ½·CE(distillation head, teacher labels), on
   // DeiTForImageClassificationWithTeacher; g from PyTorch autograd (make_train_fixtures.py).
@@ -579,23 +605,11 @@ TEST_CASE("timm's distilled DeiT trains on the hard-distillation loss: gradients
   ModelWorkspace ws;
   CHECK(rel_err(acts.logits, values(output(model_forward(*inference, pixels, ws), "logits"))) <= kTol);
   // Every gradient, written under timm's names by the same export that writes the model.
-  VitTrainModel as_grads = model;
-  as_grads.weights = grads;
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                                    ("tessera-timm-distilled-grad-" + std::to_string(::getpid()));
-  save_vit_train_model(as_grads, dir.string());
-  const SafeTensors g = SafeTensors::open((dir / "model.safetensors").string());
-  int64_t compared = 0;
-  for (const std::string& name : g.names()) {
-    INFO(name);
-    REQUIRE(st.contains("grad." + name));
-    CHECK(rel_err(values(g.read(name)), values(st.read("grad." + name))) <= kTol);
-    ++compared;
-  }
+  const int64_t compared = check_exported_grads(model, grads, st, "timm-distilled", [](const SafeTensors& g) {
+    CHECK(g.contains("dist_token"));
+    CHECK(g.contains("head_dist.weight"));
+  });
   CHECK(compared == static_cast<int64_t>(st.names().size()) - 5);  // every tensor of the checkpoint
-  CHECK(g.contains("dist_token"));
-  CHECK(g.contains("head_dist.weight"));
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("timm heads and tokens train: gradients through the timm port", "[vit_train]") {
@@ -629,21 +643,7 @@ TEST_CASE("timm heads and tokens train: gradients through the timm port", "[vit_
     const auto inference = load_model(from);
     ModelWorkspace ws;
     CHECK(rel_err(acts.logits, values(output(model_forward(*inference, pixels, ws), "logits"))) <= kTol);
-    VitTrainModel as_grads = model;
-    as_grads.weights = grads;
-    const std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                                      ("tessera-timm-grad-" + std::to_string(::getpid()));
-    save_vit_train_model(as_grads, dir.string());
-    const SafeTensors g = SafeTensors::open((dir / "model.safetensors").string());
-    int64_t compared = 0;
-    for (const std::string& name : g.names()) {
-      INFO(name);
-      REQUIRE(st.contains("grad." + name));
-      CHECK(rel_err(values(g.read(name)), values(st.read("grad." + name))) <= kTol);
-      ++compared;
-    }
-    CHECK(compared == k.compared);
-    std::filesystem::remove_all(dir);
+    CHECK(check_exported_grads(model, grads, st, "timm") == k.compared);
   }
 }
 
@@ -663,21 +663,10 @@ TEST_CASE("torchvision's representation layer trains: gradients of torchvision's
   CHECK(std::abs(loss - st.read("loss")[0]) <= kTol * std::abs(st.read("loss")[0]));
   CHECK(rel_err(acts.logits, values(st.read("logits"))) <= kTol);
   // The gradient buffer written in torchvision's layout names every tensor as torchvision does.
-  VitTrainModel as_grads = model;
-  as_grads.weights = grads;
+  // embeddings, 2 blocks, encoder.ln, pre_logits + head
+  CHECK(check_exported_grads(model, grads, st, "tv-repr") == 4 + 12 * 2 + 2 + 4);
   const std::filesystem::path dir = std::filesystem::temp_directory_path() /
                                     ("tessera-tv-repr-" + std::to_string(::getpid()));
-  save_vit_train_model(as_grads, dir.string());
-  const SafeTensors g = SafeTensors::open((dir / "model.safetensors").string());
-  int64_t compared = 0;
-  for (const std::string& name : g.names()) {
-    INFO(name);
-    REQUIRE(st.contains("grad." + name));
-    CHECK(rel_err(values(g.read(name)), values(st.read("grad." + name))) <= kTol);
-    ++compared;
-  }
-  CHECK(compared == 4 + 12 * 2 + 2 + 4);  // embeddings, 2 blocks, encoder.ln, pre_logits + head
-  std::filesystem::remove_all(dir);
   // New classes keep the representation layer's shape; the folder reloads with the new head.
   replace_classifier(model, {"a", "b"});
   CHECK(model.param("classifier.weight").shape == Shape{2, 40});

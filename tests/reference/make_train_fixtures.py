@@ -169,13 +169,7 @@ def timm_distillation_step(folder="models/timm/deit_tiny_distilled_patch16_224-d
     loss.backward()
     tensors = {"pixel_values": pixels, "labels": labels.float(), "teacher_labels": teacher.float(),
                "logits": out["logits"].detach(), "loss": loss.detach().reshape(1)}
-    D = config["num_features"]
-    for k, v in sorted(sd.items()):
-        g = v.grad if v.grad is not None else torch.zeros_like(v)
-        if k.endswith("attn.qkv.bias"):  # the key third: 0 in exact arithmetic
-            g = g.clone()
-            g[D:2 * D] = 0
-        tensors["grad." + k] = g
+    tensors.update(timm_grads(sd, config["num_features"]))
     path = os.path.join(OUT_DIR, name + ".safetensors")
     mm.save_safetensors(path, tensors, {"model": folder, "loss": "hard distillation",
                                         "label_smoothing": str(label_smoothing),
@@ -212,6 +206,19 @@ def torchvision_representation_step(folder="models/tv-vit-repr-rand", name="tv-v
     mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy",
                                         "upstream": f"torchvision {torchvision.__version__} VisionTransformer"})
     print(path, os.path.getsize(path), "bytes, loss", float(loss))
+
+
+def timm_grads(sd, D):
+    """grad.NAME for every tensor of a timm state dict after backward(); the key third of a fused
+    qkv bias is 0 in exact arithmetic (q·(k + b) shifts a query's scores alike), so it is stored as 0."""
+    out = {}
+    for k, v in sorted(sd.items()):
+        g = v.grad if v.grad is not None else torch.zeros_like(v)
+        if k.endswith("attn.qkv.bias"):
+            g = g.clone()
+            g[D:2 * D] = 0
+        out["grad." + k] = g
+    return out
 
 
 def timm_steps():
@@ -266,13 +273,7 @@ def timm_steps():
         loss.backward()
         tensors = {"pixel_values": pixels, "labels": labels.float(), "logits": logits.detach(),
                    "loss": loss.detach().reshape(1)}
-        D = config["num_features"]
-        for k, v in sorted(sd.items()):
-            g = v.grad if v.grad is not None else torch.zeros_like(v)
-            if k.endswith("attn.qkv.bias"):  # the key third: 0 in exact arithmetic
-                g = g.clone()
-                g[D:2 * D] = 0
-            tensors["grad." + k] = g
+        tensors.update(timm_grads(sd, config["num_features"]))
         path = os.path.join(OUT_DIR, name + ".safetensors")
         mm.save_safetensors(path, tensors, {"model": folder, "loss": "mean cross-entropy", "upstream": up})
         print(path, os.path.getsize(path), "bytes, loss", float(loss))
