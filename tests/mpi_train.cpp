@@ -88,23 +88,11 @@ TEST_CASE("mpirun -np 2 tessera train takes the steps of one process", "[mpi]") 
   // augments its slice as the one process does, the gradients are averaged in rank order.
   const std::string args = " train --task classify --data digits:train --arch vit-digits --layers 2 --batch 8"
                            " --max-steps 20 --optimizer sgd --momentum 0.9 --lr 0.05 --warmup 3 --seed 3 --threads 1";
-  const test::CliRun one = test::run_cli(args + " --out " + (dir / "one").string());
-  INFO(one.out << one.err);
-  REQUIRE(one.code == 0);
-  const test::CliRun two = test::run_cli(args + " --out " + (dir / "two").string(), mpirun(2));
-  INFO(two.out << two.err);
-  REQUIRE(two.code == 0);
-  CHECK(two.out.find("data-parallel: 2 MPI ranks, 4 images of each batch of 8 per rank") != std::string::npos);
-  int tensors = 0;
   // The same weights to float summation order (the batch's gradient is summed in two halves).
-  CHECK(max_weight_difference(dir / "one", dir / "two", &tensors) <= 1e-5);
-  CHECK(tensors > 30);
+  CHECK(check_two_ranks_match_one(args, dir, 20, "data-parallel: 2 MPI ranks, 4 images of each batch of 8 per rank") > 30);
   const auto a = read_log(dir / "one"), b = read_log(dir / "two");
-  REQUIRE(a.size() == 20);
-  REQUIRE(b.size() == 20);
   for (size_t i = 0; i < a.size(); ++i) {
     INFO("step " << i + 1);
-    CHECK(std::abs(a[i][2] - b[i][2]) <= 1e-4 * std::abs(a[i][2]));  // loss of the global batch
     CHECK(std::abs(a[i][4] - b[i][4]) <= 1e-3 * std::abs(a[i][4]));  // gradient norm (rounding grows with steps)
     CHECK(a[i][6] == b[i][6]);                                      // training accuracy of the batch
   }
