@@ -113,11 +113,15 @@ int train_detect(const TrainArgs& a) {
     height = a.image_size > 0 ? a.image_size : model.config.image_height;
     width = a.image_size > 0 ? a.image_size : model.config.image_width;
     const std::vector<std::string> labels = model_labels(model);
+    bool same = true;  // every category of the data is the model's label of that id
     for (size_t i = 0; i < data.labels.size(); ++i)
       if (data.labels[i] != "N/A")
-        check(static_cast<int64_t>(i) < model.num_labels && labels[i] == data.labels[i],
-              a.data + ": category " + std::to_string(i) + " \"" + data.labels[i] + "\" is not label " +
-                  std::to_string(i) + " of " + a.init + " (a new detection head for other classes is not implemented yet)");
+        same = same && static_cast<int64_t>(i) < model.num_labels && labels[i] == data.labels[i];
+    if (!same) {
+      std::fprintf(stderr, "note: %s's categories are not %s's labels: a new class head for %zu label ids (its box "
+                           "head and encoder kept)\n", a.data.c_str(), a.init.c_str(), data.labels.size());
+      replace_detection_labels(model, data.labels);
+    }
   } else if (detr_arch) {
     height = width = a.image_size > 0 ? a.image_size : 128;
     DetrHeadConfig head;

@@ -29,7 +29,8 @@ namespace {
 
 // The data's classes: "background" + annotations.json's category names by id when the folder has
 // one (tessera data scenes writes it), else "0" … max label found in the masks.
-std::vector<std::string> segmentation_classes(const std::string& dir) {
+std::vector<std::string> segmentation_classes(const std::string& dir, bool* named = nullptr) {
+  if (named) *named = false;
   const fs::path ann = fs::path(dir) / "annotations.json";
   std::error_code ec;
   if (fs::is_regular_file(ann, ec)) {
@@ -49,6 +50,7 @@ std::vector<std::string> segmentation_classes(const std::string& dir) {
       std::vector<std::string> labels(static_cast<size_t>(names.rbegin()->first + 1));
       labels[0] = "background";
       for (size_t i = 1; i < labels.size(); ++i) labels[i] = names.count(i) ? names[i] : std::to_string(i);
+      if (named) *named = true;
       return labels;
     }
   }
@@ -135,6 +137,14 @@ int train_segment(const TrainArgs& args) {
     check(args.image_size == 0, "train --task segment: --image-size is for a new model; a Segmenter folder "
                                 "trains at its own size");
     model = load_segmenter_train_model(args.init);
+    // Other classes than the folder's: named categories that differ, or labels beyond its classes.
+    bool named = false;
+    const std::vector<std::string> classes = segmentation_classes(args.data, &named);
+    if ((named && classes != model.labels) || static_cast<int64_t>(classes.size()) > model.num_classes) {
+      std::fprintf(stderr, "note: %s's classes are not %s's: a new class head for %zu classes (the rest kept)\n",
+                   args.data.c_str(), args.init.c_str(), classes.size());
+      replace_segmentation_classes(model, classes, args.seed);
+    }
     const fs::path pre = fs::path(args.init) / "preprocessor_config.json";
     processor_json = fs::exists(pre) ? read_text_file(pre.string())
                                      : square_vit_processor_json(model.vit.config.image_height);

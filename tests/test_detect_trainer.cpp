@@ -220,6 +220,40 @@ TEST_CASE("a DETR head on a frozen encoder trains alike from cached features", "
   CHECK(!detector_caches_features(cached, data, processor, o));
 }
 
+TEST_CASE("fine-tuning a detector on other classes gives it a new class head", "[detect_trainer]") {
+  // YOLOS (transformers' own random folder: a 3-layer class MLP) and a vit-detr folder (a class
+  // linear): the last class layer becomes [labels + 1, D], zero; everything else is kept.
+  for (const char* dir : {"conformance/yolos-tiny-rand", "conformance/detr-vit-rand"}) {
+    INFO(dir);
+    const std::string path = std::string(TESSERA_FIXTURES) + "/" + dir;
+    const VitTrainModel before = std::string(dir).find("yolos") != std::string::npos ? load_yolos_train_model(path)
+                                                                                      : load_detr_train_model(path);
+    VitTrainModel m = before;
+    replace_detection_labels(m, {"N/A", "cat", "N/A", "dog"});
+    CHECK(m.num_labels == 4);
+    const std::string layer = m.is_detr() ? "class_labels_classifier." : "class_labels_classifier.layers.2.";
+    const TrainParam& w = m.param(layer + "weight");
+    CHECK(w.shape[0] == 5);
+    for (int64_t i = 0; i < w.numel(); ++i) REQUIRE(m.weights[w.offset + i] == 0.0f);
+    int kept = 0;
+    for (const TrainParam& p : before.params) {
+      if (p.name.starts_with(layer)) continue;
+      const auto a = before.view(std::span<const float>(before.weights), p.name);
+      const auto b = m.view(std::span<const float>(m.weights), p.name);
+      REQUIRE(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+      ++kept;
+    }
+    CHECK(kept > 20);
+    // The folder it writes loads with the new labels and runs.
+    const fs::path out = fs::temp_directory_path() / ("tessera-newhead-" + std::to_string(::getpid()));
+    save_vit_train_model(m, out.string(), m.is_detr() ? detr_preprocessor_json(64, 64) : yolos_preprocessor_json(64, 64));
+    const auto loaded = load_model(out.string());
+    REQUIRE(loaded->detection);
+    CHECK(loaded->labels == std::vector<std::string>{"N/A", "cat", "N/A", "dog"});
+    fs::remove_all(out);
+  }
+}
+
 TEST_CASE("tessera train --task detect publishes a folder that load_model and eval read", "[detect_trainer][cli]") {
   const char* cli = std::getenv("TESSERA_CLI");
   REQUIRE(cli != nullptr);
@@ -287,6 +321,24 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
   REQUIRE(m2->detection);
   CHECK(m2->detection->num_slots == 3);
   CHECK(!m2->detection->norm_every_layer);
+  // Other classes (the same images, categories renamed): a new class head, said on stderr.
+  {
+    nlohmann::json other = nlohmann::json::parse(std::ifstream(json));
+    other["categories"] = {{{"id", 1}, {"name", "x"}}, {{"id", 2}, {"name", "y"}}, {{"id", 3}, {"name", "z"}}};
+    const std::string other_json = (tmp.path / "other.json").string();
+    std::ofstream(other_json) << other.dump();
+    const fs::path renamed = tmp.path / "renamed";
+    const int status = std::system((std::string(cli) + " train --task detect --data " + other_json + " --out " +
+                                    renamed.string() + " --init " + out.string() + " --batch 2 --max-steps 1 --threads 1 >" +
+                                    (tmp.path / "log2").string() + " 2>&1").c_str());
+    std::ifstream f(tmp.path / "log2");
+    const std::string log2((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    INFO(log2);
+    REQUIRE(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    CHECK(log2.find("a new class head") != std::string::npos);
+    CHECK(load_model(renamed.string())->labels == std::vector<std::string>{"N/A", "x", "y", "z"});
+  }
   // A DINOv2 classifier's encoder under a new head: a vit-detr folder with a DINOv2 backbone.
   const fs::path on_dino = tmp.path / "on-dino";
   std::tie(code, log) = run(" --out " + on_dino.string() + " --init " + std::string(TESSERA_FIXTURES) +

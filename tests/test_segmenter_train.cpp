@@ -438,3 +438,41 @@ TEST_CASE("segmenter_from_vit: a ViT classifier's encoder, its position table re
                          32, {"background", "a"}),
       Catch::Contains("distillation"));
 }
+
+TEST_CASE("fine-tuning a Segmenter on other classes gives it a new class head", "[segmenter_train]") {
+  // The linear decoder's head becomes [K, D] zero; the mask transformer's class embeddings
+  // [1, K, d_model] new (small, seeded) and mask_norm [K] 1 / 0; every other tensor is kept, and
+  // the folder written loads with the new labels.
+  for (const char* name : {"segmenter-linear-rand", "segmenter-mask-rand"}) {
+    INFO(name);
+    const SegmenterTrainModel before =
+        load_segmenter_train_model(std::string(TESSERA_FIXTURES) + "/conformance/" + name);
+    SegmenterTrainModel m = before;
+    const std::vector<std::string> labels = {"background", "digit", "line"};
+    replace_segmentation_classes(m, labels, 4);
+    CHECK(m.num_classes == 3);
+    int kept = 0, changed = 0;
+    for (const TrainParam& p : m.vit.params) {
+      const auto b = m.vit.view(std::span<const float>(m.vit.weights), p.name);
+      if (p.name == "classifier.weight" || p.name == "classifier.bias" || p.name == "decoder.cls_emb" ||
+          p.name.starts_with("decoder.mask_norm.")) {
+        CHECK(p.shape[p.name == "decoder.cls_emb" ? 1 : 0] == 3);  // one row per new class
+        if (p.name.starts_with("classifier.") || p.name == "decoder.mask_norm.bias")
+          CHECK(std::all_of(b.begin(), b.end(), [](float x) { return x == 0.0f; }));
+        if (p.name == "decoder.mask_norm.weight") CHECK(std::all_of(b.begin(), b.end(), [](float x) { return x == 1.0f; }));
+        if (p.name == "decoder.cls_emb") CHECK(std::all_of(b.begin(), b.end(), [](float x) { return std::abs(x) <= 0.04f && x != 0.0f; }));
+        ++changed;
+        continue;
+      }
+      const auto a = before.vit.view(std::span<const float>(before.vit.weights), p.name);
+      REQUIRE(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+      ++kept;
+    }
+    CHECK(changed >= 2);
+    CHECK(kept > 20);
+    const fs::path out = temp_dir(std::string("newhead-") + name);
+    save_segmenter_train_model(m, out.string());
+    CHECK(load_model(out.string())->labels == labels);
+    fs::remove_all(out);
+  }
+}

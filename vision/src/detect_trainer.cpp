@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include <nlohmann/json.hpp>
 #include <opencv2/imgproc.hpp>
 
 #include "tessera/datasets.hpp"
@@ -138,6 +139,38 @@ Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& ind
   });
   if (targets) *targets = std::move(t);
   return out;
+}
+
+void replace_detection_labels(VitTrainModel& m, const std::vector<std::string>& labels) {
+  check(m.detection || m.is_detr(), "replace_detection_labels: not a YOLOS or vit-detr model");
+  check(!labels.empty(), "replace_detection_labels: no labels");
+  const int64_t k1 = static_cast<int64_t>(labels.size()) + 1;
+  const std::string layer = m.is_detr() ? "class_labels_classifier." : "class_labels_classifier.layers.2.";
+  std::vector<TrainParam> params = m.params;
+  int64_t offset = 0;
+  for (TrainParam& p : params) {
+    if (p.name == layer + "weight") p.shape = {k1, p.shape[1]};
+    if (p.name == layer + "bias") p.shape = {k1};
+    p.offset = offset;
+    offset += p.numel();
+  }
+  std::vector<float> weights(static_cast<size_t>(offset), 0.0f);
+  for (size_t i = 0; i < params.size(); ++i)
+    if (!params[i].name.starts_with(layer))  // the new class layer stays zero
+      std::copy_n(m.weights.data() + m.params[i].offset, params[i].numel(), weights.data() + params[i].offset);
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(m.config_json);
+  nlohmann::ordered_json id2label = nlohmann::ordered_json::object(), label2id = nlohmann::ordered_json::object();
+  for (size_t i = 0; i < labels.size(); ++i) {
+    id2label[std::to_string(i)] = labels[i];
+    if (labels[i] != "N/A") label2id[labels[i]] = i;
+  }
+  cfg["id2label"] = id2label;
+  cfg["label2id"] = label2id;
+  if (cfg.contains("num_labels")) cfg["num_labels"] = labels.size();
+  m.config_json = cfg.dump(2) + "\n";
+  m.params = std::move(params);
+  m.weights = std::move(weights);
+  m.num_labels = static_cast<int64_t>(labels.size());
 }
 
 bool detector_caches_features(const VitTrainModel& model, const DetectionData& data, const PreprocessConfig& processor,

@@ -90,6 +90,13 @@ Tensor detection_batch(const DetectionData& data, const std::vector<size_t>& ind
                        const PreprocessConfig& processor, const DetectorTrainOptions& options, int64_t step,
                        std::vector<DetectionTarget>* targets, int64_t first_position = 0);
 
+// Fine-tuning a YOLOS or vit-detr model on data of other classes: a new class head for `labels`
+// (label id i → labels[i], "N/A" for ids no category has): YOLOS's last class MLP layer or the
+// DETR head's class linear, [len + 1, D] (the last row no-object), zero-initialised (every class
+// equally likely at first, as a new classifier head); config.json's num_labels, id2label and
+// label2id rewritten. Every other weight is kept; start a new optimiser state.
+void replace_detection_labels(VitTrainModel& model, const std::vector<std::string>& labels);
+
 // Whether train_detector trains on cached encoder features (see DetectorTrainOptions).
 bool detector_caches_features(const VitTrainModel& model, const DetectionData& data, const PreprocessConfig& processor,
                               const DetectorTrainOptions& options);

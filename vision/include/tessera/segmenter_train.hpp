@@ -85,6 +85,12 @@ SegmenterTrainModel segmenter_from_vit(const VitTrainModel& vit, int64_t image_s
                                        const std::vector<std::string>& labels, int64_t window_size = 0,
                                        const MaskDecoderShape& mask = {});
 
+// Fine-tuning a Segmenter on data of other classes: a new class head for `labels` (class id i →
+// labels[i]): the linear decoder's head [K, D] zero (as a new classifier head), or the mask
+// transformer's class embeddings truncated N(0, 0.02²) (as Segmenter initialises them, seeded)
+// with mask_norm 1 / 0; config.json's n_cls and id2label rewritten. Everything else is kept.
+void replace_segmentation_classes(SegmenterTrainModel& model, const std::vector<std::string>& labels, uint64_t seed);
+
 // --arch presets at image_size x image_size: "segmenter-ti" (Segmenter's ViT-Ti/16: D 192, 12
 // layers, 3 heads, MLP 768, patch 16) and "segmenter-digits" (for small scenes: patch 4, D 96,
 // 6 layers, 3 heads, MLP 384). layer_norm_eps 1e-6 as timm's ViTs. Unknown: an Error listing them.
