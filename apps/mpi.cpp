@@ -19,7 +19,9 @@ namespace {
 
 // The number of ranks a launcher announced in the environment (1 when none did).
 int launched_size() {
-  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"}) {
+  // Set by the launcher for each rank it starts (not SLURM_NTASKS, which a whole allocation has,
+  // so a plain run inside `salloc` stays one process).
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"}) {
     const char* v = std::getenv(name);
     if (v && *v) return std::max(1, std::atoi(v));
   }

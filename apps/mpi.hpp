@@ -7,7 +7,8 @@
 namespace tessera::cli {
 
 // Calls MPI_Init when launched by an MPI launcher (and built with MPI); MPI_Finalize at the end
-// of main. A launch with more than one rank on a build without MPI is an Error.
+// of main. On a build without MPI nothing happens here, and `tessera train` refuses a launch of
+// several ranks (mpi_launched_size) rather than let each rank write the same files.
 class MpiSession {
  public:
   MpiSession(int* argc, char*** argv);
