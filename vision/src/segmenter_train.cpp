@@ -170,6 +170,20 @@ Interpolation upsample() {
 
 }  // namespace
 
+namespace {
+
+// Segmenter's trunc_normal_(std=0.02): N(0, 1) draws redrawn outside ±2, scaled by 0.02.
+void trunc_normal_002(std::mt19937_64& rng, std::normal_distribution<double>& normal, float* w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    double z;
+    do z = normal(rng);
+    while (std::abs(z) > 2.0);
+    w[i] = static_cast<float>(0.02 * z);
+  }
+}
+
+}  // namespace
+
 SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
                                                const std::vector<std::string>& labels, uint64_t seed,
                                                int64_t window_size, const MaskDecoderShape& mask) {
@@ -199,12 +213,7 @@ SegmenterTrainModel make_segmenter_train_model(const VitConfig& encoder,
         const double scale = 1.0 / std::sqrt(static_cast<double>(mask.d_model));
         for (int64_t i = 0; i < p.numel(); ++i) w[i] = static_cast<float>(scale * normal(rng));
       } else if (p.decay || p.name == "decoder.cls_emb") {
-        for (int64_t i = 0; i < p.numel(); ++i) {
-          double z;
-          do z = normal(rng);
-          while (std::abs(z) > 2.0);
-          w[i] = static_cast<float>(0.02 * z);
-        }
+        trunc_normal_002(rng, normal, w, p.numel());
       } else {
         std::fill_n(w, p.numel(), p.name.ends_with("norm1.weight") || p.name.ends_with("norm2.weight") ||
                                           p.name.ends_with("_norm.weight")
@@ -416,12 +425,7 @@ void replace_segmentation_classes(SegmenterTrainModel& m, const std::vector<std:
     if (p.name == "decoder.mask_norm.weight") {
       std::fill_n(w, p.numel(), 1.0f);
     } else if (p.name == "decoder.cls_emb") {
-      for (int64_t j = 0; j < p.numel(); ++j) {
-        double z;
-        do z = normal(rng);
-        while (std::abs(z) > 2.0);
-        w[j] = static_cast<float>(0.02 * z);
-      }
+      trunc_normal_002(rng, normal, w, p.numel());
     } else {
       std::copy_n(v.weights.data() + v.params[i].offset, p.numel(), w);
     }
