@@ -24,6 +24,7 @@
 #include "tessera/parallel.hpp"
 #include "tessera/detr_train.hpp"
 #include "tessera/yolos_train.hpp"
+#include "train_internal.hpp"
 
 namespace fs = std::filesystem;
 
@@ -146,18 +147,14 @@ void replace_detection_labels(VitTrainModel& m, const std::vector<std::string>& 
   check(!labels.empty(), "replace_detection_labels: no labels");
   const int64_t k1 = static_cast<int64_t>(labels.size()) + 1;
   const std::string layer = m.is_detr() ? "class_labels_classifier." : "class_labels_classifier.layers.2.";
-  std::vector<TrainParam> params = m.params;
-  int64_t offset = 0;
-  for (TrainParam& p : params) {
-    if (p.name == layer + "weight") p.shape = {k1, p.shape[1]};
-    if (p.name == layer + "bias") p.shape = {k1};
-    p.offset = offset;
-    offset += p.numel();
-  }
-  std::vector<float> weights(static_cast<size_t>(offset), 0.0f);
-  for (size_t i = 0; i < params.size(); ++i)
-    if (!params[i].name.starts_with(layer))  // the new class layer stays zero
-      std::copy_n(m.weights.data() + m.params[i].offset, params[i].numel(), weights.data() + params[i].offset);
+  detail::relayout_params(
+      m,
+      [&](TrainParam& p) {
+        if (p.name == layer + "weight") p.shape = {k1, p.shape[1]};
+        if (p.name == layer + "bias") p.shape = {k1};
+        return p.name.starts_with(layer);
+      },
+      [](const TrainParam&, float*) {});  // the new class layer stays zero
   nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(m.config_json);
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object(), label2id = nlohmann::ordered_json::object();
   for (size_t i = 0; i < labels.size(); ++i) {
@@ -168,8 +165,6 @@ void replace_detection_labels(VitTrainModel& m, const std::vector<std::string>& 
   cfg["label2id"] = label2id;
   if (cfg.contains("num_labels")) cfg["num_labels"] = labels.size();
   m.config_json = cfg.dump(2) + "\n";
-  m.params = std::move(params);
-  m.weights = std::move(weights);
   m.num_labels = static_cast<int64_t>(labels.size());
 }
 
@@ -214,12 +209,10 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
     const int64_t per_image = gh * gw * model.config.hidden_size, n = static_cast<int64_t>(data.size());
     std::vector<float> cache(static_cast<size_t>(n * per_image));
     DetrTrainActivations encode_acts;
-    DetectorTrainOptions plain = o;
-    plain.augment.enabled = false;
     for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
       std::vector<size_t> idx;
       for (int64_t i = i0; i < std::min(n, i0 + o.batch); ++i) idx.push_back(static_cast<size_t>(i));
-      const Tensor x = detection_batch(data, idx, processor, plain, 0, nullptr);
+      const Tensor x = detection_batch(data, idx, processor, o, 0, nullptr);  // no augmentation here
       detr_encode_features(model, x, encode_acts, cache.data() + i0 * per_image);
     }
     std::vector<float> features(static_cast<size_t>(o.batch * per_image));

@@ -405,39 +405,27 @@ void replace_segmentation_classes(SegmenterTrainModel& m, const std::vector<std:
   check(!labels.empty(), "replace_segmentation_classes: no labels");
   const int64_t k = static_cast<int64_t>(labels.size());
   VitTrainModel& v = m.vit;
-  std::vector<TrainParam> params = v.params;
-  int64_t offset = 0;
-  for (TrainParam& p : params) {
-    if (p.name == "classifier.weight") p.shape = {k, p.shape[1]};
-    if (p.name == "classifier.bias" || p.name == "decoder.mask_norm.weight" || p.name == "decoder.mask_norm.bias")
-      p.shape = {k};
-    if (p.name == "decoder.cls_emb") p.shape = {1, k, p.shape[2]};
-    p.offset = offset;
-    offset += p.numel();
-  }
-  std::vector<float> weights(static_cast<size_t>(offset), 0.0f);
   std::mt19937_64 rng(seed ^ 0x4e455743ull);  // "NEWC"
   std::normal_distribution<double> normal(0.0, 1.0);
-  for (size_t i = 0; i < params.size(); ++i) {
-    const TrainParam& p = params[i];
-    float* w = weights.data() + p.offset;
-    if (p.name == "classifier.weight" || p.name == "classifier.bias" || p.name == "decoder.mask_norm.bias") continue;
-    if (p.name == "decoder.mask_norm.weight") {
-      std::fill_n(w, p.numel(), 1.0f);
-    } else if (p.name == "decoder.cls_emb") {
-      trunc_normal_002(rng, normal, w, p.numel());
-    } else {
-      std::copy_n(v.weights.data() + v.params[i].offset, p.numel(), w);
-    }
-  }
+  detail::relayout_params(
+      v,
+      [&](TrainParam& p) {
+        if (p.name == "classifier.weight") p.shape = {k, p.shape[1]};
+        if (p.name == "classifier.bias" || p.name == "decoder.mask_norm.weight" || p.name == "decoder.mask_norm.bias")
+          p.shape = {k};
+        if (p.name == "decoder.cls_emb") p.shape = {1, k, p.shape[2]};
+        return p.name.starts_with("classifier.") || p.name == "decoder.cls_emb" || p.name.starts_with("decoder.mask_norm.");
+      },
+      [&](const TrainParam& p, float* w) {  // the linear head and mask_norm's bias stay zero
+        if (p.name == "decoder.mask_norm.weight") std::fill_n(w, p.numel(), 1.0f);
+        if (p.name == "decoder.cls_emb") trunc_normal_002(rng, normal, w, p.numel());
+      });
   nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(m.config_json);
   nlohmann::ordered_json id2label = nlohmann::ordered_json::object();
   for (size_t i = 0; i < labels.size(); ++i) id2label[std::to_string(i)] = labels[i];
   cfg["n_cls"] = k;
   cfg["id2label"] = id2label;
   m.config_json = cfg.dump(2) + "\n";
-  v.params = std::move(params);
-  v.weights = std::move(weights);
   v.num_labels = k;
   m.num_classes = k;
   m.labels = labels;

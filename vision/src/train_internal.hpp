@@ -1,5 +1,6 @@
 #pragma once
 // What the training passes share inside the library (vit_train.cpp, yolos_train.cpp).
+#include <functional>
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -104,6 +105,32 @@ inline void relu_inplace(float* x, int64_t n) {
 inline void relu_backward(const float* y, float* dy, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!(y[i] > 0.0f)) dy[i] = 0.0f;
+}
+
+// A model's parameters laid out anew (the same order, offsets recomputed) where fine-tuning
+// replaces some tensors (replace_detection_labels, replace_segmentation_classes,
+// resize_position_table): `renew(p)` may change p's shape and returns whether p is replaced; a
+// replaced tensor is filled by `fill(p, its values)` (zeros before), every other keeps its values.
+inline void relayout_params(VitTrainModel& m, const std::function<bool(TrainParam&)>& renew,
+                            const std::function<void(const TrainParam&, float*)>& fill) {
+  std::vector<TrainParam> params = m.params;
+  std::vector<bool> replaced(params.size());
+  int64_t offset = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    replaced[i] = renew(params[i]);
+    params[i].offset = offset;
+    offset += params[i].numel();
+  }
+  std::vector<float> weights(static_cast<size_t>(offset), 0.0f);
+  for (size_t i = 0; i < params.size(); ++i) {
+    float* to = weights.data() + params[i].offset;
+    if (replaced[i])
+      fill(params[i], to);
+    else
+      std::copy_n(m.weights.data() + m.params[i].offset, params[i].numel(), to);
+  }
+  m.params = std::move(params);
+  m.weights = std::move(weights);
 }
 
 }  // namespace tessera::detail

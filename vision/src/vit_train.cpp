@@ -864,20 +864,15 @@ void resize_position_table(VitTrainModel& m, int64_t height, int64_t width) {
     for (int64_t k = 0; k < d; ++k) table[static_cast<size_t>((pre + i) * d + k)] = out[static_cast<size_t>(k * nh * nw + i)];
   // The new layout: every tensor where it was, the table of its new length.
   c.image_height = height, c.image_width = width;
-  std::vector<TrainParam> params = m.params;
-  int64_t offset = 0;
-  for (TrainParam& q : params) {
-    if (q.name == p.name) q.shape = {1, pre + nh * nw, d};
-    q.offset = offset;
-    offset += q.numel();
-  }
-  std::vector<float> weights(static_cast<size_t>(offset));
-  for (size_t i = 0; i < params.size(); ++i) {
-    const float* from = params[i].name == p.name ? table.data() : m.weights.data() + m.params[i].offset;
-    std::copy_n(from, params[i].numel(), weights.data() + params[i].offset);
-  }
-  m.params = std::move(params);
-  m.weights = std::move(weights);
+  const std::string name = p.name;  // p refers into the params being replaced
+  detail::relayout_params(
+      m,
+      [&](TrainParam& q) {
+        if (q.name != name) return false;
+        q.shape = {1, pre + nh * nw, d};
+        return true;
+      },
+      [&](const TrainParam&, float* w) { std::copy(table.begin(), table.end(), w); });
   nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(m.config_json);
   cfg["image_size"] = height == width ? nlohmann::ordered_json(height) : nlohmann::ordered_json::array({height, width});
   m.config_json = cfg.dump(2) + "\n";
