@@ -303,31 +303,10 @@ void head_scores(const float* q, int64_t q_stride, const float* k, int64_t k_str
 void attention_forward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                        int64_t head_dim, StridedRows q, StridedRows k, StridedRows v,
                        MutableRows out, float scale, float* lse) {
-  parallel_for(0, batch * heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(static_cast<size_t>(q_len * kv_len)), scratch;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / heads, h = t % heads, col = h * head_dim;
-      const float* qb = q.ptr + b * q.batch_stride;
-      const float* kb = k.ptr + b * k.batch_stride;
-      const float* vb = v.ptr + b * v.batch_stride;
-      head_scores(qb, q.row_stride, kb, k.row_stride, col, q_len, kv_len, head_dim, scratch, p.data());
-      for (int64_t i = 0; i < q_len; ++i) {
-        float* row = p.data() + i * kv_len;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < kv_len; ++j) mx = std::max(mx, row[j] *= scale);
-        float sum = 0;
-        for (int64_t j = 0; j < kv_len; ++j) sum += row[j] = std::exp(row[j] - mx);
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < kv_len; ++j) row[j] *= inv;
-        lse[(b * heads + h) * q_len + i] = mx + std::log(sum);
-      }
-      // out_h = P·v_h: a linear layer whose weight is v_hᵀ [hd, Tk].
-      scratch.resize(static_cast<size_t>(kv_len * head_dim));
-      gather_head(vb, v.row_stride, col, kv_len, head_dim, true, scratch.data());
-      const PackedLinear vt = pack_linear(scratch.data(), nullptr, head_dim, kv_len);
-      linear(p.data(), q_len, kv_len, vt, out.ptr + b * out.batch_stride + col, out.row_stride);
-    }
-  });
+  // The inference kernel (fused, tiled, vectorised for the CPU's family) with its running max and
+  // sum kept as the log-sum-exp the backward needs.
+  attention(batch, heads, q_len, kv_len, head_dim, q, k, v, out.ptr, out.batch_stride, out.row_stride, scale,
+            AttentionPrecision::F32, lse);
 }
 
 void attention_backward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
@@ -336,7 +315,7 @@ void attention_backward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_
                         MutableRows dq, MutableRows dk, MutableRows dv) {
   parallel_for(0, batch * heads, 1, [&](int64_t t0, int64_t t1) {
     const size_t tt = static_cast<size_t>(q_len * kv_len);
-    std::vector<float> p(tt), ds(tt), transposed(tt), scratch;
+    std::vector<float> p(tt), ds(tt), transposed(tt), scratch, d(static_cast<size_t>(q_len));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / heads, h = t % heads, col = h * head_dim;
       const float* qb = q.ptr + b * q.batch_stride;
@@ -347,16 +326,10 @@ void attention_backward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_
       // P = exp(scale·q·kᵀ − lse);  dP = dout·vᵀ
       head_scores(qb, q.row_stride, kb, k.row_stride, col, q_len, kv_len, head_dim, scratch, p.data());
       head_scores(dob, dout.row_stride, vb, v.row_stride, col, q_len, kv_len, head_dim, scratch, ds.data());
-      for (int64_t i = 0; i < q_len; ++i) {
-        const float l = lse[(b * heads + h) * q_len + i];
-        const float di = dot(dob + i * dout.row_stride + col, ob + i * out.row_stride + col, head_dim);
-        float* pr = p.data() + i * kv_len;
-        float* dsr = ds.data() + i * kv_len;
-        for (int64_t j = 0; j < kv_len; ++j) {
-          pr[j] = std::exp(pr[j] * scale - l);
-          dsr[j] = pr[j] * (dsr[j] - di) * scale;  // dS, with the score scale folded in
-        }
-      }
+      for (int64_t i = 0; i < q_len; ++i)
+        d[i] = dot(dob + i * dout.row_stride + col, ob + i * out.row_stride + col, head_dim);
+      // P, and dS with the score scale folded in.
+      attention_grad_rows(p.data(), ds.data(), q_len, kv_len, kv_len, lse + (b * heads + h) * q_len, d.data(), scale);
       auto add_product = [&](const float* a, int64_t rows, int64_t inner, const float* src,
                              int64_t src_stride, MutableRows dst) {
         // dst_h[rows, hd] += a[rows, inner]·src_h[inner, hd]: a layer whose weight is src_hᵀ.

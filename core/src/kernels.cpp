@@ -540,9 +540,12 @@ void start_block(AttentionScratch& w, int64_t rows, int64_t hdp) {
   std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
 }
 
-// out row r = o row r / l[r].
+// out row r = o row r / l[r]; lse[r] = m[r] + log l[r] where lse is given (the training pass's
+// saved log-sum-exp of the scaled scores).
 void finish_block(const AttentionScratch& w, int64_t rows, int64_t hd, int64_t hdp, float* out,
-                  int64_t out_rs) {
+                  int64_t out_rs, float* lse) {
+  if (lse)
+    for (int64_t r = 0; r < rows; ++r) lse[r] = w.m[r] + std::log(w.l[r]);
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = 1.0f / w.l[r];
     float* dst = out + r * out_rs;
@@ -625,7 +628,7 @@ struct PortableOps {
 template <class Ops>
 void attention_chunk(const float* q, int64_t q_rs, const float* k, int64_t k_rs, const float* v,
                      int64_t v_rs, float* out, int64_t out_rs, int64_t nq, int64_t kv_len,
-                     int64_t hd, float scale) {
+                     int64_t hd, float scale, float* lse) {
   const int64_t hdp = round16(hd), ld = round16(kv_len);
   AttentionScratch& w = attention_scratch(hdp, ld, false);
   float* kt = w.kt.data();
@@ -640,7 +643,7 @@ void attention_chunk(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
       Ops::softmax_step(w.s.data(), rows, nk, w.m.data(), w.l.data(), w.o.data(), hdp);
       Ops::accumulate(w.s.data(), rows, v + k0 * v_rs, v_rs, nk, w.o.data(), hd, hdp);
     }
-    finish_block(w, rows, hd, hdp, out + i0 * out_rs, out_rs);
+    finish_block(w, rows, hd, hdp, out + i0 * out_rs, out_rs, lse ? lse + i0 : nullptr);
   }
 }
 
@@ -649,7 +652,7 @@ void attention_chunk(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
 template <class Ops>
 void attention_chunk_bf16(const float* q, int64_t q_rs, const float* k, int64_t k_rs,
                           const float* v, int64_t v_rs, float* out, int64_t out_rs, int64_t nq,
-                          int64_t kv_len, int64_t hd, float scale) {
+                          int64_t kv_len, int64_t hd, float scale, float* lse) {
   const int64_t hdp = round16(hd), hd2 = (hd + 1) / 2, ld = round16(kv_len);
   AttentionScratch& w = attention_scratch(hdp, ld, true);
   Ops::pack_keys(k, k_rs, kv_len, hd, w.kt2.data(), ld);
@@ -666,7 +669,7 @@ void attention_chunk_bf16(const float* q, int64_t q_rs, const float* k, int64_t 
                         w.p.data());
       Ops::accumulate(w.p.data(), rows, w.v2.data() + k0 / 2 * hdp, hdp, nk, w.o.data());
     }
-    finish_block(w, rows, hd, hdp, out + i0 * out_rs, out_rs);
+    finish_block(w, rows, hd, hdp, out + i0 * out_rs, out_rs, lse ? lse + i0 : nullptr);
   }
 }
 
@@ -1335,6 +1338,35 @@ struct Avx2Ops {
   }
 };
 
+// attention_grad_rows for one row of n: p = exp(scale·p − lse), ds = p·(ds − d)·scale.
+TESSERA_AVX512 void attention_grad_row_avx512(float* p, float* ds, int64_t n, float lse, float d,
+                                             float scale) {
+  const __m512 sc = _mm512_set1_ps(scale), l = _mm512_set1_ps(lse), dd = _mm512_set1_ps(d);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes(n - j);
+    const __m512 e = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, p + j), sc, l));
+    _mm512_mask_storeu_ps(p + j, m, e);
+    const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, ds + j), dd);
+    _mm512_mask_storeu_ps(ds + j, m, _mm512_mul_ps(_mm512_mul_ps(e, g), sc));
+  }
+}
+
+TESSERA_AVX2 void attention_grad_row_avx2(float* p, float* ds, int64_t n, float lse, float d,
+                                          float scale) {
+  const __m256 sc = _mm256_set1_ps(scale), l = _mm256_set1_ps(lse), dd = _mm256_set1_ps(d);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_fmsub_ps(_mm256_loadu_ps(p + j), sc, l));
+    _mm256_storeu_ps(p + j, e);
+    const __m256 g = _mm256_sub_ps(_mm256_loadu_ps(ds + j), dd);
+    _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_mul_ps(e, g), sc));
+  }
+  for (; j < n; ++j) {  // the same arithmetic, one lane
+    p[j] = exp_approx(std::fma(p[j], scale, -lse));
+    ds[j] = p[j] * (ds[j] - d) * scale;
+  }
+}
+
 bool cpu_has_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
@@ -1352,9 +1384,10 @@ bool cpu_has_avx512() {
 
 void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
                StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
-               int64_t out_row_stride, float scale, AttentionPrecision precision) {
+               int64_t out_row_stride, float scale, AttentionPrecision precision, float* lse) {
   if (batch <= 0 || heads <= 0 || q_len <= 0 || head_dim <= 0) return;
   if (kv_len <= 0) {  // softmax over nothing: define the result as zeros rather than NaN
+    if (lse) std::fill_n(lse, batch * heads * q_len, -std::numeric_limits<float>::infinity());
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t i = 0; i < q_len; ++i)
         std::fill_n(out + b * out_batch_stride + i * out_row_stride, heads * head_dim, 0.0f);
@@ -1389,9 +1422,27 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
       block(q.ptr + b * q.batch_stride + i0 * q.row_stride + col, q.row_stride,
             k.ptr + b * k.batch_stride + col, k.row_stride, v.ptr + b * v.batch_stride + col,
             v.row_stride, out + b * out_batch_stride + i0 * out_row_stride + col, out_row_stride,
-            i1 - i0, kv_len, head_dim, scale);
+            i1 - i0, kv_len, head_dim, scale, lse ? lse + (b * heads + h) * q_len + i0 : nullptr);
     }
   });
+}
+
+void attention_grad_rows(float* p, float* ds, int64_t rows, int64_t cols, int64_t ld,
+                         const float* lse, const float* d, float scale) {
+  auto row = [](float* pr, float* dsr, int64_t n, float l, float di, float sc) {
+    for (int64_t j = 0; j < n; ++j) {
+      pr[j] = exp_approx(std::fma(pr[j], sc, -l));
+      dsr[j] = pr[j] * (dsr[j] - di) * sc;
+    }
+  };
+  void (*fn)(float*, float*, int64_t, float, float, float) = row;
+#ifdef TESSERA_HAVE_AVX512_ATTENTION
+  const IsaFamily family = isa_family();
+  if (!g_force_portable_attention.load() && family == IsaFamily::Avx512 && cpu_has_avx512())
+    fn = attention_grad_row_avx512;
+  if (!g_force_portable_attention.load() && family == IsaFamily::Avx2) fn = attention_grad_row_avx2;
+#endif
+  for (int64_t i = 0; i < rows; ++i) fn(p + i * ld, ds + i * ld, cols, lse[i], d[i], scale);
 }
 
 void force_portable_attention(bool on) { g_force_portable_attention = on; }

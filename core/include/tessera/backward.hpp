@@ -56,8 +56,9 @@ void softmax_rows_backward(const float* y, const float* dy, float* dx, int64_t r
 //   out[b,i,h] = Σ_j P[b,h,i,j]·v[b,j,h],  P = softmax_j(scale·q[b,i,h]·k[b,j,h]).
 // Saves lse[b,h,i] = log Σ_j exp(scale·q·k) [batch, heads, q_len], all the backward needs
 // besides q, k, v and out: it recomputes P rather than keeping [T,T] per head between the passes.
-// Each (batch, head) is one task of a few packed GEMMs over a transient [q_len, kv_len] buffer
-// (not tiled along kv_len yet: fine for ViT token counts, ~1.3 MB per task at 577 tokens).
+// The forward is kernels.hpp's fused, tiled inference attention with its lse output. The
+// backward makes each (batch, head) one task of a few packed GEMMs over a transient
+// [q_len, kv_len] buffer (not tiled along kv_len yet: ~1.3 MB per task at 577 tokens).
 struct MutableRows {
   float* ptr;
   int64_t batch_stride;

@@ -34,11 +34,19 @@ struct StridedRows {
 // are rounded to bf16 (nearest even) and their products summed in fp32, with vdpbf16ps where the
 // CPU has AVX512-BF16 (else portable C++ with the same rounding); the running max, the softmax
 // sums and the output stay fp32.
+// lse, where given ([batch, heads, q_len]): lse[b, h, i] = log sum_j exp(scale * q . k), the
+// running max plus the log of the running sum (what the training backward needs to recompute P).
 enum class AttentionPrecision { F32, BF16 };
 void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
                StridedRows q, StridedRows k, StridedRows v, float* out, int64_t out_batch_stride,
                int64_t out_row_stride, float scale,
-               AttentionPrecision precision = AttentionPrecision::F32);
+               AttentionPrecision precision = AttentionPrecision::F32, float* lse = nullptr);
+// The training backward's element-wise attention step over rows [0, rows) of two [rows, cols]
+// blocks (rows ld apart), s the raw scores q·kᵀ and dp = dout·vᵀ on entry:
+//   p = exp(scale·s − lse[i])  (the forward's softmax weights),  ds = p·(dp − d[i])·scale.
+// One thread (it runs inside a (batch, head) task); vectorised as attention is.
+void attention_grad_rows(float* p, float* ds, int64_t rows, int64_t cols, int64_t ld,
+                         const float* lse, const float* d, float scale);
 // True where BF16 attention runs on vdpbf16ps (the CPU has AVX512-BF16 and neither the portable
 // nor the generic kernels are forced); elsewhere it runs in portable C++, slower than F32.
 bool native_bf16_attention();
