@@ -140,21 +140,8 @@ void gelu_forward(const float* x, float* y, int64_t n) {
 }
 
 void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
-  const float inv_sqrt_2pi = static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2);  // 1/√(2π)
   parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-    constexpr int64_t kChunk = 256;
-    float erf_x[kChunk];
-    for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
-      const int64_t len = std::min(kChunk, i1 - c0);
-      for (int64_t i = 0; i < len; ++i) erf_x[i] = x[c0 + i] * static_cast<float>(M_SQRT1_2);
-      linear_erf(erf_x, erf_x, len);  // the dispatched (vectorised) erf of gemm.hpp
-      for (int64_t i = 0; i < len; ++i) {
-        const float v = x[c0 + i];
-        const float cdf = 0.5f * (1.0f + erf_x[i]);
-        const float pdf = inv_sqrt_2pi * std::exp(-0.5f * v * v);
-        dx[c0 + i] += dy[c0 + i] * (cdf + v * pdf);
-      }
-    }
+    linear_gelu_backward(x + i0, dy + i0, dx + i0, i1 - i0);  // gemm.hpp's dispatched kernel
   });
 }
 

@@ -748,6 +748,18 @@ void linear_erf(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = erf_generic(x[i]);
 }
 
+void linear_gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
+  const IsaFamily f = isa_family();
+  if (f == IsaFamily::Avx512) return gelu_backward_avx512(x, dy, dx, n);
+  if (f == IsaFamily::Avx2) return gelu_backward_avx2(x, dy, dx, n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i], h = -0.5f * v * v;
+    const float pdf = h >= -30.0f ? 0.39894228040143268f * std::exp(h) : 0.0f;
+    const float cdf = 0.5f * (1.0f + erf_generic(v * 0.70710678118654752f));
+    dx[i] += dy[i] * (cdf + v * pdf);
+  }
+}
+
 namespace {
 // The portable twin of fma_loop_avx512: 24 independent scalar chains.
 float fma_loop_generic(int64_t n) {

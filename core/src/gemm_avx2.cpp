@@ -457,6 +457,35 @@ TESSERA_AVX2 void erf_avx2(const float* x, float* y, int64_t n) {
   }
 }
 
+// gelu_backward_avx512's math on 8 lanes.
+TESSERA_AVX2_INLINE __m256 gelu_grad_v(__m256 v) {
+  const __m256 z = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 t = abs_ps(z);
+  const __m256 small = _mm256_cmp_ps(t, _mm256_set1_ps(kErfSplit), _CMP_LE_OQ);
+  const __m256 positive = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
+  const __m256 e = erfc_large(t);
+  __m256 one_plus = _mm256_blendv_ps(e, _mm256_sub_ps(_mm256_set1_ps(2.0f), e), positive);
+  one_plus = _mm256_blendv_ps(one_plus, _mm256_add_ps(_mm256_set1_ps(1.0f), erf_small(z)), small);
+  const __m256 h = _mm256_mul_ps(_mm256_mul_ps(v, v), _mm256_set1_ps(-0.5f));
+  const __m256 in_range = _mm256_cmp_ps(h, _mm256_set1_ps(-30.0f), _CMP_GE_OQ);
+  const __m256 pdf = _mm256_and_ps(in_range, _mm256_mul_ps(exp_neg(_mm256_max_ps(h, _mm256_set1_ps(-30.0f))),
+                                                          _mm256_set1_ps(0.39894228040143268f)));
+  return _mm256_fmadd_ps(v, pdf, _mm256_mul_ps(_mm256_set1_ps(0.5f), one_plus));
+}
+
+TESSERA_AVX2 void gelu_backward_avx2(const float* x, const float* dy, float* dx, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dx + i, _mm256_fmadd_ps(_mm256_loadu_ps(dy + i), gelu_grad_v(_mm256_loadu_ps(x + i)),
+                                             _mm256_loadu_ps(dx + i)));
+  if (i < n) {
+    const __m256i m = lanes8(n - i);
+    const __m256 d = _mm256_fmadd_ps(_mm256_maskload_ps(dy + i, m), gelu_grad_v(_mm256_maskload_ps(x + i, m)),
+                                     _mm256_maskload_ps(dx + i, m));
+    _mm256_maskstore_ps(dx + i, m, d);
+  }
+}
+
 TESSERA_AVX2 float fma_loop_avx2(int64_t n) {
   // a = a * b + c converges to c / (1 - b) = 0.1: no overflow, no denormals.
   const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);

@@ -463,6 +463,29 @@ TESSERA_AVX512 void erf_avx512(const float* x, float* y, int64_t n) {
   }
 }
 
+// dx[i] += dy[i] (Φ(x) + x φ(x)) with gelu_v's 1 + erf (erfc on the tails) and φ(x) =
+// exp(-x²/2)/√(2π), 0 where x²/2 > 30 (φ < 4e-14 there; exp_neg's range ends at -30).
+TESSERA_AVX512 void gelu_backward_avx512(const float* x, const float* dy, float* dx, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 z = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f));
+    const __m512 t = _mm512_abs_ps(z);
+    const __mmask16 small = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kErfSplit), _CMP_LE_OQ);
+    const __mmask16 positive = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 e = erfc_large(t);
+    __m512 one_plus = _mm512_mask_sub_ps(e, positive, _mm512_set1_ps(2.0f), e);
+    one_plus = _mm512_mask_add_ps(one_plus, small, _mm512_set1_ps(1.0f), erf_small(z));
+    const __m512 h = _mm512_mul_ps(_mm512_mul_ps(v, v), _mm512_set1_ps(-0.5f));
+    const __mmask16 in_range = _mm512_cmp_ps_mask(h, _mm512_set1_ps(-30.0f), _CMP_GE_OQ);
+    const __m512 pdf = _mm512_maskz_mul_ps(in_range, exp_neg(_mm512_max_ps(h, _mm512_set1_ps(-30.0f))),
+                                           _mm512_set1_ps(0.39894228040143268f));
+    const __m512 g = _mm512_fmadd_ps(v, pdf, _mm512_mul_ps(_mm512_set1_ps(0.5f), one_plus));
+    const __m512 d = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dy + i), g, _mm512_maskz_loadu_ps(m, dx + i));
+    _mm512_mask_storeu_ps(dx + i, m, d);
+  }
+}
+
 TESSERA_AVX512 float fma_loop_avx512(int64_t n) {
   // a = a * b + c converges to c / (1 - b) = 0.1: no overflow, no denormals.
   const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);

@@ -148,6 +148,8 @@ void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t 
 // y[i] = gelu(x[i]) / erf(x[i]) with the AVX-512 epilogue math (n any).
 void gelu_avx512(const float* x, float* y, int64_t n);
 void erf_avx512(const float* x, float* y, int64_t n);
+// dx[i] += dy[i] · gelu'(x[i]) (the exact-erf GELU's derivative; see linear_gelu_backward).
+void gelu_backward_avx512(const float* x, const float* dy, float* dx, int64_t n);
 // n steps of 24 independent zmm FMAs (384 multiply-adds per step; see fma_peak_gflops);
 // returns a sum of the accumulators so the work cannot be dropped.
 float fma_loop_avx512(int64_t n);
@@ -170,6 +172,7 @@ void linear_task_avx2_int8(const LinearArgs& a, const RowSplit& rows, int64_t j0
                            uint32_t* apack, bool vnni);
 void gelu_avx2(const float* x, float* y, int64_t n);
 void erf_avx2(const float* x, float* y, int64_t n);
+void gelu_backward_avx2(const float* x, const float* dy, float* dx, int64_t n);
 // n steps of 12 independent ymm FMA chains (96 multiply-adds per step): 2 FMA units x 4-5
 // cycles of latency need 8-10 chains in flight.
 float fma_loop_avx2(int64_t n);

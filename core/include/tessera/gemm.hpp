@@ -173,6 +173,9 @@ int linear_int8_levels();
 // through the dispatched kernel; exposed so tests can check them against std::erf.
 void linear_gelu(const float* x, float* y, int64_t n);
 void linear_erf(const float* x, float* y, int64_t n);
+// The training backward of that GELU, vectorised per family: dx[i] += dy[i] · (Φ(x) + x·φ(x)),
+// Φ(x) = ½(1 + erf(x/√2)) as the epilogue computes it, φ the normal density (0 past |x| = √60).
+void linear_gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
 
 // The CPU's fp32 multiply-add ceiling right now, for the family in use: every arena thread at
 // once runs independent FMAs on registers only (24 zmm, 12 ymm or 24 scalar accumulators, no
