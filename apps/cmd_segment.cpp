@@ -140,7 +140,7 @@ std::vector<int64_t> histogram(const cv::Mat& labels, int64_t n_cls) {
 }
 
 // Original (RGB) blended half and half with the colour map, with a legend of the classes present
-// (largest first, at most 12).
+// (largest first, at most 12) in a panel to its right (draw.hpp's with_legend_beside).
 cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vector<int64_t>& hist,
                       const std::vector<std::string>& names) {
   cv::Mat bgr, out;
@@ -151,7 +151,6 @@ cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vect
     if (hist[c] > 0) present.push_back(static_cast<int>(c));
   std::stable_sort(present.begin(), present.end(), [&](int a, int b) { return hist[a] > hist[b]; });
   if (present.size() > 12) present.resize(12);
-  // A legend in the shared text panel: a real font, sized from the image (17 px on 512 pixels).
   const double total = static_cast<double>(labels.total());
   std::vector<std::string> lines;
   std::vector<cv::Scalar> swatches;
@@ -163,8 +162,9 @@ cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vect
     lines.push_back(text);
     swatches.emplace_back(rgbc[2], rgbc[1], rgbc[0], 0);
   }
-  draw_text_panel(out, lines, false, swatches);
-  return out;
+  // Beside the picture, never over it; a small picture is enlarged (nearest neighbour, whole
+  // factors) so that it and its legend can be read.
+  return with_legend_beside(out, lines, swatches);
 }
 
 struct Item {

@@ -218,7 +218,12 @@ TEST_CASE("tessera segment exports label maps for a folder, reports bad images a
     CHECK(hi < 5);
     const std::string stem = rel.substr(0, rel.size() - 4);
     CHECK(cv::imread((out / (stem + "_color.png")).string()).size() == size);
-    CHECK(cv::imread((out / (stem + "_overlay.jpg")).string()).size() == size);
+    // The overlay: the picture enlarged by a whole factor to a shorter side of at least 256,
+    // the legend in a panel to its right.
+    const int s = (256 + std::min(size.width, size.height) - 1) / std::min(size.width, size.height);
+    const cv::Mat o = cv::imread((out / (stem + "_overlay.jpg")).string());
+    CHECK(o.cols > size.width * s);
+    CHECK(o.rows >= size.height * s);
   }
   CHECK(label_files(out).size() == 11);
   CHECK(!fs::exists(out / "corrupt.png"));

@@ -11,6 +11,7 @@
 #include <opencv2/imgproc.hpp>
 #include <unistd.h>
 
+#include "tessera/draw.hpp"
 #include "tessera/error.hpp"
 #include "tessera/text.hpp"
 
@@ -114,4 +115,27 @@ TEST_CASE("text: invalid UTF-8 draws replacement glyphs; a bad font file is an e
   CHECK_THROWS_WITH(set_font_path("/nonexistent/font.ttf"), Catch::Contains("/nonexistent/font.ttf"));
   fs::remove(junk);
   CHECK(font_description().find("DejaVu Sans") == 0);  // a failed set_font_path changes nothing
+}
+
+TEST_CASE("text: a legend beside a small picture enlarges it and leaves its pixels alone", "[text][draw]") {
+  cv::Mat pic(40, 60, CV_8UC3);
+  cv::randu(pic, 0, 256);
+  const cv::Mat out = tessera::with_legend_beside(pic, {"background 93.6%", "7 1.8%"},
+                                                  {cv::Scalar(0, 0, 0, 0), cv::Scalar(0, 0, 255, 0)});
+  // 40 rows: enlarged 7x (the shorter side to at least 256), nearest neighbour.
+  REQUIRE(out.rows >= 280);
+  REQUIRE(out.cols > 420);
+  cv::Mat big;
+  cv::resize(pic, big, cv::Size(420, 280), 0, 0, cv::INTER_NEAREST);
+  CHECK(cv::norm(out(cv::Rect(0, 0, 420, 280)), big, cv::NORM_INF) == 0);
+  // The panel has the swatches and white text on its dark ground.
+  const cv::Mat panel = out(cv::Rect(420, 0, out.cols - 420, out.rows));
+  cv::Mat red, white;
+  cv::inRange(panel, cv::Scalar(0, 0, 250), cv::Scalar(5, 5, 255), red);
+  cv::inRange(panel, cv::Scalar(200, 200, 200), cv::Scalar(255, 255, 255), white);
+  CHECK(cv::countNonZero(red) > 50);
+  CHECK(cv::countNonZero(white) > 50);  // two lines of 11 px text: ~90 near-white pixels
+  // A large picture is not enlarged, and no lines means no panel.
+  const cv::Mat large(300, 400, CV_8UC3, cv::Scalar(1, 2, 3));
+  CHECK(tessera::with_legend_beside(large, {}).size() == large.size());
 }

@@ -214,6 +214,43 @@ void draw_text_panel(cv::Mat& bgr, const std::vector<std::string>& lines, bool b
   }
 }
 
+cv::Mat with_legend_beside(const cv::Mat& bgr, const std::vector<std::string>& lines,
+                           const std::vector<cv::Scalar>& swatches, int min_side) {
+  check(bgr.type() == CV_8UC3 && !bgr.empty(), "with_legend_beside: expected an 8-bit BGR image (CV_8UC3)");
+  const int short_side = std::min(bgr.cols, bgr.rows), long_side = std::max(bgr.cols, bgr.rows);
+  int s = short_side < min_side ? (min_side + short_side - 1) / short_side : 1;
+  s = std::max(1, std::min(s, 4096 / long_side));
+  cv::Mat big;
+  if (s > 1)
+    cv::resize(bgr, big, cv::Size(bgr.cols * s, bgr.rows * s), 0, 0, cv::INTER_NEAREST);
+  else
+    big = bgr.clone();
+  if (lines.empty()) return big;
+  const double px = std::clamp(std::min(big.cols, big.rows) / 30.0, 11.0, 96.0);
+  const TextExtent one = text_extent("Ag", px);
+  const int pad = std::max(3, one.ascent / 2), line_h = one.height() + pad / 2, swatch = one.ascent;
+  int width = 0;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    int w = text_extent(lines[i], px).width;
+    if (i < swatches.size() && swatches[i][3] >= 0) w += swatch + pad;
+    width = std::max(width, w);
+  }
+  const int panel_w = width + 2 * pad, panel_h = static_cast<int>(lines.size()) * line_h + 2 * pad;
+  cv::Mat out(std::max(big.rows, panel_h), big.cols + panel_w, CV_8UC3, cv::Scalar(40, 40, 40));
+  big.copyTo(out(cv::Rect(0, 0, big.cols, big.rows)));
+  for (size_t i = 0; i < lines.size(); ++i) {
+    int x = big.cols + pad;
+    const int base_y = pad + static_cast<int>(i) * line_h + one.ascent + pad / 4;
+    if (i < swatches.size() && swatches[i][3] >= 0) {
+      cv::rectangle(out, cv::Rect(x, base_y - swatch + one.descent / 2, swatch, swatch),
+                    cv::Scalar(swatches[i][0], swatches[i][1], swatches[i][2]), cv::FILLED);
+      x += swatch + pad;
+    }
+    draw_text(out, lines[i], cv::Point(x, base_y), px, cv::Scalar(255, 255, 255));
+  }
+  return out;
+}
+
 void write_image_atomic(const std::string& path, const cv::Mat& bgr) {
   std::string ext = fs::path(path).extension().string();
   if (ext.empty()) fail(path + ": no file extension to choose the image format from (e.g. .png)");

@@ -66,6 +66,15 @@ cv::Mat heatmap_overlay(const cv::Mat& bgr, const Tensor& grid_map, float alpha,
 void draw_text_panel(cv::Mat& bgr, const std::vector<std::string>& lines, bool bottom = false,
                      const std::vector<cv::Scalar>& swatches = {}, double font_scale = 0);
 
+// A picture with its legend beside it, not over it: `bgr` enlarged by a whole factor (nearest
+// neighbour, so every pixel stays a crisp block) until its shorter side is at least `min_side`
+// (its longer side kept within 4096), then a dark panel to its right with `lines` (a swatch
+// before line i as in draw_text_panel), the text sized from the enlarged picture (a 30th of its
+// shorter side, at least 11 px). The canvas is as tall as the taller of the two. No lines: the
+// enlarged picture alone.
+cv::Mat with_legend_beside(const cv::Mat& bgr, const std::vector<std::string>& lines,
+                           const std::vector<cv::Scalar>& swatches = {}, int min_side = 256);
+
 // Encodes `bgr` (format from the extension, e.g. .png) and writes it atomically: to a temporary
 // file in the same folder, then renamed over `path`, so no partial file is ever left behind.
 void write_image_atomic(const std::string& path, const cv::Mat& bgr);
