@@ -1,7 +1,10 @@
 // tessera data: makes data sets. `data scenes` draws detection / segmentation scenes from OpenCV's
 // handwritten digits (see vision/include/tessera/scenes.hpp and the README's "Digit scenes").
+#include <cfenv>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
@@ -10,6 +13,8 @@
 #include "tessera/atomic_file.hpp"
 #include "tessera/datasets.hpp"
 #include "tessera/error.hpp"
+#include "tessera/image.hpp"
+#include "tessera/metrics.hpp"
 #include "tessera/scenes.hpp"
 
 namespace tessera::cli {
@@ -74,6 +79,60 @@ void add_data(CLI::App& app, Action& action) {
       }
       std::printf("wrote %lld cells per digit (%s split, %lldx) to %s\n", static_cast<long long>(per_class),
                   cells_split.c_str(), static_cast<long long>(scale), cells_out.c_str());
+      return 0;
+    };
+  });
+
+  // Object crops for classification: a SIZE x SIZE window centred on each box of a COCO JSON (moved
+  // inside the image where it would leave it), as an ImageFolder by category name. The digit
+  // scenes' crops teach a classifier digits among backgrounds and neighbours, the encoder the
+  // bundled segmenter starts from (scripts/train-models.sh).
+  auto* crops = cmd->add_subcommand(
+      "crops", "Crops centred on the boxes of a COCO JSON: DIR/<category name>/<k>.png (an ImageFolder)");
+  static std::string crops_from, crops_out;
+  static int64_t crop_size = 64;
+  crops->add_option("--from", crops_from, "COCO instances JSON (e.g. a data scenes folder's annotations.json)")->required();
+  crops->add_option("--size", crop_size, "Side of the square window, pixels")->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  crops->add_option("--out", crops_out, "Output folder")->required();
+  crops->callback([&action] {
+    action = [] {
+      const CocoDataset coco = load_coco_instances(crops_from);
+      std::map<int64_t, std::string> names;
+      for (const CocoCategory& c : coco.categories) names[c.id] = c.name;
+      std::map<int64_t, const CocoImage*> images;
+      for (const CocoImage& im : coco.images) images[im.id] = &im;
+      for (const auto& [id, name] : names) {
+        check(!name.empty() && name.find('/') == std::string::npos && name != "." && name != "..",
+              crops_from + ": category " + std::to_string(id) + "'s name \"" + name + "\" cannot be a folder name");
+        std::filesystem::create_directories(std::filesystem::path(crops_out) / name);
+      }
+      const int s = static_cast<int>(crop_size);
+      std::fesetround(FE_TONEAREST);  // nearbyint: halves to even
+      int64_t current = -1;
+      cv::Mat bgr;
+      for (size_t k = 0; k < coco.annotations.size(); ++k) {
+        const CocoObject& a = coco.annotations[k];
+        const CocoImage& im = *images.at(a.image_id);
+        if (a.image_id != current) {
+          const cv::Mat rgb = load_image_rgb(im.path);
+          cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+          current = a.image_id;
+        }
+        check(bgr.cols >= s && bgr.rows >= s, im.path + ": " + std::to_string(bgr.cols) + "x" +
+                                                  std::to_string(bgr.rows) + " is smaller than the " +
+                                                  std::to_string(s) + "-pixel crop");
+        const int x0 = std::clamp(static_cast<int>(std::nearbyint(a.x + a.w / 2 - s / 2.0)), 0, bgr.cols - s);
+        const int y0 = std::clamp(static_cast<int>(std::nearbyint(a.y + a.h / 2 - s / 2.0)), 0, bgr.rows - s);
+        std::vector<uchar> png;
+        check(cv::imencode(".png", bgr(cv::Rect(x0, y0, s, s)), png), crops_out + ": cannot encode a PNG");
+        char file[32];
+        std::snprintf(file, sizeof file, "%06zu.png", k);
+        write_file_atomic((std::filesystem::path(crops_out) / names.at(a.category_id) / file).string(), png.data(),
+                          png.size());
+      }
+      std::printf("wrote %zu %lldx%lld crops of %zu images to %s\n", coco.annotations.size(),
+                  static_cast<long long>(crop_size), static_cast<long long>(crop_size), coco.images.size(),
+                  crops_out.c_str());
       return 0;
     };
   });

@@ -5,6 +5,9 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -179,6 +182,33 @@ TEST_CASE("scenes: tessera data scenes writes COCO JSON matching its masks, the 
       area += a["area"].get<int64_t>();
     }
     CHECK(cv::countNonZero(mask) == area);
+  }
+
+  // data crops: one 40x40 window per box, centred on it (halves rounded to even) and moved
+  // inside the image, filed under its category's name.
+  const std::string cmd = std::string(cli) + " data crops --size 40 --from " + (out / "annotations.json").string() +
+                          " --out " + (dir / "crops").string() + " >" + (dir.string() + "_out") + " 2>&1";
+  const int status = std::system(cmd.c_str());
+  INFO(slurp(dir.string() + "_out"));
+  REQUIRE(WEXITSTATUS(status) == 0);
+  size_t files = 0;
+  for (const auto& e : fs::recursive_directory_iterator(dir / "crops")) files += e.is_regular_file();
+  CHECK(files == coco["annotations"].size());
+  for (size_t k = 0; k < coco["annotations"].size(); ++k) {
+    const auto& a = coco["annotations"][k];
+    std::string file_name;
+    for (const auto& image : coco["images"])
+      if (image["id"] == a["image_id"]) file_name = image["file_name"];
+    const cv::Mat img = cv::imread((out / file_name).string());
+    char name[32];
+    std::snprintf(name, sizeof name, "%06zu.png", k);
+    const cv::Mat crop = cv::imread((dir / "crops" / std::to_string(a["category_id"].get<int>() - 1) / name).string());
+    REQUIRE(crop.size() == cv::Size(40, 40));
+    const double cx = a["bbox"][0].get<double>() + a["bbox"][2].get<double>() / 2;
+    const double cy = a["bbox"][1].get<double>() + a["bbox"][3].get<double>() / 2;
+    const int x0 = std::clamp(static_cast<int>(std::nearbyint(cx - 20)), 0, img.cols - 40);
+    const int y0 = std::clamp(static_cast<int>(std::nearbyint(cy - 20)), 0, img.rows - 40);
+    CHECK(same(crop, img(cv::Rect(x0, y0, 40, 40))));
   }
   fs::remove_all(dir);
   fs::remove(dir.string() + "_out");
