@@ -31,6 +31,7 @@
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
 #include "tessera/preprocess.hpp"
+#include "tessera/segmenter_train.hpp"
 #include "tessera/detr_train.hpp"
 #include "tessera/yolos_train.hpp"
 #include "mpi.hpp"
@@ -63,9 +64,20 @@ std::vector<std::string> model_labels(const VitTrainModel& model) {
 
 namespace {
 
-// A classifier folder whose encoder a new DETR head can sit on.
+// A folder whose encoder a new DETR head can sit on: a ViT / DeiT / DINOv2 classifier, or a
+// Segmenter with its own (timm-layout) ViT encoder, whose patch tokens already know what each
+// pixel is.
 bool is_classifier_type(const std::string& model_type) {
-  return model_type == "vit" || model_type == "deit" || model_type == "dinov2";
+  return model_type == "vit" || model_type == "deit" || model_type == "dinov2" || model_type == "segmenter";
+}
+
+// The encoder of a classifier folder, or of a Segmenter folder (its decoder dropped).
+VitTrainModel encoder_for_detr(const std::string& dir, const std::string& model_type) {
+  if (model_type != "segmenter") return load_vit_train_model(dir);
+  const SegmenterTrainModel seg = load_segmenter_train_model(dir);
+  check(!seg.hf_backbone, (fs::path(dir) / "config.json").string() + ": a DETR head takes a Segmenter's own ViT "
+                          "encoder; this one has a Hugging Face backbone_config (give that backbone's classifier)");
+  return seg.vit;
 }
 
 }  // namespace
@@ -74,11 +86,11 @@ int train_detect(const TrainArgs& a) {
   using Clock = std::chrono::steady_clock;
   check(!(a.init.empty() == a.arch.empty()),
         "train --task detect: give exactly one of --init MODEL_DIR (a YOLOS or vit-detr folder, or a ViT "
-        "classifier for a new DETR head) and --arch PRESET");
+        "classifier or Segmenter for a new DETR head) and --arch PRESET");
   check((a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss) || a.arch == "detr-digits" ||
             (!a.init.empty() && is_classifier_type(folder_model_type(a.init))),
         "train --task detect: --queries, --decoder-layers and --no-aux-loss shape a new DETR head "
-        "(--arch detr-digits, or --init a ViT, DeiT or DINOv2 classifier)");
+        "(--arch detr-digits, or --init a ViT, DeiT or DINOv2 classifier or a Segmenter)");
 
   check(a.label_smoothing == 0, "train --task detect: --label-smoothing is for classification (the set loss "
                                 "weights no-object by eos_coefficient instead)");
@@ -99,7 +111,7 @@ int train_detect(const TrainArgs& a) {
   // --init with a ViT / DeiT classifier and --arch detr-digits: a new DETR head on that encoder.
   const std::string init_type = a.init.empty() ? "" : folder_model_type(a.init);
   if (!a.init.empty() && is_classifier_type(init_type)) {
-    const VitTrainModel vit = load_vit_train_model(a.init);
+    const VitTrainModel vit = encoder_for_detr(a.init, init_type);
     height = width = a.image_size > 0 ? a.image_size : 128;
     DetrHeadConfig head;
     detr_train_preset("detr-digits", height, height, &head);
@@ -108,7 +120,7 @@ int train_detect(const TrainArgs& a) {
   } else if (!a.init.empty()) {
     check(init_type == "vit-detr" || init_type == "yolos",
           (fs::path(a.init) / "config.json").string() + ": --init takes a YOLOS or vit-detr folder, or a ViT, DeiT "
-          "or DINOv2 classifier (a new DETR head on its encoder), got model_type \"" + init_type + "\"");
+          "or DINOv2 classifier or a Segmenter (a new DETR head on its encoder), got model_type \"" + init_type + "\"");
     model = init_type == "vit-detr" ? load_detr_train_model(a.init) : load_yolos_train_model(a.init);
     height = a.image_size > 0 ? a.image_size : model.config.image_height;
     width = a.image_size > 0 ? a.image_size : model.config.image_width;

@@ -350,6 +350,33 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
   std::ifstream dino_config(on_dino / "config.json");
   const std::string dino_json((std::istreambuf_iterator<char>(dino_config)), std::istreambuf_iterator<char>());
   CHECK(dino_json.find("\"model_type\": \"dinov2\"") != std::string::npos);
+  // A Segmenter's own (timm-layout) encoder under a new DETR head, frozen: its tensors reappear
+  // under the Hugging Face ViT names of the vit-detr folder, value for value.
+  const fs::path on_seg = tmp.path / "on-segmenter";
+  const fs::path seg_dir = fs::path(TESSERA_FIXTURES) / "models" / "segmenter-linear-sizes-rand";
+  std::tie(code, log) = run(" --out " + on_seg.string() + " --init " + seg_dir.string() +
+                            " --image-size 64 --queries 3 --freeze-encoder --no-augment --batch 2 --max-steps 2 "
+                            "--lr 1e-2 --threads 1");
+  INFO(log);
+  REQUIRE(code == 0);
+  REQUIRE(load_model(on_seg.string())->detection);
+  {
+    const SafeTensors seg = SafeTensors::open((seg_dir / "model.safetensors").string());
+    const SafeTensors det = SafeTensors::open((on_seg / "model.safetensors").string());
+    auto same = [&](const std::string& a, const std::string& b, int64_t first_rows = -1) {
+      INFO(a << " <-> " << b);
+      const Tensor x = seg.read(a), y = det.read(b);
+      const int64_t n = first_rows < 0 ? x.numel() : first_rows * x.dim(1);
+      REQUIRE(y.numel() == n);
+      CHECK(std::equal(y.data(), y.data() + n, x.data()));
+    };
+    same("encoder.patch_embed.proj.weight", "vit.embeddings.patch_embeddings.projection.weight");
+    same("encoder.cls_token", "vit.embeddings.cls_token");
+    same("encoder.pos_embed", "vit.embeddings.position_embeddings");
+    same("encoder.blocks.0.attn.qkv.weight", "vit.encoder.layer.0.attention.attention.query.weight", 64);
+    same("encoder.blocks.1.mlp.fc2.weight", "vit.encoder.layer.1.output.dense.weight");
+    same("encoder.norm.weight", "vit.layernorm.weight");
+  }
   // --freeze-encoder: the DETR head trains, every encoder tensor keeps its value.
   const fs::path frozen = tmp.path / "frozen";
   std::tie(code, log) = run(" --out " + frozen.string() + " --init " + out.string() +
