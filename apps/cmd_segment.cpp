@@ -139,13 +139,30 @@ std::vector<int64_t> histogram(const cv::Mat& labels, int64_t n_cls) {
   return h;
 }
 
-// Original (RGB) blended half and half with the colour map, with a legend of the classes present
+// Original (RGB) with each class's colour painted over it (not a "background" class), with a legend of the classes present
 // (largest first, at most 12) in a panel to its right (draw.hpp's with_legend_beside).
 cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vector<int64_t>& hist,
                       const std::vector<std::string>& names) {
-  cv::Mat bgr, out;
+  cv::Mat bgr;
   cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
-  cv::addWeighted(bgr, 0.5, colorize(labels), 0.5, 0.0, out);
+  // A class named "background" is left unpainted (the picture as it is), so the objects' colours
+  // stand out; every other class is painted 65% over the picture.
+  int background = -1;
+  for (size_t c = 0; c < names.size() && background < 0; ++c) {
+    std::string n = names[c];
+    for (char& ch : n) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (n == "background") background = static_cast<int>(c);
+  }
+  const cv::Mat colours = colorize(labels);
+  cv::Mat out(bgr.size(), CV_8UC3);
+  for (int y = 0; y < labels.rows; ++y)
+    for (int x = 0; x < labels.cols; ++x) {
+      const int c = labels.depth() == CV_8U ? labels.at<uint8_t>(y, x) : labels.at<uint16_t>(y, x);
+      const cv::Vec3b p = bgr.at<cv::Vec3b>(y, x), k = colours.at<cv::Vec3b>(y, x);
+      cv::Vec3b& o = out.at<cv::Vec3b>(y, x);
+      for (int ch = 0; ch < 3; ++ch)
+        o[ch] = c == background ? p[ch] : static_cast<uint8_t>(std::lround(0.35 * p[ch] + 0.65 * k[ch]));
+    }
   std::vector<int> present;
   for (size_t c = 0; c + 1 < hist.size(); ++c)
     if (hist[c] > 0) present.push_back(static_cast<int>(c));
@@ -160,7 +177,7 @@ cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vect
     std::snprintf(text, sizeof text, "%s %.1f%%", c < static_cast<int>(names.size()) ? names[c].c_str() : "?",
                   100.0 * hist[c] / total);
     lines.push_back(text);
-    swatches.emplace_back(rgbc[2], rgbc[1], rgbc[0], 0);
+    swatches.emplace_back(rgbc[2], rgbc[1], rgbc[0], c == background ? -1 : 0);  // unpainted: no swatch
   }
   // Beside the picture, never over it; a small picture is enlarged (nearest neighbour, whole
   // factors) so that it and its legend can be read.
