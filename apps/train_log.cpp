@@ -80,7 +80,9 @@ void draw_panel(cv::Mat& img, cv::Rect box, const std::string& title, const std:
       if (std::isfinite(p.y)) x0 = std::min(x0, p.x), x1 = std::max(x1, p.x), y0 = std::min(y0, p.y), y1 = std::max(y1, p.y);
   cv::rectangle(img, box, ink, 1);
   if (x0 > x1) {
-    draw_text(img, "no data yet", {box.x + 12, box.y + 30}, 16, ink);
+    // A validation panel of a run without --val stays empty for good; others fill as it goes.
+    const bool no_val = title.find("no --val") != std::string::npos;
+    draw_text(img, no_val ? "none: the run was given no --val data" : "no data yet", {box.x + 12, box.y + 30}, 16, ink);
     return;
   }
   if (x1 == x0) x1 = x0 + 1;
