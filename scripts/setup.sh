@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Quick start, step 1: install the dependencies, build, and classify the bundled sample cells with
-# the bundled digit classifier (trained by Tessera: assets/models/digits/README.md). The samples
-# (assets/images: test-split digit cells and scenes) are handwriting no model trained on.
+# Quick start, step 1: install the dependencies, build, classify the bundled sample cells with the
+# bundled digit classifier and segment the bundled sample scenes with the bundled digit segmenter
+# (both trained by Tessera: assets/models/*/README.md). The samples (assets/images: test-split
+# digit cells and scenes) are handwriting no model trained on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -13,7 +14,19 @@ echo "== tessera classify assets/images/cells/        (the bundled digit classif
 "$tessera" classify --top-k 3 assets/images/cells/
 
 echo
-echo "Detection and segmentation: Tessera trains both (tessera train --task detect|segment), but no"
-echo "bundled detector or segmenter is good enough to ship yet (issue 15; see scripts/train-models.sh),"
-echo "so detect, view and segment need --model DIR for now. The sample scenes to try them on are in"
-echo "assets/images/scenes/ (test-split handwriting)."
+echo "== tessera segment assets/images/scenes/      (the bundled digit segmenter)"
+rm -rf out/quickstart/segment
+"$tessera" segment --color --overlay --fractions fractions.csv --out out/quickstart/segment assets/images/scenes/
+# The digits each scene's label map holds (classes on at least 0.3% of its pixels, largest first).
+awk -F, 'NR == 1 { for (i = 3; i <= NF; ++i) { n[i] = $i; gsub(/"/, "", n[i]) } next }
+  { gsub(/"/, "", $1); line = ""; for (k = 0; k < NF; ++k) { best = 0; for (i = 3; i <= NF; ++i)
+      if (!(i in used) && $i >= 0.003 && (best == 0 || $i > $best)) best = i
+    if (best == 0) break; used[best] = 1; line = line sprintf(" %s (%.1f%%)", n[best], 100 * $best) }
+    delete used; printf "%s: digits%s\n", $1, line }' out/quickstart/segment/fractions.csv
+echo "label maps, colour maps and overlays (the legend beside each scene): out/quickstart/segment/"
+echo "  e.g. out/quickstart/segment/scene_000000_overlay.jpg"
+
+echo
+echo "Detection: Tessera trains detectors (tessera train --task detect), but no bundled digit detector"
+echo "is good enough to ship yet (issue 15; see scripts/train-models.sh), so detect and view need"
+echo "--model DIR for now. The sample scenes to try them on are in assets/images/scenes/."

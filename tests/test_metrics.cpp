@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -298,5 +299,34 @@ TEST_CASE("eval: the bundled digit classifier reproduces its model card (97.80% 
   std::stringstream text;
   text << card.rdbuf();
   CHECK(text.str().find("97.80%") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: the bundled digit segmenter reproduces its model card's fp32 mIoU", "[metrics][cli][bundled]") {
+  const fs::path model = fs::path(TESSERA_SOURCE_DIR) / "assets" / "models" / "digits-segmenter";
+  REQUIRE(fs::exists(model / "README.md"));
+  // The card's accuracy table: "| fp32 | <mIoU> | <pixel accuracy> |", written by
+  // scripts/train-models.sh from tessera eval on the 200 test scenes of seed 0.
+  std::ifstream card(model / "README.md");
+  std::string line, row;
+  while (std::getline(card, line))
+    if (line.rfind("| fp32 |", 0) == 0) row = line;
+  REQUIRE(!row.empty());
+  double card_miou = 0, card_acc = 0;
+  REQUIRE(std::sscanf(row.c_str(), "| fp32 | %lf | %lf |", &card_miou, &card_acc) == 2);
+
+  const fs::path dir = fs::temp_directory_path() / ("tessera_bundled_seg_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  Run r = run_cli("data scenes --split test --count 200 --seed 0 --out " + (dir / "scenes").string(), dir);
+  REQUIRE(r.code == 0);
+  r = run_cli("eval --model " + model.string() + " --data " + (dir / "scenes").string() + " --json " +
+                  (dir / "s.json").string(), dir);
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  const nlohmann::json j = read_json(dir / "s.json");
+  CHECK(j["images"] == 200);
+  CHECK(std::fabs(j["mIoU"].get<double>() - card_miou) <= 5e-5);  // the card prints 4 decimals
+  CHECK(std::fabs(j["pixel_accuracy"].get<double>() - card_acc) <= 5e-5);
   fs::remove_all(dir);
 }
