@@ -17,10 +17,10 @@ echo
 echo "== tessera segment assets/images/scenes/      (the bundled digit segmenter)"
 rm -rf out/quickstart/segment
 "$tessera" segment --color --overlay --fractions fractions.csv --out out/quickstart/segment assets/images/scenes/
-# The digits each scene's label map holds (classes on at least 0.3% of its pixels, largest first).
+# The digits each scene's label map holds (classes on at least 0.1% of its pixels, largest first).
 awk -F, 'NR == 1 { for (i = 3; i <= NF; ++i) { n[i] = $i; gsub(/"/, "", n[i]) } next }
   { gsub(/"/, "", $1); line = ""; for (k = 0; k < NF; ++k) { best = 0; for (i = 3; i <= NF; ++i)
-      if (!(i in used) && $i >= 0.003 && (best == 0 || $i > $best)) best = i
+      if (!(i in used) && $i >= 0.001 && (best == 0 || $i > $best)) best = i
     if (best == 0) break; used[best] = 1; line = line sprintf(" %s (%.1f%%)", n[best], 100 * $best) }
     delete used; printf "%s: digits%s\n", $1, line }' out/quickstart/segment/fractions.csv
 echo "label maps, colour maps and overlays (the legend beside each scene): out/quickstart/segment/"
