@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Remakes docs/gallery/: pictures the tools draw, each written by the tool itself.
 #  - the bundled digit classifier's training curves and attention rollouts on test cells;
-#  - detect and segment overlays on a test scene drawn by the RANDOM-WEIGHT conformance models
-#    (there is no trained detector or segmenter bundled yet): they show the drawing (labels,
-#    colours, legend), not a prediction. docs/gallery/README.md captions them so.
+#  - the bundled digit segmenter's overlays and colour maps on two test scenes;
+#  - a detect overlay on a test scene drawn by the RANDOM-WEIGHT YOLOS conformance model (there is
+#    no trained detector bundled yet): it shows the drawing (labels, colours), not a prediction.
+#    docs/gallery/README.md captions it so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x build/apps/tessera ] || scripts/build.sh
@@ -20,7 +21,11 @@ fx=tests/fixtures/conformance
 "$tessera" detect --model "$fx/yolos-tiny-rand" --threshold 0.0 --top-k 5 --out "$work/detect" \
   assets/images/scenes/scene_000001.png > /dev/null
 cp "$work/detect/scene_000001.png" "$g/random_yolos_detect.png"
-"$tessera" segment --model "$fx/segmenter-linear-rand" --overlay --out "$work/segment" \
-  assets/images/scenes/scene_000001.png > /dev/null
-cp "$work/segment/scene_000001_overlay.jpg" "$g/random_segmenter_overlay.jpg"
+"$tessera" segment --color --overlay --out "$work/segment" \
+  assets/images/scenes/scene_000003.png assets/images/scenes/scene_000004.png > /dev/null 2>&1
+for n in 3 4; do
+  cp "$work/segment/scene_00000${n}_overlay.jpg" "$g/digits_segment_${n}_overlay.jpg"
+  cp "$work/segment/scene_00000${n}_color.png" "$g/digits_segment_${n}_color.png"
+done
+rm -f "$g/random_segmenter_overlay.jpg"
 ls -la "$g"
