@@ -64,16 +64,20 @@ TESSERA_AVX2_INLINE __m256 erf_v(__m256 z) {
   return _mm256_blendv_ps(large, erf_small(z), small);
 }
 
-// gelu(x) = 0.5 x (1 + erf(x / sqrt 2)), 1 + erf as 2 - erfc or erfc past 0.92 (gelu_v there).
-TESSERA_AVX2_INLINE __m256 gelu_v(__m256 x) {
+// 1 + erf(x / sqrt 2): 2 - erfc or erfc past 0.92, which keeps the negative tail's accuracy.
+TESSERA_AVX2_INLINE __m256 one_plus_erf_v(__m256 x) {
   const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
   const __m256 t = abs_ps(z);
   const __m256 small = _mm256_cmp_ps(t, _mm256_set1_ps(kErfSplit), _CMP_LE_OQ);
   const __m256 positive = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
   const __m256 e = erfc_large(t);
-  __m256 one_plus = _mm256_blendv_ps(e, _mm256_sub_ps(_mm256_set1_ps(2.0f), e), positive);
-  one_plus = _mm256_blendv_ps(one_plus, _mm256_add_ps(_mm256_set1_ps(1.0f), erf_small(z)), small);
-  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), one_plus);
+  const __m256 one_plus = _mm256_blendv_ps(e, _mm256_sub_ps(_mm256_set1_ps(2.0f), e), positive);
+  return _mm256_blendv_ps(one_plus, _mm256_add_ps(_mm256_set1_ps(1.0f), erf_small(z)), small);
+}
+
+// gelu(x) = 0.5 x (1 + erf(x / sqrt 2)).
+TESSERA_AVX2_INLINE __m256 gelu_v(__m256 x) {
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), one_plus_erf_v(x));
 }
 
 TESSERA_AVX2_INLINE __m256 activate(__m256 v, Activation act) {
@@ -459,13 +463,7 @@ TESSERA_AVX2 void erf_avx2(const float* x, float* y, int64_t n) {
 
 // gelu_backward_avx512's math on 8 lanes.
 TESSERA_AVX2_INLINE __m256 gelu_grad_v(__m256 v) {
-  const __m256 z = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
-  const __m256 t = abs_ps(z);
-  const __m256 small = _mm256_cmp_ps(t, _mm256_set1_ps(kErfSplit), _CMP_LE_OQ);
-  const __m256 positive = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
-  const __m256 e = erfc_large(t);
-  __m256 one_plus = _mm256_blendv_ps(e, _mm256_sub_ps(_mm256_set1_ps(2.0f), e), positive);
-  one_plus = _mm256_blendv_ps(one_plus, _mm256_add_ps(_mm256_set1_ps(1.0f), erf_small(z)), small);
+  const __m256 one_plus = one_plus_erf_v(v);
   const __m256 h = _mm256_mul_ps(_mm256_mul_ps(v, v), _mm256_set1_ps(-0.5f));
   const __m256 in_range = _mm256_cmp_ps(h, _mm256_set1_ps(-30.0f), _CMP_GE_OQ);
   const __m256 pdf = _mm256_and_ps(in_range, _mm256_mul_ps(exp_neg(_mm256_max_ps(h, _mm256_set1_ps(-30.0f))),

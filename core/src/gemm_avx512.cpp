@@ -63,15 +63,17 @@ TESSERA_AVX512_INLINE __m512 erf_v(__m512 z) {
 
 // gelu(x) = 0.5 x (1 + erf(x / sqrt 2)); for |z| > 0.92, 1 + erf(z) is 2 - erfc(|z|) or
 // erfc(|z|), which keeps full relative accuracy on the negative tail.
-TESSERA_AVX512_INLINE __m512 gelu_v(__m512 x) {
+TESSERA_AVX512_INLINE __m512 one_plus_erf_v(__m512 x) {  // 1 + erf(x / sqrt 2)
   __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
   __m512 t = _mm512_abs_ps(z);
   __mmask16 small = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kErfSplit), _CMP_LE_OQ);
   __mmask16 positive = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
   __m512 e = erfc_large(t);
   __m512 one_plus = _mm512_mask_sub_ps(e, positive, _mm512_set1_ps(2.0f), e);
-  one_plus = _mm512_mask_add_ps(one_plus, small, _mm512_set1_ps(1.0f), erf_small(z));
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), one_plus);
+  return _mm512_mask_add_ps(one_plus, small, _mm512_set1_ps(1.0f), erf_small(z));
+}
+TESSERA_AVX512_INLINE __m512 gelu_v(__m512 x) {
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), one_plus_erf_v(x));
 }
 
 TESSERA_AVX512_INLINE __m512 activate(__m512 v, Activation act) {
@@ -469,13 +471,7 @@ TESSERA_AVX512 void gelu_backward_avx512(const float* x, const float* dy, float*
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = lanes(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    const __m512 z = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f));
-    const __m512 t = _mm512_abs_ps(z);
-    const __mmask16 small = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kErfSplit), _CMP_LE_OQ);
-    const __mmask16 positive = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
-    const __m512 e = erfc_large(t);
-    __m512 one_plus = _mm512_mask_sub_ps(e, positive, _mm512_set1_ps(2.0f), e);
-    one_plus = _mm512_mask_add_ps(one_plus, small, _mm512_set1_ps(1.0f), erf_small(z));
+    const __m512 one_plus = one_plus_erf_v(v);
     const __m512 h = _mm512_mul_ps(_mm512_mul_ps(v, v), _mm512_set1_ps(-0.5f));
     const __mmask16 in_range = _mm512_cmp_ps_mask(h, _mm512_set1_ps(-30.0f), _CMP_GE_OQ);
     const __m512 pdf = _mm512_maskz_mul_ps(in_range, exp_neg(_mm512_max_ps(h, _mm512_set1_ps(-30.0f))),
