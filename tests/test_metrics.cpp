@@ -330,3 +330,26 @@ TEST_CASE("eval: the bundled digit segmenter reproduces its model card's fp32 mI
   CHECK(std::fabs(j["pixel_accuracy"].get<double>() - card_acc) <= 5e-5);
   fs::remove_all(dir);
 }
+
+TEST_CASE("eval: the bundled digit classifier reproduces its model card's fp32 top-1", "[metrics][cli][bundled]") {
+  const fs::path model = fs::path(TESSERA_SOURCE_DIR) / "assets" / "models" / "digits";
+  // The card's accuracy table: "| fp32 | 97.80% (2,445 of 2,500) | 100.00% |" (tessera eval on
+  // the 2,500 tutorial test cells).
+  std::ifstream card(model / "README.md");
+  std::string line, row;
+  while (std::getline(card, line))
+    if (line.rfind("| fp32 |", 0) == 0) row = line;
+  REQUIRE(!row.empty());
+  double card_top1 = 0;
+  REQUIRE(std::sscanf(row.c_str(), "| fp32 | %lf%%", &card_top1) == 1);
+  const fs::path dir = fs::temp_directory_path() / ("tessera_bundled_cls_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const Run r = run_cli("eval --model " + model.string() + " --data digits:test --json " + (dir / "c.json").string(), dir);
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  const nlohmann::json j = read_json(dir / "c.json");
+  CHECK(j["images"] == 2500);
+  CHECK(std::fabs(100.0 * j["top1"].get<double>() - card_top1) <= 0.005);  // the card prints 2 decimals
+  fs::remove_all(dir);
+}
