@@ -100,7 +100,7 @@ scenes() {  # scenes SPLIT COUNT SEED: DIR of the scenes, drawn once
 #   tessera train --task detect --data "$train/annotations.json" --init assets/models/digits-segmenter \
 #     --image-size 128 --freeze-encoder --no-augment --batch 32 --epochs 24 --lr 5e-4 --min-lr 1e-5 \
 #     --warmup 200 --seed 1 --out out/candidates/digits-detector
-# (AP50 0.009 on 200 test scenes after 3 epochs; stopped).
+# (AP50 0.009 on 200 test scenes after 3 epochs; with --queries 10 --lr 2e-3, 0.043 after 6; stopped).
 detector() {
   local train test out=out/candidates/digits-detector
   train=$(scenes train 6000 1)
