@@ -474,6 +474,18 @@ void interpolate_bicubic_antialias(const float* in, int64_t channels, int64_t in
   });
 }
 
+namespace {
+
+// attention_grad_rows for one row of n, portable: p = exp(scale·p − lse), ds = p·(ds − d)·scale
+// (the vector rows below compute the same, their tails through this).
+void attention_grad_row(float* p, float* ds, int64_t n, float lse, float d, float scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = exp_approx(std::fma(p[j], scale, -lse));
+    ds[j] = p[j] * (ds[j] - d) * scale;
+  }
+}
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // Fused multi-head attention: flash-attention style tiling with an online softmax, so memory per
@@ -1361,10 +1373,7 @@ TESSERA_AVX2 void attention_grad_row_avx2(float* p, float* ds, int64_t n, float 
     const __m256 g = _mm256_sub_ps(_mm256_loadu_ps(ds + j), dd);
     _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_mul_ps(e, g), sc));
   }
-  for (; j < n; ++j) {  // the same arithmetic, one lane
-    p[j] = exp_approx(std::fma(p[j], scale, -lse));
-    ds[j] = p[j] * (ds[j] - d) * scale;
-  }
+  attention_grad_row(p + j, ds + j, n - j, lse, d, scale);  // the tail, one lane at a time
 }
 
 bool cpu_has_avx512_bf16() {
@@ -1429,13 +1438,7 @@ void attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int6
 
 void attention_grad_rows(float* p, float* ds, int64_t rows, int64_t cols, int64_t ld,
                          const float* lse, const float* d, float scale) {
-  auto row = [](float* pr, float* dsr, int64_t n, float l, float di, float sc) {
-    for (int64_t j = 0; j < n; ++j) {
-      pr[j] = exp_approx(std::fma(pr[j], sc, -l));
-      dsr[j] = pr[j] * (dsr[j] - di) * sc;
-    }
-  };
-  void (*fn)(float*, float*, int64_t, float, float, float) = row;
+  void (*fn)(float*, float*, int64_t, float, float, float) = attention_grad_row;
 #ifdef TESSERA_HAVE_AVX512_ATTENTION
   const IsaFamily family = isa_family();
   if (!g_force_portable_attention.load() && family == IsaFamily::Avx512 && cpu_has_avx512())
