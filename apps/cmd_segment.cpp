@@ -153,16 +153,9 @@ cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vect
     for (char& ch : n) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
     if (n == "background") background = static_cast<int>(c);
   }
-  const cv::Mat colours = colorize(labels);
-  cv::Mat out(bgr.size(), CV_8UC3);
-  for (int y = 0; y < labels.rows; ++y)
-    for (int x = 0; x < labels.cols; ++x) {
-      const int c = labels.depth() == CV_8U ? labels.at<uint8_t>(y, x) : labels.at<uint16_t>(y, x);
-      const cv::Vec3b p = bgr.at<cv::Vec3b>(y, x), k = colours.at<cv::Vec3b>(y, x);
-      cv::Vec3b& o = out.at<cv::Vec3b>(y, x);
-      for (int ch = 0; ch < 3; ++ch)
-        o[ch] = c == background ? p[ch] : static_cast<uint8_t>(std::lround(0.35 * p[ch] + 0.65 * k[ch]));
-    }
+  cv::Mat out;
+  cv::addWeighted(bgr, 0.35, colorize(labels), 0.65, 0.0, out);
+  if (background >= 0) bgr.copyTo(out, labels == background);
   std::vector<int> present;
   for (size_t c = 0; c + 1 < hist.size(); ++c)
     if (hist[c] > 0) present.push_back(static_cast<int>(c));
