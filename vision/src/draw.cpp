@@ -179,39 +179,63 @@ cv::Mat heatmap_overlay(const cv::Mat& bgr, const Tensor& grid_map, float alpha,
   return out;
 }
 
+namespace {
+
+// The layout of a panel of text lines (a swatch before line i where swatches[i][3] >= 0) at
+// px pixels per line: draw_text_panel draws it over a picture, with_legend_beside beside one.
+struct TextPanel {
+  double px = 0;
+  TextExtent one;
+  int pad = 0, line_h = 0, swatch = 0;
+  cv::Size size;
+};
+
+bool has_swatch(const std::vector<cv::Scalar>& swatches, size_t i) { return i < swatches.size() && swatches[i][3] >= 0; }
+
+// A 30th of the shorter side (17 px on a 512-pixel image), at least 11 px.
+double panel_px(cv::Size image) { return std::clamp(std::min(image.width, image.height) / 30.0, 11.0, 96.0); }
+
+TextPanel text_panel(const std::vector<std::string>& lines, const std::vector<cv::Scalar>& swatches, double px) {
+  TextPanel L;
+  L.px = px;
+  L.one = text_extent("Ag", px);
+  L.pad = std::max(2, L.one.ascent / 2), L.line_h = L.one.height() + L.pad / 2, L.swatch = L.one.ascent;
+  int width = 0;
+  for (size_t i = 0; i < lines.size(); ++i)
+    width = std::max(width, text_extent(lines[i], px).width + (has_swatch(swatches, i) ? L.swatch + L.pad : 0));
+  L.size = {width + 2 * L.pad, static_cast<int>(lines.size()) * L.line_h + L.pad};
+  return L;
+}
+
+// The lines of a panel whose top-left corner is `origin`, white on whatever is there.
+void draw_panel_lines(cv::Mat& bgr, const TextPanel& L, cv::Point origin, const std::vector<std::string>& lines,
+                      const std::vector<cv::Scalar>& swatches) {
+  for (size_t i = 0; i < lines.size(); ++i) {
+    int x = origin.x + L.pad;
+    const int base_y = origin.y + L.pad / 2 + static_cast<int>(i) * L.line_h + L.one.ascent + L.pad / 4;
+    if (has_swatch(swatches, i)) {
+      cv::rectangle(bgr, cv::Rect(x, base_y - L.swatch + L.one.descent / 2, L.swatch, L.swatch),
+                    cv::Scalar(swatches[i][0], swatches[i][1], swatches[i][2]), cv::FILLED);
+      x += L.swatch + L.pad;
+    }
+    draw_text(bgr, lines[i], cv::Point(x, base_y), L.px, cv::Scalar(255, 255, 255));
+  }
+}
+
+}  // namespace
+
 void draw_text_panel(cv::Mat& bgr, const std::vector<std::string>& lines, bool bottom,
                      const std::vector<cv::Scalar>& swatches, double font_scale) {
   check(bgr.type() == CV_8UC3, "draw_text_panel: expected an 8-bit BGR image (CV_8UC3)");
   if (lines.empty()) return;
-  // Line height: from the scale asked for, else a 30th of the shorter side (17 px on a 512-pixel
-  // image), at least 11 px.
-  const double px = font_scale > 0 ? font_scale * kPxPerScale
-                                   : std::clamp(std::min(bgr.cols, bgr.rows) / 30.0, 11.0, 96.0);
-  const TextExtent one = text_extent("Ag", px);
-  const int pad = std::max(2, one.ascent / 2), line_h = one.height() + pad / 2;
-  const int swatch = one.ascent;
-  int width = 0;
-  for (size_t i = 0; i < lines.size(); ++i) {
-    int w = text_extent(lines[i], px).width;
-    if (i < swatches.size() && swatches[i][3] >= 0) w += swatch + pad;
-    width = std::max(width, w);
-  }
-  const int panel_h = static_cast<int>(lines.size()) * line_h + pad;
-  cv::Rect panel(0, bottom ? bgr.rows - panel_h : 0, width + 2 * pad, panel_h);
+  // Line height: from the scale asked for, else from the image.
+  const TextPanel L = text_panel(lines, swatches, font_scale > 0 ? font_scale * kPxPerScale : panel_px(bgr.size()));
+  cv::Rect panel(0, bottom ? bgr.rows - L.size.height : 0, L.size.width, L.size.height);
   panel &= cv::Rect(0, 0, bgr.cols, bgr.rows);
   if (panel.empty()) return;
   cv::Mat roi = bgr(panel);
   roi.convertTo(roi, -1, 0.35, 0);  // translucent dark background: the picture shows through
-  for (size_t i = 0; i < lines.size(); ++i) {
-    int x = panel.x + pad;
-    const int base_y = panel.y + pad / 2 + static_cast<int>(i) * line_h + one.ascent + pad / 4;
-    if (i < swatches.size() && swatches[i][3] >= 0) {
-      cv::rectangle(bgr, cv::Rect(x, base_y - swatch + one.descent / 2, swatch, swatch),
-                    cv::Scalar(swatches[i][0], swatches[i][1], swatches[i][2]), cv::FILLED);
-      x += swatch + pad;
-    }
-    draw_text(bgr, lines[i], cv::Point(x, base_y), px, cv::Scalar(255, 255, 255));
-  }
+  draw_panel_lines(bgr, L, panel.tl(), lines, swatches);
 }
 
 cv::Mat with_legend_beside(const cv::Mat& bgr, const std::vector<std::string>& lines,
@@ -226,28 +250,10 @@ cv::Mat with_legend_beside(const cv::Mat& bgr, const std::vector<std::string>& l
   else
     big = bgr.clone();
   if (lines.empty()) return big;
-  const double px = std::clamp(std::min(big.cols, big.rows) / 30.0, 11.0, 96.0);
-  const TextExtent one = text_extent("Ag", px);
-  const int pad = std::max(3, one.ascent / 2), line_h = one.height() + pad / 2, swatch = one.ascent;
-  int width = 0;
-  for (size_t i = 0; i < lines.size(); ++i) {
-    int w = text_extent(lines[i], px).width;
-    if (i < swatches.size() && swatches[i][3] >= 0) w += swatch + pad;
-    width = std::max(width, w);
-  }
-  const int panel_w = width + 2 * pad, panel_h = static_cast<int>(lines.size()) * line_h + 2 * pad;
-  cv::Mat out(std::max(big.rows, panel_h), big.cols + panel_w, CV_8UC3, cv::Scalar(40, 40, 40));
+  const TextPanel L = text_panel(lines, swatches, panel_px(big.size()));
+  cv::Mat out(std::max(big.rows, L.size.height), big.cols + L.size.width, CV_8UC3, cv::Scalar(40, 40, 40));
   big.copyTo(out(cv::Rect(0, 0, big.cols, big.rows)));
-  for (size_t i = 0; i < lines.size(); ++i) {
-    int x = big.cols + pad;
-    const int base_y = pad + static_cast<int>(i) * line_h + one.ascent + pad / 4;
-    if (i < swatches.size() && swatches[i][3] >= 0) {
-      cv::rectangle(out, cv::Rect(x, base_y - swatch + one.descent / 2, swatch, swatch),
-                    cv::Scalar(swatches[i][0], swatches[i][1], swatches[i][2]), cv::FILLED);
-      x += swatch + pad;
-    }
-    draw_text(out, lines[i], cv::Point(x, base_y), px, cv::Scalar(255, 255, 255));
-  }
+  draw_panel_lines(out, L, {big.cols, 0}, lines, swatches);
   return out;
 }
 
