@@ -67,7 +67,7 @@ namespace {
 // A folder whose encoder a new DETR head can sit on: a ViT / DeiT / DINOv2 classifier, or a
 // Segmenter with its own (timm-layout) ViT encoder, whose patch tokens already know what each
 // pixel is.
-bool is_classifier_type(const std::string& model_type) {
+bool has_encoder_for_detr(const std::string& model_type) {
   return model_type == "vit" || model_type == "deit" || model_type == "dinov2" || model_type == "segmenter";
 }
 
@@ -88,7 +88,7 @@ int train_detect(const TrainArgs& a) {
         "train --task detect: give exactly one of --init MODEL_DIR (a YOLOS or vit-detr folder, or a ViT "
         "classifier or Segmenter for a new DETR head) and --arch PRESET");
   check((a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss) || a.arch == "detr-digits" ||
-            (!a.init.empty() && is_classifier_type(folder_model_type(a.init))),
+            (!a.init.empty() && has_encoder_for_detr(folder_model_type(a.init))),
         "train --task detect: --queries, --decoder-layers and --no-aux-loss shape a new DETR head "
         "(--arch detr-digits, or --init a ViT, DeiT or DINOv2 classifier or a Segmenter)");
 
@@ -110,7 +110,7 @@ int train_detect(const TrainArgs& a) {
   const bool detr_arch = std::find(detr_presets.begin(), detr_presets.end(), a.arch) != detr_presets.end();
   // --init with a ViT / DeiT classifier and --arch detr-digits: a new DETR head on that encoder.
   const std::string init_type = a.init.empty() ? "" : folder_model_type(a.init);
-  if (!a.init.empty() && is_classifier_type(init_type)) {
+  if (!a.init.empty() && has_encoder_for_detr(init_type)) {
     const VitTrainModel vit = encoder_for_detr(a.init, init_type);
     height = width = a.image_size > 0 ? a.image_size : 128;
     DetrHeadConfig head;
