@@ -67,6 +67,18 @@ std::pair<std::vector<float>, std::vector<float>> one_and_two_threads(F fn) {
   return {a, b};
 }
 
+// fn(family) under every kernel family this CPU has, widest first, dispatch capped at each; the
+// cap is lifted afterwards.
+template <class F>
+void for_each_family(F fn) {
+  for (IsaFamily family : {IsaFamily::Avx512, IsaFamily::Avx2, IsaFamily::Generic}) {
+    if (family > cpu_isa_family()) continue;
+    set_isa_cap(family);
+    fn(family);
+  }
+  set_isa_cap(IsaFamily::Avx512);
+}
+
 }  // namespace
 
 TEST_CASE("linear_backward matches the double reference and accumulates", "[backward][linear]") {
@@ -140,9 +152,7 @@ TEST_CASE("GELU and QuickGELU backward", "[backward][gelu]") {
   const Fixture& f = fixture();
   // GELU's backward is a dispatched kernel: every family this CPU has, on the fixture and on
   // x over [-12, 12] (both tails, past the range where φ is cut to 0), lengths not a multiple of 16.
-  for (IsaFamily family : {IsaFamily::Avx512, IsaFamily::Avx2, IsaFamily::Generic}) {
-    if (family > cpu_isa_family()) continue;
-    set_isa_cap(family);
+  for_each_family([&](IsaFamily family) {
     INFO("family " << isa_name(family));
     const int64_t n = 1001;
     std::vector<float> x(n), dy = randn(n, 21), dx0 = randn(n, 22);
@@ -156,8 +166,7 @@ TEST_CASE("GELU and QuickGELU backward", "[backward][gelu]") {
     std::vector<float> fx = f.get("gelu.x"), fdy = f.get("gelu.dy"), fdx(fx.size(), 0.0f);
     gelu_backward(fx.data(), fdy.data(), fdx.data(), static_cast<int64_t>(fx.size()));
     CHECK(rel_err(fdx, f.get("gelu.dx")) <= kTol);
-  }
-  set_isa_cap(IsaFamily::Avx512);
+  });
   for (const std::string c : {"gelu", "quick_gelu"}) {
     INFO(c);
     const auto x = f.get(c + ".x"), dy = f.get(c + ".dy");
@@ -219,9 +228,7 @@ TEST_CASE("attention training forward and backward", "[backward][attention]") {
   SECTION("against the double reference, in the fused qkv layout, q_len != kv_len, every family") {
     // Every kernel family this CPU has (the forward is the inference kernel with its lse; the
     // backward's element-wise step is vectorised per family); 600 keys span two key blocks.
-    for (IsaFamily family : {IsaFamily::Avx512, IsaFamily::Avx2, IsaFamily::Generic}) {
-    if (family > cpu_isa_family()) continue;
-    set_isa_cap(family);
+    for_each_family([&](IsaFamily family) {
     for (auto [B, H, Tq, Tk, hd] : {std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>{2, 2, 31, 31, 16},
                                    {1, 3, 5, 12, 8}, {3, 1, 1, 1, 4}, {1, 2, 70, 600, 16}}) {
       INFO("B " << B << " H " << H << " Tq " << Tq << " Tk " << Tk << " hd " << hd << " family "
@@ -283,8 +290,7 @@ TEST_CASE("attention training forward and backward", "[backward][attention]") {
           }
       CHECK(rel_err(lse, rlse) <= kTol);
     }
-    }
-    set_isa_cap(IsaFamily::Avx512);
+    });
   }
 }
 

@@ -302,16 +302,26 @@ TEST_CASE("eval: the bundled digit classifier reproduces its model card (97.80% 
   fs::remove_all(dir);
 }
 
-TEST_CASE("eval: the bundled digit segmenter reproduces its model card's fp32 mIoU", "[metrics][cli][bundled]") {
-  const fs::path model = fs::path(TESSERA_SOURCE_DIR) / "assets" / "models" / "digits-segmenter";
-  REQUIRE(fs::exists(model / "README.md"));
-  // The card's accuracy table: "| fp32 | <mIoU> | <pixel accuracy> |", written by
-  // scripts/train-models.sh from tessera eval on the 200 test scenes of seed 0.
+namespace {
+
+// The fp32 row of a bundled model card's accuracy table (its last line starting "| fp32 |").
+std::string fp32_card_row(const fs::path& model) {
   std::ifstream card(model / "README.md");
   std::string line, row;
   while (std::getline(card, line))
     if (line.rfind("| fp32 |", 0) == 0) row = line;
+  INFO((model / "README.md").string());
   REQUIRE(!row.empty());
+  return row;
+}
+
+}  // namespace
+
+TEST_CASE("eval: the bundled digit segmenter reproduces its model card's fp32 mIoU", "[metrics][cli][bundled]") {
+  const fs::path model = fs::path(TESSERA_SOURCE_DIR) / "assets" / "models" / "digits-segmenter";
+  // The card's accuracy table: "| fp32 | <mIoU> | <pixel accuracy> |", written by
+  // scripts/train-models.sh from tessera eval on the 200 test scenes of seed 0.
+  const std::string row = fp32_card_row(model);
   double card_miou = 0, card_acc = 0;
   REQUIRE(std::sscanf(row.c_str(), "| fp32 | %lf | %lf |", &card_miou, &card_acc) == 2);
 
@@ -335,11 +345,7 @@ TEST_CASE("eval: the bundled digit classifier reproduces its model card's fp32 t
   const fs::path model = fs::path(TESSERA_SOURCE_DIR) / "assets" / "models" / "digits";
   // The card's accuracy table: "| fp32 | 97.80% (2,445 of 2,500) | 100.00% |" (tessera eval on
   // the 2,500 tutorial test cells).
-  std::ifstream card(model / "README.md");
-  std::string line, row;
-  while (std::getline(card, line))
-    if (line.rfind("| fp32 |", 0) == 0) row = line;
-  REQUIRE(!row.empty());
+  const std::string row = fp32_card_row(model);
   double card_top1 = 0;
   REQUIRE(std::sscanf(row.c_str(), "| fp32 | %lf%%", &card_top1) == 1);
   const fs::path dir = fs::temp_directory_path() / ("tessera_bundled_cls_" + std::to_string(::getpid()));
