@@ -109,18 +109,29 @@ void add_data(CLI::App& app, Action& action) {
       const int s = static_cast<int>(crop_size);
       std::fesetround(FE_TONEAREST);  // nearbyint: halves to even
       int64_t current = -1;
-      cv::Mat bgr;
+      cv::Mat bgr;  // empty: the current image failed, its boxes are skipped
+      size_t written = 0, failed_images = 0, skipped = 0;
       for (size_t k = 0; k < coco.annotations.size(); ++k) {
         const CocoObject& a = coco.annotations[k];
         const CocoImage& im = *images.at(a.image_id);
         if (a.image_id != current) {
-          const cv::Mat rgb = load_image_rgb(im.path);
-          cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
           current = a.image_id;
+          bgr.release();
+          try {  // a batch job: an image that fails is reported and skipped, the run goes on
+            const cv::Mat rgb = load_image_rgb(im.path);
+            check(rgb.cols >= s && rgb.rows >= s, im.path + ": " + std::to_string(rgb.cols) + "x" +
+                                                      std::to_string(rgb.rows) + " is smaller than the " +
+                                                      std::to_string(s) + "-pixel crop");
+            cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+          } catch (const Error& e) {
+            std::fprintf(stderr, "tessera: error: %s (its boxes skipped)\n", e.what());
+            ++failed_images;
+          }
         }
-        check(bgr.cols >= s && bgr.rows >= s, im.path + ": " + std::to_string(bgr.cols) + "x" +
-                                                  std::to_string(bgr.rows) + " is smaller than the " +
-                                                  std::to_string(s) + "-pixel crop");
+        if (bgr.empty()) {
+          ++skipped;
+          continue;
+        }
         const int x0 = std::clamp(static_cast<int>(std::nearbyint(a.x + a.w / 2 - s / 2.0)), 0, bgr.cols - s);
         const int y0 = std::clamp(static_cast<int>(std::nearbyint(a.y + a.h / 2 - s / 2.0)), 0, bgr.rows - s);
         std::vector<uchar> png;
@@ -129,11 +140,13 @@ void add_data(CLI::App& app, Action& action) {
         std::snprintf(file, sizeof file, "%06zu.png", k);
         write_file_atomic((std::filesystem::path(crops_out) / names.at(a.category_id) / file).string(), png.data(),
                           png.size());
+        ++written;
       }
-      std::printf("wrote %zu %lldx%lld crops of %zu images to %s\n", coco.annotations.size(),
-                  static_cast<long long>(crop_size), static_cast<long long>(crop_size), coco.images.size(),
-                  crops_out.c_str());
-      return 0;
+      std::printf("wrote %zu %lldx%lld crops of %zu images to %s\n", written, static_cast<long long>(crop_size),
+                  static_cast<long long>(crop_size), coco.images.size() - failed_images, crops_out.c_str());
+      if (failed_images == 0) return 0;
+      std::fprintf(stderr, "tessera data crops: %zu images failed, %zu boxes skipped\n", failed_images, skipped);
+      return 1;
     };
   });
 }

@@ -210,6 +210,25 @@ TEST_CASE("scenes: tessera data scenes writes COCO JSON matching its masks, the 
     const int y0 = std::clamp(static_cast<int>(std::nearbyint(cy - 20)), 0, img.rows - 40);
     CHECK(same(crop, img(cv::Rect(x0, y0, 40, 40))));
   }
+  // A batch job: an image that cannot be decoded is named, its boxes skipped, the others written,
+  // and the exit code is 1.
+  const std::string first = coco["images"][0]["file_name"];
+  const std::string bytes = slurp(out / first);
+  std::ofstream(out / first, std::ios::binary) << bytes.substr(0, 100);
+  size_t first_boxes = 0;
+  for (const auto& a : coco["annotations"]) first_boxes += a["image_id"] == coco["images"][0]["id"];
+  const std::string cmd2 = std::string(cli) + " data crops --size 40 --from " + (out / "annotations.json").string() +
+                           " --out " + (dir / "crops2").string() + " >" + (dir.string() + "_out") + " 2>&1";
+  const int status2 = std::system(cmd2.c_str());
+  const std::string log2 = slurp(dir.string() + "_out");
+  INFO(log2);
+  CHECK(WEXITSTATUS(status2) == 1);
+  CHECK(log2.find(first) != std::string::npos);
+  CHECK(log2.find("1 images failed") != std::string::npos);
+  size_t files2 = 0;
+  for (const auto& e : fs::recursive_directory_iterator(dir / "crops2")) files2 += e.is_regular_file();
+  CHECK(first_boxes > 0);
+  CHECK(files2 == coco["annotations"].size() - first_boxes);
   fs::remove_all(dir);
   fs::remove(dir.string() + "_out");
 }
