@@ -401,7 +401,8 @@ void add_train(CLI::App& app, Action& action) {
                   "yolos-digits, detr-digits; segment: segmenter-ti, segmenter-digits)");
   cmd->add_option("--image-size", a.image_size,
                   "Input size of an --arch model; with --init, fine-tune at this size (classify: the position "
-                  "table resized once, the processor retargeted)")->check(CLI::Range(1, 16384));
+                  "table resized once, the processor retargeted; segment --init SEGMENTER: the position table "
+                  "resized, the linear decoder kept, whole images resized to it unless --crops)")->check(CLI::Range(1, 16384));
   cmd->add_option("--patch-size", a.patch_size, "Patch size of an --arch model")->check(CLI::Range(1, 1024));
   cmd->add_option("--hidden-size", a.hidden_size, "Width D of an --arch model")->check(CLI::Range(1, 65536));
   cmd->add_option("--layers", a.layers, "Transformer blocks of an --arch model")->check(CLI::Range(1, 1024));
@@ -427,8 +428,8 @@ void add_train(CLI::App& app, Action& action) {
                   "Classify: elastic distortion, the largest displacement as a fraction of the side (e.g. 0.1); 0: off")
       ->check(CLI::Range(0.0, 0.5));
   cmd->add_flag("--crops", a.crops,
-                "segment --arch: train on --image-size crops at the images' own resolution (Segmenter's "
-                "recipe); the model then segments with sliding windows of that size");
+                "segment --arch or --init with --image-size: train on --image-size crops at the images' own resolution "
+                "(Segmenter's recipe); the model then segments with sliding windows of that size");
   cmd->add_option("--queries", a.queries, "detect, a new DETR head: object queries")->check(CLI::Range(1, 10000));
   cmd->add_option("--decoder-layers", a.decoder_layers,
                   "A new DETR head's decoder layers (detect) or mask transformer's blocks (segment)")->check(CLI::Range(1, 64));

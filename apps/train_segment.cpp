@@ -132,11 +132,33 @@ int train_segment(const TrainArgs& args) {
     std::fprintf(stderr, "train segment: the encoder starts from %s (%s), its classifier dropped\n",
                  args.init.c_str(), vit.architecture.c_str());
   } else if (!args.init.empty()) {
-    check(!args.crops, "train --task segment: --crops is for a new model (--arch, or --init a ViT classifier); "
-                       "a Segmenter folder keeps the way it was trained (its config.json's \"inference\" window)");
-    check(args.image_size == 0, "train --task segment: --image-size is for a new model; a Segmenter folder "
-                                "trains at its own size");
+    check(!args.crops || args.image_size > 0,
+          "train --task segment: --crops with a Segmenter folder needs --image-size (the new window); without "
+          "--image-size the folder keeps the way it was trained (its config.json's \"inference\" window)");
     model = load_segmenter_train_model(args.init);
+    if (args.image_size > 0) {
+      // The same Segmenter at another input: its encoder as a classifier's (the position table
+      // resampled to the new grid, as segmenter_from_vit does) and its linear decoder kept, run on
+      // the whole image resized to the new size (or, with --crops, on windows of it).
+      const std::string config_file = (fs::path(args.init) / "config.json").string();
+      check(!model.hf_backbone && model.mask.layers == 0,
+            config_file + ": --image-size re-sizes a Segmenter with its own encoder and the linear decoder");
+      SegmenterTrainModel sized = segmenter_from_vit(model.vit, args.image_size, model.labels,
+                                                     args.crops ? args.image_size : 0);
+      for (const TrainParam& p : sized.vit.params) {
+        if (p.name.rfind(sized.vit.base, 0) == 0) continue;  // the encoder: segmenter_from_vit's
+        const auto src = model.vit.view(std::span<const float>(model.vit.weights), p.name);
+        const auto dst = sized.vit.view(std::span<float>(sized.vit.weights), p.name);
+        check(src.size() == dst.size(), config_file + ": " + p.name + " has another size");
+        std::copy(src.begin(), src.end(), dst.begin());
+      }
+      std::fprintf(stderr, "train segment: %s re-sized from %lldx%lld to %lldx%lld (%s)\n", args.init.c_str(),
+                   (long long)model.vit.config.image_height, (long long)model.vit.config.image_width,
+                   (long long)args.image_size, (long long)args.image_size,
+                   args.crops ? "crops at the images' own resolution" : "whole images resized");
+      model = std::move(sized);
+      processor_json = args.crops ? keep_size_processor_json(args.image_size) : square_vit_processor_json(args.image_size);
+    }
     // Other classes than the folder's: named categories that differ, or labels beyond its classes.
     bool named = false;
     const std::vector<std::string> classes = segmentation_classes(args.data, &named);
@@ -146,8 +168,9 @@ int train_segment(const TrainArgs& args) {
       replace_segmentation_classes(model, classes, args.seed);
     }
     const fs::path pre = fs::path(args.init) / "preprocessor_config.json";
-    processor_json = fs::exists(pre) ? read_text_file(pre.string())
-                                     : square_vit_processor_json(model.vit.config.image_height);
+    if (processor_json.empty())
+      processor_json = fs::exists(pre) ? read_text_file(pre.string())
+                                       : square_vit_processor_json(model.vit.config.image_height);
   } else {
     int64_t size = args.image_size > 0 ? args.image_size : args.arch == "segmenter-ti" ? 512 : 128;
     VitConfig c = segmenter_train_preset(args.arch, size);

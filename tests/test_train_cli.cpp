@@ -361,6 +361,35 @@ TEST_CASE("train --task segment --crops: a Segmenter that segment and eval run w
   INFO(e.err);
   REQUIRE(e.code == 0);
   CHECK(nlohmann::json::parse(slurp(json))["mIoU"].get<double>() == Approx(confusion.mean_iou()).epsilon(1e-12));
+
+  // --init this Segmenter --image-size 32: the same model on whole images resized to 32x32 (its
+  // position table resampled as Segmenter resamples it at inference, its decoder kept). With SGD
+  // at lr 0 its outputs on a 32x32 input are the crop-trained model's on that input in one pass
+  // (to 1e-5 of their peak: the same resampling, done once instead of per call); it has no
+  // sliding window, and its processor resizes.
+  const fs::path resized = scratch("segresized") / "model";
+  const Run rs = run_cli("train --task segment --data " + data.string() + " --out " + resized.string() + " --init " +
+                         out.string() + " --image-size 32 --max-steps 1 --batch 2 --optimizer sgd --lr 0 --threads 2");
+  INFO(rs.out << rs.err);
+  REQUIRE(rs.code == 0);
+  CHECK(rs.err.find("re-sized from 16x16 to 32x32 (whole images resized)") != std::string::npos);
+  CHECK_FALSE(nlohmann::json::parse(slurp(resized / "config.json")).contains("inference"));
+  CHECK(nlohmann::json::parse(slurp(resized / "preprocessor_config.json"))["do_resize"] == true);
+  Tensor px({1, 3, 32, 32});
+  for (int64_t k = 0; k < px.numel(); ++k) px[k] = static_cast<float>(std::sin(0.173 * k) * 2.0);
+  const auto crop_model = load_model(out.string()), resized_model = load_model(resized.string());
+  ModelWorkspace w1, w2;
+  const NamedTensors o1 = model_forward(*crop_model, px, w1), o2 = model_forward(*resized_model, px, w2);
+  REQUIRE(o1.size() == o2.size());
+  for (size_t k = 0; k < o1.size(); ++k) {
+    INFO(o1[k].first);
+    REQUIRE(o1[k].second.shape() == o2[k].second.shape());
+    float peak = 0, diff = 0;
+    for (int64_t e = 0; e < o1[k].second.numel(); ++e)
+      peak = std::max(peak, std::fabs(o1[k].second[e])), diff = std::max(diff, std::fabs(o1[k].second[e] - o2[k].second[e]));
+    CHECK(peak > 0);
+    CHECK(diff <= 1e-5f * peak);
+  }
 }
 
 TEST_CASE("train --task segment --decoder mask_transformer: Segmenter's mask transformer, new and fine-tuned",
