@@ -591,6 +591,10 @@ TEST_CASE("every format's header is checked before decoding; float formats are r
   const Case cases[] = {
       {"big.ppm", "P6\n# a comment\n100000 100000\n255\n", "image is 100000x100000"},
       {"big.pgm", "P5 100000 100000 65535\n", "image is 100000x100000"},
+      // Found by the image fuzzer: OpenCV ends a PNM number at any non-digit byte (and consumes
+      // it), so this header is 1621 x 522521, 16-bit; it allocated 5 GB before being refused.
+      {"bytes.ppm", std::string("P6\n1621\xd9\n522521\xd9\n5225\xfe" "3"), "image is 1621x522521"},
+      {"comment.pgm", "P5 #\r30000#\n 40000\n255\n", "image is 30000x40000"},
       {"big.pam", "P7\nWIDTH 100000\nHEIGHT 100000\nDEPTH 3\nMAXVAL 255\nTUPLTYPE RGB\nENDHDR\n", "image is 100000x100000"},
       {"big.bmp", bmp, "image is 100000x100000"},
       {"big.tif", tiff, "image is 100000x100000"},

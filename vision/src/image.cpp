@@ -41,7 +41,7 @@ bool starts_with(std::span<const uint8_t> b, const char* magic, size_t n) {
 }
 
 // PNM (P1-P6): "Pn" then width, height (and maxval), separated by white space and # comments.
-// PAM (P7): "WIDTH w" / "HEIGHT h" lines up to ENDHDR. Only the first 4 KiB are looked at.
+// PAM (P7): "WIDTH w" / "HEIGHT h" lines up to ENDHDR; only its first 4 KiB are looked at.
 std::optional<HeaderSize> pnm_size(std::span<const uint8_t> b) {
   const size_t end = std::min<size_t>(b.size(), 4096);
   size_t pos = 2;
@@ -72,8 +72,31 @@ std::optional<HeaderSize> pnm_size(std::span<const uint8_t> b) {
     if (w && h) return HeaderSize{*w, *h};
     return std::nullopt;
   }
-  const auto w = number(token());
-  const auto h = number(token());
+  // P1-P6 are read as OpenCV's ReadNumber reads them (over the whole file, as it does): white
+  // space and '#' comments (to \n or \r) skipped, then digits, ended by the first other byte,
+  // which is consumed ("1621\xd9" is 1621). Anything else where a number starts: OpenCV refuses.
+  pos = 2;
+  auto read_number = [&]() -> std::optional<int64_t> {
+    for (;;) {
+      if (pos >= b.size()) return std::nullopt;
+      if (b[pos] == '#') {
+        while (pos < b.size() && b[pos] != '\n' && b[pos] != '\r') ++pos;
+        ++pos;
+      } else if (std::isspace(b[pos])) {
+        ++pos;
+      } else {
+        break;
+      }
+    }
+    if (!std::isdigit(b[pos])) return std::nullopt;
+    int64_t v = 0;
+    for (; pos < b.size() && std::isdigit(b[pos]); ++pos)
+      if (v <= std::numeric_limits<int32_t>::max()) v = v * 10 + (b[pos] - '0');  // beyond: OpenCV refuses
+    ++pos;
+    return v;
+  };
+  const auto w = read_number();
+  const auto h = read_number();
   if (w && h) return HeaderSize{*w, *h};
   return std::nullopt;
 }
