@@ -116,8 +116,8 @@ nlohmann::json eval_segment(const Model& model, const std::string& data, int64_t
   ModelWorkspace ws;
   for (const SegmentationPair& pair : pairs) {
     const cv::Mat rgb = load_image_rgb(pair.image);
-    const cv::Mat truth = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
-    check(!truth.empty() && truth.size() == rgb.size(), pair.mask + ": changed while being read");
+    const cv::Mat truth = load_label_map(pair.mask);
+    check(truth.size() == rgb.size(), pair.mask + ": changed while being read");
     confusion.add(truth, segment_pixels(model, pre.image(rgb), rgb.rows, rgb.cols, ws), pair.mask);
   }
   const std::vector<double> iou = confusion.class_iou();

@@ -349,8 +349,7 @@ int run_segment(const Options& given) {
                     try {
                       if (it.skipped) {
                         if (fractions.is_open()) {
-                          cv::Mat l = cv::imread(output(it.index, ".png").string(), cv::IMREAD_UNCHANGED);
-                          if (l.empty()) fail(output(it.index, ".png").string() + ": unreadable label map");
+                          const cv::Mat l = load_label_map(output(it.index, ".png").string());
                           it.hist = histogram(l, n_cls);
                         }
                         continue;

@@ -56,7 +56,7 @@ std::vector<std::string> segmentation_classes(const std::string& dir, bool* name
   }
   int64_t top = 0;
   for (const SegmentationPair& p : load_segmentation_folder(dir)) {
-    cv::Mat m = cv::imread(p.mask, cv::IMREAD_UNCHANGED), wide;
+    cv::Mat m = load_label_map(p.mask), wide;
     m.convertTo(wide, CV_32S);
     cv::Mat valid = wide != 255;
     double lo = 0, hi = 0;
@@ -85,7 +85,7 @@ double validation_miou(const std::string& model_dir, const std::vector<Segmentat
   ModelWorkspace ws;
   for (const SegmentationPair& pair : pairs) {
     const cv::Mat rgb = load_image_rgb(pair.image);
-    const cv::Mat truth = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
+    const cv::Mat truth = load_label_map(pair.mask);
     confusion.add(truth, segment_pixels(*model, pre.image(rgb), rgb.rows, rgb.cols, ws), pair.mask);
   }
   return confusion.mean_iou();

@@ -9,6 +9,8 @@
 #include <opencv2/imgproc.hpp>
 
 #include <functional>
+#include <iterator>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -681,4 +683,52 @@ TEST_CASE("token budget: an input that would make too many tokens is refused bef
   PreprocessConfig clip = parse_preprocess_config(R"({"image_processor_type":"CLIPImageProcessor","size":16384,"crop_size":224})", "c.json");
   const Preprocessor pc{clip, "c.json", 16};
   CHECK(error_of([&] { pc.check_tokens({16000, 1}, "strip.png"); }).rfind("strip.png: c.json resizes this 16000x1 image", 0) == 0);
+}
+
+namespace fs = std::filesystem;
+
+TEST_CASE("label maps: PNG only, one channel, 8 or 16 bits; anything else is one line naming the file",
+          "[image][errors]") {
+  const fs::path dir = fs::temp_directory_path() / ("tessera-labelmap-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto put = [&](const std::string& name, const std::vector<uint8_t>& bytes) {
+    std::ofstream((dir / name).string(), std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
+                                                                 static_cast<std::streamsize>(bytes.size()));
+    return (dir / name).string();
+  };
+  // Kept as read: 8- and 16-bit values.
+  cv::Mat m8(5, 7, CV_8U), m16(4, 3, CV_16U);
+  cv::randu(m8, 0, 256), cv::randu(m16, 0, 65536);
+  std::vector<uint8_t> png8, png16, rgb, bmp;
+  REQUIRE(cv::imencode(".png", m8, png8));
+  REQUIRE(cv::imencode(".png", m16, png16));
+  CHECK(cv::norm(load_label_map(put("a.png", png8)), m8, cv::NORM_INF) == 0);
+  CHECK(cv::norm(load_label_map(put("b.png", png16)), m16, cv::NORM_INF) == 0);
+  REQUIRE(cv::imencode(".png", cv::Mat(3, 3, CV_8UC3, cv::Scalar(1, 2, 3)), rgb));
+  REQUIRE(cv::imencode(".bmp", m8, bmp));
+  std::vector<uint8_t> truncated(png8.begin(), png8.begin() + static_cast<std::ptrdiff_t>(png8.size() / 2));
+  // Found by the masks fuzzer: "DICM" at 128 went to GDCM, which aborted the process; a BMP-like
+  // header made OpenCV throw past the loader (both were read with a bare cv::imread).
+  const std::string fuzz = std::string(TESSERA_SOURCE_DIR) + "/tests/fuzz/regressions/masks/";
+  const std::pair<std::string, std::string> cases[] = {
+      {put("rgb.png", rgb), "one-channel 8- or 16-bit PNG"},
+      {put("bmp.png", bmp), "must be a PNG"},
+      {put("half.png", truncated), "cannot decode the label map"},
+      {put("empty.png", {}), "must be a PNG"},
+      {fuzz + "gdcm-abort-dicm-at-128.png", "must be a PNG"},
+      {fuzz + "uncaught-cv-exception-height.png", "must be a PNG"},
+      {(dir / "missing.png").string(), "no such file"},
+  };
+  for (const auto& [path, words] : cases) {
+    const std::string msg = error_of([&] { load_label_map(path); });
+    INFO(path << ": " << msg);
+    CHECK(msg.rfind(path + ": ", 0) == 0);
+    CHECK(msg.find(words) != std::string::npos);
+    CHECK(msg.find('\n') == std::string::npos);
+  }
+  // The DICOM input is refused by the image decoder too, before OpenCV sees it.
+  std::ifstream in(fuzz + "gdcm-abort-dicm-at-128.png", std::ios::binary);
+  const std::vector<uint8_t> dicom((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(error_of([&] { decode_image_rgb(dicom, "x.dcm"); }).find("DICOM is not supported") != std::string::npos);
+  fs::remove_all(dir);
 }

@@ -187,10 +187,7 @@ std::vector<SegmentationPair> load_segmentation_folder(const std::string& dir, i
   for (const fs::path& f : files) {
     const fs::path m = masks / (f.stem().string() + ".png");
     check(fs::is_regular_file(m, ec), m.string() + ": no mask for " + f.string());
-    const cv::Mat mask = cv::imread(m.string(), cv::IMREAD_UNCHANGED);
-    check(!mask.empty(), m.string() + ": cannot decode the mask");
-    check(mask.channels() == 1 && (mask.depth() == CV_8U || mask.depth() == CV_16U),
-          m.string() + ": a mask must be a one-channel 8- or 16-bit label PNG");
+    const cv::Mat mask = load_label_map(m.string());
     const cv::Mat rgb = load_image_rgb(f.string());
     check(mask.size() == rgb.size(), m.string() + ": mask is " + std::to_string(mask.cols) + "x" + std::to_string(mask.rows) +
                                          ", its image " + std::to_string(rgb.cols) + "x" + std::to_string(rgb.rows));

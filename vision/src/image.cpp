@@ -192,6 +192,10 @@ cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name
   if (bytes.empty()) fail(name + ": empty file, not an image");
   if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
     fail(name + ": file of " + std::to_string(bytes.size() >> 20) + " MiB is too large to be decoded (limit 2 GiB)");
+  // DICOM ("DICM" at 128): OpenCV hands it to GDCM, which aborts the process (an assert) on a
+  // malformed file. Tessera reads photographs and label maps, not medical images.
+  if (bytes.size() >= 132 && std::memcmp(bytes.data() + 128, "DICM", 4) == 0)
+    fail(name + ": cannot decode image (DICOM is not supported; convert it to PNG)");
   if (const char* f = float_format(bytes))
     fail(name + ": cannot decode image (" + std::string(f) + " is a float format; only 8- and 16-bit images are accepted)");
   if (auto hs = header_size(bytes)) {
@@ -238,7 +242,10 @@ cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name
   return rgb;
 }
 
-cv::Mat load_image_rgb(const std::string& path) {
+namespace {
+
+// The whole file, or a one-line Error naming it.
+std::vector<uint8_t> read_image_file(const std::string& path) {
   namespace fs = std::filesystem;
   // The OS would see the name cut at its first NUL (an @list line of NULs would name the list's
   // own folder, or nothing): refuse it, printably.
@@ -258,7 +265,34 @@ cv::Mat load_image_rgb(const std::string& path) {
   std::vector<uint8_t> bytes(static_cast<size_t>(size));
   if (size > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), size))
     fail(path + ": read error (" + std::strerror(errno) + ")");
-  return decode_image_rgb(bytes, path);
+  return bytes;
+}
+
+}  // namespace
+
+cv::Mat load_image_rgb(const std::string& path) { return decode_image_rgb(read_image_file(path), path); }
+
+cv::Mat load_label_map(const std::string& path) {
+  const std::vector<uint8_t> bytes = read_image_file(path);
+  // PNG only: no other decoder is reached (OpenCV would try every format it knows on these bytes).
+  if (!is_png(bytes)) fail(path + ": a label map must be a PNG (this file is not one)");
+  if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
+    fail(path + ": file of " + std::to_string(bytes.size() >> 20) + " MiB is too large to be decoded (limit 2 GiB)");
+  if (auto hs = header_size(bytes)) {
+    if (hs->width == 0 || hs->height == 0) fail(path + ": cannot decode the label map (zero width or height in the header)");
+    check_size(hs->width, hs->height, path);
+  }
+  const cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8U, const_cast<uint8_t*>(bytes.data()));
+  cv::Mat m;
+  try {
+    m = cv::imdecode(buf, cv::IMREAD_UNCHANGED);
+  } catch (const cv::Exception& e) {
+    fail(path + ": cannot decode the label map (OpenCV: " + std::string(e.err.empty() ? e.what() : e.err) + ")");
+  }
+  if (m.empty()) fail(path + ": cannot decode the label map (corrupt PNG)");
+  if (m.channels() != 1 || (m.depth() != CV_8U && m.depth() != CV_16U))
+    fail(path + ": a label map must be a one-channel 8- or 16-bit PNG, this one is " + cv::typeToString(m.type()));
+  return m;
 }
 
 }  // namespace tessera

@@ -844,9 +844,8 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
                          uint64_t augment_seed, float* pixels, int32_t* labels, int64_t height,
                          int64_t width, int64_t crop, bool hflip) {
   cv::Mat rgb = load_image_rgb(pair.image);
-  cv::Mat mask = cv::imread(pair.mask, cv::IMREAD_UNCHANGED);
-  check(!mask.empty() && mask.channels() == 1 && mask.size() == rgb.size(),
-        pair.mask + ": not a one-channel label map of its image's size");
+  cv::Mat mask = load_label_map(pair.mask);
+  check(mask.size() == rgb.size(), pair.mask + ": not a label map of its image's size");
   // Uniforms from the 53 high bits of a mt19937_64: the same on every platform.
   std::mt19937_64 rng(augment_seed);
   auto uniform = [&](double lo, double hi) {

@@ -30,4 +30,9 @@ cv::Mat load_image_rgb(const std::string& path);
 // The same from encoded bytes; `name` is used in error messages.
 cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name);
 
+// A label map (segmentation mask): a PNG, one channel, 8- or 16-bit, its values as stored
+// (CV_8UC1 or CV_16UC1). Anything else, a header over kMaxImagePixels, or a PNG OpenCV cannot
+// decode: a one-line Error naming the file.
+cv::Mat load_label_map(const std::string& path);
+
 }  // namespace tessera
