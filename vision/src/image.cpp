@@ -186,31 +186,36 @@ void check_size(int64_t w, int64_t h, const std::string& name) {
          std::to_string(kMaxImagePixels) + " pixels");
 }
 
+// The file-size and header-size checks, then cv::imdecode inside a try; `what` is how messages
+// name the thing ("image", "the label map"). An empty Mat where OpenCV decodes nothing.
+cv::Mat checked_imdecode(std::span<const uint8_t> bytes, const std::string& name, int flags, const std::string& what) {
+  if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
+    fail(name + ": file of " + std::to_string(bytes.size() >> 20) + " MiB is too large to be decoded (limit 2 GiB)");
+  if (auto hs = header_size(bytes)) {
+    if (hs->width == 0 || hs->height == 0) fail(name + ": cannot decode " + what + " (zero width or height in the header)");
+    check_size(hs->width, hs->height, name);
+  }
+  const cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8U, const_cast<uint8_t*>(bytes.data()));
+  try {
+    return cv::imdecode(buf, flags);
+  } catch (const cv::Exception& e) {
+    fail(name + ": cannot decode " + what + " (OpenCV: " + std::string(e.err.empty() ? e.what() : e.err) + ")");
+  }
+}
+
 }  // namespace
 
 cv::Mat decode_image_rgb(std::span<const uint8_t> bytes, const std::string& name) {
   if (bytes.empty()) fail(name + ": empty file, not an image");
-  if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
-    fail(name + ": file of " + std::to_string(bytes.size() >> 20) + " MiB is too large to be decoded (limit 2 GiB)");
   // DICOM ("DICM" at 128): OpenCV hands it to GDCM, which aborts the process (an assert) on a
   // malformed file. Tessera reads photographs and label maps, not medical images.
   if (bytes.size() >= 132 && std::memcmp(bytes.data() + 128, "DICM", 4) == 0)
     fail(name + ": cannot decode image (DICOM is not supported; convert it to PNG)");
   if (const char* f = float_format(bytes))
     fail(name + ": cannot decode image (" + std::string(f) + " is a float format; only 8- and 16-bit images are accepted)");
-  if (auto hs = header_size(bytes)) {
-    if (hs->width == 0 || hs->height == 0) fail(name + ": cannot decode image (zero width or height in the header)");
-    check_size(hs->width, hs->height, name);
-  }
-  const cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8U, const_cast<uint8_t*>(bytes.data()));
-  cv::Mat m;
-  try {
-    // ANYDEPTH keeps 16-bit samples (converted below the way Pillow does); ANYCOLOR keeps gray as
-    // gray; neither is IMREAD_UNCHANGED, so OpenCV applies the EXIF orientation.
-    m = cv::imdecode(buf, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);
-  } catch (const cv::Exception& e) {
-    fail(name + ": cannot decode image (OpenCV: " + std::string(e.err.empty() ? e.what() : e.err) + ")");
-  }
+  // ANYDEPTH keeps 16-bit samples (converted below the way Pillow does); ANYCOLOR keeps gray as
+  // gray; neither is IMREAD_UNCHANGED, so OpenCV applies the EXIF orientation.
+  cv::Mat m = checked_imdecode(bytes, name, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR, "image");
   if (m.empty()) {
     if (bytes.size() >= 6 && (std::memcmp(bytes.data(), "GIF87a", 6) == 0 || std::memcmp(bytes.data(), "GIF89a", 6) == 0))
       fail(name + ": cannot decode image (GIF is not supported by this OpenCV build; convert it to PNG)");
@@ -276,19 +281,7 @@ cv::Mat load_label_map(const std::string& path) {
   const std::vector<uint8_t> bytes = read_image_file(path);
   // PNG only: no other decoder is reached (OpenCV would try every format it knows on these bytes).
   if (!is_png(bytes)) fail(path + ": a label map must be a PNG (this file is not one)");
-  if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
-    fail(path + ": file of " + std::to_string(bytes.size() >> 20) + " MiB is too large to be decoded (limit 2 GiB)");
-  if (auto hs = header_size(bytes)) {
-    if (hs->width == 0 || hs->height == 0) fail(path + ": cannot decode the label map (zero width or height in the header)");
-    check_size(hs->width, hs->height, path);
-  }
-  const cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8U, const_cast<uint8_t*>(bytes.data()));
-  cv::Mat m;
-  try {
-    m = cv::imdecode(buf, cv::IMREAD_UNCHANGED);
-  } catch (const cv::Exception& e) {
-    fail(path + ": cannot decode the label map (OpenCV: " + std::string(e.err.empty() ? e.what() : e.err) + ")");
-  }
+  const cv::Mat m = checked_imdecode(bytes, path, cv::IMREAD_UNCHANGED, "the label map");
   if (m.empty()) fail(path + ": cannot decode the label map (corrupt PNG)");
   if (m.channels() != 1 || (m.depth() != CV_8U && m.depth() != CV_16U))
     fail(path + ": a label map must be a one-channel 8- or 16-bit PNG, this one is " + cv::typeToString(m.type()));
