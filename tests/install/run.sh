@@ -3,11 +3,13 @@
 # find_package(tessera), and runs the README's example program on a fixture model.
 set -euo pipefail
 build=$1 source=$2
+# The oneTBB the build used (scripts/tsan.sh builds against its own), so the consumer links the same.
+tbb_dir=${3:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cmake --install "$build" --prefix "$tmp/prefix" >/dev/null
 cmake -S "$source/tests/install" -B "$tmp/consumer" -G Ninja -DCMAKE_PREFIX_PATH="$tmp/prefix" \
-  -DCMAKE_BUILD_TYPE=Release >/dev/null
+  -DCMAKE_BUILD_TYPE=Release ${tbb_dir:+-DTBB_DIR="$tbb_dir"} >/dev/null
 cmake --build "$tmp/consumer" >/dev/null
 model=$source/tests/fixtures/conformance/deit-tiny-distilled-rand
 out=$("$tmp/consumer/classify_example" "$model" "$model/cases/e2e/images/0_chelsea.png" 2>/dev/null)
