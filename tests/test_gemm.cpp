@@ -4,8 +4,10 @@
 // the smallest single-term mistake (one k dropped costs ~S / K). GELU's erf adds < 4e-7 |y|.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <cstring>
 #include <random>
@@ -420,6 +422,44 @@ TEST_CASE("every family the CPU has gives the same packed weights' results withi
     }
   }
   set_isa_cap(IsaFamily::Avx512);
+}
+
+TEST_CASE("packing into the caller's buffer gives the same panels and product, and reuses it", "[gemm]") {
+  std::mt19937 rng(12);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (const auto& [N, K] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {45, 19}, {70, 33}, {96, 64}}) {
+    INFO("N " << N << " K " << K);
+    std::vector<float> w(static_cast<size_t>(N * K)), bias(static_cast<size_t>(N)), x(static_cast<size_t>(5 * K));
+    for (auto* v : {&w, &bias, &x})
+      for (auto& e : *v) e = u(rng);
+    const PackedLinear a = pack_linear(w.data(), bias.data(), N, K);
+    // Stale contents in the buffer must not matter: fill it with NaN first, and pack twice.
+    const int64_t floats = pack_linear_buffer_floats(N, K);
+    float* buffer = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((floats * 4 + 63) / 64 * 64)));
+    std::fill(buffer, buffer + floats, std::nanf(""));
+    PackedLinear b = pack_linear(w.data(), bias.data(), N, K, buffer);
+    b = pack_linear(w.data(), bias.data(), N, K, buffer);
+    REQUIRE(a.packed_bytes == b.packed_bytes);
+    CHECK(b.packed.get() == buffer);
+    CHECK(std::memcmp(a.packed.get(), b.packed.get(), a.packed_bytes) == 0);
+    std::vector<float> ya(static_cast<size_t>(5 * N)), yb(static_cast<size_t>(5 * N));
+    linear(x.data(), 5, K, a, ya.data(), N);
+    linear(x.data(), 5, K, b, yb.data(), N);
+    CHECK(ya == yb);
+    // The transposed packer into a buffer: the same panels again.
+    std::vector<float> wt(static_cast<size_t>(K * N));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) wt[k * N + n] = w[n * K + k];
+    REQUIRE(packed_linear_floats(N, K) <= floats);
+    const PackedLinear c = pack_linear_transposed(wt.data(), N, N, K, buffer);
+    CHECK(c.packed_bytes == a.packed_bytes);
+    CHECK(std::memcmp(a.packed.get(), c.packed.get(), a.packed_bytes) == 0);
+    std::free(buffer);
+  }
+  std::vector<float> w(64);
+  alignas(64) float unaligned[80];
+  CHECK_THROWS_WITH(pack_linear(w.data(), nullptr, 8, 8, unaligned + 1), Catch::Contains("64-byte aligned"));
+  CHECK_THROWS_WITH(pack_linear_transposed(w.data(), 8, 8, 8, unaligned + 1), Catch::Contains("64-byte aligned"));
 }
 
 TEST_CASE("pack_linear_transposed packs W from Wt exactly as pack_linear packs W", "[gemm]") {

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <vector>
 
 #include "tessera/error.hpp"
@@ -29,6 +31,30 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
   });
 }
 
+// The backward GEMMs' operand buffers, kept by the calling thread from one call to the next
+// (linear_backward is not called from inside a parallel region): packing into new memory every
+// call was fresh pages, i.e. page faults and the kernel zeroing them, on every layer of every step.
+enum ScratchSlot { kPackedW, kPackedX, kTransposed, kScratchSlots };
+float* scratch(ScratchSlot slot, int64_t floats) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t cap = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer bufs[kScratchSlots];
+  Buffer& b = bufs[slot];
+  if (b.cap < floats) {
+    std::free(b.p);
+    b.p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((floats * 4 + 63) / 64 * 64)));
+    b.cap = b.p ? floats : 0;
+    if (!b.p) throw std::bad_alloc();
+  }
+  return b.p;
+}
+
+// dW's sum over tokens, taken this many at a time (see linear_backward).
+constexpr int64_t kTokenChunk = 512;
+
 // Σ a[e]·b[e] with 16 partial sums in a fixed order: vectorises without -ffast-math (a single
 // running sum would not, its order being part of the result) and gives the same bits every time.
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -51,16 +77,25 @@ void linear_backward(const float* x, const float* weight, const float* dy, int64
   if (dx) {
     // dx[M,K] += dy[M,N]·W[N,K]: a linear layer whose weight (in [out, in] layout) is Wᵀ [K,N],
     // packed straight from W (its transpose).
-    const PackedLinear packed = pack_linear_transposed(weight, K, K, N);
+    const PackedLinear packed = pack_linear_transposed(weight, K, K, N, scratch(kPackedW, packed_linear_floats(K, N)));
     linear(dy, M, N, packed, dx, K, Activation::None, dx);
   }
   if (dweight) {
     // dW[N,K] += dyᵀ[N,M]·x[M,K]: rows dyᵀ, a linear layer whose weight is xᵀ [K,M], packed
-    // straight from x.
-    std::vector<float> dyt(static_cast<size_t>(N * M));
-    transpose(dy, M, N, dyt.data());
-    const PackedLinear packed = pack_linear_transposed(x, K, K, M);
-    linear(dyt.data(), N, M, packed, dweight, K, Activation::None, dweight);
+    // straight from x. The sum over M (a batch's tokens: thousands) is taken in chunks of
+    // kTokenChunk rows, each added into dW in turn: one GEMM over all of M streamed its
+    // operands from memory (each micro-panel of dyᵀ and each panel of xᵀ is K·M·4 bytes, past
+    // the L2), and ran at ~60% of the forward's rate. The chunking depends only on M, so the
+    // result is the same for every thread count.
+    const int64_t chunk = std::min(M, kTokenChunk);
+    float* dyt = scratch(kTransposed, N * chunk);
+    float* xt = scratch(kPackedX, packed_linear_floats(K, chunk));
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+      const int64_t rows = std::min(chunk, M - m0);
+      transpose(dy + m0 * N, rows, N, dyt);
+      const PackedLinear packed = pack_linear_transposed(x + m0 * K, K, K, rows, xt);
+      linear(dyt, N, rows, packed, dweight, K, Activation::None, dweight);
+    }
   }
   if (dbias) {
     parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {

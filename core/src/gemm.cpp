@@ -501,7 +501,7 @@ void pack_int8(const WeightSource& w, int64_t N, int64_t K, PackedLinear& p, Wei
 }
 
 PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_features,
-                          int64_t in_features, WeightType type, WeightArena* arena) {
+                          int64_t in_features, WeightType type, WeightArena* arena, float* into = nullptr) {
   check(out_features >= 1 && in_features >= 1,
         "pack_linear: weight shape [" + std::to_string(out_features) + ", " +
             std::to_string(in_features) + "] must have both dimensions >= 1");
@@ -515,7 +515,8 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
   } else {
     // K rows of 32 floats per panel, or ceil(K/2) rows of 32 bf16 pairs; zero-filled padding.
     const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;
-    auto packed = uninitialised_floats(static_cast<size_t>(panels * rows * kNR), arena);
+    auto packed = into ? std::shared_ptr<float[]>(into, [](float*) {})
+                       : uninitialised_floats(static_cast<size_t>(panels * rows * kNR), arena);
     p.packed = std::shared_ptr<void>(packed, packed.get());
     p.packed_bytes = static_cast<size_t>(panels * rows * kNR) * sizeof(float);
     // Panels are disjoint, so they are filled in parallel (unless an earlier load's are mapped).
@@ -542,7 +543,8 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
     });
   }
   if (bias) {
-    p.bias = uninitialised_floats(static_cast<size_t>(panels * kNR), arena);
+    p.bias = into ? std::shared_ptr<float[]>(into + panels * K * kNR, [](float*) {})  // fp32 only
+                  : uninitialised_floats(static_cast<size_t>(panels * kNR), arena);
     if (arena && arena->replaying()) return p;
     std::memcpy(p.bias.get(), bias, static_cast<size_t>(N) * sizeof(float));
     std::memset(p.bias.get() + N, 0, static_cast<size_t>(panels * kNR - N) * sizeof(float));
@@ -559,24 +561,53 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
                       type, nullptr);
 }
 
+int64_t pack_linear_buffer_floats(int64_t out_features, int64_t in_features) {
+  return ceil_div(out_features, kNR) * kNR * (in_features + 1);
+}
+
+PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features, int64_t in_features,
+                         float* buffer) {
+  check(weight != nullptr, "pack_linear: weight pointer is null");
+  check(buffer != nullptr && reinterpret_cast<uintptr_t>(buffer) % 64 == 0,
+        "pack_linear: the buffer must be 64-byte aligned");
+  return pack_weights({weight, nullptr, out_features, in_features}, bias, out_features, in_features,
+                      WeightType::F32, nullptr, buffer);
+}
+
+int64_t packed_linear_floats(int64_t out_features, int64_t in_features) {
+  return ceil_div(out_features, kNR) * in_features * kNR;
+}
+
 PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features) {
+  check(out_features >= 1 && in_features >= 1, "pack_linear_transposed: weight shape [" +
+                                                   std::to_string(out_features) + ", " +
+                                                   std::to_string(in_features) + "]");
+  auto packed = uninitialised_floats(static_cast<size_t>(packed_linear_floats(out_features, in_features)), nullptr);
+  PackedLinear p = pack_linear_transposed(wt, ldwt, out_features, in_features, packed.get());
+  p.packed = std::shared_ptr<void>(packed, packed.get());
+  return p;
+}
+
+PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features,
+                                    float* buffer) {
   check(wt != nullptr, "pack_linear_transposed: weight pointer is null");
   check(out_features >= 1 && in_features >= 1 && ldwt >= out_features,
         "pack_linear_transposed: weight shape [" + std::to_string(out_features) + ", " +
             std::to_string(in_features) + "] (row stride " + std::to_string(ldwt) + ")");
+  check(buffer != nullptr && reinterpret_cast<uintptr_t>(buffer) % 64 == 0,
+        "pack_linear_transposed: the buffer must be 64-byte aligned");
   const int64_t N = out_features, K = in_features, panels = ceil_div(N, kNR);
   PackedLinear p;
   p.out_features = N;
   p.in_features = K;
   p.type = WeightType::F32;
-  auto packed = uninitialised_floats(static_cast<size_t>(panels * K * kNR), nullptr);
-  p.packed = std::shared_ptr<void>(packed, packed.get());
+  p.packed = std::shared_ptr<void>(buffer, [](void*) {});
   p.packed_bytes = static_cast<size_t>(panels * K * kNR) * sizeof(float);
   // panel j, row i = W[j·32 .. j·32 + 31][i] = wt[i][j·32 ..]: 32 contiguous floats of row i.
   parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t valid = std::min(kNR, N - j * kNR);
-      float* panel = packed.get() + j * K * kNR;
+      float* panel = buffer + j * K * kNR;
       for (int64_t i = 0; i < K; ++i) {
         std::memcpy(panel + i * kNR, wt + i * ldwt + j * kNR, static_cast<size_t>(valid) * sizeof(float));
         if (valid < kNR) std::memset(panel + i * kNR + valid, 0, static_cast<size_t>(kNR - valid) * sizeof(float));

@@ -1,7 +1,9 @@
 #pragma once
 // What the training passes share inside the library (vit_train.cpp, yolos_train.cpp).
-#include <functional>
 #include <algorithm>
+#include <cstdlib>
+#include <functional>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -93,9 +95,29 @@ inline int64_t matched_correct(const SetLossResult& r, const float* logits, int6
   return correct;
 }
 
+// W [N,K] and b packed into this thread's training buffer, which is reused from one call to the
+// next (no new pages every layer of every step): the result is valid until the thread's next
+// train_pack, so it is packed right where it is used. Not for use inside a parallel region.
+inline PackedLinear train_pack(const float* w, const float* b, int64_t N, int64_t K) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t cap = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  const int64_t floats = pack_linear_buffer_floats(N, K);
+  if (buf.cap < floats) {
+    std::free(buf.p);
+    buf.p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((floats * 4 + 63) / 64 * 64)));
+    buf.cap = buf.p ? floats : 0;
+    if (!buf.p) throw std::bad_alloc();
+  }
+  return pack_linear(w, b, N, K, buf.p);
+}
+
 // y[M,N] = x[M,K]·W[N,K]ᵀ + b, packed per call (the weights change every step).
 inline void train_linear(const float* x, int64_t M, const float* w, const float* b, int64_t N, int64_t K, float* y) {
-  const PackedLinear packed = pack_linear(w, b, N, K);
+  const PackedLinear packed = train_pack(w, b, N, K);
   linear(x, M, K, packed, y, N);
 }
 inline void relu_inplace(float* x, int64_t n) {

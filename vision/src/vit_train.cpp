@@ -434,7 +434,7 @@ void vit_block_forward(const VitTrainLayerView& lw, const BlockDims& s, VitTrain
   attention_forward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
                     {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d}, scale, a.lse.data());
   // x_mid = x + attn_out(ctx)  (DINOv2: x + λ₁ ⊙ attn_out(ctx))
-  const PackedLinear out_proj = pack_linear(lw.attn_out_w, lw.attn_out_b, d, d);
+  const PackedLinear out_proj = detail::train_pack(lw.attn_out_w, lw.attn_out_b, d, d);
   if (lw.ls1)
     add_scaled(a.x.data(), out_proj, a.ctx.data(), M, d, lw.ls1, a.z1.data(), a.x_mid.data());
   else
@@ -451,7 +451,7 @@ void vit_block_forward(const VitTrainLayerView& lw, const BlockDims& s, VitTrain
     else
       gelu_forward(a.h.data(), a.a.data(), M * f);
   }
-  const PackedLinear fc2 = pack_linear(lw.fc2_w, lw.fc2_b, d, f);
+  const PackedLinear fc2 = detail::train_pack(lw.fc2_w, lw.fc2_b, d, f);
   if (lw.ls2)
     add_scaled(a.x_mid.data(), fc2, a.a.data(), M, f, lw.ls2, a.z2.data(), next);
   else

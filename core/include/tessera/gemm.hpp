@@ -44,11 +44,27 @@ struct PackedLinear {
 PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
                          int64_t in_features, WeightType type = WeightType::F32);
 
+// The same fp32 packing into the caller's memory (`buffer`: 64-byte aligned,
+// pack_linear_buffer_floats(N, K) floats, bias included), valid as long as the buffer is: for
+// weights that change every call (training packs every layer's weights every step, and new memory
+// each time was fresh pages, page faults and the kernel zeroing them, every step).
+int64_t pack_linear_buffer_floats(int64_t out_features, int64_t in_features);
+PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features, int64_t in_features,
+                         float* buffer);
+
 // The same fp32 packing of W [N,K], given Wᵀ instead: wt [K, N] row-major, rows ldwt >= N floats
 // apart. The packed panels are strips of wt's rows, so this is a copy, not a transpose: what the
 // backward's dX = dY·W (W as the weight of a [K, N] layer) and dW = dYᵀ·X (X [M, K] as the
 // weight's transpose) need. Bit-identical to pack_linear on the transposed matrix.
 PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features);
+
+// The same, packed into the caller's memory instead of a new buffer: `buffer` 64-byte aligned,
+// packed_linear_floats(out_features, in_features) floats, and alive as long as the result is
+// used. For the backward, which packs the same shapes every step: a new buffer each time was
+// fresh pages (page faults and kernel zeroing) on every call.
+int64_t packed_linear_floats(int64_t out_features, int64_t in_features);
+PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features,
+                                    float* buffer);
 
 // Memory for the packed weights of one model load. Pieces are cut one after another from
 // 2 MiB-aligned slabs that ask for transparent huge pages, so a model's weights fill whole huge
