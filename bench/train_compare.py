@@ -330,7 +330,8 @@ def tessera_run(args, m, init, data, threads, out):
 def torch_run(args, m, init, data, threads):
     spec = {"init": init, "data": data, "threads": threads, "batch": m["batch"], "steps": args.steps,
             "lr": args.lr, "weight_decay": args.weight_decay, "clip_grad": args.clip_grad}
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads))
     if args.omp_wait_policy != "unset":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     out, rss, wall = run_measured([sys.executable, os.path.abspath(__file__), "--torch-worker", json.dumps(spec)],
@@ -371,7 +372,11 @@ def bench_model(args, name, threads_list, tmp):
         data = "digits:train"
     else:
         data = os.path.join(tmp, "vits-data")
-        write_random_image_folder(data, classes=10, per_class=max(2, (2 * m["batch"] + 9) // 10), size=224)
+        # Enough images that every step is in the first epoch: `tessera train` writes a checkpoint
+        # (weights and both AdamW moments, ~260 MB for ViT-S, fsynced) at every epoch's end, and
+        # with a 2-step epoch the timed steps were half checkpoints, which PyTorch's loop does not write.
+        per_class = max(2, -(-(args.steps + 1) * m["batch"] // 10))
+        write_random_image_folder(data, classes=10, per_class=per_class, size=224)
     init = make_init(args, name, m, data, tmp, max(threads_list))
     results = []
     for threads in threads_list:
@@ -480,6 +485,10 @@ def main():
     for n in models:
         if n not in MODELS:
             ap.error("--model: digits, vits or all")
+    blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
+    if "openblas" not in blas:  # as bench/compare.py: a fresh Debian machine has only the reference BLAS
+        sys.exit(f"PyTorch would use the reference BLAS ({blas}), which is ~15x slower than OpenBLAS and "
+                 "makes the comparison meaningless: apt-get install libopenblas0-pthread")
     steps0, warm0 = args.steps, args.warmup
     header = "train_compare: %s; %s; %d cores; load average at start %s" % (
         args.tessera, subprocess.run(["/usr/bin/python3", "-c", "import torch; print('torch', torch.__version__)"],
