@@ -5,8 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <new>
 #include <vector>
 
 #include "tessera/error.hpp"
@@ -36,20 +34,8 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
 // call was fresh pages, i.e. page faults and the kernel zeroing them, on every layer of every step.
 enum ScratchSlot { kPackedW, kPackedX, kTransposed, kScratchSlots };
 float* scratch(ScratchSlot slot, int64_t floats) {
-  struct Buffer {
-    float* p = nullptr;
-    int64_t cap = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer bufs[kScratchSlots];
-  Buffer& b = bufs[slot];
-  if (b.cap < floats) {
-    std::free(b.p);
-    b.p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((floats * 4 + 63) / 64 * 64)));
-    b.cap = b.p ? floats : 0;
-    if (!b.p) throw std::bad_alloc();
-  }
-  return b.p;
+  thread_local ScratchFloats bufs[kScratchSlots];
+  return bufs[slot].get(floats);
 }
 
 // dW's sum over tokens, taken this many at a time (see linear_backward).

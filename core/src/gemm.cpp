@@ -139,23 +139,8 @@ float gelu_generic(float x) {
 // slot for two tasks at once. Slots: packed rows of x, and rows of x after a fused layer norm.
 enum Scratch { kPackedRows, kNormedRows };
 float* thread_scratch(size_t floats, Scratch slot = kPackedRows) {
-  struct Buffer {
-    float* p = nullptr;
-    size_t cap = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer bufs[2];
-  Buffer& buf = bufs[slot];
-  if (buf.cap < floats) {
-    std::free(buf.p);
-    buf.p = nullptr;
-    buf.cap = 0;
-    size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
-    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (!buf.p) throw std::bad_alloc();
-    buf.cap = floats;
-  }
-  return buf.p;
+  thread_local ScratchFloats bufs[2];
+  return bufs[slot].get(static_cast<int64_t>(floats));
 }
 
 // ---- portable kernel --------------------------------------------------------------------------
@@ -559,6 +544,18 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
   check(weight != nullptr, "pack_linear: weight pointer is null");
   return pack_weights({weight, nullptr, out_features, in_features}, bias, out_features, in_features,
                       type, nullptr);
+}
+
+ScratchFloats::~ScratchFloats() { std::free(p_); }
+
+float* ScratchFloats::get(int64_t floats) {
+  if (cap_ < floats) {
+    std::free(p_);
+    p_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((floats * 4 + 63) / 64 * 64)));
+    cap_ = p_ ? floats : 0;
+    if (!p_) throw std::bad_alloc();
+  }
+  return p_;
 }
 
 int64_t pack_linear_buffer_floats(int64_t out_features, int64_t in_features) {

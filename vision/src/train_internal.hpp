@@ -1,9 +1,7 @@
 #pragma once
 // What the training passes share inside the library (vit_train.cpp, yolos_train.cpp).
 #include <algorithm>
-#include <cstdlib>
 #include <functional>
-#include <new>
 #include <string>
 #include <vector>
 
@@ -99,20 +97,8 @@ inline int64_t matched_correct(const SetLossResult& r, const float* logits, int6
 // next (no new pages every layer of every step): the result is valid until the thread's next
 // train_pack, so it is packed right where it is used. Not for use inside a parallel region.
 inline PackedLinear train_pack(const float* w, const float* b, int64_t N, int64_t K) {
-  struct Buffer {
-    float* p = nullptr;
-    int64_t cap = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer buf;
-  const int64_t floats = pack_linear_buffer_floats(N, K);
-  if (buf.cap < floats) {
-    std::free(buf.p);
-    buf.p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((floats * 4 + 63) / 64 * 64)));
-    buf.cap = buf.p ? floats : 0;
-    if (!buf.p) throw std::bad_alloc();
-  }
-  return pack_linear(w, b, N, K, buf.p);
+  thread_local ScratchFloats buffer;
+  return pack_linear(w, b, N, K, buffer.get(pack_linear_buffer_floats(N, K)));
 }
 
 // y[M,N] = x[M,K]·W[N,K]ᵀ + b, packed per call (the weights change every step).

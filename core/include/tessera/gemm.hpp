@@ -44,6 +44,21 @@ struct PackedLinear {
 PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features,
                          int64_t in_features, WeightType type = WeightType::F32);
 
+// 64-byte aligned floats that only grow: scratch that a caller keeps from one call to the next,
+// so a loop of same-sized calls touches no new pages after the first.
+class ScratchFloats {
+ public:
+  ScratchFloats() = default;
+  ScratchFloats(const ScratchFloats&) = delete;
+  ScratchFloats& operator=(const ScratchFloats&) = delete;
+  ~ScratchFloats();
+  float* get(int64_t floats);  // at least `floats` floats; contents unspecified
+
+ private:
+  float* p_ = nullptr;
+  int64_t cap_ = 0;
+};
+
 // The same fp32 packing into the caller's memory (`buffer`: 64-byte aligned,
 // pack_linear_buffer_floats(N, K) floats, bias included), valid as long as the buffer is: for
 // weights that change every call (training packs every layer's weights every step, and new memory
