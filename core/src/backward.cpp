@@ -63,7 +63,7 @@ void linear_backward(const float* x, const float* weight, const float* dy, int64
   if (dx) {
     // dx[M,K] += dy[M,N]·W[N,K]: a linear layer whose weight (in [out, in] layout) is Wᵀ [K,N],
     // packed straight from W (its transpose).
-    const PackedLinear packed = pack_linear_transposed(weight, K, K, N, scratch(kPackedW, packed_linear_floats(K, N)));
+    const PackedLinear packed = pack_linear_transposed(weight, K, K, N, scratch(kPackedW, pack_linear_buffer_floats(K, N)));
     linear(dy, M, N, packed, dx, K, Activation::None, dx);
   }
   if (dweight) {
@@ -76,7 +76,7 @@ void linear_backward(const float* x, const float* weight, const float* dy, int64
     // The chunking depends only on M, so the result is the same for every thread count.
     const int64_t chunk = std::min(M, kTokenChunk);
     float* dyt = scratch(kTransposed, N * chunk);
-    float* xt = scratch(kPackedX, packed_linear_floats(K, chunk));
+    float* xt = scratch(kPackedX, pack_linear_buffer_floats(K, chunk));
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
       const int64_t rows = std::min(chunk, M - m0);
       transpose(dy + m0 * N, rows, N, dyt);

@@ -571,15 +571,11 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
                       WeightType::F32, nullptr, buffer);
 }
 
-int64_t packed_linear_floats(int64_t out_features, int64_t in_features) {
-  return ceil_div(out_features, kNR) * in_features * kNR;
-}
-
 PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features) {
   check(out_features >= 1 && in_features >= 1, "pack_linear_transposed: weight shape [" +
                                                    std::to_string(out_features) + ", " +
                                                    std::to_string(in_features) + "]");
-  auto packed = uninitialised_floats(static_cast<size_t>(packed_linear_floats(out_features, in_features)), nullptr);
+  auto packed = uninitialised_floats(static_cast<size_t>(ceil_div(out_features, kNR) * in_features * kNR), nullptr);
   PackedLinear p = pack_linear_transposed(wt, ldwt, out_features, in_features, packed.get());
   p.packed = std::shared_ptr<void>(packed, packed.get());
   return p;

@@ -73,11 +73,10 @@ PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_fea
 // weight's transpose) need. Bit-identical to pack_linear on the transposed matrix.
 PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features);
 
-// The same, packed into the caller's memory instead of a new buffer: `buffer` 64-byte aligned,
-// packed_linear_floats(out_features, in_features) floats, and alive as long as the result is
-// used. For the backward, which packs the same shapes every step: a new buffer each time was
-// fresh pages (page faults and kernel zeroing) on every call.
-int64_t packed_linear_floats(int64_t out_features, int64_t in_features);
+// The same, packed into the caller's memory instead of a new buffer: `buffer` as for
+// pack_linear's (64-byte aligned, pack_linear_buffer_floats(N, K) floats, alive as long as the
+// result is used). For the backward, which packs the same shapes every step: a new buffer each
+// time was fresh pages (page faults and kernel zeroing) on every call.
 PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features,
                                     float* buffer);
 
