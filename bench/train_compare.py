@@ -10,6 +10,13 @@ Models (--model):
   vits    ViT-S/16 at 224, batch 16: a full fine-tuning step (forward, backward, AdamW) on random
           224x224 PNGs with random labels (an ImageFolder written to a temporary folder), at the
           largest of --threads.
+  yolos   YOLOS-Ti-sized (hidden 192, 12 layers, 3 heads, MLP 768, patch 16, 100 detection tokens)
+          at 256x256, batch 8, with DETR's set loss (Hungarian matching; CE + 5 L1 + 2 GIoU, no-object
+          weight 0.1): `tessera train --task detect --arch yolos-ti` against the plain-torch port of
+          transformers' YolosForObjectDetection and DetrLoss in tests/reference/ (validated there
+          against upstream outputs; scipy's linear_sum_assignment matches), on digit scenes from
+          `tessera data scenes` (10 labels), resized to 256x256 by both (Pillow-exact bilinear), at
+          the largest of --threads.
 
 How it measures:
   * Initial weights: `tessera train --arch ... --max-steps 1 --lr 0` writes a model folder of the
@@ -46,6 +53,7 @@ How it measures:
 Run (from the repository root, after cmake --build build):
   /usr/bin/python3 bench/train_compare.py --model digits --threads 1,2 --rounds 3 --steps 40
   /usr/bin/python3 bench/train_compare.py --model vits --threads 2 --rounds 3 --steps 6 --warmup 1
+  /usr/bin/python3 bench/train_compare.py --model yolos --threads 2 --rounds 3 --steps 8 --warmup 2
   add --json for a JSON document on stdout instead of the table.
 """
 import argparse
@@ -139,7 +147,91 @@ def read_safetensors(path):
 # The PyTorch side: HF ViTForImageClassification's math (pre-norm blocks, exact GELU, eager
 # attention as transformers 4.x writes it for torch 1.13), parameter names as in the checkpoint.
 
+def scene_pixels_targets(annotations, height, width, mean, std):
+    """A COCO instances file of `tessera data scenes` as Tessera's detection training reads it with
+    --no-augment: every image (file order) RGB, resized to height x width with Pillow's bilinear
+    filter, /255, (x - mean) / std; its boxes as (cx, cy, w, h) / image size, labels = category ids."""
+    import numpy as np
+    from PIL import Image
+    doc = json.load(open(annotations))
+    folder = os.path.dirname(annotations)
+    by_image = {}
+    for a in doc["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    xs, targets = [], []
+    for im in doc["images"]:
+        img = Image.open(os.path.join(folder, im["file_name"])).convert("RGB").resize((width, height), Image.BILINEAR)
+        a = np.asarray(img).astype(np.float32) / 255.0
+        xs.append(((a - np.array(mean, np.float32)) / np.array(std, np.float32)).transpose(2, 0, 1))
+        W, H = im["width"], im["height"]
+        labels, boxes = [], []
+        for ann in by_image.get(im["id"], []):
+            x, y, w, h = ann["bbox"]
+            labels.append(ann["category_id"])
+            boxes.append([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H])
+        targets.append((labels, boxes))
+    return np.stack(xs).astype(np.float32), targets
+
+
+def torch_worker_yolos(spec):
+    """The YOLOS side: a plain-torch YolosForObjectDetection forward with DetrLoss (tests/reference)."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
+    import make_detection_fixtures as md
+    import make_set_loss_fixtures as ms
+    torch.set_grad_enabled(True)  # the fixture modules turn autograd off for their inference fixtures
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    cfg = json.load(open(os.path.join(spec["init"], "config.json")))
+    proc = json.load(open(os.path.join(spec["init"], "preprocessor_config.json")))
+    K = len(cfg["id2label"])
+    if isinstance(cfg["image_size"], int):
+        cfg["image_size"] = [cfg["image_size"], cfg["image_size"]]
+    sd = {k: torch.from_numpy(v).requires_grad_(True)
+          for k, v in read_safetensors(os.path.join(spec["init"], "model.safetensors")).items()}
+    H, W = proc["size"]["height"], proc["size"]["width"]
+    x, targets = scene_pixels_targets(spec["data"], H, W, proc["image_mean"], proc["image_std"])
+    x = torch.from_numpy(x)
+    targets = [{"class_labels": torch.tensor(l, dtype=torch.int64), "boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4)}
+               for l, b in targets]
+    B, N = spec["batch"], spec["steps"]
+    per_epoch = x.shape[0] // B
+    # As Tessera: weight decay on the matrices (".weight" with 2+ dimensions), not on biases,
+    # norms, the class / detection tokens or the position embeddings.
+    decay = [t for n, t in sd.items() if n.endswith("weight") and t.dim() >= 2]
+    no_decay = [t for n, t in sd.items() if not (n.endswith("weight") and t.dim() >= 2)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / N))))
+    eos = cfg.get("eos_coefficient", 0.1)
+    ends, cpus, losses = [], [], []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for s in range(N):
+        lo = (s % per_epoch) * B
+        xb, tb = x[lo:lo + B], targets[lo:lo + B]
+        opt.zero_grad(set_to_none=True)
+        out = md.yolos_forward(cfg, sd, xb)
+        num_boxes = max(1, sum(len(t["boxes"]) for t in tb))
+        assert out["logits"].shape[-1] == K + 1, (out["logits"].shape, K)  # K labels + no-object
+        ce, l1, giou, _ = ms.layer_loss(out["logits"], out["pred_boxes"], tb, K, eos, num_boxes)
+        loss = ce + 5 * l1 + 2 * giou
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(sd.values()), spec["clip_grad"])
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        ends.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    import resource
+    rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    json.dump({"ends": ends, "cpus": cpus, "losses": losses, "rss_train_mib": rss_train, "torch": torch.__version__,
+               "threads": torch.get_num_threads()}, sys.stdout)
+
+
 def torch_worker(spec):
+    if spec.get("kind") == "yolos":
+        return torch_worker_yolos(spec)
     import numpy as np
     import torch
     import torch.nn as nn
@@ -302,7 +394,7 @@ def rate(ends, batch, warmup):
 
 
 def tessera_run(args, m, init, data, threads, out):
-    cmd = [args.tessera, "train", "--task", "classify", "--init", init, "--data", data, "--out", out,
+    cmd = [args.tessera, "train", "--task", m.get("task", "classify"), "--init", init, "--data", data, "--out", out,
            "--max-steps", str(args.steps), "--batch", str(m["batch"]), "--no-augment", "--no-shuffle",
            "--threads", str(threads), "--seed", "0", "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
            "--clip-grad", str(args.clip_grad)]
@@ -328,7 +420,8 @@ def tessera_run(args, m, init, data, threads, out):
 
 
 def torch_run(args, m, init, data, threads):
-    spec = {"init": init, "data": data, "threads": threads, "batch": m["batch"], "steps": args.steps,
+    spec = {"kind": m.get("kind", "vit"), "init": init, "data": data, "threads": threads, "batch": m["batch"],
+            "steps": args.steps,
             "lr": args.lr, "weight_decay": args.weight_decay, "clip_grad": args.clip_grad}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads))
@@ -353,13 +446,16 @@ MODELS = {
     "vits": {"title": "ViT-S/16 224, batch 16 (random images, 10 labels)",
              "arch": ["--arch", "vit-s16", "--image-size", "224"],
              "batch": 16},
+    "yolos": {"title": "YOLOS-Ti-sized 256x256, batch 8, set loss (digit scenes, 10 labels)",
+              "arch": ["--arch", "yolos-ti", "--image-size", "256"], "task": "detect", "kind": "yolos",
+              "batch": 8},
 }
 
 
 def make_init(args, name, m, data, tmp, threads):
     """The untrained model as a folder: one step at lr 0 (weights unchanged), exported."""
     init = os.path.join(tmp, name + "-init")
-    cmd = [args.tessera, "train", "--task", "classify", *m["arch"], "--data", data, "--out", init,
+    cmd = [args.tessera, "train", "--task", m.get("task", "classify"), *m["arch"], "--data", data, "--out", init,
            "--max-steps", "1", "--batch", str(m["batch"]), "--lr", "0", "--no-augment", "--no-shuffle",
            "--threads", str(threads), "--seed", "0"]
     run_measured(cmd)
@@ -370,6 +466,12 @@ def bench_model(args, name, threads_list, tmp):
     m = MODELS[name]
     if name == "digits":
         data = "digits:train"
+    elif name == "yolos":
+        # every timed step in the first epoch (see below), scenes of the training cells
+        folder = os.path.join(tmp, "yolos-data")
+        run_measured([args.tessera, "data", "scenes", "--split", "train", "--count", str((args.steps + 1) * m["batch"]),
+                      "--seed", "0", "--out", folder])
+        data = os.path.join(folder, "annotations.json")
     else:
         data = os.path.join(tmp, "vits-data")
         # Enough images that every step is in the first epoch: `tessera train` writes a checkpoint
@@ -464,11 +566,11 @@ def main():
         print("command: " + doc["command"])
         return print_table(doc["results"], doc["header"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="digits", help="digits, vits or all")
+    ap.add_argument("--model", default="digits", help="digits, vits, yolos or all")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (vits runs at the largest)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=0, help="steps per run (default: digits 40, vits 6)")
-    ap.add_argument("--warmup", type=int, default=-1, help="untimed first steps (default: digits 5, vits 1)")
+    ap.add_argument("--steps", type=int, default=0, help="steps per run (default: digits 40, vits 6, yolos 8)")
+    ap.add_argument("--warmup", type=int, default=-1, help="untimed first steps (default: digits 5, vits 1, yolos 2)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--clip-grad", type=float, default=1.0)
@@ -481,10 +583,10 @@ def main():
     ap.add_argument("--json-out", help="also write the JSON document to this file")
     args = ap.parse_args()
     threads_list = [int(t) for t in args.threads.split(",")]
-    models = ["digits", "vits"] if args.model == "all" else [args.model]
+    models = ["digits", "vits", "yolos"] if args.model == "all" else [args.model]
     for n in models:
         if n not in MODELS:
-            ap.error("--model: digits, vits or all")
+            ap.error("--model: digits, vits, yolos or all")
     blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
     if "openblas" not in blas:  # as bench/compare.py: a fresh Debian machine has only the reference BLAS
         sys.exit(f"PyTorch would use the reference BLAS ({blas}), which is ~15x slower than OpenBLAS and "
@@ -497,8 +599,8 @@ def main():
     tmp = tempfile.mkdtemp(prefix="train_compare-")
     try:
         for n in models:
-            args.steps = steps0 or (40 if n == "digits" else 6)
-            args.warmup = warm0 if warm0 >= 0 else (5 if n == "digits" else 1)
+            args.steps = steps0 or {"digits": 40, "vits": 6, "yolos": 8}[n]
+            args.warmup = warm0 if warm0 >= 0 else {"digits": 5, "vits": 1, "yolos": 2}[n]
             tl = threads_list if n == "digits" else [max(threads_list)]
             results += bench_model(args, n, tl, tmp)
     finally:
