@@ -419,6 +419,11 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--warmup", a.warmup, "Linear warm-up steps")->check(CLI::NonNegativeNumber);
   cmd->add_option("--clip-grad", a.clip_grad, "Clip the global gradient norm to this (0: no clipping)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--label-smoothing", a.label_smoothing, "Label smoothing (classify)")->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--sub-batches", a.sub_batches,
+                  "classify: split each batch into this many equal sub-batches run side by side, their gradients "
+                  "summed in order (0: automatic, 4 or 2 for small models; 1: off); the results never depend on "
+                  "--threads")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--layer-decay", a.layer_decay, "Layer-wise lr decay for fine-tuning (1: off)")->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--freeze-encoder", a.freeze_encoder, "Train the head only");
   cmd->add_option("--random-resized-crop", a.rrc,

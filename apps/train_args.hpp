@@ -33,6 +33,7 @@ struct TrainArgs {
   double elastic = 0.0;       // elastic distortion strength (classify augmentation); 0: off
   double rrc = 0.0;           // classify: random resized crop's smallest area fraction; 0: off
   int64_t warmup = 0;         // linear warm-up steps
+  int64_t sub_batches = 0;    // classify: TrainStepOptions::sub_batches (0: automatic)
   bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false, hflip = false;
   bool crops = false;  // segment --arch: train on image_size crops at the images' own resolution
   // detect, a new DETR head (--arch detr-digits, or --init a ViT classifier): its queries and

@@ -53,6 +53,7 @@ TrainStepOptions train_step_options(const TrainArgs& a) {
   s.clip_grad = static_cast<float>(a.clip_grad);
   s.layer_decay = a.layer_decay;
   s.label_smoothing = static_cast<float>(a.label_smoothing);
+  s.sub_batches = a.sub_batches;
   return s;
 }
 

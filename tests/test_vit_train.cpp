@@ -289,6 +289,62 @@ TEST_CASE("a new model trains: loss falls, runs repeat bit for bit for 1 and 2 t
   CHECK(weights1 == weights2);
 }
 
+TEST_CASE("a step in sub-batches is the whole batch's step, the same bits for 1 and 2 threads", "[vit_train][threads]") {
+  VitConfig c;
+  c.image_height = c.image_width = 12;
+  c.patch_size = 4, c.hidden_size = 32, c.num_hidden_layers = 2, c.num_attention_heads = 2;
+  c.intermediate_size = 64, c.layer_norm_eps = 1e-6f;
+  const int64_t B = 8;
+  Tensor pixels({B, 3, 12, 12});
+  for (int64_t i = 0; i < pixels.numel(); ++i) pixels[i] = std::sin(0.37f * static_cast<float>(i));
+  const std::vector<int64_t> labels = {0, 2, 1, 1, 0, 2, 2, 1};
+  auto step = [&](int64_t sub, int threads) {
+    set_num_threads(threads);
+    VitTrainModel model = make_vit_train_model(c, {"a", "b", "c"}, 11);
+    std::fill(model.view(std::span<float>(model.weights), "classifier.weight").begin(),
+              model.view(std::span<float>(model.weights), "classifier.weight").end(), 0.01f);
+    VitTrainState state;
+    TrainStepOptions o;
+    o.optimizer = Optimizer::Sgd;
+    o.lr = 1.0f;
+    o.sub_batches = sub;
+    o.label_smoothing = 0.1f;
+    const TrainStepResult r = vit_train_step(model, state, pixels, labels, o);
+    set_num_threads(0);
+    return std::make_tuple(r, state.grads, model.weights);
+  };
+  const auto [r1, g1, w1] = step(1, 2);
+  for (const int64_t sub : {2, 4}) {
+    INFO(sub << " sub-batches");
+    const auto [r, g, w] = step(sub, 2);
+    // The same mean loss and gradient, up to float summation order.
+    CHECK(r.loss == Approx(r1.loss).epsilon(1e-6));
+    CHECK(r.correct == r1.correct);
+    CHECK(r.grad_norm == Approx(r1.grad_norm).epsilon(1e-5));
+    CHECK(rel_err(g, std::vector<double>(g1.begin(), g1.end())) <= 1e-5);
+    // Thread-count independent, bit for bit.
+    const auto [ra, ga, wa] = step(sub, 1);
+    CHECK(ra.loss == r.loss);
+    CHECK(ga == g);
+    CHECK(wa == w);
+  }
+  CHECK_THROWS_WITH(step(3, 1), Catch::Contains("does not split into 3 equal sub-batches"));
+}
+
+TEST_CASE("small classification steps split into sub-batches of at least 16 images", "[vit_train]") {
+  VitConfig digits = vit_train_preset("vit-digits", 20);
+  digits.hidden_size = 96;
+  const VitTrainModel m = make_vit_train_model(digits, std::vector<std::string>(10, "x"), 1);
+  CHECK(vit_train_sub_batches(m, 64, 20, 20) == 4);  // 64 x 26 tokens x 96 = 160k floats
+  CHECK(vit_train_sub_batches(m, 32, 20, 20) == 2);
+  CHECK(vit_train_sub_batches(m, 48, 20, 20) == 2);  // 4 x 12 would be under 16 images
+  CHECK(vit_train_sub_batches(m, 16, 20, 20) == 1);
+  CHECK(vit_train_sub_batches(m, 63, 20, 20) == 1);
+  const VitTrainModel s = make_vit_train_model(vit_train_preset("vit-s16", 224), std::vector<std::string>(10, "x"), 1);
+  CHECK(vit_train_sub_batches(s, 16, 224, 224) == 1);  // 16 x 197 x 384 = 1.2M floats: big GEMMs
+  CHECK(vit_train_sub_batches(s, 64, 32, 32) == 4);    // 64 x 5 x 384 = 123k
+}
+
 TEST_CASE("vit_train_step: SGD at lr 1 without clipping leaves exactly w − g", "[vit_train]") {
   VitTrainModel model = load_vit_train_model(fixtures("models/vit-p4-h48-noqkvbias-rand"));
   const std::vector<float> before = model.weights;

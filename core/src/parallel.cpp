@@ -69,6 +69,22 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain,
   });
 }
 
+void parallel_tasks(int64_t n, RangeBody body) {
+  if (n <= 0) return;
+  if (n == 1) {
+    body(0, 1);
+    return;
+  }
+  arena().execute([&] {
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 1),
+                      [&](const tbb::blocked_range<int64_t>& r) {
+                        for (int64_t i = r.begin(); i < r.end(); ++i)
+                          tbb::this_task_arena::isolate([&] { body(i, i + 1); });
+                      },
+                      tbb::simple_partitioner());
+  });
+}
+
 void run_in_arena(const std::function<void()>& fn) { arena().execute(fn); }
 
 }  // namespace tessera

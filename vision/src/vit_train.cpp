@@ -1365,18 +1365,80 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
   if (o.optimizer == Optimizer::AdamW && state.v.size() != n) state.v.assign(n, 0.0f);
   std::fill(state.grads.begin(), state.grads.end(), 0.0f);
   TrainStepResult r;
-  r.loss = teacher_labels
-               ? vit_train_distillation_loss_and_grad(model, pixel_values, labels, *teacher_labels,
-                                                      o.label_smoothing, state.acts, state.grads)
-               : vit_train_loss_and_grad(model, pixel_values, labels, o.label_smoothing, state.acts,
-                                         state.grads);
   const int64_t K = model.num_labels;
-  for (size_t b = 0; b < labels.size(); ++b) {
-    const float* row = state.acts.logits.data() + b * K;
-    r.correct += std::max_element(row, row + K) - row == labels[b];
+  check(pixel_values.ndim() == 4, "vit_train_step: pixel_values must be [B, C, H, W]");
+  const int64_t B = pixel_values.shape()[0];
+  const int64_t S = o.sub_batches > 0 ? o.sub_batches
+                                      : vit_train_sub_batches(model, B, pixel_values.shape()[2], pixel_values.shape()[3]);
+  check(S >= 1 && B % S == 0, "vit_train_step: a batch of " + std::to_string(B) + " does not split into " +
+                                  std::to_string(S) + " equal sub-batches");
+  check(static_cast<int64_t>(labels.size()) == B,
+        "vit_train_step: " + std::to_string(labels.size()) + " labels for a batch of " + std::to_string(B));
+  auto count_correct = [&](const std::vector<float>& logits, int64_t b0, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* row = logits.data() + b * K;
+      r.correct += std::max_element(row, row + K) - row == labels[static_cast<size_t>(b0 + b)];
+    }
+  };
+  if (S == 1) {
+    r.loss = teacher_labels
+                 ? vit_train_distillation_loss_and_grad(model, pixel_values, labels, *teacher_labels,
+                                                        o.label_smoothing, state.acts, state.grads)
+                 : vit_train_loss_and_grad(model, pixel_values, labels, o.label_smoothing, state.acts,
+                                           state.grads);
+    count_correct(state.acts.logits, 0, B);
+  } else {
+    // Each sub-batch's mean loss and its gradient, side by side; the batch's mean is their mean
+    // (equal sub-batches), summed in sub-batch order.
+    const int64_t nb = B / S;
+    const int64_t per_image = pixel_values.numel() / B;
+    state.sub.resize(static_cast<size_t>(S));
+    std::vector<double> losses(static_cast<size_t>(S));
+    parallel_tasks(S, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        VitTrainState::SubBatch& sb = state.sub[static_cast<size_t>(k)];
+        Shape shape = pixel_values.shape();
+        shape[0] = nb;
+        if (sb.pixels.shape() != shape) sb.pixels = Tensor(shape);
+        std::copy_n(pixel_values.data() + k * nb * per_image, nb * per_image, sb.pixels.data());
+        sb.grads.assign(model.weights.size(), 0.0f);
+        const std::vector<int64_t> sl(labels.begin() + k * nb, labels.begin() + (k + 1) * nb);
+        if (teacher_labels) {
+          const std::vector<int64_t> st(teacher_labels->begin() + k * nb, teacher_labels->begin() + (k + 1) * nb);
+          losses[static_cast<size_t>(k)] = vit_train_distillation_loss_and_grad(model, sb.pixels, sl, st,
+                                                                                o.label_smoothing, sb.acts, sb.grads);
+        } else {
+          losses[static_cast<size_t>(k)] =
+              vit_train_loss_and_grad(model, sb.pixels, sl, o.label_smoothing, sb.acts, sb.grads);
+        }
+      }
+    });
+    const float inv = 1.0f / static_cast<float>(S);
+    const int64_t n = static_cast<int64_t>(model.weights.size());
+    parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float g = 0.0f;
+        for (int64_t k = 0; k < S; ++k) g += state.sub[static_cast<size_t>(k)].grads[static_cast<size_t>(i)];
+        state.grads[static_cast<size_t>(i)] += g * inv;
+      }
+    });
+    for (int64_t k = 0; k < S; ++k) {
+      r.loss += losses[static_cast<size_t>(k)] / static_cast<double>(S);
+      count_correct(state.sub[static_cast<size_t>(k)].acts.logits, k * nb, nb);
+    }
   }
   r.grad_norm = vit_train_apply_gradients(model, state, o);
   return r;
+}
+
+int64_t vit_train_sub_batches(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width) {
+  const VitConfig& c = model.config;
+  if (model.detection || c.patch_size <= 0) return 1;
+  const int64_t tokens = c.num_prefix_tokens() + (height / c.patch_size) * (width / c.patch_size);
+  if (batch * tokens * c.hidden_size > (int64_t{1} << 19)) return 1;
+  for (const int64_t s : {int64_t{4}, int64_t{2}})
+    if (batch % s == 0 && batch / s >= 16) return s;
+  return 1;
 }
 
 double vit_train_apply_gradients(VitTrainModel& model, VitTrainState& state, const TrainStepOptions& o) {

@@ -33,6 +33,13 @@ class RangeBody {
 void parallel_for(int64_t begin, int64_t end, int64_t grain,
                   RangeBody body);
 
+// Calls body(i, i + 1) for every i in [0, n), in parallel inside the arena, each call isolated
+// (tbb::this_task_arena::isolate): a thread that waits inside one call's own parallel_for takes
+// only that call's work, never another call, while idle threads may still help any call. For
+// independent pieces of work that each use parallel_for inside (a batch split into sub-batches):
+// the pieces run side by side instead of one after another with every thread inside each.
+void parallel_tasks(int64_t n, RangeBody body);
+
 // Runs fn inside the arena (so nested TBB algorithms use its threads).
 void run_in_arena(const std::function<void()>& fn);
 

@@ -278,7 +278,17 @@ struct TrainStepOptions {
   // Detection (DETR / YOLOS set loss): > 0 divides the box terms by this instead of the batch's
   // box count (SetLossConfig::num_boxes; the data-parallel loop's global count / ranks).
   double box_normaliser = 0;
+  // Classification steps (vit_train_step): the batch in this many equal sub-batches, each with its
+  // own activations and gradient, run side by side (parallel_tasks) and their gradients summed in
+  // sub-batch order. 0: vit_train_sub_batches decides; 1: the whole batch at once. The count never
+  // depends on the thread count, so neither do the results.
+  int64_t sub_batches = 0;
 };
+// The automatic sub-batch count of a classification step: 4 or 2 sub-batches of at least 16 images
+// (the largest that divides the batch) when the step is small (batch x tokens x width <= 2^19
+// floats, e.g. the digits ViT at batch 64: 160k), where the step's many short GEMMs and
+// element-wise loops scale badly over threads and independent sub-batches do better; else 1.
+int64_t vit_train_sub_batches(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width);
 // The optimiser's state and the step's buffers, laid out as the model's weights.
 struct DetrTrainActivations;  // detr_train.hpp
 struct VitTrainState {
@@ -286,6 +296,12 @@ struct VitTrainState {
   std::vector<float> grads, m, v;  // v unused by SGD; m is SGD's momentum buffer
   VitTrainActivations acts;
   std::shared_ptr<DetrTrainActivations> detr_acts;  // a DETR head's, made by its first step
+  struct SubBatch {  // vit_train_step's sub-batches (TrainStepOptions::sub_batches)
+    Tensor pixels;
+    VitTrainActivations acts;
+    std::vector<float> grads;
+  };
+  std::vector<SubBatch> sub;
 };
 struct TrainStepResult {
   double loss = 0;       // the batch's mean loss, before the step
