@@ -421,7 +421,7 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--label-smoothing", a.label_smoothing, "Label smoothing (classify)")->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--sub-batches", a.sub_batches,
                   "classify: split each batch into this many equal sub-batches run side by side, their gradients "
-                  "summed in order (0: automatic, 4 or 2 for small models; 1: off); the results never depend on "
+                  "summed in order (0: automatic, 2 for small models; 1: off); the results never depend on "
                   "--threads")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--layer-decay", a.layer_decay, "Layer-wise lr decay for fine-tuning (1: off)")->check(CLI::Range(0.0, 1.0));

@@ -284,10 +284,10 @@ struct TrainStepOptions {
   // depends on the thread count, so neither do the results.
   int64_t sub_batches = 0;
 };
-// The automatic sub-batch count of a classification step: 4 or 2 sub-batches of at least 16 images
-// (the largest that divides the batch) when the step is small (batch x tokens x width <= 2^19
-// floats, e.g. the digits ViT at batch 64: 160k), where the step's many short GEMMs and
-// element-wise loops scale badly over threads and independent sub-batches do better; else 1.
+// The automatic sub-batch count of a classification step: 2 halves of at least 16 images when the
+// step is small (batch x tokens x width <= 2^19 floats, e.g. the digits ViT at batch 64: 160k),
+// where the step's many short GEMMs and element-wise loops scale badly over threads and
+// independent sub-batches do better; else 1.
 int64_t vit_train_sub_batches(const VitTrainModel& model, int64_t batch, int64_t height, int64_t width);
 // The optimiser's state and the step's buffers, laid out as the model's weights.
 struct DetrTrainActivations;  // detr_train.hpp
