@@ -101,6 +101,7 @@ int train_segment(const TrainArgs& args) {
         "train --task segment: give one of --init MODEL_DIR (a Segmenter folder) or --arch PRESET");
   check(args.label_smoothing == 0, "train --task segment: --label-smoothing is not supported for segmentation");
   check(args.teacher.empty(), "train --task segment: --teacher is for classification (a DeiT with teacher)");
+  check(args.sub_batches == 0, "train --task segment: --sub-batches is for classification");
   check(args.rrc == 0, "train --task segment: --random-resized-crop is for classification");
   check(args.elastic == 0, "train --task segment: --elastic is for classification");
   SegmenterTrainModel model;

@@ -248,6 +248,19 @@ TEST_CASE("train: bad data is a one-line error naming it, before training", "[tr
     CHECK(r.code != 0);
     CHECK(r.err.find("--arch") != std::string::npos);
   }
+  SECTION("--sub-batches: classification's, and only what divides the batch") {
+    const Run d = run_cli("train --task detect --arch detr-digits --image-size 32 --data " +
+                          (dir / "none.json").string() + " --sub-batches 2 --out " + (dir / "o").string());
+    CHECK(d.code != 0);
+    CHECK(count_lines(d.err) == 1);
+    CHECK(d.err.find("--sub-batches is for classification") != std::string::npos);
+    const Run c = run_cli("train --init " + init.string() + " --data " + fixture("train/cli-step/images") +
+                          " --batch 3 --sub-batches 2 --max-steps 1 --no-augment --out " + (dir / "o").string());
+    CHECK(c.code != 0);
+    CHECK(count_lines(c.err) == 1);
+    CHECK(c.err.find("does not split into 2 equal sub-batches") != std::string::npos);
+    CHECK(!fs::exists(dir / "o" / "model.safetensors"));
+  }
 }
 
 TEST_CASE("train --freeze-encoder: only the classifier changes (a linear probe on cached features)", "[train_cli]") {
