@@ -147,6 +147,38 @@ def read_safetensors(path):
 # The PyTorch side: HF ViTForImageClassification's math (pre-norm blocks, exact GELU, eager
 # attention as transformers 4.x writes it for torch 1.13), parameter names as in the checkpoint.
 
+def torch_adamw(spec, decay, no_decay):
+    """AdamW as Tessera runs it here (decay on `decay` only) and the cosine over the run."""
+    import torch
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8)
+    N = spec["steps"]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / N))))
+
+
+def torch_timed_loop(spec, opt, sched, params, step_loss):
+    """The PyTorch worker's timed loop: step_loss(s) builds step s's loss; then backward, clipping,
+    AdamW and the schedule. Writes the step end times, CPU times and losses as JSON on stdout."""
+    import resource
+    import torch
+    ends, cpus, losses = [], [], []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for s in range(spec["steps"]):
+        opt.zero_grad(set_to_none=True)
+        loss = step_loss(s)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, spec["clip_grad"])
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        ends.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    json.dump({"ends": ends, "cpus": cpus, "losses": losses, "rss_train_mib": rss_train, "torch": torch.__version__,
+               "threads": torch.get_num_threads()}, sys.stdout)
+
+
 def scene_pixels_targets(annotations, height, width, mean, std):
     """A COCO instances file of `tessera data scenes` as Tessera's detection training reads it with
     --no-augment: every image (file order) RGB, resized to height x width with Pillow's bilinear
@@ -194,39 +226,24 @@ def torch_worker_yolos(spec):
     x = torch.from_numpy(x)
     targets = [{"class_labels": torch.tensor(l, dtype=torch.int64), "boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4)}
                for l, b in targets]
-    B, N = spec["batch"], spec["steps"]
+    B = spec["batch"]
     per_epoch = x.shape[0] // B
     # As Tessera: weight decay on the matrices (".weight" with 2+ dimensions), not on biases,
     # norms, the class / detection tokens or the position embeddings.
     decay = [t for n, t in sd.items() if n.endswith("weight") and t.dim() >= 2]
     no_decay = [t for n, t in sd.items() if not (n.endswith("weight") and t.dim() >= 2)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / N))))
+    opt, sched = torch_adamw(spec, decay, no_decay)
     eos = cfg.get("eos_coefficient", 0.1)
-    ends, cpus, losses = [], [], []
-    t0, c0 = time.perf_counter(), time.process_time()
-    for s in range(N):
+
+    def step_loss(s):
         lo = (s % per_epoch) * B
         xb, tb = x[lo:lo + B], targets[lo:lo + B]
-        opt.zero_grad(set_to_none=True)
         out = md.yolos_forward(cfg, sd, xb)
         num_boxes = max(1, sum(len(t["boxes"]) for t in tb))
         assert out["logits"].shape[-1] == K + 1, (out["logits"].shape, K)  # K labels + no-object
         ce, l1, giou, _ = ms.layer_loss(out["logits"], out["pred_boxes"], tb, K, eos, num_boxes)
-        loss = ce + 5 * l1 + 2 * giou
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(sd.values()), spec["clip_grad"])
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
-        ends.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    import resource
-    rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    json.dump({"ends": ends, "cpus": cpus, "losses": losses, "rss_train_mib": rss_train, "torch": torch.__version__,
-               "threads": torch.get_num_threads()}, sys.stdout)
+        return ce + 5 * l1 + 2 * giou
+    torch_timed_loop(spec, opt, sched, list(sd.values()), step_loss)
 
 
 def torch_worker(spec):
@@ -302,35 +319,19 @@ def torch_worker(spec):
         x, y = image_folder_pixels(spec["data"])
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     assert x.shape[1:] == (3, size, size), x.shape
-    B, N = spec["batch"], spec["steps"]
+    B = spec["batch"]
     per_epoch = x.shape[0] // B
     # Tessera decays the matrices (patch projection, q/k/v, dense, fc1/fc2, classifier), not the
     # biases, norms, cls token or position embeddings.
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2 and n not in ("cls_token", "position_embeddings")]
     no_decay = [q for n, q in model.named_parameters() if not (q.dim() >= 2 and n not in ("cls_token", "position_embeddings"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / N))))
+    opt, sched = torch_adamw(spec, decay, no_decay)
     model.train()
-    ends, cpus, losses = [], [], []
-    t0, c0 = time.perf_counter(), time.process_time()
-    for s in range(N):
+
+    def step_loss(s):
         lo = (s % per_epoch) * B
-        xb, yb = x[lo:lo + B], y[lo:lo + B]
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip_grad"])
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
-        ends.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    import resource
-    rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    json.dump({"ends": ends, "cpus": cpus, "losses": losses, "rss_train_mib": rss_train, "torch": torch.__version__,
-               "threads": torch.get_num_threads()}, sys.stdout)
+        return F.cross_entropy(model(x[lo:lo + B]), y[lo:lo + B])
+    torch_timed_loop(spec, opt, sched, list(model.parameters()), step_loss)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,15 @@ const Case kCases[] = {
 
 std::string fixtures(const std::string& rel) { return std::string(TESSERA_FIXTURES) + "/" + rel; }
 
+// A new model small enough to train in a test: 12x12 at patch 4, width 32, 2 layers.
+VitConfig tiny_config() {
+  VitConfig c;
+  c.image_height = c.image_width = 12;
+  c.patch_size = 4, c.hidden_size = 32, c.num_hidden_layers = 2, c.num_attention_heads = 2;
+  c.intermediate_size = 64, c.layer_norm_eps = 1e-6f;
+  return c;
+}
+
 }  // namespace
 
 TEST_CASE("training forward gives the inference forward's logits", "[vit_train]") {
@@ -248,10 +257,7 @@ TEST_CASE("20 AdamW steps follow PyTorch's loss curve", "[vit_train][optim]") {
 }
 
 TEST_CASE("a new model trains: loss falls, runs repeat bit for bit for 1 and 2 threads", "[vit_train]") {
-  VitConfig c;
-  c.image_height = c.image_width = 12;
-  c.patch_size = 4, c.hidden_size = 32, c.num_hidden_layers = 2, c.num_attention_heads = 2;
-  c.intermediate_size = 64, c.layer_norm_eps = 1e-6f;
+  const VitConfig c = tiny_config();
   // A task with an answer: class = which half of the image holds a bright blob.
   const int64_t B = 8;
   Tensor pixels({B, 3, 12, 12});
@@ -290,10 +296,7 @@ TEST_CASE("a new model trains: loss falls, runs repeat bit for bit for 1 and 2 t
 }
 
 TEST_CASE("a step in sub-batches is the whole batch's step, the same bits for 1 and 2 threads", "[vit_train][threads]") {
-  VitConfig c;
-  c.image_height = c.image_width = 12;
-  c.patch_size = 4, c.hidden_size = 32, c.num_hidden_layers = 2, c.num_attention_heads = 2;
-  c.intermediate_size = 64, c.layer_norm_eps = 1e-6f;
+  const VitConfig c = tiny_config();
   const int64_t B = 8;
   Tensor pixels({B, 3, 12, 12});
   for (int64_t i = 0; i < pixels.numel(); ++i) pixels[i] = std::sin(0.37f * static_cast<float>(i));
