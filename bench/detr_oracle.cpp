@@ -14,6 +14,8 @@
 //   noise=0 (Gaussian noise added to the features) scale=3 (the fractions' scale)
 //   box=0 (1: a patch inside a digit's box also carries a flag and that box: what an encoder trained
 //   with a dense box loss could say)
+//   parts=0 (1: a patch inside a digit's box carries that digit (one-hot) and which ninth of the box
+//   it is in (3x3, one-hot): what a segmenter of box parts could say)
 //   dump=DIR (write the features, targets and initial model for bench/detr_oracle.py; no training)
 //   pos=0 (1: each row also carries its patch's position: x, y and sin/cos of 2^k·2πx, 2^k·2πy, k < 4)
 #include <opencv2/imgcodecs.hpp>
@@ -45,7 +47,7 @@ struct Split {
 };
 
 static Split load_split(const std::string& dir, int64_t size, int64_t patch, int64_t denc, float scale, float noise,
-                        bool with_pos, bool with_box, uint64_t seed) {
+                        bool with_pos, bool with_box, bool with_parts, uint64_t seed) {
   Split s;
   const std::string json = dir + "/annotations.json";
   s.data = load_detection_data(json);
@@ -82,6 +84,21 @@ static Split load_split(const std::string& dir, int64_t size, int64_t patch, int
               row[29] = scale;
               for (int c = 0; c < 4; ++c) row[30 + c] = scale * b[c];
             }
+        }
+        if (with_parts) {  // a segmenter of box parts could say: the digit whose box holds the patch's
+                           // centre (one-hot) and which ninth of that box (3x3, one-hot)
+          const float px = (static_cast<float>(gx) + 0.5f) / static_cast<float>(g);
+          const float py = (static_cast<float>(gy) + 0.5f) / static_cast<float>(g);
+          const DetectionTarget& t = s.data.targets[static_cast<size_t>(i)];
+          for (size_t j = 0; j < t.boxes.size(); ++j) {
+            const auto& b = t.boxes[j];
+            const float u = (px - (b[0] - b[2] / 2)) / b[2], v = (py - (b[1] - b[3] / 2)) / b[3];
+            if (u < 0 || u > 1 || v < 0 || v > 1) continue;
+            const int64_t digit = t.labels[j] - 1;  // category d + 1 is digit d
+            if (digit >= 0 && digit < 10) row[34 + digit] = scale;
+            const int pu = std::min(2, static_cast<int>(u * 3)), pv = std::min(2, static_cast<int>(v * 3));
+            row[44 + pv * 3 + pu] = scale;
+          }
         }
         if (with_pos) {  // what a ViT token keeps of its position embedding: the patch's own place
           const float px = (static_cast<float>(gx) + 0.5f) / static_cast<float>(g);
@@ -158,10 +175,10 @@ int main(int argc, char** argv) {
   hc.d_model = static_cast<int64_t>(num("d", 128));
   hc.ffn = 2 * hc.d_model;
   const float scale = static_cast<float>(num("scale", 3)), noise = static_cast<float>(num("noise", 0));
-  const bool with_pos = num("pos", 0) != 0, with_box = num("box", 0) != 0;
+  const bool with_pos = num("pos", 0) != 0, with_box = num("box", 0) != 0, with_parts = num("parts", 0) != 0;
   const auto t0 = std::chrono::steady_clock::now();
-  Split train = load_split(argv[1], size, patch, denc, scale, noise, with_pos, with_box, 1);
-  Split val = load_split(argv[2], size, patch, denc, scale, noise, with_pos, with_box, 2);
+  Split train = load_split(argv[1], size, patch, denc, scale, noise, with_pos, with_box, with_parts, 1);
+  Split val = load_split(argv[2], size, patch, denc, scale, noise, with_pos, with_box, with_parts, 2);
   std::printf("features: %zu train, %zu val scenes, grid %lldx%lld (%.1f s)\n", train.data.size(), val.data.size(),
               static_cast<long long>(g), static_cast<long long>(g),
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
