@@ -526,6 +526,19 @@ TEST_CASE("DeiT with teacher: the hard-distillation loss's step matches PyTorch"
   std::vector<float> want(model.weights.size());
   for (size_t i = 0; i < want.size(); ++i) want[i] = model.weights[i] - grads[i];
   CHECK(stepped.weights == want);
+  // ... and in two sub-batches, each with its own slice of the teacher's labels: the same loss
+  // and gradient up to float summation order.
+  REQUIRE(pixels.shape()[0] % 2 == 0);
+  VitTrainModel halves = load_vit_train_model(fixtures("conformance/deit-tiny-distilled-rand"));
+  VitTrainState state2;
+  o.sub_batches = 2;
+  const TrainStepResult r2 = vit_train_step(halves, state2, pixels, labels, o, &teacher);
+  CHECK(r2.loss == Approx(loss).epsilon(1e-6));
+  CHECK(r2.correct == r.correct);
+  CHECK(rel_err(state2.grads, std::vector<double>(grads.begin(), grads.end())) <= 1e-5);
+  std::vector<int64_t> short_teacher(teacher.begin(), teacher.end() - 1);
+  CHECK_THROWS_WITH(vit_train_step(halves, state2, pixels, labels, o, &short_teacher),
+                    Catch::Contains("one per image"));
 }
 
 TEST_CASE("--arch presets have the published sizes", "[vit_train]") {

@@ -1363,7 +1363,6 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
     state.v.assign(o.optimizer == Optimizer::AdamW ? n : 0, 0.0f);
   }
   if (o.optimizer == Optimizer::AdamW && state.v.size() != n) state.v.assign(n, 0.0f);
-  std::fill(state.grads.begin(), state.grads.end(), 0.0f);
   TrainStepResult r;
   const int64_t K = model.num_labels;
   check(pixel_values.ndim() == 4, "vit_train_step: pixel_values must be [B, C, H, W]");
@@ -1372,45 +1371,43 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
                                       : vit_train_sub_batches(model, B, pixel_values.shape()[2], pixel_values.shape()[3]);
   check(S >= 1 && B % S == 0, "vit_train_step: a batch of " + std::to_string(B) + " does not split into " +
                                   std::to_string(S) + " equal sub-batches");
-  check(static_cast<int64_t>(labels.size()) == B,
-        "vit_train_step: " + std::to_string(labels.size()) + " labels for a batch of " + std::to_string(B));
-  auto count_correct = [&](const std::vector<float>& logits, int64_t b0, int64_t nb) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* row = logits.data() + b * K;
-      r.correct += std::max_element(row, row + K) - row == labels[static_cast<size_t>(b0 + b)];
+  check(static_cast<int64_t>(labels.size()) == B &&
+            (!teacher_labels || static_cast<int64_t>(teacher_labels->size()) == B),
+        "vit_train_step: " + std::to_string(labels.size()) + " labels" +
+            (teacher_labels ? " and " + std::to_string(teacher_labels->size()) + " teacher labels" : "") +
+            " for a batch of " + std::to_string(B) + ": one per image");
+  // Images [b0, b0 + nb): their mean loss, its gradient added into grads, the correct rows counted.
+  auto loss_and_grad = [&](int64_t b0, int64_t nb, VitTrainActivations& acts, std::vector<float>& grads) {
+    const Tensor x = pixel_values.slice0(b0, b0 + nb);
+    const std::vector<int64_t> y(labels.begin() + b0, labels.begin() + b0 + nb);
+    double loss = 0;
+    if (teacher_labels) {
+      const std::vector<int64_t> t(teacher_labels->begin() + b0, teacher_labels->begin() + b0 + nb);
+      loss = vit_train_distillation_loss_and_grad(model, x, y, t, o.label_smoothing, acts, grads);
+    } else {
+      loss = vit_train_loss_and_grad(model, x, y, o.label_smoothing, acts, grads);
     }
+    int64_t correct = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* row = acts.logits.data() + b * K;
+      correct += std::max_element(row, row + K) - row == y[static_cast<size_t>(b)];
+    }
+    return std::make_pair(loss, correct);
   };
   if (S == 1) {
-    r.loss = teacher_labels
-                 ? vit_train_distillation_loss_and_grad(model, pixel_values, labels, *teacher_labels,
-                                                        o.label_smoothing, state.acts, state.grads)
-                 : vit_train_loss_and_grad(model, pixel_values, labels, o.label_smoothing, state.acts,
-                                           state.grads);
-    count_correct(state.acts.logits, 0, B);
+    std::fill(state.grads.begin(), state.grads.end(), 0.0f);
+    std::tie(r.loss, r.correct) = loss_and_grad(0, B, state.acts, state.grads);
   } else {
     // Each sub-batch's mean loss and its gradient, side by side; the batch's mean is their mean
     // (equal sub-batches), summed in sub-batch order.
     const int64_t nb = B / S;
-    const int64_t per_image = pixel_values.numel() / B;
     state.sub.resize(static_cast<size_t>(S));
-    std::vector<double> losses(static_cast<size_t>(S));
+    std::vector<std::pair<double, int64_t>> parts(static_cast<size_t>(S));
     parallel_tasks(S, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         VitTrainState::SubBatch& sb = state.sub[static_cast<size_t>(k)];
-        Shape shape = pixel_values.shape();
-        shape[0] = nb;
-        if (sb.pixels.shape() != shape) sb.pixels = Tensor(shape);
-        std::copy_n(pixel_values.data() + k * nb * per_image, nb * per_image, sb.pixels.data());
         sb.grads.assign(model.weights.size(), 0.0f);
-        const std::vector<int64_t> sl(labels.begin() + k * nb, labels.begin() + (k + 1) * nb);
-        if (teacher_labels) {
-          const std::vector<int64_t> st(teacher_labels->begin() + k * nb, teacher_labels->begin() + (k + 1) * nb);
-          losses[static_cast<size_t>(k)] = vit_train_distillation_loss_and_grad(model, sb.pixels, sl, st,
-                                                                                o.label_smoothing, sb.acts, sb.grads);
-        } else {
-          losses[static_cast<size_t>(k)] =
-              vit_train_loss_and_grad(model, sb.pixels, sl, o.label_smoothing, sb.acts, sb.grads);
-        }
+        parts[static_cast<size_t>(k)] = loss_and_grad(k * nb, nb, sb.acts, sb.grads);
       }
     });
     const float inv = 1.0f / static_cast<float>(S);
@@ -1419,12 +1416,12 @@ TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const
       for (int64_t i = i0; i < i1; ++i) {
         float g = 0.0f;
         for (int64_t k = 0; k < S; ++k) g += state.sub[static_cast<size_t>(k)].grads[static_cast<size_t>(i)];
-        state.grads[static_cast<size_t>(i)] += g * inv;
+        state.grads[static_cast<size_t>(i)] = g * inv;
       }
     });
-    for (int64_t k = 0; k < S; ++k) {
-      r.loss += losses[static_cast<size_t>(k)] / static_cast<double>(S);
-      count_correct(state.sub[static_cast<size_t>(k)].acts.logits, k * nb, nb);
+    for (const auto& [loss, correct] : parts) {
+      r.loss += loss / static_cast<double>(S);
+      r.correct += correct;
     }
   }
   r.grad_norm = vit_train_apply_gradients(model, state, o);

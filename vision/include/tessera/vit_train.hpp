@@ -297,7 +297,6 @@ struct VitTrainState {
   VitTrainActivations acts;
   std::shared_ptr<DetrTrainActivations> detr_acts;  // a DETR head's, made by its first step
   struct SubBatch {  // vit_train_step's sub-batches (TrainStepOptions::sub_batches)
-    Tensor pixels;
     VitTrainActivations acts;
     std::vector<float> grads;
   };
