@@ -76,9 +76,9 @@ static Split load_split(const std::string& dir, int64_t size, int64_t patch, int
         const float total = static_cast<float>((std::min(y1, H) - y0) * (std::min(x1, W) - x0));
         float* row = f + (gy * g + gx) * denc;
         for (int c = 0; c < 11; ++c) row[c] = scale * hist[c] / total;
+        const float px = (static_cast<float>(gx) + 0.5f) / static_cast<float>(g);  // the patch's centre
+        const float py = (static_cast<float>(gy) + 0.5f) / static_cast<float>(g);
         if (with_box) {  // the box (cx, cy, w, h) of the digit whose box holds this patch's centre
-          const float px = (static_cast<float>(gx) + 0.5f) / static_cast<float>(g);
-          const float py = (static_cast<float>(gy) + 0.5f) / static_cast<float>(g);
           for (const auto& b : s.data.targets[static_cast<size_t>(i)].boxes)
             if (std::fabs(px - b[0]) <= b[2] / 2 && std::fabs(py - b[1]) <= b[3] / 2) {
               row[29] = scale;
@@ -87,8 +87,6 @@ static Split load_split(const std::string& dir, int64_t size, int64_t patch, int
         }
         if (with_parts) {  // a segmenter of box parts could say: the digit whose box holds the patch's
                            // centre (one-hot) and which ninth of that box (3x3, one-hot)
-          const float px = (static_cast<float>(gx) + 0.5f) / static_cast<float>(g);
-          const float py = (static_cast<float>(gy) + 0.5f) / static_cast<float>(g);
           const DetectionTarget& t = s.data.targets[static_cast<size_t>(i)];
           for (size_t j = 0; j < t.boxes.size(); ++j) {
             const auto& b = t.boxes[j];
@@ -101,8 +99,6 @@ static Split load_split(const std::string& dir, int64_t size, int64_t patch, int
           }
         }
         if (with_pos) {  // what a ViT token keeps of its position embedding: the patch's own place
-          const float px = (static_cast<float>(gx) + 0.5f) / static_cast<float>(g);
-          const float py = (static_cast<float>(gy) + 0.5f) / static_cast<float>(g);
           row[11] = px, row[12] = py;
           for (int k = 0; k < 4; ++k) {
             const float w = 2.0f * static_cast<float>(M_PI) * static_cast<float>(1 << k);

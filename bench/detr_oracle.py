@@ -3,7 +3,7 @@
 the same cached features and targets (written by `build/detr_oracle TRAIN VAL ... dump=DIR`), with
 the same optimiser and schedule (AdamW, decay 1e-4 on matrices only, clip 0.1, linear warm-up then
 cosine to 1e-5), trained in PyTorch 1.13 with the plain-torch port of transformers' DetrDecoder
-(tests/reference/make_detection_fixtures.py) and DetrLoss (make_set_loss_fixtures.py). Prints the
+(tests/reference/make_detection_fixtures.py's detr_decoder_forward) and DetrLoss (make_set_loss_fixtures.py). Prints the
 same per-epoch training terms as the C++ run (class, L1, GIoU of the last layer, matched-class
 accuracy), so the two curves can be set side by side: if PyTorch learns much faster on the same
 data, Tessera's head training has a bug; if not, the slowness is DETR's.
@@ -36,29 +36,10 @@ def read_targets(path):
 
 
 def head_forward(cfg, sd, feats, g):
-    """vit_detr_forward after the encoder: feats [B, N, denc] are the encoder's final-norm patch rows."""
-    w = sd["input_projection.weight"]
-    mem = torch.nn.functional.linear(feats, w.reshape(w.shape[0], -1), sd["input_projection.bias"])
-    B = feats.shape[0]
-    D, heads, eps = cfg["d_model"], cfg["decoder_attention_heads"], cfg.get("decoder_layer_norm_eps", 1e-5)
-    pos = md.detr_sine(B, g, g, D)
-    qpos = sd["model.query_position_embeddings.weight"].unsqueeze(0).repeat(B, 1, 1)
-    x = torch.zeros_like(qpos)
-    ln = lambda t, n: torch.nn.functional.layer_norm(t, (D,), sd[n + ".weight"], sd[n + ".bias"], eps)
-    outs = []
-    for i in range(cfg["decoder_layers"]):
-        l = f"model.decoder.layers.{i}."
-        x = ln(x + md.detr_attention(x, qpos, None, None, sd, l + "self_attn.", heads), l + "self_attn_layer_norm")
-        x = ln(x + md.detr_attention(x, qpos, mem, pos, sd, l + "encoder_attn.", heads), l + "encoder_attn_layer_norm")
-        y = mm.linear(torch.relu(mm.linear(x, sd, l + "fc1")), sd, l + "fc2")
-        x = ln(x + y, l + "final_layer_norm")
-        if cfg.get("auxiliary_loss", False):
-            x = ln(x, "model.decoder.layernorm")
-            outs.append(x)
-    x = ln(x, "model.decoder.layernorm")
-    hs = outs[:-1] + [x] if outs else [x]
-    return [(mm.linear(h, sd, "class_labels_classifier"), md.mlp_head(h, sd, "bbox_predictor.", 3).sigmoid())
-            for h in hs]
+    """The supervised outputs (auxiliary layers first, the model's last) of the DETR head on
+    feats [B, N, denc], the encoder's final-norm patch rows."""
+    out = md.detr_decoder_forward(cfg, sd, feats, g, g)
+    return out.get("auxiliary", []) + [(out["logits"], out["pred_boxes"])]
 
 
 def main():
@@ -96,7 +77,7 @@ def main():
         order = torch.randperm(n)
         cls = l1 = giou = 0.0
         matched = correct = 0
-        for s in range(min(per_epoch, int(os.environ.get("ORACLE_MAX_STEPS", per_epoch)))):
+        for s in range(per_epoch):
             idx = order[s * a.batch:(s + 1) * a.batch]
             tg = [targets[int(i)] for i in idx]
             lr = (a.lr * (step + 1) / a.warmup if step < a.warmup else

@@ -135,16 +135,22 @@ def detr_attention(h, pos, kv, kv_pos, sd, p, heads):
 
 def vit_detr_forward(cfg, sd, pixel_values):
     bb = cfg["backbone_config"]
-    B, _, H, W = pixel_values.shape
+    _, _, H, W = pixel_values.shape
     isz = bb["image_size"]
     interp = (H, W) != (isz, isz)  # ViTModel(..., interpolate_pos_encoding=True) at another size
     fam = bb.get("model_type", "vit")  # the backbone's family: its names live under "<model_type>."
     h = mm.hf_backbone(dict(bb, architectures=["ViTModel"]), sd, fam + ".", pixel_values, fam, interp)
     p = bb["patch_size"]
-    gh, gw = H // p, W // p
-    w = sd["input_projection.weight"]
     prefix_tokens = 2 if fam == "deit" else 1
-    mem = F.linear(h[:, prefix_tokens:], w.reshape(w.shape[0], -1), sd["input_projection.bias"])  # patch tokens
+    return detr_decoder_forward(cfg, sd, h[:, prefix_tokens:], H // p, W // p)  # the patch tokens
+
+
+def detr_decoder_forward(cfg, sd, patch_tokens, gh, gw):
+    """The DETR head on the backbone's final-norm patch tokens [B, gh*gw, Denc]: input projection,
+    decoder, heads (and the auxiliary heads with auxiliary_loss)."""
+    B = patch_tokens.shape[0]
+    w = sd["input_projection.weight"]
+    mem = F.linear(patch_tokens, w.reshape(w.shape[0], -1), sd["input_projection.bias"])
     D, heads, eps = cfg["d_model"], cfg["decoder_attention_heads"], cfg.get("decoder_layer_norm_eps", 1e-5)
     pos = detr_sine(B, gh, gw, D)
     qpos = sd["model.query_position_embeddings.weight"].unsqueeze(0).repeat(B, 1, 1)
