@@ -212,6 +212,14 @@ int train_classify(const TrainArgs& a) {
   // Data-parallel (mpirun / srun): this rank's slice of every global batch, gradients averaged.
   Communicator* comm = data_parallel_world(a);
   if (comm) o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
+  // --sub-batches, before anything is written: the step splits each rank's share of the batch.
+  check(a.sub_batches == 0 || !a.freeze_encoder,
+        "train: --sub-batches splits the whole model's step; --freeze-encoder trains the classifier alone on cached "
+        "features");
+  const int64_t per_rank = comm ? a.batch / comm->size() : a.batch;
+  check(a.sub_batches == 0 || per_rank % a.sub_batches == 0,
+        "train: --sub-batches " + std::to_string(a.sub_batches) + " does not divide the batch of " +
+            std::to_string(per_rank) + (comm ? " images per rank" : ""));
   const bool lead = !comm || comm->rank() == 0;  // rank 0 alone prints, logs, checkpoints and publishes
   const int64_t total = total_steps(data, o), per_epoch = steps_per_epoch(data, o);
   std::shared_ptr<const Model> teacher;

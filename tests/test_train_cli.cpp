@@ -258,8 +258,14 @@ TEST_CASE("train: bad data is a one-line error naming it, before training", "[tr
                           " --batch 3 --sub-batches 2 --max-steps 1 --no-augment --out " + (dir / "o").string());
     CHECK(c.code != 0);
     CHECK(count_lines(c.err) == 1);
-    CHECK(c.err.find("does not split into 2 equal sub-batches") != std::string::npos);
-    CHECK(!fs::exists(dir / "o" / "model.safetensors"));
+    CHECK(c.err.find("--sub-batches 2 does not divide the batch of 3") != std::string::npos);
+    CHECK(!fs::exists(dir / "o"));  // refused before anything is written
+    const Run f = run_cli("train --init " + init.string() + " --data " + fixture("train/cli-step/images") +
+                          " --batch 2 --freeze-encoder --sub-batches 2 --max-steps 1 --out " + (dir / "o").string());
+    CHECK(f.code != 0);
+    CHECK(count_lines(f.err) == 1);
+    CHECK(f.err.find("--freeze-encoder") != std::string::npos);
+    CHECK(!fs::exists(dir / "o"));
   }
 }
 
