@@ -144,6 +144,7 @@ int train_classify(const TrainArgs& a) {
   if (!a.val.empty()) verify_images(val);
   check(!(a.init.empty() == a.arch.empty()), "train: give exactly one of --init MODEL_DIR (fine-tune) and --arch PRESET (from scratch)");
   check(!a.crops, "train --task classify: --crops is for segmentation");
+  check(a.box_loss == 0 && a.boxes.empty(), "train --task classify: --box-loss and --boxes are for segmentation");
   check(a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss && a.decoder == "linear",
         "train --task classify: --queries, --decoder-layers, --no-aux-loss and --decoder shape detection and "
         "segmentation heads");
@@ -443,6 +444,11 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_flag("--crops", a.crops,
                 "segment --arch or --init with --image-size: train on --image-size crops at the images' own resolution "
                 "(Segmenter's recipe); the model then segments with sliding windows of that size");
+  cmd->add_option("--box-loss", a.box_loss,
+                  "segment: also teach the encoder's patch tokens the box of the object they lie in (L1 through a "
+                  "training-only linear head, this weight; for a DETR head trained on the frozen encoder later); 0: off")
+      ->check(CLI::Range(0.0, 1000.0));
+  cmd->add_option("--boxes", a.boxes, "segment --box-loss: COCO instances JSON of the images' boxes (default: DATA/annotations.json)");
   cmd->add_option("--queries", a.queries, "detect, a new DETR head: object queries")->check(CLI::Range(1, 10000));
   cmd->add_option("--decoder-layers", a.decoder_layers,
                   "A new DETR head's decoder layers (detect) or mask transformer's blocks (segment)")->check(CLI::Range(1, 64));

@@ -36,6 +36,8 @@ struct TrainArgs {
   int64_t sub_batches = 0;    // classify: TrainStepOptions::sub_batches (0: automatic)
   bool freeze_encoder = false, no_augment = false, no_shuffle = false, resume = false, hflip = false;
   bool crops = false;  // segment --arch: train on image_size crops at the images' own resolution
+  double box_loss = 0;    // segment: the patch-box loss's weight (segmenter_train.hpp); 0: off
+  std::string boxes;      // segment --box-loss: the COCO JSON of the boxes (default DATA/annotations.json)
   // detect, a new DETR head (--arch detr-digits, or --init a ViT classifier): its queries and
   // decoder layers (0: the preset's), auxiliary loss on unless --no-aux-loss.
   int64_t queries = 0, decoder_layers = 0;

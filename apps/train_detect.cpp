@@ -95,6 +95,8 @@ int train_detect(const TrainArgs& a) {
   check(a.label_smoothing == 0, "train --task detect: --label-smoothing is for classification (the set loss "
                                 "weights no-object by eos_coefficient instead)");
   check(!a.crops, "train --task detect: --crops is for segmentation");
+  check(a.box_loss == 0 && a.boxes.empty(), "train --task detect: --box-loss and --boxes are for segmentation (the "
+                                            "encoder's pre-training); the detector's own loss is the set loss");
   check(a.sub_batches == 0, "train --task detect: --sub-batches is for classification");
   check(a.decoder == "linear", "train --task detect: --decoder is for segmentation (Segmenter's decoder)");
   check(a.teacher.empty(), "train --task detect: --teacher is for classification (a DeiT with teacher)");

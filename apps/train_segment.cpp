@@ -104,6 +104,12 @@ int train_segment(const TrainArgs& args) {
   check(args.sub_batches == 0, "train --task segment: --sub-batches is for classification");
   check(args.rrc == 0, "train --task segment: --random-resized-crop is for classification");
   check(args.elastic == 0, "train --task segment: --elastic is for classification");
+  check(args.box_loss > 0 || args.boxes.empty(), "train --task segment: --boxes is the data of --box-loss");
+  check(args.box_loss == 0 || !args.freeze_encoder,
+        "train --task segment: --box-loss trains the encoder's patch tokens; it cannot be frozen (--freeze-encoder)");
+  check(args.box_loss == 0 || !args.resume,
+        "train --task segment: --resume does not restore the --box-loss head (it is not checkpointed); run again "
+        "without --resume");
   SegmenterTrainModel model;
   std::string processor_json;
   const bool init_vit = !args.init.empty() && segmenter_init_is_vit(args.init);
@@ -182,7 +188,15 @@ int train_segment(const TrainArgs& args) {
   }
   model.vit.frozen_encoder = args.freeze_encoder;  // the decoder (and the linear head) only
   // Every label must be a class of the model (or 255): checked for every pair before training.
-  const std::vector<SegmentationPair> data = load_segmentation_folder(args.data, model.num_classes);
+  std::vector<SegmentationPair> data = load_segmentation_folder(args.data, model.num_classes);
+  if (args.box_loss > 0) {
+    const std::string boxes = args.boxes.empty() ? (fs::path(args.data) / "annotations.json").string() : args.boxes;
+    attach_segmentation_boxes(data, boxes);
+    size_t n = 0;
+    for (const SegmentationPair& p : data) n += p.boxes.size();
+    check(n > 0, boxes + ": no boxes for the images of " + args.data + " (--box-loss needs them)");
+    std::fprintf(stderr, "patch-box loss (weight %g): %zu boxes from %s\n", args.box_loss, n, boxes.c_str());
+  }
   const PreprocessConfig processor = parse_preprocess_config(processor_json, args.out + "/preprocessor_config.json");
   std::vector<SegmentationPair> val;
   if (!args.val.empty()) val = load_segmentation_folder(args.val, model.num_classes);
@@ -198,6 +212,7 @@ int train_segment(const TrainArgs& args) {
   o.warmup_steps = args.warmup;
   o.min_lr = args.min_lr;
   o.step = train_step_options(args);  // --label-smoothing is refused above
+  o.box_loss = args.box_loss;
   // Data-parallel (mpirun / srun): this rank's slice of every global batch, gradients averaged.
   Communicator* comm = data_parallel_world(args);
   if (comm) o.step.comm = comm, o.shard = comm->rank(), o.shards = comm->size();
@@ -256,9 +271,11 @@ int train_segment(const TrainArgs& args) {
                static_cast<long long>(model.vit.config.hidden_size),
                static_cast<long long>(model.vit.config.num_hidden_layers), static_cast<long long>(total),
                static_cast<long long>(o.batch));
-  TrainLog log(args.out, total, state.opt.step, {"pixel_accuracy"});
+  TrainLog log(args.out, total, state.opt.step,
+               args.box_loss > 0 ? std::vector<std::string>{"pixel_accuracy", "box_l1"} : std::vector<std::string>{"pixel_accuracy"});
   train_segmenter(model, state, data, processor, o, [&](const SegmenterProgress& p) {
-    log.step(p.step, p.epoch, p.loss, p.lr, p.grad_norm, p.batch, {p.pixel_accuracy});
+    log.step(p.step, p.epoch, p.loss, p.lr, p.grad_norm, p.batch,
+             args.box_loss > 0 ? std::vector<double>{p.pixel_accuracy, p.box_loss} : std::vector<double>{p.pixel_accuracy});
     const bool epoch_end = p.step % per_epoch == 0;
     if (p.step % every == 0 || p.step == total) save_checkpoint();
     if (epoch_end && !val.empty()) {

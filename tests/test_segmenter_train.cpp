@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <numeric>
+#include <random>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <string>
@@ -18,6 +20,7 @@
 #include "tessera/parallel.hpp"
 #include "tessera/safetensors.hpp"
 #include "tessera/segmentation.hpp"
+#include "tessera/segmentation_loss.hpp"
 #include "tessera/segmenter_train.hpp"
 
 using namespace tessera;
@@ -67,7 +70,7 @@ SegmentationPair write_pair(const fs::path& dir, const std::string& name, const 
   const fs::path i = dir / "images" / (name + ".png"), m = dir / "masks" / (name + ".png");
   cv::imwrite(i.string(), image);
   cv::imwrite(m.string(), mask);
-  return {i.string(), m.string()};
+  return {i.string(), m.string(), {}};
 }
 
 }  // namespace
@@ -475,4 +478,215 @@ TEST_CASE("fine-tuning a Segmenter on other classes gives it a new class head", 
     CHECK(load_model(out.string())->labels == labels);
     fs::remove_all(out);
   }
+}
+
+// ------------------------------------------------------------------ the patch-box loss
+// References: the targets by hand; the loss by its definition (computed here in double); its
+// gradients, and the encoder's gradient through it, by central finite differences (stated below).
+
+TEST_CASE("patch_box_targets: patches whose centre lies in a box regress it", "[segmenter_train]") {
+  // 8x8 input, patch 4 (a 2x2 grid): one box over the left column, one too small for any centre.
+  std::vector<float> t(4 * 4, -1.0f), w(4, -1.0f);
+  patch_box_targets({{0, 0, 4, 8}}, 8, 8, 4, t.data(), w.data());
+  CHECK(w == std::vector<float>{1, 0, 1, 0});
+  for (int i : {0, 2}) {
+    CHECK(t[4 * i + 0] == 0.25f);
+    CHECK(t[4 * i + 1] == 0.5f);
+    CHECK(t[4 * i + 2] == 0.5f);
+    CHECK(t[4 * i + 3] == 1.0f);
+  }
+  CHECK(t[4] == 0.0f);  // unassigned rows are zero
+  // A 1x1 box at (5, 5)-(6, 6) holds no patch centre (2, 6): the patch holding its centre, (1, 1).
+  patch_box_targets({{5, 5, 6, 6}}, 8, 8, 4, t.data(), w.data());
+  CHECK(w == std::vector<float>{0, 0, 0, 1});
+  CHECK(t[12] == 5.5f / 8);
+  CHECK(t[13] == 5.5f / 8);
+  CHECK(t[14] == 1.0f / 8);
+  CHECK(t[15] == 1.0f / 8);
+  // Nested boxes: the smaller one wins where both hold the centre.
+  patch_box_targets({{0, 0, 8, 8}, {0, 0, 4, 4}}, 8, 8, 4, t.data(), w.data());
+  CHECK(w == std::vector<float>{1, 1, 1, 1});
+  CHECK(t[2] == 0.5f);  // patch 0: the 4x4 box
+  CHECK(t[6] == 1.0f);  // patch 1: the whole image
+}
+
+TEST_CASE("patch-box loss: value by definition, gradients against finite differences", "[segmenter_train]") {
+  const int64_t D = 5, R = 6;
+  PatchBoxHead head = make_patch_box_head(D, 7);
+  for (int k = 0; k < 4; ++k) head.params[4 * D + k] = 0.1f * static_cast<float>(k) - 0.15f;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> f(R * D), targets(R * 4), weights{1, 0, 1, 1, 0, 1};
+  for (float& x : f) x = normal(rng);
+  for (size_t i = 0; i < targets.size(); ++i) targets[i] = i % 3 == 0 ? 0.9f : 0.1f;  // far from sigmoid ≈ 0.5
+  const double lambda = 2.5;
+  std::vector<float> df(R * D, 0.0f), dp(head.params.size(), 0.0f);
+  const double l1 = patch_box_loss_and_grad(head, f.data(), R, targets.data(), weights.data(), lambda, df.data(), dp.data());
+  double want = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    if (weights[r] == 0) continue;
+    for (int64_t k = 0; k < 4; ++k) {
+      double z = head.params[4 * D + k];
+      for (int64_t d = 0; d < D; ++d) z += static_cast<double>(head.params[k * D + d]) * f[r * D + d];
+      want += std::abs(1 / (1 + std::exp(-z)) - targets[r * 4 + k]);
+    }
+  }
+  want /= 4;  // four rows inside a box
+  CHECK(std::abs(l1 - want) <= 1e-12 + 1e-9 * want);
+  // Central differences of lambda·L1, step 1e-3 (the loss is smooth there: no |·| at 0); the
+  // loss is summed in double, so the tolerance is the O(h²) truncation: 1e-4 of the largest.
+  auto loss_at = [&](const PatchBoxHead& h, const std::vector<float>& x) {
+    return lambda * patch_box_loss_and_grad(h, x.data(), R, targets.data(), weights.data(), lambda, nullptr, nullptr);
+  };
+  const float h = 1e-3f;
+  std::vector<double> fd_f(df.size()), fd_p(dp.size());
+  for (size_t i = 0; i < f.size(); ++i) {
+    std::vector<float> a = f, b = f;
+    a[i] += h, b[i] -= h;
+    fd_f[i] = (loss_at(head, a) - loss_at(head, b)) / (static_cast<double>(a[i]) - b[i]);
+  }
+  for (size_t i = 0; i < head.params.size(); ++i) {
+    PatchBoxHead a = head, b = head;
+    a.params[i] += h, b.params[i] -= h;
+    fd_p[i] = (loss_at(a, f) - loss_at(b, f)) / (static_cast<double>(a.params[i]) - b.params[i]);
+  }
+  CHECK(rel_err(df, fd_f, df.size()) <= 1e-4);
+  CHECK(rel_err(dp, fd_p, dp.size()) <= 1e-4);
+  // Rows outside every box get no gradient.
+  for (int64_t d = 0; d < D; ++d) {
+    CHECK(df[1 * D + d] == 0.0f);
+    CHECK(df[4 * D + d] == 0.0f);
+  }
+}
+
+TEST_CASE("The patch-box loss reaches the encoder: gradient against finite differences", "[segmenter_train]") {
+  const SegmenterTrainModel model = load_segmenter_train_model(fixture("model"));
+  const Batch batch = fixture_batch();
+  const VitConfig& c = model.vit.config;
+  const int64_t B = batch.pixels.dim(0), N = (c.image_height / c.patch_size) * (c.image_width / c.patch_size);
+  const PatchBoxHead head = make_patch_box_head(c.hidden_size, 1);
+  PatchBoxBatch boxes;
+  boxes.loss_weight = 4.0;
+  boxes.targets.resize(static_cast<size_t>(B * N * 4)), boxes.weights.resize(static_cast<size_t>(B * N));
+  for (size_t i = 0; i < boxes.weights.size(); ++i) boxes.weights[i] = i % 2 == 0;
+  for (size_t i = 0; i < boxes.targets.size(); ++i) boxes.targets[i] = i % 3 == 0 ? 0.85f : 0.15f;
+  // The loss the step minimises, from a forward alone (double sums of float values).
+  auto total_loss = [&](const SegmenterTrainModel& m) {
+    SegmenterTrainActivations acts;
+    const Tensor& logits = segmenter_train_forward(m, batch.pixels, acts);
+    return segmentation_cross_entropy(logits, batch.labels, nullptr, 255) +
+           boxes.loss_weight * patch_box_loss_and_grad(head, acts.normed.data(), B * N, boxes.targets.data(),
+                                                       boxes.weights.data(), boxes.loss_weight, nullptr, nullptr);
+  };
+  SegmenterTrainActivations acts;
+  const Tensor& logits = segmenter_train_forward(model, batch.pixels, acts);
+  Tensor dlogits(logits.shape());
+  segmentation_cross_entropy(logits, batch.labels, &dlogits, 255);
+  std::vector<float> dfeatures(acts.normed.size(), 0.0f), dhead(head.params.size(), 0.0f);
+  patch_box_loss_and_grad(head, acts.normed.data(), B * N, boxes.targets.data(), boxes.weights.data(), boxes.loss_weight,
+                          dfeatures.data(), dhead.data());
+  std::vector<float> with(model.vit.weights.size(), 0.0f), without(model.vit.weights.size(), 0.0f);
+  segmenter_train_backward(model, acts, dlogits, with, dfeatures);
+  segmenter_train_loss_and_grad(model, batch.pixels, batch.labels, acts, without);
+  // The box term changes the encoder's gradient (else this test would not test it) ...
+  double changed = 0;
+  for (size_t i = 0; i < with.size(); ++i) changed = std::max(changed, std::abs(static_cast<double>(with[i]) - without[i]));
+  CHECK(changed > 1e-3);
+  // ... and the 12 largest components of the whole gradient match central differences of the
+  // forward's loss (step 1e-2 on weights of norm ~1; float forwards: the tolerance, 2% of each
+  // component, covers their rounding and the O(h²) error).
+  std::vector<size_t> order(with.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::partial_sort(order.begin(), order.begin() + 12, order.end(),
+                    [&](size_t a, size_t b) { return std::abs(with[a]) > std::abs(with[b]); });
+  for (int j = 0; j < 12; ++j) {
+    const size_t i = order[static_cast<size_t>(j)];
+    SegmenterTrainModel a = model, b = model;
+    a.vit.weights[i] += 1e-2f, b.vit.weights[i] -= 1e-2f;
+    const double fd = (total_loss(a) - total_loss(b)) / (static_cast<double>(a.vit.weights[i]) - b.vit.weights[i]);
+    INFO("weight " << i << ": analytic " << with[i] << ", finite differences " << fd);
+    CHECK(std::abs(fd - with[i]) <= 0.02 * std::abs(with[i]));
+  }
+}
+
+TEST_CASE("segmentation_sample moves the boxes with the image", "[segmenter_train]") {
+  const fs::path data = temp_dir("boxes");
+  cv::Mat img(48, 56, CV_8UC3, cv::Scalar(0, 0, 0)), mask(48, 56, CV_8U, cv::Scalar(0));
+  cv::rectangle(img, cv::Rect(16, 12, 14, 20), cv::Scalar(255, 255, 255), cv::FILLED);
+  cv::rectangle(mask, cv::Rect(16, 12, 14, 20), cv::Scalar(1), cv::FILLED);
+  SegmentationPair pair = write_pair(data, "a", img, mask);
+  pair.boxes = {{16, 12, 14, 20}};
+  for (const bool crop : {false, true})
+    for (const bool hflip : {false, true})
+      for (const bool augment : {false, true})
+        for (uint64_t seed : {0ull, 1ull, 2ull, 99ull}) {
+          INFO("crop " << crop << ", hflip " << hflip << ", augment " << augment << ", seed " << seed);
+          PreprocessConfig pre;
+          pre.height = pre.width = crop ? 32 : 24;
+          pre.do_resize = !crop;
+          const int S = crop ? 32 : 24;
+          std::vector<float> px(3 * S * S);
+          std::vector<int32_t> labels(S * S);
+          std::vector<std::array<float, 4>> boxes;
+          segmentation_sample(pair, pre, augment, seed, px.data(), labels.data(), S, S, crop ? S : 0, hflip, &boxes);
+          // The box is the mask's class-1 extent (to a pixel: nearest-neighbour label maps).
+          int x0 = S, y0 = S, x1 = -1, y1 = -1;
+          for (int y = 0; y < S; ++y)
+            for (int x = 0; x < S; ++x)
+              if (labels[y * S + x] == 1) x0 = std::min(x0, x), y0 = std::min(y0, y), x1 = std::max(x1, x + 1), y1 = std::max(y1, y + 1);
+          REQUIRE(x1 > 0);
+          REQUIRE(boxes.size() == 1);
+          CHECK(std::abs(boxes[0][0] - x0) <= 1.0f);
+          CHECK(std::abs(boxes[0][1] - y0) <= 1.0f);
+          CHECK(std::abs(boxes[0][2] - x1) <= 1.0f);
+          CHECK(std::abs(boxes[0][3] - y1) <= 1.0f);
+        }
+  fs::remove_all(data);
+}
+
+TEST_CASE("Segmenter training with the patch-box loss", "[segmenter_train]") {
+  const fs::path data = temp_dir("boxloop");
+  std::vector<SegmentationPair> pairs;
+  for (int i = 0; i < 8; ++i) {
+    cv::Mat img(32, 40, CV_8UC3, cv::Scalar(128, 128, 128)), mask(32, 40, CV_8U, cv::Scalar(0));
+    const cv::Rect r(4 + 3 * i, 2 + 2 * i, 8 + i, 10);
+    cv::rectangle(img, r, cv::Scalar(240, 240, 240), cv::FILLED);
+    cv::rectangle(mask, r, cv::Scalar(1), cv::FILLED);
+    pairs.push_back(write_pair(data, "s" + std::to_string(i), img, mask));
+    pairs.back().boxes = {{static_cast<double>(r.x), static_cast<double>(r.y), static_cast<double>(r.width),
+                           static_cast<double>(r.height)}};
+  }
+  PreprocessConfig pre;
+  pre.height = pre.width = 16;
+  VitConfig c = segmenter_train_preset("segmenter-digits", 16);
+  c.hidden_size = 24, c.num_hidden_layers = 2, c.intermediate_size = 48;
+  SegmenterTrainOptions o;
+  o.epochs = 6, o.batch = 4, o.seed = 5, o.warmup_steps = 1, o.box_loss = 2.0;
+  o.step.lr = 3e-3f, o.step.clip_grad = 1.0f;
+  const SegmenterTrainModel init = make_segmenter_train_model(c, {"background", "square"}, 3);
+  SegmenterTrainModel model = init;
+  SegmenterTrainState state;
+  std::vector<double> box;
+  train_segmenter(model, state, pairs, pre, o, [&](const SegmenterProgress& p) { box.push_back(p.box_loss); });
+  REQUIRE(box.size() == 12);
+  CHECK(box.front() > 0);
+  CHECK(box.back() < box.front());
+  CHECK(state.box.dim == 24);
+  CHECK(state.box.params != make_patch_box_head(24, 5).params);
+  // Without it the run differs (the box term moves the encoder) and reports no box loss.
+  SegmenterTrainModel plain = init;
+  SegmenterTrainState plain_state;
+  o.box_loss = 0;
+  std::vector<double> none;
+  train_segmenter(plain, plain_state, pairs, pre, o, [&](const SegmenterProgress& p) { none.push_back(p.box_loss); });
+  CHECK(none == std::vector<double>(12, 0.0));
+  CHECK(plain.vit.weights != model.vit.weights);
+  CHECK(plain_state.box.params.empty());
+  // A frozen encoder has nothing for the box loss to train.
+  SegmenterTrainModel frozen = init;
+  frozen.vit.frozen_encoder = true;
+  o.box_loss = 1;
+  SegmenterTrainState frozen_state;
+  CHECK_THROWS_WITH(train_segmenter(frozen, frozen_state, pairs, pre, o), Catch::Contains("frozen"));
+  fs::remove_all(data);
 }

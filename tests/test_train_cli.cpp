@@ -519,3 +519,60 @@ TEST_CASE("train --init --image-size fine-tunes a classifier at another resoluti
   CHECK(t.code != 0);
   CHECK(t.err.find("trains at its own size") != std::string::npos);
 }
+
+TEST_CASE("train --task segment --box-loss: patch tokens taught their boxes, the head left out", "[train_cli]") {
+  // Light rectangles (class 1) on grey, 40x32, their boxes in a COCO file beside the masks.
+  const fs::path data = scratch("boxdata");
+  fs::create_directories(data / "images"), fs::create_directories(data / "masks");
+  nlohmann::json coco = {{"images", nlohmann::json::array()}, {"annotations", nlohmann::json::array()},
+                         {"categories", {{{"id", 1}, {"name", "box"}}}}};
+  for (int i = 0; i < 6; ++i) {
+    cv::Mat img(32, 40, CV_8UC3, cv::Scalar(128, 128, 128)), mask(32, 40, CV_8U, cv::Scalar(0));
+    const cv::Rect r(3 + 4 * i, 2 + 3 * i, 8 + i, 9);
+    cv::rectangle(img, r, cv::Scalar(240, 240, 240), cv::FILLED);
+    cv::rectangle(mask, r, cv::Scalar(1), cv::FILLED);
+    const std::string name = "s" + std::to_string(i) + ".png";
+    cv::imwrite((data / "images" / name).string(), img);
+    cv::imwrite((data / "masks" / name).string(), mask);
+    coco["images"].push_back({{"id", i + 1}, {"file_name", "images/" + name}, {"width", 40}, {"height", 32}});
+    coco["annotations"].push_back({{"id", i + 1}, {"image_id", i + 1}, {"category_id", 1},
+                                   {"bbox", {r.x, r.y, r.width, r.height}}, {"area", r.area()}, {"iscrowd", 0}});
+  }
+  std::ofstream(data / "annotations.json") << coco.dump();
+  const std::string base = "train --task segment --data " + data.string() +
+                           " --arch segmenter-digits --image-size 16 --hidden-size 24 --layers 1 --heads 2 --batch 2 --threads 2";
+  const fs::path out = scratch("boxrun") / "model";
+  const Run r = run_cli(base + " --max-steps 6 --lr 3e-3 --box-loss 2 --out " + out.string());
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  CHECK(r.err.find("patch-box loss (weight 2): 6 boxes from") != std::string::npos);
+  const std::string log = slurp(out / "log.csv");
+  CHECK(log.substr(0, log.find('\n')).find("box_l1") != std::string::npos);
+  // The training-only head is not part of the model: the same tensors as a run without it.
+  const fs::path plain = scratch("boxplain") / "model";
+  REQUIRE(run_cli(base + " --max-steps 1 --out " + plain.string()).code == 0);
+  CHECK(SafeTensors::open((out / "model.safetensors").string()).names() ==
+        SafeTensors::open((plain / "model.safetensors").string()).names());
+  REQUIRE(load_model(out.string())->segmentation != nullptr);
+
+  const fs::path o = scratch("boxbad") / "model";
+  const Run frozen = run_cli(base + " --box-loss 1 --freeze-encoder --max-steps 1 --out " + o.string());
+  CHECK(frozen.code != 0);
+  CHECK(frozen.err.find("--box-loss trains the encoder's patch tokens; it cannot be frozen") != std::string::npos);
+  const Run lonely = run_cli(base + " --boxes " + (data / "annotations.json").string() + " --max-steps 1 --out " + o.string());
+  CHECK(lonely.code != 0);
+  CHECK(lonely.err.find("--boxes is the data of --box-loss") != std::string::npos);
+  // A COCO file without one of the images names both.
+  coco["images"].erase(coco["images"].begin() + 5);
+  coco["annotations"].erase(coco["annotations"].begin() + 5);
+  const fs::path partial = data / "partial.json";
+  std::ofstream(partial) << coco.dump();
+  const Run missing = run_cli(base + " --box-loss 1 --boxes " + partial.string() + " --max-steps 1 --out " + o.string());
+  CHECK(missing.code != 0);
+  CHECK(missing.err.find(partial.string() + ": has no image s5.png") != std::string::npos);
+  const Run detect = run_cli("train --task detect --data " + (data / "annotations.json").string() +
+                             " --arch detr-digits --box-loss 1 --out " + o.string());
+  CHECK(detect.code != 0);
+  CHECK(detect.err.find("--box-loss and --boxes are for segmentation") != std::string::npos);
+  CHECK_FALSE(fs::exists(o));
+}

@@ -6,12 +6,14 @@
 #include <numeric>
 #include <cctype>
 #include <filesystem>
+#include <map>
 
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
+#include "tessera/metrics.hpp"
 #include "tessera/parallel.hpp"
 
 namespace fs = std::filesystem;
@@ -201,9 +203,25 @@ std::vector<SegmentationPair> load_segmentation_folder(const std::string& dir, i
             m.string() + ": label " + std::to_string(static_cast<int64_t>(hi)) + " is not one of the " +
                 std::to_string(num_classes) + " classes (255 = ignore)");
     }
-    out.push_back({f.string(), m.string()});
+    out.push_back({f.string(), m.string(), {}});
   }
   return out;
+}
+
+void attach_segmentation_boxes(std::vector<SegmentationPair>& pairs, const std::string& coco_json) {
+  const CocoDataset coco = load_coco_instances(coco_json);
+  std::map<std::string, int64_t> id_of;  // file name → image id
+  for (const CocoImage& im : coco.images) id_of[fs::path(im.file_name).filename().string()] = im.id;
+  std::map<int64_t, std::vector<std::array<double, 4>>> boxes;
+  for (const CocoObject& a : coco.annotations)
+    if (!a.crowd) boxes[a.image_id].push_back({a.x, a.y, a.w, a.h});
+  for (SegmentationPair& p : pairs) {
+    const std::string name = fs::path(p.image).filename().string();
+    const auto it = id_of.find(name);
+    check(it != id_of.end(), coco_json + ": has no image " + name + " (" + p.image + "); the boxes must be of the same images");
+    const auto b = boxes.find(it->second);
+    p.boxes = b == boxes.end() ? std::vector<std::array<double, 4>>{} : b->second;
+  }
 }
 
 }  // namespace tessera

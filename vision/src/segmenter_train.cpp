@@ -697,7 +697,7 @@ const Tensor& decoder_forward(const SegmenterTrainModel& m, int64_t B, Segmenter
 }  // namespace
 
 void segmenter_train_backward(const SegmenterTrainModel& m, SegmenterTrainActivations& acts,
-                              const Tensor& dlogits, std::span<float> grads) {
+                              const Tensor& dlogits, std::span<float> grads, std::span<const float> dfeatures) {
   check(grads.size() == m.vit.weights.size(), "segmenter_train_backward: gradient buffer size differs from the weights'");
   check(dlogits.shape() == acts.logits.shape(), "segmenter_train_backward: dlogits " +
                                                     shape_str(dlogits.shape()) + " for logits " +
@@ -721,6 +721,10 @@ void segmenter_train_backward(const SegmenterTrainModel& m, SegmenterTrainActiva
   else
     linear_backward(acts.normed.data(), w.head_w, acts.dscores.data(), R, K, d, acts.dnormed.data(),
                     g.head_w, g.head_b);
+  if (!dfeatures.empty()) {
+    check(dfeatures.size() == acts.dnormed.size(), "segmenter_train_backward: dfeatures of another size than the patch features'");
+    for (size_t i = 0; i < dfeatures.size(); ++i) acts.dnormed[i] += dfeatures[i];
+  }
   if (m.vit.frozen_encoder) return;  // --freeze-encoder: the head's gradients only (encoder.norm is the encoder's)
   check(!acts.from_features, "segmenter_train_backward: a forward from cached features has no encoder activations");
   layer_norm_backward(acts.dnormed.data(), acts.patches.data(), acts.mean.data(), acts.rstd.data(),
@@ -748,17 +752,18 @@ namespace {
 
 // One step on a batch whose forward `forward` runs (from pixels or from cached features).
 SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& state, const std::vector<int32_t>& labels,
-                              const TrainStepOptions& o, const std::function<const Tensor&()>& forward);
+                              const TrainStepOptions& o, const std::function<const Tensor&()>& forward,
+                              const PatchBoxBatch* boxes = nullptr);
 
 }  // namespace
 
 SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTrainState& state,
                                          const Tensor& pixel_values,
                                          const std::vector<int32_t>& labels,
-                                         const TrainStepOptions& o) {
-  return step_with(model, state, labels, o, [&]() -> const Tensor& {
-    return segmenter_train_forward(model, pixel_values, state.acts);
-  });
+                                         const TrainStepOptions& o, const PatchBoxBatch* boxes) {
+  return step_with(
+      model, state, labels, o, [&]() -> const Tensor& { return segmenter_train_forward(model, pixel_values, state.acts); },
+      boxes);
 }
 
 SegmenterStepResult segmenter_train_step_features(SegmenterTrainModel& model, SegmenterTrainState& state,
@@ -772,7 +777,8 @@ SegmenterStepResult segmenter_train_step_features(SegmenterTrainModel& model, Se
 namespace {
 
 SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& state, const std::vector<int32_t>& labels,
-                              const TrainStepOptions& o, const std::function<const Tensor&()>& forward) {
+                              const TrainStepOptions& o, const std::function<const Tensor&()>& forward,
+                              const PatchBoxBatch* boxes) {
   VitTrainState& s = state.opt;
   const size_t n = model.vit.weights.size();
   if (s.grads.size() != n) {
@@ -783,11 +789,32 @@ SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& s
   if (o.optimizer == Optimizer::AdamW && s.v.size() != n) s.v.assign(n, 0.0f);
   std::fill(s.grads.begin(), s.grads.end(), 0.0f);
   SegmenterStepResult r;
+  PatchBoxHead& box = state.box;
+  const bool with_boxes = boxes && boxes->loss_weight > 0;
+  if (with_boxes) {
+    check(!model.vit.frozen_encoder, "segmenter_train_step: the patch-box loss trains the encoder; it is frozen");
+    check(box.dim == model.vit.config.hidden_size && box.params.size() == static_cast<size_t>(4 * box.dim + 4),
+          "segmenter_train_step: the patch-box loss needs its head (make_patch_box_head) of the encoder's width");
+    box.grads.assign(box.params.size(), 0.0f);
+    if (box.m.size() != box.params.size()) box.m.assign(box.params.size(), 0.0f), box.v.assign(box.params.size(), 0.0f);
+  }
   {
     const Tensor& logits = forward();
     Tensor dlogits(logits.shape());
     r.loss = segmentation_cross_entropy(logits, labels, &dlogits, 255);
-    segmenter_train_backward(model, state.acts, dlogits, s.grads);
+    if (with_boxes) {
+      const int64_t rows = static_cast<int64_t>(state.acts.normed.size()) / box.dim;
+      check(boxes->weights.size() == static_cast<size_t>(rows) && boxes->targets.size() == static_cast<size_t>(4 * rows),
+            "segmenter_train_step: patch-box targets for " + std::to_string(boxes->weights.size()) + " patches, the batch has " +
+                std::to_string(rows));
+      std::vector<float> dfeatures(state.acts.normed.size(), 0.0f);
+      r.box_loss = patch_box_loss_and_grad(box, state.acts.normed.data(), rows, boxes->targets.data(),
+                                           boxes->weights.data(), boxes->loss_weight, dfeatures.data(), box.grads.data());
+      r.loss += boxes->loss_weight * r.box_loss;
+      segmenter_train_backward(model, state.acts, dlogits, s.grads, dfeatures);
+    } else {
+      segmenter_train_backward(model, state.acts, dlogits, s.grads);
+    }
   }
   // Pixel accuracy of this batch (before the step), for the log.
   const Tensor& logits = state.acts.logits;
@@ -803,8 +830,36 @@ SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& s
       r.correct += best == label;
     }
   allreduce_mean(o.comm, s.grads);  // data-parallel: the global batch's gradient on every rank
-  r.grad_norm = clip_grad_norm(s.grads, o.clip_grad);
+  if (with_boxes) {
+    allreduce_mean(o.comm, box.grads);
+    // One norm over the model's and the head's gradients, as clip_grad_norm over all parameters.
+    const double a = grad_norm(s.grads), b = grad_norm(box.grads);
+    r.grad_norm = std::sqrt(a * a + b * b);
+    if (o.clip_grad > 0 && o.clip_grad / (r.grad_norm + 1e-6) < 1) {
+      const float scale = static_cast<float>(o.clip_grad / (r.grad_norm + 1e-6));
+      for (float& g : s.grads) g *= scale;
+      for (float& g : box.grads) g *= scale;
+    }
+  } else {
+    r.grad_norm = clip_grad_norm(s.grads, o.clip_grad);
+  }
   ++s.step;
+  if (with_boxes) {
+    const size_t nw = static_cast<size_t>(4 * box.dim);
+    std::span<float> w(box.params), g(box.grads), m(box.m), v(box.v);
+    if (o.optimizer == Optimizer::AdamW) {
+      AdamWOptions a;
+      a.lr = o.lr, a.beta1 = o.beta1, a.beta2 = o.beta2, a.eps = o.eps, a.weight_decay = o.weight_decay;
+      adamw_step(w.first(nw), g.first(nw), m.first(nw), v.first(nw), s.step, a);
+      a.weight_decay = 0.0f;
+      adamw_step(w.subspan(nw), g.subspan(nw), m.subspan(nw), v.subspan(nw), s.step, a);
+    } else {
+      sgd_step(w.first(nw), g.first(nw), o.momentum != 0.0f ? m.first(nw) : std::span<float>{}, o.lr, o.momentum,
+               o.weight_decay, s.step == 1);
+      sgd_step(w.subspan(nw), g.subspan(nw), o.momentum != 0.0f ? m.subspan(nw) : std::span<float>{}, o.lr, o.momentum,
+               0.0f, s.step == 1);
+    }
+  }
   if (o.optimizer == Optimizer::AdamW) {
     AdamWOptions a;
     a.lr = o.lr, a.beta1 = o.beta1, a.beta2 = o.beta2, a.eps = o.eps, a.weight_decay = o.weight_decay;
@@ -825,6 +880,86 @@ SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& s
 
 }  // namespace
 
+// ------------------------------------------------------------------ the patch-box loss
+
+PatchBoxHead make_patch_box_head(int64_t dim, uint64_t seed) {
+  check(dim > 0, "make_patch_box_head: the width must be positive");
+  PatchBoxHead h;
+  h.dim = dim;
+  h.params.assign(static_cast<size_t>(4 * dim + 4), 0.0f);
+  std::mt19937_64 rng(seed ^ 0x626f782d68656164ull);  // "box-head"
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (int64_t i = 0; i < 4 * dim; ++i) h.params[static_cast<size_t>(i)] = static_cast<float>(0.02 * normal(rng));
+  return h;
+}
+
+void patch_box_targets(const std::vector<std::array<float, 4>>& boxes, int64_t H, int64_t W, int64_t p, float* targets,
+                       float* weights) {
+  check(p > 0 && H % p == 0 && W % p == 0, "patch_box_targets: the input must be a multiple of the patch");
+  const int64_t gh = H / p, gw = W / p, N = gh * gw;
+  std::fill(targets, targets + 4 * N, 0.0f);
+  std::fill(weights, weights + N, 0.0f);
+  std::vector<float> area(static_cast<size_t>(N), 0.0f);
+  auto assign = [&](int64_t i, const std::array<float, 4>& b) {
+    const float a = (b[2] - b[0]) * (b[3] - b[1]);
+    if (weights[i] > 0 && area[static_cast<size_t>(i)] <= a) return;  // overlapping boxes: the smallest
+    area[static_cast<size_t>(i)] = a, weights[i] = 1.0f;
+    float* t = targets + 4 * i;
+    t[0] = 0.5f * (b[0] + b[2]) / static_cast<float>(W), t[1] = 0.5f * (b[1] + b[3]) / static_cast<float>(H);
+    t[2] = (b[2] - b[0]) / static_cast<float>(W), t[3] = (b[3] - b[1]) / static_cast<float>(H);
+  };
+  for (const std::array<float, 4>& b : boxes) {
+    if (!(b[2] > b[0] && b[3] > b[1])) continue;
+    bool any = false;
+    for (int64_t y = 0; y < gh; ++y) {
+      const float cy = (static_cast<float>(y) + 0.5f) * static_cast<float>(p);
+      if (cy < b[1] || cy >= b[3]) continue;
+      for (int64_t x = 0; x < gw; ++x) {
+        const float cx = (static_cast<float>(x) + 0.5f) * static_cast<float>(p);
+        if (cx < b[0] || cx >= b[2]) continue;
+        assign(y * gw + x, b), any = true;
+      }
+    }
+    if (!any) {  // a box smaller than a patch holds no patch centre: the patch holding its centre
+      const int64_t x = std::clamp<int64_t>(static_cast<int64_t>(0.5f * (b[0] + b[2]) / static_cast<float>(p)), 0, gw - 1);
+      const int64_t y = std::clamp<int64_t>(static_cast<int64_t>(0.5f * (b[1] + b[3]) / static_cast<float>(p)), 0, gh - 1);
+      assign(y * gw + x, b);
+    }
+  }
+}
+
+double patch_box_loss_and_grad(const PatchBoxHead& head, const float* features, int64_t rows, const float* targets,
+                               const float* weights, double loss_weight, float* dfeatures, float* dparams) {
+  const int64_t D = head.dim;
+  check(head.params.size() == static_cast<size_t>(4 * D + 4), "patch_box_loss_and_grad: the head is not [4, dim] + [4]");
+  double positives = 0;
+  for (int64_t r = 0; r < rows; ++r) positives += weights[r] > 0;
+  const double norm = 1.0 / std::max(1.0, positives);
+  const float* Wt = head.params.data();
+  const float* bias = Wt + 4 * D;
+  double sum = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!(weights[r] > 0)) continue;
+    const float* f = features + r * D;
+    for (int64_t k = 0; k < 4; ++k) {
+      double z = bias[k];
+      for (int64_t d = 0; d < D; ++d) z += static_cast<double>(Wt[k * D + d]) * f[d];
+      const double pk = 1.0 / (1.0 + std::exp(-z)), diff = pk - targets[4 * r + k];
+      sum += std::abs(diff);
+      if (!dfeatures && !dparams) continue;
+      const double sign = diff > 0 ? 1.0 : diff < 0 ? -1.0 : 0.0;
+      const float dz = static_cast<float>(loss_weight * norm * sign * pk * (1.0 - pk));
+      if (dparams) {
+        for (int64_t d = 0; d < D; ++d) dparams[k * D + d] += dz * f[d];
+        dparams[4 * D + k] += dz;
+      }
+      if (dfeatures)
+        for (int64_t d = 0; d < D; ++d) dfeatures[r * D + d] += dz * Wt[k * D + d];
+    }
+  }
+  return sum * norm;
+}
+
 // ------------------------------------------------------------------ the loop
 
 int64_t segmenter_total_steps(size_t samples, const SegmenterTrainOptions& o) {
@@ -842,8 +977,30 @@ std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrain
 
 void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor, bool augment,
                          uint64_t augment_seed, float* pixels, int32_t* labels, int64_t height,
-                         int64_t width, int64_t crop, bool hflip) {
+                         int64_t width, int64_t crop, bool hflip, std::vector<std::array<float, 4>>* boxes) {
   cv::Mat rgb = load_image_rgb(pair.image);
+  // The boxes' corners [x0, y0, x1, y1] in the current image's continuous pixel coordinates
+  // (pixel i spans [i, i + 1)), moved with every geometric step below.
+  std::vector<std::array<double, 4>> corners;
+  if (boxes)
+    for (const std::array<double, 4>& b : pair.boxes) corners.push_back({b[0], b[1], b[0] + b[2], b[1] + b[3]});
+  auto scale_boxes = [&](double sx, double sy, double ox, double oy) {  // x → sx·x + ox
+    for (std::array<double, 4>& c : corners) c = {sx * c[0] + ox, sy * c[1] + oy, sx * c[2] + ox, sy * c[3] + oy};
+  };
+  auto flip_boxes = [&](double w) {
+    for (std::array<double, 4>& c : corners) c = {w - c[2], c[1], w - c[0], c[3]};
+  };
+  auto emit_boxes = [&] {  // clipped to the output; empty ones dropped
+    if (!boxes) return;
+    boxes->clear();
+    for (const std::array<double, 4>& c : corners) {
+      const std::array<float, 4> b{static_cast<float>(std::clamp(c[0], 0.0, static_cast<double>(width))),
+                                   static_cast<float>(std::clamp(c[1], 0.0, static_cast<double>(height))),
+                                   static_cast<float>(std::clamp(c[2], 0.0, static_cast<double>(width))),
+                                   static_cast<float>(std::clamp(c[3], 0.0, static_cast<double>(height)))};
+      if (b[2] > b[0] && b[3] > b[1]) boxes->push_back(b);
+    }
+  };
   cv::Mat mask = load_label_map(pair.mask);
   check(mask.size() == rgb.size(), pair.mask + ": not a label map of its image's size");
   // Uniforms from the 53 high bits of a mt19937_64: the same on every platform.
@@ -860,6 +1017,7 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
       cv::Mat fi, fm;
       cv::flip(image, fi, 1), cv::flip(label_map, fm, 1);
       image = fi, label_map = fm;
+      flip_boxes(image.cols);
     }
     cv::Mat out;
     image.convertTo(out, -1, gain, bias + 127.5 * (1 - gain));
@@ -876,6 +1034,7 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
       cv::Mat r, rm;
       cv::resize(rgb, r, to, 0, 0, cv::INTER_LINEAR);
       cv::resize(mask, rm, to, 0, 0, cv::INTER_NEAREST_EXACT);
+      scale_boxes(static_cast<double>(to.width) / rgb.cols, static_cast<double>(to.height) / rgb.rows, 0, 0);
       rgb = r, mask = rm;
     };
     if (augment) {
@@ -917,7 +1076,9 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
       win.y = std::clamp(win.y, 0, rgb.rows - c);
     }
     cv::Mat window = rgb(win).clone(), window_mask = mask(win).clone();
+    scale_boxes(1, 1, -win.x, -win.y);
     if (augment) photometric(window, window_mask);
+    emit_boxes();
     rgb_to_chw(window, processor, pixels);
     for (int y = 0; y < c; ++y)
       for (int x = 0; x < c; ++x)
@@ -932,6 +1093,8 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
     cv::Mat warped, warped_mask;
     cv::warpAffine(rgb, warped, a, rgb.size(), cv::INTER_LINEAR, cv::BORDER_REPLICATE);
     cv::warpAffine(mask, warped_mask, a, mask.size(), cv::INTER_NEAREST, cv::BORDER_REPLICATE);
+    // warpAffine maps pixel centres (x + ½): an edge e goes to s·(e − ½) + a₀₂ + ½.
+    scale_boxes(s, s, a(0, 2) + 0.5 * (1 - s), a(1, 2) + 0.5 * (1 - s));
     rgb = warped, mask = warped_mask;
     photometric(rgb, mask);
   }
@@ -948,6 +1111,8 @@ void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& p
   if (rs == mask.size()) mask_resized = mask;
   else cv::resize(mask, mask_resized, rs, 0, 0, cv::INTER_NEAREST_EXACT);
   const cv::Rect win = processor.do_center_crop ? crop_window(rs, processor) : cv::Rect({0, 0}, rs);
+  scale_boxes(static_cast<double>(rs.width) / rgb.cols, static_cast<double>(rs.height) / rgb.rows, -win.x, -win.y);
+  emit_boxes();
   for (int64_t y = 0; y < height; ++y)
     for (int64_t x = 0; x < width; ++x) {
       const int sy = win.y + static_cast<int>(y), sx = win.x + static_cast<int>(x);
@@ -1018,22 +1183,38 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
     }
     return;
   }
+  const bool with_boxes = o.box_loss > 0;
+  const int64_t N = (H / c.patch_size) * (W / c.patch_size);
+  if (with_boxes) {
+    check(!model.vit.frozen_encoder, "train: the patch-box loss trains the encoder (not with a frozen one)");
+    if (state.box.dim != c.hidden_size) state.box = make_patch_box_head(c.hidden_size, o.seed);
+  }
   struct Batch {
     Tensor pixels;
     std::vector<int32_t> labels;
+    PatchBoxBatch boxes;
   };
   // Every batch follows from (seed, step) alone, so it can be made ahead of its step.
   auto load = [&](int64_t s) {
-    Batch batch{Tensor({nb, C, H, W}), std::vector<int32_t>(static_cast<size_t>(nb * H * W))};
+    Batch batch{Tensor({nb, C, H, W}), std::vector<int32_t>(static_cast<size_t>(nb * H * W)), {}};
+    if (with_boxes) {
+      batch.boxes.loss_weight = o.box_loss;
+      batch.boxes.targets.assign(static_cast<size_t>(nb * N * 4), 0.0f);
+      batch.boxes.weights.assign(static_cast<size_t>(nb * N), 0.0f);
+    }
     const std::vector<size_t> idx = segmenter_batch_indices(data.size(), o, s);
     parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = lo + i;  // the position in the global batch: its augmentation's seed
         const uint64_t aug_seed = (o.seed * 0x9E3779B97F4A7C15ull) ^
                                   (static_cast<uint64_t>(s) * 0xBF58476D1CE4E5B9ull + static_cast<uint64_t>(b) + 1);
+        std::vector<std::array<float, 4>> boxes;
         segmentation_sample(data[idx[static_cast<size_t>(b)]], processor, o.augment, aug_seed,
                             batch.pixels.data() + i * C * H * W, batch.labels.data() + i * H * W, H, W,
-                            model.window_size, o.hflip);
+                            model.window_size, o.hflip, with_boxes ? &boxes : nullptr);
+        if (with_boxes)
+          patch_box_targets(boxes, H, W, c.patch_size, batch.boxes.targets.data() + i * N * 4,
+                            batch.boxes.weights.data() + i * N);
       }
     });
     return batch;
@@ -1049,15 +1230,18 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
     const std::vector<int32_t>& labels = batch.labels;
     TrainStepOptions step = o.step;
     step.lr = static_cast<float>(warmup_cosine_lr(s, total, o.warmup_steps, o.step.lr, o.min_lr));
-    const SegmenterStepResult r = segmenter_train_step(model, state, pixels, labels, step);
+    const SegmenterStepResult r =
+        segmenter_train_step(model, state, pixels, labels, step, with_boxes ? &batch.boxes : nullptr);
     double loss = r.loss, correct = static_cast<double>(r.correct), pixels_n = static_cast<double>(r.pixels);
+    double box_loss = r.box_loss;
     if (o.step.comm && o.step.comm->size() > 1) {  // the global batch's loss and accuracy, for the log
-      std::array<double, 3> v = {loss, correct, pixels_n};
+      std::array<double, 4> v = {loss, correct, pixels_n, box_loss};
       o.step.comm->allreduce_sum(v);
-      loss = v[0] / o.step.comm->size(), correct = v[1], pixels_n = v[2];
+      loss = v[0] / o.step.comm->size(), correct = v[1], pixels_n = v[2], box_loss = v[3] / o.step.comm->size();
     }
     if (on_step)
-      on_step({s + 1, total, s / per_epoch, loss, step.lr, r.grad_norm, pixels_n > 0 ? correct / pixels_n : 0.0, o.batch});
+      on_step({s + 1, total, s / per_epoch, loss, step.lr, r.grad_norm, pixels_n > 0 ? correct / pixels_n : 0.0, o.batch,
+               box_loss});
   }
 }
 

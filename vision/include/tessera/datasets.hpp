@@ -3,6 +3,7 @@
 // torchvision's ImageFolder, or OpenCV's handwritten digits with the tutorial's split. Samples stay
 // files (or small in-memory images) until a batch asks for them; a batch goes through the model's
 // own pre-processing (preprocess.hpp), so training sees what inference will.
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -74,7 +75,13 @@ DetectionTarget coco_detection_target(const CocoDataset& coco, int64_t image_id)
 // class or 255 (ignore). Decodes every pair once to check it.
 struct SegmentationPair {
   std::string image, mask;
+  // Object boxes, COCO [x, y, w, h] in the image's pixels (attach_segmentation_boxes); empty: none.
+  std::vector<std::array<double, 4>> boxes;
 };
 std::vector<SegmentationPair> load_segmentation_folder(const std::string& dir, int64_t num_classes = 0);
+// Each pair's boxes from a COCO instances JSON of the same images (matched by file name, folders
+// ignored; crowd annotations skipped, categories ignored): what `train --task segment --box-loss`
+// regresses. An image of the folder that the JSON does not list is an Error naming both files.
+void attach_segmentation_boxes(std::vector<SegmentationPair>& pairs, const std::string& coco_json);
 
 }  // namespace tessera

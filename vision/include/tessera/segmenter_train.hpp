@@ -19,6 +19,7 @@
 // Supported: the linear decoder and the mask transformer, on Segmenter's own encoder without a
 // distillation token or on a Hugging Face ViT / DeiT / DINOv2 backbone (encoder.backbone_config);
 // anything else is an Error naming what is not supported.
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -139,8 +140,11 @@ const Tensor& segmenter_train_forward_features(const SegmenterTrainModel& model,
                                                int64_t batch, SegmenterTrainActivations& acts);
 // After the forward on the same acts: ADDS dLoss/dweight into grads (laid out as model.vit.params),
 // given dlogits [B, K, H, W].
+// dfeatures (optional, [B·N, D]): a further gradient on the normed patch features (acts.normed),
+// e.g. the patch-box head's, added to the decoder's before the encoder's backward.
 void segmenter_train_backward(const SegmenterTrainModel& model, SegmenterTrainActivations& acts,
-                              const Tensor& dlogits, std::span<float> grads);
+                              const Tensor& dlogits, std::span<float> grads,
+                              std::span<const float> dfeatures = {});
 
 // Per-pixel cross-entropy (mean over pixels not labelled ignore_label, segmentation_loss.hpp) of
 // the batch: forward, loss, backward into grads (added). labels: B·H·W values.
@@ -149,21 +153,58 @@ double segmenter_train_loss_and_grad(const SegmenterTrainModel& model, const Ten
                                      SegmenterTrainActivations& acts, std::span<float> grads,
                                      int32_t ignore_label = 255);
 
-// The optimiser state (vit_train.hpp's: its acts stay unused) and the decoder's activations.
+// ------------------------------------------------------------------ the patch-box loss
+// A training-only auxiliary task (`train --task segment --box-loss W`) that teaches the encoder's
+// patch tokens the box of the object they lie in, so that a DETR head trained later on the frozen
+// encoder (train --task detect --init SEGMENTER --freeze-encoder) can read boxes off them: a
+// linear head on the normed patch features (what the decoder reads), sigmoid(x·Wᵀ + b) → the box
+// (cx, cy, w, h) relative to the input's width and height, regressed with L1 on every patch whose
+// centre lies inside an object's box (FCOS's assignment; boxes that overlap: the smallest):
+//   loss = W · Σ_{patches inside a box} Σ_4 |sigmoid(z) − target| / max(1, patches inside a box).
+// The head is not part of the model: it is dropped when the model is written.
+struct PatchBoxHead {
+  int64_t dim = 0;
+  std::vector<float> params;  // weight [4, dim] then bias [4]
+  std::vector<float> grads, m, v;
+};
+// weight ~ N(0, 0.02²) (seeded), bias 0: every patch starts at the centred half-size box.
+PatchBoxHead make_patch_box_head(int64_t dim, uint64_t seed);
+// The targets of one image: boxes [x0, y0, x1, y1] in the model input's pixels (H x W), patch
+// `patch`; targets [N, 4] (cx/W, cy/H, w/W, h/H) and weights [N] (1 inside a box, else 0), N the
+// patch grid's size in row-major order.
+void patch_box_targets(const std::vector<std::array<float, 4>>& boxes, int64_t height, int64_t width, int64_t patch,
+                       float* targets, float* weights);
+// Over R rows of features [R, dim]: returns the L1 term (Σ|sigmoid(z) − target| over the rows
+// with weight > 0, over max(1, their count)); when dfeatures / dparams (laid out as head.params)
+// are given, ADDS the gradients of loss_weight times it into them.
+double patch_box_loss_and_grad(const PatchBoxHead& head, const float* features, int64_t rows, const float* targets,
+                               const float* weights, double loss_weight, float* dfeatures, float* dparams);
+struct PatchBoxBatch {
+  double loss_weight = 0;
+  std::vector<float> targets, weights;  // [B·N, 4], [B·N]
+};
+
+// The optimiser state (vit_train.hpp's: its acts stay unused), the decoder's activations and,
+// with the patch-box loss, its head (made at the first step that needs it).
 struct SegmenterTrainState {
   VitTrainState opt;
   SegmenterTrainActivations acts;
+  PatchBoxHead box;
 };
 struct SegmenterStepResult {
-  double loss = 0, grad_norm = 0;
+  double loss = 0, grad_norm = 0;   // loss: cross-entropy plus the weighted box loss
+  double box_loss = 0;              // the patch-box L1 (unweighted), 0 without it
   int64_t pixels = 0, correct = 0;  // labelled pixels, and those whose argmax is the label
 };
 // One optimiser step on one batch, as vit_train_step (zero, forward, loss, backward, clip, SGD or
 // AdamW with decay on matrices only). SGD, lr 1, momentum 0, no decay, no clip: w − g exactly.
+// boxes (optional): the patch-box loss's targets for this batch; its head (state.box, from
+// make_patch_box_head) takes the same optimiser step (no weight decay on its bias), and the
+// gradient clipping is over the model's and the head's gradients together.
 SegmenterStepResult segmenter_train_step(SegmenterTrainModel& model, SegmenterTrainState& state,
                                          const Tensor& pixel_values,
                                          const std::vector<int32_t>& labels,
-                                         const TrainStepOptions& options);
+                                         const TrainStepOptions& options, const PatchBoxBatch* boxes = nullptr);
 // The same step from cached features (segmenter_encode_features) of a frozen-encoder model.
 SegmenterStepResult segmenter_train_step_features(SegmenterTrainModel& model, SegmenterTrainState& state,
                                                   const float* features, int64_t batch,
@@ -188,6 +229,9 @@ struct SegmenterTrainOptions {
   // cached features (the same steps) when features and label maps fit here.
   bool cache_features = true;
   double cache_limit_bytes = 8.0 * (1ull << 30);
+  // > 0: the patch-box loss's weight (above); every pair needs its boxes (attach_segmentation_boxes)
+  // and the encoder must train.
+  double box_loss = 0;
   // Data-parallel training (step.comm): rank `shard` of `shards` takes positions
   // [shard·B/shards, (shard + 1)·B/shards) of every global batch, each augmented as in a
   // one-process run; the step averages the ranks' gradients (each its slice's mean over valid
@@ -200,6 +244,7 @@ struct SegmenterProgress {
   int64_t step = 0, total = 0, epoch = 0;  // step from 1
   double loss = 0, lr = 0, grad_norm = 0, pixel_accuracy = 0;
   int64_t batch = 0;
+  double box_loss = 0;  // the patch-box L1 (unweighted), with box_loss > 0
 };
 
 int64_t segmenter_total_steps(size_t samples, const SegmenterTrainOptions& options);
@@ -220,9 +265,13 @@ std::vector<size_t> segmenter_batch_indices(size_t samples, const SegmenterTrain
 // mostly whole in it; without augmentation the centred window.
 // Augmentation then jitters the colours (contrast about mid-grey ×[0.8, 1.2], brightness
 // ±0.2·255, saturating) and with hflip flips half the samples, image and mask together.
+//
+// boxes (optional): pair.boxes through the same geometry, as [x0, y0, x1, y1] in the output's
+// pixels, clipped to it; boxes left empty are dropped.
 void segmentation_sample(const SegmentationPair& pair, const PreprocessConfig& processor,
                          bool augment, uint64_t augment_seed, float* pixels, int32_t* labels,
-                         int64_t height, int64_t width, int64_t crop = 0, bool hflip = false);
+                         int64_t height, int64_t width, int64_t crop = 0, bool hflip = false,
+                         std::vector<std::array<float, 4>>* boxes = nullptr);
 
 // Whether train_segmenter trains on cached encoder features (see SegmenterTrainOptions).
 bool segmenter_caches_features(const SegmenterTrainModel& model, size_t samples, const SegmenterTrainOptions& options);
