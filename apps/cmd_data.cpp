@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <map>
 
+#include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
@@ -147,6 +148,80 @@ void add_data(CLI::App& app, Action& action) {
       if (failed_images == 0) return 0;
       std::fprintf(stderr, "tessera data crops: %zu images failed, %zu boxes skipped\n", failed_images, skipped);
       return 1;
+    };
+  });
+
+  // Box-part masks: every pixel inside an object's box labelled with its category and which ninth
+  // (3x3) of the box it lies in. A Segmenter trained on them (with --box-loss) learns patch tokens
+  // that say which object's box they are in and where in it: the encoder the digit detector's DETR
+  // head is trained on (scripts/train-models.sh detector).
+  auto* parts = cmd->add_subcommand(
+      "box-parts", "Box-part label maps of a COCO JSON's images: DIR/masks/*.png (1 + 9·(category index) + ninth), "
+                   "DIR/images (a link to the images' folder), DIR/annotations.json (the part categories)");
+  static std::string parts_from, parts_out;
+  parts->add_option("--from", parts_from, "COCO instances JSON (e.g. a data scenes folder's annotations.json)")->required();
+  parts->add_option("--out", parts_out, "Output folder")->required();
+  parts->callback([&action] {
+    action = [] {
+      namespace fs = std::filesystem;
+      const CocoDataset coco = load_coco_instances(parts_from);
+      check(!coco.categories.empty() && coco.categories.size() * 9 + 1 <= 65535,
+            parts_from + ": box parts need 1 to 7,281 categories, it has " + std::to_string(coco.categories.size()));
+      std::map<int64_t, size_t> index;  // category id → its index (sorted by id)
+      for (size_t i = 0; i < coco.categories.size(); ++i) index[coco.categories[i].id] = i;
+      // Every image in one folder (the masks are paired with images/ by stem).
+      fs::path folder;
+      for (const CocoImage& im : coco.images) {
+        const fs::path dir = fs::path(im.path).parent_path();
+        check(folder.empty() || dir == folder, parts_from + ": its images are in more than one folder (" + folder.string() +
+                                                   ", " + dir.string() + "); box-parts links one as DIR/images");
+        folder = dir;
+      }
+      check(!coco.images.empty(), parts_from + ": no images");
+      const fs::path out(parts_out);
+      fs::create_directories(out / "masks");
+      std::error_code ec;
+      if (!fs::exists(fs::symlink_status(out / "images"))) {
+        fs::create_directory_symlink(fs::absolute(folder), out / "images", ec);
+        check(!ec, (out / "images").string() + ": cannot link to " + folder.string() + " (" + ec.message() + ")");
+      }
+      std::map<int64_t, std::vector<const CocoObject*>> by_image;
+      for (const CocoObject& a : coco.annotations)
+        if (!a.crowd) by_image[a.image_id].push_back(&a);
+      const bool wide = coco.categories.size() * 9 + 1 > 254;  // 255 is "ignore": 16-bit masks beyond
+      std::fesetround(FE_TONEAREST);                           // nearbyint: halves to even
+      for (const CocoImage& im : coco.images) {
+        cv::Mat mask(im.height, im.width, wide ? CV_16U : CV_8U, cv::Scalar(0));
+        for (const CocoObject* a : by_image[im.id]) {
+          const int64_t base = 1 + 9 * static_cast<int64_t>(index.at(a->category_id));
+          const int x0 = static_cast<int>(std::nearbyint(a->x)), y0 = static_cast<int>(std::nearbyint(a->y));
+          const int h = static_cast<int>(a->h);
+          for (int y = std::max(0, y0); y < std::min(im.height, y0 + h); ++y) {
+            const int row = std::min(2, static_cast<int>(3 * (y - y0 + 0.5) / a->h));
+            for (int u = 0; u < 3; ++u) {
+              const int xa = x0 + static_cast<int>(std::nearbyint(u * a->w / 3));
+              const int xb = std::min(im.width, x0 + static_cast<int>(std::nearbyint((u + 1) * a->w / 3)));
+              const int64_t v = base + 3 * row + u;
+              for (int x = std::max(0, xa); x < xb; ++x) {
+                if (wide) mask.at<uint16_t>(y, x) = static_cast<uint16_t>(v);
+                else mask.at<uint8_t>(y, x) = static_cast<uint8_t>(v);
+              }
+            }
+          }
+        }
+        std::vector<uchar> png;
+        check(cv::imencode(".png", mask, png), parts_out + ": cannot encode a PNG");
+        write_file_atomic((out / "masks" / (fs::path(im.file_name).stem().string() + ".png")).string(), png.data(), png.size());
+      }
+      nlohmann::json cats = nlohmann::json::array();
+      for (size_t i = 0; i < coco.categories.size(); ++i)
+        for (int p = 0; p < 9; ++p)
+          cats.push_back({{"id", 1 + 9 * static_cast<int64_t>(i) + p}, {"name", coco.categories[i].name + "-" + std::to_string(p)}});
+      const std::string text = nlohmann::json{{"categories", cats}}.dump();
+      write_file_atomic((out / "annotations.json").string(), text.data(), text.size());
+      std::printf("wrote %zu box-part masks (%zu classes with background) to %s\n", coco.images.size(),
+                  coco.categories.size() * 9 + 1, parts_out.c_str());
+      return 0;
     };
   });
 }

@@ -184,6 +184,43 @@ TEST_CASE("scenes: tessera data scenes writes COCO JSON matching its masks, the 
     CHECK(cv::countNonZero(mask) == area);
   }
 
+  // data box-parts: each box filled with 1 + 9·(digit) + its ninth (row-major thirds, edges at
+  // x + round(k·w/3)), 0 outside every box; the images linked, the 90 part categories named.
+  {
+    const std::string bp = std::string(cli) + " data box-parts --from " + (out / "annotations.json").string() + " --out " +
+                           (dir / "parts").string() + " >" + (dir.string() + "_out") + " 2>&1";
+    const int st = std::system(bp.c_str());
+    INFO(slurp(dir.string() + "_out"));
+    REQUIRE(WEXITSTATUS(st) == 0);
+    CHECK(fs::equivalent(dir / "parts" / "images", out / "images"));
+    const nlohmann::json cats = nlohmann::json::parse(slurp(dir / "parts" / "annotations.json"))["categories"];
+    REQUIRE(cats.size() == 90);
+    CHECK(cats[0]["id"] == 1);
+    CHECK(cats[0]["name"] == "0-0");
+    CHECK(cats[89]["id"] == 90);
+    CHECK(cats[89]["name"] == "9-8");
+    for (const auto& image : coco["images"]) {
+      const std::string stem = fs::path(image["file_name"].get<std::string>()).stem().string();
+      const cv::Mat parts = cv::imread((dir / "parts" / "masks" / (stem + ".png")).string(), cv::IMREAD_UNCHANGED);
+      REQUIRE(parts.type() == CV_8UC1);
+      REQUIRE(parts.cols == image["width"]);
+      cv::Mat want(parts.size(), CV_8U, cv::Scalar(0));
+      for (const auto& a : coco["annotations"]) {
+        if (a["image_id"] != image["id"]) continue;
+        const int x = a["bbox"][0], y = a["bbox"][1], w = a["bbox"][2], h = a["bbox"][3];
+        const int digit = a["category_id"].get<int>() - 1;
+        for (int yy = y; yy < y + h; ++yy)
+          for (int xx = x; xx < x + w; ++xx) {
+            const int row = std::min(2, static_cast<int>(3 * (yy - y + 0.5) / h));
+            int col = 0;
+            while (col < 2 && xx >= x + static_cast<int>(std::nearbyint((col + 1) * w / 3.0))) ++col;
+            want.at<uint8_t>(yy, xx) = static_cast<uint8_t>(1 + 9 * digit + 3 * row + col);
+          }
+      }
+      CHECK(same(parts, want));
+    }
+  }
+
   // data crops: one 40x40 window per box, centred on it (halves rounded to even) and moved
   // inside the image, filed under its category's name.
   const std::string cmd = std::string(cli) + " data crops --size 40 --from " + (out / "annotations.json").string() +
