@@ -43,6 +43,22 @@ namespace tessera::cli {
 
 namespace {
 
+// An --init folder's encoder learned on the pixel values its own processor made: the detector's
+// fixed-size processor keeps that processor's rescale and normalisation (mean 0.5 / std 0.5 for
+// the bundled digit models, not DETR's ImageNet statistics); size and resampling are the
+// detector's. A folder without preprocessor_config.json keeps the detection defaults.
+std::string with_init_normalisation(const std::string& processor_json, const std::string& init) {
+  if (init.empty()) return processor_json;
+  const fs::path p = fs::path(init) / "preprocessor_config.json";
+  if (!fs::exists(p)) return processor_json;
+  const nlohmann::json src = nlohmann::json::parse(read_text_file(p.string()), nullptr, false);
+  check(!src.is_discarded() && src.is_object(), p.string() + ": not a JSON object");
+  nlohmann::ordered_json out = nlohmann::ordered_json::parse(processor_json);
+  for (const char* key : {"do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std"})
+    if (src.contains(key)) out[key] = src[key];
+  return out.dump(2) + "\n";
+}
+
 std::string fmt(const char* format, double x) {
   char b[64];
   std::snprintf(b, sizeof b, format, x);
@@ -161,8 +177,8 @@ int train_detect(const TrainArgs& a) {
   check(own_size || (height % model.config.patch_size == 0 && width % model.config.patch_size == 0),
         "train: the image size " + std::to_string(height) + "x" + std::to_string(width) +
             " is not a multiple of the patch size " + std::to_string(model.config.patch_size));
-  const std::string processor_json =
-      model.is_detr() ? detr_preprocessor_json(height, width) : yolos_preprocessor_json(height, width);
+  const std::string processor_json = with_init_normalisation(
+      model.is_detr() ? detr_preprocessor_json(height, width) : yolos_preprocessor_json(height, width), a.init);
   const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
 
   DetectorTrainOptions o;

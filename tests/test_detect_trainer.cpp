@@ -377,6 +377,28 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
     same("encoder.blocks.1.mlp.fc2.weight", "vit.encoder.layer.1.output.dense.weight");
     same("encoder.norm.weight", "vit.layernorm.weight");
   }
+  // The encoder keeps the pixel values it learned on: a folder with a processor of its own passes
+  // its normalisation to the detector's processor (size and resampling the detector's); one
+  // without (this fixture) gets DETR's ImageNet statistics.
+  CHECK(nlohmann::json::parse(std::ifstream(on_seg / "preprocessor_config.json"))["image_mean"][0] == 0.485);
+  {
+    const fs::path seg_own = tmp.path / "segmenter-own-processor";
+    fs::copy(seg_dir, seg_own, fs::copy_options::recursive);
+    std::ofstream(seg_own / "preprocessor_config.json")
+        << R"({"do_resize": false, "size": {"height": 64, "width": 64}, "do_rescale": true, "rescale_factor": 0.00392156862745098,
+              "do_normalize": true, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})";
+    const fs::path on_seg2 = tmp.path / "on-segmenter-own-processor";
+    std::tie(code, log) = run(" --out " + on_seg2.string() + " --init " + seg_own.string() +
+                              " --image-size 64 --queries 3 --freeze-encoder --no-augment --batch 2 --max-steps 1 --threads 1");
+    INFO(log);
+    REQUIRE(code == 0);
+    const nlohmann::json pre = nlohmann::json::parse(std::ifstream(on_seg2 / "preprocessor_config.json"));
+    CHECK(pre["image_mean"] == nlohmann::json({0.5, 0.5, 0.5}));
+    CHECK(pre["image_std"] == nlohmann::json({0.5, 0.5, 0.5}));
+    CHECK(pre["do_resize"] == true);
+    CHECK(pre["size"]["height"] == 64);
+    CHECK(log.find("normalize mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5]") != std::string::npos);
+  }
   // --freeze-encoder: the DETR head trains, every encoder tensor keeps its value.
   const fs::path frozen = tmp.path / "frozen";
   std::tie(code, log) = run(" --out " + frozen.string() + " --init " + out.string() +
