@@ -215,7 +215,10 @@ TEST_CASE("linear reports its kernel and rejects what it cannot do") {
   if (isa_family() == IsaFamily::Avx2) {
     REQUIRE(linear_kernel_name(WeightType::F32) == "avx2");
     REQUIRE(linear_kernel_name(WeightType::BF16) == "avx2-bf16");
-    REQUIRE(linear_kernel_name(WeightType::INT8) == "avx2-int8");
+    const char* vnni_env = std::getenv("TESSERA_AVXVNNI");
+    const bool vnni_off = vnni_env != nullptr && (std::string(vnni_env) == "off" || std::string(vnni_env) == "0");
+    const bool vnni = cpu_features_seen().find("avxvnni") != std::string::npos && !vnni_off;
+    REQUIRE(linear_kernel_name(WeightType::INT8) == (vnni ? "avxvnni" : "avx2-int8"));
     REQUIRE(linear_int8_levels() == 254);
   }
   force_generic_kernels(true);
@@ -481,4 +484,32 @@ TEST_CASE("pack_linear_transposed packs W from Wt exactly as pack_linear packs W
     linear(x.data(), 3, K, b, yb.data(), N);
     CHECK(ya == yb);
   }
+}
+
+TEST_CASE("the AVX2 int8 kernel gives the same bits with AVX-VNNI's vpdpbusd as with vpmaddubsw") {
+  // Both sum the same integer products exactly (vpdpbusd on x's bytes + 128, vpmaddubsw on
+  // |w| x sign(w) xs), so the outputs must be bit-identical, for every row count of the 6-row
+  // tile, odd K (padded quads) and column tails. Without AVX-VNNI both runs take vpmaddubsw.
+  const bool has = cpu_features_seen().find("avxvnni") != std::string::npos;
+  INFO("CPU features " << cpu_features_seen());
+  if (!has) WARN("no AVX-VNNI on this CPU: only the vpmaddubsw path runs");
+  set_isa_cap(IsaFamily::Avx2);
+  uint32_t seed = 8100;
+  for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 33, 17}, {5, 64, 3}, {6, 100, 773},
+                         {197, 768, 768}, {29, 96, 3072}}) {
+    Problem p = make_problem(M, N, K, K + 1, N + 2, seed++);
+    PackedLinear pw = pack_linear(p.w.data(), p.b.data(), N, K, WeightType::INT8);
+    set_avxvnni(false);
+    INFO("M=" << M << " N=" << N << " K=" << K);
+    REQUIRE(isa_family() == IsaFamily::Avx2);
+    REQUIRE(linear_kernel_name(WeightType::INT8) == "avx2-int8");
+    const std::vector<float> plain = run_plain(p, pw, Activation::Gelu);
+    set_avxvnni(true);
+    if (has) REQUIRE(linear_kernel_name(WeightType::INT8) == "avxvnni");
+    const std::vector<float> vnni = run_plain(p, pw, Activation::Gelu);
+    REQUIRE(std::memcmp(plain.data(), vnni.data(), plain.size() * sizeof(float)) == 0);
+  }
+  const char* env = std::getenv("TESSERA_AVXVNNI");
+  set_avxvnni(env == nullptr || (std::string(env) != "off" && std::string(env) != "0"));  // as the process began
+  set_isa_cap(IsaFamily::Avx512);
 }

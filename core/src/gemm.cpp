@@ -55,6 +55,13 @@ bool cpu_avxvnni() {
   static const bool has = cpuid_avxvnni();
   return has && cpu_avx2();
 }
+// TESSERA_AVXVNNI=off (read once) or set_avxvnni(false) keeps the AVX2 int8 kernel on
+// vpmaddubsw on a CPU that has AVX-VNNI, so both paths run (and are tested) there.
+std::atomic<bool> g_avxvnni_allowed{[] {
+  const char* v = std::getenv("TESSERA_AVXVNNI");
+  return v == nullptr || (std::string(v) != "off" && std::string(v) != "0");
+}()};
+bool use_avxvnni() { return cpu_avxvnni() && g_avxvnni_allowed.load(std::memory_order_relaxed); }
 
 // TESSERA_ISA, read once; a bad value throws at every dispatch (its message names it).
 struct EnvCap {
@@ -681,7 +688,7 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
         linear_task_avx2_int8(ta, rows, j0, j1,
                               reinterpret_cast<uint32_t*>(thread_scratch(
                                   static_cast<size_t>(rows.panels * int8_apack_words(K, kMrAvx2)))),
-                              cpu_avxvnni());
+                              use_avxvnni());
       else if (avx2 && bf16)
         linear_task_avx2_bf16(ta, rows, j0, j1,
                               thread_scratch(static_cast<size_t>(rows.panels * 2 * ceil_div(K, 2) * kMrAvx2)));
@@ -747,13 +754,15 @@ std::string linear_kernel_name(WeightType type) {
     case Kernel::Avx512:
       return type == WeightType::BF16 ? "avx512bf16" : type == WeightType::INT8 ? "avx512vnni" : "avx512f";
     case Kernel::Avx2:
-      return type == WeightType::BF16 ? "avx2-bf16" : type == WeightType::INT8 ? "avx2-int8" : "avx2";
+      return type == WeightType::BF16 ? "avx2-bf16" : type != WeightType::INT8 ? "avx2" : use_avxvnni() ? "avxvnni" : "avx2-int8";
     default:
       return "generic";
   }
 }
 
 int linear_int8_levels() { return kernel_for(WeightType::INT8) == Kernel::Avx2 ? 254 : 255; }
+
+void set_avxvnni(bool on) { g_avxvnni_allowed.store(on); }
 
 void force_generic_kernels(bool on) { g_force_generic.store(on); }
 bool generic_kernels_forced() { return g_force_generic.load(std::memory_order_relaxed); }

@@ -195,7 +195,7 @@ TESSERA_AVX2 void widen_bf16_panel(const uint32_t* b, int64_t K2, float* dst) {
 template <int R>
 __attribute__((target("avx2,fma"), noinline)) void int8_epilogue(
     const int32_t (&acc)[R][16], const uint32_t* rq, const float* ws, const int32_t* wsum,
-    const Tile& t) {
+    const Tile& t, int offset) {
   const __m256 ws0 = _mm256_loadu_ps(ws), ws1 = _mm256_loadu_ps(ws + 8);
   const __m256i sum0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum));
   const __m256i sum1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum + 8));
@@ -205,8 +205,9 @@ __attribute__((target("avx2,fma"), noinline)) void int8_epilogue(
     float scale;
     std::memcpy(&scale, rq + r, 4);
     const __m256 sr = _mm256_set1_ps(scale);
-    // sum xs w + (127 - zp) colsum = sum u w - zp colsum
-    const __m256i shift = _mm256_set1_epi32(127 - static_cast<int>(rq[kMR6 + r]));
+    // sum xs w + (127 - zp) colsum = sum u w - zp colsum (offset: what the kernel's bytes add
+    // to xs, times -1: 0 for vpmaddubsw's xs, -128 for vpdpbusd's xs + 128)
+    const __m256i shift = _mm256_set1_epi32(127 - static_cast<int>(rq[kMR6 + r]) + offset);
     const __m256i d0 = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[r])),
                                         _mm256_mullo_epi32(shift, sum0));
     const __m256i d1 = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[r] + 8)),
@@ -248,7 +249,41 @@ TESSERA_AVX2 void micro_kernel_int8(int64_t K4, const uint32_t* a, const uint32_
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) _mm256_store_si256(reinterpret_cast<__m256i*>(acc[r] + 8 * half), c[r]);
   }
-  int8_epilogue<R>(acc, rq, ws, wsum, t);
+  int8_epilogue<R>(acc, rq, ws, wsum, t, 0);
+}
+
+// The same tile with AVX-VNNI: x's bytes packed as xs ^ 0x80 = xs + 128 (u8, in [1, 255]), and
+// vpdpbusd multiplies them by W's s8 and adds each column's four products straight into int32:
+// exact, no int16 step that could saturate, one instruction per row and 8 columns (against
+// four), and all 16 columns at once (12 accumulators + 2 W + the broadcast: 15 ymm). The sums
+// are sum xs w + 128 colsum, which the epilogue's offset takes back out, so the result has the
+// bits of micro_kernel_int8's.
+template <int R>
+__attribute__((target("avx2,fma,avxvnni"))) void micro_kernel_int8_vnni(
+    int64_t K4, const uint32_t* a, const uint32_t* b, const uint32_t* rq, const float* ws,
+    const int32_t* wsum, const Tile& t) {
+  __m256i c0[R], c1[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) c0[r] = _mm256_setzero_si256(), c1[r] = _mm256_setzero_si256();
+  const uint32_t* ai = a;
+  const uint32_t* bi = b;
+  for (int64_t i = 0; i < K4; ++i, ai += kMR6, bi += kNR) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bi));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bi + 8));
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256i av = _mm256_set1_epi32(static_cast<int>(ai[r]));
+      c0[r] = _mm256_dpbusd_avx_epi32(c0[r], av, w0);
+      c1[r] = _mm256_dpbusd_avx_epi32(c1[r], av, w1);
+    }
+  }
+  alignas(32) int32_t acc[R][16];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(acc[r]), c0[r]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(acc[r] + 8), c1[r]);
+  }
+  int8_epilogue<R>(acc, rq, ws, wsum, t, -128);
 }
 
 // ---- packing x ---------------------------------------------------------------------------------
@@ -299,7 +334,7 @@ TESSERA_AVX2 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int6
 // xs = u - 127; 0 past K, which W's zero padding cancels), then 6 row scales (float bits) and
 // 6 zero points (gemm_internal.hpp's math).
 TESSERA_AVX2 void pack_rows_int8(const float* x, int64_t ldx, int64_t rows, int64_t K,
-                                 uint32_t* dst) {
+                                 uint32_t* dst, uint32_t flip = 0) {
   constexpr int32_t levels = 254;
   const int64_t K4 = int8_quads(K);
   for (int64_t r = 0; r < kMR6; ++r) {
@@ -326,7 +361,7 @@ TESSERA_AVX2 void pack_rows_int8(const float* x, int64_t ldx, int64_t rows, int6
           const int64_t kk = 4 * i + e;
           if (kk < K) word |= ((quantize_u8(xr[kk], q) - 127u) & 0xffu) << (8 * e);
         }
-        dst[i * kMR6 + r] = word;
+        dst[i * kMR6 + r] = word ^ flip;
       }
     } else {
       for (int64_t i = 0; i < K4; ++i) dst[i * kMR6 + r] = 0;
@@ -427,18 +462,22 @@ void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0
 
 void linear_task_avx2_int8(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                            uint32_t* apack, bool vnni) {
-  (void)vnni;  // AVX-VNNI (vpdpbusd on ymm) is not written yet: vpmaddubsw on every AVX2 CPU
   const int64_t K4 = int8_quads(a.K);
+  const uint32_t flip = vnni ? 0x80808080u : 0u;  // vpdpbusd reads x's bytes as u8: xs + 128
   task_walk(a, rows, j0, j1, apack, int8_apack_words(a.K, kMR6),
-            [](const float* x, int64_t ldx, int64_t n, int64_t K, uint32_t* dst) {
-              pack_rows_int8(x, ldx, n, K, dst);
+            [flip](const float* x, int64_t ldx, int64_t n, int64_t K, uint32_t* dst) {
+              pack_rows_int8(x, ldx, n, K, dst, flip);
             },
             [&](int64_t n, const uint32_t* ap, int64_t j, int64_t h, const Tile& t) {
               const uint32_t* b = a.wpack_i8 + j * K4 * kNR + 16 * h;
               const int64_t c0 = j * kNR + 16 * h;
               by_rows(n, [&](auto R) {
-                micro_kernel_int8<decltype(R)::value>(K4, ap, b, ap + K4 * kMR6, a.wscale + c0,
-                                                      a.wsum + c0, t);
+                if (vnni)
+                  micro_kernel_int8_vnni<decltype(R)::value>(K4, ap, b, ap + K4 * kMR6, a.wscale + c0,
+                                                             a.wsum + c0, t);
+                else
+                  micro_kernel_int8<decltype(R)::value>(K4, ap, b, ap + K4 * kMR6, a.wscale + c0,
+                                                        a.wsum + c0, t);
               });
             });
 }

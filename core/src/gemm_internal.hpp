@@ -166,8 +166,8 @@ void linear_task_avx2(const LinearArgs& a, const RowSplit& rows, int64_t j0, int
 void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                            float* apack);
 // int8 quad panels: vpsignb + vpmaddubsw + vpmaddwd with x at 254 levels (see RowQuant);
-// apack: rows.panels * int8_apack_words(K, kMrAvx2) words. (`vnni`: AVX-VNNI is present; its
-// vpdpbusd is not used yet.)
+// apack: rows.panels * int8_apack_words(K, kMrAvx2) words. `vnni` (the CPU has AVX-VNNI and
+// it is not switched off): vpdpbusd on ymm instead, the same integer sums (so the same bits).
 void linear_task_avx2_int8(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                            uint32_t* apack, bool vnni);
 void gelu_avx2(const float* x, float* y, int64_t n);

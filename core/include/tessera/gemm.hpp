@@ -189,6 +189,9 @@ std::string cpu_features_seen();
 // "avx512vnni", "avx2", "avx2-bf16", "avx2-int8", "avxvnni", "generic"); its prefix names the
 // family.
 std::string linear_kernel_name(WeightType type);
+// Lets the AVX2 family's int8 kernel use AVX-VNNI's vpdpbusd where the CPU has it (the default,
+// unless TESSERA_AVXVNNI=off), or keeps it on vpmaddubsw. Both give the same bits.
+void set_avxvnni(bool on);
 // Forces the portable kernels (tests use it to check the fallback path), or lifts that cap (the
 // set_isa_cap and environment caps stay). It covers every dispatched kernel (layer norm and
 // attention in kernels.hpp too).
