@@ -175,8 +175,9 @@ std::string bundled_model(const std::string& task) {
   for (const fs::path& r : roots)
     if (fs::is_regular_file(r / name / "config.json", ec)) {
       const std::string dir = (r / name).lexically_normal().string();
-      std::fprintf(stderr, "tessera: no --model given; using the bundled %s model %s\n",
-                   task == "detect" ? "detection" : task == "segment" ? "segmentation" : "classification", dir.c_str());
+      std::fprintf(stderr, "tessera: no --model given; using the bundled %s model %s (its accuracy and limits: %s)\n",
+                   task == "detect" ? "detection" : task == "segment" ? "segmentation" : "classification", dir.c_str(),
+                   (r / name / "README.md").lexically_normal().c_str());
       return dir;
     }
   fail(std::string("no --model given and the bundled model '") + name + "' was not found (looked in $TESSERA_MODELS, " +
