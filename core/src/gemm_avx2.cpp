@@ -355,7 +355,21 @@ TESSERA_AVX2 void pack_rows_int8(const float* x, int64_t ldx, int64_t rows, int6
       for (int l = 0; l < 8; ++l) mn = std::min(mn, l8[l]), mx = std::max(mx, h8[l]);
       for (; k < K; ++k) mn = std::min(mn, xr[k]), mx = std::max(mx, xr[k]);
       q = row_quant(mn, mx, levels);
-      for (int64_t i = 0; i < K4; ++i) {
+      // quantize_u8 on 8 lanes, two quads at a time: cvtps rounds to nearest even as
+      // nearbyint does (the default MXCSR), then clamp, - 127, and narrow to bytes in order.
+      const __m256 inv = _mm256_set1_ps(q.inv);
+      const __m256i zp = _mm256_set1_epi32(q.zero), top = _mm256_set1_epi32(q.top);
+      const __m256i floor0 = _mm256_setzero_si256(), mid = _mm256_set1_epi32(127);
+      int64_t i = 0;
+      for (; 4 * i + 8 <= K; i += 2) {
+        __m256i u = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + 4 * i), inv)), zp);
+        u = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(u, floor0), top), mid);
+        const __m256i w16 = _mm256_packs_epi32(u, u);      // lane l: u[4l..4l+3] twice, int16
+        const __m256i w8 = _mm256_packs_epi16(w16, w16);   // lane l: those 4 as bytes, 4 times
+        dst[i * kMR6 + r] = static_cast<uint32_t>(_mm256_extract_epi32(w8, 0)) ^ flip;
+        dst[(i + 1) * kMR6 + r] = static_cast<uint32_t>(_mm256_extract_epi32(w8, 4)) ^ flip;
+      }
+      for (; i < K4; ++i) {
         uint32_t word = 0;
         for (int e = 0; e < 4; ++e) {
           const int64_t kk = 4 * i + e;
