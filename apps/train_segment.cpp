@@ -15,6 +15,7 @@
 #include "tessera/image.hpp"
 #include "tessera/metrics.hpp"
 #include "tessera/pipeline.hpp"
+#include "tessera/safetensors.hpp"
 #include "tessera/segmentation.hpp"
 #include "tessera/segmenter_train.hpp"
 #include "tessera/vit_train.hpp"
@@ -107,9 +108,6 @@ int train_segment(const TrainArgs& args) {
   check(args.box_loss > 0 || args.boxes.empty(), "train --task segment: --boxes is the data of --box-loss");
   check(args.box_loss == 0 || !args.freeze_encoder,
         "train --task segment: --box-loss trains the encoder's patch tokens; it cannot be frozen (--freeze-encoder)");
-  check(args.box_loss == 0 || !args.resume,
-        "train --task segment: --resume does not restore the --box-loss head (it is not checkpointed); run again "
-        "without --resume");
   SegmenterTrainModel model;
   std::string processor_json;
   const bool init_vit = !args.init.empty() && segmenter_init_is_vit(args.init);
@@ -238,11 +236,30 @@ int train_segment(const TrainArgs& args) {
   check(!ec, args.out + ": cannot create (" + ec.message() + ")");
   const std::string checkpoint = (fs::path(args.out) / "checkpoint.safetensors").string();
   SegmenterTrainState state;
+  // The patch-box head (--box-loss) is training-only but has weights and optimiser moments of its
+  // own: they go into the checkpoint beside the model's, so --resume continues it too.
+  PatchBoxHead& box = state.box;
+  const CheckpointExtras box_tensors = args.box_loss > 0
+      ? CheckpointExtras{{"box_head.params", &box.params}, {"box_head.m", &box.m}, {"box_head.v", &box.v}}
+      : CheckpointExtras{};
+  const std::string box_meta = args.box_loss > 0 ? std::to_string(args.box_loss) : "0";
   if (args.resume && fs::exists(checkpoint)) {
-    std::map<std::string, std::string> meta = load_train_checkpoint(checkpoint, model.vit, state.opt);
+    const SafeTensors peek = SafeTensors::open(checkpoint);
+    std::map<std::string, std::string> prior = peek.metadata();
+    check(prior.count("box_loss") ? prior["box_loss"] == box_meta : box_meta == "0",
+          checkpoint + ": written by a run with another --box-loss; --resume continues the same run");
+    std::map<std::string, std::string> meta = load_train_checkpoint(checkpoint, model.vit, state.opt, box_tensors);
     check(meta["seed"] == std::to_string(args.seed) && meta["total"] == std::to_string(total) &&
               meta["freeze_encoder"] == (args.freeze_encoder ? "1" : "0"),
           checkpoint + ": written by a run of another seed, length or --freeze-encoder; --resume continues the same run");
+    if (args.box_loss > 0) {
+      const VitConfig& vc = model.vit.config;
+      check(box.params.size() == static_cast<size_t>(4 * vc.hidden_size + 4) && box.m.size() == box.params.size() &&
+                box.v.size() == box.params.size(),
+            checkpoint + ": its box_head tensors do not fit this model's width");
+      box.dim = vc.hidden_size;
+      box.grads.assign(box.params.size(), 0.0f);
+    }
     std::fprintf(stderr, "resuming %s at step %lld of %lld\n", checkpoint.c_str(),
                  static_cast<long long>(state.opt.step), static_cast<long long>(total));
   }
@@ -255,9 +272,13 @@ int train_segment(const TrainArgs& args) {
                  static_cast<long long>(args.batch / comm->size()), static_cast<long long>(args.batch));
   const int64_t every = args.checkpoint_every > 0 ? args.checkpoint_every : per_epoch;
   auto save_checkpoint = [&] {
+    if (args.box_loss > 0 && box.m.size() != box.params.size())  // no step yet: fresh moments
+      box.m.assign(box.params.size(), 0.0f), box.v.assign(box.params.size(), 0.0f);
     save_train_checkpoint(checkpoint, model.vit, state.opt,
                           {{"seed", std::to_string(args.seed)}, {"total", std::to_string(total)},
-                           {"task", "segment"}, {"freeze_encoder", args.freeze_encoder ? "1" : "0"}});
+                           {"task", "segment"}, {"freeze_encoder", args.freeze_encoder ? "1" : "0"},
+                           {"box_loss", box_meta}},
+                          box_tensors);
   };
 
   std::fprintf(stderr,

@@ -555,6 +555,42 @@ TEST_CASE("train --task segment --box-loss: patch tokens taught their boxes, the
         SafeTensors::open((plain / "model.safetensors").string()).names());
   REQUIRE(load_model(out.string())->segmentation != nullptr);
 
+  // --resume continues the head too (its weights and AdamW moments are in the checkpoint): a run
+  // killed after a checkpoint and resumed ends byte-identical to an uninterrupted one. (Without
+  // the head's state the resumed encoder would get other box gradients and other weights.)
+  {
+    const std::string run = base + " --box-loss 2 --lr 3e-3 --max-steps 3000 --checkpoint-every 10";
+    const fs::path ref = scratch("boxref") / "model";
+    REQUIRE(run_cli(run + " --out " + ref.string()).code == 0);
+    const fs::path part = scratch("boxresume") / "model";
+    bool interrupted = false;
+    for (double delay = 0.15; delay < 20 && !interrupted; delay *= 1.5) {
+      fs::remove_all(part);
+      const int status = std::system(("timeout -s KILL " + std::to_string(delay) + " " + cli() + " " + run +
+                                      " --out " + part.string() + " >/dev/null 2>&1").c_str());
+      REQUIRE(WIFEXITED(status));
+      if (WEXITSTATUS(status) == 0) break;  // finished first: the machine is faster than the delays
+      REQUIRE(WEXITSTATUS(status) == 137);
+      interrupted = fs::exists(part / "checkpoint.safetensors");
+    }
+    REQUIRE(interrupted);
+    const Run resumed = run_cli(run + " --resume --out " + part.string());
+    INFO(resumed.err);
+    REQUIRE(resumed.code == 0);
+    CHECK(resumed.err.find("resuming ") != std::string::npos);
+    CHECK(slurp(part / "model.safetensors") == slurp(ref / "model.safetensors"));
+    // A checkpoint of another --box-loss is not continued.
+    const fs::path other = scratch("boxother") / "model";
+    for (double delay = 0.15; delay < 20 && !fs::exists(other / "checkpoint.safetensors"); delay *= 1.5) {
+      fs::remove_all(other);
+      std::system(("timeout -s KILL " + std::to_string(delay) + " " + cli() + " " + run + " --out " + other.string() +
+                   " >/dev/null 2>&1").c_str());
+    }
+    const Run mixed = run_cli(base + " --lr 3e-3 --max-steps 3000 --checkpoint-every 10 --resume --out " + other.string());
+    CHECK(mixed.code != 0);
+    CHECK(mixed.err.find("written by a run with another --box-loss") != std::string::npos);
+  }
+
   const fs::path o = scratch("boxbad") / "model";
   const Run frozen = run_cli(base + " --box-loss 1 --freeze-encoder --max-steps 1 --out " + o.string());
   CHECK(frozen.code != 0);

@@ -1466,7 +1466,8 @@ double vit_train_apply_gradients(VitTrainModel& model, VitTrainState& state, con
 
 void save_train_checkpoint(const std::string& path, const VitTrainModel& model,
                            const VitTrainState& state,
-                           const std::map<std::string, std::string>& metadata) {
+                           const std::map<std::string, std::string>& metadata,
+                           const CheckpointExtras& extra) {
   std::vector<std::pair<std::string, Tensor>> tensors;
   auto add = [&](const std::string& prefix, const std::vector<float>& buffer) {
     if (buffer.empty()) return;
@@ -1480,6 +1481,12 @@ void save_train_checkpoint(const std::string& path, const VitTrainModel& model,
   add("weight.", model.weights);
   add("m.", state.m);
   add("v.", state.v);
+  for (const auto& [name, buffer] : extra) {
+    check(buffer != nullptr && !buffer->empty(), "save_train_checkpoint: extra tensor '" + name + "' is empty");
+    Tensor t({static_cast<int64_t>(buffer->size())});
+    std::copy(buffer->begin(), buffer->end(), t.data());
+    tensors.emplace_back(name, std::move(t));
+  }
   std::map<std::string, std::string> meta = metadata;
   meta["step"] = std::to_string(state.step);
   meta["architecture"] = model.architecture;
@@ -1487,7 +1494,8 @@ void save_train_checkpoint(const std::string& path, const VitTrainModel& model,
 }
 
 std::map<std::string, std::string> load_train_checkpoint(const std::string& path,
-                                                         VitTrainModel& model, VitTrainState& state) {
+                                                         VitTrainModel& model, VitTrainState& state,
+                                                         const CheckpointExtras& extra) {
   const SafeTensors st = SafeTensors::open(path);
   auto read = [&](const std::string& prefix, std::vector<float>& buffer, bool required) {
     if (!required && !st.contains(prefix + model.params.front().name)) {
@@ -1514,6 +1522,15 @@ std::map<std::string, std::string> load_train_checkpoint(const std::string& path
   restored.step = std::stoll(meta["step"]);
   restored.grads.assign(model.weights.size(), 0.0f);
   if (restored.m.empty()) restored.m.assign(model.weights.size(), 0.0f);
+  std::vector<std::vector<float>> extras(extra.size());
+  for (size_t i = 0; i < extra.size(); ++i) {
+    const std::string& name = extra[i].first;
+    check(st.contains(name), path + ": missing tensor '" + name + "' (a checkpoint of a run without it?)");
+    const int64_t n = shape_numel(st.info(name).shape);
+    extras[i].resize(static_cast<size_t>(n));
+    st.read(name, 0, n, extras[i].data());
+  }
+  for (size_t i = 0; i < extra.size(); ++i) *extra[i].second = std::move(extras[i]);
   model.weights = std::move(weights);
   state = std::move(restored);
   return meta;

@@ -322,12 +322,18 @@ double vit_train_apply_gradients(VitTrainModel& model, VitTrainState& state, con
 // the optimiser state ("m.NAME", and "v.NAME" for AdamW) and its step count, plus the caller's
 // own entries (data position, seed ...) as metadata, in one safetensors file written atomically
 // (a temporary file, then a rename). A run resumed from it continues bit for bit.
+// `extra`: flat float buffers saved beside the model under their own names (a training-only
+// head's weights and optimiser moments: segmenter_train.hpp's PatchBoxHead), 1-D tensors.
+using CheckpointExtras = std::vector<std::pair<std::string, std::vector<float>*>>;
 void save_train_checkpoint(const std::string& path, const VitTrainModel& model,
                            const VitTrainState& state,
-                           const std::map<std::string, std::string>& metadata = {});
+                           const std::map<std::string, std::string>& metadata = {},
+                           const CheckpointExtras& extra = {});
 // Restores weights and optimiser state into a model of the same layout (an Error names the first
-// tensor that is missing or of another shape); returns the metadata (with "step").
+// tensor that is missing or of another shape); returns the metadata (with "step"). Each of
+// `extra` must be in the file (an Error names it); its buffer is resized to the tensor's length.
 std::map<std::string, std::string> load_train_checkpoint(const std::string& path,
-                                                         VitTrainModel& model, VitTrainState& state);
+                                                         VitTrainModel& model, VitTrainState& state,
+                                                         const CheckpointExtras& extra = {});
 
 }  // namespace tessera
