@@ -102,29 +102,38 @@ void write_image(const fs::path& dest, const cv::Mat& m, const std::vector<int>&
   write_atomic(dest, bytes);
 }
 
-// A fixed colour per class: the PASCAL VOC bit-interleaved palette (distinct for the first 256),
-// hashed beyond that. RGB.
+// A class's colour (RGB): draw.hpp's class_colour, the colour detect and view draw that class id's
+// boxes in, so a class (a digit) looks the same in every tool.
 cv::Vec3b class_color(int c) {
-  if (c < 256) {
-    int r = 0, g = 0, b = 0, id = c;
-    for (int i = 0; i < 8; ++i, id >>= 3) {
-      r |= ((id >> 0) & 1) << (7 - i);
-      g |= ((id >> 1) & 1) << (7 - i);
-      b |= ((id >> 2) & 1) << (7 - i);
-    }
-    return {static_cast<uchar>(r), static_cast<uchar>(g), static_cast<uchar>(b)};
-  }
-  uint64_t h = fnv1a(std::to_string(c));
-  return {static_cast<uchar>(h), static_cast<uchar>(h >> 8), static_cast<uchar>(h >> 16)};
+  const cv::Scalar bgr = class_colour(c);
+  return {static_cast<uchar>(bgr[2]), static_cast<uchar>(bgr[1]), static_cast<uchar>(bgr[0])};
 }
 
-cv::Mat colorize(const cv::Mat& labels) {  // → BGR for imencode
+// The index of the class named "background" (any case), or -1.
+int background_class(const std::vector<std::string>& names) {
+  for (size_t c = 0; c < names.size(); ++c) {
+    std::string n = names[c];
+    for (char& ch : n) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (n == "background") return static_cast<int>(c);
+  }
+  return -1;
+}
+
+cv::Mat colorize(const cv::Mat& labels, int background) {  // → BGR for imencode; background black
+  std::vector<cv::Vec3b> lut;
   cv::Mat out(labels.size(), CV_8UC3);
   for (int y = 0; y < labels.rows; ++y)
     for (int x = 0; x < labels.cols; ++x) {
-      int c = labels.depth() == CV_8U ? labels.at<uint8_t>(y, x) : labels.at<uint16_t>(y, x);
-      cv::Vec3b rgb = class_color(c);
-      out.at<cv::Vec3b>(y, x) = {rgb[2], rgb[1], rgb[0]};
+      const int c = labels.depth() == CV_8U ? labels.at<uint8_t>(y, x) : labels.at<uint16_t>(y, x);
+      if (static_cast<size_t>(c) >= lut.size()) {
+        const size_t from = lut.size();
+        lut.resize(static_cast<size_t>(c) + 1);
+        for (size_t k = from; k < lut.size(); ++k) {
+          const cv::Vec3b rgb = static_cast<int>(k) == background ? cv::Vec3b(0, 0, 0) : class_color(static_cast<int>(k));
+          lut[k] = {rgb[2], rgb[1], rgb[0]};
+        }
+      }
+      out.at<cv::Vec3b>(y, x) = lut[static_cast<size_t>(c)];
     }
   return out;
 }
@@ -147,14 +156,9 @@ cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vect
   cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
   // A class named "background" is left unpainted (the picture as it is), so the objects' colours
   // stand out; every other class is painted 65% over the picture.
-  int background = -1;
-  for (size_t c = 0; c < names.size() && background < 0; ++c) {
-    std::string n = names[c];
-    for (char& ch : n) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-    if (n == "background") background = static_cast<int>(c);
-  }
+  const int background = background_class(names);
   cv::Mat out;
-  cv::addWeighted(bgr, 0.35, colorize(labels), 0.65, 0.0, out);
+  cv::addWeighted(bgr, 0.35, colorize(labels, background), 0.65, 0.0, out);
   if (background >= 0) bgr.copyTo(out, labels == background);
   std::vector<int> present;
   for (size_t c = 0; c + 1 < hist.size(); ++c)
@@ -417,7 +421,7 @@ int run_segment(const Options& given) {
                       it.logits = Tensor();
                       it.hist = histogram(labels, n_cls);
                       // Extras first, the label PNG last: the label map's presence means "done".
-                      if (o.color) write_image(output(it.index, "_color.png"), colorize(labels), png_params);
+                      if (o.color) write_image(output(it.index, "_color.png"), colorize(labels, background_class(model->labels)), png_params);
                       if (o.overlay)
                         write_image(output(it.index, "_overlay.jpg"),
                                     overlay_image(it.rgb, labels, it.hist, model->labels),

@@ -18,6 +18,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tessera/draw.hpp"
 #include "tessera/image.hpp"
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
@@ -204,6 +205,7 @@ TEST_CASE("tessera segment exports label maps for a folder, reports bad images a
   CHECK(err.find("corrupt.png") != std::string::npos);
   CHECK(err.find("11 done, 0 skipped, 1 failed") != std::string::npos);
 
+  const std::vector<std::string> names = load_model(model.string())->labels;
   const std::map<std::string, cv::Size> sizes = {
       {"a/rgb.png", {90, 70}}, {"a/b/photo.png", {60, 100}}, {"gray.png", {50, 50}},
       {"deep16.png", {72, 40}}, {"alpha.png", {47, 33}}};
@@ -217,7 +219,20 @@ TEST_CASE("tessera segment exports label maps for a folder, reports bad images a
     cv::minMaxLoc(l, &lo, &hi);
     CHECK(hi < 5);
     const std::string stem = rel.substr(0, rel.size() - 4);
-    CHECK(cv::imread((out / (stem + "_color.png")).string()).size() == size);
+    // The colour map: each class in class_colour, the colour detect and view give its boxes
+    // (one colour per class across tools); a class named "background" black.
+    const cv::Mat colour = cv::imread((out / (stem + "_color.png")).string());
+    CHECK(colour.size() == size);
+    int mismatches = 0;
+    for (int y = 0; y < l.rows; ++y)
+      for (int x = 0; x < l.cols; ++x) {
+        const int c = l.at<uint8_t>(y, x);
+        const cv::Scalar want = c < static_cast<int>(names.size()) && names[c] == "background" ? cv::Scalar(0, 0, 0)
+                                                                                               : class_colour(c);
+        mismatches += colour.at<cv::Vec3b>(y, x) != cv::Vec3b(static_cast<uchar>(want[0]), static_cast<uchar>(want[1]),
+                                                              static_cast<uchar>(want[2]));
+      }
+    CHECK(mismatches == 0);
     // The overlay: the picture enlarged by a whole factor to a shorter side of at least 256,
     // the legend in a panel to its right.
     const int s = (256 + std::min(size.width, size.height) - 1) / std::min(size.width, size.height);
