@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 
 #include <nlohmann/json.hpp>
@@ -159,14 +161,20 @@ void add_data(CLI::App& app, Action& action) {
       "box-parts", "Box-part label maps of a COCO JSON's images: DIR/masks/*.png (1 + 9·(category index) + ninth), "
                    "DIR/images (a link to the images' folder), DIR/annotations.json (the part categories)");
   static std::string parts_from, parts_out;
+  static bool parts_whole = false;
   parts->add_option("--from", parts_from, "COCO instances JSON (e.g. a data scenes folder's annotations.json)")->required();
   parts->add_option("--out", parts_out, "Output folder")->required();
+  parts->add_flag("--whole", parts_whole,
+                  "Whole boxes instead: every pixel of a box is 1 + its category's index, and DIR/annotations.json is "
+                  "a copy of --from (its boxes are what --box-loss reads)");
   parts->callback([&action] {
     action = [] {
       namespace fs = std::filesystem;
       const CocoDataset coco = load_coco_instances(parts_from);
-      check(!coco.categories.empty() && coco.categories.size() * 9 + 1 <= 65535,
-            parts_from + ": box parts need 1 to 7,281 categories, it has " + std::to_string(coco.categories.size()));
+      const int64_t per = parts_whole ? 1 : 9;  // labels per category
+      check(!coco.categories.empty() && coco.categories.size() * per + 1 <= 65535,
+            parts_from + ": box parts need 1 to " + (parts_whole ? "65,534" : "7,281") + " categories, it has " +
+                std::to_string(coco.categories.size()));
       std::map<int64_t, size_t> index;  // category id → its index (sorted by id)
       for (size_t i = 0; i < coco.categories.size(); ++i) index[coco.categories[i].id] = i;
       // Every image in one folder (the masks are paired with images/ by stem).
@@ -188,12 +196,12 @@ void add_data(CLI::App& app, Action& action) {
       std::map<int64_t, std::vector<const CocoObject*>> by_image;
       for (const CocoObject& a : coco.annotations)
         if (!a.crowd) by_image[a.image_id].push_back(&a);
-      const bool wide = coco.categories.size() * 9 + 1 > 254;  // 255 is "ignore": 16-bit masks beyond
+      const bool wide = coco.categories.size() * per + 1 > 254;  // 255 is "ignore": 16-bit masks beyond
       std::fesetround(FE_TONEAREST);                           // nearbyint: halves to even
       for (const CocoImage& im : coco.images) {
         cv::Mat mask(im.height, im.width, wide ? CV_16U : CV_8U, cv::Scalar(0));
         for (const CocoObject* a : by_image[im.id]) {
-          const int64_t base = 1 + 9 * static_cast<int64_t>(index.at(a->category_id));
+          const int64_t base = 1 + per * static_cast<int64_t>(index.at(a->category_id));
           const int x0 = static_cast<int>(std::nearbyint(a->x)), y0 = static_cast<int>(std::nearbyint(a->y));
           const int h = static_cast<int>(a->h);
           for (int y = std::max(0, y0); y < std::min(im.height, y0 + h); ++y) {
@@ -201,7 +209,7 @@ void add_data(CLI::App& app, Action& action) {
             for (int u = 0; u < 3; ++u) {
               const int xa = x0 + static_cast<int>(std::nearbyint(u * a->w / 3));
               const int xb = std::min(im.width, x0 + static_cast<int>(std::nearbyint((u + 1) * a->w / 3)));
-              const int64_t v = base + 3 * row + u;
+              const int64_t v = parts_whole ? base : base + 3 * row + u;
               for (int x = std::max(0, xa); x < xb; ++x) {
                 if (wide) mask.at<uint16_t>(y, x) = static_cast<uint16_t>(v);
                 else mask.at<uint8_t>(y, x) = static_cast<uint8_t>(v);
@@ -213,14 +221,21 @@ void add_data(CLI::App& app, Action& action) {
         check(cv::imencode(".png", mask, png), parts_out + ": cannot encode a PNG");
         write_file_atomic((out / "masks" / (fs::path(im.file_name).stem().string() + ".png")).string(), png.data(), png.size());
       }
-      nlohmann::json cats = nlohmann::json::array();
-      for (size_t i = 0; i < coco.categories.size(); ++i)
-        for (int p = 0; p < 9; ++p)
-          cats.push_back({{"id", 1 + 9 * static_cast<int64_t>(i) + p}, {"name", coco.categories[i].name + "-" + std::to_string(p)}});
-      const std::string text = nlohmann::json{{"categories", cats}}.dump();
-      write_file_atomic((out / "annotations.json").string(), text.data(), text.size());
-      std::printf("wrote %zu box-part masks (%zu classes with background) to %s\n", coco.images.size(),
-                  coco.categories.size() * 9 + 1, parts_out.c_str());
+      if (parts_whole) {  // the boxes themselves, for --box-loss (mask label = 1 + category index)
+        std::ifstream in(parts_from, std::ios::binary);
+        const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        check(in.good() || in.eof(), parts_from + ": cannot read it again to copy it");
+        write_file_atomic((out / "annotations.json").string(), text.data(), text.size());
+      } else {
+        nlohmann::json cats = nlohmann::json::array();
+        for (size_t i = 0; i < coco.categories.size(); ++i)
+          for (int p = 0; p < 9; ++p)
+            cats.push_back({{"id", 1 + 9 * static_cast<int64_t>(i) + p}, {"name", coco.categories[i].name + "-" + std::to_string(p)}});
+        const std::string text = nlohmann::json{{"categories", cats}}.dump();
+        write_file_atomic((out / "annotations.json").string(), text.data(), text.size());
+      }
+      std::printf("wrote %zu %s masks (%zu classes with background) to %s\n", coco.images.size(),
+                  parts_whole ? "whole-box" : "box-part", coco.categories.size() * per + 1, parts_out.c_str());
       return 0;
     };
   });

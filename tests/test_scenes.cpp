@@ -220,6 +220,29 @@ TEST_CASE("scenes: tessera data scenes writes COCO JSON matching its masks, the 
       CHECK(same(parts, want));
     }
   }
+  // data box-parts --whole: each box filled with its digit's label (1 + digit), the boxes
+  // themselves copied as annotations.json (what --box-loss reads).
+  {
+    const std::string bp = std::string(cli) + " data box-parts --whole --from " + (out / "annotations.json").string() +
+                           " --out " + (dir / "whole").string() + " >" + (dir.string() + "_out") + " 2>&1";
+    const int st = std::system(bp.c_str());
+    INFO(slurp(dir.string() + "_out"));
+    REQUIRE(WEXITSTATUS(st) == 0);
+    CHECK(fs::equivalent(dir / "whole" / "images", out / "images"));
+    CHECK(slurp(dir / "whole" / "annotations.json") == slurp(out / "annotations.json"));
+    for (const auto& image : coco["images"]) {
+      const std::string stem = fs::path(image["file_name"].get<std::string>()).stem().string();
+      const cv::Mat whole = cv::imread((dir / "whole" / "masks" / (stem + ".png")).string(), cv::IMREAD_UNCHANGED);
+      REQUIRE(whole.type() == CV_8UC1);
+      cv::Mat want(whole.size(), CV_8U, cv::Scalar(0));
+      for (const auto& a : coco["annotations"]) {
+        if (a["image_id"] != image["id"]) continue;
+        const int x = a["bbox"][0], y = a["bbox"][1], w = a["bbox"][2], h = a["bbox"][3];
+        want(cv::Rect(x, y, w, h)).setTo(a["category_id"].get<int>());
+      }
+      CHECK(same(whole, want));
+    }
+  }
 
   // data crops: one 40x40 window per box, centred on it (halves rounded to even) and moved
   // inside the image, filed under its category's name.
