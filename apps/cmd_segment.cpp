@@ -150,13 +150,13 @@ std::vector<int64_t> histogram(const cv::Mat& labels, int64_t n_cls) {
 
 // Original (RGB) with each class's colour painted over it (not a "background" class), with a legend of the classes present
 // (largest first, at most 12) in a panel to its right (draw.hpp's with_legend_beside).
+// `background`: background_class(names).
 cv::Mat overlay_image(const cv::Mat& rgb, const cv::Mat& labels, const std::vector<int64_t>& hist,
-                      const std::vector<std::string>& names) {
+                      const std::vector<std::string>& names, int background) {
   cv::Mat bgr;
   cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
   // A class named "background" is left unpainted (the picture as it is), so the objects' colours
   // stand out; every other class is painted 65% over the picture.
-  const int background = background_class(names);
   cv::Mat out;
   cv::addWeighted(bgr, 0.35, colorize(labels, background), 0.65, 0.0, out);
   if (background >= 0) bgr.copyTo(out, labels == background);
@@ -241,6 +241,7 @@ int run_segment(const Options& given) {
   auto model = load_model(o.model_dir);
   if (!model->segmentation) fail(o.model_dir + ": " + model->architecture + " is not a segmentation model");
   const int64_t n_cls = model->segmentation->num_classes;
+  const int background = background_class(model->labels);  // black in colour maps, unpainted in overlays
   Preprocessor pre = o.processor.empty() ? model_preprocessor(*model) : Preprocessor::from_file(o.processor);
   pre.patch_size = model->encoder.config.patch_size;
   if (pre.config.do_center_crop)
@@ -421,10 +422,10 @@ int run_segment(const Options& given) {
                       it.logits = Tensor();
                       it.hist = histogram(labels, n_cls);
                       // Extras first, the label PNG last: the label map's presence means "done".
-                      if (o.color) write_image(output(it.index, "_color.png"), colorize(labels, background_class(model->labels)), png_params);
+                      if (o.color) write_image(output(it.index, "_color.png"), colorize(labels, background), png_params);
                       if (o.overlay)
                         write_image(output(it.index, "_overlay.jpg"),
-                                    overlay_image(it.rgb, labels, it.hist, model->labels),
+                                    overlay_image(it.rgb, labels, it.hist, model->labels, background),
                                     {cv::IMWRITE_JPEG_QUALITY, 90});
                       it.rgb.release();
                       write_image(output(it.index, ".png"), labels, png_params);

@@ -111,7 +111,7 @@ scenes() {  # scenes SPLIT COUNT SEED: DIR of the scenes, drawn once
 #    training cells after every epoch; 24 epochs, ~16 minutes.
 # detector [OUT]: OUT defaults to assets/models/digits-detector.
 detector() {
-  local train val test enc out=${1:-assets/models/digits-detector} t0 t1 t2
+  local train val test enc whole out=${1:-assets/models/digits-detector} t0 t1 t2
   train=$(scenes train 6000 1)
   val=$(scenes train 300 2)
   test=$(scenes test 500 0)

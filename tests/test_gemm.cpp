@@ -215,9 +215,7 @@ TEST_CASE("linear reports its kernel and rejects what it cannot do") {
   if (isa_family() == IsaFamily::Avx2) {
     REQUIRE(linear_kernel_name(WeightType::F32) == "avx2");
     REQUIRE(linear_kernel_name(WeightType::BF16) == "avx2-bf16");
-    const char* vnni_env = std::getenv("TESSERA_AVXVNNI");
-    const bool vnni_off = vnni_env != nullptr && (std::string(vnni_env) == "off" || std::string(vnni_env) == "0");
-    const bool vnni = cpu_features_seen().find("avxvnni") != std::string::npos && !vnni_off;
+    const bool vnni = cpu_features_seen().find("avxvnni") != std::string::npos && avxvnni_allowed();
     REQUIRE(linear_kernel_name(WeightType::INT8) == (vnni ? "avxvnni" : "avx2-int8"));
     REQUIRE(linear_int8_levels() == 254);
   }
@@ -493,6 +491,7 @@ TEST_CASE("the AVX2 int8 kernel gives the same bits with AVX-VNNI's vpdpbusd as 
   const bool has = cpu_features_seen().find("avxvnni") != std::string::npos;
   INFO("CPU features " << cpu_features_seen());
   if (!has) WARN("no AVX-VNNI on this CPU: only the vpmaddubsw path runs");
+  const bool allowed = avxvnni_allowed();  // as the process began (TESSERA_AVXVNNI)
   set_isa_cap(IsaFamily::Avx2);
   uint32_t seed = 8100;
   for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 33, 17}, {5, 64, 3}, {6, 100, 773},
@@ -509,7 +508,6 @@ TEST_CASE("the AVX2 int8 kernel gives the same bits with AVX-VNNI's vpdpbusd as 
     const std::vector<float> vnni = run_plain(p, pw, Activation::Gelu);
     REQUIRE(std::memcmp(plain.data(), vnni.data(), plain.size() * sizeof(float)) == 0);
   }
-  const char* env = std::getenv("TESSERA_AVXVNNI");
-  set_avxvnni(env == nullptr || (std::string(env) != "off" && std::string(env) != "0"));  // as the process began
+  set_avxvnni(allowed);
   set_isa_cap(IsaFamily::Avx512);
 }

@@ -763,6 +763,7 @@ std::string linear_kernel_name(WeightType type) {
 int linear_int8_levels() { return kernel_for(WeightType::INT8) == Kernel::Avx2 ? 254 : 255; }
 
 void set_avxvnni(bool on) { g_avxvnni_allowed.store(on); }
+bool avxvnni_allowed() { return g_avxvnni_allowed.load(std::memory_order_relaxed); }
 
 void force_generic_kernels(bool on) { g_force_generic.store(on); }
 bool generic_kernels_forced() { return g_force_generic.load(std::memory_order_relaxed); }

@@ -192,6 +192,8 @@ std::string linear_kernel_name(WeightType type);
 // Lets the AVX2 family's int8 kernel use AVX-VNNI's vpdpbusd where the CPU has it (the default,
 // unless TESSERA_AVXVNNI=off), or keeps it on vpmaddubsw. Both give the same bits.
 void set_avxvnni(bool on);
+// Whether that switch is on (the CPU may still lack AVX-VNNI: linear_kernel_name says what runs).
+bool avxvnni_allowed();
 // Forces the portable kernels (tests use it to check the fallback path), or lifts that cap (the
 // set_isa_cap and environment caps stay). It covers every dispatched kernel (layer norm and
 // attention in kernels.hpp too).
