@@ -145,9 +145,10 @@ int train_classify(const TrainArgs& a) {
   check(!(a.init.empty() == a.arch.empty()), "train: give exactly one of --init MODEL_DIR (fine-tune) and --arch PRESET (from scratch)");
   check(!a.crops, "train --task classify: --crops is for segmentation");
   check(a.box_loss == 0 && a.boxes.empty(), "train --task classify: --box-loss and --boxes are for segmentation");
-  check(a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss && a.decoder == "linear",
-        "train --task classify: --queries, --decoder-layers, --no-aux-loss and --decoder shape detection and "
-        "segmentation heads");
+  check(a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss && a.decoder == "linear" && a.encoder_window == 0 &&
+            a.encoder_window_stride == 0,
+        "train --task classify: --queries, --decoder-layers, --no-aux-loss, --encoder-window and --decoder shape "
+        "detection and segmentation heads");
   const bool digits = a.data.rfind("digits", 0) == 0;
 
   VitTrainModel model;
@@ -455,6 +456,13 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--decoder", a.decoder, "segment, a new Segmenter: linear or mask_transformer")
       ->check(CLI::IsMember({"linear", "mask_transformer"}));
   cmd->add_flag("--no-aux-loss", a.no_aux_loss, "detect, a new DETR head: the set loss on the last decoder layer only");
+  cmd->add_option("--encoder-window", a.encoder_window,
+                  "detect, a new DETR head with --freeze-encoder: the encoder reads windows of this many pixels (its "
+                  "own training size, e.g. a Segmenter's crops) over the resized input, their patch rows merged")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--encoder-window-stride", a.encoder_window_stride,
+                  "detect, --encoder-window: pixels between windows (default: half the window)")
+      ->check(CLI::Range(1, 4096));
   cmd->add_flag("--no-augment", a.no_augment, "Every image through the model's processor and nothing else");
   cmd->add_flag("--hflip", a.hflip,
                 "Augmentation flips half the images horizontally (with their boxes or masks); off by default, "

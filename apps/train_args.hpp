@@ -42,6 +42,9 @@ struct TrainArgs {
   // decoder layers (0: the preset's), auxiliary loss on unless --no-aux-loss.
   int64_t queries = 0, decoder_layers = 0;
   bool no_aux_loss = false;
+  // detect, a new DETR head: its encoder reads encoder_window-pixel windows every
+  // encoder_window_stride pixels (0: window / 2); 0: the whole image in one pass.
+  int64_t encoder_window = 0, encoder_window_stride = 0;
   // segment, a new Segmenter (--arch, or --init a ViT classifier): "linear" or "mask_transformer"
   // (Segmenter's: 2 blocks of width D, D/64 heads, MLP 4D; --decoder-layers changes the blocks).
   std::string decoder = "linear";

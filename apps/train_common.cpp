@@ -69,6 +69,10 @@ void apply_detr_options(DetrHeadConfig& head, const TrainArgs& a) {
   if (a.queries > 0) head.queries = a.queries;
   if (a.decoder_layers > 0) head.layers = a.decoder_layers;
   if (a.no_aux_loss) head.auxiliary_loss = false;
+  if (a.encoder_window > 0) {
+    head.window = a.encoder_window;
+    head.window_stride = a.encoder_window_stride > 0 ? a.encoder_window_stride : a.encoder_window / 2;
+  }
 }
 
 void apply_arch_options(VitConfig& c, const TrainArgs& a, int64_t mlp_ratio) {

@@ -103,10 +103,13 @@ int train_detect(const TrainArgs& a) {
   check(!(a.init.empty() == a.arch.empty()),
         "train --task detect: give exactly one of --init MODEL_DIR (a YOLOS or vit-detr folder, or a ViT "
         "classifier or Segmenter for a new DETR head) and --arch PRESET");
-  check((a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss) || a.arch == "detr-digits" ||
+  check((a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss && a.encoder_window == 0) || a.arch == "detr-digits" ||
             (!a.init.empty() && has_encoder_for_detr(folder_model_type(a.init))),
-        "train --task detect: --queries, --decoder-layers and --no-aux-loss shape a new DETR head "
+        "train --task detect: --queries, --decoder-layers, --no-aux-loss and --encoder-window shape a new DETR head "
         "(--arch detr-digits, or --init a ViT, DeiT or DINOv2 classifier or a Segmenter)");
+  check(a.encoder_window_stride == 0 || a.encoder_window > 0, "train --task detect: --encoder-window-stride goes with "
+                                                              "--encoder-window");
+
 
   check(a.label_smoothing == 0, "train --task detect: --label-smoothing is for classification (the set loss "
                                 "weights no-object by eos_coefficient instead)");
@@ -143,6 +146,15 @@ int train_detect(const TrainArgs& a) {
     model = init_type == "vit-detr" ? load_detr_train_model(a.init) : load_yolos_train_model(a.init);
     height = a.image_size > 0 ? a.image_size : model.config.image_height;
     width = a.image_size > 0 ? a.image_size : model.config.image_width;
+    if (model.detr.window > 0 && a.image_size == 0) {  // the encoder's size is the window's; the input's is the processor's
+      const fs::path pp = fs::path(a.init) / "preprocessor_config.json";
+      check(fs::exists(pp), pp.string() + ": missing (a windowed vit-detr folder's input size is its processor's); or "
+                                          "give --image-size");
+      const PreprocessConfig given = load_preprocess_config(pp.string());
+      check(given.do_resize && given.resize_rule == ResizeRule::exact,
+            pp.string() + ": a windowed vit-detr folder's processor resizes to a fixed size; or give --image-size");
+      height = given.height, width = given.width;
+    }
     const std::vector<std::string> labels = model_labels(model);
     bool same = true;  // every category of the data is the model's label of that id
     for (size_t i = 0; i < data.labels.size(); ++i)
@@ -166,6 +178,9 @@ int train_detect(const TrainArgs& a) {
     apply_arch_options(c, a, 3);
     model = make_yolos_train_model(c, data.labels, a.seed);
   }
+  check(model.detr.window == 0 || a.freeze_encoder,
+        "train --task detect: a DETR head on a windowed encoder (--encoder-window, or such a vit-detr folder) trains with "
+        "the encoder frozen: add --freeze-encoder");
   if (a.freeze_encoder) {
     check(model.is_detr(), "train --task detect: --freeze-encoder trains a DETR head on a frozen encoder; a YOLOS "
                            "model's detection tokens are part of its encoder");
@@ -245,12 +260,15 @@ int train_detect(const TrainArgs& a) {
   const std::string head_text =
       model.is_detr() ? "; DETR decoder: d_model " + std::to_string(dh.d_model) + ", " + std::to_string(dh.queries) +
                             " queries, " + std::to_string(dh.layers) + " layers, " + std::to_string(dh.heads) +
-                            " heads, FFN " + std::to_string(dh.ffn) + (dh.auxiliary_loss ? ", auxiliary loss" : "")
+                            " heads, FFN " + std::to_string(dh.ffn) + (dh.auxiliary_loss ? ", auxiliary loss" : "") +
+                            (dh.window > 0 ? "; encoder on " + std::to_string(dh.window) + "x" + std::to_string(dh.window) +
+                                                 " windows every " + std::to_string(dh.window_stride) + " pixels, merged"
+                                           : std::string())
                       : ", " + std::to_string(c.num_detection_tokens) + " detection tokens";
   std::printf("data: %s, %zu images, %lld boxes, %zu label ids\n", data.source.c_str(), data.size(), (long long)boxes,
               data.labels.size());
   std::printf("model: %s, %lldx%lld patch %lld, D=%lld, %lld layers, %lld heads, MLP %lld%s: %lld parameters\n",
-              model.architecture.c_str(), (long long)c.image_height, (long long)c.image_width, (long long)c.patch_size,
+              model.architecture.c_str(), (long long)height, (long long)width, (long long)c.patch_size,
               (long long)c.hidden_size, (long long)c.num_hidden_layers, (long long)c.num_attention_heads,
               (long long)c.intermediate_size, head_text.c_str(), (long long)params);
   std::printf("processor: %s\n", processor.describe().c_str());
@@ -342,7 +360,7 @@ int train_detect(const TrainArgs& a) {
                            : "a Hugging Face folder (`config.json`, `model.safetensors`, `preprocessor_config.json`) "
                              "that Tessera and transformers load as is.\n\n")
        << "| | |\n|---|---|\n"
-       << "| architecture | " << c.image_height << "x" << c.image_width << " input, ViT patch " << c.patch_size
+       << "| architecture | " << height << "x" << width << " input, ViT patch " << c.patch_size
        << ", hidden " << c.hidden_size << ", " << c.num_hidden_layers << " layers, " << c.num_attention_heads
        << " heads, MLP " << c.intermediate_size << head_text << " |\n"
        << "| parameters | " << params << " (float32, " << fmt("%.2f", mib) << " MiB) |\n"

@@ -412,4 +412,43 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
   std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --arch yolos-digits --queries 5");
   CHECK(code != 0);
   CHECK(log.find("new DETR head") != std::string::npos);
+
+  // A windowed encoder: the Segmenter's 64x64 encoder on windows of the 96x96 input, frozen. The
+  // folder says so (encoder_window; the backbone at the window's size, the processor at the
+  // input's), the export check holds, and it fine-tunes at its processor's size.
+  const fs::path windowed = tmp.path / "windowed";
+  std::tie(code, log) = run(" --out " + windowed.string() + " --init " + seg_dir.string() +
+                            " --image-size 96 --encoder-window 64 --encoder-window-stride 32 --queries 3 --freeze-encoder"
+                            " --no-augment --batch 2 --max-steps 2 --lr 1e-2 --threads 1");
+  INFO(log);
+  REQUIRE(code == 0);
+  CHECK(log.find("encoder on 64x64 windows every 32 pixels") != std::string::npos);
+  CHECK(log.find("export check") != std::string::npos);
+  {
+    const nlohmann::json cfg = nlohmann::json::parse(std::ifstream(windowed / "config.json"));
+    CHECK(cfg["encoder_window"] == nlohmann::json({{"size", 64}, {"stride", 32}}));
+    CHECK(cfg["backbone_config"]["image_size"] == 64);
+    CHECK(nlohmann::json::parse(std::ifstream(windowed / "preprocessor_config.json"))["size"]["height"] == 96);
+    const auto m4 = load_model(windowed.string());
+    REQUIRE(m4->detection);
+    CHECK(m4->detection->window == 64);
+    CHECK(m4->detection->window_stride == 32);
+  }
+  std::tie(code, log) = run(" --out " + (tmp.path / "windowed2").string() + " --init " + windowed.string() +
+                            " --freeze-encoder --no-augment --batch 2 --max-steps 1 --threads 1");
+  CHECK(code == 0);
+  CHECK(log.find("96x96 patch 8") != std::string::npos);
+  // It trains frozen only; the stride needs a window; the window fits the input.
+  std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + windowed.string() +
+                            " --batch 2 --max-steps 1 --threads 1");
+  CHECK(code != 0);
+  CHECK(log.find("add --freeze-encoder") != std::string::npos);
+  std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + seg_dir.string() +
+                            " --image-size 96 --encoder-window-stride 32 --freeze-encoder --batch 2 --max-steps 1");
+  CHECK(code != 0);
+  CHECK(log.find("--encoder-window-stride goes with --encoder-window") != std::string::npos);
+  std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + seg_dir.string() +
+                            " --image-size 48 --encoder-window 64 --freeze-encoder --batch 2 --max-steps 1");
+  CHECK(code != 0);
+  CHECK(log.find("at most the image size 48") != std::string::npos);
 }

@@ -12,7 +12,9 @@
 #include <unistd.h>
 #include <vector>
 
+#include "tessera/detection.hpp"
 #include "tessera/detr_train.hpp"
+#include "tessera/error.hpp"
 #include "tessera/model.hpp"
 #include "tessera/safetensors.hpp"
 
@@ -32,11 +34,21 @@ struct Case {
   const char* step;   // train/<step>.safetensors
   const char* model;  // the folder it was made from
   int64_t outputs;    // supervised outputs (decoder layers with auxiliary loss, else 1)
+  bool frozen = false;  // the encoder trains frozen (a windowed one): its gradients are not compared
 };
 const Case kCases[] = {{"detr-vit-step", "conformance/detr-vit-rand", 1},
                        {"detr-vit-aux-step", "models/detr-vit-aux-rand", 3},
                        // a DINOv2 backbone (LayerScale, mask_token), at 56x35 (the grid interpolated)
-                       {"detr-dinov2-step", "models/detr-dinov2-rand", 2}};
+                       {"detr-dinov2-step", "models/detr-dinov2-rand", 2},
+                       // Tessera's windowed encoder: 32x32 windows every 16 pixels of a 64x48 input,
+                       // merged; the memory's values with the sine code
+                       {"detr-window-step", "models/detr-window-rand", 2, true}};
+
+VitTrainModel load_case(const Case& c) {
+  VitTrainModel model = load_detr_train_model(fixtures(c.model));
+  model.frozen_encoder = c.frozen;
+  return model;
+}
 
 std::vector<DetectionTarget> read_targets(const SafeTensors& st, int64_t batch) {
   std::vector<DetectionTarget> targets(static_cast<size_t>(batch));
@@ -57,7 +69,7 @@ std::vector<DetectionTarget> read_targets(const SafeTensors& st, int64_t batch) 
 TEST_CASE("DETR head training forward gives the inference forward's logits and boxes", "[detr_train]") {
   for (const Case& c : kCases) {
     INFO(c.step);
-    const VitTrainModel model = load_detr_train_model(fixtures(c.model));
+    const VitTrainModel model = load_case(c);
     CHECK(model.detr.auxiliary_loss == (c.outputs > 1));
     const auto inference = load_model(fixtures(c.model));
     const SafeTensors st = SafeTensors::open(fixtures(std::string("train/") + c.step + ".safetensors"));
@@ -77,7 +89,7 @@ TEST_CASE("DETR head training forward gives the inference forward's logits and b
 TEST_CASE("DETR head gradients match PyTorch autograd through the set loss", "[detr_train]") {
   for (const Case& c : kCases) {
     INFO(c.step);
-    const VitTrainModel model = load_detr_train_model(fixtures(c.model));
+    const VitTrainModel model = load_case(c);
     const SafeTensors st = SafeTensors::open(fixtures(std::string("train/") + c.step + ".safetensors"));
     const Tensor pixels = st.read("pixel_values");
     const auto targets = read_targets(st, pixels.dim(0));
@@ -97,7 +109,7 @@ TEST_CASE("DETR head gradients match PyTorch autograd through the set loss", "[d
     }
     int64_t compared = 0, head = 0;
     for (const TrainParam& p : model.params) {
-      if (!st.contains("grad." + p.name)) continue;
+      if (!st.contains("grad." + p.name) || model.is_frozen(p)) continue;
       INFO(p.name);
       const auto got = model.view(std::span<const float>(grads), p.name);
       CHECK(rel_err(got, values(st.read("grad." + p.name))) <= kTol);
@@ -107,6 +119,58 @@ TEST_CASE("DETR head gradients match PyTorch autograd through the set loss", "[d
     CHECK(compared >= 60);
     CHECK(head == static_cast<int64_t>(3 + 26 * model.detr.layers + 2 + 2 + 6));  // every head tensor
   }
+}
+
+TEST_CASE("windows cut from an image and merged back give the image's own patch grid", "[detr_train]") {
+  CHECK(window_anchors(64, 32, 16) == std::vector<int64_t>{0, 16, 32});
+  CHECK(window_anchors(56, 32, 16) == std::vector<int64_t>{0, 16, 24});  // the last flush with the end
+  CHECK(window_anchors(32, 32, 8) == std::vector<int64_t>{0});
+  CHECK_THROWS_AS(window_anchors(24, 32, 16), Error);
+  // rows of each window = its patches' pixel means (one row per patch, two channels' worth);
+  // merged, every grid cell must hold its own patch's means whatever windows covered it.
+  const int64_t B = 2, C = 2, H = 56, W = 40, win = 24, stride = 8, p = 8, g = win / p;
+  Tensor px({B, C, H, W});
+  for (int64_t i = 0; i < px.numel(); ++i) px[i] = static_cast<float>(std::sin(0.731 * i) + 0.01 * i);
+  const Tensor windows = cut_windows(px, win, stride);
+  const int64_t n = static_cast<int64_t>(window_anchors(H, win, stride).size() * window_anchors(W, win, stride).size());
+  REQUIRE(windows.dim(0) == B * n);
+  auto patch_mean = [&](const float* img, int64_t h, int64_t w, int64_t c, int64_t py, int64_t px_) {
+    double s = 0;
+    for (int64_t y = 0; y < p; ++y)
+      for (int64_t x = 0; x < p; ++x) s += img[(c * h + py * p + y) * w + px_ * p + x];
+    return static_cast<float>(s / (p * p));
+  };
+  const int64_t first = 1, tokens = first + g * g;  // a class token before the patches
+  std::vector<float> rows(static_cast<size_t>(B * n * tokens * C), -99.0f);
+  for (int64_t i = 0; i < B * n; ++i)
+    for (int64_t t = 0; t < g * g; ++t)
+      for (int64_t c = 0; c < C; ++c)
+        rows[((i * tokens + first + t) * C) + c] =
+            patch_mean(windows.data() + i * C * win * win, win, win, c, t / g, t % g);
+  std::vector<float> merged(static_cast<size_t>(B * (H / p) * (W / p) * C));
+  merge_windows(rows.data(), B, H, W, win, stride, p, tokens, first, C, merged.data());
+  double worst = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t y = 0; y < H / p; ++y)
+      for (int64_t x = 0; x < W / p; ++x)
+        for (int64_t c = 0; c < C; ++c)
+          worst = std::max(worst, static_cast<double>(std::abs(
+                                      merged[((b * (H / p) + y) * (W / p) + x) * C + c] -
+                                      patch_mean(px.data() + b * C * H * W, H, W, c, y, x))));
+  CHECK(worst <= 1e-5);
+}
+
+TEST_CASE("a windowed DETR encoder trains frozen only", "[detr_train]") {
+  const Case& c = kCases[3];
+  VitTrainModel model = load_detr_train_model(fixtures(c.model));
+  REQUIRE(model.detr.window == 32);
+  REQUIRE(model.detr.window_stride == 16);
+  const SafeTensors st = SafeTensors::open(fixtures(std::string("train/") + c.step + ".safetensors"));
+  DetrTrainActivations acts;
+  CHECK_THROWS_WITH(detr_train_forward(model, st.read("pixel_values"), acts), Catch::Contains("frozen"));
+  model.frozen_encoder = true;
+  Tensor small({1, 3, 24, 40});  // under the window
+  CHECK_THROWS_WITH(detr_train_forward(model, small, acts), Catch::Contains("at least 32"));
 }
 
 TEST_CASE("a DETR head SGD step with lr 1 leaves w - g", "[detr_train]") {

@@ -116,12 +116,13 @@ def detr_sine(B, gh, gw, d_model, temperature=10000.0):
     return pos.flatten(2).permute(0, 2, 1)
 
 
-def detr_attention(h, pos, kv, kv_pos, sd, p, heads):
-    """DetrAttention: q, k from the inputs plus their position embeddings, v from the inputs alone;
+def detr_attention(h, pos, kv, kv_pos, sd, p, heads, value_pos=False):
+    """DetrAttention: q, k from the inputs plus their position embeddings, v from the inputs alone
+    (with value_pos, Tessera's windowed encoder: the memory's values with its position code too);
     q scaled by head_dim^-0.5 after its projection."""
     q_in = h + pos
     k_in = q_in if kv is None else kv + kv_pos
-    v_in = h if kv is None else kv
+    v_in = h if kv is None else (kv + kv_pos if value_pos else kv)
     B, Q, D = h.shape
     hd = D // heads
     q = mm.linear(q_in, sd, p + "q_proj") * hd ** -0.5
@@ -135,17 +136,35 @@ def detr_attention(h, pos, kv, kv_pos, sd, p, heads):
 
 def vit_detr_forward(cfg, sd, pixel_values):
     bb = cfg["backbone_config"]
-    _, _, H, W = pixel_values.shape
+    B, _, H, W = pixel_values.shape
     isz = bb["image_size"]
-    interp = (H, W) != (isz, isz)  # ViTModel(..., interpolate_pos_encoding=True) at another size
     fam = bb.get("model_type", "vit")  # the backbone's family: its names live under "<model_type>."
-    h = mm.hf_backbone(dict(bb, architectures=["ViTModel"]), sd, fam + ".", pixel_values, fam, interp)
     p = bb["patch_size"]
     prefix_tokens = 2 if fam == "deit" else 1
+    if "encoder_window" in cfg:
+        # Tessera's windowed encoder: the backbone (at its own size, the window's) on every window of
+        # the input, each patch the mean of its final-norm rows over the windows that hold it.
+        win, stride = cfg["encoder_window"]["size"], cfg["encoder_window"]["stride"]
+        anchors = lambda n: [v for v in range(0, n - win, stride)] + [n - win]
+        gh, gw, g = H // p, W // p, win // p
+        total = torch.zeros(B, gh, gw, bb["hidden_size"], dtype=pixel_values.dtype)
+        count = torch.zeros(1, gh, gw, 1, dtype=pixel_values.dtype)
+        for ya in anchors(H):
+            for xa in anchors(W):
+                crop = pixel_values[:, :, ya:ya + win, xa:xa + win]
+                h = mm.hf_backbone(dict(bb, architectures=["ViTModel"]), sd, fam + ".", crop, fam, False)
+                rows = h[:, prefix_tokens:].reshape(B, g, g, -1)
+                pad = (0, 0, xa // p, gw - xa // p - g, ya // p, gh - ya // p - g)
+                total = total + F.pad(rows, pad)
+                count = count + F.pad(torch.ones(1, g, g, 1, dtype=count.dtype), pad)
+        merged = (total / count).reshape(B, gh * gw, -1)
+        return detr_decoder_forward(cfg, sd, merged, gh, gw, value_pos=True)
+    interp = (H, W) != (isz, isz)  # ViTModel(..., interpolate_pos_encoding=True) at another size
+    h = mm.hf_backbone(dict(bb, architectures=["ViTModel"]), sd, fam + ".", pixel_values, fam, interp)
     return detr_decoder_forward(cfg, sd, h[:, prefix_tokens:], H // p, W // p)  # the patch tokens
 
 
-def detr_decoder_forward(cfg, sd, patch_tokens, gh, gw):
+def detr_decoder_forward(cfg, sd, patch_tokens, gh, gw, value_pos=False):
     """The DETR head on the backbone's final-norm patch tokens [B, gh*gw, Denc]: input projection,
     decoder, heads (and the auxiliary heads with auxiliary_loss)."""
     B = patch_tokens.shape[0]
@@ -161,7 +180,7 @@ def detr_decoder_forward(cfg, sd, patch_tokens, gh, gw):
     for i in range(cfg["decoder_layers"]):
         l = f"model.decoder.layers.{i}."
         x = ln(x + detr_attention(x, qpos, None, None, sd, l + "self_attn.", heads), l + "self_attn_layer_norm")
-        x = ln(x + detr_attention(x, qpos, mem, pos, sd, l + "encoder_attn.", heads), l + "encoder_attn_layer_norm")
+        x = ln(x + detr_attention(x, qpos, mem, pos, sd, l + "encoder_attn.", heads, value_pos), l + "encoder_attn_layer_norm")
         y = mm.linear(F.relu(mm.linear(x, sd, l + "fc1")), sd, l + "fc2")
         x = ln(x + y, l + "final_layer_norm")
         if aux:  # DetrDecoder: with auxiliary_loss every layer's output goes through the decoder norm

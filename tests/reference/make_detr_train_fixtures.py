@@ -51,6 +51,11 @@ DINOV2_CONFIG = dict(AUX_CONFIG, backbone_config={
     "num_hidden_layers": 2, "num_attention_heads": 3, "mlp_ratio": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
     "layerscale_value": 1.0, "use_swiglu_ffn": False, "qkv_bias": True}, d_model=32, num_queries=5, decoder_layers=2)
 
+# Tessera's windowed encoder: a 32x32 backbone (patch 8) on 32x32 windows every 16 pixels,
+# merged, the memory's values with the sine code (detection.hpp DetectionHead::window).
+WINDOW_CONFIG = dict(AUX_CONFIG, backbone_config=dict(AUX_CONFIG["backbone_config"], image_size=32, patch_size=8),
+                     d_model=32, num_queries=5, decoder_layers=2, encoder_window={"size": 32, "stride": 16})
+
 CASES = [
     # (output name, model folder, batch, seed, targets per image, input size)
     ("detr-vit-step", "conformance/detr-vit-rand", 2, 1601, [3, 1], (64, 64)),
@@ -60,6 +65,8 @@ CASES = [
     # a DINOv2 backbone (LayerScale, mask_token; DINOv2 always interpolates: 56x35 is an 8x5 grid
     # from the 6x6 table), auxiliary loss on
     ("detr-dinov2-step", "models/detr-dinov2-rand", 2, 1603, [1, 3], (56, 35)),
+    # the windowed encoder at 64x48: 3x2 windows, overlapping, an 8x6 grid
+    ("detr-window-step", "models/detr-window-rand", 2, 1604, [2, 3], (64, 48)),
 ]
 
 
@@ -89,6 +96,16 @@ def write_aux_model():
         out = md.vit_detr_forward(DINOV2_CONFIG, sd, x)
         out.pop("auxiliary")
         mm.write_case(d, "native", x, out, "2 random images 42x42: a DETR head on a DINOv2 backbone", md.UPSTREAM_DETR)
+    sd = mm.random_state_dict(md.vit_detr_shapes(WINDOW_CONFIG, False), seed=325)
+    q = sd["model.query_position_embeddings.weight"]
+    sd["model.query_position_embeddings.weight"] = q / q.std()  # as for the DINOv2 case
+    d = mm.write_model(os.path.join(FIXTURES, "models"), "detr-window-rand", WINDOW_CONFIG, sd)
+    with torch.no_grad():
+        x = mm.random_pixels(326, 2, 64, 48)
+        out = md.vit_detr_forward(WINDOW_CONFIG, sd, x)
+        out.pop("auxiliary")
+        mm.write_case(d, "native", x, out, "2 random images 64x48: Tessera's windowed encoder (32x32 windows "
+                      "every 16 pixels, merged) under a DETR head", "Tessera's windowed vit-detr (no upstream)")
 
 
 def main():

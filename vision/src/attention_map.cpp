@@ -2,6 +2,7 @@
 
 #include <opencv2/imgproc.hpp>
 
+#include "tessera/detection.hpp"
 #include "tessera/draw.hpp"
 #include "tessera/error.hpp"
 #include "tessera/preprocess.hpp"
@@ -80,6 +81,8 @@ Tensor attention_rollout(const std::vector<Tensor>& attention, int64_t image, co
 
 Tensor attention_map(const Model& model, const Preprocessor& pre, const cv::Mat& rgb, ModelWorkspace& ws,
                      const RolloutOptions& options) {
+  check(!model.detection || model.detection->window == 0,
+        model.dir + ": its DETR encoder reads the image in windows; attention rollout needs one pass over the whole image");
   const Tensor chw = pre.image(rgb);
   const Tensor x = chw.reshape({1, chw.dim(0), chw.dim(1), chw.dim(2)});
   const bool was = ws.vit.record_attention;

@@ -40,10 +40,26 @@ NamedTensors detection_forward(const Model& m, const Tensor& pixel_values, Model
   const DetectionHead& head = *m.detection;
   if (!mws.detection) mws.detection = std::make_shared<DetectionWorkspace>();
   DetectionWorkspace& ws = *mws.detection;
-  Tensor hidden = vit_forward(m.encoder, pixel_values, mws.vit);
   const VitConfig& c = m.encoder.config;
-  const int64_t B = hidden.dim(0), T = hidden.dim(1), denc = hidden.dim(2), S = head.num_slots;
   const int64_t nh = pixel_values.dim(2) / c.patch_size, nw = pixel_values.dim(3) / c.patch_size;
+  Tensor hidden;
+  int64_t first_patch = c.num_prefix_tokens();
+  if (head.window > 0) {
+    // The encoder on every window, its rows merged back onto the image's patch grid.
+    const int64_t H = pixel_values.dim(2), W = pixel_values.dim(3);
+    check(H >= head.window && W >= head.window && H % c.patch_size == 0 && W % c.patch_size == 0,
+          "a windowed DETR encoder needs an input of at least " + std::to_string(head.window) + " pixels a side, "
+          "a multiple of the patch size " + std::to_string(c.patch_size) + ", got " + std::to_string(W) + "x" +
+              std::to_string(H));
+    const Tensor rows = vit_forward(m.encoder, cut_windows(pixel_values, head.window, head.window_stride), mws.vit);
+    hidden = Tensor({pixel_values.dim(0), nh * nw, rows.dim(2)});
+    merge_windows(rows.data(), pixel_values.dim(0), H, W, head.window, head.window_stride, c.patch_size, rows.dim(1),
+                  first_patch, rows.dim(2), hidden.data());
+    first_patch = 0;
+  } else {
+    hidden = vit_forward(m.encoder, pixel_values, mws.vit);
+  }
+  const int64_t B = hidden.dim(0), T = hidden.dim(1), denc = hidden.dim(2), S = head.num_slots;
 
   const float* slots = nullptr;
   int64_t dslot = 0;
@@ -64,7 +80,7 @@ NamedTensors detection_forward(const Model& m, const Tensor& pixel_values, Model
     slots = ws.slots.data(), dslot = denc;
     last_hidden = hidden.clone();
   } else {
-    detr_decode(head, hidden.data(), B, T, denc, c.num_prefix_tokens(), nh, nw, ws);
+    detr_decode(head, hidden.data(), B, T, denc, first_patch, nh, nw, ws);
     if (ws.heads_for != head.id || ws.head_rows != B * S) {
       ws.heads_for = head.id;
       ws.head_rows = B * S;

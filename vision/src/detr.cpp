@@ -38,6 +38,65 @@ Tensor detr_sine_position_embedding(int64_t gh, int64_t gw, int64_t d_model, flo
   return pos;
 }
 
+std::vector<int64_t> window_anchors(int64_t size, int64_t window, int64_t stride) {
+  check(window > 0 && stride > 0 && stride <= window && size >= window,
+        "windows: need 0 < stride <= window <= size, got window " + std::to_string(window) + ", stride " +
+            std::to_string(stride) + ", size " + std::to_string(size));
+  std::vector<int64_t> a;
+  for (int64_t v = 0; v < size - window; v += stride) a.push_back(v);
+  a.push_back(size - window);
+  return a;
+}
+
+Tensor cut_windows(const Tensor& px, int64_t window, int64_t stride) {
+  check(px.ndim() == 4, "cut_windows: pixel values must be [B, C, H, W]");
+  const int64_t B = px.dim(0), C = px.dim(1), H = px.dim(2), W = px.dim(3);
+  const std::vector<int64_t> ys = window_anchors(H, window, stride), xs = window_anchors(W, window, stride);
+  const int64_t n = static_cast<int64_t>(ys.size() * xs.size());
+  Tensor out({B * n, C, window, window});
+  for (int64_t b = 0; b < B; ++b)
+    for (size_t wy = 0; wy < ys.size(); ++wy)
+      for (size_t wx = 0; wx < xs.size(); ++wx) {
+        const int64_t i = b * n + static_cast<int64_t>(wy * xs.size() + wx);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t y = 0; y < window; ++y)
+            std::memcpy(out.data() + ((i * C + c) * window + y) * window,
+                        px.data() + ((b * C + c) * H + ys[wy] + y) * W + xs[wx], sizeof(float) * window);
+      }
+  return out;
+}
+
+void merge_windows(const float* rows, int64_t B, int64_t H, int64_t W, int64_t window, int64_t stride, int64_t patch,
+                   int64_t tokens, int64_t first, int64_t d, float* out) {
+  check(patch > 0 && window % patch == 0 && stride % patch == 0 && H % patch == 0 && W % patch == 0,
+        "merge_windows: window, stride and image size must be multiples of the patch");
+  const std::vector<int64_t> ys = window_anchors(H, window, stride), xs = window_anchors(W, window, stride);
+  const int64_t n = static_cast<int64_t>(ys.size() * xs.size()), g = window / patch;
+  const int64_t gh = H / patch, gw = W / patch;
+  check(tokens >= first + g * g, "merge_windows: a window has fewer rows than its patches");
+  std::vector<float> count(static_cast<size_t>(gh * gw), 0.0f);
+  std::fill_n(out, B * gh * gw * d, 0.0f);
+  for (int64_t b = 0; b < B; ++b)
+    for (size_t wy = 0; wy < ys.size(); ++wy)
+      for (size_t wx = 0; wx < xs.size(); ++wx) {
+        const float* src = rows + ((b * n + static_cast<int64_t>(wy * xs.size() + wx)) * tokens + first) * d;
+        const int64_t py = ys[wy] / patch, px = xs[wx] / patch;
+        for (int64_t y = 0; y < g; ++y)
+          for (int64_t x = 0; x < g; ++x) {
+            float* dst = out + ((b * gh + py + y) * gw + px + x) * d;
+            const float* r = src + (y * g + x) * d;
+            for (int64_t k = 0; k < d; ++k) dst[k] += r[k];
+            if (b == 0) count[static_cast<size_t>((py + y) * gw + px + x)] += 1.0f;
+          }
+      }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < gh * gw; ++i) {
+      const float inv = 1.0f / count[static_cast<size_t>(i)];
+      float* dst = out + (b * gh * gw + i) * d;
+      for (int64_t k = 0; k < d; ++k) dst[k] *= inv;
+    }
+}
+
 namespace detail {
 
 void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
@@ -101,6 +160,20 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
   h.decoder_norm_weight = ck.get("model.decoder.layernorm.weight", {D});
   h.decoder_norm_bias = ck.get("model.decoder.layernorm.bias", {D});
   h.norm_every_layer = cfg.boolean("auxiliary_loss", false);
+  if (cfg.has("encoder_window")) {
+    const Config win = cfg.sub("encoder_window");
+    h.window = win.positive("size");
+    h.window_stride = win.positive("stride");
+    const int64_t p = m.encoder.config.patch_size;
+    check(h.window_stride <= h.window && h.window % p == 0 && h.window_stride % p == 0,
+          win.file + ": encoder_window size " + std::to_string(h.window) + " and stride " +
+              std::to_string(h.window_stride) + " must be multiples of the patch size " + std::to_string(p) +
+              ", stride at most size");
+    check(m.encoder.config.image_height == h.window && m.encoder.config.image_width == h.window,
+          bb.file + ": image_size must be the encoder_window size " + std::to_string(h.window) + " (the encoder reads "
+          "windows), got " + std::to_string(m.encoder.config.image_height) + "x" +
+              std::to_string(m.encoder.config.image_width));
+  }
 
   const Shape& cs = ck.shape("class_labels_classifier.weight");
   check(cs.size() == 2 && cs[0] >= 2 && cs[1] == D,
@@ -173,7 +246,8 @@ void detr_decode(const DetectionHead& h, const float* encoder, int64_t B, int64_
     add_query_pos();
     linear(a, M, D, l.cross_q, v, D);  // v holds the queries here
     linear(mem_pos, B * np, D, l.cross_k, w.cross_k.data(), D);
-    linear(mem, B * np, D, l.cross_v, w.cross_v.data(), D);
+    // A windowed encoder's rows know only their place in their window: values carry the sine code too.
+    linear(h.window > 0 ? mem_pos : mem, B * np, D, l.cross_v, w.cross_v.data(), D);
     attention(B, heads, Q, np, hd, {v, Q * D, D}, {w.cross_k.data(), np * D, D},
               {w.cross_v.data(), np * D, D}, ctx, Q * D, D, scale);
     linear(ctx, M, D, l.cross_out, x, D, Activation::None, x);

@@ -154,7 +154,7 @@ nlohmann::ordered_json detr_config(const VitTrainModel& m, const std::vector<std
     id2label[std::to_string(i)] = labels[i];
     label2id[labels[i]] = i;
   }
-  return {{"architectures", {"VitDetrForObjectDetection"}},
+  nlohmann::ordered_json cfg = {{"architectures", {"VitDetrForObjectDetection"}},
           {"model_type", "vit-detr"},
           {"backbone_config", bb},
           {"d_model", h.d_model},
@@ -176,6 +176,8 @@ nlohmann::ordered_json detr_config(const VitTrainModel& m, const std::vector<std
           {"id2label", id2label},
           {"label2id", label2id},
           {"torch_dtype", "float32"}};
+  if (h.window > 0) cfg["encoder_window"] = {{"size", h.window}, {"stride", h.window_stride}};
+  return cfg;
 }
 
 // The head's weights of a new model (the encoder's are set by the caller).
@@ -230,7 +232,16 @@ VitTrainModel load_detr_train_model(const std::string& dir_string) {
   h.ffn = cfg.positive("decoder_ffn_dim");
   h.eps = static_cast<float>(cfg.number("decoder_layer_norm_eps", 1e-5));
   h.auxiliary_loss = cfg.boolean("auxiliary_loss", false);
+  if (cfg.has("encoder_window")) {
+    const Config win = cfg.sub("encoder_window");
+    h.window = win.positive("size"), h.window_stride = win.positive("stride");
+  }
   check_head(h, config_file);
+  check(h.window == 0 || (m.config.image_height == h.window && m.config.image_width == h.window &&
+                          h.window % m.config.patch_size == 0 && h.window_stride % m.config.patch_size == 0 &&
+                          h.window_stride <= h.window),
+        config_file + ": encoder_window size " + std::to_string(h.window) + " / stride " + std::to_string(h.window_stride) +
+            ": the backbone's image_size must be the window, both multiples of the patch, stride at most size");
 
   const std::string file = (dir / "model.safetensors").string();
   check(fs::exists(file), dir.string() + ": no model.safetensors (training reads single-file checkpoints)");
@@ -287,6 +298,12 @@ VitTrainModel detr_from_vit(const VitTrainModel& vit, const DetrHeadConfig& head
             " is not a positive multiple of the patch size " + std::to_string(vit.config.patch_size));
   check(height == width, "a DETR head: Hugging Face ViT backbones train at a square size, got " +
                              std::to_string(height) + "x" + std::to_string(width));
+  const int64_t p = vit.config.patch_size;
+  check(head.window == 0 || (!dinov2 && head.window <= height && head.window % p == 0 && head.window_stride > 0 &&
+                             head.window_stride <= head.window && head.window_stride % p == 0),
+        "a DETR head: encoder window " + std::to_string(head.window) + " / stride " + std::to_string(head.window_stride) +
+            " must be multiples of the patch size " + std::to_string(p) + ", the window at most the image size " +
+            std::to_string(height) + " and the stride at most the window (ViT / DeiT encoders)");
   VitTrainModel m;
   m.architecture = "VitDetrForObjectDetection";
   m.headless = true;
@@ -294,7 +311,8 @@ VitTrainModel detr_from_vit(const VitTrainModel& vit, const DetrHeadConfig& head
   m.config = vit.config;
   // A ViT / DeiT table is resized to the new size below (the backbone's image_size becomes it); a
   // DINOv2 backbone keeps its table and image_size and interpolates at every size, as upstream.
-  if (!dinov2) m.config.image_height = height, m.config.image_width = width;
+  if (!dinov2) m.config.image_height = m.config.image_width = head.window > 0 ? head.window : height;
+  m.detr.window = head.window, m.detr.window_stride = head.window_stride;
   m.detr.d_model = head.d_model, m.detr.queries = head.queries, m.detr.layers = head.layers;
   m.detr.heads = head.heads, m.detr.ffn = head.ffn, m.detr.auxiliary_loss = head.auxiliary_loss;
   check_head(m.detr, "a DETR head");
@@ -433,7 +451,8 @@ void head_forward(const VitTrainModel& model, DetrTrainActivations& acts) {
     add_rows(L.x1.data(), w.query_pos, B, Q * D, a);
     linear_forward(a, M, lw.cq_w, lw.cq_b, D, D, L.cq.data());
     linear_forward(acts.memory_pos.data(), R, lw.ck_w, lw.ck_b, D, D, L.ck.data());
-    linear_forward(acts.memory.data(), R, lw.cv_w, lw.cv_b, D, D, L.cv.data());
+    // A windowed encoder's rows know only their place in their window: values carry the sine code too.
+    linear_forward((hs.window > 0 ? acts.memory_pos : acts.memory).data(), R, lw.cv_w, lw.cv_b, D, D, L.cv.data());
     attention_forward(B, H, Q, N, hd, {L.cq.data(), Q * D, D}, {L.ck.data(), N * D, D}, {L.cv.data(), N * D, D},
                       {L.cctx.data(), Q * D, D}, scale, L.clse.data());
     linear_forward(L.cctx.data(), M, lw.co_w, lw.co_b, D, D, L.s2.data());
@@ -471,6 +490,16 @@ void head_forward(const VitTrainModel& model, DetrTrainActivations& acts) {
 void detr_train_forward(const VitTrainModel& model, const Tensor& pixel_values, DetrTrainActivations& acts) {
   check(model.is_detr(), "detr_train_forward: not a vit-detr model");
   const VitConfig& c = model.config;
+  if (model.detr.window > 0) {
+    // A windowed encoder trains frozen: its merged rows are the head's input, as from the cache.
+    check(model.frozen_encoder, "detr_train_forward: a windowed DETR encoder trains frozen (--freeze-encoder)");
+    check(pixel_values.ndim() == 4, "detr_train_forward: pixel values must be [B, C, H, W]");
+    const int64_t B = pixel_values.dim(0), gh = pixel_values.dim(2) / c.patch_size, gw = pixel_values.dim(3) / c.patch_size;
+    std::vector<float> features(static_cast<size_t>(B * gh * gw * c.hidden_size));
+    detr_encode_features(model, pixel_values, acts, features.data());
+    detr_train_forward_features(model, features.data(), B, gh, gw, acts);
+    return;
+  }
   vit_train_encoder_forward(model, pixel_values, acts.encoder);
   const VitTrainActivations& e = acts.encoder;
   const int64_t B = e.batch, gh = e.height / c.patch_size, gw = e.width / c.patch_size, N = gh * gw;
@@ -490,7 +519,13 @@ void detr_encode_features(const VitTrainModel& model, const Tensor& pixel_values
                           float* features) {
   check(model.is_detr(), "detr_encode_features: not a vit-detr model");
   const VitConfig& c = model.config;
-  vit_train_encoder_forward(model, pixel_values, acts.encoder);
+  const int64_t win = model.detr.window;
+  check(pixel_values.ndim() == 4 && (win == 0 || (pixel_values.dim(2) >= win && pixel_values.dim(3) >= win)),
+        "detr_encode_features: pixel values must be [B, C, H, W]" +
+            (win > 0 ? ", at least " + std::to_string(win) + " a side (the encoder's window)" : std::string()));
+  // A windowed encoder runs on the windows, as a batch of images of the window's size.
+  vit_train_encoder_forward(model, win > 0 ? cut_windows(pixel_values, win, model.detr.window_stride) : pixel_values,
+                            acts.encoder);
   const VitTrainActivations& e = acts.encoder;
   const int64_t B = e.batch, N = (e.height / c.patch_size) * (e.width / c.patch_size);
   const int64_t pre = c.num_prefix_tokens(), T = pre + N, denc = c.hidden_size, R = B * N;
@@ -498,7 +533,15 @@ void detr_encode_features(const VitTrainModel& model, const Tensor& pixel_values
   for (int64_t b = 0; b < B; ++b)
     std::memcpy(rows.data() + b * N * denc, e.x_out.data() + (b * T + pre) * denc, sizeof(float) * N * denc);
   const VitTrainView ev = bind_view(model, const_cast<float*>(model.weights.data()));
-  layer_norm_forward(rows.data(), R, denc, ev.norm_w, ev.norm_b, c.layer_norm_eps, features, mean.data(), rstd.data());
+  if (win == 0) {
+    layer_norm_forward(rows.data(), R, denc, ev.norm_w, ev.norm_b, c.layer_norm_eps, features, mean.data(), rstd.data());
+    return;
+  }
+  std::vector<float> normed(rows.size());
+  layer_norm_forward(rows.data(), R, denc, ev.norm_w, ev.norm_b, c.layer_norm_eps, normed.data(), mean.data(),
+                     rstd.data());
+  merge_windows(normed.data(), pixel_values.dim(0), pixel_values.dim(2), pixel_values.dim(3), win,
+                model.detr.window_stride, c.patch_size, N, 0, denc, features);
 }
 
 void detr_train_forward_features(const VitTrainModel& model, const float* features, int64_t batch, int64_t grid_h,
@@ -599,7 +642,10 @@ void detr_train_backward(const VitTrainModel& model, DetrTrainActivations& acts,
     for (int64_t i = 0; i < M * D; ++i) dx1[i] += acts.da[i];
     sum_rows(acts.da.data(), B, Q * D, g.query_pos);
     linear_backward(acts.memory_pos.data(), lw.ck_w, acts.dck.data(), R, D, D, acts.dmem_pos.data(), lg.ck_w, lg.ck_b);
-    linear_backward(acts.memory.data(), lw.cv_w, acts.dcv.data(), R, D, D, acts.dmem.data(), lg.cv_w, lg.cv_b);
+    if (hs.window > 0)
+      linear_backward(acts.memory_pos.data(), lw.cv_w, acts.dcv.data(), R, D, D, acts.dmem_pos.data(), lg.cv_w, lg.cv_b);
+    else
+      linear_backward(acts.memory.data(), lw.cv_w, acts.dcv.data(), R, D, D, acts.dmem.data(), lg.cv_w, lg.cv_b);
     // x1 = LN1(x + out(self_attn))
     zero(acts.ds);
     layer_norm_backward(dx1, L.s1.data(), L.mean1.data(), L.rstd1.data(), lw.n1_w, M, D, ds, lg.n1_w, lg.n1_b);

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "tessera/attention_map.hpp"
+#include "tessera/detection.hpp"
 #include "tessera/error.hpp"
 #include "tessera/preprocess.hpp"
 #include "tessera/vit.hpp"
@@ -29,15 +30,26 @@ std::vector<PatchFeatures> patch_features(const Model& model, const Preprocessor
     const int64_t n = static_cast<int64_t>(hi - lo), C = xs[lo].dim(0), H = xs[lo].dim(1), W = xs[lo].dim(2);
     Tensor x({n, C, H, W});
     for (size_t i = lo; i < hi; ++i) std::copy_n(xs[i].data(), xs[i].numel(), x.data() + (i - lo) * xs[i].numel());
-    const Tensor hidden = vit_forward(model.encoder, x, ws.vit);
-    const int64_t gh = H / c.patch_size, gw = W / c.patch_size, T = hidden.dim(1), D = hidden.dim(2);
-    check(T == c.num_prefix_tokens() + gh * gw + c.num_detection_tokens,
-          model.dir + ": the encoder's tokens do not match its patch grid");
+    const int64_t gh = H / c.patch_size, gw = W / c.patch_size;
+    Tensor hidden;
+    int64_t first = c.num_prefix_tokens();
+    if (model.detection && model.detection->window > 0) {  // a windowed DETR encoder: its merged rows
+      const DetectionHead& h = *model.detection;
+      const Tensor rows = vit_forward(model.encoder, cut_windows(x, h.window, h.window_stride), ws.vit);
+      hidden = Tensor({n, gh * gw, rows.dim(2)});
+      merge_windows(rows.data(), n, H, W, h.window, h.window_stride, c.patch_size, rows.dim(1), first, rows.dim(2),
+                    hidden.data());
+      first = 0;
+    } else {
+      hidden = vit_forward(model.encoder, x, ws.vit);
+      check(hidden.dim(1) == c.num_prefix_tokens() + gh * gw + c.num_detection_tokens,
+            model.dir + ": the encoder's tokens do not match its patch grid");
+    }
+    const int64_t T = hidden.dim(1), D = hidden.dim(2);
     for (size_t i = lo; i < hi; ++i) {
       PatchFeatures& f = out[i];
       f.tokens = Tensor({gh, gw, D});
-      std::copy_n(hidden.data() + (static_cast<int64_t>(i - lo) * T + c.num_prefix_tokens()) * D, gh * gw * D,
-                  f.tokens.data());
+      std::copy_n(hidden.data() + (static_cast<int64_t>(i - lo) * T + first) * D, gh * gw * D, f.tokens.data());
       f.original = rgbs[i].size();
       f.region = model_view_region(rgbs[i].size(), pre.config, c.patch_size);
     }

@@ -12,6 +12,12 @@ double model_flops(const Model& m, int64_t height, int64_t width) {
     const int64_t hp = (height + p - 1) / p * p, wp = (width + p - 1) / p * p;
     return vit_flops(c, hp, wp) + segmentation_head_flops(*m.segmentation, c, height, width);
   }
+  if (m.detection && m.detection->window > 0) {  // the encoder on every window
+    const DetectionHead& h = *m.detection;
+    const double windows = static_cast<double>(window_anchors(height, h.window, h.window_stride).size() *
+                                               window_anchors(width, h.window, h.window_stride).size());
+    return windows * vit_flops(c, h.window, h.window) + detection_head_flops(h, c, height, width);
+  }
   if (m.detection) return vit_flops(c, height, width) + detection_head_flops(*m.detection, c, height, width);
   // Classifier / feature heads: each linear present reads one vector per image.
   double flops = vit_flops(c, height, width);

@@ -60,12 +60,33 @@ struct DetectionHead {
   // every layer (the normed output is the next layer's input and the auxiliary heads' input), and
   // once more at the end, in inference too.
   bool norm_every_layer = false;
+  // config "encoder_window": {"size", "stride"} (Tessera's windowed DETR encoder): the encoder (its
+  // backbone image_size = size) reads size x size windows of the input every stride pixels, each
+  // patch's feature is the mean of its normed rows over the windows that hold it (merge_windows),
+  // and, since those rows know only their place in their window, the memory's values get the sine
+  // code as its keys do. 0 = the whole image in one pass (DETR's memory values without it).
+  int64_t window = 0, window_stride = 0;
 };
 
 // DETR's DetrSinePositionEmbedding(d_model / 2, normalize=True, scale 2π) of an all-ones mask
 // over a grid_h x grid_w feature map: [grid_h * grid_w, d_model] in raster order, y half first.
 Tensor detr_sine_position_embedding(int64_t grid_h, int64_t grid_w, int64_t d_model,
                                     float temperature = 10000.0f);
+
+// ------------------------------------------------------------------- windowed encoders
+// Window origins along a side of `size` pixels: 0, stride, 2·stride, … while short of the last
+// one, which is flush with the end (size − window), as Segmenter's sliding windows.
+std::vector<int64_t> window_anchors(int64_t size, int64_t window, int64_t stride);
+
+// pixel_values [B, C, H, W] → [B·n, C, window, window], image by image, windows in raster order
+// of (window_anchors(H), window_anchors(W)). H, W ≥ window.
+Tensor cut_windows(const Tensor& pixel_values, int64_t window, int64_t stride);
+
+// Per-window patch rows back onto the image's patch grid: rows [B·n windows, T, d] (each window's
+// (window/patch)² patch rows start at row `first`) → out [B, (H/patch)·(W/patch), d], each grid cell
+// the mean of the rows of the windows that cover it. window, stride, H and W multiples of patch.
+void merge_windows(const float* rows, int64_t batch, int64_t height, int64_t width, int64_t window, int64_t stride,
+                   int64_t patch, int64_t tokens, int64_t first, int64_t d, float* out);
 
 // pixel_values [B, C, H, W] → logits [B, slots, num_labels + 1], pred_boxes [B, slots, 4],
 // last_hidden_state (YOLOS: the encoder's [B, T, D]; DETR: the decoder's [B, slots, d_model]).

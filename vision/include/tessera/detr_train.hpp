@@ -33,6 +33,9 @@ VitTrainModel load_detr_train_model(const std::string& dir);
 struct DetrHeadConfig {
   int64_t d_model = 128, queries = 20, layers = 3, heads = 4, ffn = 256;
   bool auxiliary_loss = true;
+  // > 0: the encoder reads window x window crops every window_stride pixels (DetrHeadShape::window);
+  // detr_from_vit then keeps the encoder at the window's size.
+  int64_t window = 0, window_stride = 0;
 };
 
 // A new vit-detr model: the encoder of `encoder` as make_vit_train_model initialises it (seed),
@@ -45,7 +48,7 @@ VitTrainModel make_detr_train_model(const VitConfig& encoder, const DetrHeadConf
 
 // The same head on a pre-trained ViT / DeiT classifier (load_vit_train_model, Hugging Face layout,
 // no distillation token) at height x width: the encoder's weights kept (the classifier dropped;
-// the position table stays at the classifier's size and is interpolated as HF ViT does), the head new.
+// the position table resized to the new grid, or with head.window to the window's), the head new.
 VitTrainModel detr_from_vit(const VitTrainModel& vit, const DetrHeadConfig& head,
                             const std::vector<std::string>& labels, int64_t height, int64_t width,
                             uint64_t seed);

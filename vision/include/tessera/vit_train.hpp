@@ -51,6 +51,10 @@ struct DetrHeadShape {
   float eps = 1e-5f;
   bool conv_projection = false;  // input_projection stored as a 1x1 convolution [D, denc, 1, 1]
   bool auxiliary_loss = false;   // the set loss on every decoder layer (and its norm after each)
+  // > 0: a windowed encoder (config "encoder_window", detection.hpp's DetectionHead::window): the
+  // encoder (config image size = window) reads windows every window_stride pixels, its normed rows
+  // merged onto the input's grid, the memory's values with the sine code. Trains frozen only.
+  int64_t window = 0, window_stride = 0;
 };
 
 struct VitTrainModel {
