@@ -15,9 +15,11 @@
 #include "commands.hpp"
 #include "tessera/atomic_file.hpp"
 #include "tessera/datasets.hpp"
+#include "tessera/draw.hpp"
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
 #include "tessera/metrics.hpp"
+#include "tessera/pil_resize.hpp"
 #include "tessera/scenes.hpp"
 
 namespace tessera::cli {
@@ -162,11 +164,17 @@ void add_data(CLI::App& app, Action& action) {
                    "DIR/images (a link to the images' folder), DIR/annotations.json (the part categories)");
   static std::string parts_from, parts_out;
   static bool parts_whole = false;
+  static int parts_resize = 0;
   parts->add_option("--from", parts_from, "COCO instances JSON (e.g. a data scenes folder's annotations.json)")->required();
   parts->add_option("--out", parts_out, "Output folder")->required();
   parts->add_flag("--whole", parts_whole,
                   "Whole boxes instead: every pixel of a box is 1 + its category's index, and DIR/annotations.json is "
                   "a copy of --from (its boxes are what --box-loss reads)");
+  parts->add_option("--resize", parts_resize,
+                    "Also resize every image to SxS as a detector's processor does (Pillow bilinear; written to "
+                    "DIR/images instead of a link), its label map with the nearest pixel and its boxes in proportion: "
+                    "an encoder for a detector at that input size trains on what the detector will see")
+      ->check(CLI::Range(1, 4096));
   parts->callback([&action] {
     action = [] {
       namespace fs = std::filesystem;
@@ -189,7 +197,17 @@ void add_data(CLI::App& app, Action& action) {
       const fs::path out(parts_out);
       fs::create_directories(out / "masks");
       std::error_code ec;
-      if (!fs::exists(fs::symlink_status(out / "images"))) {
+      if (parts_resize > 0) {
+        check(!fs::is_symlink(out / "images"), (out / "images").string() + ": a link from a run without --resize; "
+                                               "remove it (or write to another folder)");
+        fs::create_directories(out / "images");
+        for (const CocoImage& im : coco.images) {
+          cv::Mat bgr;
+          cv::cvtColor(pil_resize(load_image_rgb(im.path), parts_resize, parts_resize, Resample::bilinear), bgr,
+                       cv::COLOR_RGB2BGR);
+          write_image_atomic((out / "images" / (fs::path(im.file_name).stem().string() + ".png")).string(), bgr);
+        }
+      } else if (!fs::exists(fs::symlink_status(out / "images"))) {
         fs::create_directory_symlink(fs::absolute(folder), out / "images", ec);
         check(!ec, (out / "images").string() + ": cannot link to " + folder.string() + " (" + ec.message() + ")");
       }
@@ -217,14 +235,34 @@ void add_data(CLI::App& app, Action& action) {
             }
           }
         }
+        if (parts_resize > 0)  // Pillow's NEAREST: the source pixel under each output pixel's centre
+          cv::resize(cv::Mat(mask), mask, cv::Size(parts_resize, parts_resize), 0, 0, cv::INTER_NEAREST_EXACT);
         std::vector<uchar> png;
         check(cv::imencode(".png", mask, png), parts_out + ": cannot encode a PNG");
         write_file_atomic((out / "masks" / (fs::path(im.file_name).stem().string() + ".png")).string(), png.data(), png.size());
       }
       if (parts_whole) {  // the boxes themselves, for --box-loss (mask label = 1 + category index)
         std::ifstream in(parts_from, std::ios::binary);
-        const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
         check(in.good() || in.eof(), parts_from + ": cannot read it again to copy it");
+        if (parts_resize > 0) {  // the images' new size, the boxes scaled with them (no segmentation)
+          nlohmann::json j = nlohmann::json::parse(text);
+          std::map<int64_t, std::pair<double, double>> scale;
+          for (auto& im : j["images"]) {
+            scale[im["id"].get<int64_t>()] = {static_cast<double>(parts_resize) / im["width"].get<double>(),
+                                              static_cast<double>(parts_resize) / im["height"].get<double>()};
+            im["width"] = parts_resize, im["height"] = parts_resize;
+            im["file_name"] = fs::path(im["file_name"].get<std::string>()).stem().string() + ".png";
+          }
+          for (auto& a : j["annotations"]) {
+            const auto [sx, sy] = scale.at(a["image_id"].get<int64_t>());
+            auto& b = a["bbox"];
+            b = {b[0].get<double>() * sx, b[1].get<double>() * sy, b[2].get<double>() * sx, b[3].get<double>() * sy};
+            a["area"] = b[2].get<double>() * b[3].get<double>();
+            a.erase("segmentation");
+          }
+          text = j.dump();
+        }
         write_file_atomic((out / "annotations.json").string(), text.data(), text.size());
       } else {
         nlohmann::json cats = nlohmann::json::array();

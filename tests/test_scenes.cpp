@@ -13,11 +13,14 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 #include <set>
 #include <sstream>
 
 #include "cli_util.hpp"
 #include "tessera/error.hpp"
+#include "tessera/image.hpp"
+#include "tessera/preprocess.hpp"
 #include "tessera/scenes.hpp"
 
 namespace fs = std::filesystem;
@@ -241,6 +244,52 @@ TEST_CASE("scenes: tessera data scenes writes COCO JSON matching its masks, the 
         want(cv::Rect(x, y, w, h)).setTo(a["category_id"].get<int>());
       }
       CHECK(same(whole, want));
+    }
+    // --resize 64: images as a 64x64 detector's processor resizes them, the label maps by the
+    // source pixel under each output pixel's centre, the boxes scaled with the image.
+    const std::string rs = std::string(cli) + " data box-parts --whole --resize 64 --from " +
+                           (out / "annotations.json").string() + " --out " + (dir / "whole64").string() + " >" +
+                           (dir.string() + "_out") + " 2>&1";
+    const int st2 = std::system(rs.c_str());
+    INFO(slurp(dir.string() + "_out"));
+    REQUIRE(WEXITSTATUS(st2) == 0);
+    CHECK_FALSE(fs::is_symlink(dir / "whole64" / "images"));
+    const nlohmann::json small = nlohmann::json::parse(slurp(dir / "whole64" / "annotations.json"));
+    REQUIRE(small["annotations"].size() == coco["annotations"].size());
+    const PreprocessConfig processor = parse_preprocess_config(
+        R"({"image_processor_type": "DetrImageProcessor", "do_resize": true, "size": {"height": 64, "width": 64},
+            "resample": 2, "do_pad": false})", "test");
+    size_t pixels_off = 0;
+    for (size_t i = 0; i < coco["images"].size(); ++i) {
+      const auto& image = coco["images"][i];
+      const std::string stem = fs::path(image["file_name"].get<std::string>()).stem().string();
+      CHECK(small["images"][i]["width"] == 64);
+      CHECK(small["images"][i]["height"] == 64);
+      const cv::Mat rgb = load_image_rgb((out / image["file_name"].get<std::string>()).string());
+      cv::Mat want_bgr;
+      cv::cvtColor(resize_and_crop(rgb, processor), want_bgr, cv::COLOR_RGB2BGR);
+      CHECK(same(cv::imread((dir / "whole64" / "images" / (stem + ".png")).string(), cv::IMREAD_UNCHANGED), want_bgr));
+      const cv::Mat big = cv::imread((dir / "whole" / "masks" / (stem + ".png")).string(), cv::IMREAD_UNCHANGED);
+      const cv::Mat m = cv::imread((dir / "whole64" / "masks" / (stem + ".png")).string(), cv::IMREAD_UNCHANGED);
+      REQUIRE(m.size() == cv::Size(64, 64));
+      for (int y = 0; y < 64; ++y)
+        for (int x = 0; x < 64; ++x) {
+          const int sy = std::min(big.rows - 1, static_cast<int>((y + 0.5) * big.rows / 64.0));
+          const int sx = std::min(big.cols - 1, static_cast<int>((x + 0.5) * big.cols / 64.0));
+          pixels_off += m.at<uint8_t>(y, x) != big.at<uint8_t>(sy, sx);
+        }
+    }
+    CHECK(pixels_off == 0);
+    for (size_t k = 0; k < coco["annotations"].size(); ++k) {
+      const auto& a = coco["annotations"][k];
+      const auto& b = small["annotations"][k];
+      double w = 0, h = 0;
+      for (const auto& image : coco["images"])
+        if (image["id"] == a["image_id"]) w = image["width"], h = image["height"];
+      CHECK(b["bbox"][0].get<double>() == Approx(a["bbox"][0].get<double>() * 64 / w));
+      CHECK(b["bbox"][1].get<double>() == Approx(a["bbox"][1].get<double>() * 64 / h));
+      CHECK(b["bbox"][2].get<double>() == Approx(a["bbox"][2].get<double>() * 64 / w));
+      CHECK(b["bbox"][3].get<double>() == Approx(a["bbox"][3].get<double>() * 64 / h));
     }
   }
 
