@@ -508,6 +508,18 @@ TEST_CASE("patch_box_targets: patches whose centre lies in a box regress it", "[
   CHECK(w == std::vector<float>{1, 1, 1, 1});
   CHECK(t[2] == 0.5f);  // patch 0: the 4x4 box
   CHECK(t[6] == 1.0f);  // patch 1: the whole image
+  // Relative (crops): the centre as 0.5 + its offset from the patch's centre; sizes as before.
+  patch_box_targets({{0, 0, 4, 8}}, 8, 8, 4, t.data(), w.data(), true);
+  CHECK(w == std::vector<float>{1, 0, 1, 0});
+  CHECK(t[0] == 0.5f);           // box centre (2, 4), patch 0's centre (2, 2): dx 0
+  CHECK(t[1] == 0.5f + 2.0f / 8);  // dy +2 of 8
+  CHECK(t[8] == 0.5f);
+  CHECK(t[9] == 0.5f - 2.0f / 8);  // patch 2's centre (2, 6): dy −2
+  CHECK(t[10] == 0.5f);
+  CHECK(t[11] == 1.0f);
+  patch_box_targets({{5, 5, 6, 6}}, 8, 8, 4, t.data(), w.data(), true);
+  CHECK(t[12] == Approx(0.5f + (5.5f - 6.0f) / 8));  // the patch (1, 1) holding it, centre (6, 6)
+  CHECK(t[13] == Approx(0.5f + (5.5f - 6.0f) / 8));
 }
 
 TEST_CASE("patch-box loss: value by definition, gradients against finite differences", "[segmenter_train]") {

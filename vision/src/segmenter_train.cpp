@@ -894,7 +894,7 @@ PatchBoxHead make_patch_box_head(int64_t dim, uint64_t seed) {
 }
 
 void patch_box_targets(const std::vector<std::array<float, 4>>& boxes, int64_t H, int64_t W, int64_t p, float* targets,
-                       float* weights) {
+                       float* weights, bool relative) {
   check(p > 0 && H % p == 0 && W % p == 0, "patch_box_targets: the input must be a multiple of the patch");
   const int64_t gh = H / p, gw = W / p, N = gh * gw;
   std::fill(targets, targets + 4 * N, 0.0f);
@@ -907,6 +907,10 @@ void patch_box_targets(const std::vector<std::array<float, 4>>& boxes, int64_t H
     float* t = targets + 4 * i;
     t[0] = 0.5f * (b[0] + b[2]) / static_cast<float>(W), t[1] = 0.5f * (b[1] + b[3]) / static_cast<float>(H);
     t[2] = (b[2] - b[0]) / static_cast<float>(W), t[3] = (b[3] - b[1]) / static_cast<float>(H);
+    if (relative) {  // the offset from this patch's centre
+      t[0] += 0.5f - (static_cast<float>(i % gw) + 0.5f) * static_cast<float>(p) / static_cast<float>(W);
+      t[1] += 0.5f - (static_cast<float>(i / gw) + 0.5f) * static_cast<float>(p) / static_cast<float>(H);
+    }
   };
   for (const std::array<float, 4>& b : boxes) {
     if (!(b[2] > b[0] && b[3] > b[1])) continue;
@@ -1214,7 +1218,7 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
                             model.window_size, o.hflip, with_boxes ? &boxes : nullptr);
         if (with_boxes)
           patch_box_targets(boxes, H, W, c.patch_size, batch.boxes.targets.data() + i * N * 4,
-                            batch.boxes.weights.data() + i * N);
+                            batch.boxes.weights.data() + i * N, model.window_size > 0);
       }
     });
     return batch;

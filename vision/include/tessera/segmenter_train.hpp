@@ -158,7 +158,8 @@ double segmenter_train_loss_and_grad(const SegmenterTrainModel& model, const Ten
 // patch tokens the box of the object they lie in, so that a DETR head trained later on the frozen
 // encoder (train --task detect --init SEGMENTER --freeze-encoder) can read boxes off them: a
 // linear head on the normed patch features (what the decoder reads), sigmoid(x·Wᵀ + b) → the box
-// (cx, cy, w, h) relative to the input's width and height, regressed with L1 on every patch whose
+// (cx, cy, w, h) relative to the input's width and height (with --crops the centre relative to the
+// patch's: patch_box_targets), regressed with L1 on every patch whose
 // centre lies inside an object's box (FCOS's assignment; boxes that overlap: the smallest):
 //   loss = W · Σ_{patches inside a box} Σ_4 |sigmoid(z) − target| / max(1, patches inside a box).
 // The head is not part of the model: it is dropped when the model is written.
@@ -171,9 +172,11 @@ struct PatchBoxHead {
 PatchBoxHead make_patch_box_head(int64_t dim, uint64_t seed);
 // The targets of one image: boxes [x0, y0, x1, y1] in the model input's pixels (H x W), patch
 // `patch`; targets [N, 4] (cx/W, cy/H, w/W, h/H) and weights [N] (1 inside a box, else 0), N the
-// patch grid's size in row-major order.
+// patch grid's size in row-major order. relative (a model trained on crops, whose windows' place
+// in the scene the encoder never knows, and whose rows a windowed detector averages over windows):
+// the centre as an offset from the patch's own centre instead, (0.5 + (cx − px)/W, 0.5 + (cy − py)/H).
 void patch_box_targets(const std::vector<std::array<float, 4>>& boxes, int64_t height, int64_t width, int64_t patch,
-                       float* targets, float* weights);
+                       float* targets, float* weights, bool relative = false);
 // Over R rows of features [R, dim]: returns the L1 term (Σ|sigmoid(z) − target| over the rows
 // with weight > 0, over max(1, their count)); when dfeatures / dparams (laid out as head.params)
 // are given, ADDS the gradients of loss_weight times it into them.
