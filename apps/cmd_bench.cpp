@@ -15,6 +15,7 @@
 #include "tessera/gemm.hpp"
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
+#include "tessera/pipeline.hpp"
 #include "tessera/segmentation.hpp"
 
 namespace tessera::cli {
@@ -234,8 +235,15 @@ void add_bench(CLI::App& app, Action& action) {
       const VitConfig& c = model->encoder.config;
       // yolos-ti's position grid is 800x1333, but its processor resizes the short side to 512.
       const bool yolos_ti = model_dir.empty() && arch == "yolos-ti";
-      const int64_t h = height ? height : image_size ? image_size : yolos_ti ? 512 : c.image_height;
-      const int64_t w = width ? width : image_size ? image_size : yolos_ti ? 688 : c.image_width;
+      int64_t h0 = c.image_height, w0 = c.image_width;
+      if (model->detection && model->detection->window > 0) {  // the encoder's size is its window's
+        const PreprocessConfig& pc = model_preprocessor(*model).config;
+        check(pc.do_resize && pc.resize_rule == ResizeRule::exact,
+              model_dir + ": a windowed detector without a fixed-size processor: give --image-size or --height/--width");
+        h0 = pc.height, w0 = pc.width;
+      }
+      const int64_t h = height ? height : image_size ? image_size : yolos_ti ? 512 : h0;
+      const int64_t w = width ? width : image_size ? image_size : yolos_ti ? 688 : w0;
       Tensor x({batch, c.num_channels, h, w});
       std::mt19937 rng(3);
       std::normal_distribution<float> dist(0, 1);
