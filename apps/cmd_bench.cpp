@@ -236,7 +236,8 @@ void add_bench(CLI::App& app, Action& action) {
       // yolos-ti's position grid is 800x1333, but its processor resizes the short side to 512.
       const bool yolos_ti = model_dir.empty() && arch == "yolos-ti";
       int64_t h0 = c.image_height, w0 = c.image_width;
-      if (model->detection && model->detection->window > 0) {  // the encoder's size is its window's
+      if (model->detection && model->detection->window > 0 && !image_size && !(height && width)) {
+        // the encoder's size is its window's; the input's is the processor's
         const PreprocessConfig& pc = model_preprocessor(*model).config;
         check(pc.do_resize && pc.resize_rule == ResizeRule::exact,
               model_dir + ": a windowed detector without a fixed-size processor: give --image-size or --height/--width");

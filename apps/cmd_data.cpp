@@ -252,7 +252,8 @@ void add_data(CLI::App& app, Action& action) {
             scale[im["id"].get<int64_t>()] = {static_cast<double>(parts_resize) / im["width"].get<double>(),
                                               static_cast<double>(parts_resize) / im["height"].get<double>()};
             im["width"] = parts_resize, im["height"] = parts_resize;
-            im["file_name"] = fs::path(im["file_name"].get<std::string>()).stem().string() + ".png";
+            // where the resized copy is: PARTS/images/<stem>.png
+            im["file_name"] = "images/" + fs::path(im["file_name"].get<std::string>()).stem().string() + ".png";
           }
           for (auto& a : j["annotations"]) {
             const auto [sx, sy] = scale.at(a["image_id"].get<int64_t>());

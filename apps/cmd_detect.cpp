@@ -120,6 +120,9 @@ void add_detect(CLI::App& app, Action& action) {
       const int64_t batch = in.batch;
       auto model = load_model(model_dir);
       require_detector(*model);
+      check(attention_out.empty() || model->detection->window == 0,
+            model_dir + ": --attention: its DETR encoder reads the image in windows; attention rollout needs one pass "
+            "over the whole image");
       PostProcessOptions o = opt;
       o.classes.clear();
       for (const std::string& c : classes) {

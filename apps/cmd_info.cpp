@@ -2,9 +2,11 @@
 #include <cstdio>
 
 #include "commands.hpp"
+#include "tessera/detection.hpp"
 #include "tessera/error.hpp"
 #include "tessera/gemm.hpp"
 #include "tessera/model.hpp"
+#include "tessera/pipeline.hpp"
 
 namespace tessera::cli {
 
@@ -47,9 +49,17 @@ void add_info(CLI::App& app, Action& action) {
                   (long long)c.num_prefix_tokens(), c.class_token ? "yes" : "no",
                   (long long)c.num_distillation_tokens, (long long)c.num_register_tokens,
                   (long long)c.num_detection_tokens);
-      std::printf("GFLOPs/image: %.2f at %lldx%lld\n",
-                  model_flops(*m, c.image_height, c.image_width) / 1e9, (long long)c.image_height,
-                  (long long)c.image_width);
+      int64_t in_h = c.image_height, in_w = c.image_width;
+      if (m->detection && m->detection->window > 0) {  // the encoder reads windows of the processor's input
+        const PreprocessConfig& pc = model_preprocessor(*m).config;
+        if (pc.do_resize && pc.resize_rule == ResizeRule::exact) in_h = pc.height, in_w = pc.width;
+        std::printf("windows:      the encoder (above: one window) on %lldx%lld windows every %lld pixels of the "
+                    "%lldx%lld input, rows merged\n",
+                    (long long)m->detection->window, (long long)m->detection->window,
+                    (long long)m->detection->window_stride, (long long)in_h, (long long)in_w);
+      }
+      std::printf("GFLOPs/image: %.2f at %lldx%lld\n", model_flops(*m, in_h, in_w) / 1e9, (long long)in_h,
+                  (long long)in_w);
       std::printf("fp32 weights: packed-weight cache %s%s%s\n", m->weights_cache.c_str(),
                   m->weights_cache_file.empty() ? "" : ", ", m->weights_cache_file.c_str());
       std::printf("labels:       %zu", m->labels.size());

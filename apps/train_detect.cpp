@@ -178,6 +178,9 @@ int train_detect(const TrainArgs& a) {
     apply_arch_options(c, a, 3);
     model = make_yolos_train_model(c, data.labels, a.seed);
   }
+  check(model.detr.window == 0 || (height >= model.detr.window && width >= model.detr.window),
+        "train --task detect: the input " + std::to_string(height) + "x" + std::to_string(width) +
+            " is smaller than the encoder's window " + std::to_string(model.detr.window));
   check(model.detr.window == 0 || a.freeze_encoder,
         "train --task detect: a DETR head on a windowed encoder (--encoder-window, or such a vit-detr folder) trains with "
         "the encoder frozen: add --freeze-encoder");
@@ -230,7 +233,9 @@ int train_detect(const TrainArgs& a) {
   const std::map<std::string, std::string> identity = {
       {"task", "detect"}, {"data", a.data}, {"batch", std::to_string(a.batch)}, {"seed", std::to_string(a.seed)},
       {"total_steps", std::to_string(total)}, {"optimizer", a.optimizer}, {"augment", a.no_augment ? "0" : "1"},
-      {"freeze_encoder", a.freeze_encoder ? "1" : "0"}, {"hflip", a.hflip ? "1" : "0"}};
+      {"freeze_encoder", a.freeze_encoder ? "1" : "0"}, {"hflip", a.hflip ? "1" : "0"},
+      {"image_size", std::to_string(height) + "x" + std::to_string(width)},
+      {"encoder_window", std::to_string(model.detr.window) + "/" + std::to_string(model.detr.window_stride)}};
   VitTrainState state;
   if (a.resume) {
     check(fs::exists(ckpt), ckpt.string() + ": no checkpoint to resume (run without --resume to start)");

@@ -434,6 +434,27 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
     CHECK(m4->detection->window == 64);
     CHECK(m4->detection->window_stride == 32);
   }
+  // info names the windows and counts FLOPs at the processor's size; detect --attention refuses it.
+  auto cli_run = [&](const std::string& args) {
+    const int status = std::system((std::string(cli) + " " + args + " >" + (tmp.path / "log3").string() + " 2>&1").c_str());
+    std::ifstream f(tmp.path / "log3");
+    const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    return std::make_pair(WIFEXITED(status) ? WEXITSTATUS(status) : -1, text);
+  };
+  {
+    const auto [icode, info] = cli_run("info " + windowed.string());
+    INFO(info);
+    CHECK(icode == 0);
+    CHECK(info.find("on 64x64 windows every 32 pixels of the 96x96 input") != std::string::npos);
+    CHECK(info.find("at 96x96") != std::string::npos);
+    const fs::path image = tmp.path / "scene.png";
+    cv::imwrite(image.string(), cv::Mat(40, 50, CV_8UC3, cv::Scalar(90, 120, 200)));
+    const auto [dcode, det] = cli_run("detect --model " + windowed.string() + " --attention " +
+                                      (tmp.path / "att").string() + " " + image.string());
+    CHECK(dcode != 0);
+    CHECK(det.find("reads the image in windows") != std::string::npos);
+    CHECK(cli_run("detect --model " + windowed.string() + " " + image.string()).first == 0);
+  }
   std::tie(code, log) = run(" --out " + (tmp.path / "windowed2").string() + " --init " + windowed.string() +
                             " --freeze-encoder --no-augment --batch 2 --max-steps 1 --threads 1");
   CHECK(code == 0);

@@ -128,11 +128,13 @@ TEST_CASE("windows cut from an image and merged back give the image's own patch 
   CHECK_THROWS_AS(window_anchors(24, 32, 16), Error);
   // rows of each window = its patches' pixel means (one row per patch, two channels' worth);
   // merged, every grid cell must hold its own patch's means whatever windows covered it.
-  const int64_t B = 2, C = 2, H = 56, W = 40, win = 24, stride = 8, p = 8, g = win / p;
+  // H: windows at 0, 16, 32 and one flush with the edge at 40; W: at 0 and 16.
+  const int64_t B = 2, C = 2, H = 64, W = 40, win = 24, stride = 16, p = 8, g = win / p;
   Tensor px({B, C, H, W});
   for (int64_t i = 0; i < px.numel(); ++i) px[i] = static_cast<float>(std::sin(0.731 * i) + 0.01 * i);
   const Tensor windows = cut_windows(px, win, stride);
   const int64_t n = static_cast<int64_t>(window_anchors(H, win, stride).size() * window_anchors(W, win, stride).size());
+  REQUIRE(n == 4 * 2);
   REQUIRE(windows.dim(0) == B * n);
   auto patch_mean = [&](const float* img, int64_t h, int64_t w, int64_t c, int64_t py, int64_t px_) {
     double s = 0;

@@ -20,6 +20,7 @@
 #include "cli_util.hpp"
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
+#include "tessera/metrics.hpp"
 #include "tessera/preprocess.hpp"
 #include "tessera/scenes.hpp"
 
@@ -255,6 +256,13 @@ TEST_CASE("scenes: tessera data scenes writes COCO JSON matching its masks, the 
     REQUIRE(WEXITSTATUS(st2) == 0);
     CHECK_FALSE(fs::is_symlink(dir / "whole64" / "images"));
     const nlohmann::json small = nlohmann::json::parse(slurp(dir / "whole64" / "annotations.json"));
+    // a COCO file whose images are the resized copies (what train --task detect and eval read)
+    const CocoDataset resized = load_coco_instances((dir / "whole64" / "annotations.json").string());
+    REQUIRE(resized.images.size() == coco["images"].size());
+    for (const CocoImage& im : resized.images) {
+      CHECK(fs::equivalent(fs::path(im.path).parent_path(), dir / "whole64" / "images"));
+      CHECK(cv::imread(im.path).size() == cv::Size(64, 64));
+    }
     REQUIRE(small["annotations"].size() == coco["annotations"].size());
     const PreprocessConfig processor = parse_preprocess_config(
         R"({"image_processor_type": "DetrImageProcessor", "do_resize": true, "size": {"height": 64, "width": 64},

@@ -106,6 +106,11 @@ def write_aux_model():
         out.pop("auxiliary")
         mm.write_case(d, "native", x, out, "2 random images 64x48: Tessera's windowed encoder (32x32 windows "
                       "every 16 pixels, merged) under a DETR head", "Tessera's windowed vit-detr (no upstream)")
+        x = mm.random_pixels(327, 1, 56, 40)
+        out = md.vit_detr_forward(WINDOW_CONFIG, sd, x)
+        out.pop("auxiliary")
+        mm.write_case(d, "flush", x, out, "1 random image 56x40: the last window flush with the edge (rows at 0, 16, "
+                      "24; columns at 0, 8)", "Tessera's windowed vit-detr (no upstream)")
 
 
 def main():

@@ -48,7 +48,7 @@ NamedTensors detection_forward(const Model& m, const Tensor& pixel_values, Model
     // The encoder on every window, its rows merged back onto the image's patch grid.
     const int64_t H = pixel_values.dim(2), W = pixel_values.dim(3);
     check(H >= head.window && W >= head.window && H % c.patch_size == 0 && W % c.patch_size == 0,
-          "a windowed DETR encoder needs an input of at least " + std::to_string(head.window) + " pixels a side, "
+          m.dir + ": its windowed DETR encoder needs an input of at least " + std::to_string(head.window) + " pixels a side, "
           "a multiple of the patch size " + std::to_string(c.patch_size) + ", got " + std::to_string(W) + "x" +
               std::to_string(H));
     const Tensor rows = vit_forward(m.encoder, cut_windows(pixel_values, head.window, head.window_stride), mws.vit);

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <numeric>
 
+#include "tessera/detection.hpp"
 #include "tessera/error.hpp"
 #include "tessera/image.hpp"
 #include "tessera/vit.hpp"
@@ -84,6 +85,9 @@ Preprocessor model_preprocessor(const Model& model) {
   }
   // A Hugging Face folder without preprocessor_config.json: the processor class's defaults at the
   // model's own image size (transformers would refuse; say what is assumed).
+  check(!model.detection || model.detection->window == 0,
+        model.dir + ": no preprocessor_config.json: a windowed DETR encoder's image_size is its window's, not the "
+        "input's; the folder needs its processor");
   PreprocessConfig p;
   p.processor = "defaults";
   p.height = static_cast<int>(c.image_height), p.width = static_cast<int>(c.image_width);
