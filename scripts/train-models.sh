@@ -160,7 +160,7 @@ detector_card() {
     echo "| parameters | 962,256 (float32, 3.7 MiB) |"
     echo "| post-processing | Hugging Face's \`post_process_object_detection\` (\`detect --threshold\`, default 0.5); \`detect --nms\` drops most duplicate boxes |"
     echo "| training data | 6,000 scenes of \`tessera data scenes --split train --count 6000 --seed 1\` (27,203 digits from the tutorial's 2,500 training cells); validation: 300 scenes of seed 2 from the same cells |"
-    echo "| training time | $enc_s s (encoder stage) + $head_s s (head) on 2 threads of $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //') |"
+    echo "| training time | $enc_s s (encoder stage) + $head_s s (head, with encoding the 6,000 scenes once) on 2 threads of $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')${TIME_NOTE:-} |"
     echo
     echo "## Accuracy on 500 test scenes (\`tessera data scenes --split test --count 500 --seed 0\`, \`tessera eval\`)"
     echo
@@ -175,7 +175,8 @@ detector_card() {
     echo "validation scenes (\`val.csv\`: AP after each epoch); each candidate was also measured on these"
     echo "test scenes (mAP / AP50): one 128x128 pass, ink masks, 1,800 encoder steps + 24 head epochs"
     echo "0.186 / 0.363; the same on whole-box masks 0.206 / 0.421 (the previous bundled detector); 64x64"
-    echo "windows, whole-box masks without the box loss, 3,000 + 24: 0.341 / 0.681; this recipe the table's."
+    echo "windows, whole-box masks without the box loss, 3,000 + 24: 0.341 / 0.681; with it 0.409 / 0.696;"
+    echo "this recipe (6,000 + 32) the table's."
     echo
     echo "## How it was made (\`scripts/train-models.sh detector\`)"
     echo
