@@ -36,6 +36,22 @@ int64_t mlp_hidden(const MlpHead& head) {
 
 }  // namespace
 
+Tensor windowed_encoder_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& ws) {
+  check(m.detection && m.detection->window > 0, m.dir + ": not a windowed DETR model");
+  const DetectionHead& head = *m.detection;
+  const VitConfig& c = m.encoder.config;
+  const int64_t B = pixel_values.dim(0), H = pixel_values.dim(2), W = pixel_values.dim(3);
+  check(H >= head.window && W >= head.window && H % c.patch_size == 0 && W % c.patch_size == 0,
+        m.dir + ": its windowed DETR encoder needs an input of at least " + std::to_string(head.window) + " pixels a side, "
+        "a multiple of the patch size " + std::to_string(c.patch_size) + ", got " + std::to_string(W) + "x" +
+            std::to_string(H));
+  const Tensor rows = vit_forward(m.encoder, cut_windows(pixel_values, head.window, head.window_stride), ws.vit);
+  Tensor merged({B, (H / c.patch_size) * (W / c.patch_size), rows.dim(2)});
+  merge_windows(rows.data(), B, H, W, head.window, head.window_stride, c.patch_size, rows.dim(1), c.num_prefix_tokens(),
+                rows.dim(2), merged.data());
+  return merged;
+}
+
 NamedTensors detection_forward(const Model& m, const Tensor& pixel_values, ModelWorkspace& mws) {
   const DetectionHead& head = *m.detection;
   if (!mws.detection) mws.detection = std::make_shared<DetectionWorkspace>();
@@ -45,16 +61,7 @@ NamedTensors detection_forward(const Model& m, const Tensor& pixel_values, Model
   Tensor hidden;
   int64_t first_patch = c.num_prefix_tokens();
   if (head.window > 0) {
-    // The encoder on every window, its rows merged back onto the image's patch grid.
-    const int64_t H = pixel_values.dim(2), W = pixel_values.dim(3);
-    check(H >= head.window && W >= head.window && H % c.patch_size == 0 && W % c.patch_size == 0,
-          m.dir + ": its windowed DETR encoder needs an input of at least " + std::to_string(head.window) + " pixels a side, "
-          "a multiple of the patch size " + std::to_string(c.patch_size) + ", got " + std::to_string(W) + "x" +
-              std::to_string(H));
-    const Tensor rows = vit_forward(m.encoder, cut_windows(pixel_values, head.window, head.window_stride), mws.vit);
-    hidden = Tensor({pixel_values.dim(0), nh * nw, rows.dim(2)});
-    merge_windows(rows.data(), pixel_values.dim(0), H, W, head.window, head.window_stride, c.patch_size, rows.dim(1),
-                  first_patch, rows.dim(2), hidden.data());
+    hidden = windowed_encoder_forward(m, pixel_values, mws);
     first_patch = 0;
   } else {
     hidden = vit_forward(m.encoder, pixel_values, mws.vit);

@@ -34,14 +34,7 @@ std::vector<PatchFeatures> patch_features(const Model& model, const Preprocessor
     Tensor hidden;
     int64_t first = c.num_prefix_tokens();
     if (model.detection && model.detection->window > 0) {  // a windowed DETR encoder: its merged rows
-      const DetectionHead& h = *model.detection;
-      check(H >= h.window && W >= h.window, model.dir + ": its windowed DETR encoder needs an input of at least " +
-                                                std::to_string(h.window) + " pixels a side, got " + std::to_string(W) +
-                                                "x" + std::to_string(H) + " from " + pre.source);
-      const Tensor rows = vit_forward(model.encoder, cut_windows(x, h.window, h.window_stride), ws.vit);
-      hidden = Tensor({n, gh * gw, rows.dim(2)});
-      merge_windows(rows.data(), n, H, W, h.window, h.window_stride, c.patch_size, rows.dim(1), first, rows.dim(2),
-                    hidden.data());
+      hidden = windowed_encoder_forward(model, x, ws);
       first = 0;
     } else {
       hidden = vit_forward(model.encoder, x, ws.vit);

@@ -88,6 +88,11 @@ Tensor cut_windows(const Tensor& pixel_values, int64_t window, int64_t stride);
 void merge_windows(const float* rows, int64_t batch, int64_t height, int64_t width, int64_t window, int64_t stride,
                    int64_t patch, int64_t tokens, int64_t first, int64_t d, float* out);
 
+// A windowed DETR model's encoder over pixel_values [B, C, H, W]: cut_windows, the encoder on
+// them, merge_windows → [B, (H/patch)·(W/patch), d] (no prefix rows). An Error naming the folder
+// when the input is under the window or not a multiple of the patch.
+Tensor windowed_encoder_forward(const Model& model, const Tensor& pixel_values, ModelWorkspace& ws);
+
 // pixel_values [B, C, H, W] → logits [B, slots, num_labels + 1], pred_boxes [B, slots, 4],
 // last_hidden_state (YOLOS: the encoder's [B, T, D]; DETR: the decoder's [B, slots, d_model]).
 NamedTensors detection_forward(const Model& model, const Tensor& pixel_values, ModelWorkspace& ws);
