@@ -107,6 +107,45 @@ TEST_CASE("linear_backward matches the double reference and accumulates", "[back
   force_generic_kernels(false);
 }
 
+TEST_CASE("linear_backward with bf16 training GEMMs: bf16 operands, fp32 sums", "[backward][linear][bf16]") {
+  // set_training_gemm_type(BF16) packs W, Wᵀ and Xᵀ as bf16 and rounds the other operand to bf16
+  // too; the products of two bf16 numbers are exact in fp32, so against a double reference on the
+  // rounded operands only fp32 summation error remains (1e-5 relative), while against the
+  // unrounded operands the error is bf16's (~1e-3, and well above 1e-5: the setting is in use).
+  auto round_bf16 = [](std::vector<float> v) {
+    for (float& f : v) {
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+      std::memcpy(&f, &u, 4);
+    }
+    return v;
+  };
+  set_training_gemm_type(WeightType::BF16);
+  for_each_family([&](IsaFamily family) {
+    for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 5, 3}, {70, 45, 101}, {1300, 40, 72}}) {
+      INFO("family " << isa_name(family) << " M " << M << " N " << N << " K " << K);
+      const auto x = randn(M * K, 11), w = randn(N * K, 12, 0.1f), dy = randn(M * N, 13);
+      std::vector<float> dx(M * K, 0.0f), dw(N * K, 0.0f), db(N, 0.0f);
+      linear_backward(x.data(), w.data(), dy.data(), M, N, K, dx.data(), dw.data(), db.data());
+      const auto xr = round_bf16(x), wr = round_bf16(w), dyr = round_bf16(dy);
+      std::vector<double> rdx(M * K), rdw(N * K), rdb(N), edx(M * K), edw(N * K);
+      reference::linear_backward(xr.data(), wr.data(), dyr.data(), M, N, K, rdx.data(), rdw.data(), nullptr);
+      reference::linear_backward(x.data(), w.data(), dy.data(), M, N, K, edx.data(), edw.data(), rdb.data());
+      CHECK(rel_err(dx, rdx) <= 1e-5);
+      CHECK(rel_err(dw, rdw) <= 1e-5);
+      CHECK(rel_err(db, rdb) <= kTol);  // the bias gradient is a plain fp32 sum
+      if (M * N * K > 1) {
+        CHECK(rel_err(dx, edx) > 1e-5);
+        CHECK(rel_err(dx, edx) < 2e-2);
+        CHECK(rel_err(dw, edw) < 2e-2);
+      }
+    }
+  });
+  set_training_gemm_type(WeightType::F32);
+  CHECK_THROWS_WITH(set_training_gemm_type(WeightType::INT8), Catch::Contains("fp32 or bf16"));
+}
+
 TEST_CASE("linear_backward matches PyTorch autograd", "[backward][linear]") {
   const Fixture& f = fixture();
   const auto p = f.params("linear");

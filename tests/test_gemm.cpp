@@ -484,6 +484,41 @@ TEST_CASE("pack_linear_transposed packs W from Wt exactly as pack_linear packs W
   }
 }
 
+TEST_CASE("bf16 packing from Wt and into a buffer gives pack_linear's bf16 panels, bit for bit", "[gemm]") {
+  // Training's bf16 GEMMs pack W (forward, into a kept buffer) and Wᵀ / Xᵀ (backward) as bf16 pair
+  // panels; both must be the panels the loader's bf16 packing makes, odd K (a padded pair) and
+  // column tails included, whatever the buffer held before.
+  std::mt19937 rng(12);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (const auto& [N, K, ld] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 1, 1}, {32, 7, 32}, {45, 19, 50}, {70, 34, 70}}) {
+    INFO("N " << N << " K " << K << " ld " << ld);
+    std::vector<float> w(static_cast<size_t>(N * K)), wt(static_cast<size_t>(K * ld), 0.0f), bias(static_cast<size_t>(N));
+    for (auto& v : w) v = u(rng);
+    for (auto& v : bias) v = u(rng);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) wt[k * ld + n] = w[n * K + k];
+    const PackedLinear a = pack_linear(w.data(), bias.data(), N, K, WeightType::BF16);
+    const int64_t floats = pack_linear_buffer_floats(N, K);
+    float* buffer = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((floats * 4 + 63) / 64 * 64)));
+    std::fill(buffer, buffer + floats, std::nanf(""));
+    const PackedLinear b = pack_linear(w.data(), bias.data(), N, K, buffer, WeightType::BF16);
+    REQUIRE(b.type == WeightType::BF16);
+    REQUIRE(a.packed_bytes == b.packed_bytes);
+    CHECK(std::memcmp(a.packed.get(), b.packed.get(), a.packed_bytes) == 0);
+    std::vector<float> x(static_cast<size_t>(3 * K)), ya(static_cast<size_t>(3 * N)), yb(static_cast<size_t>(3 * N));
+    for (auto& v : x) v = u(rng);
+    linear(x.data(), 3, K, a, ya.data(), N);
+    linear(x.data(), 3, K, b, yb.data(), N);
+    CHECK(ya == yb);  // the bias too
+    std::fill(buffer, buffer + floats, std::nanf(""));
+    const PackedLinear c = pack_linear_transposed(wt.data(), ld, N, K, buffer, WeightType::BF16);
+    REQUIRE(c.type == WeightType::BF16);
+    REQUIRE(a.packed_bytes == c.packed_bytes);
+    CHECK(std::memcmp(a.packed.get(), c.packed.get(), a.packed_bytes) == 0);
+    std::free(buffer);
+  }
+}
+
 TEST_CASE("the AVX2 int8 kernel gives the same bits with AVX-VNNI's vpdpbusd as with vpmaddubsw") {
   // Both sum the same integer products exactly (vpdpbusd on x's bytes + 128, vpmaddubsw on
   // |w| x sign(w) xs), so the outputs must be bit-identical, for every row count of the 6-row

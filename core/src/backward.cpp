@@ -63,7 +63,8 @@ void linear_backward(const float* x, const float* weight, const float* dy, int64
   if (dx) {
     // dx[M,K] += dy[M,N]·W[N,K]: a linear layer whose weight (in [out, in] layout) is Wᵀ [K,N],
     // packed straight from W (its transpose).
-    const PackedLinear packed = pack_linear_transposed(weight, K, K, N, scratch(kPackedW, pack_linear_buffer_floats(K, N)));
+    const PackedLinear packed = pack_linear_transposed(weight, K, K, N, scratch(kPackedW, pack_linear_buffer_floats(K, N)),
+                                                       training_gemm_type());
     linear(dy, M, N, packed, dx, K, Activation::None, dx);
   }
   if (dweight) {
@@ -80,7 +81,7 @@ void linear_backward(const float* x, const float* weight, const float* dy, int64
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
       const int64_t rows = std::min(chunk, M - m0);
       transpose(dy + m0 * N, rows, N, dyt);
-      const PackedLinear packed = pack_linear_transposed(x + m0 * K, K, K, rows, xt);
+      const PackedLinear packed = pack_linear_transposed(x + m0 * K, K, K, rows, xt, training_gemm_type());
       linear(dyt, N, rows, packed, dweight, K, Activation::None, dweight);
     }
   }

@@ -535,7 +535,8 @@ PackedLinear pack_weights(const WeightSource& w, const float* bias, int64_t out_
     });
   }
   if (bias) {
-    p.bias = into ? std::shared_ptr<float[]>(into + panels * K * kNR, [](float*) {})  // fp32 only
+    const int64_t rows = type == WeightType::BF16 ? ceil_div(K, 2) : K;  // the bias after the panels
+    p.bias = into ? std::shared_ptr<float[]>(into + panels * rows * kNR, [](float*) {})
                   : uninitialised_floats(static_cast<size_t>(panels * kNR), arena);
     if (arena && arena->replaying()) return p;
     std::memcpy(p.bias.get(), bias, static_cast<size_t>(N) * sizeof(float));
@@ -570,12 +571,13 @@ int64_t pack_linear_buffer_floats(int64_t out_features, int64_t in_features) {
 }
 
 PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features, int64_t in_features,
-                         float* buffer) {
+                         float* buffer, WeightType type) {
   check(weight != nullptr, "pack_linear: weight pointer is null");
   check(buffer != nullptr && reinterpret_cast<uintptr_t>(buffer) % 64 == 0,
         "pack_linear: the buffer must be 64-byte aligned");
+  check(type != WeightType::INT8, "pack_linear: int8 weights are packed into their own memory");
   return pack_weights({weight, nullptr, out_features, in_features}, bias, out_features, in_features,
-                      WeightType::F32, nullptr, buffer);
+                      type, nullptr, buffer);
 }
 
 PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features) {
@@ -589,7 +591,7 @@ PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_f
 }
 
 PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features,
-                                    float* buffer) {
+                                    float* buffer, WeightType type) {
   check(wt != nullptr, "pack_linear_transposed: weight pointer is null");
   check(out_features >= 1 && in_features >= 1 && ldwt >= out_features,
         "pack_linear_transposed: weight shape [" + std::to_string(out_features) + ", " +
@@ -600,8 +602,29 @@ PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_f
   PackedLinear p;
   p.out_features = N;
   p.in_features = K;
-  p.type = WeightType::F32;
+  check(type != WeightType::INT8, "pack_linear_transposed: fp32 or bf16 only");
+  p.type = type;
   p.packed = std::shared_ptr<void>(buffer, [](void*) {});
+  if (type == WeightType::BF16) {
+    // panel j, pair row i, column c = bf16(wt[2i][j·32 + c]) | bf16(wt[2i+1][j·32 + c]) << 16, the
+    // words pack_weights makes from W's rows (K odd: the last pair's high half 0).
+    const int64_t K2 = ceil_div(K, 2);
+    p.packed_bytes = static_cast<size_t>(panels * K2 * kNR) * sizeof(uint32_t);
+    uint32_t* words = reinterpret_cast<uint32_t*>(buffer);
+    parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t valid = std::min(kNR, N - j * kNR);
+        for (int64_t i = 0; i < K2; ++i) {
+          uint32_t* out = words + (j * K2 + i) * kNR;
+          const float* lo = wt + 2 * i * ldwt + j * kNR;
+          const float* hi = 2 * i + 1 < K ? lo + ldwt : nullptr;
+          for (int64_t c = 0; c < valid; ++c) out[c] = bf16_bits(lo[c]) | (hi ? bf16_bits(hi[c]) << 16 : 0u);
+          for (int64_t c = valid; c < kNR; ++c) out[c] = 0;
+        }
+      }
+    });
+    return p;
+  }
   p.packed_bytes = static_cast<size_t>(panels * K * kNR) * sizeof(float);
   // panel j, row i = W[j·32 .. j·32 + 31][i] = wt[i][j·32 ..]: 32 contiguous floats of row i.
   parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
@@ -729,6 +752,17 @@ IsaFamily isa_family() {
 }
 
 void set_isa_cap(IsaFamily cap) { g_isa_cap.store(static_cast<int>(cap)); }
+
+namespace {
+std::atomic<int> g_training_gemm_type{static_cast<int>(WeightType::F32)};
+}
+
+void set_training_gemm_type(WeightType type) {
+  check(type != WeightType::INT8, "training GEMMs run in fp32 or bf16, not int8");
+  g_training_gemm_type.store(static_cast<int>(type));
+}
+
+WeightType training_gemm_type() { return static_cast<WeightType>(g_training_gemm_type.load(std::memory_order_relaxed)); }
 
 std::string cpu_features_seen() {
   std::string s;

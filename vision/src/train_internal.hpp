@@ -98,7 +98,7 @@ inline int64_t matched_correct(const SetLossResult& r, const float* logits, int6
 // train_pack, so it is packed right where it is used. Not for use inside a parallel region.
 inline PackedLinear train_pack(const float* w, const float* b, int64_t N, int64_t K) {
   thread_local ScratchFloats buffer;
-  return pack_linear(w, b, N, K, buffer.get(pack_linear_buffer_floats(N, K)));
+  return pack_linear(w, b, N, K, buffer.get(pack_linear_buffer_floats(N, K)), training_gemm_type());
 }
 
 // y[M,N] = x[M,K]·W[N,K]ᵀ + b, packed per call (the weights change every step).

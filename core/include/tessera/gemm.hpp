@@ -65,7 +65,7 @@ class ScratchFloats {
 // each time was fresh pages, page faults and the kernel zeroing them, every step).
 int64_t pack_linear_buffer_floats(int64_t out_features, int64_t in_features);
 PackedLinear pack_linear(const float* weight, const float* bias, int64_t out_features, int64_t in_features,
-                         float* buffer);
+                         float* buffer, WeightType type = WeightType::F32);  // F32 or BF16
 
 // The same fp32 packing of W [N,K], given Wᵀ instead: wt [K, N] row-major, rows ldwt >= N floats
 // apart. The packed panels are strips of wt's rows, so this is a copy, not a transpose: what the
@@ -77,8 +77,30 @@ PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_f
 // pack_linear's (64-byte aligned, pack_linear_buffer_floats(N, K) floats, alive as long as the
 // result is used). For the backward, which packs the same shapes every step: a new buffer each
 // time was fresh pages (page faults and kernel zeroing) on every call.
+// type BF16: the bf16 pair panels of pack_linear(..., WeightType::BF16) on the transposed matrix,
+// bit for bit (for training's bf16 GEMMs, below).
 PackedLinear pack_linear_transposed(const float* wt, int64_t ldwt, int64_t out_features, int64_t in_features,
-                                    float* buffer);
+                                    float* buffer, WeightType type = WeightType::F32);
+
+// The precision of training's GEMMs (the linear layers' forward, dX = dY·W and dW = dYᵀ·X: what
+// train_pack and linear_backward pack): F32 (the default) or BF16, whose operands are rounded to
+// bf16 and multiplied with fp32 accumulation (vdpbf16ps where the CPU has it), the outputs,
+// weights, gradients and optimizer state staying fp32. One process-wide setting, as the ISA cap.
+void set_training_gemm_type(WeightType type);
+WeightType training_gemm_type();
+
+// set_training_gemm_type for a scope, the setting before restored at its end: e.g. fp32 for the
+// training forward that checks an exported (fp32) model or measures it on validation data.
+class TrainingGemmScope {
+ public:
+  explicit TrainingGemmScope(WeightType type) : before_(training_gemm_type()) { set_training_gemm_type(type); }
+  ~TrainingGemmScope() { set_training_gemm_type(before_); }
+  TrainingGemmScope(const TrainingGemmScope&) = delete;
+  TrainingGemmScope& operator=(const TrainingGemmScope&) = delete;
+
+ private:
+  WeightType before_;
+};
 
 // Memory for the packed weights of one model load. Pieces are cut one after another from
 // 2 MiB-aligned slabs that ask for transparent huge pages, so a model's weights fill whole huge
