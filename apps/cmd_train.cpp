@@ -25,6 +25,7 @@
 #include "tessera/classify_trainer.hpp"
 #include "tessera/datasets.hpp"
 #include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
 #include "tessera/pipeline.hpp"
@@ -63,6 +64,7 @@ struct Accuracy {
 // training forward in batches of 8 (it keeps every activation: small batches keep the peak memory
 // near the training step's own).
 Accuracy evaluate(const VitTrainModel& model, const ClassificationData& data, const PreprocessConfig& processor) {
+  const TrainingGemmScope fp32(WeightType::F32);  // the model as published (fp32), whatever --precision
   Accuracy a;
   VitTrainActivations acts;
   const int64_t K = model.num_labels, chunk = 8;
@@ -96,6 +98,7 @@ Accuracy evaluate(const VitTrainModel& model, const ClassificationData& data, co
 // the training forward over (up to) 16 samples; *agree counts equal argmaxes.
 double verify_export(const VitTrainModel& trained, const std::string& dir, const ClassificationData& data,
                      int64_t* agree, int64_t* checked) {
+  const TrainingGemmScope fp32(WeightType::F32);  // the folder holds fp32 weights: compare fp32 with fp32
   auto model = load_model(dir);
   const Preprocessor pre = model_preprocessor(*model);
   std::vector<size_t> idx;
@@ -473,6 +476,11 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--seed", a.seed, "Seed of initialisation, shuffling and augmentation");
   cmd->add_option("--digits-png", a.digits_png, "OpenCV's samples/data/digits.png (for --data digits)");
   cmd->add_option("--threads", a.threads, "Threads (default: TESSERA_NUM_THREADS or all cores)");
+  cmd->add_option("--precision", a.precision,
+                  "fp32, or bf16: the linear layers' GEMMs (forward, dX, dW) on bf16-rounded operands with fp32 "
+                  "sums (vdpbf16ps on CPUs with AVX512-BF16); weights, gradients, optimizer state, attention and "
+                  "everything else stay fp32")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   cmd->callback([&action, cmd] {
     // The command as given, for the model card.
     std::ostringstream line;
@@ -486,6 +494,14 @@ void add_train(CLI::App& app, Action& action) {
     a.command_line = line.str();
     action = [] {
       apply_threads(a.threads);
+      set_training_gemm_type(a.precision == "bf16" ? WeightType::BF16 : WeightType::F32);
+      if (a.precision == "bf16") {
+        const std::string kernel = linear_kernel_name(WeightType::BF16);
+        std::printf("precision: bf16 GEMMs with fp32 sums (%s kernels)\n", kernel.c_str());
+        if (kernel != "avx512bf16")
+          std::fprintf(stderr, "note: this CPU has no bf16 dot product (AVX512-BF16): its bf16 GEMMs widen to fp32, "
+                               "so --precision bf16 rounds the operands without being faster\n");
+      }
       check(mpi_launched_size() <= 1 || mpi_built(),
             "train: launched as " + std::to_string(mpi_launched_size()) + " MPI ranks, but this tessera was built "
             "without MPI (install libopenmpi-dev and rebuild; TESSERA_MPI is on by default): every rank would "

@@ -50,6 +50,7 @@ struct TrainArgs {
   std::string decoder = "linear";
   uint64_t seed = 0;
   int threads = 0;
+  std::string precision = "fp32";  // the GEMMs' operands: fp32, or bf16 (fp32 accumulation, fp32 weights)
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: once per epoch (and at the end)
   std::string digits_png;        // digits.png for DATA "digits" (default: opencv-doc's)
   std::string command_line;      // the command as given, for the model card

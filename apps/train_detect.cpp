@@ -27,6 +27,7 @@
 
 #include "tessera/detect_trainer.hpp"
 #include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
 #include "tessera/metrics.hpp"
 #include "tessera/model.hpp"
 #include "tessera/parallel.hpp"
@@ -322,7 +323,9 @@ int train_detect(const TrainArgs& a) {
   save_vit_train_model(model, tmp.string(), processor_json);
   {
     // The published folder must give the trainer's outputs through the inference path: load_model
-    // + the processor it wrote + model_forward, on the first images of the data.
+    // + the processor it wrote + model_forward, on the first images of the data (fp32 on both
+    // sides: the folder holds fp32 weights, whatever --precision trained them).
+    const TrainingGemmScope fp32(WeightType::F32);
     std::vector<size_t> first(static_cast<size_t>(std::min<int64_t>(4, static_cast<int64_t>(data.size()))));
     for (size_t i = 0; i < first.size(); ++i) first[i] = i;
     DetectorTrainOptions plain = o;

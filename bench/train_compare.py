@@ -54,7 +54,10 @@ Run (from the repository root, after cmake --build build):
   /usr/bin/python3 bench/train_compare.py --model digits --threads 1,2 --rounds 3 --steps 40
   /usr/bin/python3 bench/train_compare.py --model vits --threads 2 --rounds 3 --steps 6 --warmup 1
   /usr/bin/python3 bench/train_compare.py --model yolos --threads 2 --rounds 3 --steps 8 --warmup 2
-  add --json for a JSON document on stdout instead of the table.
+  add --json for a JSON document on stdout instead of the table; --precision bf16 runs Tessera with
+  --precision bf16 and PyTorch under torch.autocast("cpu", dtype=torch.bfloat16) (mixed precision
+  on both sides: bf16 GEMM operands, fp32 weights and optimizer; the losses then agree to bf16's
+  precision, not 1e-6).
 """
 import argparse
 import json
@@ -164,9 +167,17 @@ def torch_timed_loop(spec, opt, sched, params, step_loss):
     import torch
     ends, cpus, losses = [], [], []
     t0, c0 = time.perf_counter(), time.process_time()
+    # --precision bf16: PyTorch's own mixed precision (CPU autocast: the linear layers and matmuls in
+    # bf16, the weights and optimizer fp32), against Tessera's --precision bf16.
+    bf16 = spec.get("precision") == "bf16"
     for s in range(spec["steps"]):
         opt.zero_grad(set_to_none=True)
-        loss = step_loss(s)
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = step_loss(s)
+            loss = loss.float()
+        else:
+            loss = step_loss(s)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, spec["clip_grad"])
         opt.step()
@@ -398,7 +409,7 @@ def tessera_run(args, m, init, data, threads, out):
     cmd = [args.tessera, "train", "--task", m.get("task", "classify"), "--init", init, "--data", data, "--out", out,
            "--max-steps", str(args.steps), "--batch", str(m["batch"]), "--no-augment", "--no-shuffle",
            "--threads", str(threads), "--seed", "0", "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
-           "--clip-grad", str(args.clip_grad)]
+           "--clip-grad", str(args.clip_grad), "--precision", args.precision]
     env = dict(os.environ, TESSERA_NUM_THREADS=str(threads))
     cpu = {}
     shutil.rmtree(out, ignore_errors=True)
@@ -423,7 +434,7 @@ def tessera_run(args, m, init, data, threads, out):
 def torch_run(args, m, init, data, threads):
     spec = {"kind": m.get("kind", "vit"), "init": init, "data": data, "threads": threads, "batch": m["batch"],
             "steps": args.steps,
-            "lr": args.lr, "weight_decay": args.weight_decay, "clip_grad": args.clip_grad}
+            "lr": args.lr, "weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "precision": args.precision}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads))
     if args.omp_wait_policy != "unset":
@@ -502,7 +513,9 @@ def bench_model(args, name, threads_list, tmp):
             rounds.append(got)
         med = lambda f: statistics.median(f(x) for x in rounds)
         results.append({
-            "model": name, "title": m["title"], "threads": threads, "batch": m["batch"], "steps": args.steps,
+            "model": name, "title": m["title"] + (", bf16 GEMMs (Tessera --precision bf16, PyTorch autocast)"
+                                                  if args.precision == "bf16" else ""), "precision": args.precision,
+            "threads": threads, "batch": m["batch"], "steps": args.steps,
             "warmup": args.warmup, "rounds": rounds,
             "median_ratio": med(lambda x: x["ratio"]),
             "median_tessera_images_per_s": med(lambda x: x["tessera"]["images_per_s"]),
@@ -572,6 +585,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=0, help="steps per run (default: digits 40, vits 6, yolos 8)")
     ap.add_argument("--warmup", type=int, default=-1, help="untimed first steps (default: digits 5, vits 1, yolos 2)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: tessera train --precision bf16 against PyTorch's CPU autocast to bf16")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--clip-grad", type=float, default=1.0)

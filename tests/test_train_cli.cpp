@@ -178,6 +178,44 @@ TEST_CASE("train: one SGD step with lr 1 through the CLI leaves w - g (PyTorch)"
   CHECK_NOTHROW(load_model(out.string()));
 }
 
+TEST_CASE("train --precision bf16: the same SGD step to bf16's precision, and it says so", "[train_cli][bf16]") {
+  // The step of the test above with the linear layers' GEMMs on bf16 operands: the applied
+  // gradient is PyTorch's fp32 one to bf16's precision (2e-2 of its largest entry per tensor),
+  // and not to fp32's (the setting reaches the GEMMs).
+  const fs::path init = model_folder("init");
+  const fs::path out = scratch("sgd-bf16") / "model";
+  const Run r = run_cli("train --task classify --init " + init.string() + " --data " + fixture("train/cli-step/images") +
+                        " --out " + out.string() +
+                        " --optimizer sgd --lr 1 --warmup 0 --weight-decay 0 --clip-grad 0 --max-steps 1"
+                        " --no-shuffle --no-augment --batch 6 --threads 2 --precision bf16");
+  INFO(r.out << r.err);
+  REQUIRE(r.code == 0);
+  CHECK(r.out.find("precision: bf16 GEMMs with fp32 sums") != std::string::npos);
+  const SafeTensors before = SafeTensors::open((init / "model.safetensors").string());
+  const SafeTensors after = SafeTensors::open((out / "model.safetensors").string());
+  const SafeTensors expected = SafeTensors::open(fixture("train/cli-step/expected.safetensors"));
+  double worst = 0;
+  for (const std::string& name : before.names()) {
+    const Tensor w = before.get(name), w1 = after.get(name), g = expected.get("grad." + name);
+    double err = 0, scale = 0;
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      err = std::max(err, std::abs(static_cast<double>(w[i]) - w1[i] - g[i]));
+      scale = std::max(scale, std::abs(static_cast<double>(g[i])));
+    }
+    INFO(name << ": max error " << err << ", max |g| " << scale);
+    if (scale > 0) {
+      CHECK(err <= 2e-2 * scale);
+      worst = std::max(worst, err / scale);
+    }
+  }
+  CHECK(worst > 1e-4);
+  const Run bad = run_cli("train --task classify --init " + init.string() + " --data " +
+                          fixture("train/cli-step/images") + " --out " + (scratch("sgd-bf16") / "x").string() +
+                          " --precision fp16");
+  CHECK(bad.code != 0);
+  CHECK(bad.err.find("--precision") != std::string::npos);
+}
+
 TEST_CASE("train: killed at random moments and resumed, a run ends byte-identical (1 vs 2 threads)", "[train_cli]") {
   const fs::path init = model_folder("init2");
   const std::string args = " train --init " + init.string() + " --data " + fixture("train/cli-step/images") +
