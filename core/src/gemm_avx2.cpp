@@ -172,20 +172,101 @@ TESSERA_AVX2 void micro_kernel(int64_t K, const float* a, const float* b, const 
   store_tile<R>(c0, c1, t);
 }
 
-// bf16 pair panel j widened to fp32 rows, each pair as two k rows in vdpbf16ps's order:
-// dst[(2i) * 32 + c] = W[c, 2i+1] (the word's high half, masked), dst[(2i+1) * 32 + c] = W[c, 2i]
-// (the low half, shifted up): exact, and read by the fp32 micro-kernel with x packed in the
-// same order, it sums acc += x1 w1 then acc += x0 w0 per pair, as vdpbf16ps and the portable
-// path do. Widening a panel once per task costs ~1/rows of the FMAs it feeds; a kernel that
-// widened in registers needed more than the 16 ymm registers for a 6 x 16 tile, or (6 x 8)
-// two broadcasts per FMA, and ran at 0.4-0.66x the fp32 kernel.
-TESSERA_AVX2 void widen_bf16_panel(const uint32_t* b, int64_t K2, float* dst) {
-  for (int64_t i = 0; i < K2; ++i, b += kNR, dst += 2 * kNR)
-    for (int64_t c = 0; c < kNR; c += 8) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), _mm256_slli_epi32(_mm256_srli_epi32(w, 16), 16));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kNR + c), _mm256_slli_epi32(w, 16));
+// The bf16 tile (AVX2 has no bf16 dot product): each pair row's 16-column half (one 64-byte line
+// of 16 words) is read twice straight from the bf16 panel and widened in registers: the high
+// halves masked (W[c, 2i+1]) for x[2i+1], then the low halves shifted up (W[c, 2i]) for x[2i]:
+// exact, and per pair acc += x1 w1 then acc += x0 w0, the order of vdpbf16ps and the portable
+// path, so the bits are theirs (tested). The tile is 12 accumulators + the mask + 2 W + the
+// broadcast: 16 ymm. (Widening each panel once per task into an fp32 copy for the fp32 kernel,
+// the first way, ran at 0.96-0.98x fp32 on ViT-B; this at 1.01-1.03x on the GEMMs alone.)
+template <int R>
+TESSERA_AVX2_INLINE void bf16_pair_step(const float* a, const uint32_t* b, __m256 mask, __m256 (&c0)[R],
+                                        __m256 (&c1)[R]) {
+  if constexpr (R == 6) {
+    // The full tile needs all 16 ymm registers (12 accumulators, the mask, 2 W, the broadcast),
+    // which GCC 12's allocator does not find from intrinsics (it spilled an accumulator, whose
+    // store-to-load chain then set the pace: 0.55x); so this step is written out.
+    __m256 w0, w1, bc;
+    asm("vandps (%[b]), %[mask], %[w0]\n\t"
+      "vandps 32(%[b]), %[mask], %[w1]\n\t"
+      "vbroadcastss 0(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c00]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c10]\n\t"
+      "vbroadcastss 4(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c01]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c11]\n\t"
+      "vbroadcastss 8(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c02]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c12]\n\t"
+      "vbroadcastss 12(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c03]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c13]\n\t"
+      "vbroadcastss 16(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c04]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c14]\n\t"
+      "vbroadcastss 20(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c05]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c15]\n\t"
+      "vmovdqu (%[b]), %[w0]\n\t"
+      "vmovdqu 32(%[b]), %[w1]\n\t"
+      "vpslld $16, %[w0], %[w0]\n\t"
+      "vpslld $16, %[w1], %[w1]\n\t"
+      "vbroadcastss 24(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c00]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c10]\n\t"
+      "vbroadcastss 28(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c01]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c11]\n\t"
+      "vbroadcastss 32(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c02]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c12]\n\t"
+      "vbroadcastss 36(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c03]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c13]\n\t"
+      "vbroadcastss 40(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c04]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c14]\n\t"
+      "vbroadcastss 44(%[a]), %[bc]\n\t"
+      "vfmadd231ps %[w0], %[bc], %[c05]\n\t"
+      "vfmadd231ps %[w1], %[bc], %[c15]\n\t"
+        : [c00] "+x"(c0[0]), [c10] "+x"(c1[0]), [c01] "+x"(c0[1]), [c11] "+x"(c1[1]), [c02] "+x"(c0[2]), [c12] "+x"(c1[2]), [c03] "+x"(c0[3]), [c13] "+x"(c1[3]), [c04] "+x"(c0[4]), [c14] "+x"(c1[4]), [c05] "+x"(c0[5]), [c15] "+x"(c1[5]),
+          [w0] "=&x"(w0), [w1] "=&x"(w1), [bc] "=&x"(bc)
+        : [a] "r"(a), [b] "r"(b), [mask] "x"(mask)
+        : "memory");
+  } else {
+    const __m256 h0 = _mm256_and_ps(mask, _mm256_loadu_ps(reinterpret_cast<const float*>(b)));
+    const __m256 h1 = _mm256_and_ps(mask, _mm256_loadu_ps(reinterpret_cast<const float*>(b + 8)));
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r);
+      c0[r] = _mm256_fmadd_ps(av, h0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(av, h1, c1[r]);
     }
+    const __m256 l0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 16));
+    const __m256 l1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8)), 16));
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + kMR6 + r);
+      c0[r] = _mm256_fmadd_ps(av, l0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(av, l1, c1[r]);
+    }
+  }
+}
+
+template <int R>
+TESSERA_AVX2 void micro_kernel_bf16(int64_t K2, const float* a, const uint32_t* b, const Tile& t,
+                                    const Prefetch& pf = {}) {
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  int64_t i = 0;
+  for (int64_t line = 0; line < pf.count; ++line) {
+    _mm_prefetch(pf.next + line * kNR * 4, _MM_HINT_T0);
+    for (const int64_t end = i + pf.step; i < end; ++i, a += 2 * kMR6, b += kNR) bf16_pair_step<R>(a, b, mask, c0, c1);
+  }
+  for (; i < K2; ++i, a += 2 * kMR6, b += kNR) bf16_pair_step<R>(a, b, mask, c0, c1);
+  store_tile<R>(c0, c1, t);
 }
 
 // ---- int8 ------------------------------------------------------------------------------------
@@ -301,7 +382,7 @@ TESSERA_AVX2 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t K
 }
 
 // The same with x rounded to bf16 (bf16_bits), K padded to even with zeros, and each pair's
-// two k swapped (apack[(k ^ 1) * 6 + r] = x[r, k]) to match widen_bf16_panel's order.
+// two k swapped (apack[(k ^ 1) * 6 + r] = x[r, k]): micro_kernel_bf16 takes each pair's odd k first.
 TESSERA_AVX2 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K,
                                  float* apack) {
   const int64_t K2 = ceil_div(K, 2) * 2;
@@ -451,26 +532,21 @@ void linear_task_avx2(const LinearArgs& a, const RowSplit& rows, int64_t j0, int
 void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                            float* apack) {
   const int64_t K2 = ceil_div(a.K, 2);
-  // The widened panel: per thread, grown once (64-byte aligned rows of 32 floats).
-  thread_local std::vector<float> widened;
-  if (widened.size() < static_cast<size_t>(2 * K2 * kNR + 16)) widened.resize(2 * K2 * kNR + 16);
-  float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(widened.data()) + 63) & ~uintptr_t{63});
-  int64_t widened_j = -1;
-  // The passes over panel j (both halves) share out the prefetch of panel j + 1's bf16 rows
-  // (128 bytes each, as the fp32 half rows), so its widening finds them in cache.
-  const int64_t passes = 2 * rows.panels, share = ceil_div(K2, passes);
+  // As linear_task_avx2, over pair rows: each half of a bf16 pair row is one 64-byte line, rows
+  // 128 bytes apart, so the passes over a half share out the next half's prefetch the same way.
+  const int64_t passes = rows.panels, share = ceil_div(K2, passes);
   task_walk(a, rows, j0, j1, apack, 2 * K2 * kMR6, pack_rows_bf16,
             [&](int64_t n, const float* ap, int64_t j, int64_t h, const Tile& t) {
-              if (j != widened_j) widen_bf16_panel(a.wpack_bf16 + j * K2 * kNR, K2, panel), widened_j = j;
-              const float* b = panel + 16 * h;
+              const uint32_t* b = a.wpack_bf16 + j * K2 * kNR + 16 * h;
               Prefetch pf;
-              if (j + 1 < j1) {
-                const int64_t first = (h * rows.panels + (ap - apack) / (2 * K2 * kMR6)) * share;
-                pf.next = reinterpret_cast<const char*>(a.wpack_bf16 + (j + 1) * K2 * kNR + first * kNR);
+              const int64_t nj = h ? j + 1 : j, nh = 1 - h;  // the next half
+              if (passes > 1 && nj < j1 && nj * kNR + 16 * nh < a.N) {
+                const int64_t first = (ap - apack) / (2 * K2 * kMR6) * share;
+                pf.next = reinterpret_cast<const char*>(a.wpack_bf16 + nj * K2 * kNR + 16 * nh + first * kNR);
                 pf.count = std::clamp<int64_t>(K2 - first, 0, share);
-                pf.step = std::max<int64_t>(1, 2 * K2 / share);
+                pf.step = std::max<int64_t>(1, K2 / share);
               }
-              by_rows(n, [&](auto R) { micro_kernel<decltype(R)::value>(2 * K2, ap, b, t, pf); });
+              by_rows(n, [&](auto R) { micro_kernel_bf16<decltype(R)::value>(K2, ap, b, t, pf); });
             });
 }
 

@@ -161,7 +161,8 @@ float fma_loop_avx512(int64_t n);
 constexpr int64_t kMrAvx2 = 6;
 void linear_task_avx2(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                       float* apack);  // apack: rows.panels * K * kMrAvx2 floats
-// bf16 pair panels widened to fp32 in registers (shift / mask), FMAs in vdpbf16ps's order;
+// bf16 pair panels widened to fp32 in registers (mask / shift) inside the 6 x 16 tile, FMAs in
+// vdpbf16ps's order;
 // apack: rows.panels * 2 * ceil(K/2) * kMrAvx2 floats.
 void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                            float* apack);
