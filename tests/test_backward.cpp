@@ -371,6 +371,47 @@ TEST_CASE("AdamW follows torch.optim.AdamW for 20 steps", "[optim]") {
   }
 }
 
+TEST_CASE("AdamW over segments of one buffer gives adamw_step's bits per segment", "[optim]") {
+  // A model's parameters as segments of one flat buffer, each with its own decay and rate, gaps
+  // (frozen tensors) left alone, unsorted, tensors smaller and larger than one task's slice: one
+  // parallel pass must leave exactly what a call per tensor leaves, for 1 and 2 threads.
+  const int64_t n = 70000;
+  const auto w0 = randn(n, 31), g = randn(n, 32, 0.1f), m0 = randn(n, 33, 0.01f);
+  std::vector<float> v0 = randn(n, 34, 0.01f);
+  for (float& x : v0) x = std::abs(x);
+  std::vector<AdamWSegment> segments;
+  const std::vector<std::pair<int64_t, int64_t>> ranges = {{40000, 20000}, {0, 96}, {96, 1}, {200, 9216}, {9416, 27648},
+                                                           {37064, 2000}, {60000, 10000}};  // gaps: 97-199, 39064-39999
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    AdamWOptions o;
+    o.lr = 1e-3f * static_cast<float>(i + 1), o.weight_decay = i % 2 ? 0.0f : 0.05f;
+    segments.push_back({ranges[i].first, ranges[i].second, o});
+  }
+  for (int64_t step : {1, 7}) {
+    std::vector<float> w = w0, m = m0, v = v0;
+    for (const AdamWSegment& sg : segments) {
+      const size_t o = static_cast<size_t>(sg.offset), len = static_cast<size_t>(sg.length);
+      adamw_step(std::span<float>(w).subspan(o, len), std::span<const float>(g).subspan(o, len),
+                 std::span<float>(m).subspan(o, len), std::span<float>(v).subspan(o, len), step, sg.options);
+    }
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      std::vector<float> w2 = w0, m2 = m0, v2 = v0;
+      adamw_step(w2, g, m2, v2, step, segments);
+      set_num_threads(0);
+      INFO("step " << step << ", " << threads << " threads");
+      CHECK(w2 == w);
+      CHECK(m2 == m);
+      CHECK(v2 == v);
+      CHECK(w2[150] == w0[150]);  // in a gap
+    }
+  }
+  std::vector<float> w = w0, m = m0, v = v0;
+  CHECK_THROWS_WITH(adamw_step(w, g, m, v, 1, std::vector<AdamWSegment>{{0, 100, {}}, {50, 100, {}}}),
+                    Catch::Contains("disjoint"));
+  CHECK_THROWS_WITH(adamw_step(w, g, m, v, 1, std::vector<AdamWSegment>{{n - 10, 20, {}}}), Catch::Contains("disjoint"));
+}
+
 TEST_CASE("SGD: momentum 0 is exactly w -= lr·g; momentum follows torch.optim.SGD", "[optim]") {
   const auto w0 = randn(1000, 21), g = randn(1000, 22);
   std::vector<float> w = w0;

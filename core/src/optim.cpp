@@ -31,27 +31,68 @@ void sgd_step(std::span<float> w, std::span<const float> g, std::span<float> buf
   });
 }
 
+namespace {
+
+// One AdamW step's constants, as torch.optim.AdamW (single-tensor) makes them: the bias
+// corrections in double, the updates in float.
+struct AdamWConstants {
+  float step_size, bc2_sqrt, decay, b1, b2, one_b1, one_b2, eps;
+  AdamWConstants(const AdamWOptions& o, int64_t step) {
+    const double bc1 = 1.0 - std::pow(static_cast<double>(o.beta1), static_cast<double>(step));
+    const double bc2 = 1.0 - std::pow(static_cast<double>(o.beta2), static_cast<double>(step));
+    step_size = static_cast<float>(o.lr / bc1);
+    bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+    decay = 1.0f - o.lr * o.weight_decay;
+    b1 = o.beta1, b2 = o.beta2, one_b1 = 1.0f - o.beta1, one_b2 = 1.0f - o.beta2, eps = o.eps;
+  }
+};
+
+void adamw_range(float* w, const float* g, float* m, float* v, int64_t i0, int64_t i1, const AdamWConstants& c) {
+  for (int64_t i = i0; i < i1; ++i) {
+    w[i] *= c.decay;
+    m[i] = m[i] * c.b1 + g[i] * c.one_b1;
+    v[i] = v[i] * c.b2 + c.one_b2 * g[i] * g[i];
+    const float denom = std::sqrt(v[i]) / c.bc2_sqrt + c.eps;
+    w[i] -= c.step_size * (m[i] / denom);
+  }
+}
+
+}  // namespace
+
 void adamw_step(std::span<float> w, std::span<const float> g, std::span<float> m,
                 std::span<float> v, int64_t step, const AdamWOptions& o) {
   check(g.size() == w.size() && m.size() == w.size() && v.size() == w.size(),
         "adamw_step: weights, gradients and moments differ in size");
   check(step >= 1, "adamw_step: steps count from 1");
-  // As torch.optim.AdamW (single-tensor): the corrections in double, the updates in float.
-  const double bc1 = 1.0 - std::pow(static_cast<double>(o.beta1), static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(static_cast<double>(o.beta2), static_cast<double>(step));
-  const float step_size = static_cast<float>(o.lr / bc1);
-  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-  const float decay = 1.0f - o.lr * o.weight_decay;
-  const float b1 = o.beta1, b2 = o.beta2, one_b1 = 1.0f - o.beta1, one_b2 = 1.0f - o.beta2;
+  const AdamWConstants c(o, step);
   const int64_t n = static_cast<int64_t>(w.size());
-  parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      w[i] *= decay;
-      m[i] = m[i] * b1 + g[i] * one_b1;
-      v[i] = v[i] * b2 + one_b2 * g[i] * g[i];
-      const float denom = std::sqrt(v[i]) / bc2_sqrt + o.eps;
-      w[i] -= step_size * (m[i] / denom);
-    }
+  parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) { adamw_range(w.data(), g.data(), m.data(), v.data(), i0, i1, c); });
+}
+
+void adamw_step(std::span<float> w, std::span<const float> g, std::span<float> m,
+                std::span<float> v, int64_t step, const std::vector<AdamWSegment>& segments) {
+  check(g.size() == w.size() && m.size() == w.size() && v.size() == w.size(),
+        "adamw_step: weights, gradients and moments differ in size");
+  check(step >= 1, "adamw_step: steps count from 1");
+  const int64_t n = static_cast<int64_t>(w.size());
+  // The segments sorted by offset, disjoint, inside the buffer; each with its constants.
+  std::vector<size_t> order(segments.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return segments[a].offset < segments[b].offset; });
+  std::vector<int64_t> begin, end;
+  std::vector<AdamWConstants> constants;
+  for (size_t i : order) {
+    const AdamWSegment& sg = segments[i];
+    check(sg.offset >= 0 && sg.length >= 0 && sg.offset + sg.length <= n && (end.empty() || sg.offset >= end.back()),
+          "adamw_step: segments must be disjoint ranges of the buffer");
+    if (sg.length == 0) continue;
+    begin.push_back(sg.offset), end.push_back(sg.offset + sg.length), constants.emplace_back(sg.options, step);
+  }
+  // Even slices of the whole buffer; each updates the parts of the segments it overlaps.
+  parallel_for(0, n, kGrain / 4, [&](int64_t i0, int64_t i1) {
+    size_t s = static_cast<size_t>(std::upper_bound(end.begin(), end.end(), i0) - end.begin());
+    for (; s < begin.size() && begin[s] < i1; ++s)
+      adamw_range(w.data(), g.data(), m.data(), v.data(), std::max(i0, begin[s]), std::min(i1, end[s]), constants[s]);
   });
 }
 

@@ -1340,14 +1340,15 @@ void vit_train_adamw_step(VitTrainModel& model, std::span<const float> grads, st
         "vit_train_adamw_step: gradients or moments differ in size from the weights");
   AdamWOptions no_decay = options;
   no_decay.weight_decay = 0.0f;
-  std::span<float> w(model.weights);
+  // One pass over every trained tensor (each with its decay and layer-wise rate), split evenly.
+  std::vector<AdamWSegment> segments;
   for (const TrainParam& p : model.params) {
     if (model.is_frozen(p)) continue;
-    const size_t o = static_cast<size_t>(p.offset), n = static_cast<size_t>(p.numel());
-    AdamWOptions po = p.decay ? options : no_decay;
-    po.lr = static_cast<float>(options.lr * vit_train_lr_scale(model, p, layer_decay));
-    adamw_step(w.subspan(o, n), grads.subspan(o, n), m.subspan(o, n), v.subspan(o, n), step, po);
+    AdamWSegment sg{p.offset, p.numel(), p.decay ? options : no_decay};
+    sg.options.lr = static_cast<float>(options.lr * vit_train_lr_scale(model, p, layer_decay));
+    segments.push_back(sg);
   }
+  adamw_step(model.weights, grads, m, v, step, segments);
 }
 
 TrainStepResult vit_train_step(VitTrainModel& model, VitTrainState& state, const Tensor& pixel_values,

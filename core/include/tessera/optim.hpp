@@ -5,6 +5,7 @@
 // order, so every result is the same bit for bit for any thread count.
 #include <cstdint>
 #include <span>
+#include <vector>
 
 namespace tessera {
 
@@ -26,6 +27,18 @@ struct AdamWOptions {
 };
 void adamw_step(std::span<float> weights, std::span<const float> grads, std::span<float> m,
                 std::span<float> v, int64_t step, const AdamWOptions& options);
+
+// adamw_step over many tensors of one flat buffer in one parallel pass: segment i is elements
+// [offset, offset + length) with its own options (a model's parameters: decay or not, layer-wise
+// lr). The same arithmetic per element as adamw_step on each segment, so the same bits; but the
+// work is split evenly over the whole buffer, where a call per tensor ran the many small ones
+// (biases, norms, a small model's matrices) on one thread each.
+struct AdamWSegment {
+  int64_t offset = 0, length = 0;
+  AdamWOptions options;
+};
+void adamw_step(std::span<float> weights, std::span<const float> grads, std::span<float> m,
+                std::span<float> v, int64_t step, const std::vector<AdamWSegment>& segments);
 
 // torch.nn.utils.clip_grad_norm_ over one flat gradient buffer: total = ‖g‖₂ (summed in double);
 // if max_norm > 0 and max_norm / (total + 1e-6) < 1, g *= max_norm / (total + 1e-6).
