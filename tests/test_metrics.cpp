@@ -381,9 +381,9 @@ TEST_CASE("eval: the bundled digit detector reproduces its model card's fp32 AP"
   const nlohmann::json j = read_json(dir / "d.json");
   CHECK(j["images"] == 500);
   // The card prints 4 decimals (5e-5), and another kernel family rounds its sums differently,
-  // which can reorder near-tied scores: measured under TESSERA_ISA=avx512 and avx2, the bundled
-  // (windowed) detector's AP, AP50 and AP75 are the same to the card's 4 decimals (its stride-32
-  // predecessor's also under generic); an earlier one's AP moved by 1.3e-5.
+  // which can reorder near-tied scores: measured under TESSERA_ISA=avx512, avx2 and generic, the
+  // bundled (windowed, 160x160) detector's AP, AP50 and AP75 are the same to the card's 4
+  // decimals; an earlier one's AP moved by 1.3e-5.
   const double tol = 1e-4;
   CHECK(std::fabs(j["AP"].get<double>() - card_ap) <= tol);
   CHECK(std::fabs(j["AP50"].get<double>() - card_ap50) <= tol);
