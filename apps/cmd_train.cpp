@@ -257,17 +257,17 @@ int train_classify(const TrainArgs& a) {
       {"elastic", fmt("%g", a.elastic)},          {"hflip", a.hflip ? "1" : "0"},
       {"random_resized_crop", fmt("%g", a.rrc)},
       {"teacher", a.teacher},
-      {"freeze_encoder", a.freeze_encoder ? "1" : "0"}};
+      {"freeze_encoder", a.freeze_encoder ? "1" : "0"},
+      {"precision", a.precision}};
   VitTrainState state;
   if (a.resume && !fs::exists(ckpt))
     std::fprintf(stderr, "note: %s: no checkpoint yet; starting from step 0\n", ckpt.string().c_str());
   if (a.resume && fs::exists(ckpt)) {
     const auto meta = load_train_checkpoint(ckpt.string(), model, state);
     for (const auto& [k, v] : identity) {
-      const auto it = meta.find(k);
-      check(it != meta.end() && it->second == v,
-            ckpt.string() + ": was written by a run with another " + k + " (" +
-                (it == meta.end() ? std::string("none") : it->second) + ", this run: " + v + ")");
+      const std::string was = checkpoint_identity_value(meta, k);
+      check(was == v, ckpt.string() + ": was written by a run with another " + k + " (" + (was.empty() ? "none" : was) +
+                          ", this run: " + v + ")");
     }
     std::fprintf(stderr, "resuming %s at step %lld of %lld\n", ckpt.string().c_str(), (long long)state.step,
                  (long long)total);
@@ -496,11 +496,15 @@ void add_train(CLI::App& app, Action& action) {
       apply_threads(a.threads);
       set_training_gemm_type(a.precision == "bf16" ? WeightType::BF16 : WeightType::F32);
       if (a.precision == "bf16") {
-        const std::string kernel = linear_kernel_name(WeightType::BF16);
+        const std::string kernel = linear_kernel_name(WeightType::BF16), fp32 = linear_kernel_name(WeightType::F32);
         std::printf("precision: bf16 GEMMs with fp32 sums (%s kernels)\n", kernel.c_str());
         if (kernel != "avx512bf16")
-          std::fprintf(stderr, "note: this CPU has no bf16 dot product (AVX512-BF16): its bf16 GEMMs widen to fp32, "
-                               "so --precision bf16 rounds the operands without being faster\n");
+          std::fprintf(stderr, "note: no bf16 dot product in use here (AVX512-BF16: %s): the %s kernels widen bf16 to "
+                               "fp32, so --precision bf16 rounds the operands without being faster than fp32 (%s "
+                               "kernels)%s\n",
+                       cpu_features_seen().find("avx512bf16") != std::string::npos ? "capped by TESSERA_ISA"
+                                                                                  : "not on this CPU",
+                       kernel.c_str(), fp32.c_str(), fp32 != "avx2" && fp32 != "generic" ? ", and may be slower" : "");
       }
       check(mpi_launched_size() <= 1 || mpi_built(),
             "train: launched as " + std::to_string(mpi_launched_size()) + " MPI ranks, but this tessera was built "

@@ -95,6 +95,14 @@ int train_segment(const TrainArgs& args);
 // columns). Each validation (and finish()) redraws DIR/curves.png: the training loss per step
 // (and its running mean) and every validation metric per epoch. A resumed run appends to the log
 // from its step on (rows after it, from the killed run, are dropped first).
+// A resumed checkpoint's value of an identity key ("" when it has none); a checkpoint from before
+// --precision existed was an fp32 run.
+inline std::string checkpoint_identity_value(const std::map<std::string, std::string>& meta, const std::string& key) {
+  const auto it = meta.find(key);
+  if (it != meta.end()) return it->second;
+  return key == "precision" ? "fp32" : "";
+}
+
 class TrainLog {
  public:
   // dir: the output folder (created); total_steps for the ETA; first_step the step a resumed run

@@ -236,16 +236,16 @@ int train_detect(const TrainArgs& a) {
       {"total_steps", std::to_string(total)}, {"optimizer", a.optimizer}, {"augment", a.no_augment ? "0" : "1"},
       {"freeze_encoder", a.freeze_encoder ? "1" : "0"}, {"hflip", a.hflip ? "1" : "0"},
       {"image_size", std::to_string(height) + "x" + std::to_string(width)},
-      {"encoder_window", std::to_string(model.detr.window) + "/" + std::to_string(model.detr.window_stride)}};
+      {"encoder_window", std::to_string(model.detr.window) + "/" + std::to_string(model.detr.window_stride)},
+      {"precision", a.precision}};
   VitTrainState state;
   if (a.resume) {
     check(fs::exists(ckpt), ckpt.string() + ": no checkpoint to resume (run without --resume to start)");
     const auto meta = load_train_checkpoint(ckpt.string(), model, state);
     for (const auto& [k, v] : identity) {
-      const auto it = meta.find(k);
-      check(it != meta.end() && it->second == v, ckpt.string() + ": was written by a run with another " + k + " (" +
-                                                     (it == meta.end() ? std::string("none") : it->second) +
-                                                     ", this run: " + v + ")");
+      const std::string was = checkpoint_identity_value(meta, k);
+      check(was == v, ckpt.string() + ": was written by a run with another " + k + " (" + (was.empty() ? "none" : was) +
+                          ", this run: " + v + ")");
     }
     std::fprintf(stderr, "resuming %s at step %lld of %lld\n", ckpt.string().c_str(), (long long)state.step,
                  (long long)total);

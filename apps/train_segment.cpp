@@ -251,8 +251,10 @@ int train_segment(const TrainArgs& args) {
           checkpoint + ": written by a run with another --box-loss; --resume continues the same run");
     std::map<std::string, std::string> meta = load_train_checkpoint(checkpoint, model.vit, state.opt, box_tensors);
     check(meta["seed"] == std::to_string(args.seed) && meta["total"] == std::to_string(total) &&
-              meta["freeze_encoder"] == (args.freeze_encoder ? "1" : "0"),
-          checkpoint + ": written by a run of another seed, length or --freeze-encoder; --resume continues the same run");
+              meta["freeze_encoder"] == (args.freeze_encoder ? "1" : "0") &&
+              checkpoint_identity_value(meta, "precision") == args.precision,
+          checkpoint + ": written by a run of another seed, length, --freeze-encoder or --precision; --resume "
+                       "continues the same run");
     if (args.box_loss > 0) {
       const VitConfig& vc = model.vit.config;
       check(box.params.size() == static_cast<size_t>(4 * vc.hidden_size + 4) && box.m.size() == box.params.size() &&
@@ -278,7 +280,7 @@ int train_segment(const TrainArgs& args) {
     save_train_checkpoint(checkpoint, model.vit, state.opt,
                           {{"seed", std::to_string(args.seed)}, {"total", std::to_string(total)},
                            {"task", "segment"}, {"freeze_encoder", args.freeze_encoder ? "1" : "0"},
-                           {"box_loss", box_meta}},
+                           {"box_loss", box_meta}, {"precision", args.precision}},
                           box_tensors);
   };
 

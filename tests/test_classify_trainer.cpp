@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "tessera/classify_trainer.hpp"
+#include "tessera/gemm.hpp"
 #include "tessera/pipeline.hpp"
 #include <cmath>
 #include "tessera/parallel.hpp"
@@ -254,14 +255,13 @@ TEST_CASE("trainer: bf16 training GEMMs follow fp32's loss curve, the same for 1
   o.epochs = 4, o.batch = 4, o.seed = 3, o.warmup_steps = 2;
   o.step.lr = 2e-3f, o.step.weight_decay = 0.05f, o.step.clip_grad = 1.0f;
   auto run = [&](WeightType type, int threads) {
-    set_training_gemm_type(type);
+    const TrainingGemmScope precision(type);
     set_num_threads(threads);
     VitTrainModel model = load_vit_train_model(model_dir());
     VitTrainState state;
     std::vector<double> losses;
     train_classifier(model, state, data, processor(), o, [&](const TrainProgress& p) { losses.push_back(p.loss); });
     set_num_threads(0);
-    set_training_gemm_type(WeightType::F32);
     return std::make_pair(losses, model.weights);
   };
   const auto [l32, w32] = run(WeightType::F32, 2);

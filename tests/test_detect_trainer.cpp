@@ -307,6 +307,16 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
   CHECK(model->architecture == "VitDetrForObjectDetection");
   CHECK(model->labels == std::vector<std::string>{"N/A", "a", "b"});
   CHECK(evaluate_detector(*model, json).ap() >= 0.0);
+  // The same with bf16 training GEMMs: it trains, and the published folder passes the export
+  // check (the trainer's forward against load_model + model_forward, both fp32 there).
+  const fs::path bf16 = tmp.path / "detr-bf16";
+  std::tie(code, log) = run(" --out " + bf16.string() + " --arch detr-digits --image-size 32 --hidden-size 32 --heads 2"
+                            " --layers 1 --queries 4 --decoder-layers 2 --batch 2 --epochs 2 --lr 1e-3 --seed 4 --threads 2"
+                            " --precision bf16");
+  CHECK(code == 0);
+  CHECK(log.find("precision: bf16 GEMMs with fp32 sums") != std::string::npos);
+  CHECK(log.find("export check") != std::string::npos);
+  CHECK(load_model(bf16.string())->detection);
   // Fine-tuning that folder continues it (same head), and a ViT classifier gets a new head.
   const fs::path again = tmp.path / "again";
   std::tie(code, log) = run(" --out " + again.string() + " --init " + out.string() + " --batch 2 --max-steps 1 --threads 1");

@@ -462,14 +462,23 @@ TEST_CASE("packing into the caller's buffer gives the same panels and product, a
   CHECK_THROWS_WITH(pack_linear_transposed(w.data(), 8, 8, 8, unaligned + 1), Catch::Contains("64-byte aligned"));
 }
 
+namespace {
+// Wᵀ of W [N, K] as K rows of ld >= N floats (the rest zero): what pack_linear_transposed reads.
+std::vector<float> transposed(const std::vector<float>& w, int64_t N, int64_t K, int64_t ld) {
+  std::vector<float> wt(static_cast<size_t>(K * ld), 0.0f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) wt[k * ld + n] = w[n * K + k];
+  return wt;
+}
+}  // namespace
+
 TEST_CASE("pack_linear_transposed packs W from Wt exactly as pack_linear packs W", "[gemm]") {
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (const auto& [N, K, ld] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 1, 1}, {32, 7, 32}, {45, 19, 50}, {70, 33, 70}}) {
-    std::vector<float> w(static_cast<size_t>(N * K)), wt(static_cast<size_t>(K * ld), 0.0f);
+    std::vector<float> w(static_cast<size_t>(N * K));
     for (auto& v : w) v = u(rng);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) wt[k * ld + n] = w[n * K + k];
+    const std::vector<float> wt = transposed(w, N, K, ld);
     const PackedLinear a = pack_linear(w.data(), nullptr, N, K);
     const PackedLinear b = pack_linear_transposed(wt.data(), ld, N, K);
     INFO("N " << N << " K " << K << " ld " << ld);
@@ -492,11 +501,10 @@ TEST_CASE("bf16 packing from Wt and into a buffer gives pack_linear's bf16 panel
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (const auto& [N, K, ld] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 1, 1}, {32, 7, 32}, {45, 19, 50}, {70, 34, 70}}) {
     INFO("N " << N << " K " << K << " ld " << ld);
-    std::vector<float> w(static_cast<size_t>(N * K)), wt(static_cast<size_t>(K * ld), 0.0f), bias(static_cast<size_t>(N));
+    std::vector<float> w(static_cast<size_t>(N * K)), bias(static_cast<size_t>(N));
     for (auto& v : w) v = u(rng);
     for (auto& v : bias) v = u(rng);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) wt[k * ld + n] = w[n * K + k];
+    const std::vector<float> wt = transposed(w, N, K, ld);
     const PackedLinear a = pack_linear(w.data(), bias.data(), N, K, WeightType::BF16);
     const int64_t floats = pack_linear_buffer_floats(N, K);
     float* buffer = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((floats * 4 + 63) / 64 * 64)));

@@ -254,6 +254,26 @@ TEST_CASE("train: killed at random moments and resumed, a run ends byte-identica
   std::printf("train kill-resume: %d rounds, %d runs killed, every final model byte-identical\n", rounds, kills);
 }
 
+TEST_CASE("train --resume refuses a checkpoint of the other --precision", "[train_cli][bf16]") {
+  // A run killed after its first checkpoint (fp32), resumed with --precision bf16: a one-line
+  // error naming the precision, not a run that silently changes precision half-way.
+  const fs::path init = model_folder("init-precision");
+  const std::string args = " train --task classify --init " + init.string() + " --data " +
+                           fixture("train/cli-step/images") + " --epochs 400 --batch 2 --checkpoint-every 2 --seed 3";
+  const fs::path out = scratch("precision") / "model";
+  for (int attempt = 0; attempt < 20 && !fs::exists(out / "checkpoint.safetensors"); ++attempt) {
+    fs::remove_all(out);
+    const int status = std::system(("timeout -s KILL " + std::to_string(0.3 + 0.1 * attempt) + " " + cli() + args +
+                                    " --threads 1 --out " + out.string() + " >/dev/null 2>&1").c_str());
+    REQUIRE(WIFEXITED(status));
+  }
+  REQUIRE(fs::exists(out / "checkpoint.safetensors"));
+  const Run r = run_cli(args.substr(1) + " --threads 1 --resume --precision bf16 --out " + out.string());
+  INFO(r.err);
+  CHECK(r.code != 0);
+  CHECK(r.err.find("another precision (fp32, this run: bf16)") != std::string::npos);
+}
+
 TEST_CASE("train: bad data is a one-line error naming it, before training", "[train_cli]") {
   const fs::path init = model_folder("init3");
   const fs::path dir = scratch("bad");

@@ -145,15 +145,20 @@ struct Prefetch {
   int64_t count = 0, step = 1;
 };
 
+// c0[r] += a[r] * b0, c1[r] += a[r] * b1 for r < R: one k of the tile.
 template <int R>
-TESSERA_AVX2_INLINE void fma_step(const float* a, const float* b, __m256 (&c0)[R], __m256 (&c1)[R]) {
-  const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+TESSERA_AVX2_INLINE void fma_rows(const float* a, __m256 b0, __m256 b1, __m256 (&c0)[R], __m256 (&c1)[R]) {
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
     const __m256 av = _mm256_broadcast_ss(a + r);
     c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
     c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
   }
+}
+
+template <int R>
+TESSERA_AVX2_INLINE void fma_step(const float* a, const float* b, __m256 (&c0)[R], __m256 (&c1)[R]) {
+  fma_rows<R>(a, _mm256_loadu_ps(b), _mm256_loadu_ps(b + 8), c0, c1);
 }
 
 template <int R>
@@ -234,22 +239,11 @@ TESSERA_AVX2_INLINE void bf16_pair_step(const float* a, const uint32_t* b, __m25
         : [a] "r"(a), [b] "r"(b), [mask] "x"(mask)
         : "memory");
   } else {
-    const __m256 h0 = _mm256_and_ps(mask, _mm256_loadu_ps(reinterpret_cast<const float*>(b)));
-    const __m256 h1 = _mm256_and_ps(mask, _mm256_loadu_ps(reinterpret_cast<const float*>(b + 8)));
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r);
-      c0[r] = _mm256_fmadd_ps(av, h0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(av, h1, c1[r]);
-    }
-    const __m256 l0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 16));
-    const __m256 l1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8)), 16));
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + kMR6 + r);
-      c0[r] = _mm256_fmadd_ps(av, l0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(av, l1, c1[r]);
-    }
+    const float* w = reinterpret_cast<const float*>(b);
+    const __m256i* wi = reinterpret_cast<const __m256i*>(b);
+    fma_rows<R>(a, _mm256_and_ps(mask, _mm256_loadu_ps(w)), _mm256_and_ps(mask, _mm256_loadu_ps(w + 8)), c0, c1);
+    fma_rows<R>(a + kMR6, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(wi), 16)),
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(wi + 1), 16)), c0, c1);
   }
 }
 

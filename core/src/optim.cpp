@@ -75,24 +75,30 @@ void adamw_step(std::span<float> w, std::span<const float> g, std::span<float> m
         "adamw_step: weights, gradients and moments differ in size");
   check(step >= 1, "adamw_step: steps count from 1");
   const int64_t n = static_cast<int64_t>(w.size());
-  // The segments sorted by offset, disjoint, inside the buffer; each with its constants.
-  std::vector<size_t> order(segments.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return segments[a].offset < segments[b].offset; });
-  std::vector<int64_t> begin, end;
-  std::vector<AdamWConstants> constants;
-  for (size_t i : order) {
-    const AdamWSegment& sg = segments[i];
-    check(sg.offset >= 0 && sg.length >= 0 && sg.offset + sg.length <= n && (end.empty() || sg.offset >= end.back()),
+  // The non-empty segments sorted by offset, disjoint, inside the buffer; each with its constants
+  // and its start in the trained elements alone (frozen gaps take no work).
+  std::vector<const AdamWSegment*> sorted;
+  for (const AdamWSegment& sg : segments) {
+    check(sg.offset >= 0 && sg.length >= 0 && sg.offset + sg.length <= n,
           "adamw_step: segments must be disjoint ranges of the buffer");
-    if (sg.length == 0) continue;
-    begin.push_back(sg.offset), end.push_back(sg.offset + sg.length), constants.emplace_back(sg.options, step);
+    if (sg.length > 0) sorted.push_back(&sg);
   }
-  // Even slices of the whole buffer; each updates the parts of the segments it overlaps.
-  parallel_for(0, n, kGrain / 4, [&](int64_t i0, int64_t i1) {
-    size_t s = static_cast<size_t>(std::upper_bound(end.begin(), end.end(), i0) - end.begin());
-    for (; s < begin.size() && begin[s] < i1; ++s)
-      adamw_range(w.data(), g.data(), m.data(), v.data(), std::max(i0, begin[s]), std::min(i1, end[s]), constants[s]);
+  std::sort(sorted.begin(), sorted.end(), [](const AdamWSegment* a, const AdamWSegment* b) { return a->offset < b->offset; });
+  std::vector<int64_t> first{0};  // first[s]: trained elements before segment s
+  std::vector<AdamWConstants> constants;
+  for (size_t s = 0; s < sorted.size(); ++s) {
+    check(s == 0 || sorted[s]->offset >= sorted[s - 1]->offset + sorted[s - 1]->length,
+          "adamw_step: segments must be disjoint ranges of the buffer");
+    first.push_back(first.back() + sorted[s]->length);
+    constants.emplace_back(sorted[s]->options, step);
+  }
+  // Even slices of the trained elements; each updates the parts of the segments it covers.
+  parallel_for(0, first.back(), kGrain / 4, [&](int64_t t0, int64_t t1) {
+    size_t s = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), t0) - first.begin()) - 1;
+    for (; s < sorted.size() && first[s] < t1; ++s) {
+      const int64_t lo = std::max(t0, first[s]) - first[s], hi = std::min(t1, first[s + 1]) - first[s];
+      adamw_range(w.data(), g.data(), m.data(), v.data(), sorted[s]->offset + lo, sorted[s]->offset + hi, constants[s]);
+    }
   });
 }
 

@@ -14,6 +14,7 @@
 
 #include "tessera/backward.hpp"
 #include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
 #include "tessera/optim.hpp"
 
 namespace tessera {
@@ -268,6 +269,7 @@ void train_linear_probe(VitTrainModel& model, VitTrainState& state, const Classi
   std::vector<float> features(static_cast<size_t>(N * F));
   const auto encode_start = std::chrono::steady_clock::now();
   {
+    const TrainingGemmScope fp32(WeightType::F32);  // the features inference gives the head (fp32 model)
     VitTrainActivations acts;
     for (int64_t lo = 0; lo < N; lo += 64) {
       std::vector<size_t> idx;

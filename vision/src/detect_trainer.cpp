@@ -18,6 +18,7 @@
 #include "tessera/detection.hpp"
 #include "tessera/pipeline.hpp"
 #include "tessera/error.hpp"
+#include "tessera/gemm.hpp"
 #include "tessera/image.hpp"
 #include "tessera/metrics.hpp"
 #include "tessera/optim.hpp"
@@ -209,6 +210,7 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
     const int64_t per_image = gh * gw * model.config.hidden_size, n = static_cast<int64_t>(data.size());
     std::vector<float> cache(static_cast<size_t>(n * per_image));
     DetrTrainActivations encode_acts;
+    const TrainingGemmScope fp32(WeightType::F32);  // the features inference gives the head (fp32 model)
     for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
       std::vector<size_t> idx;
       for (int64_t i = i0; i < std::min(n, i0 + o.batch); ++i) idx.push_back(static_cast<size_t>(i));

@@ -486,7 +486,7 @@ void mask_decoder_forward(const SegmenterTrainModel& m, SegmenterTrainActivation
   // [proj_dec(patches), cls_emb] per image
   float* x0 = dec.layers[0].x.data();
   const float* cls_emb = at("decoder.cls_emb");
-  const PackedLinear proj_dec = pack_linear(at("decoder.proj_dec.weight"), at("decoder.proj_dec.bias"), dm, de);
+  const PackedLinear proj_dec = pack_linear(at("decoder.proj_dec.weight"), at("decoder.proj_dec.bias"), dm, de, training_gemm_type());
   for (int64_t b = 0; b < B; ++b) {
     linear(acts.normed.data() + b * N * de, N, de, proj_dec, x0 + b * T2 * dm, dm);
     std::memcpy(x0 + (b * T2 + N) * dm, cls_emb, sizeof(float) * K * dm);
@@ -501,8 +501,8 @@ void mask_decoder_forward(const SegmenterTrainModel& m, SegmenterTrainActivation
   // x @ P is a Linear with weight Pᵀ.
   transpose_square(at("decoder.proj_patch"), dm, acts.proj_patch_t);
   transpose_square(at("decoder.proj_classes"), dm, acts.proj_classes_t);
-  const PackedLinear pp = pack_linear(acts.proj_patch_t.data(), nullptr, dm, dm);
-  const PackedLinear pc = pack_linear(acts.proj_classes_t.data(), nullptr, dm, dm);
+  const PackedLinear pp = pack_linear(acts.proj_patch_t.data(), nullptr, dm, dm, training_gemm_type());
+  const PackedLinear pc = pack_linear(acts.proj_classes_t.data(), nullptr, dm, dm, training_gemm_type());
   for (int64_t b = 0; b < B; ++b) {
     linear(acts.zn.data() + b * T2 * dm, N, dm, pp, acts.pfeat.data() + b * N * dm, dm);
     linear(acts.zn.data() + (b * T2 + N) * dm, K, dm, pc, acts.cfeat.data() + b * K * dm, dm);
@@ -521,7 +521,7 @@ void mask_decoder_forward(const SegmenterTrainModel& m, SegmenterTrainActivation
   normalize(acts.pfeat, acts.pnorm, R);
   normalize(acts.cfeat, acts.cnorm, B * K);
   for (int64_t b = 0; b < B; ++b) {
-    const PackedLinear classes = pack_linear(acts.cfeat.data() + b * K * dm, nullptr, K, dm);
+    const PackedLinear classes = pack_linear(acts.cfeat.data() + b * K * dm, nullptr, K, dm, training_gemm_type());
     linear(acts.pfeat.data() + b * N * dm, N, dm, classes, acts.cos.data() + b * N * K, K);
   }
   layer_norm_forward(acts.cos.data(), R, K, at("decoder.mask_norm.weight"), at("decoder.mask_norm.bias"), s.eps,
@@ -680,7 +680,7 @@ const Tensor& decoder_forward(const SegmenterTrainModel& m, int64_t B, Segmenter
   if (m.mask.layers > 0) {
     mask_decoder_forward(m, acts, B, N);
   } else {
-    const PackedLinear head = pack_linear(w.head_w, w.head_b, K, d);
+    const PackedLinear head = pack_linear(w.head_w, w.head_b, K, d, training_gemm_type());
     linear(acts.normed.data(), R, d, head, acts.scores.data(), K);
   }
   // b (h w) k → b k h w, then bilinear to the input size (no padding: H, W are multiples of p).
@@ -1158,6 +1158,9 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
     std::vector<float> cache(static_cast<size_t>(n * per));
     std::vector<int32_t> label_cache(static_cast<size_t>(n * H * W));
     SegmenterTrainActivations encode_acts;
+    // The frozen encoder's features in fp32 whatever --precision: they are what inference feeds
+    // the head (the published model is fp32), and encoding once gains nothing from bf16.
+    const TrainingGemmScope fp32(WeightType::F32);
     for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
       const int64_t nb = std::min(n - i0, o.batch);
       Tensor pixels({nb, C, H, W});
