@@ -470,6 +470,16 @@ std::vector<float> transposed(const std::vector<float>& w, int64_t N, int64_t K,
     for (int64_t k = 0; k < K; ++k) wt[k * ld + n] = w[n * K + k];
   return wt;
 }
+
+// Two packings of one W must give the same y = x·Wᵀ (+ bias) on 3 random rows, bit for bit.
+void check_same_product(const PackedLinear& a, const PackedLinear& b, int64_t N, int64_t K, std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(3 * K)), ya(static_cast<size_t>(3 * N)), yb(static_cast<size_t>(3 * N));
+  for (auto& v : x) v = u(rng);
+  linear(x.data(), 3, K, a, ya.data(), N);
+  linear(x.data(), 3, K, b, yb.data(), N);
+  CHECK(ya == yb);
+}
 }  // namespace
 
 TEST_CASE("pack_linear_transposed packs W from Wt exactly as pack_linear packs W", "[gemm]") {
@@ -484,12 +494,7 @@ TEST_CASE("pack_linear_transposed packs W from Wt exactly as pack_linear packs W
     INFO("N " << N << " K " << K << " ld " << ld);
     REQUIRE(a.packed_bytes == b.packed_bytes);
     CHECK(std::memcmp(a.packed.get(), b.packed.get(), a.packed_bytes) == 0);
-    // And the same product.
-    std::vector<float> x(static_cast<size_t>(3 * K)), ya(static_cast<size_t>(3 * N)), yb(static_cast<size_t>(3 * N));
-    for (auto& v : x) v = u(rng);
-    linear(x.data(), 3, K, a, ya.data(), N);
-    linear(x.data(), 3, K, b, yb.data(), N);
-    CHECK(ya == yb);
+    check_same_product(a, b, N, K, rng);  // and the same product
   }
 }
 
@@ -513,11 +518,7 @@ TEST_CASE("bf16 packing from Wt and into a buffer gives pack_linear's bf16 panel
     REQUIRE(b.type == WeightType::BF16);
     REQUIRE(a.packed_bytes == b.packed_bytes);
     CHECK(std::memcmp(a.packed.get(), b.packed.get(), a.packed_bytes) == 0);
-    std::vector<float> x(static_cast<size_t>(3 * K)), ya(static_cast<size_t>(3 * N)), yb(static_cast<size_t>(3 * N));
-    for (auto& v : x) v = u(rng);
-    linear(x.data(), 3, K, a, ya.data(), N);
-    linear(x.data(), 3, K, b, yb.data(), N);
-    CHECK(ya == yb);  // the bias too
+    check_same_product(a, b, N, K, rng);  // the bias too
     std::fill(buffer, buffer + floats, std::nanf(""));
     const PackedLinear c = pack_linear_transposed(wt.data(), ld, N, K, buffer, WeightType::BF16);
     REQUIRE(c.type == WeightType::BF16);
