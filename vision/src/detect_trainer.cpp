@@ -209,13 +209,16 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
     const int64_t gh = processor.height / model.config.patch_size, gw = processor.width / model.config.patch_size;
     const int64_t per_image = gh * gw * model.config.hidden_size, n = static_cast<int64_t>(data.size());
     std::vector<float> cache(static_cast<size_t>(n * per_image));
-    DetrTrainActivations encode_acts;
-    const TrainingGemmScope fp32(WeightType::F32);  // the features inference gives the head (fp32 model)
-    for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
-      std::vector<size_t> idx;
-      for (int64_t i = i0; i < std::min(n, i0 + o.batch); ++i) idx.push_back(static_cast<size_t>(i));
-      const Tensor x = detection_batch(data, idx, processor, o, 0, nullptr);  // no augmentation here
-      detr_encode_features(model, x, encode_acts, cache.data() + i0 * per_image);
+    {
+      // The features inference gives the head (fp32 model); the head itself trains at --precision.
+      DetrTrainActivations encode_acts;
+      const TrainingGemmScope fp32(WeightType::F32);
+      for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
+        std::vector<size_t> idx;
+        for (int64_t i = i0; i < std::min(n, i0 + o.batch); ++i) idx.push_back(static_cast<size_t>(i));
+        const Tensor x = detection_batch(data, idx, processor, o, 0, nullptr);  // no augmentation here
+        detr_encode_features(model, x, encode_acts, cache.data() + i0 * per_image);
+      }
     }
     std::vector<float> features(static_cast<size_t>(o.batch * per_image));
     while (state.step < end) {

@@ -1157,19 +1157,22 @@ void train_segmenter(SegmenterTrainModel& model, SegmenterTrainState& state,
     const int64_t n = static_cast<int64_t>(data.size());
     std::vector<float> cache(static_cast<size_t>(n * per));
     std::vector<int32_t> label_cache(static_cast<size_t>(n * H * W));
-    SegmenterTrainActivations encode_acts;
-    // The frozen encoder's features in fp32 whatever --precision: they are what inference feeds
-    // the head (the published model is fp32), and encoding once gains nothing from bf16.
-    const TrainingGemmScope fp32(WeightType::F32);
-    for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
-      const int64_t nb = std::min(n - i0, o.batch);
-      Tensor pixels({nb, C, H, W});
-      parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
-          segmentation_sample(data[static_cast<size_t>(i0 + b)], processor, false, 0, pixels.data() + b * C * H * W,
-                              label_cache.data() + (i0 + b) * H * W, H, W, model.window_size);
-      });
-      segmenter_encode_features(model, pixels, encode_acts, cache.data() + i0 * per);
+    {
+      SegmenterTrainActivations encode_acts;
+      // The frozen encoder's features in fp32 whatever --precision: they are what inference feeds
+      // the head (the published model is fp32), and encoding once gains nothing from bf16; the head
+      // itself trains at --precision.
+      const TrainingGemmScope fp32(WeightType::F32);
+      for (int64_t i0 = 0; i0 < n; i0 += o.batch) {
+        const int64_t nb = std::min(n - i0, o.batch);
+        Tensor pixels({nb, C, H, W});
+        parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            segmentation_sample(data[static_cast<size_t>(i0 + b)], processor, false, 0, pixels.data() + b * C * H * W,
+                                label_cache.data() + (i0 + b) * H * W, H, W, model.window_size);
+        });
+        segmenter_encode_features(model, pixels, encode_acts, cache.data() + i0 * per);
+      }
     }
     std::vector<float> features(static_cast<size_t>(o.batch * per));
     std::vector<int32_t> labels(static_cast<size_t>(o.batch * H * W));
