@@ -105,8 +105,18 @@ void add_detect(CLI::App& app, Action& action) {
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--top-k", opt.top_k, "Keep the k best per image (0 = all)")->check(CLI::Range(0, 100000));
   cmd->add_option("--classes", classes, "Only these classes (ids or label names)")->delimiter(',');
-  cmd->add_flag("--nms", opt.nms, "Class-wise non-maximum suppression (off by default)");
-  cmd->add_option("--nms-iou", opt.nms_iou, "IoU above which --nms suppresses")->check(CLI::Range(0.0, 1.0));
+  static bool nms = false, no_nms = false;
+  static float nms_iou = -1;
+  static int64_t labels_per_query = 0;
+  auto* nms_flag = cmd->add_flag("--nms", nms,
+                                 "Class-wise non-maximum suppression (default: the model's config.json post_process)");
+  cmd->add_flag("--no-nms", no_nms, "No non-maximum suppression, whatever the model's config says")->excludes(nms_flag);
+  cmd->add_option("--nms-iou", nms_iou, "IoU above which NMS suppresses (default: the model's, else 0.5)")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--labels-per-query", labels_per_query,
+                  "Each query's k most probable classes as k detections (default: the model's config.json "
+                  "post_process, else 1)")
+      ->check(CLI::Range(1, 1000));
   cmd->add_option("--out", out_dir, "Folder for the annotated images (input names mirrored)");
   cmd->add_option("--json", json_file, "COCO results file (image_id, category_id, bbox x,y,w,h, score)");
   cmd->add_option("--attention", attention_out,
@@ -123,7 +133,13 @@ void add_detect(CLI::App& app, Action& action) {
       check(attention_out.empty() || model->detection->window == 0,
             model_dir + ": --attention: its DETR encoder reads the image in windows; attention rollout needs one pass "
             "over the whole image");
-      PostProcessOptions o = opt;
+      // The model's post-processing (config.json post_process), then what the command line says.
+      PostProcessOptions o = model_post_process(*model);
+      o.threshold = opt.threshold, o.top_k = opt.top_k;
+      if (nms) o.nms = true;
+      if (no_nms) o.nms = false;
+      if (nms_iou >= 0) o.nms_iou = nms_iou;
+      if (labels_per_query > 0) o.labels_per_slot = labels_per_query;
       o.classes.clear();
       for (const std::string& c : classes) {
         auto it = std::find(model->labels.begin(), model->labels.end(), c);

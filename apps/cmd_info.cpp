@@ -54,9 +54,17 @@ void add_info(CLI::App& app, Action& action) {
         const PreprocessConfig& pc = model_preprocessor(*m).config;
         if (pc.do_resize && pc.resize_rule == ResizeRule::exact) in_h = pc.height, in_w = pc.width;
         std::printf("windows:      the encoder (above: one window) on %lldx%lld windows every %lld pixels of the "
-                    "%lldx%lld input, rows merged\n",
+                    "%lldx%lld input, rows merged%s\n",
                     (long long)m->detection->window, (long long)m->detection->window,
-                    (long long)m->detection->window_stride, (long long)in_h, (long long)in_w);
+                    (long long)m->detection->window_stride, (long long)in_h, (long long)in_w,
+                    m->detection->window_centre ? " by a centre-weighted mean" : "");
+      }
+      if (m->detection) {
+        const DetectionPostProcess& post = m->detection->post;
+        std::printf("post-process: %lld label%s per query, %s\n", (long long)post.labels_per_query,
+                    post.labels_per_query == 1 ? "" : "s",
+                    post.nms_iou > 0 ? ("class-wise NMS above IoU " + std::to_string(post.nms_iou).substr(0, 4)).c_str()
+                                     : "no NMS");
       }
       std::printf("GFLOPs/image: %.2f at %lldx%lld\n", model_flops(*m, in_h, in_w) / 1e9, (long long)in_h,
                   (long long)in_w);

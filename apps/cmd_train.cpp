@@ -148,8 +148,10 @@ int train_classify(const TrainArgs& a) {
   check(!(a.init.empty() == a.arch.empty()), "train: give exactly one of --init MODEL_DIR (fine-tune) and --arch PRESET (from scratch)");
   check(!a.crops, "train --task classify: --crops is for segmentation");
   check(a.box_loss == 0 && a.boxes.empty(), "train --task classify: --box-loss and --boxes are for segmentation");
+  check(a.labels_per_query == 0 && a.nms_iou < 0, "train --task classify: --labels-per-query and --nms-iou are a "
+                                                  "detector's post-processing");
   check(a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss && a.decoder == "linear" && a.encoder_window == 0 &&
-            a.encoder_window_stride == 0,
+            a.encoder_window_stride == 0 && a.encoder_window_merge.empty(),
         "train --task classify: --queries, --decoder-layers, --no-aux-loss, --encoder-window and --decoder shape "
         "detection and segmentation heads");
   const bool digits = a.data.rfind("digits", 0) == 0;
@@ -463,9 +465,20 @@ void add_train(CLI::App& app, Action& action) {
                   "detect, a new DETR head with --freeze-encoder: the encoder reads windows of this many pixels (its "
                   "own training size, e.g. a Segmenter's crops) over the resized input, their patch rows merged")
       ->check(CLI::Range(1, 4096));
+  cmd->add_option("--encoder-window-merge", a.encoder_window_merge,
+                  "detect, --encoder-window: how a patch's rows from the windows holding it merge: mean, or centre "
+                  "(weighted by how central the patch lies in each window)")
+      ->check(CLI::IsMember({"mean", "centre"}));
   cmd->add_option("--encoder-window-stride", a.encoder_window_stride,
                   "detect, --encoder-window: pixels between windows (default: half the window)")
       ->check(CLI::Range(1, 4096));
+  cmd->add_option("--labels-per-query", a.labels_per_query,
+                  "detect: the published model's post-processing gives each query's k most probable classes as k "
+                  "detections (config.json post_process; validation uses it too)")
+      ->check(CLI::Range(1, 10000));
+  cmd->add_option("--nms-iou", a.nms_iou,
+                  "detect: the published model's post-processing applies class-wise NMS above this IoU (0: none)")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--no-augment", a.no_augment, "Every image through the model's processor and nothing else");
   cmd->add_flag("--hflip", a.hflip,
                 "Augmentation flips half the images horizontally (with their boxes or masks); off by default, "

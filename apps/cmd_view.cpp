@@ -622,6 +622,7 @@ void add_view(CLI::App& app, Action& action) {
         v.given = read_detections_json(detections_json);
         v.have_given = true;
       }
+      if (v.detector) v.post = model_post_process(*v.model);  // the folder's labels per query and NMS
       v.post.threshold = threshold;
       v.draw.labels = !no_labels;
       v.show_attention = attention && v.model;

@@ -72,6 +72,7 @@ void apply_detr_options(DetrHeadConfig& head, const TrainArgs& a) {
   if (a.encoder_window > 0) {
     head.window = a.encoder_window;
     head.window_stride = a.encoder_window_stride > 0 ? a.encoder_window_stride : a.encoder_window / 2;
+    head.window_centre = a.encoder_window_merge == "centre";
   }
 }
 

@@ -108,8 +108,8 @@ int train_detect(const TrainArgs& a) {
             (!a.init.empty() && has_encoder_for_detr(folder_model_type(a.init))),
         "train --task detect: --queries, --decoder-layers, --no-aux-loss and --encoder-window shape a new DETR head "
         "(--arch detr-digits, or --init a ViT, DeiT or DINOv2 classifier or a Segmenter)");
-  check(a.encoder_window_stride == 0 || a.encoder_window > 0, "train --task detect: --encoder-window-stride goes with "
-                                                              "--encoder-window");
+  check((a.encoder_window_stride == 0 && a.encoder_window_merge.empty()) || a.encoder_window > 0,
+        "train --task detect: --encoder-window-stride and --encoder-window-merge go with --encoder-window");
 
 
   check(a.label_smoothing == 0, "train --task detect: --label-smoothing is for classification (the set loss "
@@ -200,6 +200,20 @@ int train_detect(const TrainArgs& a) {
       model.is_detr() ? detr_preprocessor_json(height, width) : yolos_preprocessor_json(height, width), a.init);
   const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
 
+  if (a.labels_per_query > 0 || a.nms_iou >= 0) {
+    // The published folder's post-processing (what detect, view, eval and validation use).
+    check(a.labels_per_query <= model.num_labels, "train --task detect: --labels-per-query " +
+                                                      std::to_string(a.labels_per_query) + " is more than the " +
+                                                      std::to_string(model.num_labels) + " classes");
+    nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(model.config_json);
+    nlohmann::ordered_json post = cfg.contains("post_process") && cfg["post_process"].is_object()
+                                      ? cfg["post_process"] : nlohmann::ordered_json::object();
+    if (a.labels_per_query > 0) post["labels_per_query"] = a.labels_per_query;
+    if (a.nms_iou >= 0) post["nms_iou"] = a.nms_iou;
+    cfg["post_process"] = post;
+    model.config_json = cfg.dump(2) + "\n";
+  }
+
   DetectorTrainOptions o;
   o.batch = a.batch;
   o.max_steps = a.max_steps;
@@ -236,7 +250,8 @@ int train_detect(const TrainArgs& a) {
       {"total_steps", std::to_string(total)}, {"optimizer", a.optimizer}, {"augment", a.no_augment ? "0" : "1"},
       {"freeze_encoder", a.freeze_encoder ? "1" : "0"}, {"hflip", a.hflip ? "1" : "0"},
       {"image_size", std::to_string(height) + "x" + std::to_string(width)},
-      {"encoder_window", std::to_string(model.detr.window) + "/" + std::to_string(model.detr.window_stride)},
+      {"encoder_window", std::to_string(model.detr.window) + "/" + std::to_string(model.detr.window_stride) +
+                             (model.detr.window_centre ? "/centre" : "")},
       {"precision", a.precision}};
   VitTrainState state;
   if (a.resume) {
@@ -268,7 +283,8 @@ int train_detect(const TrainArgs& a) {
                             " queries, " + std::to_string(dh.layers) + " layers, " + std::to_string(dh.heads) +
                             " heads, FFN " + std::to_string(dh.ffn) + (dh.auxiliary_loss ? ", auxiliary loss" : "") +
                             (dh.window > 0 ? "; encoder on " + std::to_string(dh.window) + "x" + std::to_string(dh.window) +
-                                                 " windows every " + std::to_string(dh.window_stride) + " pixels, merged"
+                                                 " windows every " + std::to_string(dh.window_stride) + " pixels, merged" +
+                                                 (dh.window_centre ? " by a centre-weighted mean" : "")
                                            : std::string())
                       : ", " + std::to_string(c.num_detection_tokens) + " detection tokens";
   std::printf("data: %s, %zu images, %lld boxes, %zu label ids\n", data.source.c_str(), data.size(), (long long)boxes,

@@ -485,6 +485,59 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
                             " --freeze-encoder --no-augment --batch 2 --max-steps 1 --threads 1");
   CHECK(code == 0);
   CHECK(log.find("96x96 patch 8") != std::string::npos);
+  {
+    // Centre-weighted merging and the folder's post-processing: written to config.json, the
+    // export check holds through the inference path, and a fine-tuning run keeps both.
+    const fs::path centre = tmp.path / "centre", again = tmp.path / "centre2";
+    std::tie(code, log) = run(" --out " + centre.string() + " --init " + seg_dir.string() +
+                              " --image-size 96 --encoder-window 64 --encoder-window-stride 32 --encoder-window-merge centre"
+                              " --labels-per-query 2 --nms-iou 0.4 --queries 3 --freeze-encoder --no-augment --batch 2"
+                              " --max-steps 2 --lr 1e-2 --threads 1");
+    INFO(log);
+    REQUIRE(code == 0);
+    CHECK(log.find("merged by a centre-weighted mean") != std::string::npos);
+    CHECK(log.find("export check: max |difference| of logits and boxes through load_model + model_forward 0.00e+00") !=
+          std::string::npos);
+    const nlohmann::json cfg = nlohmann::json::parse(std::ifstream(centre / "config.json"));
+    CHECK(cfg["encoder_window"] == nlohmann::json({{"size", 64}, {"stride", 32}, {"merge", "centre"}}));
+    CHECK(cfg["post_process"] == nlohmann::json({{"labels_per_query", 2}, {"nms_iou", 0.4}}));
+    const auto m5 = load_model(centre.string());
+    CHECK(m5->detection->window_centre);
+    CHECK(m5->detection->post.labels_per_query == 2);
+    // The centre merge changes what the head reads: the same model read by plain means differs.
+    {
+      nlohmann::json plain_cfg = cfg;
+      plain_cfg["encoder_window"].erase("merge");
+      const fs::path plain = tmp.path / "centre-as-mean";
+      fs::copy(centre, plain, fs::copy_options::recursive);
+      std::ofstream(plain / "config.json") << plain_cfg.dump(2);
+      const auto m6 = load_model(plain.string());
+      CHECK(!m6->detection->window_centre);
+      Tensor x({1, 3, 96, 96});
+      for (int64_t i = 0; i < x.numel(); ++i) x[i] = static_cast<float>(std::sin(0.37 * i));
+      ModelWorkspace w5, w6;
+      const NamedTensors a = model_forward(*m5, x, w5), b = model_forward(*m6, x, w6);
+      float diff = 0;
+      const Tensor &la = output(a, "logits"), &lb = output(b, "logits");
+      for (int64_t i = 0; i < la.numel(); ++i) diff = std::max(diff, std::abs(la[i] - lb[i]));
+      CHECK(diff > 1e-4f);
+    }
+    std::tie(code, log) = run(" --out " + again.string() + " --init " + centre.string() +
+                              " --freeze-encoder --no-augment --batch 2 --max-steps 1 --threads 1");
+    CHECK(code == 0);
+    const nlohmann::json cfg2 = nlohmann::json::parse(std::ifstream(again / "config.json"));
+    CHECK(cfg2["encoder_window"] == cfg["encoder_window"]);
+    CHECK(cfg2["post_process"] == cfg["post_process"]);
+    // Post-processing flags belong to detection; the merge needs a window.
+    std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + seg_dir.string() +
+                              " --image-size 96 --encoder-window-merge centre --freeze-encoder --batch 2 --max-steps 1");
+    CHECK(code != 0);
+    CHECK(log.find("--encoder-window-merge go with --encoder-window") != std::string::npos);
+    std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + seg_dir.string() +
+                              " --image-size 96 --labels-per-query 20 --queries 3 --freeze-encoder --batch 2 --max-steps 1");
+    CHECK(code != 0);
+    CHECK(log.find("--labels-per-query 20 is more than the") != std::string::npos);
+  }
   // It trains frozen only; the stride needs a window; the window fits the input.
   std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + windowed.string() +
                             " --batch 2 --max-steps 1 --threads 1");
@@ -493,7 +546,7 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
   std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + seg_dir.string() +
                             " --image-size 96 --encoder-window-stride 32 --freeze-encoder --batch 2 --max-steps 1");
   CHECK(code != 0);
-  CHECK(log.find("--encoder-window-stride goes with --encoder-window") != std::string::npos);
+  CHECK(log.find("--encoder-window-stride and --encoder-window-merge go with --encoder-window") != std::string::npos);
   std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + seg_dir.string() +
                             " --image-size 48 --encoder-window 64 --freeze-encoder --batch 2 --max-steps 1");
   CHECK(code != 0);

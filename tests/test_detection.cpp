@@ -202,6 +202,127 @@ TEST_CASE("post-processing options: top-k, class filter, class-wise NMS") {
   CHECK(only_b[0].name == "b");
 }
 
+TEST_CASE("post-processing: several labels per query, each at its probability, then class-wise NMS") {
+  // Two slots over three classes + no-object. Slot 0 is torn between classes 0 and 2; slot 1 sits
+  // on the same place, sure of class 2.
+  const float logits[] = {2, 0, 1.5f, 0,  0, 0, 4, 0};
+  const float boxes[] = {0.5f, 0.5f, 0.2f, 0.2f,  0.5f, 0.5f, 0.2f, 0.2f};
+  const std::vector<std::string> labels = {"a", "b", "c"};
+  auto prob = [&](int slot, int cls) {
+    double sum = 0;
+    for (int i = 0; i < 4; ++i) sum += std::exp(static_cast<double>(logits[slot * 4 + i]));
+    return static_cast<float>(std::exp(static_cast<double>(logits[slot * 4 + cls])) / sum);
+  };
+  PostProcessOptions o;
+  o.threshold = 0.0f;
+  o.labels_per_slot = 2;
+  auto two = post_process_detections(logits, boxes, 2, 4, 100, 100, labels, o);
+  // slot order, each slot's labels by probability: (0, a), (0, c), (1, c), (1, a or b: a tie, the lower id)
+  REQUIRE(two.size() == 4);
+  CHECK((two[0].slot == 0 && two[0].name == "a" && two[0].score == Approx(prob(0, 0))));
+  CHECK((two[1].slot == 0 && two[1].name == "c" && two[1].score == Approx(prob(0, 2))));
+  CHECK((two[2].slot == 1 && two[2].name == "c" && two[2].score == Approx(prob(1, 2))));
+  CHECK((two[3].slot == 1 && two[3].name == "a" && two[3].score == Approx(prob(1, 0))));
+  CHECK(two[1].x0 == two[0].x0);  // one box per slot
+  // The threshold applies to each label: slot 0's second guess (p = 0.30) goes at 0.35.
+  o.threshold = 0.35f;
+  auto sure = post_process_detections(logits, boxes, 2, 4, 100, 100, labels, o);
+  REQUIRE(sure.size() == 2);
+  CHECK((sure[0].name == "a" && sure[1].name == "c" && sure[1].slot == 1));
+  // Class-wise NMS: slot 0's "c" lies under slot 1's surer "c"; the two "a"s, one under the other.
+  o.threshold = 0.0f;
+  o.nms = true;
+  auto kept = post_process_detections(logits, boxes, 2, 4, 100, 100, labels, o);
+  REQUIRE(kept.size() == 2);
+  CHECK((kept[0].slot == 1 && kept[0].name == "c"));
+  CHECK((kept[1].slot == 0 && kept[1].name == "a"));
+  // k beyond the classes is every class; k = 1 is Hugging Face's post-processing.
+  o.nms = false;
+  o.labels_per_slot = 10;
+  CHECK(post_process_detections(logits, boxes, 2, 4, 100, 100, labels, o).size() == 6);
+  o.labels_per_slot = 1;
+  auto one = post_process_detections(logits, boxes, 2, 4, 100, 100, labels, o);
+  REQUIRE(one.size() == 2);
+  CHECK((one[0].name == "a" && one[1].name == "c"));
+}
+
+TEST_CASE("a detector folder's post_process: read, used by default, errors name the file") {
+  for (const char* dir : kDetectors) {
+    INFO(dir);
+    const fs::path copy = scratch("post") / "model";
+    fs::copy(fixture(dir), copy, fs::copy_options::recursive);
+    json cfg = json::parse(slurp(copy / "config.json"));
+    {
+      auto plain = load_model(copy.string());
+      const PostProcessOptions o = model_post_process(*plain);
+      CHECK(o.labels_per_slot == 1);
+      CHECK(!o.nms);
+    }
+    cfg["post_process"] = {{"labels_per_query", 2}, {"nms_iou", 0.6}};
+    std::ofstream(copy / "config.json") << cfg.dump(2);
+    {
+      auto m = load_model(copy.string());
+      const PostProcessOptions o = model_post_process(*m);
+      CHECK(o.labels_per_slot == 2);
+      CHECK(o.nms);
+      CHECK(o.nms_iou == Approx(0.6f));
+    }
+    const std::pair<json, const char*> bad[] = {
+        {{{"labels_per_query", 0}}, "\"labels_per_query\" must be 1 to"},
+        {{{"labels_per_query", 1000}}, "\"labels_per_query\" must be 1 to"},
+        {{{"nms_iou", 1.5}}, "\"nms_iou\" must be in [0, 1]"},
+        {{{"nms_iou", "high"}}, "\"nms_iou\" must be a number"},
+        {{{"nms", true}}, "unknown field \"nms\""},
+        {json(3), "\"post_process\" must be an object"}};
+    for (const auto& [value, message] : bad) {
+      INFO(value.dump());
+      cfg["post_process"] = value;
+      std::ofstream(copy / "config.json") << cfg.dump(2);
+      try {
+        load_model(copy.string());
+        FAIL("loaded");
+      } catch (const Error& e) {
+        const std::string what = e.what();
+        CHECK(what.find(message) != std::string::npos);
+        CHECK(what.find("config.json") != std::string::npos);
+      }
+    }
+  }
+}
+
+TEST_CASE("tessera detect follows the folder's post_process unless told otherwise") {
+  // The DETR fixture with post_process asking 3 labels per query and NMS: detect's JSON holds
+  // exactly what post_process gives with those options; --labels-per-query and --no-nms override.
+  const fs::path copy = scratch("post_cli") / "model";
+  fs::copy(fixture(kDetectors[1]), copy, fs::copy_options::recursive);
+  json cfg = json::parse(slurp(copy / "config.json"));
+  cfg["post_process"] = {{"labels_per_query", 3}, {"nms_iou", 0.3}};
+  std::ofstream(copy / "config.json") << cfg.dump(2);
+  const fs::path image = fixture(std::string(kDetectors[0]) + "/cases/e2e/images/0_chelsea.png");
+  auto model = load_model(copy.string());
+  ModelWorkspace ws;
+  auto raw = run_detector(*model, model_preprocessor(*model), {load_image_rgb(image.string())}, ws);
+  auto count = [&](const std::string& flags, PostProcessOptions o) {
+    const fs::path js = scratch("post_cli_out") / "r.json";
+    Run r = run_cli("detect --model " + copy.string() + " --threshold 0 " + flags + " --json " + js.string() + " " +
+                    image.string());
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    o.threshold = 0.0f;
+    CHECK(json::parse(slurp(js)).size() == post_process(raw[0], model->labels, o).size());
+    return json::parse(slurp(js)).size();
+  };
+  PostProcessOptions o = model_post_process(*model);
+  const size_t folder = count("", o);
+  PostProcessOptions plain;
+  const size_t hf = count("--labels-per-query 1 --no-nms", plain);
+  PostProcessOptions three = o;
+  three.nms = false;
+  const size_t no_nms = count("--no-nms", three);
+  CHECK(no_nms == 3 * hf);  // threshold 0: every label of every slot
+  CHECK(folder < no_nms);   // NMS at 0.3 drops some of the random model's overlapping boxes
+}
+
 TEST_CASE("run_detector: an image's result does not depend on the other images in the batch") {
   auto model = load_model(fixture(kDetectors[0]).string());
   Preprocessor pre = Preprocessor::from_file(

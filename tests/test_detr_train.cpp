@@ -162,6 +162,47 @@ TEST_CASE("windows cut from an image and merged back give the image's own patch 
   CHECK(worst <= 1e-5);
 }
 
+TEST_CASE("merge_windows centre: each window's rows weighted by how central their patch lies", "[detr_train]") {
+  // Every row of window w holds the value w (its index), so a merged cell is the weighted mean of
+  // the indices of the windows over it: computed here straight from the window origins, a weight
+  // (min(i, g-1-i) + 1) along each axis per patch position i of the g in a window.
+  const int64_t B = 2, H = 64, W = 40, win = 24, stride = 16, p = 4, g = win / p, d = 3, first = 1;
+  const std::vector<int64_t> ys = window_anchors(H, win, stride), xs = window_anchors(W, win, stride);
+  const int64_t n = static_cast<int64_t>(ys.size() * xs.size()), tokens = first + g * g;
+  std::vector<float> rows(static_cast<size_t>(B * n * tokens * d));
+  for (int64_t i = 0; i < B * n; ++i)
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t k = 0; k < d; ++k) rows[static_cast<size_t>((i * tokens + t) * d + k)] = static_cast<float>(i % n + 10 * k);
+  std::vector<float> mean(static_cast<size_t>(B * (H / p) * (W / p) * d)), centre(mean.size());
+  merge_windows(rows.data(), B, H, W, win, stride, p, tokens, first, d, mean.data());
+  merge_windows(rows.data(), B, H, W, win, stride, p, tokens, first, d, centre.data(), true);
+  double worst_mean = 0, worst_centre = 0;
+  int differ = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t y = 0; y < H / p; ++y)
+      for (int64_t x = 0; x < W / p; ++x) {
+        double sw = 0, swv = 0, count = 0, sum = 0;
+        for (size_t wy = 0; wy < ys.size(); ++wy)
+          for (size_t wx = 0; wx < xs.size(); ++wx) {
+            const int64_t iy = y - ys[wy] / p, ix = x - xs[wx] / p;
+            if (iy < 0 || iy >= g || ix < 0 || ix >= g) continue;
+            const double wgt = static_cast<double>((std::min(iy, g - 1 - iy) + 1) * (std::min(ix, g - 1 - ix) + 1));
+            const double v = static_cast<double>(wy * xs.size() + wx);
+            sw += wgt, swv += wgt * v, count += 1, sum += v;
+          }
+        REQUIRE(count > 0);
+        for (int64_t k = 0; k < d; ++k) {
+          const size_t at = static_cast<size_t>(((b * (H / p) + y) * (W / p) + x) * d + k);
+          worst_mean = std::max(worst_mean, std::abs(mean[at] - (sum / count + 10 * k)));
+          worst_centre = std::max(worst_centre, std::abs(centre[at] - (swv / sw + 10 * k)));
+          differ += std::abs(centre[at] - mean[at]) > 1e-3;
+        }
+      }
+  CHECK(worst_mean <= 1e-5);
+  CHECK(worst_centre <= 1e-5);
+  CHECK(differ > 100);  // the weighting matters where windows overlap
+}
+
 TEST_CASE("a windowed DETR encoder trains frozen only", "[detr_train]") {
   const Case& c = kCases[3];
   VitTrainModel model = load_detr_train_model(fixtures(c.model));

@@ -314,7 +314,7 @@ CocoEvalResult evaluate_detector(const Model& model, const CocoDataset& coco, co
   }
   const Preprocessor pre = model_preprocessor(model);
   ModelWorkspace ws;
-  PostProcessOptions o;
+  PostProcessOptions o = model_post_process(model);  // the folder's labels per query and NMS
   o.threshold = 0.0f;
   o.top_k = 100;
   std::vector<CocoObject> dets;

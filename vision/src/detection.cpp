@@ -48,7 +48,7 @@ Tensor windowed_encoder_forward(const Model& m, const Tensor& pixel_values, Mode
   const Tensor rows = vit_forward(m.encoder, cut_windows(pixel_values, head.window, head.window_stride), ws.vit);
   Tensor merged({B, (H / c.patch_size) * (W / c.patch_size), rows.dim(2)});
   merge_windows(rows.data(), B, H, W, head.window, head.window_stride, c.patch_size, rows.dim(1), c.num_prefix_tokens(),
-                rows.dim(2), merged.data());
+                rows.dim(2), merged.data(), head.window_centre);
   return merged;
 }
 
@@ -163,23 +163,29 @@ std::vector<Detection> post_process_detections(const float* logits, const float*
     const float mx = *std::max_element(row, row + n);
     double sum = 0;
     for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(row[i]) - mx);
-    int64_t best = 0;
-    for (int64_t i = 1; i < n - 1; ++i)
-      if (row[i] > row[best]) best = i;
-    const float score = static_cast<float>(std::exp(static_cast<double>(row[best]) - mx) / sum);
-    if (!(score > o.threshold)) continue;
-    if (!o.classes.empty() && std::find(o.classes.begin(), o.classes.end(), best) == o.classes.end())
-      continue;
+    std::vector<int64_t> order(static_cast<size_t>(n - 1));
+    for (int64_t i = 0; i < n - 1; ++i) order[static_cast<size_t>(i)] = i;
+    const int64_t k = std::clamp<int64_t>(o.labels_per_slot, 1, n - 1);
+    // first by logit, ties to the lower id (argmax's first maximum)
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int64_t a, int64_t b) { return row[a] != row[b] ? row[a] > row[b] : a < b; });
     const float* b = boxes + s * 4;
-    Detection d;
-    d.label = best;
-    d.name = best < static_cast<int64_t>(labels.size()) ? labels[best] : std::to_string(best);
-    d.score = score;
-    // center_to_corners_format, then * (w, h, w, h) of the target size
-    d.x0 = (b[0] - 0.5f * b[2]) * fw, d.y0 = (b[1] - 0.5f * b[3]) * fh;
-    d.x1 = (b[0] + 0.5f * b[2]) * fw, d.y1 = (b[1] + 0.5f * b[3]) * fh;
-    d.slot = s;
-    out.push_back(std::move(d));
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t best = order[static_cast<size_t>(j)];
+      const float score = static_cast<float>(std::exp(static_cast<double>(row[best]) - mx) / sum);
+      if (!(score > o.threshold)) continue;
+      if (!o.classes.empty() && std::find(o.classes.begin(), o.classes.end(), best) == o.classes.end())
+        continue;
+      Detection d;
+      d.label = best;
+      d.name = best < static_cast<int64_t>(labels.size()) ? labels[best] : std::to_string(best);
+      d.score = score;
+      // center_to_corners_format, then * (w, h, w, h) of the target size
+      d.x0 = (b[0] - 0.5f * b[2]) * fw, d.y0 = (b[1] - 0.5f * b[3]) * fh;
+      d.x1 = (b[0] + 0.5f * b[2]) * fw, d.y1 = (b[1] + 0.5f * b[3]) * fh;
+      d.slot = s;
+      out.push_back(std::move(d));
+    }
   }
   auto by_score = [](const Detection& a, const Detection& b) {
     return a.score != b.score ? a.score > b.score : a.slot < b.slot;
@@ -210,6 +216,34 @@ std::vector<Detection> post_process(const RawDetections& raw, const std::vector<
   return post_process_detections(raw.logits.data(), raw.boxes.data(), raw.logits.dim(0),
                                  raw.logits.dim(1), raw.width, raw.height, labels, options);
 }
+
+PostProcessOptions model_post_process(const Model& model) {
+  require_detector(model);
+  PostProcessOptions o;
+  o.labels_per_slot = model.detection->post.labels_per_query;
+  o.nms = model.detection->post.nms_iou > 0;
+  if (o.nms) o.nms_iou = model.detection->post.nms_iou;
+  return o;
+}
+
+namespace detail {
+
+void read_post_process(const Config& cfg, DetectionHead& head) {
+  if (!cfg.has("post_process")) return;
+  const Config p = cfg.sub("post_process");
+  for (const auto& [key, value] : p.j.items())
+    check(key == "labels_per_query" || key == "nms_iou",
+          p.file + ": unknown field \"" + brief_text(key) + "\" (labels_per_query, nms_iou)");
+  head.post.labels_per_query = p.integer("labels_per_query", 1);
+  check(head.post.labels_per_query >= 1 && head.post.labels_per_query <= head.num_labels,
+        p.file + ": \"labels_per_query\" must be 1 to " + std::to_string(head.num_labels) + " (the classes), got " +
+            std::to_string(head.post.labels_per_query));
+  const double t = p.number("nms_iou", 0.0);
+  check(t >= 0 && t <= 1, p.file + ": \"nms_iou\" must be in [0, 1] (0: no NMS), got " + brief(p.j["nms_iou"]));
+  head.post.nms_iou = static_cast<float>(t);
+}
+
+}  // namespace detail
 
 void require_detector(const Model& model) {
   if (!model.detection)

@@ -67,14 +67,15 @@ Tensor cut_windows(const Tensor& px, int64_t window, int64_t stride) {
 }
 
 void merge_windows(const float* rows, int64_t B, int64_t H, int64_t W, int64_t window, int64_t stride, int64_t patch,
-                   int64_t tokens, int64_t first, int64_t d, float* out) {
+                   int64_t tokens, int64_t first, int64_t d, float* out, bool centre) {
   check(patch > 0 && window % patch == 0 && stride % patch == 0 && H % patch == 0 && W % patch == 0,
         "merge_windows: window, stride and image size must be multiples of the patch");
   const std::vector<int64_t> ys = window_anchors(H, window, stride), xs = window_anchors(W, window, stride);
   const int64_t n = static_cast<int64_t>(ys.size() * xs.size()), g = window / patch;
   const int64_t gh = H / patch, gw = W / patch;
   check(tokens >= first + g * g, "merge_windows: a window has fewer rows than its patches");
-  std::vector<float> count(static_cast<size_t>(gh * gw), 0.0f);
+  std::vector<float> count(static_cast<size_t>(gh * gw), 0.0f), tent(static_cast<size_t>(g));
+  for (int64_t i = 0; i < g; ++i) tent[static_cast<size_t>(i)] = centre ? static_cast<float>(std::min(i, g - 1 - i) + 1) : 1.0f;
   std::fill_n(out, B * gh * gw * d, 0.0f);
   for (int64_t b = 0; b < B; ++b)
     for (size_t wy = 0; wy < ys.size(); ++wy)
@@ -85,8 +86,9 @@ void merge_windows(const float* rows, int64_t B, int64_t H, int64_t W, int64_t w
           for (int64_t x = 0; x < g; ++x) {
             float* dst = out + ((b * gh + py + y) * gw + px + x) * d;
             const float* r = src + (y * g + x) * d;
-            for (int64_t k = 0; k < d; ++k) dst[k] += r[k];
-            if (b == 0) count[static_cast<size_t>((py + y) * gw + px + x)] += 1.0f;
+            const float wgt = tent[static_cast<size_t>(y)] * tent[static_cast<size_t>(x)];
+            for (int64_t k = 0; k < d; ++k) dst[k] += wgt * r[k];
+            if (b == 0) count[static_cast<size_t>((py + y) * gw + px + x)] += wgt;
           }
       }
   for (int64_t b = 0; b < B; ++b)
@@ -164,6 +166,10 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
     const Config win = cfg.sub("encoder_window");
     h.window = win.positive("size");
     h.window_stride = win.positive("stride");
+    const std::string merge = win.string("merge", "mean");
+    check(merge == "mean" || merge == "centre",
+          win.file + ": merge \"" + brief_text(merge) + "\" is not one of mean, centre");
+    h.window_centre = merge == "centre";
     const int64_t p = m.encoder.config.patch_size;
     check(h.window_stride <= h.window && h.window % p == 0 && h.window_stride % p == 0,
           win.file + ": encoder_window size " + std::to_string(h.window) + " and stride " +
@@ -188,6 +194,7 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
       pack(ck, "class_labels_classifier.weight", "class_labels_classifier.bias", h.num_labels + 1, D, true, edge));
   h.box_head = load_mlp_head(ck, "bbox_predictor.", 3, D, D, 4, type);
   m.labels = labels_from(cfg.j, h.num_labels, cfg.file);
+  read_post_process(cfg, *head);
   m.detection = std::move(head);
 }
 

@@ -177,6 +177,7 @@ nlohmann::ordered_json detr_config(const VitTrainModel& m, const std::vector<std
           {"label2id", label2id},
           {"torch_dtype", "float32"}};
   if (h.window > 0) cfg["encoder_window"] = {{"size", h.window}, {"stride", h.window_stride}};
+  if (h.window > 0 && h.window_centre) cfg["encoder_window"]["merge"] = "centre";
   return cfg;
 }
 
@@ -235,6 +236,9 @@ VitTrainModel load_detr_train_model(const std::string& dir_string) {
   if (cfg.has("encoder_window")) {
     const Config win = cfg.sub("encoder_window");
     h.window = win.positive("size"), h.window_stride = win.positive("stride");
+    const std::string merge = win.string("merge", "mean");
+    check(merge == "mean" || merge == "centre", win.file + ": merge \"" + merge + "\" is not one of mean, centre");
+    h.window_centre = merge == "centre";
   }
   check_head(h, config_file);
   check(h.window == 0 || (m.config.image_height == h.window && m.config.image_width == h.window &&
@@ -313,6 +317,7 @@ VitTrainModel detr_from_vit(const VitTrainModel& vit, const DetrHeadConfig& head
   // DINOv2 backbone keeps its table and image_size and interpolates at every size, as upstream.
   if (!dinov2) m.config.image_height = m.config.image_width = head.window > 0 ? head.window : height;
   m.detr.window = head.window, m.detr.window_stride = head.window_stride;
+  m.detr.window_centre = head.window > 0 && head.window_centre;
   m.detr.d_model = head.d_model, m.detr.queries = head.queries, m.detr.layers = head.layers;
   m.detr.heads = head.heads, m.detr.ffn = head.ffn, m.detr.auxiliary_loss = head.auxiliary_loss;
   check_head(m.detr, "a DETR head");
@@ -541,7 +546,7 @@ void detr_encode_features(const VitTrainModel& model, const Tensor& pixel_values
   layer_norm_forward(rows.data(), R, denc, ev.norm_w, ev.norm_b, c.layer_norm_eps, normed.data(), mean.data(),
                      rstd.data());
   merge_windows(normed.data(), pixel_values.dim(0), pixel_values.dim(2), pixel_values.dim(3), win,
-                model.detr.window_stride, c.patch_size, N, 0, denc, features);
+                model.detr.window_stride, c.patch_size, N, 0, denc, features, model.detr.window_centre);
 }
 
 void detr_train_forward_features(const VitTrainModel& model, const float* features, int64_t batch, int64_t grid_h,

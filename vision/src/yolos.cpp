@@ -57,6 +57,7 @@ void load_yolos(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   head->class_head = load_mlp_head(ck, "class_labels_classifier.", 3, d, d, head->num_labels + 1, type);
   head->box_head = load_mlp_head(ck, "bbox_predictor.", 3, d, d, 4, type);
   m.labels = labels_from(cfg.j, head->num_labels, cfg.file);
+  read_post_process(cfg, *head);
   m.detection = std::move(head);
 }
 

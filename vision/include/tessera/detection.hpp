@@ -41,6 +41,14 @@ enum class DetectionKind {
 };
 
 // Everything after the encoder: weights are data, detection_forward is the function.
+// A detector folder's own post-processing (config.json "post_process", Tessera's field:
+// {"labels_per_query": k, "nms_iou": t}): what detect, view and eval use unless told otherwise.
+// The defaults are Hugging Face's post_process_object_detection (one label per query, no NMS).
+struct DetectionPostProcess {
+  int64_t labels_per_query = 1;
+  float nms_iou = 0.0f;  // > 0: class-wise non-maximum suppression above this IoU
+};
+
 struct DetectionHead {
   uint64_t id = new_weights_id();  // which head a DetectionWorkspace is sized for (vit.hpp)
   DetectionKind kind = DetectionKind::Yolos;
@@ -66,6 +74,8 @@ struct DetectionHead {
   // and, since those rows know only their place in their window, the memory's values get the sine
   // code as its keys do. 0 = the whole image in one pass (DETR's memory values without it).
   int64_t window = 0, window_stride = 0;
+  bool window_centre = false;  // encoder_window "merge": "centre" (merge_windows' weighted mean)
+  DetectionPostProcess post;  // config "post_process"
 };
 
 // DETR's DetrSinePositionEmbedding(d_model / 2, normalize=True, scale 2π) of an all-ones mask
@@ -85,8 +95,11 @@ Tensor cut_windows(const Tensor& pixel_values, int64_t window, int64_t stride);
 // Per-window patch rows back onto the image's patch grid: rows [B·n windows, T, d] (each window's
 // (window/patch)² patch rows start at row `first`) → out [B, (H/patch)·(W/patch), d], each grid cell
 // the mean of the rows of the windows that cover it. window, stride, H and W multiples of patch.
+// centre: a weighted mean instead, each row weighted by how central its patch lies in its window
+// (a tent, (min(i, g-1-i) + 1) along each axis of the window's g patches, the product of both),
+// so a patch is read mostly by the windows that see the most around it.
 void merge_windows(const float* rows, int64_t batch, int64_t height, int64_t width, int64_t window, int64_t stride,
-                   int64_t patch, int64_t tokens, int64_t first, int64_t d, float* out);
+                   int64_t patch, int64_t tokens, int64_t first, int64_t d, float* out, bool centre = false);
 
 // A windowed DETR model's encoder over pixel_values [B, C, H, W]: cut_windows, the encoder on
 // them, merge_windows → [B, (H/patch)·(W/patch), d] (no prefix rows). An Error naming the folder
@@ -120,7 +133,15 @@ struct PostProcessOptions {
   std::vector<int64_t> classes;      // empty = every class; else only these ids
   bool nms = false;                  // class-wise non-maximum suppression (off by default)
   float nms_iou = 0.5f;
+  // Each slot gives its k most probable real classes as k detections (k = 1: Hugging Face's
+  // post-processing). A slot unsure between two digits then offers both, each at its probability.
+  int64_t labels_per_slot = 1;
 };
+
+// The options a detector's folder asks for (DetectionHead::post): threshold 0.5, its labels per
+// query and NMS.
+struct Model;
+PostProcessOptions model_post_process(const Model& model);
 
 // Hugging Face post_process_object_detection for one image: softmax over num_labels + 1, score and
 // label = max/argmax over the real classes, keep score > threshold, boxes cx,cy,w,h → x0,y0,x1,y1

@@ -36,6 +36,7 @@ struct DetrHeadConfig {
   // > 0: the encoder reads window x window crops every window_stride pixels (DetrHeadShape::window);
   // detr_from_vit then keeps the encoder at the window's size.
   int64_t window = 0, window_stride = 0;
+  bool window_centre = false;  // merge the windows' rows by a centre-weighted mean (merge_windows)
 };
 
 // A new vit-detr model: the encoder of `encoder` as make_vit_train_model initialises it (seed),

@@ -55,6 +55,7 @@ struct DetrHeadShape {
   // encoder (config image size = window) reads windows every window_stride pixels, its normed rows
   // merged onto the input's grid, the memory's values with the sine code. Trains frozen only.
   int64_t window = 0, window_stride = 0;
+  bool window_centre = false;  // encoder_window "merge": "centre" (merge_windows' weighted mean)
 };
 
 struct VitTrainModel {
