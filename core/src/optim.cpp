@@ -61,12 +61,7 @@ void adamw_range(float* w, const float* g, float* m, float* v, int64_t i0, int64
 
 void adamw_step(std::span<float> w, std::span<const float> g, std::span<float> m,
                 std::span<float> v, int64_t step, const AdamWOptions& o) {
-  check(g.size() == w.size() && m.size() == w.size() && v.size() == w.size(),
-        "adamw_step: weights, gradients and moments differ in size");
-  check(step >= 1, "adamw_step: steps count from 1");
-  const AdamWConstants c(o, step);
-  const int64_t n = static_cast<int64_t>(w.size());
-  parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) { adamw_range(w.data(), g.data(), m.data(), v.data(), i0, i1, c); });
+  adamw_step(w, g, m, v, step, std::vector<AdamWSegment>{{0, static_cast<int64_t>(w.size()), o}});
 }
 
 void adamw_step(std::span<float> w, std::span<const float> g, std::span<float> m,

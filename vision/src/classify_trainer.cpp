@@ -330,11 +330,11 @@ void train_linear_probe(VitTrainModel& model, VitTrainState& state, const Classi
       AdamWOptions a;
       a.lr = lr, a.beta1 = o.step.beta1, a.beta2 = o.step.beta2, a.eps = o.step.eps;
       a.weight_decay = o.step.weight_decay;
-      adamw_step(weights.subspan(w_off, w_len), g.subspan(w_off, w_len), m.subspan(w_off, w_len),
-                 v.subspan(w_off, w_len), state.step, a);
-      a.weight_decay = 0.0f;  // biases take no decay
-      adamw_step(weights.subspan(b_off, b_len), g.subspan(b_off, b_len), m.subspan(b_off, b_len),
-                 v.subspan(b_off, b_len), state.step, a);
+      AdamWOptions bias = a;
+      bias.weight_decay = 0.0f;  // biases take no decay
+      adamw_step(weights, g, m, v, state.step,
+                 std::vector<AdamWSegment>{{static_cast<int64_t>(w_off), static_cast<int64_t>(w_len), a},
+                                           {static_cast<int64_t>(b_off), static_cast<int64_t>(b_len), bias}});
     } else {
       const bool mom = o.step.momentum != 0.0f;
       sgd_step(weights.subspan(w_off, w_len), g.subspan(w_off, w_len), mom ? m.subspan(w_off, w_len) : std::span<float>{},

@@ -850,9 +850,10 @@ SegmenterStepResult step_with(SegmenterTrainModel& model, SegmenterTrainState& s
     if (o.optimizer == Optimizer::AdamW) {
       AdamWOptions a;
       a.lr = o.lr, a.beta1 = o.beta1, a.beta2 = o.beta2, a.eps = o.eps, a.weight_decay = o.weight_decay;
-      adamw_step(w.first(nw), g.first(nw), m.first(nw), v.first(nw), s.step, a);
-      a.weight_decay = 0.0f;
-      adamw_step(w.subspan(nw), g.subspan(nw), m.subspan(nw), v.subspan(nw), s.step, a);
+      AdamWOptions bias = a;
+      bias.weight_decay = 0.0f;  // the biases take no decay
+      const int64_t n = static_cast<int64_t>(w.size()), k = static_cast<int64_t>(nw);
+      adamw_step(w, g, m, v, s.step, std::vector<AdamWSegment>{{0, k, a}, {k, n - k, bias}});
     } else {
       sgd_step(w.first(nw), g.first(nw), o.momentum != 0.0f ? m.first(nw) : std::span<float>{}, o.lr, o.momentum,
                o.weight_decay, s.step == 1);
