@@ -63,8 +63,10 @@ void add_info(CLI::App& app, Action& action) {
         const DetectionPostProcess& post = m->detection->post;
         std::printf("post-process: %lld label%s per query, %s\n", (long long)post.labels_per_query,
                     post.labels_per_query == 1 ? "" : "s",
-                    post.nms_iou > 0 ? ("class-wise NMS above IoU " + std::to_string(post.nms_iou).substr(0, 4)).c_str()
-                                     : "no NMS");
+                    post.soft_nms_sigma > 0 ? ("class-wise Gaussian soft-NMS, sigma " +
+                                               std::to_string(post.soft_nms_sigma).substr(0, 5)).c_str()
+                    : post.nms_iou > 0      ? ("class-wise NMS above IoU " + std::to_string(post.nms_iou).substr(0, 4)).c_str()
+                                            : "no NMS");
       }
       std::printf("GFLOPs/image: %.2f at %lldx%lld\n", model_flops(*m, in_h, in_w) / 1e9, (long long)in_h,
                   (long long)in_w);

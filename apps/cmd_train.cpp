@@ -148,8 +148,8 @@ int train_classify(const TrainArgs& a) {
   check(!(a.init.empty() == a.arch.empty()), "train: give exactly one of --init MODEL_DIR (fine-tune) and --arch PRESET (from scratch)");
   check(!a.crops, "train --task classify: --crops is for segmentation");
   check(a.box_loss == 0 && a.boxes.empty(), "train --task classify: --box-loss and --boxes are for segmentation");
-  check(a.labels_per_query == 0 && a.nms_iou < 0, "train --task classify: --labels-per-query and --nms-iou are a "
-                                                  "detector's post-processing");
+  check(a.labels_per_query == 0 && a.nms_iou < 0 && a.soft_nms_sigma < 0,
+        "train --task classify: --labels-per-query, --nms-iou and --soft-nms-sigma are a detector's post-processing");
   check(a.queries == 0 && a.decoder_layers == 0 && !a.no_aux_loss && a.decoder == "linear" && a.encoder_window == 0 &&
             a.encoder_window_stride == 0 && a.encoder_window_merge.empty(),
         "train --task classify: --queries, --decoder-layers, --no-aux-loss, --encoder-window and --decoder shape "
@@ -479,6 +479,11 @@ void add_train(CLI::App& app, Action& action) {
   cmd->add_option("--nms-iou", a.nms_iou,
                   "detect: the published model's post-processing applies class-wise NMS above this IoU (0: none)")
       ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--soft-nms-sigma", a.soft_nms_sigma,
+                  "detect: the published model's post-processing applies class-wise Gaussian soft-NMS with this "
+                  "sigma instead (0: none)")
+      ->check(CLI::Range(0.0, 100.0))
+      ->excludes("--nms-iou");
   cmd->add_flag("--no-augment", a.no_augment, "Every image through the model's processor and nothing else");
   cmd->add_flag("--hflip", a.hflip,
                 "Augmentation flips half the images horizontally (with their boxes or masks); off by default, "

@@ -47,9 +47,10 @@ struct TrainArgs {
   int64_t encoder_window = 0, encoder_window_stride = 0;
   std::string encoder_window_merge;  // "mean" (default) or "centre" (merge_windows)
   // detect: the published folder's post-processing (config.json "post_process", which validation
-  // uses too): labels per query (0: keep the model's) and the NMS IoU (< 0: keep; 0: no NMS).
+  // uses too): labels per query (0: keep the model's), the NMS IoU (< 0: keep; 0: no NMS) or the
+  // soft-NMS sigma (< 0: keep; 0: none).
   int64_t labels_per_query = 0;
-  double nms_iou = -1;
+  double nms_iou = -1, soft_nms_sigma = -1;
   // segment, a new Segmenter (--arch, or --init a ViT classifier): "linear" or "mask_transformer"
   // (Segmenter's: 2 blocks of width D, D/64 heads, MLP 4D; --decoder-layers changes the blocks).
   std::string decoder = "linear";

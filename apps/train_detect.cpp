@@ -200,7 +200,7 @@ int train_detect(const TrainArgs& a) {
       model.is_detr() ? detr_preprocessor_json(height, width) : yolos_preprocessor_json(height, width), a.init);
   const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
 
-  if (a.labels_per_query > 0 || a.nms_iou >= 0) {
+  if (a.labels_per_query > 0 || a.nms_iou >= 0 || a.soft_nms_sigma >= 0) {
     // The published folder's post-processing (what detect, view, eval and validation use).
     check(a.labels_per_query <= model.num_labels, "train --task detect: --labels-per-query " +
                                                       std::to_string(a.labels_per_query) + " is more than the " +
@@ -209,7 +209,8 @@ int train_detect(const TrainArgs& a) {
     nlohmann::ordered_json post = cfg.contains("post_process") && cfg["post_process"].is_object()
                                       ? cfg["post_process"] : nlohmann::ordered_json::object();
     if (a.labels_per_query > 0) post["labels_per_query"] = a.labels_per_query;
-    if (a.nms_iou >= 0) post["nms_iou"] = a.nms_iou;
+    if (a.nms_iou >= 0) post["nms_iou"] = a.nms_iou, post.erase("soft_nms_sigma");
+    if (a.soft_nms_sigma >= 0) post["soft_nms_sigma"] = a.soft_nms_sigma, post.erase("nms_iou");
     cfg["post_process"] = post;
     model.config_json = cfg.dump(2) + "\n";
   }

@@ -114,8 +114,8 @@ int train_segment(const TrainArgs& args) {
   check((args.decoder == "linear" && args.decoder_layers == 0) || args.init.empty() || init_vit,
         "train --task segment: --decoder and --decoder-layers shape a new Segmenter (--arch, or --init a ViT "
         "classifier); a Segmenter folder keeps its decoder");
-  check(args.labels_per_query == 0 && args.nms_iou < 0, "train --task segment: --labels-per-query and --nms-iou are "
-                                                        "a detector's post-processing");
+  check(args.labels_per_query == 0 && args.nms_iou < 0 && args.soft_nms_sigma < 0,
+        "train --task segment: --labels-per-query, --nms-iou and --soft-nms-sigma are a detector's post-processing");
   check(args.queries == 0 && !args.no_aux_loss && args.encoder_window == 0 && args.encoder_window_stride == 0 &&
             args.encoder_window_merge.empty(),
         "train --task segment: --queries, --no-aux-loss and --encoder-window are for a DETR head");

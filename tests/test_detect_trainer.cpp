@@ -528,6 +528,13 @@ TEST_CASE("tessera train --task detect trains a DETR head, new or on a ViT class
     const nlohmann::json cfg2 = nlohmann::json::parse(std::ifstream(again / "config.json"));
     CHECK(cfg2["encoder_window"] == cfg["encoder_window"]);
     CHECK(cfg2["post_process"] == cfg["post_process"]);
+    // --soft-nms-sigma replaces the folder's NMS IoU (one or the other), keeping its labels per query.
+    std::tie(code, log) = run(" --out " + (tmp.path / "soft").string() + " --init " + centre.string() +
+                              " --soft-nms-sigma 0.3 --freeze-encoder --no-augment --batch 2 --max-steps 1 --threads 1");
+    CHECK(code == 0);
+    CHECK(nlohmann::json::parse(std::ifstream(tmp.path / "soft" / "config.json"))["post_process"] ==
+          nlohmann::json({{"labels_per_query", 2}, {"soft_nms_sigma", 0.3}}));
+    CHECK(load_model((tmp.path / "soft").string())->detection->post.soft_nms_sigma == Approx(0.3f));
     // Post-processing flags belong to detection; the merge needs a window.
     std::tie(code, log) = run(" --out " + (tmp.path / "bad").string() + " --init " + seg_dir.string() +
                               " --image-size 96 --encoder-window-merge centre --freeze-encoder --batch 2 --max-steps 1");

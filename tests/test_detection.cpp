@@ -246,6 +246,37 @@ TEST_CASE("post-processing: several labels per query, each at its probability, t
   CHECK((one[0].name == "a" && one[1].name == "c"));
 }
 
+TEST_CASE("post-processing: Gaussian soft-NMS lowers the scores of a class's overlapping boxes", "[detection]") {
+  // Slots 0 and 1 say "a" on boxes of IoU 0.6 (100x100 image: [40,60]x[40,60] and [45,65]x[40,60],
+  // 300 px² shared of 500); slot 2 says "b" on slot 0's box, another class, so left alone.
+  const float logits[] = {3, 0, 0,  2, 0, 0,  0, 2.5f, 0};
+  const float boxes[] = {0.5f, 0.5f, 0.2f, 0.2f,  0.55f, 0.5f, 0.2f, 0.2f,  0.5f, 0.5f, 0.2f, 0.2f};
+  const std::vector<std::string> labels = {"a", "b"};
+  auto prob = [](float top) { return std::exp(static_cast<double>(top)) / (std::exp(static_cast<double>(top)) + 2.0); };
+  PostProcessOptions o;
+  o.threshold = 0.0f;
+  o.nms = true;
+  o.soft_nms_sigma = 0.5f;
+  auto soft = post_process_detections(logits, boxes, 3, 3, 100, 100, labels, o);
+  REQUIRE(soft.size() == 3);
+  CHECK((soft[0].slot == 0 && soft[0].score == Approx(prob(3)).epsilon(1e-5)));
+  CHECK((soft[1].slot == 2 && soft[1].score == Approx(prob(2.5f)).epsilon(1e-5)));
+  CHECK((soft[2].slot == 1 && soft[2].score == Approx(prob(2) * std::exp(-0.36 / 0.5)).epsilon(1e-4)));
+  // What falls to the threshold goes (0.787 * 0.487 = 0.383 < 0.4); hard NMS at 0.5 drops it outright.
+  o.threshold = 0.4f;
+  CHECK(post_process_detections(logits, boxes, 3, 3, 100, 100, labels, o).size() == 2);
+  o.threshold = 0.0f;
+  o.soft_nms_sigma = 0.0f;
+  o.nms_iou = 0.5f;
+  auto hard = post_process_detections(logits, boxes, 3, 3, 100, 100, labels, o);
+  REQUIRE(hard.size() == 2);
+  CHECK((hard[0].slot == 0 && hard[1].slot == 2));
+  // Without nms the sigma does nothing.
+  o.nms = false;
+  o.soft_nms_sigma = 0.5f;
+  CHECK(post_process_detections(logits, boxes, 3, 3, 100, 100, labels, o).size() == 3);
+}
+
 TEST_CASE("a detector folder's post_process: read, used by default, errors name the file") {
   for (const char* dir : kDetectors) {
     INFO(dir);
@@ -266,6 +297,15 @@ TEST_CASE("a detector folder's post_process: read, used by default, errors name 
       CHECK(o.labels_per_slot == 2);
       CHECK(o.nms);
       CHECK(o.nms_iou == Approx(0.6f));
+      CHECK(o.soft_nms_sigma == 0.0f);
+    }
+    cfg["post_process"] = {{"labels_per_query", 3}, {"soft_nms_sigma", 0.3}};
+    std::ofstream(copy / "config.json") << cfg.dump(2);
+    {
+      const PostProcessOptions o = model_post_process(*load_model(copy.string()));
+      CHECK(o.labels_per_slot == 3);
+      CHECK(o.nms);
+      CHECK(o.soft_nms_sigma == Approx(0.3f));
     }
     const std::pair<json, const char*> bad[] = {
         {{{"labels_per_query", 0}}, "\"labels_per_query\" must be 1 to"},
@@ -273,6 +313,8 @@ TEST_CASE("a detector folder's post_process: read, used by default, errors name 
         {{{"nms_iou", 1.5}}, "\"nms_iou\" must be in [0, 1]"},
         {{{"nms_iou", "high"}}, "\"nms_iou\" must be a number"},
         {{{"nms", true}}, "unknown field \"nms\""},
+        {{{"soft_nms_sigma", -1}}, "\"soft_nms_sigma\" must be in [0, 100]"},
+        {{{"soft_nms_sigma", 0.5}, {"nms_iou", 0.5}}, "not both"},
         {json(3), "\"post_process\" must be an object"}};
     for (const auto& [value, message] : bad) {
       INFO(value.dump());
@@ -321,6 +363,9 @@ TEST_CASE("tessera detect follows the folder's post_process unless told otherwis
   const size_t no_nms = count("--no-nms", three);
   CHECK(no_nms == 3 * hf);  // threshold 0: every label of every slot
   CHECK(folder < no_nms);   // NMS at 0.3 drops some of the random model's overlapping boxes
+  PostProcessOptions soft = o;
+  soft.soft_nms_sigma = 0.5f;
+  CHECK(count("--soft-nms 0.5", soft) == no_nms);  // soft-NMS lowers scores; at threshold 0 none go
 }
 
 TEST_CASE("run_detector: an image's result does not depend on the other images in the batch") {

@@ -190,7 +190,25 @@ std::vector<Detection> post_process_detections(const float* logits, const float*
   auto by_score = [](const Detection& a, const Detection& b) {
     return a.score != b.score ? a.score > b.score : a.slot < b.slot;
   };
-  if (o.nms) {
+  if (o.nms && o.soft_nms_sigma > 0) {
+    // Gaussian soft-NMS (Bodla et al., 2017), class-wise: the best remaining detection is kept and
+    // every other one of its class has its score multiplied by exp(-IoU^2 / sigma); those that
+    // fall to the threshold or below go; repeat. Kept in the order chosen (scores non-increasing).
+    std::vector<Detection> rest = std::move(out), kept;
+    while (!rest.empty()) {
+      const auto best = std::min_element(rest.begin(), rest.end(), by_score);
+      const Detection top = *best;
+      rest.erase(best);
+      for (Detection& d : rest)
+        if (d.label == top.label) {
+          const float v = iou(top, d);
+          d.score *= std::exp(-v * v / o.soft_nms_sigma);
+        }
+      std::erase_if(rest, [&](const Detection& d) { return !(d.score > o.threshold); });
+      kept.push_back(top);
+    }
+    out = std::move(kept);
+  } else if (o.nms) {
     std::stable_sort(out.begin(), out.end(), by_score);
     std::vector<Detection> kept;
     for (const Detection& d : out) {
@@ -220,9 +238,11 @@ std::vector<Detection> post_process(const RawDetections& raw, const std::vector<
 PostProcessOptions model_post_process(const Model& model) {
   require_detector(model);
   PostProcessOptions o;
-  o.labels_per_slot = model.detection->post.labels_per_query;
-  o.nms = model.detection->post.nms_iou > 0;
-  if (o.nms) o.nms_iou = model.detection->post.nms_iou;
+  const DetectionPostProcess& post = model.detection->post;
+  o.labels_per_slot = post.labels_per_query;
+  o.nms = post.nms_iou > 0 || post.soft_nms_sigma > 0;
+  if (post.nms_iou > 0) o.nms_iou = post.nms_iou;
+  o.soft_nms_sigma = post.soft_nms_sigma;
   return o;
 }
 
@@ -232,15 +252,21 @@ void read_post_process(const Config& cfg, DetectionHead& head) {
   if (!cfg.has("post_process")) return;
   const Config p = cfg.sub("post_process");
   for (const auto& [key, value] : p.j.items())
-    check(key == "labels_per_query" || key == "nms_iou",
-          p.file + ": unknown field \"" + brief_text(key) + "\" (labels_per_query, nms_iou)");
+    check(key == "labels_per_query" || key == "nms_iou" || key == "soft_nms_sigma",
+          p.file + ": unknown field \"" + brief_text(key) + "\" (labels_per_query, nms_iou, soft_nms_sigma)");
   head.post.labels_per_query = p.integer("labels_per_query", 1);
   check(head.post.labels_per_query >= 1 && head.post.labels_per_query <= head.num_labels,
         p.file + ": \"labels_per_query\" must be 1 to " + std::to_string(head.num_labels) + " (the classes), got " +
             std::to_string(head.post.labels_per_query));
   const double t = p.number("nms_iou", 0.0);
-  check(t >= 0 && t <= 1, p.file + ": \"nms_iou\" must be in [0, 1] (0: no NMS), got " + brief(p.j["nms_iou"]));
+  // (the messages read the value only when it is there and wrong: a const json has no missing key)
+  if (!(t >= 0 && t <= 1)) fail(p.file + ": \"nms_iou\" must be in [0, 1] (0: no NMS), got " + brief(p.j.at("nms_iou")));
   head.post.nms_iou = static_cast<float>(t);
+  const double sigma = p.number("soft_nms_sigma", 0.0);
+  if (!(sigma >= 0 && sigma <= 100))
+    fail(p.file + ": \"soft_nms_sigma\" must be in [0, 100] (0: no soft-NMS), got " + brief(p.j.at("soft_nms_sigma")));
+  check(sigma == 0 || t == 0, p.file + ": give \"nms_iou\" (NMS) or \"soft_nms_sigma\" (soft-NMS), not both");
+  head.post.soft_nms_sigma = static_cast<float>(sigma);
 }
 
 }  // namespace detail

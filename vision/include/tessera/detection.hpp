@@ -42,11 +42,13 @@ enum class DetectionKind {
 
 // Everything after the encoder: weights are data, detection_forward is the function.
 // A detector folder's own post-processing (config.json "post_process", Tessera's field:
-// {"labels_per_query": k, "nms_iou": t}): what detect, view and eval use unless told otherwise.
+// {"labels_per_query": k, "nms_iou": t} or {..., "soft_nms_sigma": s}): what detect, view and eval
+// use unless told otherwise.
 // The defaults are Hugging Face's post_process_object_detection (one label per query, no NMS).
 struct DetectionPostProcess {
   int64_t labels_per_query = 1;
   float nms_iou = 0.0f;  // > 0: class-wise non-maximum suppression above this IoU
+  float soft_nms_sigma = 0.0f;  // > 0: class-wise Gaussian soft-NMS instead (PostProcessOptions)
 };
 
 struct DetectionHead {
@@ -133,6 +135,10 @@ struct PostProcessOptions {
   std::vector<int64_t> classes;      // empty = every class; else only these ids
   bool nms = false;                  // class-wise non-maximum suppression (off by default)
   float nms_iou = 0.5f;
+  // With nms, > 0: Gaussian soft-NMS instead of removal (Bodla et al., 2017): class by class, the
+  // best detection is kept and the others' scores multiplied by exp(-IoU^2 / sigma), repeatedly;
+  // those that fall to the threshold or below go. nms_iou is then unused.
+  float soft_nms_sigma = 0.0f;
   // Each slot gives its k most probable real classes as k detections (k = 1: Hugging Face's
   // post-processing). A slot unsure between two digits then offers both, each at its probability.
   int64_t labels_per_slot = 1;
