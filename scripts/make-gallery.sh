@@ -2,7 +2,7 @@
 # Remakes docs/gallery/: pictures the tools draw, each written by the tool itself.
 #  - the bundled digit classifier's training curves and attention rollouts on test cells;
 #  - the bundled digit segmenter's overlays and colour maps on two test scenes;
-#  - the bundled digit detector's boxes (`detect --nms`) on the scenes 2 and 4 (the larger ones); it is a
+#  - the bundled digit detector's boxes (`detect`, its folder's NMS) on the scenes 2 and 4 (the larger ones); it is a
 #    candidate below issue 15's bar, and docs/gallery/README.md captions it so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ cp assets/models/digits/curves.png "$g/digits_curves.png"
 for d in 3 5 8; do
   "$tessera" classify --top-k 1 --attention "$g/digits_attention_$d.png" "assets/images/cells/digit_${d}_0.png" > /dev/null 2>&1
 done
-"$tessera" detect --nms --out "$work/detect" assets/images/scenes/scene_000002.png \
+"$tessera" detect --out "$work/detect" assets/images/scenes/scene_000002.png \
   assets/images/scenes/scene_000004.png > /dev/null 2>&1
 for n in 2 4; do cp "$work/detect/scene_00000${n}.png" "$g/digits_detect_${n}.png"; done
 rm -f "$g/random_yolos_detect.png"

@@ -28,10 +28,10 @@ echo "label maps, colour maps and overlays (the legend beside each scene): out/q
 echo "  e.g. out/quickstart/segment/scene_000000_overlay.jpg"
 
 echo
-echo "== tessera detect --nms assets/images/scenes/ (the bundled digit detector: a candidate, below"
+echo "== tessera detect assets/images/scenes/ (the bundled digit detector: a candidate, below"
 echo "   issue 15's bar; assets/models/digits-detector/README.md has its numbers)"
 rm -rf out/quickstart/detect
-# --nms: this candidate puts two boxes on a few digits; class-wise NMS keeps the best.
-"$tessera" detect --nms --out out/quickstart/detect --json out/quickstart/detect/detections.json assets/images/scenes/
+# Its folder asks for class-wise NMS (config.json post_process): it puts two boxes on a few digits.
+"$tessera" detect --out out/quickstart/detect --json out/quickstart/detect/detections.json assets/images/scenes/
 echo "annotated scenes and their COCO results: out/quickstart/detect/ (detections.json)"
 echo "  e.g. out/quickstart/detect/scene_000004.png; the viewer: ./build/apps/tessera view assets/images/scenes/"
