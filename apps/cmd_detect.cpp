@@ -109,15 +109,21 @@ void add_detect(CLI::App& app, Action& action) {
   static float nms_iou = -1, soft_nms = 0;
   static int64_t labels_per_query = 0;
   auto* nms_flag = cmd->add_flag("--nms", nms,
-                                 "Class-wise non-maximum suppression (default: the model's config.json post_process)");
-  cmd->add_flag("--no-nms", no_nms, "No non-maximum suppression, whatever the model's config says")->excludes(nms_flag);
-  cmd->add_option("--nms-iou", nms_iou, "IoU above which NMS suppresses (default: the model's, else 0.5)")
-      ->check(CLI::Range(0.0, 1.0));
+                                 "Class-wise (hard) non-maximum suppression above --nms-iou (default: the model's "
+                                 "config.json post_process)");
+  auto* no_nms_flag =
+      cmd->add_flag("--no-nms", no_nms, "No non-maximum suppression, whatever the model's config says")->excludes(nms_flag);
+  cmd->add_option("--nms-iou", nms_iou,
+                  "Hard NMS above this IoU (turns it on; 0: no NMS, as in config.json; default: the model's, else 0.5)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->excludes(no_nms_flag);
   cmd->add_option("--soft-nms", soft_nms,
                   "Gaussian soft-NMS with this sigma instead: overlapping boxes of a class lose score, "
                   "score * exp(-IoU^2 / sigma), rather than go")
       ->check(CLI::Range(0.001, 100.0))
-      ->excludes("--no-nms");
+      ->excludes(no_nms_flag)
+      ->excludes(nms_flag)
+      ->excludes("--nms-iou");
   cmd->add_option("--labels-per-query", labels_per_query,
                   "Each query's k most probable classes as k detections (default: the model's config.json "
                   "post_process, else 1)")
@@ -142,9 +148,9 @@ void add_detect(CLI::App& app, Action& action) {
       PostProcessOptions o = model_post_process(*model);
       o.threshold = opt.threshold, o.top_k = opt.top_k;
       if (nms || nms_iou >= 0) o.nms = true, o.soft_nms_sigma = 0;  // hard NMS asked for
-      if (nms_iou >= 0) o.nms_iou = nms_iou;
+      if (nms_iou > 0) o.nms_iou = nms_iou;
+      if (nms_iou == 0 || no_nms) o.nms = false;  // --nms-iou 0: none, as "nms_iou": 0 in config.json
       if (soft_nms > 0) o.nms = true, o.soft_nms_sigma = soft_nms;
-      if (no_nms) o.nms = false;
       if (labels_per_query > 0) o.labels_per_slot = labels_per_query;
       o.classes.clear();
       for (const std::string& c : classes) {

@@ -209,10 +209,24 @@ int train_detect(const TrainArgs& a) {
     nlohmann::ordered_json post = cfg.contains("post_process") && cfg["post_process"].is_object()
                                       ? cfg["post_process"] : nlohmann::ordered_json::object();
     if (a.labels_per_query > 0) post["labels_per_query"] = a.labels_per_query;
-    if (a.nms_iou >= 0) post["nms_iou"] = a.nms_iou, post.erase("soft_nms_sigma");
-    if (a.soft_nms_sigma >= 0) post["soft_nms_sigma"] = a.soft_nms_sigma, post.erase("nms_iou");
+    // One suppression: a positive IoU replaces a soft-NMS sigma, a positive sigma an IoU.
+    if (a.nms_iou >= 0) post["nms_iou"] = a.nms_iou;
+    if (a.nms_iou > 0) post.erase("soft_nms_sigma");
+    if (a.soft_nms_sigma >= 0) post["soft_nms_sigma"] = a.soft_nms_sigma;
+    if (a.soft_nms_sigma > 0) post.erase("nms_iou");
     cfg["post_process"] = post;
     model.config_json = cfg.dump(2) + "\n";
+  }
+  {
+    // A kept post_process (--init's) must still fit the labels the run trains (checked now, not
+    // when the finished folder is loaded).
+    const nlohmann::json cfg = nlohmann::json::parse(model.config_json);
+    if (cfg.contains("post_process") && cfg["post_process"].is_object() &&
+        cfg["post_process"].contains("labels_per_query") && cfg["post_process"]["labels_per_query"].is_number_integer())
+      check(cfg["post_process"]["labels_per_query"].get<int64_t>() <= model.num_labels,
+            a.init + "/config.json: post_process labels_per_query " +
+                std::to_string(cfg["post_process"]["labels_per_query"].get<int64_t>()) + " is more than the " +
+                std::to_string(model.num_labels) + " classes of " + a.data + "; give --labels-per-query");
   }
 
   DetectorTrainOptions o;

@@ -31,7 +31,8 @@ echo
 echo "== tessera detect assets/images/scenes/ (the bundled digit detector: a candidate, below"
 echo "   issue 15's bar; assets/models/digits-detector/README.md has its numbers)"
 rm -rf out/quickstart/detect
-# Its folder asks for class-wise NMS (config.json post_process): it puts two boxes on a few digits.
+# Its folder asks for its own post-processing (config.json post_process: 3 labels per query,
+# soft-NMS), so a second box on a digit is kept only at a lowered score.
 "$tessera" detect --out out/quickstart/detect --json out/quickstart/detect/detections.json assets/images/scenes/
 echo "annotated scenes and their COCO results: out/quickstart/detect/ (detections.json)"
 echo "  e.g. out/quickstart/detect/scene_000004.png; the viewer: ./build/apps/tessera view assets/images/scenes/"

@@ -244,6 +244,13 @@ TEST_CASE("post-processing: several labels per query, each at its probability, t
   auto one = post_process_detections(logits, boxes, 2, 4, 100, 100, labels, o);
   REQUIRE(one.size() == 2);
   CHECK((one[0].name == "a" && one[1].name == "c"));
+  // A label map's "N/A" gaps (COCO's) are no one's second guess; with one label per slot,
+  // Hugging Face's argmax over every class stands.
+  const std::vector<std::string> gaps = {"a", "N/A", "c"};
+  o.labels_per_slot = 3;
+  auto without = post_process_detections(logits, boxes, 2, 4, 100, 100, gaps, o);
+  REQUIRE(without.size() == 4);
+  for (const Detection& d : without) CHECK(d.name != "N/A");
 }
 
 TEST_CASE("post-processing: Gaussian soft-NMS lowers the scores of a class's overlapping boxes", "[detection]") {
@@ -351,8 +358,16 @@ TEST_CASE("tessera detect follows the folder's post_process unless told otherwis
     INFO(r.err);
     REQUIRE(r.code == 0);
     o.threshold = 0.0f;
-    CHECK(json::parse(slurp(js)).size() == post_process(raw[0], model->labels, o).size());
-    return json::parse(slurp(js)).size();
+    // the same detections as the library's, in its order: labels, scores (soft-NMS lowers them) and boxes
+    const json got = json::parse(slurp(js));
+    const std::vector<Detection> want = post_process(raw[0], model->labels, o);
+    REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      CHECK(got[i]["category_id"].get<int64_t>() == want[i].label);
+      CHECK(got[i]["score"].get<double>() == Approx(want[i].score).epsilon(1e-5));
+      CHECK(got[i]["bbox"][0].get<double>() == Approx(want[i].x0).margin(1e-3));
+    }
+    return got.size();
   };
   PostProcessOptions o = model_post_process(*model);
   const size_t folder = count("", o);
@@ -366,6 +381,18 @@ TEST_CASE("tessera detect follows the folder's post_process unless told otherwis
   PostProcessOptions soft = o;
   soft.soft_nms_sigma = 0.5f;
   CHECK(count("--soft-nms 0.5", soft) == no_nms);  // soft-NMS lowers scores; at threshold 0 none go
+  CHECK(count("--nms-iou 0", three) == no_nms);     // 0: no NMS, as "nms_iou": 0 in config.json
+  PostProcessOptions wider = o;
+  wider.nms_iou = 0.8f;
+  count("--nms-iou 0.8", wider);
+  // One suppression at a time.
+  for (const char* both : {"--soft-nms 0.5 --nms-iou 0.5", "--soft-nms 0.5 --nms", "--no-nms --nms-iou 0.5",
+                           "--no-nms --soft-nms 0.5"}) {
+    INFO(both);
+    const Run r = run_cli("detect --model " + copy.string() + " " + both + " " + image.string());
+    CHECK(r.code != 0);
+    CHECK(r.err.find("excludes") != std::string::npos);
+  }
 }
 
 TEST_CASE("run_detector: an image's result does not depend on the other images in the batch") {

@@ -143,10 +143,14 @@ def vit_detr_forward(cfg, sd, pixel_values):
     prefix_tokens = 2 if fam == "deit" else 1
     if "encoder_window" in cfg:
         # Tessera's windowed encoder: the backbone (at its own size, the window's) on every window of
-        # the input, each patch the mean of its final-norm rows over the windows that hold it.
+        # the input, each patch the mean of its final-norm rows over the windows that hold it
+        # ("merge": "centre": each row weighted by (min(i, g-1-i) + 1) along each axis of its window).
         win, stride = cfg["encoder_window"]["size"], cfg["encoder_window"]["stride"]
+        centre = cfg["encoder_window"].get("merge", "mean") == "centre"
         anchors = lambda n: [v for v in range(0, n - win, stride)] + [n - win]
         gh, gw, g = H // p, W // p, win // p
+        tent = torch.tensor([min(i, g - 1 - i) + 1.0 if centre else 1.0 for i in range(g)], dtype=pixel_values.dtype)
+        weight = (tent[:, None] * tent[None, :]).reshape(1, g, g, 1)
         total = torch.zeros(B, gh, gw, bb["hidden_size"], dtype=pixel_values.dtype)
         count = torch.zeros(1, gh, gw, 1, dtype=pixel_values.dtype)
         for ya in anchors(H):
@@ -155,8 +159,8 @@ def vit_detr_forward(cfg, sd, pixel_values):
                 h = mm.hf_backbone(dict(bb, architectures=["ViTModel"]), sd, fam + ".", crop, fam, False)
                 rows = h[:, prefix_tokens:].reshape(B, g, g, -1)
                 pad = (0, 0, xa // p, gw - xa // p - g, ya // p, gh - ya // p - g)
-                total = total + F.pad(rows, pad)
-                count = count + F.pad(torch.ones(1, g, g, 1, dtype=count.dtype), pad)
+                total = total + F.pad(rows * weight, pad)
+                count = count + F.pad(weight, pad)
         merged = (total / count).reshape(B, gh * gw, -1)
         return detr_decoder_forward(cfg, sd, merged, gh, gw, value_pos=True)
     interp = (H, W) != (isz, isz)  # ViTModel(..., interpolate_pos_encoding=True) at another size

@@ -163,12 +163,16 @@ std::vector<Detection> post_process_detections(const float* logits, const float*
     const float mx = *std::max_element(row, row + n);
     double sum = 0;
     for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(row[i]) - mx);
-    std::vector<int64_t> order(static_cast<size_t>(n - 1));
-    for (int64_t i = 0; i < n - 1; ++i) order[static_cast<size_t>(i)] = i;
-    const int64_t k = std::clamp<int64_t>(o.labels_per_slot, 1, n - 1);
-    // first by logit, ties to the lower id (argmax's first maximum)
+    // The candidate classes: every real class; with several labels per slot, not the "N/A"
+    // placeholders of gaps in a label map (COCO's), which would only add boxes no one asked for.
+    std::vector<int64_t> order;
+    for (int64_t i = 0; i < n - 1; ++i)
+      if (o.labels_per_slot == 1 || i >= static_cast<int64_t>(labels.size()) || labels[i] != "N/A") order.push_back(i);
+    const int64_t k = std::min<int64_t>(std::max<int64_t>(o.labels_per_slot, 1), static_cast<int64_t>(order.size()));
+    // first by logit, ties to the lower id (argmax's first maximum); a NaN logit ranks last
+    auto key = [&](int64_t i) { return std::isnan(row[i]) ? -INFINITY : row[i]; };
     std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [&](int64_t a, int64_t b) { return row[a] != row[b] ? row[a] > row[b] : a < b; });
+                      [&](int64_t a, int64_t b) { return key(a) != key(b) ? key(a) > key(b) : a < b; });
     const float* b = boxes + s * 4;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t best = order[static_cast<size_t>(j)];

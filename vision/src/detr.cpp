@@ -101,6 +101,12 @@ void merge_windows(const float* rows, int64_t B, int64_t H, int64_t W, int64_t w
 
 namespace detail {
 
+bool window_merge_centre(const Config& win) {
+  const std::string merge = win.string("merge", "mean");
+  check(merge == "mean" || merge == "centre", win.file + ": merge \"" + brief_text(merge) + "\" is not one of mean, centre");
+  return merge == "centre";
+}
+
 void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type) {
   Config bb = cfg.sub("backbone_config");
   const std::string bmt = bb.string("model_type", "vit");
@@ -166,10 +172,7 @@ void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type)
     const Config win = cfg.sub("encoder_window");
     h.window = win.positive("size");
     h.window_stride = win.positive("stride");
-    const std::string merge = win.string("merge", "mean");
-    check(merge == "mean" || merge == "centre",
-          win.file + ": merge \"" + brief_text(merge) + "\" is not one of mean, centre");
-    h.window_centre = merge == "centre";
+    h.window_centre = window_merge_centre(win);
     const int64_t p = m.encoder.config.patch_size;
     check(h.window_stride <= h.window && h.window % p == 0 && h.window_stride % p == 0,
           win.file + ": encoder_window size " + std::to_string(h.window) + " and stride " +

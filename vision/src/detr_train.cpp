@@ -236,9 +236,7 @@ VitTrainModel load_detr_train_model(const std::string& dir_string) {
   if (cfg.has("encoder_window")) {
     const Config win = cfg.sub("encoder_window");
     h.window = win.positive("size"), h.window_stride = win.positive("stride");
-    const std::string merge = win.string("merge", "mean");
-    check(merge == "mean" || merge == "centre", win.file + ": merge \"" + merge + "\" is not one of mean, centre");
-    h.window_centre = merge == "centre";
+    h.window_centre = detail::window_merge_centre(win);
   }
   check_head(h, config_file);
   check(h.window == 0 || (m.config.image_height == h.window && m.config.image_width == h.window &&

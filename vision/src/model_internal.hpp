@@ -164,8 +164,11 @@ NamedTensors segmentation_forward(const Model& m, const Tensor& pixel_values, Mo
 // Detectors (yolos.cpp, detr.cpp): set m.encoder, m.detection and m.labels.
 void load_yolos(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
 void load_vit_detr(Model& m, const Config& cfg, Checkpoint& ck, WeightType type);
-// config.json's optional "post_process" ({"labels_per_query": k >= 1, "nms_iou": t in [0, 1]})
-// into the detection head's post (detection.cpp), with a clear error naming the file.
+// config.json's optional "post_process" ({"labels_per_query": k >= 1, "nms_iou": t in [0, 1] or
+// "soft_nms_sigma": s in [0, 100]}) into the detection head's post (detection.cpp), with a clear
+// error naming the file.
 void read_post_process(const Config& cfg, DetectionHead& head);
+// encoder_window's optional "merge": "mean" (false) or "centre" (true), or an error naming the file.
+bool window_merge_centre(const Config& window);
 
 }  // namespace tessera::detail

@@ -108,8 +108,9 @@ void train_detector(VitTrainModel& model, VitTrainState& state, const DetectionD
                     const std::function<void(const DetectorProgress&)>& on_step, int64_t stop_before = 0);
 
 // COCO box evaluation of an inference model (load_model) on a COCO instances file, as `tessera
-// eval` runs it: each image through the model's own processor, every slot's best real class
-// (threshold 0, at most 100 per image), COCOeval over the file's images and categories.
+// eval` runs it: each image through the model's own processor and its own post-processing
+// (model_post_process: labels per query, NMS; threshold 0, at most 100 per image), COCOeval over
+// the file's images and categories.
 // limit > 0: only the first `limit` images.
 // Every image is checked first (present, and of the size the file says), as an Error naming it.
 CocoEvalResult evaluate_detector(const Model& model, const std::string& coco_json, int64_t limit = 0);

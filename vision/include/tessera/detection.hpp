@@ -40,7 +40,6 @@ enum class DetectionKind {
   Detr,   // encoder patch tokens → input projection → DETR decoder → class linear, box MLP
 };
 
-// Everything after the encoder: weights are data, detection_forward is the function.
 // A detector folder's own post-processing (config.json "post_process", Tessera's field:
 // {"labels_per_query": k, "nms_iou": t} or {..., "soft_nms_sigma": s}): what detect, view and eval
 // use unless told otherwise.
@@ -51,6 +50,7 @@ struct DetectionPostProcess {
   float soft_nms_sigma = 0.0f;  // > 0: class-wise Gaussian soft-NMS instead (PostProcessOptions)
 };
 
+// Everything after the encoder: weights are data, detection_forward is the function.
 struct DetectionHead {
   uint64_t id = new_weights_id();  // which head a DetectionWorkspace is sized for (vit.hpp)
   DetectionKind kind = DetectionKind::Yolos;
@@ -151,7 +151,9 @@ PostProcessOptions model_post_process(const Model& model);
 
 // Hugging Face post_process_object_detection for one image: softmax over num_labels + 1, score and
 // label = max/argmax over the real classes, keep score > threshold, boxes cx,cy,w,h → x0,y0,x1,y1
-// scaled by (width, height). Results in slot order unless top_k or nms reorder them (by score).
+// scaled by (width, height). With labels_per_slot k > 1, each slot's k most probable real classes
+// (not "N/A" placeholders) instead, each its own detection at its own probability. Results in slot
+// order (a slot's labels by probability) unless top_k or nms reorder them (by score).
 std::vector<Detection> post_process_detections(const float* logits, const float* boxes,
                                                int64_t slots, int64_t num_classes_plus_one,
                                                int64_t width, int64_t height,
