@@ -28,8 +28,8 @@ echo "label maps, colour maps and overlays (the legend beside each scene): out/q
 echo "  e.g. out/quickstart/segment/scene_000000_overlay.jpg"
 
 echo
-echo "== tessera detect assets/images/scenes/ (the bundled digit detector: a candidate, below"
-echo "   issue 15's bar; assets/models/digits-detector/README.md has its numbers)"
+echo "== tessera detect assets/images/scenes/ (the bundled digit detector: a candidate, at issue 15's"
+echo "   mAP bar, just below its AP50 bar; assets/models/digits-detector/README.md has its numbers)"
 rm -rf out/quickstart/detect
 # Its folder asks for its own post-processing (config.json post_process: 3 labels per query,
 # soft-NMS), so a second box on a digit is kept only at a lowered score.
