@@ -61,12 +61,11 @@ void add_info(CLI::App& app, Action& action) {
       }
       if (m->detection) {
         const DetectionPostProcess& post = m->detection->post;
-        std::printf("post-process: %lld label%s per query, %s\n", (long long)post.labels_per_query,
-                    post.labels_per_query == 1 ? "" : "s",
-                    post.soft_nms_sigma > 0 ? ("class-wise Gaussian soft-NMS, sigma " +
-                                               std::to_string(post.soft_nms_sigma).substr(0, 5)).c_str()
-                    : post.nms_iou > 0      ? ("class-wise NMS above IoU " + std::to_string(post.nms_iou).substr(0, 4)).c_str()
-                                            : "no NMS");
+        std::printf("post-process: %lld label%s per query, ", (long long)post.labels_per_query,
+                    post.labels_per_query == 1 ? "" : "s");
+        if (post.soft_nms_sigma > 0) std::printf("class-wise Gaussian soft-NMS, sigma %g\n", post.soft_nms_sigma);
+        else if (post.nms_iou > 0) std::printf("class-wise NMS above IoU %g\n", post.nms_iou);
+        else std::printf("no NMS\n");
       }
       std::printf("GFLOPs/image: %.2f at %lldx%lld\n", model_flops(*m, in_h, in_w) / 1e9, (long long)in_h,
                   (long long)in_w);

@@ -200,33 +200,32 @@ int train_detect(const TrainArgs& a) {
       model.is_detr() ? detr_preprocessor_json(height, width) : yolos_preprocessor_json(height, width), a.init);
   const PreprocessConfig processor = parse_preprocess_config(processor_json, "the model's preprocessor_config.json");
 
-  if (a.labels_per_query > 0 || a.nms_iou >= 0 || a.soft_nms_sigma >= 0) {
-    // The published folder's post-processing (what detect, view, eval and validation use).
-    check(a.labels_per_query <= model.num_labels, "train --task detect: --labels-per-query " +
-                                                      std::to_string(a.labels_per_query) + " is more than the " +
-                                                      std::to_string(model.num_labels) + " classes");
-    nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(model.config_json);
-    nlohmann::ordered_json post = cfg.contains("post_process") && cfg["post_process"].is_object()
-                                      ? cfg["post_process"] : nlohmann::ordered_json::object();
-    if (a.labels_per_query > 0) post["labels_per_query"] = a.labels_per_query;
-    // One suppression: a positive IoU replaces a soft-NMS sigma, a positive sigma an IoU.
-    if (a.nms_iou >= 0) post["nms_iou"] = a.nms_iou;
-    if (a.nms_iou > 0) post.erase("soft_nms_sigma");
-    if (a.soft_nms_sigma >= 0) post["soft_nms_sigma"] = a.soft_nms_sigma;
-    if (a.soft_nms_sigma > 0) post.erase("nms_iou");
-    cfg["post_process"] = post;
-    model.config_json = cfg.dump(2) + "\n";
-  }
   {
-    // A kept post_process (--init's) must still fit the labels the run trains (checked now, not
-    // when the finished folder is loaded).
-    const nlohmann::json cfg = nlohmann::json::parse(model.config_json);
-    if (cfg.contains("post_process") && cfg["post_process"].is_object() &&
-        cfg["post_process"].contains("labels_per_query") && cfg["post_process"]["labels_per_query"].is_number_integer())
-      check(cfg["post_process"]["labels_per_query"].get<int64_t>() <= model.num_labels,
-            a.init + "/config.json: post_process labels_per_query " +
-                std::to_string(cfg["post_process"]["labels_per_query"].get<int64_t>()) + " is more than the " +
-                std::to_string(model.num_labels) + " classes of " + a.data + "; give --labels-per-query");
+    // The published folder's post-processing (what detect, view, eval and validation use): what
+    // --init's folder had, with the flags applied; its labels per query must fit the labels this
+    // run trains (checked now, not when the finished folder is loaded).
+    nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(model.config_json);
+    if (a.labels_per_query > 0 || a.nms_iou >= 0 || a.soft_nms_sigma >= 0) {
+      nlohmann::ordered_json post = cfg.contains("post_process") && cfg["post_process"].is_object()
+                                        ? cfg["post_process"] : nlohmann::ordered_json::object();
+      if (a.labels_per_query > 0) post["labels_per_query"] = a.labels_per_query;
+      // One suppression: a positive IoU replaces a soft-NMS sigma, a positive sigma an IoU.
+      if (a.nms_iou >= 0) post["nms_iou"] = a.nms_iou;
+      if (a.nms_iou > 0) post.erase("soft_nms_sigma");
+      if (a.soft_nms_sigma >= 0) post["soft_nms_sigma"] = a.soft_nms_sigma;
+      if (a.soft_nms_sigma > 0) post.erase("nms_iou");
+      cfg["post_process"] = post;
+      model.config_json = cfg.dump(2) + "\n";
+    }
+    const auto post = cfg.find("post_process");
+    if (post != cfg.end() && post->is_object() && post->contains("labels_per_query") &&
+        (*post)["labels_per_query"].is_number_integer()) {
+      const int64_t k = (*post)["labels_per_query"].get<int64_t>();
+      check(k <= model.num_labels, (a.labels_per_query > 0 ? "train --task detect: --labels-per-query "
+                                                           : a.init + "/config.json: post_process labels_per_query ") +
+                                       std::to_string(k) + " is more than the " + std::to_string(model.num_labels) +
+                                       " classes" + (a.labels_per_query > 0 ? "" : " of " + a.data + "; give --labels-per-query"));
+    }
   }
 
   DetectorTrainOptions o;
