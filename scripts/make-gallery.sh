@@ -2,8 +2,8 @@
 # Remakes docs/gallery/: pictures the tools draw, each written by the tool itself.
 #  - the bundled digit classifier's training curves and attention rollouts on test cells;
 #  - the bundled digit segmenter's overlays and colour maps on two test scenes;
-#  - the bundled digit detector's boxes (`detect`, its folder's NMS) on the scenes 2 and 4 (the larger ones); it is a
-#    candidate below issue 15's bar, and docs/gallery/README.md captions it so.
+#  - the bundled digit detector's boxes (`detect`, its folder's NMS) on the scenes 2 and 4 (the larger ones);
+#    docs/gallery/README.md captions what it finds and what it misses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x build/apps/tessera ] || scripts/build.sh
