@@ -3,7 +3,8 @@
 # from OpenCV's handwritten digits (Debian: opencv-doc), each with the one command its model card
 # names, then measures each on the test split in fp32, bf16 and int8 (tessera eval) and writes
 # those numbers into its card. Every seed is fixed: the weights come out the same for any thread
-# count on the same build; only the times change.
+# count on the same build and kernel family (a CPU without AVX-512, or TESSERA_ISA, sums the fp32
+# GEMMs in another order and ends on other weights); only the times change.
 #
 #   scripts/train-models.sh [all|samples|classifier|segmenter|detector]
 #
