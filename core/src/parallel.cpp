@@ -6,6 +6,7 @@
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -19,6 +20,9 @@ namespace {
 std::mutex g_mutex;
 int g_requested = 0;
 std::unique_ptr<tbb::task_arena> g_arena;
+// The arena once made, read without the lock: every parallel loop asks for it, and two threads
+// running training sub-batches side by side took turns on the mutex thousands of times a step.
+std::atomic<tbb::task_arena*> g_arena_ready{nullptr};
 // TBB caps workers at the core count unless told otherwise; --threads may ask for more.
 std::unique_ptr<tbb::global_control> g_limit;
 
@@ -33,12 +37,14 @@ int default_threads() {
 }
 
 tbb::task_arena& arena() {
+  if (tbb::task_arena* ready = g_arena_ready.load(std::memory_order_acquire)) return *ready;
   std::lock_guard<std::mutex> lock(g_mutex);
   if (!g_arena) {
     int n = g_requested > 0 ? g_requested : default_threads();
     g_limit = std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism,
                                                     static_cast<size_t>(n));
     g_arena = std::make_unique<tbb::task_arena>(n);
+    g_arena_ready.store(g_arena.get(), std::memory_order_release);
   }
   return *g_arena;
 }
@@ -49,6 +55,7 @@ void set_num_threads(int n) {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (n > 1024) fail("--threads " + std::to_string(n) + " is more than 1024");
   g_requested = n;
+  g_arena_ready.store(nullptr, std::memory_order_release);
   g_arena.reset();
 }
 
