@@ -380,7 +380,11 @@ def run_measured(cmd, env=None, stdout=subprocess.DEVNULL, watch=None):
     proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env, text=True)
     if watch:
         path, marks, cpu = watch
-        while proc.poll() is None and len(cpu) < len(marks):
+        # Not proc.poll(): it reaps a finished child, and wait4 below (for its rusage) would then
+        # fail with ECHILD; waitid with WNOWAIT only looks.
+        def running():
+            return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        while running() and len(cpu) < len(marks):
             try:
                 c = proc_cpu_seconds(proc.pid), proc_hwm_mib(proc.pid)
             except OSError:
