@@ -228,6 +228,32 @@ TEST_CASE("a DETR head on a frozen encoder trains alike from cached features", "
     // that the weights differ: before, a cached head ignored --precision and matched fp32 bit for bit.
     CHECK(std::abs(h[0] - a[0]) <= 0.01 * a[0]);
     CHECK(half.weights != cached.weights);
+
+    // And the cache itself holds fp32 features: step 1's loss is the bf16 head's on the batch's
+    // features encoded in fp32, bit for bit, and not its loss on features encoded in bf16 (which
+    // differ, or this would prove nothing).
+    const std::vector<size_t> idx = detector_batch_indices(data, o, 0);
+    std::vector<DetectionTarget> targets;
+    const Tensor x = detection_batch(data, idx, processor, o, 0, &targets);
+    const int64_t gh = processor.height / before.config.patch_size, gw = processor.width / before.config.patch_size;
+    const size_t per_batch = idx.size() * static_cast<size_t>(gh * gw * before.config.hidden_size);
+    std::vector<float> f32(per_batch), f16(per_batch);
+    DetrTrainActivations acts;
+    {
+      const TrainingGemmScope fp32(WeightType::F32);
+      detr_encode_features(before, x, acts, f32.data());
+    }
+    detr_encode_features(before, x, acts, f16.data());
+    REQUIRE(f32 != f16);
+    auto first_loss = [&](const std::vector<float>& features) {
+      VitTrainModel m = before;
+      VitTrainState st;
+      return detr_train_step_features(m, st, features.data(), static_cast<int64_t>(idx.size()), gh, gw, targets,
+                                      o.step)
+          .loss;
+    };
+    CHECK(first_loss(f32) == h[0]);
+    CHECK(first_loss(f16) != h[0]);
   }
   // With augmentation, or a limit the cache does not fit, every batch is encoded again.
   o.cache_features = true, o.cache_limit_bytes = 10;
