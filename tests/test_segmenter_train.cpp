@@ -267,6 +267,45 @@ TEST_CASE("Segmenter training loop: resumed run is bit-identical, the loss falls
       // that the weights differ: before, a cached head ignored --precision and matched fp32 bit for bit.
       CHECK(std::abs(h[0] - a[0]) <= 0.01 * a[0]);
       CHECK(half.vit.weights != cached.vit.weights);
+
+      // And the cache holds fp32 features: the weights after step 1 are the bf16 decoder's step on
+      // the batch's features encoded in fp32, bit for bit, not on features encoded in bf16 (which
+      // differ). (Weights, not the loss: a zero-initialised decoder's first loss is ln 3 whatever
+      // the features.)
+      SegmenterTrainModel one = before;
+      SegmenterTrainState s1;
+      train_segmenter(one, s1, pairs, pre, f, {}, 1);
+      const VitConfig& vc = before.vit.config;
+      const int64_t H = vc.image_height, W = vc.image_width, C = vc.num_channels;
+      const int64_t per = (H / vc.patch_size) * (W / vc.patch_size) * vc.hidden_size;
+      const std::vector<size_t> idx = segmenter_batch_indices(pairs.size(), f, 0);
+      const int64_t nb = static_cast<int64_t>(idx.size());
+      Tensor pixels({nb, C, H, W});
+      std::vector<int32_t> labels(static_cast<size_t>(nb * H * W));
+      for (int64_t b = 0; b < nb; ++b)
+        segmentation_sample(pairs[idx[static_cast<size_t>(b)]], pre, false, 0, pixels.data() + b * C * H * W,
+                            labels.data() + b * H * W, H, W, before.window_size);
+      std::vector<float> f32(static_cast<size_t>(nb * per)), f16(f32.size());
+      SegmenterTrainActivations acts;
+      {
+        const TrainingGemmScope fp32(WeightType::F32);
+        segmenter_encode_features(before, pixels, acts, f32.data());
+      }
+      segmenter_encode_features(before, pixels, acts, f16.data());
+      REQUIRE(f32 != f16);
+      TrainStepOptions step = f.step;
+      step.lr = static_cast<float>(
+          warmup_cosine_lr(0, segmenter_total_steps(pairs.size(), f), f.warmup_steps, f.step.lr, f.min_lr));
+      auto first_step = [&](const std::vector<float>& features) {
+        SegmenterTrainModel m = before;
+        SegmenterTrainState st;
+        const double loss = segmenter_train_step_features(m, st, features.data(), nb, labels, step).loss;
+        return std::make_pair(loss, m.vit.weights);
+      };
+      const auto [loss32, weights32] = first_step(f32);
+      CHECK(loss32 == h[0]);
+      CHECK(weights32 == one.vit.weights);
+      CHECK(first_step(f16).second != one.vit.weights);
     }
     f.cache_features = true, f.augment = true;
     CHECK(!segmenter_caches_features(cached, pairs.size(), f));
