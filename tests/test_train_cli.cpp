@@ -343,6 +343,22 @@ TEST_CASE("train --freeze-encoder: only the classifier changes (a linear probe o
     INFO(name);
     CHECK(same == (name.rfind("classifier.", 0) != 0));
   }
+  // --precision bf16: the probe's head sums in double and the cached features are encoded in fp32
+  // (what inference feeds it), so the run is fp32's byte for byte; features encoded in bf16 would
+  // move the classifier (checked by removing the encoding's fp32 scope: this then fails).
+  const fs::path out16 = scratch("probe16") / "model";
+  const Run r16 = run_cli("train --init " + init.string() + " --data " + fixture("train/cli-step/images") + " --out " +
+                          out16.string() + " --freeze-encoder --epochs 5 --batch 2 --lr 1e-2 --threads 2 --precision bf16");
+  INFO(r16.out << r16.err);
+  REQUIRE(r16.code == 0);
+  const SafeTensors after16 = SafeTensors::open((out16 / "model.safetensors").string());
+  for (const std::string& name : after.names()) {
+    const Tensor w = after.get(name), w16 = after16.get(name);
+    bool same = true;
+    for (int64_t i = 0; i < w.numel(); ++i) same = same && w[i] == w16[i];
+    INFO(name);
+    CHECK(same);
+  }
 }
 
 TEST_CASE("train --freeze-encoder on a Dinov2Model: a linear probe, written as Dinov2ForImageClassification",
