@@ -14,6 +14,7 @@
 #include <opencv2/imgproc.hpp>
 #include <string>
 #include <unistd.h>
+#include <tuple>
 #include <vector>
 
 #include "tessera/model.hpp"
@@ -268,13 +269,15 @@ TEST_CASE("Segmenter training loop: resumed run is bit-identical, the loss falls
       CHECK(std::abs(h[0] - a[0]) <= 0.01 * a[0]);
       CHECK(half.vit.weights != cached.vit.weights);
 
-      // And the cache holds fp32 features: the weights after step 1 are the bf16 decoder's step on
-      // the batch's features encoded in fp32, bit for bit, not on features encoded in bf16 (which
-      // differ). (Weights, not the loss: a zero-initialised decoder's first loss is ln 3 whatever
-      // the features.)
+      // And the cache holds fp32 features: step 1's gradient norm and weights are the bf16
+      // decoder's step on the batch's features encoded in fp32, bit for bit, not on features
+      // encoded in bf16 (which differ). (Not the loss alone: a zero-initialised linear decoder's
+      // first loss is ln 3 whatever the features; and AdamW's first step is nearly lr·sign(g), so
+      // the gradient norm is the sharper check.)
       SegmenterTrainModel one = before;
       SegmenterTrainState s1;
-      train_segmenter(one, s1, pairs, pre, f, {}, 1);
+      double norm1 = 0;
+      train_segmenter(one, s1, pairs, pre, f, [&](const SegmenterProgress& p) { norm1 = p.grad_norm; }, 1);
       const VitConfig& vc = before.vit.config;
       const int64_t H = vc.image_height, W = vc.image_width, C = vc.num_channels;
       const int64_t per = (H / vc.patch_size) * (W / vc.patch_size) * vc.hidden_size;
@@ -299,13 +302,16 @@ TEST_CASE("Segmenter training loop: resumed run is bit-identical, the loss falls
       auto first_step = [&](const std::vector<float>& features) {
         SegmenterTrainModel m = before;
         SegmenterTrainState st;
-        const double loss = segmenter_train_step_features(m, st, features.data(), nb, labels, step).loss;
-        return std::make_pair(loss, m.vit.weights);
+        const SegmenterStepResult r = segmenter_train_step_features(m, st, features.data(), nb, labels, step);
+        return std::make_tuple(r.loss, r.grad_norm, m.vit.weights);
       };
-      const auto [loss32, weights32] = first_step(f32);
+      const auto [loss32, norm32, weights32] = first_step(f32);
       CHECK(loss32 == h[0]);
+      CHECK(norm32 == norm1);
       CHECK(weights32 == one.vit.weights);
-      CHECK(first_step(f16).second != one.vit.weights);
+      const auto [loss16, norm16, weights16] = first_step(f16);
+      CHECK(norm16 != norm1);
+      CHECK(weights16 != one.vit.weights);
     }
     f.cache_features = true, f.augment = true;
     CHECK(!segmenter_caches_features(cached, pairs.size(), f));
