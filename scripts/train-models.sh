@@ -185,7 +185,7 @@ detector_card() {
     echo "centre-weighted mean, the head on 6,000 scenes for 36 epochs in fp32, 0.604 / 0.897 (bundled before"
     echo "this one; validation 0.585 / 0.889, and 0.665 / 0.931 on 300 of its own training scenes: the head"
     echo "had learnt its scenes better than new ones); this recipe, the head on twice the scenes for half"
-    echo "the epochs (the same 6,750 steps) with bf16 GEMMs, the table's (validation 0.600 / 0.899)."
+    echo "the epochs (6,750 steps, against 6,732) with bf16 GEMMs, the table's (validation 0.600 / 0.899)."
     echo "The post-processing, on the previous weights, validation scenes: Hugging Face's (one label per"
     echo "query, no NMS) AP 0.546 / AP50 0.809; class-wise NMS at IoU 0.5 0.562 / 0.856; 3 labels per"
     echo "query and NMS 0.579 / 0.889; 3 labels and soft-NMS (sigma 0.3) 0.585 / 0.889."
@@ -219,7 +219,8 @@ detector_card() {
     echo "   (\`--labels-per-query 3 --soft-nms-sigma 0.3\`). The head trains on 12,000 scenes (their"
     echo "   first 6,000 are the encoder's) for 18 epochs, its linear layers' GEMMs in bf16 (\`--precision"
     echo "   bf16\`: fp32 weights, sums and optimizer; ~8% faster than fp32 here), which keeps the whole"
-    echo "   recipe inside the hour:"
+    echo "   recipe inside the hour (run a second time, beside builds and tests: 2,021 s, and the same"
+    echo "   weights and \`val.csv\` bit for bit):"
     echo
     echo '```sh'
     echo "tessera data scenes --split train --count 12000 --seed 1 --out out/data/train-12000-seed1"
@@ -235,7 +236,10 @@ detector_card() {
     echo
     echo "## Limits"
     echo
-    echo "- At the goal's AP50 with no room to spare: at the default threshold it misses some digits and"
+    echo "- At the goal's AP50 with no room to spare (0.0007). Trained again with the same command on a"
+    echo "  CPU of another kernel family (no AVX-512, or \`TESSERA_ISA\`), the fp32 GEMMs sum in another"
+    echo "  order and training ends on other weights, which could land either side of 0.90."
+    echo "- At the default threshold it misses some digits and"
     echo "  names some wrongly, the small ones most (soft-NMS lowers a duplicate's score, so at a low"
     echo "  threshold a second box on a digit can show). \`tessera segment\` with the bundled segmenter"
     echo "  reads digits at their own resolution."
