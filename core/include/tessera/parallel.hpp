@@ -8,7 +8,8 @@
 
 namespace tessera {
 
-void set_num_threads(int n);  // n <= 0: back to the default
+// n <= 0: back to the default. Not while any parallel work runs: the arena it replaces is freed.
+void set_num_threads(int n);
 int num_threads();
 
 // A non-owning reference to a callable body(begin, end): unlike std::function it never
