@@ -231,6 +231,54 @@ TEST_CASE("GELU and QuickGELU backward", "[backward][gelu]") {
   CHECK(rel_err(a, b) <= 1e-6);
 }
 
+TEST_CASE("GradInto::Set writes what GradInto::Add adds to zeros, whatever dx held", "[backward]") {
+  // The block backward writes its first gradient of each buffer with Set instead of zeroing it:
+  // linear_backward's dx (a GEMM without a residual), GELU's dx (a product without the fma),
+  // attention's dq, dk, dv (every row of every head). NaN-filled buffers: a value not written, or
+  // read back, shows. Equal as floats (the sign of a zero may differ).
+  auto same = [](const std::vector<float>& set, const std::vector<float>& add) {
+    REQUIRE(set.size() == add.size());
+    for (size_t i = 0; i < set.size(); ++i) {
+      INFO("element " << i << ": Set " << set[i] << ", Add " << add[i]);
+      REQUIRE(set[i] == add[i]);
+    }
+  };
+  for_each_family([&](IsaFamily family) {
+    INFO("family " << isa_name(family));
+    for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 5, 3}, {197, 64, 192}, {1300, 40, 72}}) {
+      INFO("linear M " << M << " N " << N << " K " << K);
+      const auto x = randn(M * K, 31), w = randn(N * K, 32, 0.1f), dy = randn(M * N, 33);
+      std::vector<float> add(M * K, 0.0f), set(M * K, std::nanf(""));
+      linear_backward(x.data(), w.data(), dy.data(), M, N, K, add.data(), nullptr, nullptr);
+      linear_backward(x.data(), w.data(), dy.data(), M, N, K, set.data(), nullptr, nullptr, GradInto::Set);
+      same(set, add);
+    }
+    const int64_t n = 1001;
+    const auto x = randn(n, 34, 3.0f), dy = randn(n, 35);
+    std::vector<float> add(n, 0.0f), set(n, std::nanf(""));
+    gelu_backward(x.data(), dy.data(), add.data(), n);
+    gelu_backward(x.data(), dy.data(), set.data(), n, GradInto::Set);
+    same(set, add);
+    for (auto [B, H, T, hd] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{2, 2, 31, 16}, {3, 4, 26, 24}, {1, 1, 1, 4}}) {
+      INFO("attention B " << B << " H " << H << " T " << T << " hd " << hd);
+      const int64_t D = H * hd;
+      const auto qkv = randn(B * T * 3 * D, 36, 1.5f), dout = randn(B * T * D, 37);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      std::vector<float> out(B * T * D), lse(B * H * T);
+      const StridedRows sq{qkv.data(), T * 3 * D, 3 * D}, sk{qkv.data() + D, T * 3 * D, 3 * D},
+          sv{qkv.data() + 2 * D, T * 3 * D, 3 * D};
+      attention_forward(B, H, T, T, hd, sq, sk, sv, {out.data(), T * D, D}, scale, lse.data());
+      std::vector<float> dadd(B * T * 3 * D, 0.0f), dset(B * T * 3 * D, std::nanf(""));
+      for (GradInto into : {GradInto::Add, GradInto::Set}) {
+        float* d = into == GradInto::Add ? dadd.data() : dset.data();
+        attention_backward(B, H, T, T, hd, sq, sk, sv, {out.data(), T * D, D}, {dout.data(), T * D, D}, lse.data(),
+                           scale, {d, T * 3 * D, 3 * D}, {d + D, T * 3 * D, 3 * D}, {d + 2 * D, T * 3 * D, 3 * D}, into);
+      }
+      same(dset, dadd);
+    }
+  });
+}
+
 TEST_CASE("softmax rows backward", "[backward][softmax]") {
   const Fixture& f = fixture();
   const int64_t R = 7, C = 19;

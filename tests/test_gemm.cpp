@@ -555,3 +555,48 @@ TEST_CASE("the AVX2 int8 kernel gives the same bits with AVX-VNNI's vpdpbusd as 
   set_avxvnni(allowed);
   set_isa_cap(IsaFamily::Avx512);
 }
+
+TEST_CASE("linear_cols on x stored column-major gives linear's bits on the transposed copy", "[gemm]") {
+  // Training's dW = dyᵀ·x products read dyᵀ in place: each family's fp32 and bf16 packers copy
+  // x's columns, int8 and the portable kernels transpose a task's rows first. Every family the CPU
+  // has, every weight type, micro-panel tails (1-15 rows), odd K (bf16's padded pair), ldx > M,
+  // with and without a residual, at 1 and 2 threads: the bits of linear() on xᵀ copied out.
+  const IsaFamily widest = cpu_isa_family();
+  uint32_t seed = 9100;
+  for (IsaFamily cap : {IsaFamily::Avx512, IsaFamily::Avx2, IsaFamily::Generic}) {
+    if (cap > widest) continue;
+    set_isa_cap(cap);
+    for (auto [M, N, K, ldx] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 33, 17, 1}, {5, 64, 3, 9},
+                                {13, 70, 19, 13}, {14, 32, 64, 20}, {29, 96, 130, 29}, {197, 100, 7, 200},
+                                {400, 192, 512, 400}}) {
+      std::vector<float> xt = random_floats(static_cast<size_t>(K * ldx), seed++);  // x[m, k] = xt[k * ldx + m]
+      std::vector<float> x(static_cast<size_t>(M * K));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) x[m * K + k] = xt[k * ldx + m];
+      const std::vector<float> w = random_floats(static_cast<size_t>(N * K), seed++);
+      const std::vector<float> r = random_floats(static_cast<size_t>(M * N), seed++);
+      for (WeightType type : {WeightType::F32, WeightType::BF16, WeightType::INT8}) {
+        const PackedLinear pw = pack_linear(w.data(), nullptr, N, K, type);
+        for (int threads : {1, 2}) {
+          set_num_threads(threads);
+          for (bool residual : {false, true}) {
+            std::vector<float> want(static_cast<size_t>(M * N)), got(static_cast<size_t>(M * N), std::nanf(""));
+            linear(x.data(), M, K, pw, want.data(), N, Activation::None, residual ? r.data() : nullptr);
+            linear_cols(xt.data(), M, ldx, pw, got.data(), N, residual ? r.data() : nullptr);
+            INFO("family " << isa_name(isa_family()) << " kernel " << linear_kernel_name(type) << " M=" << M
+                           << " N=" << N << " K=" << K << " ldx=" << ldx << " threads " << threads
+                           << " residual " << residual);
+            REQUIRE(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) == 0);
+          }
+        }
+      }
+    }
+  }
+  set_num_threads(0);
+  set_isa_cap(IsaFamily::Avx512);
+  std::vector<float> xt(8);
+  const std::vector<float> w(4, 1.0f);
+  const PackedLinear pw = pack_linear(w.data(), nullptr, 2, 2);
+  std::vector<float> y(8);
+  CHECK_THROWS_WITH(linear_cols(xt.data(), 4, 3, pw, y.data(), 2), Catch::Contains("ldx 3 < rows 4"));
+}

@@ -14,25 +14,10 @@
 namespace tessera {
 namespace {
 
-// dst[c, r] = src[r, c] for a [rows, cols] matrix (blocked, so both sides stay in cache).
-void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
-  constexpr int64_t kB = 32;
-  parallel_for(0, (cols + kB - 1) / kB, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t cb = b0; cb < b1; ++cb) {
-      const int64_t c0 = cb * kB, c1 = std::min(cols, c0 + kB);
-      for (int64_t r0 = 0; r0 < rows; r0 += kB) {
-        const int64_t r1 = std::min(rows, r0 + kB);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
-      }
-    }
-  });
-}
-
 // The backward GEMMs' operand buffers, kept by the calling thread from one call to the next
 // (linear_backward is not called from inside a parallel region): packing into new memory every
 // call was fresh pages, i.e. page faults and the kernel zeroing them, on every layer of every step.
-enum ScratchSlot { kPackedW, kPackedX, kTransposed, kScratchSlots };
+enum ScratchSlot { kPackedW, kPackedX, kScratchSlots };
 float* scratch(ScratchSlot slot, int64_t floats) {
   thread_local ScratchFloats bufs[kScratchSlots];
   return bufs[slot].get(floats);
@@ -57,7 +42,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }  // namespace
 
 void linear_backward(const float* x, const float* weight, const float* dy, int64_t M, int64_t N,
-                     int64_t K, float* dx, float* dweight, float* dbias) {
+                     int64_t K, float* dx, float* dweight, float* dbias, GradInto dx_into) {
   check(M >= 0 && N > 0 && K > 0, "linear_backward: bad shape");
   if (M == 0) return;
   if (dx) {
@@ -65,7 +50,7 @@ void linear_backward(const float* x, const float* weight, const float* dy, int64
     // packed straight from W (its transpose).
     const PackedLinear packed = pack_linear_transposed(weight, K, K, N, scratch(kPackedW, pack_linear_buffer_floats(K, N)),
                                                        training_gemm_type());
-    linear(dy, M, N, packed, dx, K, Activation::None, dx);
+    linear(dy, M, N, packed, dx, K, Activation::None, dx_into == GradInto::Add ? dx : nullptr);
   }
   if (dweight) {
     // dW[N,K] += dyᵀ[N,M]·x[M,K]: rows dyᵀ, a linear layer whose weight is xᵀ [K,M], packed
@@ -75,14 +60,14 @@ void linear_backward(const float* x, const float* weight, const float* dy, int64
     // the L2 holds beside the task's micro-panels), and dW ran at ~75% of the forward GEMMs' rate
     // (150-160 vs 205-215 GFLOP/s, 2 threads); in chunks ViT-S's whole backward is 3-5% faster.
     // The chunking depends only on M, so the result is the same for every thread count.
+    // dyᵀ is read in place (linear_cols: its micro-panels are copies of dy's rows), not
+    // transposed into a buffer first: one pass over dy less per GEMM.
     const int64_t chunk = std::min(M, kTokenChunk);
-    float* dyt = scratch(kTransposed, N * chunk);
     float* xt = scratch(kPackedX, pack_linear_buffer_floats(K, chunk));
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
       const int64_t rows = std::min(chunk, M - m0);
-      transpose(dy + m0 * N, rows, N, dyt);
       const PackedLinear packed = pack_linear_transposed(x + m0 * K, K, K, rows, xt, training_gemm_type());
-      linear(dyt, N, rows, packed, dweight, K, Activation::None, dweight);
+      linear_cols(dy + m0 * N, N, N, packed, dweight, K, dweight);
     }
   }
   if (dbias) {
@@ -162,9 +147,9 @@ void gelu_forward(const float* x, float* y, int64_t n) {
   parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) { linear_gelu(x + i0, y + i0, i1 - i0); });
 }
 
-void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
+void gelu_backward(const float* x, const float* dy, float* dx, int64_t n, GradInto into) {
   parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-    linear_gelu_backward(x + i0, dy + i0, dx + i0, i1 - i0);  // gemm.hpp's dispatched kernel
+    linear_gelu_backward(x + i0, dy + i0, dx + i0, i1 - i0, into == GradInto::Add);  // gemm.hpp's dispatched kernel
   });
 }
 
@@ -287,24 +272,21 @@ void softmax_rows_backward(const float* y, const float* dy, float* dx, int64_t r
 namespace {
 
 // Rows [0, rows) of one head (hd columns at `col`) of strided rows, copied to a contiguous
-// [rows, hd] (transposed = false) or [hd, rows] (transposed = true) matrix.
-void gather_head(const float* base, int64_t row_stride, int64_t col, int64_t rows, int64_t hd,
-                 bool transposed, float* dst) {
+// [rows, hd] matrix.
+void gather_head(const float* base, int64_t row_stride, int64_t col, int64_t rows, int64_t hd, float* dst) {
   for (int64_t t = 0; t < rows; ++t) {
     const float* src = base + t * row_stride + col;
-    if (transposed)
-      for (int64_t e = 0; e < hd; ++e) dst[e * rows + t] = src[e];
-    else
-      std::copy(src, src + hd, dst + t * hd);
+    std::copy(src, src + hd, dst + t * hd);
   }
 }
 
-// s[Tq, Tk] = q_h·k_hᵀ (unscaled) for one (batch, head).
+// s[Tq, Tk] = q_h·k_hᵀ (unscaled) for one (batch, head); k_h gathered into `gathered`, packed into `packed`.
 void head_scores(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t col,
-                 int64_t q_len, int64_t kv_len, int64_t hd, std::vector<float>& scratch, float* s) {
-  scratch.resize(static_cast<size_t>(kv_len * hd));
-  gather_head(k, k_stride, col, kv_len, hd, false, scratch.data());
-  const PackedLinear kp = pack_linear(scratch.data(), nullptr, kv_len, hd);
+                 int64_t q_len, int64_t kv_len, int64_t hd, std::vector<float>& gathered, ScratchFloats& packed,
+                 float* s) {
+  gathered.resize(static_cast<size_t>(kv_len * hd));
+  gather_head(k, k_stride, col, kv_len, hd, gathered.data());
+  const PackedLinear kp = pack_linear(gathered.data(), nullptr, kv_len, hd, packed.get(pack_linear_buffer_floats(kv_len, hd)));
   linear(q + col, q_len, q_stride, kp, s, kv_len);
 }
 
@@ -322,10 +304,13 @@ void attention_forward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_l
 void attention_backward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                         int64_t head_dim, StridedRows q, StridedRows k, StridedRows v,
                         StridedRows out, StridedRows dout, const float* lse, float scale,
-                        MutableRows dq, MutableRows dk, MutableRows dv) {
+                        MutableRows dq, MutableRows dk, MutableRows dv, GradInto into) {
   parallel_for(0, batch * heads, 1, [&](int64_t t0, int64_t t1) {
+    // This call's own buffers (a thread-local one could be handed to another (batch, head) that
+    // TBB runs on this thread while one of the GEMMs below waits for its parallel part).
     const size_t tt = static_cast<size_t>(q_len * kv_len);
-    std::vector<float> p(tt), ds(tt), transposed(tt), scratch, d(static_cast<size_t>(q_len));
+    std::vector<float> p(tt), ds(tt), scratch, d(static_cast<size_t>(q_len));
+    ScratchFloats packed;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / heads, h = t % heads, col = h * head_dim;
       const float* qb = q.ptr + b * q.batch_stride;
@@ -334,26 +319,29 @@ void attention_backward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_
       const float* ob = out.ptr + b * out.batch_stride;
       const float* dob = dout.ptr + b * dout.batch_stride;
       // P = exp(scale·q·kᵀ − lse);  dP = dout·vᵀ
-      head_scores(qb, q.row_stride, kb, k.row_stride, col, q_len, kv_len, head_dim, scratch, p.data());
-      head_scores(dob, dout.row_stride, vb, v.row_stride, col, q_len, kv_len, head_dim, scratch, ds.data());
+      head_scores(qb, q.row_stride, kb, k.row_stride, col, q_len, kv_len, head_dim, scratch, packed, p.data());
+      head_scores(dob, dout.row_stride, vb, v.row_stride, col, q_len, kv_len, head_dim, scratch, packed, ds.data());
       for (int64_t i = 0; i < q_len; ++i)
         d[i] = dot(dob + i * dout.row_stride + col, ob + i * out.row_stride + col, head_dim);
       // P, and dS with the score scale folded in.
       attention_grad_rows(p.data(), ds.data(), q_len, kv_len, kv_len, lse + (b * heads + h) * q_len, d.data(), scale);
-      auto add_product = [&](const float* a, int64_t rows, int64_t inner, const float* src,
+      // dst_h[rows, hd] (+)= a[rows, inner]·src_h[inner, hd]: a layer whose weight is src_hᵀ,
+      // packed from src_h in place. a is row-major, or with a_cols the transpose of a stored
+      // [inner, rows] matrix (read in place by linear_cols).
+      auto add_product = [&](const float* a, bool a_cols, int64_t rows, int64_t inner, const float* src,
                              int64_t src_stride, MutableRows dst) {
-        // dst_h[rows, hd] += a[rows, inner]·src_h[inner, hd]: a layer whose weight is src_hᵀ.
-        scratch.resize(static_cast<size_t>(inner * head_dim));
-        gather_head(src, src_stride, col, inner, head_dim, true, scratch.data());
-        const PackedLinear w = pack_linear(scratch.data(), nullptr, head_dim, inner);
+        const PackedLinear w = pack_linear_transposed(src + col, src_stride, head_dim, inner,
+                                                      packed.get(pack_linear_buffer_floats(head_dim, inner)));
         float* y = dst.ptr + b * dst.batch_stride + col;
-        linear(a, rows, inner, w, y, dst.row_stride, Activation::None, y);
+        const float* residual = into == GradInto::Add ? y : nullptr;
+        if (a_cols)
+          linear_cols(a, rows, rows, w, y, dst.row_stride, residual);
+        else
+          linear(a, rows, inner, w, y, dst.row_stride, Activation::None, residual);
       };
-      add_product(ds.data(), q_len, kv_len, kb, k.row_stride, dq);  // dq += dS·k
-      transpose(ds.data(), q_len, kv_len, transposed.data());
-      add_product(transposed.data(), kv_len, q_len, qb, q.row_stride, dk);  // dk += dSᵀ·q
-      transpose(p.data(), q_len, kv_len, transposed.data());
-      add_product(transposed.data(), kv_len, q_len, dob, dout.row_stride, dv);  // dv += Pᵀ·dout
+      add_product(ds.data(), false, q_len, kv_len, kb, k.row_stride, dq);  // dq += dS·k
+      add_product(ds.data(), true, kv_len, q_len, qb, q.row_stride, dk);    // dk += dSᵀ·q
+      add_product(p.data(), true, kv_len, q_len, dob, dout.row_stride, dv);  // dv += Pᵀ·dout
     }
   });
 }

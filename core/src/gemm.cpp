@@ -647,14 +647,18 @@ PackedLinear pack_linear(const WeightRows& rows, const float* bias, int64_t out_
                       type, arena);
 }
 
-void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
-            Activation act, const float* residual, const RowNorm* norm) {
+namespace {
+
+// linear() and linear_cols(): x row-major (x_cols false) or column-major.
+void linear_impl(const float* x, int64_t M, int64_t ldx, bool x_cols, const PackedLinear& w, float* y,
+                 int64_t ldy, Activation act, const float* residual, const RowNorm* norm) {
   const int64_t K = w.in_features, N = w.out_features;
   // if/fail rather than check(): the messages are built only when they are needed, so a
   // forward pass does not allocate strings.
   if (w.packed == nullptr) fail("linear: weights are not packed");
   if (M < 0) fail("linear: negative row count " + std::to_string(M));
-  if (ldx < K) fail("linear: ldx " + std::to_string(ldx) + " < in_features " + std::to_string(K));
+  if (x_cols && ldx < M) fail("linear_cols: ldx " + std::to_string(ldx) + " < rows " + std::to_string(M));
+  if (!x_cols && ldx < K) fail("linear: ldx " + std::to_string(ldx) + " < in_features " + std::to_string(K));
   if (ldy < N) fail("linear: ldy " + std::to_string(ldy) + " < out_features " + std::to_string(N));
   if (M == 0) return;
   if (x == nullptr || y == nullptr) fail("linear: null input or output");
@@ -675,7 +679,7 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
     a.wpack = static_cast<const float*>(w.packed.get());
   }
   const Kernel kernel = kernel_for(w.type);
-  const bool avx512 = kernel == Kernel::Avx512, avx2 = kernel == Kernel::Avx2;
+  const bool avx512 = kernel == Kernel::Avx512, avx2 = kernel == Kernel::Avx2, fp32 = !bf16 && !int8;
   const int64_t mr = avx512 ? kMR : avx2 ? kMrAvx2 : kGenericMR;
   // Packed x bytes per row: fp32, bf16 pairs, or u8 quads and the row's scale and zero point.
   // (The AVX2 bf16 kernel packs x as bf16-rounded fp32: K * 4.)
@@ -695,6 +699,20 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
         ta.x = xn;
         ta.ldx = K;
         ta.x_first = m0;
+      } else if (x_cols && !((fp32 || bf16) && (avx512 || avx2))) {
+        // The kernels that cannot pack x's columns (int8, generic) take this task's rows
+        // transposed into per-thread scratch (cache-resident); the fp32 and bf16 AVX-512 and AVX2
+        // packers read them in place.
+        float* xt = thread_scratch(static_cast<size_t>((m1 - m0) * K), kNormedRows);
+        for (int64_t k0 = 0; k0 < K; k0 += 16)  // 16 x 16 blocks: both sides stay in cache
+          for (int64_t b0 = m0; b0 < m1; b0 += 16)
+            for (int64_t r = b0; r < std::min(m1, b0 + 16); ++r)
+              for (int64_t k = k0; k < std::min(K, k0 + 16); ++k) xt[(r - m0) * K + k] = x[k * ldx + r];
+        ta.x = xt;
+        ta.ldx = K;
+        ta.x_first = m0;
+      } else if (x_cols) {
+        ta.x_cols = true;
       }
       if (avx512 && int8)
         linear_task_avx512_int8(ta, rows, j0, j1,
@@ -725,6 +743,18 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
         linear_task_generic<TileF32>(ta, rows, j0, j1);
     }
   });
+}
+
+}  // namespace
+
+void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
+            Activation act, const float* residual, const RowNorm* norm) {
+  linear_impl(x, M, ldx, false, w, y, ldy, act, residual, norm);
+}
+
+void linear_cols(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
+                 const float* residual) {
+  linear_impl(x, M, ldx, true, w, y, ldy, Activation::None, residual, nullptr);
 }
 
 const char* isa_name(IsaFamily f) {
@@ -816,15 +846,16 @@ void linear_erf(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = erf_generic(x[i]);
 }
 
-void linear_gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
+void linear_gelu_backward(const float* x, const float* dy, float* dx, int64_t n, bool accumulate) {
   const IsaFamily f = isa_family();
-  if (f == IsaFamily::Avx512) return gelu_backward_avx512(x, dy, dx, n);
-  if (f == IsaFamily::Avx2) return gelu_backward_avx2(x, dy, dx, n);
+  if (f == IsaFamily::Avx512) return gelu_backward_avx512(x, dy, dx, n, accumulate);
+  if (f == IsaFamily::Avx2) return gelu_backward_avx2(x, dy, dx, n, accumulate);
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i], h = -0.5f * v * v;
     const float pdf = h >= -30.0f ? 0.39894228040143268f * std::exp(h) : 0.0f;
     const float cdf = 0.5f * (1.0f + erf_generic(v * 0.70710678118654752f));
-    dx[i] += dy[i] * (cdf + v * pdf);
+    const float d = dy[i] * (cdf + v * pdf);
+    dx[i] = accumulate ? dx[i] + d : d;
   }
 }
 

@@ -375,6 +375,15 @@ TESSERA_AVX2 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t K
   }
 }
 
+// The same from x stored column-major (x[r, k] at x[k*ldx + r]): a copy of `rows` consecutive
+// floats per k.
+TESSERA_AVX2 void pack_cols(const float* x, int64_t ldx, int64_t rows, int64_t K, float* apack) {
+  alignas(32) static constexpr int32_t kFirst[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i in = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - rows));
+  const __m256i out = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - kMR6));
+  for (int64_t k = 0; k < K; ++k) _mm256_maskstore_ps(apack + k * kMR6, out, _mm256_maskload_ps(x + k * ldx, in));
+}
+
 // The same with x rounded to bf16 (bf16_bits), K padded to even with zeros, and each pair's
 // two k swapped (apack[(k ^ 1) * 6 + r] = x[r, k]): micro_kernel_bf16 takes each pair's odd k first.
 TESSERA_AVX2 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K,
@@ -402,6 +411,27 @@ TESSERA_AVX2 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int6
       const uint32_t b = r < rows && k < K ? bf16_bits(xr[k]) << 16 : 0u;
       std::memcpy(apack + (k ^ 1) * kMR6 + r, &b, 4);
     }
+  }
+}
+
+// The same from x stored column-major (x[r, k] at x[k*ldx + r]): `rows` consecutive floats per k,
+// rounded as above.
+TESSERA_AVX2 void pack_cols_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K, float* apack) {
+  alignas(32) static constexpr int32_t kFirst[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i in = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - rows));
+  const __m256i out = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - kMR6));
+  const int64_t K2 = ceil_div(K, 2) * 2;
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256i quiet = _mm256_set1_epi32(0x00400000), half = _mm256_set1_epi32(0x7fff);
+  const __m256i one = _mm256_set1_epi32(1);
+  for (int64_t k = 0; k < K2; ++k) {
+    const __m256i u = k < K ? _mm256_castps_si256(_mm256_maskload_ps(x + k * ldx, in)) : _mm256_setzero_si256();
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, half), odd), high);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, magnitude), inf);
+    const __m256i quieted = _mm256_or_si256(_mm256_and_si256(u, high), quiet);
+    _mm256_maskstore_ps(apack + (k ^ 1) * kMR6, out, _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quieted, nan)));
   }
 }
 
@@ -508,7 +538,7 @@ void linear_task_avx2(const LinearArgs& a, const RowSplit& rows, int64_t j0, int
                       float* apack) {
   const int64_t K = a.K;
   const int64_t passes = rows.panels, share = ceil_div(K, passes);
-  task_walk(a, rows, j0, j1, apack, K * kMR6, pack_rows,
+  task_walk(a, rows, j0, j1, apack, K * kMR6, a.x_cols ? pack_cols : pack_rows,
             [&](int64_t n, const float* ap, int64_t j, int64_t h, const Tile& t) {
               const float* b = a.wpack + j * K * kNR + 16 * h;
               Prefetch pf;
@@ -529,7 +559,7 @@ void linear_task_avx2_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0
   // As linear_task_avx2, over pair rows: each half of a bf16 pair row is one 64-byte line, rows
   // 128 bytes apart, so the passes over a half share out the next half's prefetch the same way.
   const int64_t passes = rows.panels, share = ceil_div(K2, passes);
-  task_walk(a, rows, j0, j1, apack, 2 * K2 * kMR6, pack_rows_bf16,
+  task_walk(a, rows, j0, j1, apack, 2 * K2 * kMR6, a.x_cols ? pack_cols_bf16 : pack_rows_bf16,
             [&](int64_t n, const float* ap, int64_t j, int64_t h, const Tile& t) {
               const uint32_t* b = a.wpack_bf16 + j * K2 * kNR + 16 * h;
               Prefetch pf;
@@ -594,15 +624,16 @@ TESSERA_AVX2_INLINE __m256 gelu_grad_v(__m256 v) {
   return _mm256_fmadd_ps(v, pdf, _mm256_mul_ps(_mm256_set1_ps(0.5f), one_plus));
 }
 
-TESSERA_AVX2 void gelu_backward_avx2(const float* x, const float* dy, float* dx, int64_t n) {
+TESSERA_AVX2 void gelu_backward_avx2(const float* x, const float* dy, float* dx, int64_t n, bool accumulate) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dx + i, _mm256_fmadd_ps(_mm256_loadu_ps(dy + i), gelu_grad_v(_mm256_loadu_ps(x + i)),
-                                             _mm256_loadu_ps(dx + i)));
+  for (; i + 8 <= n; i += 8) {
+    const __m256 dyv = _mm256_loadu_ps(dy + i), gv = gelu_grad_v(_mm256_loadu_ps(x + i));
+    _mm256_storeu_ps(dx + i, accumulate ? _mm256_fmadd_ps(dyv, gv, _mm256_loadu_ps(dx + i)) : _mm256_mul_ps(dyv, gv));
+  }
   if (i < n) {
     const __m256i m = lanes8(n - i);
-    const __m256 d = _mm256_fmadd_ps(_mm256_maskload_ps(dy + i, m), gelu_grad_v(_mm256_maskload_ps(x + i, m)),
-                                     _mm256_maskload_ps(dx + i, m));
+    const __m256 dyv = _mm256_maskload_ps(dy + i, m), gv = gelu_grad_v(_mm256_maskload_ps(x + i, m));
+    const __m256 d = accumulate ? _mm256_fmadd_ps(dyv, gv, _mm256_maskload_ps(dx + i, m)) : _mm256_mul_ps(dyv, gv);
     _mm256_maskstore_ps(dx + i, m, d);
   }
 }

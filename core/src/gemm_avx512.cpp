@@ -350,6 +350,21 @@ TESSERA_AVX512_BF16 void pack_rows_bf16(const float* x, int64_t ldx, int64_t row
   }
 }
 
+// The same from x stored column-major (x[r, k] at x[k*ldx + r]): each pair row of the
+// micro-panel from two of x's rows, rounded by the same instruction and interleaved.
+TESSERA_AVX512_BF16 void pack_cols_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K,
+                                        uint32_t* dst) {
+  const __mmask16 in = lanes(rows), out = lanes(kMR);
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t k = 0; k < K; k += 2) {
+    const __m512 lo = _mm512_maskz_loadu_ps(in, x + k * ldx);
+    const __m512 hi = k + 1 < K ? _mm512_maskz_loadu_ps(in, x + (k + 1) * ldx) : _mm512_setzero_ps();
+    const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    _mm512_mask_storeu_epi32(dst + (k / 2) * kMR, out, pairs);
+  }
+}
+
 // The epilogue parameters of column panel j (its bias, and masks for N not a multiple of 32).
 Tile panel_tile(const LinearArgs& a, int64_t j) {
   int64_t cols = a.N - j * kNR < kNR ? a.N - j * kNR : kNR;
@@ -373,6 +388,14 @@ TESSERA_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t
       v[r] = r < rows ? _mm512_maskz_loadu_ps(lanes(K - k), x + r * ldx + k) : _mm512_setzero_ps();
     store_columns(v, K - k, reinterpret_cast<uint32_t*>(apack + k * kMR));
   }
+}
+
+// The same micro-panel from x stored column-major (x[r, k] at x[k*ldx + r]): row k of the
+// micro-panel is x's `rows` consecutive floats at k*ldx, so packing is a copy.
+TESSERA_AVX512 void pack_cols(const float* x, int64_t ldx, int64_t rows, int64_t K, float* apack) {
+  const __mmask16 in = lanes(rows), out = lanes(kMR);
+  for (int64_t k = 0; k < K; ++k)
+    _mm512_mask_storeu_ps(apack + k * kMR, out, _mm512_maskz_loadu_ps(in, x + k * ldx));
 }
 
 // The walk every task makes, whatever the weight type: pack the task's micro-panels of x
@@ -424,7 +447,7 @@ void task_walk(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1
 void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                         float* apack) {
   const int64_t K = a.K;
-  task_walk(a, rows, j0, j1, apack, K * kMR, a.wpack, K, pack_rows,
+  task_walk(a, rows, j0, j1, apack, K * kMR, a.wpack, K, a.x_cols ? pack_cols : pack_rows,
             [&](int64_t n, const float* ap, int64_t j, const Tile& t, const Prefetch& pf) {
               kKernels[n](K, ap, a.wpack + j * K * kNR, t, pf);
             });
@@ -433,7 +456,7 @@ void linear_task_avx512(const LinearArgs& a, const RowSplit& rows, int64_t j0, i
 void linear_task_avx512_bf16(const LinearArgs& a, const RowSplit& rows, int64_t j0, int64_t j1,
                              uint32_t* apack) {
   const int64_t K2 = ceil_div(a.K, 2);
-  task_walk(a, rows, j0, j1, apack, K2 * kMR, a.wpack_bf16, K2, pack_rows_bf16,
+  task_walk(a, rows, j0, j1, apack, K2 * kMR, a.wpack_bf16, K2, a.x_cols ? pack_cols_bf16 : pack_rows_bf16,
             [&](int64_t n, const uint32_t* ap, int64_t j, const Tile& t, const Prefetch& pf) {
               kKernelsBf16[n](K2, ap, a.wpack_bf16 + j * K2 * kNR, t, pf);
             });
@@ -467,7 +490,7 @@ TESSERA_AVX512 void erf_avx512(const float* x, float* y, int64_t n) {
 
 // dx[i] += dy[i] (Φ(x) + x φ(x)) with gelu_v's 1 + erf (erfc on the tails) and φ(x) =
 // exp(-x²/2)/√(2π), 0 where x²/2 > 30 (φ < 4e-14 there; exp_neg's range ends at -30).
-TESSERA_AVX512 void gelu_backward_avx512(const float* x, const float* dy, float* dx, int64_t n) {
+TESSERA_AVX512 void gelu_backward_avx512(const float* x, const float* dy, float* dx, int64_t n, bool accumulate) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = lanes(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
@@ -477,7 +500,8 @@ TESSERA_AVX512 void gelu_backward_avx512(const float* x, const float* dy, float*
     const __m512 pdf = _mm512_maskz_mul_ps(in_range, exp_neg(_mm512_max_ps(h, _mm512_set1_ps(-30.0f))),
                                            _mm512_set1_ps(0.39894228040143268f));
     const __m512 g = _mm512_fmadd_ps(v, pdf, _mm512_mul_ps(_mm512_set1_ps(0.5f), one_plus));
-    const __m512 d = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dy + i), g, _mm512_maskz_loadu_ps(m, dx + i));
+    const __m512 d = accumulate ? _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, dy + i), g, _mm512_maskz_loadu_ps(m, dx + i))
+                                : _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + i), g);
     _mm512_mask_storeu_ps(dx + i, m, d);
   }
 }

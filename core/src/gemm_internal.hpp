@@ -116,7 +116,10 @@ struct LinearArgs {
   const float* residual;  // rows ldy apart, may alias y, or null
   Activation act;
   int64_t x_first = 0;
-  const float* row(int64_t r) const { return x + (r - x_first) * ldx; }  // x row r
+  // x column-major (x[r, k] at x[k * ldx + r]): only for the fp32 and bf16 AVX-512 and AVX2
+  // tasks, which then pack with pack_cols(_bf16); row(r) is then where row r's first element is.
+  bool x_cols = false;
+  const float* row(int64_t r) const { return x_cols ? x + (r - x_first) : x + (r - x_first) * ldx; }  // x row r
 };
 
 // M rows (from row first_row on: a task's row block) are cut into P = ceil(M / mr_max)
@@ -149,7 +152,7 @@ void linear_task_avx512_int8(const LinearArgs& a, const RowSplit& rows, int64_t 
 void gelu_avx512(const float* x, float* y, int64_t n);
 void erf_avx512(const float* x, float* y, int64_t n);
 // dx[i] += dy[i] · gelu'(x[i]) (the exact-erf GELU's derivative; see linear_gelu_backward).
-void gelu_backward_avx512(const float* x, const float* dy, float* dx, int64_t n);
+void gelu_backward_avx512(const float* x, const float* dy, float* dx, int64_t n, bool accumulate);
 // n steps of 24 independent zmm FMAs (384 multiply-adds per step; see fma_peak_gflops);
 // returns a sum of the accumulators so the work cannot be dropped.
 float fma_loop_avx512(int64_t n);
@@ -173,7 +176,7 @@ void linear_task_avx2_int8(const LinearArgs& a, const RowSplit& rows, int64_t j0
                            uint32_t* apack, bool vnni);
 void gelu_avx2(const float* x, float* y, int64_t n);
 void erf_avx2(const float* x, float* y, int64_t n);
-void gelu_backward_avx2(const float* x, const float* dy, float* dx, int64_t n);
+void gelu_backward_avx2(const float* x, const float* dy, float* dx, int64_t n, bool accumulate);
 // n steps of 12 independent ymm FMA chains (96 multiply-adds per step): 2 FMA units x 4-5
 // cycles of latency need 8-10 chains in flight.
 float fma_loop_avx2(int64_t n);

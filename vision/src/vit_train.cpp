@@ -462,33 +462,36 @@ void vit_block_backward(const VitTrainLayerView& lw, const VitTrainLayerView& lg
                         VitTrainActivations::Layer& a, VitTrainActivations& acts) {
   const int64_t B = s.batch, T = s.tokens, d = s.dim, f = s.mlp, heads = s.heads, hd = d / heads, M = B * T;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  // dx holds dL/dx_{l+1}; x_{l+1} = x_mid + fc2(gelu(fc1(LN₂ x_mid))).
-  zero(acts.da), zero(acts.dh), zero(acts.dln);
+  // dx holds dL/dx_{l+1}; x_{l+1} = x_mid + fc2(gelu(fc1(LN₂ x_mid))). da, dh, dln, dctx and
+  // dqkv are written whole by the first kernel that reaches them (GradInto::Set), not zeroed.
   const float* dbranch = acts.dx.data();  // DINOv2: through λ₂ first
   if (lw.ls2) dbranch = scale_backward(acts.dx.data(), a.z2.data(), lw.ls2, M, d, acts.dz.data(), lg.ls2);
-  linear_backward(a.a.data(), lw.fc2_w, dbranch, M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b);
-  if (s.swiglu)
+  linear_backward(a.a.data(), lw.fc2_w, dbranch, M, d, f, acts.da.data(), lg.fc2_w, lg.fc2_b, GradInto::Set);
+  if (s.swiglu) {
+    zero(acts.dh);
     swiglu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M, f);
-  else if (s.quick_gelu)
+  } else if (s.quick_gelu) {
+    zero(acts.dh);
     quick_gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
-  else
-    gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f);
+  } else {
+    gelu_backward(a.h.data(), acts.da.data(), acts.dh.data(), M * f, GradInto::Set);
+  }
   linear_backward(a.ln2.data(), lw.fc1_w, acts.dh.data(), M, s.swiglu ? 2 * f : f, d, acts.dln.data(), lg.fc1_w,
-                  lg.fc1_b);
+                  lg.fc1_b, GradInto::Set);
   layer_norm_backward(acts.dln.data(), a.x_mid.data(), a.mean2.data(), a.rstd2.data(), lw.norm2_w, M, d,
                       acts.dx.data(), lg.norm2_w, lg.norm2_b);
   // dx holds dL/dx_mid; x_mid = x + attn_out(attention(qkv(LN₁ x))).
-  zero(acts.dctx), zero(acts.dqkv), zero(acts.dln);
   dbranch = acts.dx.data();
   if (lw.ls1) dbranch = scale_backward(acts.dx.data(), a.z1.data(), lw.ls1, M, d, acts.dz.data(), lg.ls1);
-  linear_backward(a.ctx.data(), lw.attn_out_w, dbranch, M, d, d, acts.dctx.data(), lg.attn_out_w, lg.attn_out_b);
+  linear_backward(a.ctx.data(), lw.attn_out_w, dbranch, M, d, d, acts.dctx.data(), lg.attn_out_w, lg.attn_out_b,
+                  GradInto::Set);
   const float* qkv = a.qkv.data();
   float* dqkv = acts.dqkv.data();
   attention_backward(B, heads, T, T, hd, {qkv, T * 3 * d, 3 * d}, {qkv + d, T * 3 * d, 3 * d},
                      {qkv + 2 * d, T * 3 * d, 3 * d}, {a.ctx.data(), T * d, d}, {acts.dctx.data(), T * d, d},
                      a.lse.data(), scale, {dqkv, T * 3 * d, 3 * d}, {dqkv + d, T * 3 * d, 3 * d},
-                     {dqkv + 2 * d, T * 3 * d, 3 * d});
-  linear_backward(a.ln1.data(), lw.qkv_w, dqkv, M, 3 * d, d, acts.dln.data(), lg.qkv_w, lg.qkv_b);
+                     {dqkv + 2 * d, T * 3 * d, 3 * d}, GradInto::Set);
+  linear_backward(a.ln1.data(), lw.qkv_w, dqkv, M, 3 * d, d, acts.dln.data(), lg.qkv_w, lg.qkv_b, GradInto::Set);
   layer_norm_backward(acts.dln.data(), a.x.data(), a.mean1.data(), a.rstd1.data(), lw.norm1_w, M, d,
                       acts.dx.data(), lg.norm1_w, lg.norm1_b);
 }

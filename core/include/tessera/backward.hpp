@@ -16,13 +16,19 @@
 
 namespace tessera {
 
+// Whether a backward kernel adds its input gradient into dx (the default: where paths meet, as at
+// a residual, their gradients are summed there) or overwrites it (dx holds nothing yet: it need
+// not be zeroed first and the zeros are not read back; the same values, but for the sign of a
+// zero).
+enum class GradInto { Add, Set };
+
 // ---------------------------------------------------------------- linear
 // Forward: y[M,N] = x[M,K]·W[N,K]ᵀ + b (gemm.hpp's linear). Backward, on the packed GEMM:
 //   dx[M,K] += dy[M,N]·W[N,K];  dW[N,K] += dyᵀ[N,M]·x[M,K];  db[N] += Σ_m dy[m,:].
-// dx, dW or db may be null (not wanted). W is packed transposed for each call (it changes every
-// step), as is x for dW.
+// dx, dW or db may be null (not wanted); `dx_into` Set writes dx instead of adding to it. W is
+// packed transposed for each call (it changes every step), as is x for dW.
 void linear_backward(const float* x, const float* weight, const float* dy, int64_t M, int64_t N,
-                     int64_t K, float* dx, float* dweight, float* dbias);
+                     int64_t K, float* dx, float* dweight, float* dbias, GradInto dx_into = GradInto::Add);
 
 // ---------------------------------------------------------------- layer norm
 // y[r,:] = (x[r,:] − mean_r)·rstd_r·gamma + beta, rstd_r = 1/sqrt(var_r + eps); saves mean, rstd [rows].
@@ -37,7 +43,7 @@ void layer_norm_backward(const float* dy, const float* x, const float* mean, con
 // ---------------------------------------------------------------- activations
 // y = 0.5·x·(1 + erf(x/√2));  dx += dy·(Φ(x) + x·φ(x)), Φ/φ the standard normal cdf/pdf. n elements.
 void gelu_forward(const float* x, float* y, int64_t n);
-void gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
+void gelu_backward(const float* x, const float* dy, float* dx, int64_t n, GradInto into = GradInto::Add);
 // y = x·σ(1.702x) (CLIP's QuickGELU);  dx += dy·(σ + 1.702·x·σ·(1 − σ)), σ = σ(1.702x).
 void quick_gelu_forward(const float* x, float* y, int64_t n);
 void quick_gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
@@ -69,10 +75,11 @@ void attention_forward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_l
                        MutableRows out, float scale, float* lse);
 // D_i = dout_i·out_i;  dS = P ⊙ (dout·vᵀ − D);  dq += scale·dS·k;  dk += scale·dSᵀ·q;  dv += Pᵀ·dout.
 // dq, dk, dv may share one buffer (the fused qkv gradient): heads and q/k/v write disjoint columns.
+// `into` Set writes them instead of adding.
 void attention_backward(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                         int64_t head_dim, StridedRows q, StridedRows k, StridedRows v,
                         StridedRows out, StridedRows dout, const float* lse, float scale,
-                        MutableRows dq, MutableRows dk, MutableRows dv);
+                        MutableRows dq, MutableRows dk, MutableRows dv, GradInto into = GradInto::Add);
 
 // ---------------------------------------------------------------- resampling
 // kernels.hpp's interpolations of a [C, in_h, in_w] grid to [C, out_h, out_w] (position embeddings,

@@ -187,6 +187,14 @@ void linear(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float
             Activation act = Activation::None, const float* residual = nullptr,
             const RowNorm* norm = nullptr);
 
+// The same product with x given column-major: x[m, k] is at x[k * ldx + m] (ldx >= M), i.e. x
+// is the transpose of an array whose rows hold x's columns. The backward GEMMs need xᵀ·y
+// products; this packs xᵀ's micro-panels straight from the untransposed array, so no transposed
+// copy of it makes a round trip through memory. The same sums in the same order as linear() on
+// the transposed copy: the same bits.
+void linear_cols(const float* x, int64_t M, int64_t ldx, const PackedLinear& w, float* y, int64_t ldy,
+                 const float* residual = nullptr);
+
 // Kernel families, widest last. Every dispatched kernel (GEMM of each type, its GELU/erf
 // epilogue, layer norm, attention, the FMA peak) runs the family isa_family() names: the
 // widest the CPU has (CPUID, once: avx512 = avx512f/bw/vl/dq, avx2 = avx2 + fma), capped by the
@@ -231,8 +239,9 @@ int linear_int8_levels();
 void linear_gelu(const float* x, float* y, int64_t n);
 void linear_erf(const float* x, float* y, int64_t n);
 // The training backward of that GELU, vectorised per family: dx[i] += dy[i] · (Φ(x) + x·φ(x)),
-// Φ(x) = ½(1 + erf(x/√2)) as the epilogue computes it, φ the normal density (0 past |x| = √60).
-void linear_gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
+// Φ(x) = ½(1 + erf(x/√2)) as the epilogue computes it, φ the normal density (0 past |x| = √60);
+// with accumulate false, dx[i] = dy[i] · (…).
+void linear_gelu_backward(const float* x, const float* dy, float* dx, int64_t n, bool accumulate = true);
 
 // The CPU's fp32 multiply-add ceiling right now, for the family in use: every arena thread at
 // once runs independent FMAs on registers only (24 zmm, 12 ymm or 24 scalar accumulators, no
