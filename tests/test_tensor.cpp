@@ -40,3 +40,41 @@ TEST_CASE("parallel_for covers every index exactly once, at any thread count") {
   }
   set_num_threads(0);
 }
+
+TEST_CASE("parallel_tasks: with a piece per thread, each piece's loops run on its own thread, whole") {
+  // Sub-batches side by side: with at least as many pieces as threads a piece's parallel_for is
+  // one call over the whole range on the piece's thread, and num_threads() is 1 inside (the GEMMs
+  // split for one thread); with fewer pieces than threads the loops are shared as before.
+  for (int threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    for (int64_t pieces : {1, 2, 4}) {
+      INFO("threads " << threads << " pieces " << pieces);
+      std::vector<int> seen_threads(static_cast<size_t>(pieces)), calls(static_cast<size_t>(pieces));
+      std::vector<std::atomic<int>> hits(static_cast<size_t>(pieces * 1000));
+      parallel_tasks(pieces, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          seen_threads[static_cast<size_t>(k)] = num_threads();
+          std::atomic<int> n{0};
+          parallel_for(0, 1000, 7, [&](int64_t b, int64_t e) {
+            ++n;
+            for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(k * 1000 + i)]++;
+          });
+          calls[static_cast<size_t>(k)] = n.load();
+        }
+      });
+      for (auto& h : hits) REQUIRE(h.load() == 1);
+      const bool own = pieces > 1 && pieces >= threads;
+      for (int64_t k = 0; k < pieces; ++k) {
+        if (own) {
+          CHECK(seen_threads[static_cast<size_t>(k)] == 1);
+          CHECK(calls[static_cast<size_t>(k)] == 1);
+        } else {
+          CHECK(seen_threads[static_cast<size_t>(k)] == threads);
+          if (threads > 1) CHECK(calls[static_cast<size_t>(k)] > 1);
+        }
+      }
+    }
+    REQUIRE(num_threads() == threads);  // outside the pieces: the arena's count again
+  }
+  set_num_threads(0);
+}

@@ -10,6 +10,8 @@ namespace tessera {
 
 // n <= 0: back to the default. Not while any parallel work runs: the arena it replaces is freed.
 void set_num_threads(int n);
+// The threads a parallel loop started here may use: the arena's, or 1 inside one of
+// parallel_tasks' pieces when there are at least as many pieces as threads.
 int num_threads();
 
 // A non-owning reference to a callable body(begin, end): unlike std::function it never
@@ -39,6 +41,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain,
 // only that call's work, never another call, while idle threads may still help any call. For
 // independent pieces of work that each use parallel_for inside (a batch split into sub-batches):
 // the pieces run side by side instead of one after another with every thread inside each.
+// When n >= num_threads(), each piece runs on one thread: parallel_for inside it calls its body
+// once for the whole range, on that thread (so loop bodies must not assume chunks of at most
+// some size), and num_threads() is 1 there.
 void parallel_tasks(int64_t n, RangeBody body);
 
 // Runs fn inside the arena (so nested TBB algorithms use its threads).
