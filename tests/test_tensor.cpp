@@ -75,6 +75,15 @@ TEST_CASE("parallel_tasks: with a piece per thread, each piece's loops run on it
       }
     }
     REQUIRE(num_threads() == threads);  // outside the pieces: the arena's count again
+    // A piece that throws leaves no thread believing it is still inside one.
+    REQUIRE_THROWS_AS(parallel_tasks(2, [&](int64_t, int64_t) { throw Error("piece failed"); }), Error);
+    std::atomic<int> chunks{0}, wrong{0};
+    parallel_for(0, 1000, 7, [&](int64_t, int64_t) {
+      ++chunks;
+      if (num_threads() != threads) ++wrong;
+    });
+    CHECK(wrong.load() == 0);
+    if (threads > 1) CHECK(chunks.load() > 1);
   }
   set_num_threads(0);
 }

@@ -99,10 +99,12 @@ void parallel_tasks(int64_t n, RangeBody body) {
                       [&](const tbb::blocked_range<int64_t>& r) {
                         for (int64_t i = r.begin(); i < r.end(); ++i)
                           tbb::this_task_arena::isolate([&] {
-                            const bool saved = t_own_piece;
+                            struct Restore {  // also when body throws
+                              bool saved;
+                              ~Restore() { t_own_piece = saved; }
+                            } restore{t_own_piece};
                             t_own_piece = own;
                             body(i, i + 1);
-                            t_own_piece = saved;
                           });
                       },
                       tbb::simple_partitioner());
