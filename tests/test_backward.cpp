@@ -245,13 +245,16 @@ TEST_CASE("GradInto::Set writes what GradInto::Add adds to zeros, whatever dx he
   };
   for_each_family([&](IsaFamily family) {
     INFO("family " << isa_name(family));
-    for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 5, 3}, {197, 64, 192}, {1300, 40, 72}}) {
-      INFO("linear M " << M << " N " << N << " K " << K);
-      const auto x = randn(M * K, 31), w = randn(N * K, 32, 0.1f), dy = randn(M * N, 33);
-      std::vector<float> add(M * K, 0.0f), set(M * K, std::nanf(""));
-      linear_backward(x.data(), w.data(), dy.data(), M, N, K, add.data(), nullptr, nullptr);
-      linear_backward(x.data(), w.data(), dy.data(), M, N, K, set.data(), nullptr, nullptr, GradInto::Set);
-      same(set, add);
+    for (WeightType type : {WeightType::F32, WeightType::BF16}) {
+      const TrainingGemmScope scope(type);
+      for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 5, 3}, {197, 64, 192}, {1300, 40, 72}}) {
+        INFO("linear M " << M << " N " << N << " K " << K << (type == WeightType::BF16 ? " bf16" : " fp32"));
+        const auto x = randn(M * K, 31), w = randn(N * K, 32, 0.1f), dy = randn(M * N, 33);
+        std::vector<float> add(M * K, 0.0f), set(M * K, std::nanf(""));
+        linear_backward(x.data(), w.data(), dy.data(), M, N, K, add.data(), nullptr, nullptr);
+        linear_backward(x.data(), w.data(), dy.data(), M, N, K, set.data(), nullptr, nullptr, GradInto::Set);
+        same(set, add);
+      }
     }
     const int64_t n = 1001;
     const auto x = randn(n, 34, 3.0f), dy = randn(n, 35);

@@ -579,10 +579,12 @@ TEST_CASE("linear_cols on x stored column-major gives linear's bits on the trans
         const PackedLinear pw = pack_linear(w.data(), nullptr, N, K, type);
         for (int threads : {1, 2}) {
           set_num_threads(threads);
-          for (bool residual : {false, true}) {
+          for (int residual : {0, 1, 2}) {  // none, separate, aliasing y (as dW += dyᵀ·x uses it)
             std::vector<float> want(static_cast<size_t>(M * N)), got(static_cast<size_t>(M * N), std::nanf(""));
+            if (residual == 2) got = r;
             linear(x.data(), M, K, pw, want.data(), N, Activation::None, residual ? r.data() : nullptr);
-            linear_cols(xt.data(), M, ldx, pw, got.data(), N, residual ? r.data() : nullptr);
+            linear_cols(xt.data(), M, ldx, pw, got.data(), N,
+                        residual == 1 ? r.data() : residual == 2 ? got.data() : nullptr);
             INFO("family " << isa_name(isa_family()) << " kernel " << linear_kernel_name(type) << " M=" << M
                            << " N=" << N << " K=" << K << " ldx=" << ldx << " threads " << threads
                            << " residual " << residual);

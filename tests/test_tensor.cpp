@@ -5,6 +5,7 @@
 #include "tessera/tensor.hpp"
 
 #include <atomic>
+#include <thread>
 #include <vector>
 
 using namespace tessera;
@@ -47,7 +48,7 @@ TEST_CASE("parallel_tasks: with a piece per thread, each piece's loops run on it
   // split for one thread); with fewer pieces than threads the loops are shared as before.
   for (int threads : {1, 2, 3}) {
     set_num_threads(threads);
-    for (int64_t pieces : {1, 2, 4}) {
+    for (int64_t pieces : {1, 2, 3, 4}) {
       INFO("threads " << threads << " pieces " << pieces);
       std::vector<int> seen_threads(static_cast<size_t>(pieces)), calls(static_cast<size_t>(pieces));
       std::vector<std::atomic<int>> hits(static_cast<size_t>(pieces * 1000));
@@ -60,10 +61,19 @@ TEST_CASE("parallel_tasks: with a piece per thread, each piece's loops run on it
             for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(k * 1000 + i)]++;
           });
           calls[static_cast<size_t>(k)] = n.load();
+          // parallel_tasks inside a piece of its own: the inner pieces run here, in turn.
+          const auto me = std::this_thread::get_id();
+          std::atomic<int> inner{0}, elsewhere{0};
+          parallel_tasks(2, [&](int64_t, int64_t) {
+            ++inner;
+            if (std::this_thread::get_id() != me) ++elsewhere;
+          });
+          CHECK(inner.load() == 2);
+          if (pieces > 1 && pieces >= threads && pieces % threads == 0) CHECK(elsewhere.load() == 0);
         }
       });
       for (auto& h : hits) REQUIRE(h.load() == 1);
-      const bool own = pieces > 1 && pieces >= threads;
+      const bool own = pieces > 1 && pieces >= threads && pieces % threads == 0;
       for (int64_t k = 0; k < pieces; ++k) {
         if (own) {
           CHECK(seen_threads[static_cast<size_t>(k)] == 1);

@@ -41,9 +41,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain,
 // only that call's work, never another call, while idle threads may still help any call. For
 // independent pieces of work that each use parallel_for inside (a batch split into sub-batches):
 // the pieces run side by side instead of one after another with every thread inside each.
-// When n >= num_threads(), each piece runs on one thread: parallel_for inside it calls its body
-// once for the whole range, on that thread (so loop bodies must not assume chunks of at most
-// some size), and num_threads() is 1 there.
+// When n is a multiple of num_threads(), each piece runs on one thread: parallel_for inside it
+// calls its body once for the whole range, on that thread (so loop bodies must not assume chunks
+// of at most some size), num_threads() is 1 there, and parallel_tasks there runs its pieces in
+// turn.
 void parallel_tasks(int64_t n, RangeBody body);
 
 // Runs fn inside the arena (so nested TBB algorithms use its threads).
