@@ -97,3 +97,24 @@ TEST_CASE("parallel_tasks: with a piece per thread, each piece's loops run on it
   }
   set_num_threads(0);
 }
+
+TEST_CASE("SerialScope: loops on this thread run inline while it lives") {
+  set_num_threads(2);
+  {
+    const SerialScope serial;
+    CHECK(num_threads() == 1);
+    int calls = 0;
+    std::vector<int> hits(1000);
+    parallel_for(0, 1000, 7, [&](int64_t b, int64_t e) {
+      ++calls;
+      for (int64_t i = b; i < e; ++i) ++hits[static_cast<size_t>(i)];
+    });
+    CHECK(calls == 1);
+    for (int h : hits) REQUIRE(h == 1);
+  }
+  CHECK(num_threads() == 2);
+  std::atomic<int> calls{0};
+  parallel_for(0, 1000, 7, [&](int64_t, int64_t) { ++calls; });
+  CHECK(calls.load() > 1);
+  set_num_threads(0);
+}

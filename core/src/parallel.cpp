@@ -114,6 +114,9 @@ void parallel_tasks(int64_t n, RangeBody body) {
   });
 }
 
+SerialScope::SerialScope() : saved_(t_own_piece) { t_own_piece = true; }
+SerialScope::~SerialScope() { t_own_piece = saved_; }
+
 void run_in_arena(const std::function<void()>& fn) { arena().execute(fn); }
 
 }  // namespace tessera

@@ -1,5 +1,6 @@
 // The classification training loop (tessera/classify_trainer.hpp).
 #include "tessera/classify_trainer.hpp"
+#include "tessera/parallel.hpp"
 #include "tessera/pipeline.hpp"
 
 #include <algorithm>
@@ -226,7 +227,15 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
   };
   auto load = [&](int64_t s) {
     Batch b;
-    b.pixels = training_batch(data, processor, o, s, &b.labels);
+    {
+      // The batch is assembled on this thread alone, beside the step. Through the arena, its
+      // loop waited for a slot there and was run by the step's own threads, e.g. at the end of
+      // the sub-batch halves, which each keep one thread to themselves (parallel_tasks) and so
+      // took it up only as they finished, the other thread waiting. Digits ViT (0.4 ms of
+      // loading a 22 ms step), 2 threads, 10 alternating rounds: +2% images/s, 1 thread -1%.
+      const SerialScope on_this_thread;
+      b.pixels = training_batch(data, processor, o, s, &b.labels);
+    }
     if (model.teacher) b.teacher_labels = o.teacher ? teacher_batch_labels(data, o, s, *o.teacher) : b.labels;
     return b;
   };

@@ -47,6 +47,19 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain,
 // turn.
 void parallel_tasks(int64_t n, RangeBody body);
 
+// While one lives, parallel loops started on this thread run inline, on this thread alone, and
+// num_threads() is 1 here: for a background thread (a trainer's loader preparing the next batch)
+// that must not take the arena's threads from the step it overlaps, nor wait for them.
+class SerialScope {
+ public:
+  SerialScope();
+  ~SerialScope();
+  SerialScope(const SerialScope&) = delete;
+  SerialScope& operator=(const SerialScope&) = delete;
+
+ private:
+  bool saved_;
+};
 // Runs fn inside the arena (so nested TBB algorithms use its threads).
 void run_in_arena(const std::function<void()>& fn);
 
