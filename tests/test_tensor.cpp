@@ -5,6 +5,7 @@
 #include "tessera/tensor.hpp"
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 #include <vector>
 
@@ -29,6 +30,11 @@ TEST_CASE("Tensor owns aligned zeroed storage and shares it on copy") {
   REQUIRE(shape_str(t.shape()) == "[2, 3, 5]");
 }
 
+// Puts the thread count back when a test ends, failing or not.
+struct ThreadsReset {
+  ~ThreadsReset() { set_num_threads(0); }
+};
+
 TEST_CASE("parallel_for covers every index exactly once, at any thread count") {
   for (int threads : {1, 2, 3}) {
     set_num_threads(threads);
@@ -46,6 +52,7 @@ TEST_CASE("parallel_tasks: with a piece per thread, each piece's loops run on it
   // Sub-batches side by side: with at least as many pieces as threads a piece's parallel_for is
   // one call over the whole range on the piece's thread, and num_threads() is 1 inside (the GEMMs
   // split for one thread); with fewer pieces than threads the loops are shared as before.
+  const ThreadsReset reset;
   for (int threads : {1, 2, 3}) {
     set_num_threads(threads);
     for (int64_t pieces : {1, 2, 3, 4}) {
@@ -99,9 +106,13 @@ TEST_CASE("parallel_tasks: with a piece per thread, each piece's loops run on it
 }
 
 TEST_CASE("SerialScope: loops on this thread run inline while it lives") {
+  const ThreadsReset reset;
   set_num_threads(2);
   {
     const SerialScope serial;
+    {
+      const SerialScope nested;  // ending, it leaves the outer scope's setting, not its own default
+    }
     CHECK(num_threads() == 1);
     int calls = 0;
     std::vector<int> hits(1000);
@@ -117,4 +128,30 @@ TEST_CASE("SerialScope: loops on this thread run inline while it lives") {
   parallel_for(0, 1000, 7, [&](int64_t, int64_t) { ++calls; });
   CHECK(calls.load() > 1);
   set_num_threads(0);
+}
+
+TEST_CASE("parallel_tasks inside a piece of its own runs the inner pieces in turn on that thread") {
+  // Two threads, two pieces: piece 1 returns at once, piece 0 calls parallel_tasks(2) whose
+  // pieces each take ~2 ms; they must not overlap (one at a time) and must stay on piece 0's
+  // thread, though the other thread is idle and would take one if it were offered.
+  const ThreadsReset reset;
+  set_num_threads(2);
+  std::atomic<int> running{0}, most{0}, inner{0}, elsewhere{0};
+  parallel_tasks(2, [&](int64_t k, int64_t) {
+    if (k != 0) return;
+    const auto me = std::this_thread::get_id();
+    parallel_tasks(2, [&](int64_t, int64_t) {
+      const int now = ++running;
+      int seen = most.load();
+      while (now > seen && !most.compare_exchange_weak(seen, now)) {
+      }
+      if (std::this_thread::get_id() != me) ++elsewhere;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      ++inner;
+      --running;
+    });
+  });
+  CHECK(inner.load() == 2);
+  CHECK(most.load() == 1);
+  CHECK(elsewhere.load() == 0);
 }

@@ -49,9 +49,9 @@ tbb::task_arena& arena() {
   return *g_arena;
 }
 
-// Set while this thread runs one of parallel_tasks' pieces when there are at least as many
-// pieces as threads: the piece's own parallel loops then run on this thread alone (see
-// parallel_tasks).
+// Set while this thread runs one of parallel_tasks' pieces when the pieces are a multiple of the
+// threads, or inside a SerialScope: Tessera's parallel loops started here then run on this
+// thread alone (see parallel_tasks).
 thread_local bool t_own_piece = false;
 
 }  // namespace

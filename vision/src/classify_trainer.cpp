@@ -228,7 +228,7 @@ void train_classifier(VitTrainModel& model, VitTrainState& state, const Classifi
   auto load = [&](int64_t s) {
     Batch b;
     {
-      // The batch is assembled on this thread alone, beside the step. Through the arena, its
+      // The batch's loops run on this thread alone, beside the step. Through the arena, its
       // loop waited for a slot there and was run by the step's own threads, e.g. at the end of
       // the sub-batch halves, which each keep one thread to themselves (parallel_tasks) and so
       // took it up only as they finished, the other thread waiting. Digits ViT (0.4 ms of

@@ -11,7 +11,7 @@ namespace tessera {
 // n <= 0: back to the default. Not while any parallel work runs: the arena it replaces is freed.
 void set_num_threads(int n);
 // The threads a parallel loop started here may use: the arena's, or 1 inside one of
-// parallel_tasks' pieces when there are at least as many pieces as threads.
+// parallel_tasks' pieces when the pieces are a multiple of the threads, and inside a SerialScope.
 int num_threads();
 
 // A non-owning reference to a callable body(begin, end): unlike std::function it never
@@ -47,8 +47,8 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain,
 // turn.
 void parallel_tasks(int64_t n, RangeBody body);
 
-// While one lives, parallel loops started on this thread run inline, on this thread alone, and
-// num_threads() is 1 here: for a background thread (a trainer's loader preparing the next batch)
+// While one lives, Tessera's parallel loops started on this thread run inline, on this thread
+// alone (OpenCV's own, inside its calls, are not affected), and num_threads() is 1 here: for a background thread (a trainer's loader preparing the next batch)
 // that must not take the arena's threads from the step it overlaps, nor wait for them.
 class SerialScope {
  public:
