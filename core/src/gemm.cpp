@@ -679,7 +679,7 @@ void linear_impl(const float* x, int64_t M, int64_t ldx, bool x_cols, const Pack
     a.wpack = static_cast<const float*>(w.packed.get());
   }
   const Kernel kernel = kernel_for(w.type);
-  const bool avx512 = kernel == Kernel::Avx512, avx2 = kernel == Kernel::Avx2, fp32 = !bf16 && !int8;
+  const bool avx512 = kernel == Kernel::Avx512, avx2 = kernel == Kernel::Avx2;
   const int64_t mr = avx512 ? kMR : avx2 ? kMrAvx2 : kGenericMR;
   // Packed x bytes per row: fp32, bf16 pairs, or u8 quads and the row's scale and zero point.
   // (The AVX2 bf16 kernel packs x as bf16-rounded fp32: K * 4.)
@@ -699,7 +699,7 @@ void linear_impl(const float* x, int64_t M, int64_t ldx, bool x_cols, const Pack
         ta.x = xn;
         ta.ldx = K;
         ta.x_first = m0;
-      } else if (x_cols && !((fp32 || bf16) && (avx512 || avx2))) {
+      } else if (x_cols && (int8 || !(avx512 || avx2))) {
         // The kernels that cannot pack x's columns (int8, generic) take this task's rows
         // transposed into per-thread scratch (cache-resident); the fp32 and bf16 AVX-512 and AVX2
         // packers read them in place.

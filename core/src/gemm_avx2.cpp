@@ -378,10 +378,18 @@ TESSERA_AVX2 void pack_rows(const float* x, int64_t ldx, int64_t rows, int64_t K
 // The same from x stored column-major (x[r, k] at x[k*ldx + r]): a copy of `rows` consecutive
 // floats per k.
 TESSERA_AVX2 void pack_cols(const float* x, int64_t ldx, int64_t rows, int64_t K, float* apack) {
-  alignas(32) static constexpr int32_t kFirst[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  const __m256i in = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - rows));
-  const __m256i out = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - kMR6));
+  const __m256i in = lanes8(rows), out = lanes8(kMR6);
   for (int64_t k = 0; k < K; ++k) _mm256_maskstore_ps(apack + k * kMR6, out, _mm256_maskload_ps(x + k * ldx, in));
+}
+
+// bf16_bits(x) << 16 on 8 floats' bits: round to nearest even, NaN stays (quiet) NaN.
+TESSERA_AVX2_INLINE __m256i bf16_high_bits(__m256i u) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), high);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  const __m256i quieted = _mm256_or_si256(_mm256_and_si256(u, high), _mm256_set1_epi32(0x00400000));
+  return _mm256_blendv_epi8(rounded, quieted, nan);
 }
 
 // The same with x rounded to bf16 (bf16_bits), K padded to even with zeros, and each pair's
@@ -389,22 +397,13 @@ TESSERA_AVX2 void pack_cols(const float* x, int64_t ldx, int64_t rows, int64_t K
 TESSERA_AVX2 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K,
                                  float* apack) {
   const int64_t K2 = ceil_div(K, 2) * 2;
-  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  const __m256i quiet = _mm256_set1_epi32(0x00400000), half = _mm256_set1_epi32(0x7fff);
-  const __m256i one = _mm256_set1_epi32(1);
   alignas(32) uint32_t bits[8];
   for (int64_t r = 0; r < kMR6; ++r) {
     const float* xr = x + r * ldx;
     int64_t k = 0;
     if (r < rows)
-      for (; k + 8 <= K; k += 8) {  // bf16_bits(x) << 16, 8 at a time (NaN stays quiet NaN)
-        const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(xr + k));
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-        const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, half), odd), high);
-        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, magnitude), inf);
-        const __m256i quieted = _mm256_or_si256(_mm256_and_si256(u, high), quiet);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(bits), _mm256_blendv_epi8(rounded, quieted, nan));
+      for (; k + 8 <= K; k += 8) {  // 8 at a time
+        _mm256_store_si256(reinterpret_cast<__m256i*>(bits), bf16_high_bits(_mm256_castps_si256(_mm256_loadu_ps(xr + k))));
         for (int e = 0; e < 8; ++e) std::memcpy(apack + ((k + e) ^ 1) * kMR6 + r, bits + e, 4);
       }
     for (; k < K2; ++k) {
@@ -417,21 +416,11 @@ TESSERA_AVX2 void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int6
 // The same from x stored column-major (x[r, k] at x[k*ldx + r]): `rows` consecutive floats per k,
 // rounded as above.
 TESSERA_AVX2 void pack_cols_bf16(const float* x, int64_t ldx, int64_t rows, int64_t K, float* apack) {
-  alignas(32) static constexpr int32_t kFirst[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  const __m256i in = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - rows));
-  const __m256i out = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - kMR6));
+  const __m256i in = lanes8(rows), out = lanes8(kMR6);
   const int64_t K2 = ceil_div(K, 2) * 2;
-  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  const __m256i quiet = _mm256_set1_epi32(0x00400000), half = _mm256_set1_epi32(0x7fff);
-  const __m256i one = _mm256_set1_epi32(1);
   for (int64_t k = 0; k < K2; ++k) {
     const __m256i u = k < K ? _mm256_castps_si256(_mm256_maskload_ps(x + k * ldx, in)) : _mm256_setzero_si256();
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, half), odd), high);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, magnitude), inf);
-    const __m256i quieted = _mm256_or_si256(_mm256_and_si256(u, high), quiet);
-    _mm256_maskstore_ps(apack + (k ^ 1) * kMR6, out, _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quieted, nan)));
+    _mm256_maskstore_ps(apack + (k ^ 1) * kMR6, out, _mm256_castsi256_ps(bf16_high_bits(u)));
   }
 }
 

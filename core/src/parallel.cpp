@@ -102,11 +102,8 @@ void parallel_tasks(int64_t n, RangeBody body) {
                       [&](const tbb::blocked_range<int64_t>& r) {
                         for (int64_t i = r.begin(); i < r.end(); ++i)
                           tbb::this_task_arena::isolate([&] {
-                            struct Restore {  // also when body throws
-                              bool saved;
-                              ~Restore() { t_own_piece = saved; }
-                            } restore{t_own_piece};
-                            t_own_piece = own;
+                            if (!own) return body(i, i + 1);
+                            const SerialScope piece;  // flag restored also when body throws
                             body(i, i + 1);
                           });
                       },
